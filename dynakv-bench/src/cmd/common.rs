@@ -1,0 +1,71 @@
+//! Options and loading shared by commands.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use dynakv_burn::device::default_device;
+use dynakv_models::gguf::GgufFile;
+use dynakv_models::{LlamaModel, TextTokenizer};
+
+/// `--model PATH`: any llama-family GGUF; the default model is fetched if absent.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A llama-family GGUF file (default: SmolLM2-135M-Instruct Q4_1, fetched on first use).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+}
+
+/// A loaded model with its tokenizer.
+pub struct Loaded {
+    pub model: LlamaModel,
+    pub tokenizer: TextTokenizer,
+    /// The chat template's default system message, if it has one.
+    pub default_system: Option<String>,
+}
+
+impl ModelArgs {
+    pub fn path(&self) -> Result<PathBuf> {
+        match &self.model {
+            Some(p) => Ok(p.clone()),
+            None => dynakv_models::assets::default_model().context("fetching the default model"),
+        }
+    }
+
+    pub fn load(&self) -> Result<Loaded> {
+        let path = self.path()?;
+        let gguf = GgufFile::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let tokenizer = TextTokenizer::from_gguf(&gguf)?;
+        let model = LlamaModel::from_gguf(&gguf, &default_device())?;
+        let default_system = gguf
+            .meta("tokenizer.chat_template")
+            .and_then(|v| v.as_str())
+            .and_then(default_system_message);
+        Ok(Loaded {
+            model,
+            tokenizer,
+            default_system,
+        })
+    }
+}
+
+/// The system message a ChatML template inserts when none is given, read from
+/// the template text (`'<|im_start|>system\n...<|im_end|>`).
+fn default_system_message(template: &str) -> Option<String> {
+    let start = template.find("<|im_start|>system\n")? + "<|im_start|>system\n".len();
+    let rest = &template[start..];
+    let end = rest.find("<|im_end|>")?;
+    Some(rest[..end].to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_default_system_message() {
+        let t = "{% if x %}{{ '<|im_start|>system\nYou are helpful<|im_end|>\n' }}{% endif %}";
+        assert_eq!(default_system_message(t).as_deref(), Some("You are helpful"));
+        assert_eq!(default_system_message("{{ x }}"), None);
+    }
+}

@@ -1,0 +1,107 @@
+//! `dynakv eval ...`
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use dynakv_bench::eval::ppl::perplexity;
+use dynakv_bench::text::{brown_docs, document_tokens};
+use dynakv_burn::AttentionCache;
+use dynakv_models::corpus::{Document, Split};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::common::ModelArgs;
+
+#[derive(Subcommand, Debug)]
+pub enum EvalCommand {
+    /// Perplexity on Brown (or a text file) under the documented protocol.
+    Ppl(PplArgs),
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy)]
+pub enum Corpus {
+    Brown,
+}
+
+#[derive(Args, Debug)]
+pub struct PplArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, value_enum, default_value_t = Corpus::Brown)]
+    pub corpus: Corpus,
+    /// calib (odd-numbered documents) or eval (even-numbered).
+    #[arg(long, default_value = "eval")]
+    pub split: String,
+    /// Score this text file instead of the corpus.
+    #[arg(long)]
+    pub text: Option<PathBuf>,
+    #[arg(long, default_value_t = 1024)]
+    pub ctx: usize,
+    /// Use only the first N documents of the split.
+    #[arg(long)]
+    pub docs: Option<usize>,
+    /// Score at most N windows.
+    #[arg(long)]
+    pub max_windows: Option<usize>,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(cmd: EvalCommand) -> Result<()> {
+    match cmd {
+        EvalCommand::Ppl(a) => ppl(a),
+    }
+}
+
+fn ppl(a: PplArgs) -> Result<()> {
+    let loaded = a.model.load()?;
+    let docs = match &a.text {
+        Some(p) => vec![Document {
+            id: p.display().to_string(),
+            text: std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        }],
+        None => {
+            let split: Split = a.split.parse()?;
+            let Corpus::Brown = a.corpus;
+            brown_docs(split, a.docs)?
+        }
+    };
+    let ids = document_tokens(&loaded.tokenizer, &docs)?;
+    if ids.len() < a.ctx {
+        bail!("the text has {} tokens, fewer than one window of --ctx {}", ids.len(), a.ctx);
+    }
+    let n_windows = (ids.len() / a.ctx).min(a.max_windows.unwrap_or(usize::MAX));
+    let bar = ProgressBar::new(n_windows as u64).with_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} windows, ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message("ppl");
+    let model = &loaded.model;
+    let detail = perplexity(
+        model,
+        &ids,
+        a.ctx,
+        a.max_windows,
+        || Ok(Box::new(model.dense_cache()?) as Box<dyn AttentionCache>),
+        |done, _| bar.set_position(done as u64),
+    )?;
+    bar.finish_and_clear();
+    let r = &detail.report;
+    if a.json {
+        let mut v = serde_json::to_value(r)?;
+        v["cache"] = "full".into();
+        v["docs"] = docs.len().into();
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        println!(
+            "PPL {:.4}  ({} predicted tokens, {} windows of {}, {} docs)",
+            r.ppl,
+            r.tokens,
+            r.windows,
+            r.ctx,
+            docs.len()
+        );
+    }
+    Ok(())
+}

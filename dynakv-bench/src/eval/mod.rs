@@ -1,0 +1,4 @@
+//! Evaluation commands' logic.
+
+pub mod ppl;
+pub mod speed;

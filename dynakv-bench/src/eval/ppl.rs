@@ -1,0 +1,123 @@
+//! Perplexity under the project's protocol: non-overlapping windows of `ctx`
+//! tokens (the last partial window dropped), each scored from an empty cache;
+//! PPL = exp(mean NLL over every predicted token of every window).
+
+use dynakv_burn::AttentionCache;
+use dynakv_models::{LlamaModel, ModelError};
+use serde::Serialize;
+
+/// The result `dynakv eval ppl --json` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct PplReport {
+    pub ppl: f64,
+    pub mean_nll: f64,
+    /// Predicted tokens: `windows * (ctx - 1)`.
+    pub tokens: usize,
+    pub windows: usize,
+    pub ctx: usize,
+    /// Tokens in the stream before windowing.
+    pub input_tokens: usize,
+    /// Mean bytes of the cache at the end of a window.
+    pub bytes: f64,
+    /// Bytes of the dense cache on the same tokens.
+    pub bytes_full: f64,
+}
+
+/// Non-overlapping full windows of `ctx` tokens.
+pub fn windows(ids: &[u32], ctx: usize) -> Vec<&[u32]> {
+    if ctx < 2 {
+        return Vec::new();
+    }
+    ids.chunks_exact(ctx).collect()
+}
+
+/// Per-window NLLs and top-1 guesses (for parity checks) and the report.
+pub struct PplDetail {
+    pub report: PplReport,
+    /// For each window: NLL of tokens 1..ctx.
+    pub nll: Vec<Vec<f32>>,
+    /// For each window: argmax at positions 0..ctx-1.
+    pub top1: Vec<Vec<u32>>,
+}
+
+/// Scores a token stream.
+///
+/// `make_cache` gives a fresh cache per window; `dense_bytes` the dense cache's
+/// bytes for a window (for the `bytes_full` column); `on_window` reports progress.
+pub fn perplexity(
+    model: &LlamaModel,
+    ids: &[u32],
+    ctx: usize,
+    max_windows: Option<usize>,
+    mut make_cache: impl FnMut() -> Result<Box<dyn AttentionCache>, ModelError>,
+    mut on_window: impl FnMut(usize, usize),
+) -> Result<PplDetail, ModelError> {
+    if ctx < 2 || ctx > model.config.context_length {
+        return Err(ModelError::InvalidInput(format!(
+            "ctx must be in 2..={}, got {ctx}",
+            model.config.context_length
+        )));
+    }
+    let mut wins = windows(ids, ctx);
+    if let Some(m) = max_windows {
+        wins.truncate(m);
+    }
+    if wins.is_empty() {
+        return Err(ModelError::InvalidInput(format!(
+            "the text has {} tokens: not one window of {ctx}",
+            ids.len()
+        )));
+    }
+    let geo = model.config.geometry();
+    let dense_bytes = (2 * ctx * geo.n_layers * geo.d_kv() * 4) as f64;
+    let (mut sum, mut n) = (0f64, 0usize);
+    let mut bytes = 0f64;
+    let mut all_nll = Vec::new();
+    let mut all_top1 = Vec::new();
+    for (i, w) in wins.iter().enumerate() {
+        let _span = tracing::info_span!("window", i).entered();
+        let mut cache = make_cache()?;
+        // Feed all ctx tokens so the cache holds the whole window; score ctx - 1.
+        let logits = model.forward(w, 0, cache.as_mut())?;
+        let t = w.len();
+        let logits = logits.slice([0..t - 1]);
+        let (nll, top1) = dynakv_models::llama::nll_and_top1(logits, &w[1..]);
+        bytes += cache.bytes() as f64;
+        sum += nll.iter().map(|&x| x as f64).sum::<f64>();
+        n += nll.len();
+        all_nll.push(nll);
+        all_top1.push(top1);
+        on_window(i + 1, wins.len());
+    }
+    let mean = sum / n as f64;
+    let k = wins.len() as f64;
+    Ok(PplDetail {
+        report: PplReport {
+            ppl: mean.exp(),
+            mean_nll: mean,
+            tokens: n,
+            windows: wins.len(),
+            ctx,
+            input_tokens: ids.len(),
+            bytes: bytes / k,
+            bytes_full: dense_bytes,
+        },
+        nll: all_nll,
+        top1: all_top1,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_drop_the_partial_tail() {
+        let ids: Vec<u32> = (0..10).collect();
+        let w = windows(&ids, 4);
+        assert_eq!(w.len(), 2);
+        assert_eq!(w[1], &[4, 5, 6, 7]);
+        assert!(windows(&ids, 1).is_empty());
+        assert!(windows(&ids, 11).is_empty());
+    }
+}

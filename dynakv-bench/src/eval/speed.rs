@@ -1,0 +1,89 @@
+//! Throughput of the model with a given cache: prefill tokens/s and decode
+//! tokens/s at a context length. Median of repeated runs, wall clock.
+
+use std::time::Instant;
+
+use dynakv_burn::AttentionCache;
+use dynakv_models::{LlamaModel, ModelError};
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SpeedReport {
+    pub what: String,
+    pub tokens: usize,
+    pub context: usize,
+    pub median_s: f64,
+    pub tokens_per_s: f64,
+    pub reps: usize,
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+fn sync(t: burn::tensor::Tensor<1>) {
+    // Reading one value forces the backend to finish the work.
+    let _ = t.slice([0..1]).into_data();
+}
+
+/// Prefill of `n` tokens from an empty cache (logits of the last token only).
+pub fn prefill(
+    model: &LlamaModel,
+    ids: &[u32],
+    n: usize,
+    reps: usize,
+    make_cache: &mut dyn FnMut() -> Result<Box<dyn AttentionCache>, ModelError>,
+) -> Result<SpeedReport, ModelError> {
+    let ids = ids.get(..n).ok_or_else(|| ModelError::InvalidInput(format!("need {n} tokens")))?;
+    let mut times = Vec::new();
+    for r in 0..reps + 1 {
+        let mut cache = make_cache()?;
+        let t0 = Instant::now();
+        sync(model.forward_last(ids, 0, cache.as_mut())?);
+        if r > 0 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let m = median(times);
+    Ok(SpeedReport {
+        what: "prefill".into(),
+        tokens: n,
+        context: 0,
+        median_s: m,
+        tokens_per_s: n as f64 / m,
+        reps,
+    })
+}
+
+/// `steps` single-token decode steps after a prefill of `context` tokens.
+pub fn decode(
+    model: &LlamaModel,
+    ids: &[u32],
+    context: usize,
+    steps: usize,
+    reps: usize,
+    make_cache: &mut dyn FnMut() -> Result<Box<dyn AttentionCache>, ModelError>,
+) -> Result<SpeedReport, ModelError> {
+    let need = context + steps;
+    let ids = ids.get(..need).ok_or_else(|| ModelError::InvalidInput(format!("need {need} tokens")))?;
+    let mut times = Vec::new();
+    for _ in 0..reps {
+        let mut cache = make_cache()?;
+        sync(model.forward_last(&ids[..context], 0, cache.as_mut())?);
+        let t0 = Instant::now();
+        for (i, &t) in ids[context..].iter().enumerate() {
+            sync(model.forward_last(&[t], context + i, cache.as_mut())?);
+        }
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    let m = median(times);
+    Ok(SpeedReport {
+        what: "decode".into(),
+        tokens: steps,
+        context,
+        median_s: m,
+        tokens_per_s: steps as f64 / m,
+        reps,
+    })
+}

@@ -1,0 +1,6 @@
+//! The dynakv evaluation harness: perplexity, speed, and (as the issues land)
+//! fidelity, long-context retrieval and sweeps. The `dynakv` binary is a thin
+//! clap layer over these functions, so tests call the same code.
+
+pub mod eval;
+pub mod text;

@@ -1,0 +1,45 @@
+//! `dynakv`: fetch assets, generate text, evaluate and benchmark caches.
+
+mod cmd;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "dynakv", version, about = "Token-wise KV-cache compression for LLM inference")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Download the default model and corpus into $DYNAKV_HOME (~/.cache/dynakv).
+    Fetch,
+    /// Generate text from a prompt.
+    Generate(cmd::generate::GenerateArgs),
+    /// Evaluate a cache configuration.
+    Eval {
+        #[command(subcommand)]
+        what: cmd::eval::EvalCommand,
+    },
+    /// Measure prefill and decode throughput.
+    Bench(cmd::bench::BenchArgs),
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Fetch => cmd::fetch::run(),
+        Command::Generate(a) => cmd::generate::run(a),
+        Command::Eval { what } => cmd::eval::run(what),
+        Command::Bench(a) => cmd::bench::run(a),
+    }
+}

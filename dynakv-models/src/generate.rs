@@ -1,0 +1,232 @@
+//! Text generation: greedy or temperature / top-p sampling with a seed, stop
+//! tokens, and text streamed as it is produced.
+
+use burn::tensor::Tensor;
+use dynakv_burn::AttentionCache;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ModelError;
+use crate::llama::LlamaModel;
+use crate::tokenizer::TextTokenizer;
+
+/// How the next token is chosen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplingConfig {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// Nucleus mass in (0, 1]; 1 disables it.
+    pub top_p: f32,
+    pub seed: u64,
+    pub max_tokens: usize,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            max_tokens: 128,
+        }
+    }
+}
+
+impl SamplingConfig {
+    /// Names the bad field.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(ModelError::InvalidInput(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            )));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(ModelError::InvalidInput(format!(
+                "top_p must be in (0, 1], got {}",
+                self.top_p
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Chooses one token from logits.
+pub struct Sampler {
+    config: SamplingConfig,
+    rng: StdRng,
+}
+
+impl Sampler {
+    pub fn new(config: SamplingConfig) -> Result<Self, ModelError> {
+        config.validate()?;
+        let rng = StdRng::seed_from_u64(config.seed);
+        Ok(Self { config, rng })
+    }
+
+    /// Picks a token id from `[vocab]` logits.
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        if self.config.temperature == 0.0 {
+            return argmax(logits);
+        }
+        let t = self.config.temperature;
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut probs: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, ((l - max) / t).exp()))
+            .collect();
+        let z: f32 = probs.iter().map(|p| p.1).sum();
+        probs.iter_mut().for_each(|p| p.1 /= z);
+        probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let mut kept = 0;
+        let mut mass = 0.0;
+        for p in &probs {
+            kept += 1;
+            mass += p.1;
+            if mass >= self.config.top_p {
+                break;
+            }
+        }
+        let probs = &probs[..kept];
+        let mut r = self.rng.random::<f32>() * mass;
+        for p in probs {
+            r -= p.1;
+            if r <= 0.0 {
+                return p.0;
+            }
+        }
+        probs[kept - 1].0
+    }
+}
+
+/// Index of the largest value (the first on ties).
+pub fn argmax(xs: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in xs.iter().enumerate() {
+        if x > xs[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// What a generation produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct Generation {
+    pub prompt_tokens: usize,
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub stopped_by_stop_token: bool,
+}
+
+/// Generates from a prompt, calling `on_text` with each new piece of text.
+pub fn generate(
+    model: &LlamaModel,
+    tokenizer: &TextTokenizer,
+    cache: &mut dyn AttentionCache,
+    prompt: &[u32],
+    config: &SamplingConfig,
+    mut on_text: impl FnMut(&str),
+) -> Result<Generation, ModelError> {
+    let mut sampler = Sampler::new(config.clone())?;
+    if prompt.is_empty() {
+        return Err(ModelError::InvalidInput("empty prompt".into()));
+    }
+    cache.reset();
+    let _span = tracing::info_span!("generate", prompt = prompt.len()).entered();
+    let mut logits = to_vec(model.forward_last(prompt, 0, cache)?)?;
+    let mut out = Vec::new();
+    let mut emitted = 0usize;
+    let mut stopped = false;
+    let mut pos = prompt.len();
+    while out.len() < config.max_tokens && pos < model.config.context_length {
+        let next = sampler.sample(&logits);
+        if tokenizer.stop_ids.contains(&next) {
+            stopped = true;
+            break;
+        }
+        out.push(next);
+        let text = tokenizer.decode(&out)?;
+        // Hold back an incomplete UTF-8 sequence until its last byte arrives.
+        if !text.ends_with('\u{FFFD}') && text.len() > emitted {
+            on_text(&text[emitted..]);
+            emitted = text.len();
+        }
+        logits = to_vec(model.forward_last(&[next], pos, cache)?)?;
+        pos += 1;
+    }
+    let text = tokenizer.decode(&out)?;
+    if text.len() > emitted {
+        on_text(&text[emitted..]);
+    }
+    Ok(Generation {
+        prompt_tokens: prompt.len(),
+        tokens: out,
+        text,
+        stopped_by_stop_token: stopped,
+    })
+}
+
+fn to_vec(t: Tensor<1>) -> Result<Vec<f32>, ModelError> {
+    t.into_data()
+        .try_into_vec_as::<f32>()
+        .map_err(|e| ModelError::InvalidInput(format!("logits: {e:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_is_argmax_and_sampling_is_seeded() {
+        let logits = [0.1f32, 2.0, 1.9, -1.0];
+        let mut s = Sampler::new(SamplingConfig::default()).unwrap();
+        assert_eq!(s.sample(&logits), 1);
+        let cfg = SamplingConfig {
+            temperature: 1.0,
+            top_p: 0.9,
+            seed: 7,
+            max_tokens: 1,
+        };
+        let a: Vec<u32> = {
+            let mut s = Sampler::new(cfg.clone()).unwrap();
+            (0..20).map(|_| s.sample(&logits)).collect()
+        };
+        let b: Vec<u32> = {
+            let mut s = Sampler::new(cfg).unwrap();
+            (0..20).map(|_| s.sample(&logits)).collect()
+        };
+        assert_eq!(a, b);
+        assert!(a.iter().all(|&t| t == 1 || t == 2 || t == 0));
+    }
+
+    #[test]
+    fn tiny_top_p_is_greedy() {
+        let cfg = SamplingConfig {
+            temperature: 1.0,
+            top_p: 1e-6,
+            seed: 1,
+            max_tokens: 1,
+        };
+        let mut s = Sampler::new(cfg).unwrap();
+        for _ in 0..10 {
+            assert_eq!(s.sample(&[0.0, 3.0, 1.0]), 1);
+        }
+    }
+
+    #[test]
+    fn bad_configs_are_named() {
+        let bad = SamplingConfig {
+            top_p: 0.0,
+            ..Default::default()
+        };
+        assert!(Sampler::new(bad).err().unwrap().to_string().contains("top_p"));
+        let bad = SamplingConfig {
+            temperature: -1.0,
+            ..Default::default()
+        };
+        assert!(Sampler::new(bad).err().unwrap().to_string().contains("temperature"));
+    }
+}

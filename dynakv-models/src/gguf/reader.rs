@@ -1,0 +1,488 @@
+//! Parsing of the GGUF header, metadata and tensor descriptions.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::Path;
+
+use memmap2::Mmap;
+
+use super::dequant::dequantize;
+use super::types::{GgmlType, MetaValue};
+use crate::error::ModelError;
+
+const MAGIC: &[u8; 4] = b"GGUF";
+/// ggml never has more than 4 dimensions.
+const MAX_DIMS: u32 = 4;
+/// Arrays of arrays are legal but never deep in practice.
+const MAX_ARRAY_DEPTH: usize = 4;
+
+/// Where one tensor lives in the file and what it holds.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    pub name: String,
+    /// ggml order: `dims[0]` varies fastest (the row length).
+    pub dims: Vec<u64>,
+    pub ggml_type: GgmlType,
+    /// Absolute byte offset of the data in the file.
+    pub offset: u64,
+    pub n_bytes: u64,
+}
+
+impl TensorInfo {
+    pub fn n_elements(&self) -> u64 {
+        self.dims.iter().product()
+    }
+}
+
+/// A memory-mapped GGUF file with its parsed header.
+pub struct GgufFile {
+    mmap: Mmap,
+    pub version: u32,
+    pub metadata: HashMap<String, MetaValue>,
+    /// Metadata keys in file order (for listing).
+    pub metadata_keys: Vec<String>,
+    pub tensors: Vec<TensorInfo>,
+    tensor_index: HashMap<String, usize>,
+}
+
+impl std::fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("version", &self.version)
+            .field("metadata", &self.metadata.len())
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], ModelError> {
+        if n > self.remaining() {
+            return Err(ModelError::Gguf(format!(
+                "truncated file: {what} needs {n} bytes at offset {}, only {} left",
+                self.pos,
+                self.remaining()
+            )));
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+
+    fn u8(&mut self, what: &str) -> Result<u8, ModelError> {
+        Ok(self.take(1, what)?[0])
+    }
+    fn u16(&mut self, what: &str) -> Result<u16, ModelError> {
+        Ok(u16::from_le_bytes(self.take(2, what)?.try_into().unwrap()))
+    }
+    fn u32(&mut self, what: &str) -> Result<u32, ModelError> {
+        Ok(u32::from_le_bytes(self.take(4, what)?.try_into().unwrap()))
+    }
+    fn u64(&mut self, what: &str) -> Result<u64, ModelError> {
+        Ok(u64::from_le_bytes(self.take(8, what)?.try_into().unwrap()))
+    }
+
+    /// A count that must fit in the rest of the file at `min_size` bytes per item.
+    fn count(&mut self, version: u32, min_size: usize, what: &str) -> Result<usize, ModelError> {
+        let n = if version == 1 {
+            self.u32(what)? as u64
+        } else {
+            self.u64(what)?
+        };
+        let fits = n
+            .checked_mul(min_size as u64)
+            .is_some_and(|b| b <= self.remaining() as u64);
+        if !fits {
+            return Err(ModelError::Gguf(format!(
+                "{what} = {n} is absurd: the {} bytes left in the file cannot hold it",
+                self.remaining()
+            )));
+        }
+        Ok(n as usize)
+    }
+
+    fn string(&mut self, version: u32, what: &str) -> Result<String, ModelError> {
+        let n = self.count(version, 1, what)?;
+        let bytes = self.take(n, what)?;
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| ModelError::Gguf(format!("{what} is not valid UTF-8")))
+    }
+
+    fn value(
+        &mut self,
+        version: u32,
+        type_id: u32,
+        key: &str,
+        depth: usize,
+    ) -> Result<MetaValue, ModelError> {
+        let v = match type_id {
+            0 => MetaValue::U8(self.u8(key)?),
+            1 => MetaValue::I8(self.u8(key)? as i8),
+            2 => MetaValue::U16(self.u16(key)?),
+            3 => MetaValue::I16(self.u16(key)? as i16),
+            4 => MetaValue::U32(self.u32(key)?),
+            5 => MetaValue::I32(self.u32(key)? as i32),
+            6 => MetaValue::F32(f32::from_bits(self.u32(key)?)),
+            7 => match self.u8(key)? {
+                0 => MetaValue::Bool(false),
+                1 => MetaValue::Bool(true),
+                b => {
+                    return Err(ModelError::Gguf(format!(
+                        "metadata `{key}`: invalid bool byte {b}"
+                    )))
+                }
+            },
+            8 => MetaValue::String(self.string(version, key)?),
+            9 => {
+                if depth >= MAX_ARRAY_DEPTH {
+                    return Err(ModelError::Gguf(format!(
+                        "metadata `{key}`: arrays nested deeper than {MAX_ARRAY_DEPTH}"
+                    )));
+                }
+                let elem = self.u32(key)?;
+                let min = min_value_size(elem).ok_or_else(|| {
+                    ModelError::Gguf(format!("metadata `{key}`: unknown array element type {elem}"))
+                })?;
+                let n = self.count(version, min, key)?;
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    items.push(self.value(version, elem, key, depth + 1)?);
+                }
+                MetaValue::Array(items)
+            }
+            10 => MetaValue::U64(self.u64(key)?),
+            11 => MetaValue::I64(self.u64(key)? as i64),
+            12 => MetaValue::F64(f64::from_bits(self.u64(key)?)),
+            t => {
+                return Err(ModelError::Gguf(format!(
+                    "metadata `{key}`: unknown value type {t}"
+                )))
+            }
+        };
+        Ok(v)
+    }
+}
+
+/// Smallest encoded size of a value of a type, used to bound array counts.
+fn min_value_size(type_id: u32) -> Option<usize> {
+    Some(match type_id {
+        0 | 1 | 7 => 1,
+        2 | 3 => 2,
+        4..=6 => 4,
+        8 => 4, // at least a length prefix
+        9 => 12,
+        10..=12 => 8,
+        _ => return None,
+    })
+}
+
+impl GgufFile {
+    /// Memory-maps and parses a GGUF file.
+    pub fn open(path: &Path) -> Result<Self, ModelError> {
+        let file = File::open(path).map_err(|e| ModelError::Io {
+            path: path.display().to_string(),
+            source: e,
+        })?;
+        // SAFETY: the map is read-only; a file truncated by another process while
+        // mapped would fault, which is the usual contract of model loaders.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::Io {
+            path: path.display().to_string(),
+            source: e,
+        })?;
+        Self::parse(mmap)
+    }
+
+    fn parse(mmap: Mmap) -> Result<Self, ModelError> {
+        let (version, metadata, metadata_keys, tensors) = parse_header(&mmap)?;
+        let tensor_index = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        Ok(Self {
+            mmap,
+            version,
+            metadata,
+            metadata_keys,
+            tensors,
+            tensor_index,
+        })
+    }
+
+    pub fn meta(&self, key: &str) -> Option<&MetaValue> {
+        self.metadata.get(key)
+    }
+
+    /// A required unsigned integer, or an error naming the key.
+    pub fn meta_u64(&self, key: &str) -> Result<u64, ModelError> {
+        self.meta(key)
+            .ok_or_else(|| ModelError::MissingMetadata(key.to_string()))?
+            .as_u64()
+            .ok_or_else(|| ModelError::Gguf(format!("metadata `{key}` is not an unsigned integer")))
+    }
+
+    /// A required float, or an error naming the key.
+    pub fn meta_f64(&self, key: &str) -> Result<f64, ModelError> {
+        self.meta(key)
+            .ok_or_else(|| ModelError::MissingMetadata(key.to_string()))?
+            .as_f64()
+            .ok_or_else(|| ModelError::Gguf(format!("metadata `{key}` is not a number")))
+    }
+
+    /// A required string, or an error naming the key.
+    pub fn meta_str(&self, key: &str) -> Result<&str, ModelError> {
+        self.meta(key)
+            .ok_or_else(|| ModelError::MissingMetadata(key.to_string()))?
+            .as_str()
+            .ok_or_else(|| ModelError::Gguf(format!("metadata `{key}` is not a string")))
+    }
+
+    pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensor_index.get(name).map(|&i| &self.tensors[i])
+    }
+
+    /// The raw bytes of a tensor (bounds were checked at parse time).
+    pub fn tensor_bytes(&self, info: &TensorInfo) -> &[u8] {
+        &self.mmap[info.offset as usize..(info.offset + info.n_bytes) as usize]
+    }
+
+    /// Dequantises a tensor to f32 in ggml order (`dims[0]` fastest).
+    pub fn tensor_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<u64>), ModelError> {
+        let info = self
+            .tensor(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+        let data = dequantize(info.ggml_type, self.tensor_bytes(info), info.n_elements() as usize)
+            .map_err(|e| ModelError::Gguf(format!("tensor `{name}`: {e}")))?;
+        Ok((data, info.dims.clone()))
+    }
+
+    /// The whole mapped file.
+    pub fn bytes(&self) -> &[u8] {
+        &self.mmap
+    }
+}
+
+type Header = (u32, HashMap<String, MetaValue>, Vec<String>, Vec<TensorInfo>);
+
+/// Parses everything before the tensor data; exposed for tests on byte buffers.
+pub(crate) fn parse_header(buf: &[u8]) -> Result<Header, ModelError> {
+    let mut c = Cursor { buf, pos: 0 };
+    let magic = c.take(4, "magic")?;
+    if magic != MAGIC {
+        return Err(ModelError::Gguf(format!(
+            "not a GGUF file: magic is {magic:02x?}, expected \"GGUF\""
+        )));
+    }
+    let version = c.u32("version")?;
+    if !(1..=3).contains(&version) {
+        return Err(ModelError::Gguf(format!(
+            "unsupported GGUF version {version} (supported: 1, 2, 3)"
+        )));
+    }
+    // A tensor info is at least 8 (name len) + 4 (n_dims) + 4 (type) + 8 (offset) bytes.
+    let n_tensors = c.count(version, 24, "tensor_count")?;
+    // A key-value pair is at least 8 (key len) + 4 (type) + 1 bytes.
+    let n_kv = c.count(version, 13, "metadata_kv_count")?;
+
+    let mut metadata = HashMap::with_capacity(n_kv);
+    let mut keys = Vec::with_capacity(n_kv);
+    for i in 0..n_kv {
+        let key = c.string(version, &format!("metadata key #{i}"))?;
+        let t = c.u32(&key)?;
+        let v = c.value(version, t, &key, 0)?;
+        keys.push(key.clone());
+        metadata.insert(key, v);
+    }
+
+    let alignment = match metadata.get("general.alignment") {
+        None => 32,
+        Some(v) => match v.as_u64() {
+            Some(a) if a > 0 && a.is_power_of_two() && a <= 1 << 20 => a,
+            _ => {
+                return Err(ModelError::Gguf(format!(
+                    "metadata `general.alignment` = {v:?} is not a power of two"
+                )))
+            }
+        },
+    };
+
+    let mut raw = Vec::with_capacity(n_tensors);
+    for i in 0..n_tensors {
+        let name = c.string(version, &format!("tensor #{i} name"))?;
+        let n_dims = c.u32(&name)?;
+        if n_dims == 0 || n_dims > MAX_DIMS {
+            return Err(ModelError::Gguf(format!(
+                "tensor `{name}`: n_dims = {n_dims} (must be 1..={MAX_DIMS})"
+            )));
+        }
+        let mut dims = Vec::with_capacity(n_dims as usize);
+        for _ in 0..n_dims {
+            dims.push(if version == 1 {
+                c.u32(&name)? as u64
+            } else {
+                c.u64(&name)?
+            });
+        }
+        let type_id = c.u32(&name)?;
+        let ggml_type = GgmlType::from_id(type_id, &name)?;
+        let rel_offset = c.u64(&name)?;
+        raw.push((name, dims, ggml_type, rel_offset));
+    }
+
+    let data_start = (c.pos as u64).div_ceil(alignment) * alignment;
+    let file_len = buf.len() as u64;
+    let mut tensors = Vec::with_capacity(n_tensors);
+    for (name, dims, ggml_type, rel_offset) in raw {
+        let n = dims
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| ModelError::Gguf(format!("tensor `{name}`: element count overflows")))?;
+        let n_bytes = ggml_type.bytes_for(n).ok_or_else(|| {
+            ModelError::Gguf(format!(
+                "tensor `{name}`: {n} elements is not a whole number of {ggml_type:?} blocks"
+            ))
+        })?;
+        if rel_offset % alignment != 0 {
+            return Err(ModelError::Gguf(format!(
+                "tensor `{name}`: offset {rel_offset} is not aligned to {alignment}"
+            )));
+        }
+        let offset = data_start
+            .checked_add(rel_offset)
+            .filter(|o| o.checked_add(n_bytes).is_some_and(|end| end <= file_len))
+            .ok_or_else(|| {
+                ModelError::Gguf(format!(
+                    "tensor `{name}`: data ({n_bytes} bytes at offset {rel_offset}) runs past the end of the file ({file_len} bytes)"
+                ))
+            })?;
+        tensors.push(TensorInfo {
+            name,
+            dims,
+            ggml_type,
+            offset,
+            n_bytes,
+        });
+    }
+    Ok((version, metadata, keys, tensors))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builds a small valid GGUF v3 file in memory.
+    fn tiny_file() -> Vec<u8> {
+        tiny_file_with_type(0)
+    }
+
+    /// The same file with the tensor's type id replaced.
+    fn tiny_file_with_type(type_id: u32) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(b"GGUF");
+        b.extend_from_slice(&3u32.to_le_bytes());
+        b.extend_from_slice(&1u64.to_le_bytes()); // tensors
+        b.extend_from_slice(&3u64.to_le_bytes()); // kv
+        let key = |b: &mut Vec<u8>, k: &str| {
+            b.extend_from_slice(&(k.len() as u64).to_le_bytes());
+            b.extend_from_slice(k.as_bytes());
+        };
+        key(&mut b, "a.u32");
+        b.extend_from_slice(&4u32.to_le_bytes());
+        b.extend_from_slice(&7u32.to_le_bytes());
+        key(&mut b, "a.arr");
+        b.extend_from_slice(&9u32.to_le_bytes());
+        b.extend_from_slice(&8u32.to_le_bytes());
+        b.extend_from_slice(&2u64.to_le_bytes());
+        key(&mut b, "x");
+        key(&mut b, "yz");
+        key(&mut b, "a.f64");
+        b.extend_from_slice(&12u32.to_le_bytes());
+        b.extend_from_slice(&1.5f64.to_le_bytes());
+        key(&mut b, "w");
+        b.extend_from_slice(&1u32.to_le_bytes());
+        b.extend_from_slice(&4u64.to_le_bytes());
+        b.extend_from_slice(&type_id.to_le_bytes());
+        b.extend_from_slice(&0u64.to_le_bytes());
+        while b.len() % 32 != 0 {
+            b.push(0);
+        }
+        for v in [1.0f32, 2.0, 3.0, 4.0] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b
+    }
+
+    #[test]
+    fn parses_a_valid_file() {
+        let buf = tiny_file();
+        let (version, meta, keys, tensors) = parse_header(&buf).unwrap();
+        assert_eq!(version, 3);
+        assert_eq!(keys, vec!["a.u32", "a.arr", "a.f64"]);
+        assert_eq!(meta["a.u32"], MetaValue::U32(7));
+        assert_eq!(meta["a.f64"].as_f64(), Some(1.5));
+        assert_eq!(
+            meta["a.arr"],
+            MetaValue::Array(vec![
+                MetaValue::String("x".into()),
+                MetaValue::String("yz".into())
+            ])
+        );
+        assert_eq!(tensors[0].name, "w");
+        assert_eq!(tensors[0].n_bytes, 16);
+        assert_eq!(tensors[0].offset as usize, buf.len() - 16);
+    }
+
+    #[test]
+    fn every_truncation_is_an_error_not_a_panic() {
+        let buf = tiny_file();
+        for cut in 0..buf.len() {
+            assert!(parse_header(&buf[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn absurd_counts_are_rejected_before_allocating() {
+        let mut buf = tiny_file();
+        buf[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        let err = parse_header(&buf).unwrap_err().to_string();
+        assert!(err.contains("tensor_count"), "{err}");
+        let mut buf = tiny_file();
+        buf[16..24].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        let err = parse_header(&buf).unwrap_err().to_string();
+        assert!(err.contains("metadata_kv_count"), "{err}");
+    }
+
+    #[test]
+    fn bad_magic_and_version_are_named() {
+        let mut buf = tiny_file();
+        buf[0] = b'X';
+        assert!(parse_header(&buf).unwrap_err().to_string().contains("magic"));
+        let mut buf = tiny_file();
+        buf[4..8].copy_from_slice(&9u32.to_le_bytes());
+        assert!(parse_header(&buf).unwrap_err().to_string().contains("version"));
+    }
+
+    #[test]
+    fn unsupported_type_names_the_tensor() {
+        let buf = tiny_file_with_type(99);
+        let err = parse_header(&buf).unwrap_err().to_string();
+        assert!(err.contains("`w`") && err.contains("99"), "{err}");
+    }
+
+    #[test]
+    fn tensor_past_the_end_is_an_error() {
+        let buf = tiny_file();
+        let short = &buf[..buf.len() - 4];
+        let err = parse_header(short).unwrap_err().to_string();
+        assert!(err.contains("`w`") && err.contains("past the end"), "{err}");
+    }
+}

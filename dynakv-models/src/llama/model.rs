@@ -1,0 +1,185 @@
+//! The whole Llama-family model: embedding, blocks, final norm, output head.
+
+use std::path::Path;
+
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use dynakv_burn::{AttentionCache, DenseCache, Rope};
+
+use super::config::LlamaConfig;
+use super::layer::{rms_norm, Block};
+use super::weights::{raw_rows, vector};
+use crate::error::ModelError;
+use crate::gguf::GgufFile;
+
+/// A loaded model on one device.
+#[derive(Debug, Clone)]
+pub struct LlamaModel {
+    pub config: LlamaConfig,
+    /// `[vocab, d_model]`
+    embed: Tensor<2>,
+    blocks: Vec<Block>,
+    norm: Tensor<1>,
+    /// `[d_model, vocab]` (the transposed embedding when weights are tied)
+    output: Tensor<2>,
+    rope: Rope,
+    device: Device,
+}
+
+fn transpose_rows(rows: &[f32], n_rows: usize, row_len: usize) -> Vec<f32> {
+    let mut t = vec![0f32; rows.len()];
+    for r in 0..n_rows {
+        for (i, &x) in rows[r * row_len..(r + 1) * row_len].iter().enumerate() {
+            t[i * n_rows + r] = x;
+        }
+    }
+    t
+}
+
+impl LlamaModel {
+    /// Loads a GGUF file.
+    pub fn load(path: &Path, device: &Device) -> Result<Self, ModelError> {
+        let gguf = GgufFile::open(path)?;
+        Self::from_gguf(&gguf, device)
+    }
+
+    pub fn from_gguf(gguf: &GgufFile, device: &Device) -> Result<Self, ModelError> {
+        let _span = tracing::info_span!("load_model").entered();
+        let c = LlamaConfig::from_gguf(gguf)?;
+        let emb_rows = raw_rows(gguf, "token_embd.weight", c.d_model, c.vocab_size)?;
+        let output_rows = match gguf.tensor("output.weight") {
+            Some(_) => Some(raw_rows(gguf, "output.weight", c.d_model, c.vocab_size)?),
+            None => None,
+        };
+        let output_t = transpose_rows(output_rows.as_deref().unwrap_or(&emb_rows), c.vocab_size, c.d_model);
+        let output = Tensor::from_data(TensorData::new(output_t, [c.d_model, c.vocab_size]), device);
+        let embed = Tensor::from_data(TensorData::new(emb_rows, [c.vocab_size, c.d_model]), device);
+        let blocks = (0..c.n_layers)
+            .map(|i| Block::load(gguf, i, &c, device))
+            .collect::<Result<Vec<_>, _>>()?;
+        let norm = vector(gguf, "output_norm.weight", c.d_model, device)?;
+        let rope = Rope::new(c.head_dim, c.rope_dim, c.rope_base, c.context_length, device)?;
+        Ok(Self {
+            config: c,
+            embed,
+            blocks,
+            norm,
+            output,
+            rope,
+            device: device.clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn rope(&self) -> &Rope {
+        &self.rope
+    }
+
+    /// `W_o` of a layer, `[H*D, d_model]`.
+    pub fn wo(&self, layer: usize) -> Option<&Tensor<2>> {
+        self.blocks.get(layer).map(|b| b.wo())
+    }
+
+    /// A fresh dense cache for this model.
+    pub fn dense_cache(&self) -> Result<DenseCache, ModelError> {
+        Ok(DenseCache::new(self.config.geometry(), self.rope.clone())?)
+    }
+
+    /// Hidden states after the final norm for new tokens at `start_pos..`.
+    ///
+    /// # Shapes
+    /// returns `[T, d_model]`
+    pub fn hidden(
+        &self,
+        tokens: &[u32],
+        start_pos: usize,
+        cache: &mut dyn AttentionCache,
+    ) -> Result<Tensor<2>, ModelError> {
+        if tokens.is_empty() {
+            return Err(ModelError::InvalidInput("no tokens".into()));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+            return Err(ModelError::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary ({})",
+                self.config.vocab_size
+            )));
+        }
+        let end = start_pos + tokens.len();
+        if end > self.config.context_length {
+            return Err(ModelError::InvalidInput(format!(
+                "positions up to {end} exceed the context length {}",
+                self.config.context_length
+            )));
+        }
+        let positions: Vec<usize> = (start_pos..end).collect();
+        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+        let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [tokens.len()]), &self.device);
+        let mut h = self.embed.clone().select(0, ids);
+        for (i, block) in self.blocks.iter().enumerate() {
+            h = block.forward(i, h, &positions, &self.config, &self.rope, cache)?;
+        }
+        Ok(rms_norm(h, &self.norm, self.config.rms_eps))
+    }
+
+    /// Logits of every new token.
+    ///
+    /// # Shapes
+    /// returns `[T, vocab]`
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        start_pos: usize,
+        cache: &mut dyn AttentionCache,
+    ) -> Result<Tensor<2>, ModelError> {
+        Ok(self.hidden(tokens, start_pos, cache)?.matmul(self.output.clone()))
+    }
+
+    /// Logits of the last new token only (generation).
+    ///
+    /// # Shapes
+    /// returns `[vocab]`
+    pub fn forward_last(
+        &self,
+        tokens: &[u32],
+        start_pos: usize,
+        cache: &mut dyn AttentionCache,
+    ) -> Result<Tensor<1>, ModelError> {
+        let h = self.hidden(tokens, start_pos, cache)?;
+        let t = h.dims()[0];
+        let last = h.slice([t - 1..t]);
+        Ok(last.matmul(self.output.clone()).reshape([self.config.vocab_size]))
+    }
+
+    /// Negative log-likelihood of each next token and the model's top-1 guess.
+    ///
+    /// `tokens[i + 1]` is scored from position `i`; returns `T - 1` pairs.
+    pub fn score(
+        &self,
+        tokens: &[u32],
+        cache: &mut dyn AttentionCache,
+    ) -> Result<(Vec<f32>, Vec<u32>), ModelError> {
+        if tokens.len() < 2 {
+            return Err(ModelError::InvalidInput("need at least 2 tokens to score".into()));
+        }
+        let logits = self.forward(&tokens[..tokens.len() - 1], 0, cache)?;
+        Ok(nll_and_top1(logits, &tokens[1..]))
+    }
+}
+
+/// Per-row NLL of `targets` and the argmax of each row.
+///
+/// # Shapes
+/// - `logits`: `[T, vocab]`, `targets.len() == T`
+pub fn nll_and_top1(logits: Tensor<2>, targets: &[u32]) -> (Vec<f32>, Vec<u32>) {
+    let t = targets.len();
+    let device = logits.device();
+    let top1: Vec<i64> = logits.clone().argmax(1).into_data().try_into_vec_as::<i64>().unwrap_or_default();
+    let idx: Vec<i64> = targets.iter().map(|&x| x as i64).collect();
+    let idx = Tensor::<2, Int>::from_data(TensorData::new(idx, [t, 1]), &device);
+    let lp = log_softmax(logits, 1).gather(1, idx);
+    let nll: Vec<f32> = lp.neg().into_data().try_into_vec_as::<f32>().unwrap_or_default();
+    (nll, top1.into_iter().map(|x| x as u32).collect())
+}

@@ -1,0 +1,24 @@
+//! The real default model, loaded once per test binary.
+
+use std::sync::OnceLock;
+
+use dynakv_burn::device::default_device;
+use dynakv_models::gguf::GgufFile;
+use dynakv_models::{LlamaModel, TextTokenizer};
+
+pub struct Real {
+    pub model: LlamaModel,
+    pub tokenizer: TextTokenizer,
+}
+
+pub fn real() -> &'static Real {
+    static REAL: OnceLock<Real> = OnceLock::new();
+    REAL.get_or_init(|| {
+        let path = dynakv_models::assets::default_model().expect("fetch the default model");
+        let gguf = GgufFile::open(&path).expect("open GGUF");
+        Real {
+            tokenizer: TextTokenizer::from_gguf(&gguf).expect("tokenizer"),
+            model: LlamaModel::from_gguf(&gguf, &default_device()).expect("model"),
+        }
+    })
+}
