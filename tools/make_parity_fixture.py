@@ -1,10 +1,16 @@
 #!/usr/bin/env python3
 """Writes dynakv-models/tests/fixtures/parity.json: llama.cpp's per-position
 top-1 token and NLL on Brown `eval` text under the project's perplexity protocol
-(docs/protocol.md), with its PPL.
+(docs/protocol.md), with its PPL, for two engines' views of the same weights:
 
-Each window of CTX tokens is evaluated from an empty KV cache with all logits
-kept (llama-cpp-python, logits_all=True), exactly as `dynakv eval ppl` does.
+- `q4_1`: llama.cpp on the GGUF file itself. llama.cpp multiplies Q4_1 weights
+  with activations quantized to 8 bits (and the Q8_0 output head likewise), so
+  its logits carry that quantization noise.
+- `f32`: llama.cpp on a copy of the file with every tensor dequantized to F32
+  (tools/dequantize_gguf.py): the same weight values, computed in f32.
+
+Each window of CTX tokens is evaluated from an empty f32 KV cache with all
+logits kept (llama-cpp-python, logits_all=True), exactly as `dynakv eval ppl` does.
 
 Usage: python3 -m pip install llama-cpp-python numpy && python3 tools/make_parity_fixture.py
 """
@@ -21,36 +27,47 @@ CTX = 1024
 WINDOWS = 2
 DOCS = 4
 
-llm = Llama(model_path=model_path(), n_ctx=CTX, n_batch=CTX, n_ubatch=CTX, logits_all=True,
-            n_threads=2, verbose=False)
-docs = split_docs("eval", DOCS)
-sep = llm.tokenize(b"\n\n", add_bos=False, special=False)
-ids = []
-for i, d in enumerate(docs):
-    if i:
-        ids += sep
-    ids += llm.tokenize(d.encode("utf-8"), add_bos=False, special=False)
-assert len(ids) >= CTX * WINDOWS, len(ids)
-ids = ids[:CTX * WINDOWS]
+from dequantize_gguf import dequantize_file
 
-top1, nll = [], []
-for w in range(WINDOWS):
-    win = ids[w * CTX:(w + 1) * CTX]
-    llm.reset()
-    llm.eval(win)
-    logits = np.array(llm.scores[:CTX], dtype=np.float64)
-    m = logits.max(axis=1, keepdims=True)
-    lse = (m[:, 0] + np.log(np.exp(logits - m).sum(axis=1)))
-    for i in range(CTX - 1):
-        top1.append(int(logits[i].argmax()))
-        nll.append(float(lse[i] - logits[i, win[i + 1]]))
 
-ppl = math.exp(sum(nll) / len(nll))
+def run(path, ids=None):
+    llm = Llama(model_path=path, n_ctx=CTX, n_batch=CTX, n_ubatch=CTX, logits_all=True,
+                n_threads=2, type_k=0, type_v=0, flash_attn=False, verbose=False)  # f32 KV cache
+    if ids is None:
+        docs = split_docs("eval", DOCS)
+        sep = llm.tokenize(b"\n\n", add_bos=False, special=False)
+        ids = []
+        for i, d in enumerate(docs):
+            if i:
+                ids += sep
+            ids += llm.tokenize(d.encode("utf-8"), add_bos=False, special=False)
+        assert len(ids) >= CTX * WINDOWS, len(ids)
+        ids = ids[:CTX * WINDOWS]
+    top1, nll = [], []
+    for w in range(WINDOWS):
+        win = ids[w * CTX:(w + 1) * CTX]
+        llm.reset()
+        llm.eval(win)
+        logits = np.array(llm.scores[:CTX], dtype=np.float64)
+        m = logits.max(axis=1, keepdims=True)
+        lse = m[:, 0] + np.log(np.exp(logits - m).sum(axis=1))
+        for i in range(CTX - 1):
+            top1.append(int(logits[i].argmax()))
+            nll.append(float(lse[i] - logits[i, win[i + 1]]))
+    return ids, {"top1": top1, "nll": nll, "ppl": math.exp(sum(nll) / len(nll))}
+
+
+src = model_path()
+ids, q4 = run(src)
+f32_path = "/tmp/dynakv-parity-f32.gguf"
+dequantize_file(src, f32_path)
+_, f32 = run(f32_path, ids)
+os.remove(f32_path)
 out = {"source": "llama.cpp via llama-cpp-python " + __import__("llama_cpp").__version__,
        "split": "eval", "docs": DOCS, "ctx": CTX, "windows": WINDOWS,
-       "tokens": ids, "top1": top1, "nll": nll, "ppl": ppl}
+       "tokens": ids, "q4_1": q4, "f32": f32}
 path = os.path.join(os.path.dirname(__file__), "..", "dynakv-models", "tests", "fixtures", "parity.json")
 with open(path + ".tmp", "w") as f:
     json.dump(out, f)
 os.replace(path + ".tmp", path)
-print(f"wrote {path}: {len(nll)} positions, PPL {ppl:.4f}")
+print(f"wrote {path}: {len(q4['nll'])} positions, PPL q4_1 {q4['ppl']:.4f}, f32 {f32['ppl']:.4f}")

@@ -26,42 +26,64 @@ fn step_by_step_decode_equals_prefill() {
     assert!(diff / scale < 1e-4, "max diff {diff} (scale {scale})");
 }
 
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// Our per-position top-1 and NLL on the fixture's windows.
+fn ours(fixture: &serde_json::Value) -> (Vec<u32>, Vec<f32>) {
+    let r = common::real();
+    let ctx = fixture["ctx"].as_u64().unwrap() as usize;
+    let tokens = ids(&fixture["tokens"]);
+    let (mut all_top1, mut all_nll) = (Vec::new(), Vec::new());
+    for win in tokens.chunks_exact(ctx) {
+        let mut cache = r.model.dense_cache().unwrap();
+        let logits = r.model.forward(&win[..ctx - 1], 0, &mut cache).unwrap();
+        let (nll, top1) = nll_and_top1(logits, &win[1..]);
+        all_top1.extend(top1);
+        all_nll.extend(nll);
+    }
+    (all_top1, all_nll)
+}
+
+/// (top-1 agreement, our PPL, reference PPL)
+fn compare(top1: &[u32], nll: &[f32], reference: &serde_json::Value) -> (f64, f64, f64) {
+    let want = ids(&reference["top1"]);
+    assert_eq!(want.len(), top1.len());
+    let agree = top1.iter().zip(&want).filter(|(a, b)| a == b).count();
+    let ppl = (nll.iter().map(|&x| x as f64).sum::<f64>() / nll.len() as f64).exp();
+    (
+        agree as f64 / want.len() as f64,
+        ppl,
+        reference["ppl"].as_f64().unwrap(),
+    )
+}
+
+/// Against llama.cpp on the same weights computed in f32 (the fixture's `f32`
+/// engine): top-1 agreement >= 99% and PPL within 1%. Against llama.cpp on the
+/// Q4_1 file itself, whose matmuls quantize activations to 8 bits: PPL within
+/// 1%; top-1 agreement is lower because of that quantization (see
+/// docs/results.md) and is held to >= 95% so a regression still shows.
 #[test]
 fn parity_with_llama_cpp() {
     let fixture: serde_json::Value =
         serde_json::from_str(include_str!("fixtures/parity.json")).unwrap();
-    let r = common::real();
-    let ctx = fixture["ctx"].as_u64().unwrap() as usize;
-    let tokens: Vec<u32> = fixture["tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect();
-    let want_top1: Vec<u32> = fixture["top1"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect();
-    let want_ppl = fixture["ppl"].as_f64().unwrap();
-    let (mut nll_sum, mut n, mut agree) = (0f64, 0usize, 0usize);
-    for (w, win) in tokens.chunks_exact(ctx).enumerate() {
-        let mut cache = r.model.dense_cache().unwrap();
-        let logits = r.model.forward(&win[..ctx - 1], 0, &mut cache).unwrap();
-        let (nll, top1) = nll_and_top1(logits, &win[1..]);
-        for (i, &t) in top1.iter().enumerate() {
-            agree += usize::from(t == want_top1[w * (ctx - 1) + i]);
-        }
-        nll_sum += nll.iter().map(|&x| x as f64).sum::<f64>();
-        n += nll.len();
-    }
-    assert!(n >= 2000, "only {n} positions");
-    let ppl = (nll_sum / n as f64).exp();
-    let agreement = agree as f64 / n as f64;
-    eprintln!("parity: {n} positions, top-1 agreement {agreement:.4}, PPL ours {ppl:.4} vs llama.cpp {want_ppl:.4}");
-    assert!(agreement >= 0.99, "top-1 agreement {agreement}");
-    assert!((ppl / want_ppl - 1.0).abs() <= 0.01, "PPL {ppl} vs {want_ppl}");
+    let (top1, nll) = ours(&fixture);
+    assert!(nll.len() >= 2000, "only {} positions", nll.len());
+    let (agree_f32, ppl, ppl_f32) = compare(&top1, &nll, &fixture["f32"]);
+    let (agree_q4, _, ppl_q4) = compare(&top1, &nll, &fixture["q4_1"]);
+    eprintln!(
+        "parity: {} positions; ours PPL {ppl:.4}; llama.cpp f32 weights: PPL {ppl_f32:.4}, top-1 agreement {agree_f32:.4}; llama.cpp Q4_1 file: PPL {ppl_q4:.4}, top-1 agreement {agree_q4:.4}",
+        nll.len()
+    );
+    assert!(agree_f32 >= 0.99, "top-1 agreement with f32 llama.cpp {agree_f32}");
+    assert!((ppl / ppl_f32 - 1.0).abs() <= 0.01, "PPL {ppl} vs {ppl_f32}");
+    assert!((ppl / ppl_q4 - 1.0).abs() <= 0.01, "PPL {ppl} vs {ppl_q4}");
+    assert!(agree_q4 >= 0.95, "top-1 agreement with Q4_1 llama.cpp {agree_q4}");
 }
 
 #[test]
@@ -73,12 +95,7 @@ fn brown_eval_tokens_match_the_fixture() {
     let n_docs = fixture["docs"].as_u64().unwrap() as usize;
     let mut docs = dynakv_models::corpus::load_split(&dir, dynakv_models::corpus::Split::Eval).unwrap();
     docs.truncate(n_docs);
-    let ids = dynakv_models::corpus::document_tokens(&r.tokenizer, &docs).unwrap();
-    let want: Vec<u32> = fixture["tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect();
-    assert_eq!(&ids[..want.len()], &want[..]);
+    let tokens = dynakv_models::corpus::document_tokens(&r.tokenizer, &docs).unwrap();
+    let want = ids(&fixture["tokens"]);
+    assert_eq!(&tokens[..want.len()], &want[..]);
 }
