@@ -1,8 +1,10 @@
-//! Backend-agnostic KV-cache compression math (no burn): memory accounting
-//! today; calibration statistics, spectral bases, rank policies and the
-//! artifact format as the DynaKV issues land.
+//! Backend-agnostic KV-cache compression math (no burn): calibration
+//! statistics, spectral bases, rank levels and policies, accounting and the
+//! artifact format.
 
+pub mod basis;
 pub mod budget;
 mod error;
+pub mod stats;
 
 pub use error::CoreError;
