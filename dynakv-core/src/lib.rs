@@ -5,6 +5,9 @@
 pub mod basis;
 pub mod budget;
 mod error;
+pub mod artifact;
+pub mod levels;
+pub mod policy;
 pub mod stats;
 
 pub use error::CoreError;

@@ -1,0 +1,289 @@
+//! The calibration artifact: bases, means, rank levels, the calibration
+//! energy sample (from which thresholds and per-layer ranks are fitted for any
+//! budget) and the configuration, in one safetensors file whose metadata holds
+//! the JSON header (format version, source model identity, config).
+//!
+//! Written to a temporary file and renamed, so a failed write leaves nothing.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+use serde::{Deserialize, Serialize};
+
+use crate::basis::{Basis, BasisKind};
+use crate::error::CoreError;
+use crate::levels::RankLevels;
+use crate::policy::EnergySample;
+
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Where the key basis acts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RopePlacement {
+    /// Latents of pre-RoPE keys; RoPE applied after reconstruction (the paper).
+    Pre,
+    /// Latents of rotated keys; scores computed in latent space.
+    Post,
+}
+
+impl std::str::FromStr for RopePlacement {
+    type Err = CoreError;
+    fn from_str(s: &str) -> Result<Self, CoreError> {
+        match s {
+            "pre" | "pre-rope" => Ok(Self::Pre),
+            "post" | "post-rope" => Ok(Self::Post),
+            o => Err(CoreError::Invalid {
+                field: "rope",
+                message: format!("`{o}` (expected pre or post)"),
+            }),
+        }
+    }
+}
+
+/// What model an artifact was calibrated for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelIdentity {
+    pub architecture: String,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub file_sha256: String,
+}
+
+impl ModelIdentity {
+    /// An error naming the first field that differs.
+    pub fn check(&self, actual: &ModelIdentity) -> Result<(), CoreError> {
+        let fields: [(&'static str, String, String); 6] = [
+            ("architecture", self.architecture.clone(), actual.architecture.clone()),
+            ("n_layers", self.n_layers.to_string(), actual.n_layers.to_string()),
+            ("n_heads", self.n_heads.to_string(), actual.n_heads.to_string()),
+            ("n_kv_heads", self.n_kv_heads.to_string(), actual.n_kv_heads.to_string()),
+            ("head_dim", self.head_dim.to_string(), actual.head_dim.to_string()),
+            ("file_sha256", self.file_sha256.clone(), actual.file_sha256.clone()),
+        ];
+        for (name, a, b) in fields {
+            if a != b {
+                return Err(CoreError::Invalid {
+                    field: "artifact",
+                    message: format!("calibrated for a model with {name} = {a}, but this model has {b}"),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// JSON header of the artifact.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArtifactHeader {
+    pub format_version: u32,
+    pub model: ModelIdentity,
+    pub basis: BasisKind,
+    pub rope: RopePlacement,
+    pub levels: RankLevels,
+    pub calib_tokens: u64,
+    pub sample_positions: Vec<usize>,
+}
+
+/// Everything needed to build a DynaKV cache for one model.
+#[derive(Debug, Clone)]
+pub struct Artifact {
+    pub header: ArtifactHeader,
+    /// `[layer] -> [key basis, value basis]`
+    pub bases: Vec<[Basis; 2]>,
+    pub sample: EnergySample,
+}
+
+const KINDS: [&str; 2] = ["k", "v"];
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn bytes_f32(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn io_err(path: &Path, e: impl std::fmt::Display) -> CoreError {
+    CoreError::Invalid {
+        field: "artifact",
+        message: format!("{}: {e}", path.display()),
+    }
+}
+
+impl Artifact {
+    /// Atomically writes the artifact (temp file, then rename).
+    pub fn save(&self, path: &Path) -> Result<(), CoreError> {
+        let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (l, pair) in self.bases.iter().enumerate() {
+            for (k, b) in pair.iter().enumerate() {
+                let p = format!("layer.{l}.{}", KINDS[k]);
+                let ev: Vec<f32> = b.eigenvalues.iter().map(|&v| v as f32).collect();
+                owned.push((format!("{p}.enc"), vec![b.dim, b.dim], f32_bytes(&b.enc)));
+                owned.push((format!("{p}.dec"), vec![b.dim, b.dim], f32_bytes(&b.dec)));
+                owned.push((format!("{p}.mean"), vec![b.dim], f32_bytes(&b.mean)));
+                owned.push((format!("{p}.eigenvalues"), vec![b.dim], f32_bytes(&ev)));
+                let rel = &self.sample.rel[l][k];
+                owned.push((
+                    format!("{p}.sample"),
+                    vec![self.sample.n_tokens(), self.sample.n_levels],
+                    f32_bytes(rel),
+                ));
+            }
+        }
+        let views: Vec<(String, TensorView)> = owned
+            .iter()
+            .map(|(n, shape, data)| {
+                TensorView::new(Dtype::F32, shape.clone(), data)
+                    .map(|v| (n.clone(), v))
+                    .map_err(|e| io_err(path, e))
+            })
+            .collect::<Result<_, _>>()?;
+        let header = serde_json::to_string(&self.header).map_err(|e| io_err(path, e))?;
+        let meta: HashMap<String, String> = [("dynakv".to_string(), header)].into();
+        let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| io_err(path, e))?;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, bytes).map_err(|e| io_err(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            io_err(path, e)
+        })
+    }
+
+    pub fn load(path: &Path) -> Result<Self, CoreError> {
+        let bytes = std::fs::read(path).map_err(|e| io_err(path, e))?;
+        let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| io_err(path, e))?;
+        let header: ArtifactHeader = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("dynakv"))
+            .ok_or_else(|| io_err(path, "not a dynakv artifact (no `dynakv` metadata)"))
+            .and_then(|s| serde_json::from_str(s).map_err(|e| io_err(path, e)))?;
+        if header.format_version != FORMAT_VERSION {
+            return Err(io_err(
+                path,
+                format!("format version {} (this build reads {FORMAT_VERSION})", header.format_version),
+            ));
+        }
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| io_err(path, e))?;
+        let get = |name: &str, len: usize| -> Result<Vec<f32>, CoreError> {
+            let t = st.tensor(name).map_err(|e| io_err(path, format!("{name}: {e}")))?;
+            let v = bytes_f32(t.data());
+            if t.dtype() != Dtype::F32 || v.len() != len {
+                return Err(io_err(path, format!("{name}: expected {len} f32 values")));
+            }
+            Ok(v)
+        };
+        let m = &header.model;
+        let d = m.n_kv_heads * m.head_dim;
+        let n = header.sample_positions.len();
+        let nl = header.levels.as_slice().len();
+        let mut bases = Vec::with_capacity(m.n_layers);
+        let mut rel = Vec::with_capacity(m.n_layers);
+        for l in 0..m.n_layers {
+            let mut pair = Vec::new();
+            let mut rels = Vec::new();
+            for k in KINDS {
+                let p = format!("layer.{l}.{k}");
+                pair.push(Basis {
+                    dim: d,
+                    mean: get(&format!("{p}.mean"), d)?,
+                    enc: get(&format!("{p}.enc"), d * d)?,
+                    dec: get(&format!("{p}.dec"), d * d)?,
+                    eigenvalues: get(&format!("{p}.eigenvalues"), d)?
+                        .into_iter()
+                        .map(|v| v as f64)
+                        .collect(),
+                });
+                rels.push(get(&format!("{p}.sample"), n * nl)?);
+            }
+            let v = pair.pop().unwrap_or_else(|| unreachable!());
+            let k = pair.pop().unwrap_or_else(|| unreachable!());
+            bases.push([k, v]);
+            let rv = rels.pop().unwrap_or_default();
+            let rk = rels.pop().unwrap_or_default();
+            rel.push([rk, rv]);
+        }
+        let sample = EnergySample {
+            rel,
+            n_levels: nl,
+            positions: header.sample_positions.clone(),
+        };
+        Ok(Self {
+            header,
+            bases,
+            sample,
+        })
+    }
+
+    /// Mean of each basis in its latent coordinates, `[layer] -> [key, value]`.
+    pub fn mean_latents(&self) -> Vec<[Vec<f32>; 2]> {
+        self.bases
+            .iter()
+            .map(|[k, v]| [k.mean_latent(), v.mean_latent()])
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::MomentAccumulator;
+
+    #[test]
+    fn round_trip_and_identity_mismatch() {
+        let d = 4;
+        let mut acc = MomentAccumulator::new(d);
+        acc.add_rows(&[1.0, 2.0, 0.5, 3.0, 2.0, 1.0, 1.5, -1.0, 0.0, 0.5, 2.5, 1.0]).unwrap();
+        let b = Basis::pca(&acc).unwrap();
+        let levels = RankLevels::multiples(2, d).unwrap();
+        let model = ModelIdentity {
+            architecture: "llama".into(),
+            n_layers: 1,
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 4,
+            file_sha256: "ab".into(),
+        };
+        let a = Artifact {
+            header: ArtifactHeader {
+                format_version: FORMAT_VERSION,
+                model: model.clone(),
+                basis: BasisKind::Pca,
+                rope: RopePlacement::Pre,
+                levels: levels.clone(),
+                calib_tokens: 3,
+                sample_positions: vec![0, 1],
+            },
+            bases: vec![[b.clone(), b.clone()]],
+            sample: EnergySample {
+                rel: vec![[vec![1.0, 0.5, 0.0, 1.0, 0.2, 0.0], vec![0.9, 0.1, 0.0, 1.0, 0.3, 0.0]]],
+                n_levels: 3,
+                positions: vec![0, 1],
+            },
+        };
+        let dir = std::env::temp_dir().join(format!("dynakv-art-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a.safetensors");
+        a.save(&path).unwrap();
+        let back = Artifact::load(&path).unwrap();
+        assert_eq!(back.header, a.header);
+        assert_eq!(back.bases[0][1].dec, b.dec);
+        assert_eq!(back.sample.rel, a.sample.rel);
+        let other = ModelIdentity {
+            n_kv_heads: 3,
+            ..model.clone()
+        };
+        let err = model.check(&other).unwrap_err().to_string();
+        assert!(err.contains("n_kv_heads"), "{err}");
+        std::fs::write(&path, b"garbage").unwrap();
+        assert!(Artifact::load(&path).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,80 @@
+//! Rank policies: how many latent coordinates each token keeps, per layer and
+//! for keys and values separately. All policies take a target retained
+//! fraction (the budget) when they are built; the learned router plugs in
+//! behind the same trait.
+
+mod energy;
+mod per_layer;
+mod profile;
+mod uniform;
+
+pub use energy::EnergyPolicy;
+pub use per_layer::PerLayerPolicy;
+pub use profile::{EnergySample, TailProfile};
+pub use uniform::UniformPolicy;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::CoreError;
+
+/// Keys or values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvKind {
+    Key,
+    Value,
+}
+
+impl KvKind {
+    pub fn index(self) -> usize {
+        match self {
+            KvKind::Key => 0,
+            KvKind::Value => 1,
+        }
+    }
+}
+
+/// Chooses ranks for new tokens of one layer, online (one call per append).
+pub trait RankPolicy: Send + Sync + std::fmt::Debug {
+    fn name(&self) -> &'static str;
+
+    /// One rank (a level) per token.
+    ///
+    /// `latents` is row-major `[n, dim]` in basis order; `positions` has `n` entries.
+    fn ranks(&self, layer: usize, kind: KvKind, latents: &[f32], positions: &[usize]) -> Vec<usize>;
+}
+
+/// Checks a budget (retained fraction) is in (0, 1].
+pub fn check_budget(budget: f64) -> Result<(), CoreError> {
+    if !(budget > 0.0 && budget <= 1.0) {
+        return Err(CoreError::Invalid {
+            field: "budget",
+            message: format!("must be in (0, 1], got {budget}"),
+        });
+    }
+    Ok(())
+}
+
+/// Which policy, as named on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PolicyKind {
+    Uniform,
+    PerLayer,
+    Energy,
+}
+
+impl std::str::FromStr for PolicyKind {
+    type Err = CoreError;
+    fn from_str(s: &str) -> Result<Self, CoreError> {
+        match s {
+            "uniform" => Ok(Self::Uniform),
+            "per-layer" => Ok(Self::PerLayer),
+            "energy" => Ok(Self::Energy),
+            o => Err(CoreError::Invalid {
+                field: "policy",
+                message: format!("`{o}` (expected uniform, per-layer or energy)"),
+            }),
+        }
+    }
+}
