@@ -16,6 +16,8 @@ struct Cli {
 enum Command {
     /// Download the default model and corpus into $DYNAKV_HOME (~/.cache/dynakv).
     Fetch,
+    /// Calibrate DynaKV bases on Brown `calib` text and write an artifact.
+    Calibrate(cmd::calibrate::CalibrateArgs),
     /// Generate text from a prompt.
     Generate(cmd::generate::GenerateArgs),
     /// Evaluate a cache configuration.
@@ -38,6 +40,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Fetch => cmd::fetch::run(),
+        Command::Calibrate(a) => cmd::calibrate::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Eval { what } => cmd::eval::run(what),
         Command::Bench(a) => cmd::bench::run(a),

@@ -11,6 +11,8 @@ pub mod device;
 mod error;
 pub mod rope;
 
-pub use cache::{AttentionCache, CacheGeometry, DenseCache};
+pub use cache::{
+    AttentionCache, CacheGeometry, DenseCache, DynaKvBases, DynaKvCache, Recorded, RecordingCache,
+};
 pub use error::CacheError;
 pub use rope::Rope;

@@ -22,6 +22,8 @@ pub struct Loaded {
     pub tokenizer: TextTokenizer,
     /// The chat template's default system message, if it has one.
     pub default_system: Option<String>,
+    /// SHA-256 of the GGUF file (artifacts record and check it).
+    pub sha256: String,
 }
 
 impl ModelArgs {
@@ -41,10 +43,12 @@ impl ModelArgs {
             .meta("tokenizer.chat_template")
             .and_then(|v| v.as_str())
             .and_then(default_system_message);
+        let sha256 = dynakv_models::assets::sha256_file(&path)?;
         Ok(Loaded {
             model,
             tokenizer,
             default_system,
+            sha256,
         })
     }
 }

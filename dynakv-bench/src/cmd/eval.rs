@@ -6,10 +6,10 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use dynakv_bench::eval::ppl::perplexity;
 use dynakv_bench::text::{brown_docs, document_tokens};
-use dynakv_burn::AttentionCache;
 use dynakv_models::corpus::{Document, Split};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use super::cache_args::CacheArgs;
 use super::common::ModelArgs;
 
 #[derive(Subcommand, Debug)]
@@ -27,6 +27,8 @@ pub enum Corpus {
 pub struct PplArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub cache: CacheArgs,
     #[arg(long, value_enum, default_value_t = Corpus::Brown)]
     pub corpus: Corpus,
     /// calib (odd-numbered documents) or eval (even-numbered).
@@ -77,26 +79,30 @@ fn ppl(a: PplArgs) -> Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_message("ppl");
-    let model = &loaded.model;
+    let maker = a.cache.maker(&loaded)?;
     let detail = perplexity(
-        model,
+        &loaded.model,
         &ids,
         a.ctx,
         a.max_windows,
-        || Ok(Box::new(model.dense_cache()?) as Box<dyn AttentionCache>),
+        || maker.make(&loaded),
         |done, _| bar.set_position(done as u64),
     )?;
     bar.finish_and_clear();
     let r = &detail.report;
     if a.json {
         let mut v = serde_json::to_value(r)?;
-        v["cache"] = "full".into();
+        v["cache"] = a.cache.label().into();
         v["docs"] = docs.len().into();
         println!("{}", serde_json::to_string(&v)?);
     } else {
         println!(
-            "PPL {:.4}  ({} predicted tokens, {} windows of {}, {} docs)",
+            "{}: PPL {:.4}, retained {:.4}, {:.1} MB of {:.1} MB dense  ({} predicted tokens, {} windows of {}, {} docs)",
+            a.cache.label(),
             r.ppl,
+            r.retained,
+            r.bytes / 1e6,
+            r.bytes_full / 1e6,
             r.tokens,
             r.windows,
             r.ctx,

@@ -1,6 +1,8 @@
 //! One module per CLI command.
 
 pub mod bench;
+pub mod cache_args;
+pub mod calibrate;
 pub mod common;
 pub mod eval;
 pub mod fetch;

@@ -17,10 +17,12 @@ pub struct PplReport {
     pub ctx: usize,
     /// Tokens in the stream before windowing.
     pub input_tokens: usize,
-    /// Mean bytes of the cache at the end of a window.
+    /// Mean true bytes of the cache at the end of a window (values, metadata, fixed).
     pub bytes: f64,
     /// Bytes of the dense cache on the same tokens.
     pub bytes_full: f64,
+    /// Paper-comparable retained fraction (stored numbers over dense numbers).
+    pub retained: f64,
 }
 
 /// Non-overlapping full windows of `ctx` tokens.
@@ -68,10 +70,8 @@ pub fn perplexity(
             ids.len()
         )));
     }
-    let geo = model.config.geometry();
-    let dense_bytes = (2 * ctx * geo.n_layers * geo.d_kv() * 4) as f64;
     let (mut sum, mut n) = (0f64, 0usize);
-    let mut bytes = 0f64;
+    let (mut bytes, mut bytes_full, mut retained) = (0f64, 0f64, 0f64);
     let mut all_nll = Vec::new();
     let mut all_top1 = Vec::new();
     for (i, w) in wins.iter().enumerate() {
@@ -82,7 +82,10 @@ pub fn perplexity(
         let t = w.len();
         let logits = logits.slice([0..t - 1]);
         let (nll, top1) = dynakv_models::llama::nll_and_top1(logits, &w[1..]);
-        bytes += cache.bytes() as f64;
+        let f = cache.footprint();
+        bytes += f.bytes() as f64;
+        bytes_full += f.bytes_full() as f64;
+        retained += f.retained();
         sum += nll.iter().map(|&x| x as f64).sum::<f64>();
         n += nll.len();
         all_nll.push(nll);
@@ -100,7 +103,8 @@ pub fn perplexity(
             ctx,
             input_tokens: ids.len(),
             bytes: bytes / k,
-            bytes_full: dense_bytes,
+            bytes_full: bytes_full / k,
+            retained: retained / k,
         },
         nll: all_nll,
         top1: all_top1,

@@ -1,6 +1,7 @@
 //! The uncompressed cache: what every compressed cache is measured against.
 
 use burn::tensor::Tensor;
+use dynakv_core::budget::CacheFootprint;
 
 use super::{AttentionCache, CacheGeometry};
 use crate::attention::{causal_mask, gqa_attention};
@@ -105,13 +106,20 @@ impl AttentionCache for DenseCache {
         self.layers = vec![LayerStore::default(); self.geometry.n_layers];
     }
 
-    fn bytes(&self) -> usize {
-        self.layers
+    fn footprint(&self) -> CacheFootprint {
+        let values: usize = self
+            .layers
             .iter()
             .map(|l| {
                 let elems = |t: &Option<Tensor<4>>| t.as_ref().map_or(0, |t| t.shape().num_elements());
-                4 * (elems(&l.k) + elems(&l.v))
+                elems(&l.k) + elems(&l.v)
             })
-            .sum()
+            .sum();
+        CacheFootprint {
+            values: values as u64,
+            values_full: values as u64,
+            metadata_bytes: 0,
+            fixed_bytes: 0,
+        }
     }
 }

@@ -1,10 +1,15 @@
 //! The attention-cache trait: the single seam between a model and KV storage.
 
 mod dense;
+mod dynakv;
+mod recording;
 
 pub use dense::DenseCache;
+pub use dynakv::{DynaKvBases, DynaKvCache};
+pub use recording::{Recorded, RecordingCache};
 
 use burn::tensor::Tensor;
+use dynakv_core::budget::CacheFootprint;
 
 use crate::error::CacheError;
 
@@ -157,6 +162,11 @@ pub trait AttentionCache {
     /// Forgets everything (a new sequence).
     fn reset(&mut self);
 
-    /// Bytes held by the stored keys, values and per-token metadata.
-    fn bytes(&self) -> usize;
+    /// Numbers stored against the dense cache's, metadata and fixed bytes.
+    fn footprint(&self) -> CacheFootprint;
+
+    /// True bytes: stored numbers, per-token metadata and fixed overheads.
+    fn bytes(&self) -> usize {
+        self.footprint().bytes() as usize
+    }
 }

@@ -42,6 +42,12 @@ pub trait RankPolicy: Send + Sync + std::fmt::Debug {
     ///
     /// `latents` is row-major `[n, dim]` in basis order; `positions` has `n` entries.
     fn ranks(&self, layer: usize, kind: KvKind, latents: &[f32], positions: &[usize]) -> Vec<usize>;
+
+    /// Whether [`RankPolicy::ranks`] reads the latents (if not, a cache need
+    /// not copy them off the device).
+    fn needs_latents(&self) -> bool {
+        true
+    }
 }
 
 /// Checks a budget (retained fraction) is in (0, 1].

@@ -81,6 +81,10 @@ impl RankPolicy for PerLayerPolicy {
         "per-layer"
     }
 
+    fn needs_latents(&self) -> bool {
+        false
+    }
+
     fn ranks(&self, layer: usize, kind: KvKind, _latents: &[f32], positions: &[usize]) -> Vec<usize> {
         let r = self.ranks.get(layer).map_or(self.full, |p| p[kind.index()]);
         positions

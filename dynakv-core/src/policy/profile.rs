@@ -38,10 +38,11 @@ impl TailProfile {
         Self { rel }
     }
 
-    /// The smallest level whose relative error is at most `tau`.
+    /// The smallest non-zero level whose relative error is at most `tau`.
+    /// (Rank 0 would evict the token; dropping tokens is SnapKV's decision.)
     pub fn rank_for(&self, tau: f32, levels: &RankLevels) -> usize {
         let lv = levels.as_slice();
-        for (i, &e) in self.rel.iter().enumerate() {
+        for (i, &e) in self.rel.iter().enumerate().skip(1) {
             if e <= tau {
                 return lv[i];
             }

@@ -31,6 +31,10 @@ impl RankPolicy for UniformPolicy {
         "uniform"
     }
 
+    fn needs_latents(&self) -> bool {
+        false
+    }
+
     fn ranks(&self, _layer: usize, _kind: KvKind, latents: &[f32], positions: &[usize]) -> Vec<usize> {
         let _ = latents;
         positions

@@ -1,0 +1,79 @@
+//! Building the cache a command asks for: full, or DynaKV with a policy at a budget.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use dynakv_burn::{AttentionCache, DynaKvBases, DynaKvCache};
+use dynakv_core::artifact::Artifact;
+use dynakv_core::policy::{EnergyPolicy, PerLayerPolicy, PolicyKind, RankPolicy, UniformPolicy};
+use dynakv_models::{LlamaModel, ModelError};
+
+use crate::calibrate::model_identity;
+
+/// Options of a DynaKV cache.
+#[derive(Debug, Clone)]
+pub struct DynaKvSpec {
+    pub policy: PolicyKind,
+    pub budget: f64,
+    /// Tokens at the start kept at full rank by `uniform` and `per-layer`.
+    pub sink_tokens: usize,
+    /// Energy policy: key threshold as a multiple of the value threshold.
+    pub key_factor: f32,
+}
+
+fn core_err(e: dynakv_core::CoreError) -> ModelError {
+    ModelError::InvalidInput(e.to_string())
+}
+
+/// Builds the policy for a budget from an artifact's calibration sample.
+pub fn build_policy(artifact: &Artifact, spec: &DynaKvSpec) -> Result<Arc<dyn RankPolicy>, ModelError> {
+    let levels = &artifact.header.levels;
+    Ok(match spec.policy {
+        PolicyKind::Uniform => Arc::new(UniformPolicy::for_budget(spec.budget, levels, spec.sink_tokens).map_err(core_err)?),
+        PolicyKind::PerLayer => Arc::new(
+            PerLayerPolicy::fit(&artifact.sample, levels, spec.budget, spec.sink_tokens).map_err(core_err)?,
+        ),
+        PolicyKind::Energy => Arc::new(
+            EnergyPolicy::fit(&artifact.sample, artifact.mean_latents(), levels, spec.budget, spec.key_factor)
+                .map_err(core_err)?,
+        ),
+    })
+}
+
+/// A factory of fresh DynaKV caches sharing uploaded bases and a policy.
+pub struct DynaKvFactory {
+    bases: Arc<DynaKvBases>,
+    policy: Arc<dyn RankPolicy>,
+}
+
+impl DynaKvFactory {
+    /// Loads an artifact, checks it was calibrated for this model, fits the policy.
+    pub fn new(model: &LlamaModel, model_sha256: &str, artifact_path: &Path, spec: &DynaKvSpec) -> Result<Self, ModelError> {
+        let artifact = Artifact::load(artifact_path).map_err(core_err)?;
+        Self::from_artifact(model, model_sha256, &artifact, spec)
+    }
+
+    pub fn from_artifact(model: &LlamaModel, model_sha256: &str, artifact: &Artifact, spec: &DynaKvSpec) -> Result<Self, ModelError> {
+        artifact
+            .header
+            .model
+            .check(&model_identity(model, model_sha256.to_string()))
+            .map_err(core_err)?;
+        let bases = Arc::new(DynaKvBases::new(artifact, model.config.geometry(), model.device())?);
+        let policy = build_policy(artifact, spec)?;
+        Ok(Self { bases, policy })
+    }
+
+    pub fn make(&self, model: &LlamaModel) -> Result<DynaKvCache, ModelError> {
+        Ok(DynaKvCache::new(
+            model.config.geometry(),
+            model.rope().clone(),
+            self.bases.clone(),
+            self.policy.clone(),
+        )?)
+    }
+
+    pub fn make_boxed(&self, model: &LlamaModel) -> Result<Box<dyn AttentionCache>, ModelError> {
+        Ok(Box::new(self.make(model)?))
+    }
+}
