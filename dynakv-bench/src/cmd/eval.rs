@@ -45,6 +45,9 @@ pub struct PplArgs {
     /// Score at most N windows.
     #[arg(long)]
     pub max_windows: Option<usize>,
+    /// Skip the first N windows (e.g. the calib windows calibration used).
+    #[arg(long, default_value_t = 0)]
+    pub skip_windows: usize,
     /// Print one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
@@ -70,6 +73,7 @@ fn ppl(a: PplArgs) -> Result<()> {
         }
     };
     let ids = document_tokens(&loaded.tokenizer, &docs)?;
+    let ids = ids.get(a.skip_windows * a.ctx..).unwrap_or(&[]).to_vec();
     if ids.len() < a.ctx {
         bail!("the text has {} tokens, fewer than one window of --ctx {}", ids.len(), a.ctx);
     }

@@ -358,3 +358,171 @@ impl AttentionCache for DynaKvCache {
         self.footprint_now()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::DenseCache;
+    use crate::device::default_device;
+    use burn::tensor::Distribution;
+    use dynakv_core::artifact::{ArtifactHeader, ModelIdentity, FORMAT_VERSION};
+    use dynakv_core::basis::{Basis, BasisKind};
+    use dynakv_core::policy::EnergySample;
+    use dynakv_core::stats::MomentAccumulator;
+
+    const G: CacheGeometry = CacheGeometry {
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 4,
+    };
+
+    fn artifact(placement: RopePlacement) -> Artifact {
+        let d = G.d_kv();
+        let mut acc = MomentAccumulator::new(d);
+        let mut s = 7u64;
+        let rows: Vec<f32> = (0..64 * d)
+            .map(|i| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * (1 + i % d) as f32 + 0.3
+            })
+            .collect();
+        acc.add_rows(&rows).unwrap();
+        let b = Basis::pca(&acc).unwrap();
+        Artifact {
+            header: ArtifactHeader {
+                format_version: FORMAT_VERSION,
+                model: ModelIdentity {
+                    architecture: "test".into(),
+                    n_layers: 2,
+                    n_heads: 4,
+                    n_kv_heads: 2,
+                    head_dim: 4,
+                    file_sha256: String::new(),
+                },
+                basis: BasisKind::Pca,
+                rope: placement,
+                levels: RankLevels::multiples(2, d).unwrap(),
+                calib_tokens: 64,
+                sample_positions: vec![],
+            },
+            bases: vec![[b.clone(), b.clone()], [b.clone(), b]],
+            sample: EnergySample::default(),
+        }
+    }
+
+    /// Cycles through every level, one token after another.
+    #[derive(Debug, Default)]
+    struct Cycle;
+    impl RankPolicy for Cycle {
+        fn name(&self) -> &'static str {
+            "cycle"
+        }
+        fn needs_latents(&self) -> bool {
+            false
+        }
+        fn ranks(&self, _l: usize, kind: KvKind, _lat: &[f32], positions: &[usize]) -> Vec<usize> {
+            positions
+                .iter()
+                .map(|&p| {
+                    let shift = if kind == KvKind::Key { 0 } else { 3 };
+                    2 * (1 + (p + shift) % 4)
+                })
+                .collect()
+        }
+    }
+
+    #[derive(Debug)]
+    struct Fixed(usize);
+    impl RankPolicy for Fixed {
+        fn name(&self) -> &'static str {
+            "fixed"
+        }
+        fn needs_latents(&self) -> bool {
+            false
+        }
+        fn ranks(&self, _l: usize, _k: KvKind, _lat: &[f32], positions: &[usize]) -> Vec<usize> {
+            vec![self.0; positions.len()]
+        }
+    }
+
+    fn rand4(shape: [usize; 4]) -> Tensor<4> {
+        Tensor::random(shape, Distribution::Normal(0.0, 1.0), &default_device())
+    }
+
+    fn run(cache: &mut dyn AttentionCache, q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, chunks: &[usize]) -> Tensor<4> {
+        let mut outs = Vec::new();
+        let mut start = 0;
+        for &c in chunks {
+            let pos: Vec<usize> = (start..start + c).collect();
+            let o = cache
+                .forward(
+                    0,
+                    q.clone().narrow(2, start, c),
+                    k.clone().narrow(2, start, c),
+                    v.clone().narrow(2, start, c),
+                    &pos,
+                )
+                .unwrap();
+            outs.push(o);
+            start += c;
+        }
+        Tensor::cat(outs, 2)
+    }
+
+    #[test]
+    fn full_rank_equals_dense_for_both_placements_and_any_chunking() {
+        let device = default_device();
+        let rope = Rope::new(4, 4, 10_000.0, 64, &device).unwrap();
+        let (q, k, v) = (rand4([1, 4, 10, 4]), rand4([1, 2, 10, 4]), rand4([1, 2, 10, 4]));
+        let mut dense = DenseCache::new(G, rope.clone()).unwrap();
+        let want = run(&mut dense, &q, &k, &v, &[10]);
+        for placement in [RopePlacement::Pre, RopePlacement::Post] {
+            let bases = Arc::new(DynaKvBases::new(&artifact(placement), G, &device).unwrap());
+            for chunks in [vec![10], vec![1; 10], vec![3, 1, 6]] {
+                let mut c = DynaKvCache::new(G, rope.clone(), bases.clone(), Arc::new(Fixed(8))).unwrap();
+                let got = run(&mut c, &q, &k, &v, &chunks);
+                let diff: f32 = (got - want.clone()).abs().max().into_scalar();
+                assert!(diff < 1e-4, "{placement:?} {chunks:?}: {diff}");
+            }
+        }
+    }
+
+    #[test]
+    fn buckets_track_every_level_across_appends() {
+        let device = default_device();
+        let rope = Rope::new(4, 4, 10_000.0, 64, &device).unwrap();
+        let bases = Arc::new(DynaKvBases::new(&artifact(RopePlacement::Pre), G, &device).unwrap());
+        let mut c = DynaKvCache::new(G, rope, bases, Arc::new(Cycle)).unwrap();
+        let (q, k, v) = (rand4([1, 4, 13, 4]), rand4([1, 2, 13, 4]), rand4([1, 2, 13, 4]));
+        let out = run(&mut c, &q, &k, &v, &[5, 1, 1, 6]);
+        let vals: Vec<f32> = out.into_data().try_into_vec_as::<f32>().unwrap();
+        assert!(vals.iter().all(|x| x.is_finite()));
+        let kr = c.ranks(0, KvKind::Key);
+        let vr = c.ranks(0, KvKind::Value);
+        assert_eq!(kr.len(), 13);
+        for (i, &(id, r)) in kr.iter().enumerate() {
+            assert_eq!((id, r), (i, 2 * (1 + i % 4)));
+            assert_eq!(vr[i], (i, 2 * (1 + (i + 3) % 4)));
+        }
+        assert_eq!(c.layers[0].buckets[0].len(), 4, "one bucket per level");
+        let f = c.footprint();
+        let dims: usize = kr.iter().chain(&vr).map(|x| x.1).sum();
+        assert_eq!(f.values as usize, dims);
+        assert_eq!(f.values_full as usize, 2 * 13 * 8);
+        c.reset();
+        assert_eq!(c.len(0), 0);
+    }
+
+    #[test]
+    fn a_rank_that_is_not_a_level_is_an_error() {
+        let device = default_device();
+        let rope = Rope::new(4, 4, 10_000.0, 64, &device).unwrap();
+        let bases = Arc::new(DynaKvBases::new(&artifact(RopePlacement::Pre), G, &device).unwrap());
+        let mut c = DynaKvCache::new(G, rope, bases, Arc::new(Fixed(3))).unwrap();
+        let err = c.append(0, rand4([1, 2, 2, 4]), rand4([1, 2, 2, 4]), &[0, 1]).unwrap_err();
+        assert!(err.to_string().contains("not a level"), "{err}");
+        let other = CacheGeometry { n_kv_heads: 1, n_heads: 2, ..G };
+        assert!(DynaKvBases::new(&artifact(RopePlacement::Pre), other, &device).is_err());
+    }
+}
