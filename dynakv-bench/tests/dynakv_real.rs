@@ -1,0 +1,142 @@
+//! DynaKV on the real SmolLM2 model: full rank reproduces the dense cache,
+//! error shrinks as the budget grows, decoding equals prefill, and bad
+//! configurations are clear errors. Calibrates a small artifact in-process.
+
+use std::sync::OnceLock;
+
+use burn::tensor::Tensor;
+use dynakv_bench::caches::{DynaKvFactory, DynaKvSpec};
+use dynakv_bench::calibrate::{calibrate, model_identity, CalibrateConfig};
+use dynakv_bench::text::{brown_docs, document_tokens};
+use dynakv_burn::device::default_device;
+use dynakv_burn::AttentionCache;
+use dynakv_core::artifact::{Artifact, RopePlacement};
+use dynakv_core::basis::BasisKind;
+use dynakv_core::policy::PolicyKind;
+use dynakv_models::corpus::Split;
+use dynakv_models::gguf::GgufFile;
+use dynakv_models::{LlamaModel, TextTokenizer};
+
+struct Setup {
+    model: LlamaModel,
+    sha: String,
+    eval_ids: Vec<u32>,
+    pre: Artifact,
+    post: Artifact,
+}
+
+fn setup() -> &'static Setup {
+    static S: OnceLock<Setup> = OnceLock::new();
+    S.get_or_init(|| {
+        let path = dynakv_models::assets::default_model().unwrap();
+        let gguf = GgufFile::open(&path).unwrap();
+        let tok = TextTokenizer::from_gguf(&gguf).unwrap();
+        let model = LlamaModel::from_gguf(&gguf, &default_device()).unwrap();
+        let sha = dynakv_models::assets::sha256_file(&path).unwrap();
+        let calib = document_tokens(&tok, &brown_docs(Split::Calib, Some(2)).unwrap()).unwrap();
+        let eval_ids = document_tokens(&tok, &brown_docs(Split::Eval, Some(1)).unwrap()).unwrap();
+        let art = |rope| {
+            let cfg = CalibrateConfig {
+                tokens: 768,
+                sample_tokens: 256,
+                ctx: 128,
+                basis: BasisKind::Pca,
+                rope,
+                level_step: 8,
+            };
+            calibrate(&model, &calib, model_identity(&model, sha.clone()), &cfg, |_, _| {}).unwrap()
+        };
+        Setup {
+            pre: art(RopePlacement::Pre),
+            post: art(RopePlacement::Post),
+            model,
+            sha,
+            eval_ids,
+        }
+    })
+}
+
+fn spec(policy: PolicyKind, budget: f64) -> DynaKvSpec {
+    DynaKvSpec {
+        policy,
+        budget,
+        sink_tokens: 1,
+        key_factor: 1.0,
+    }
+}
+
+fn logits(s: &Setup, cache: &mut dyn AttentionCache, ids: &[u32]) -> Tensor<2> {
+    s.model.forward(ids, 0, cache).unwrap()
+}
+
+fn max_rel(a: Tensor<2>, b: Tensor<2>) -> f32 {
+    let scale: f32 = b.clone().abs().max().into_scalar();
+    let d: f32 = (a - b).abs().max().into_scalar();
+    d / scale
+}
+
+#[test]
+fn full_rank_matches_the_dense_cache_for_both_placements() {
+    let s = setup();
+    let ids = &s.eval_ids[..96];
+    let want = logits(s, &mut s.model.dense_cache().unwrap(), ids);
+    for art in [&s.pre, &s.post] {
+        let f = DynaKvFactory::from_artifact(&s.model, &s.sha, art, &spec(PolicyKind::Uniform, 1.0)).unwrap();
+        let got = logits(s, &mut f.make(&s.model).unwrap(), ids);
+        let e = max_rel(got, want.clone());
+        assert!(e <= 1e-4, "{:?}: max relative error {e}", art.header.rope);
+    }
+}
+
+#[test]
+fn error_does_not_grow_with_the_budget() {
+    let s = setup();
+    let ids = &s.eval_ids[..128];
+    let want = logits(s, &mut s.model.dense_cache().unwrap(), ids);
+    for policy in [PolicyKind::Uniform, PolicyKind::Energy, PolicyKind::PerLayer] {
+        let mut last = f32::INFINITY;
+        for budget in [0.15, 0.3, 0.6, 1.0] {
+            let f = DynaKvFactory::from_artifact(&s.model, &s.sha, &s.pre, &spec(policy, budget)).unwrap();
+            let got = logits(s, &mut f.make(&s.model).unwrap(), ids);
+            let err: f32 = (got - want.clone()).abs().mean().into_scalar();
+            assert!(err <= last * 1.02 + 1e-6, "{policy:?} at {budget}: {err} > {last}");
+            last = err;
+        }
+    }
+}
+
+#[test]
+fn step_by_step_decode_equals_prefill() {
+    let s = setup();
+    let ids = &s.eval_ids[..24];
+    for art in [&s.pre, &s.post] {
+        let f = DynaKvFactory::from_artifact(&s.model, &s.sha, art, &spec(PolicyKind::Uniform, 0.3)).unwrap();
+        let prefill = logits(s, &mut f.make(&s.model).unwrap(), ids);
+        let mut cache = f.make(&s.model).unwrap();
+        let steps: Vec<Tensor<2>> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| s.model.forward(&[t], i, &mut cache).unwrap())
+            .collect();
+        let e = max_rel(Tensor::cat(steps, 0), prefill);
+        assert!(e <= 1e-4, "{:?}: {e}", art.header.rope);
+    }
+}
+
+#[test]
+fn bad_configurations_are_clear_errors() {
+    let s = setup();
+    for budget in [0.0, -0.1, 1.5, f64::NAN] {
+        let err = DynaKvFactory::from_artifact(&s.model, &s.sha, &s.pre, &spec(PolicyKind::Energy, budget))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("budget"), "{err}");
+    }
+    let err = DynaKvFactory::from_artifact(&s.model, "0000", &s.pre, &spec(PolicyKind::Uniform, 0.5))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("file_sha256"), "{err}");
+    assert!("median".parse::<PolicyKind>().is_err());
+}
