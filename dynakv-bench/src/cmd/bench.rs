@@ -4,15 +4,17 @@ use anyhow::Result;
 use clap::Args;
 use dynakv_bench::eval::speed::{decode, prefill, SpeedReport};
 use dynakv_bench::text::{brown_docs, document_tokens};
-use dynakv_burn::AttentionCache;
 use dynakv_models::corpus::Split;
 
+use super::cache_args::CacheArgs;
 use super::common::ModelArgs;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub cache: CacheArgs,
     /// Prefill lengths.
     #[arg(long, value_delimiter = ',', default_values_t = [512usize, 2048])]
     pub prefill: Vec<usize>,
@@ -30,6 +32,7 @@ pub struct BenchArgs {
 pub fn run(a: BenchArgs) -> Result<()> {
     let loaded = a.model.load()?;
     let model = &loaded.model;
+    eprintln!("cache: {}", a.cache.label());
     let need = a.prefill.iter().copied().max().unwrap_or(0).max(a.decode_ctx + a.decode_steps);
     let mut docs = brown_docs(Split::Eval, Some(8))?;
     let mut ids = document_tokens(&loaded.tokenizer, &docs)?;
@@ -37,7 +40,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         docs = brown_docs(Split::Eval, None)?;
         ids = document_tokens(&loaded.tokenizer, &docs)?;
     }
-    let mut make = || Ok(Box::new(model.dense_cache()?) as Box<dyn AttentionCache>);
+    let maker = a.cache.maker(&loaded)?;
+    let mut make = || maker.make(&loaded);
     let mut reports: Vec<SpeedReport> = Vec::new();
     for &n in &a.prefill {
         reports.push(prefill(model, &ids, n, a.reps, &mut make)?);

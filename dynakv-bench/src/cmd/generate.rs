@@ -7,12 +7,15 @@ use clap::Args;
 use dynakv_models::generate::{generate, SamplingConfig};
 use dynakv_models::tokenizer::chat_prompt;
 
+use super::cache_args::CacheArgs;
 use super::common::ModelArgs;
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub cache: CacheArgs,
     /// The prompt text.
     #[arg(long)]
     pub prompt: String,
@@ -53,20 +56,24 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         seed: a.seed,
         max_tokens: a.max_tokens,
     };
-    let mut cache = loaded.model.dense_cache()?;
+    let mut cache = a.cache.maker(&loaded)?.make(&loaded)?;
     let t0 = std::time::Instant::now();
     let mut stdout = std::io::stdout();
-    let g = generate(&loaded.model, &loaded.tokenizer, &mut cache, &prompt, &config, |s| {
+    let g = generate(&loaded.model, &loaded.tokenizer, cache.as_mut(), &prompt, &config, |s| {
         let _ = stdout.write_all(s.as_bytes());
         let _ = stdout.flush();
     })?;
     println!();
+    let f = cache.footprint();
     eprintln!(
-        "[{} prompt tokens, {} generated in {:.2}s{}]",
+        "[{}: {} prompt tokens, {} generated in {:.2}s{}; cache retained {:.3}, {:.2} MB]",
+        a.cache.label(),
         g.prompt_tokens,
         g.tokens.len(),
         t0.elapsed().as_secs_f64(),
-        if g.stopped_by_stop_token { ", stop token" } else { "" }
+        if g.stopped_by_stop_token { ", stop token" } else { "" },
+        f.retained(),
+        f.bytes() as f64 / 1e6
     );
     Ok(())
 }
