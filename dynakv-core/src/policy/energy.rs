@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::profile::rank_for;
 use super::{check_budget, EnergySample, KvKind, RankPolicy, TailProfile};
 use crate::error::CoreError;
 use crate::levels::RankLevels;
@@ -50,10 +51,7 @@ impl EnergyPolicy {
             for l in 0..layers {
                 for (k, &tk) in t.iter().enumerate() {
                     for i in 0..sample.n_tokens() {
-                        let p = TailProfile {
-                            rel: sample.row(l, k, i).to_vec(),
-                        };
-                        dims += p.rank_for(tk, levels);
+                        dims += rank_for(sample.row(l, k, i), tk, levels);
                     }
                 }
             }

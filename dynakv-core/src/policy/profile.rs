@@ -41,14 +41,19 @@ impl TailProfile {
     /// The smallest non-zero level whose relative error is at most `tau`.
     /// (Rank 0 would evict the token; dropping tokens is SnapKV's decision.)
     pub fn rank_for(&self, tau: f32, levels: &RankLevels) -> usize {
-        let lv = levels.as_slice();
-        for (i, &e) in self.rel.iter().enumerate().skip(1) {
-            if e <= tau {
-                return lv[i];
-            }
-        }
-        levels.full()
+        rank_for(&self.rel, tau, levels)
     }
+}
+
+/// [`TailProfile::rank_for`] on a borrowed profile row.
+pub fn rank_for(rel: &[f32], tau: f32, levels: &RankLevels) -> usize {
+    let lv = levels.as_slice();
+    for (i, &e) in rel.iter().enumerate().skip(1) {
+        if e <= tau {
+            return lv[i];
+        }
+    }
+    levels.full()
 }
 
 /// Tail profiles of calibration tokens, per layer and per K/V, used to fit
