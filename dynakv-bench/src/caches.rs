@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use dynakv_burn::{AttentionCache, DynaKvBases, DynaKvCache};
 use dynakv_core::artifact::Artifact;
-use dynakv_core::policy::{EnergyPolicy, PerLayerPolicy, PolicyKind, RankPolicy, UniformPolicy};
+use dynakv_core::policy::{EnergyPolicy, EnergyRule, PerLayerPolicy, PolicyKind, RankPolicy, UniformPolicy};
 use dynakv_models::{LlamaModel, ModelError};
 
 use crate::calibrate::model_identity;
@@ -19,6 +19,8 @@ pub struct DynaKvSpec {
     pub sink_tokens: usize,
     /// Energy policy: key threshold as a multiple of the value threshold.
     pub key_factor: f32,
+    /// Energy policy: threshold or lagrange rule.
+    pub energy_rule: EnergyRule,
 }
 
 fn core_err(e: dynakv_core::CoreError) -> ModelError {
@@ -34,7 +36,14 @@ pub fn build_policy(artifact: &Artifact, spec: &DynaKvSpec) -> Result<Arc<dyn Ra
             PerLayerPolicy::fit(&artifact.sample, levels, spec.budget, spec.sink_tokens).map_err(core_err)?,
         ),
         PolicyKind::Energy => Arc::new(
-            EnergyPolicy::fit(&artifact.sample, artifact.mean_latents(), levels, spec.budget, spec.key_factor)
+            EnergyPolicy::fit(
+                &artifact.sample,
+                artifact.mean_latents(),
+                levels,
+                spec.budget,
+                spec.key_factor,
+                spec.energy_rule,
+            )
                 .map_err(core_err)?,
         ),
     })

@@ -12,7 +12,7 @@ use dynakv_burn::device::default_device;
 use dynakv_burn::AttentionCache;
 use dynakv_core::artifact::{Artifact, RopePlacement};
 use dynakv_core::basis::BasisKind;
-use dynakv_core::policy::PolicyKind;
+use dynakv_core::policy::{EnergyRule, PolicyKind};
 use dynakv_models::corpus::Split;
 use dynakv_models::gguf::GgufFile;
 use dynakv_models::{LlamaModel, TextTokenizer};
@@ -62,6 +62,7 @@ fn spec(policy: PolicyKind, budget: f64) -> DynaKvSpec {
         budget,
         sink_tokens: 1,
         key_factor: 1.0,
+        energy_rule: EnergyRule::Threshold,
     }
 }
 

@@ -33,9 +33,14 @@ pub struct CacheArgs {
     /// uniform / per-layer: the first N tokens keep full rank (attention sinks).
     #[arg(long, default_value_t = 1)]
     pub sink_tokens: usize,
-    /// energy: key threshold as a multiple of the value threshold.
+    /// energy: key threshold as a multiple of the value threshold (threshold
+    /// rule), or weight of key error against value error (lagrange rule).
     #[arg(long, default_value_t = 1.0)]
     pub key_factor: f32,
+    /// energy: threshold (equal relative error per token) or lagrange
+    /// (water-filling: equal marginal error per dimension).
+    #[arg(long, default_value = "threshold")]
+    pub energy_rule: String,
 }
 
 /// Makes fresh caches of the requested kind.
@@ -64,6 +69,7 @@ impl CacheArgs {
                     budget: self.budget,
                     sink_tokens: self.sink_tokens,
                     key_factor: self.key_factor,
+                    energy_rule: self.energy_rule.parse()?,
                 };
                 CacheMaker::DynaKv(DynaKvFactory::new(&loaded.model, &loaded.sha256, path, &spec)?)
             }

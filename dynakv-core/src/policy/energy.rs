@@ -12,9 +12,54 @@ use super::{check_budget, EnergySample, KvKind, RankPolicy, TailProfile};
 use crate::error::CoreError;
 use crate::levels::RankLevels;
 
+/// How a token's tail-energy profile becomes a rank.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EnergyRule {
+    /// The smallest level whose relative error is at most `tau`: equal error per token.
+    Threshold,
+    /// The level minimising `relative error + lambda * rank / d`: water-filling,
+    /// equal marginal error per dimension across tokens, layers and K/V.
+    Lagrange,
+}
+
+impl std::str::FromStr for EnergyRule {
+    type Err = CoreError;
+    fn from_str(s: &str) -> Result<Self, CoreError> {
+        match s {
+            "threshold" => Ok(Self::Threshold),
+            "lagrange" => Ok(Self::Lagrange),
+            o => Err(CoreError::Invalid {
+                field: "energy_rule",
+                message: format!("`{o}` (expected threshold or lagrange)"),
+            }),
+        }
+    }
+}
+
+/// The rank a rule gives a profile row with parameter `t` (`tau` or `lambda`).
+fn rule_rank(rule: EnergyRule, rel: &[f32], t: f32, levels: &RankLevels) -> usize {
+    match rule {
+        EnergyRule::Threshold => rank_for(rel, t, levels),
+        EnergyRule::Lagrange => {
+            let lv = levels.as_slice();
+            let d = levels.full() as f32;
+            let mut best = (f32::INFINITY, levels.full());
+            for (i, &e) in rel.iter().enumerate().skip(1) {
+                let cost = e + t * lv[i] as f32 / d;
+                if cost < best.0 {
+                    best = (cost, lv[i]);
+                }
+            }
+            best.1
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EnergyPolicy {
-    /// `[layer] -> [key threshold, value threshold]`
+    pub rule: EnergyRule,
+    /// `[layer] -> [key, value]` threshold (or multiplier, for `lagrange`)
     pub thresholds: Vec<[f32; 2]>,
     /// `[layer] -> [key, value]` mean in latent coordinates (from the bases).
     pub mean_latents: Vec<[Vec<f32>; 2]>,
@@ -24,12 +69,16 @@ pub struct EnergyPolicy {
 impl EnergyPolicy {
     /// Fits thresholds so that the mean retained fraction over the sample is
     /// the budget: `tau_K = key_factor * tau`, `tau_V = tau`, bisection on `tau`.
+    ///
+    /// With `lagrange`, `key_factor` divides the key multiplier instead
+    /// (`lambda_K = lambda / key_factor`: key error weighs `key_factor` as much).
     pub fn fit(
         sample: &EnergySample,
         mean_latents: Vec<[Vec<f32>; 2]>,
         levels: &RankLevels,
         budget: f64,
         key_factor: f32,
+        rule: EnergyRule,
     ) -> Result<Self, CoreError> {
         check_budget(budget)?;
         if sample.n_tokens() == 0 || sample.rel.len() != mean_latents.len() {
@@ -45,13 +94,16 @@ impl EnergyPolicy {
             });
         }
         let layers = sample.rel.len();
-        let retained = |tau: f32| -> f64 {
-            let t = [key_factor * tau, tau];
+        let pair = |t: f32| match rule {
+            EnergyRule::Threshold => [key_factor * t, t],
+            EnergyRule::Lagrange => [t / key_factor, t],
+        };
+        let retained = |t: f32| -> f64 {
             let mut dims = 0usize;
             for l in 0..layers {
-                for (k, &tk) in t.iter().enumerate() {
+                for (k, &tk) in pair(t).iter().enumerate() {
                     for i in 0..sample.n_tokens() {
-                        dims += rank_for(sample.row(l, k, i), tk, levels);
+                        dims += rule_rank(rule, sample.row(l, k, i), tk, levels);
                     }
                 }
             }
@@ -69,7 +121,8 @@ impl EnergyPolicy {
         }
         let tau = hi.exp() as f32;
         Ok(Self {
-            thresholds: vec![[key_factor * tau, tau]; layers],
+            rule,
+            thresholds: vec![pair(tau); layers],
             mean_latents,
             levels: levels.clone(),
         })
@@ -89,7 +142,7 @@ impl RankPolicy for EnergyPolicy {
         latents
             .chunks_exact(d)
             .take(positions.len())
-            .map(|l| TailProfile::new(l, mean, &self.levels).rank_for(tau, &self.levels))
+            .map(|l| rule_rank(self.rule, &TailProfile::new(l, mean, &self.levels).rel, tau, &self.levels))
             .collect()
     }
 }
@@ -122,15 +175,18 @@ mod tests {
         let sink = vec![-5.0, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3];
         lat.push(sink.clone());
         let s = sample(&levels, &lat, &mean);
-        for budget in [0.3, 0.5] {
-            let p = EnergyPolicy::fit(&s, vec![[mean.clone(), mean.clone()]], &levels, budget, 1.0).unwrap();
+        for (budget, rule) in [0.3, 0.5]
+            .into_iter()
+            .flat_map(|b| [(b, EnergyRule::Threshold), (b, EnergyRule::Lagrange)])
+        {
+            let p = EnergyPolicy::fit(&s, vec![[mean.clone(), mean.clone()]], &levels, budget, 1.0, rule).unwrap();
             let flat: Vec<f32> = lat.iter().flatten().copied().collect();
             let pos: Vec<usize> = (0..lat.len()).collect();
             let r = p.ranks(0, KvKind::Value, &flat, &pos);
             let mean_r = r.iter().sum::<usize>() as f64 / (r.len() * 8) as f64;
-            assert!((mean_r - budget).abs() < 0.1, "budget {budget}: {mean_r}");
+            assert!((mean_r - budget).abs() < 0.1, "{rule:?} budget {budget}: {mean_r}");
             assert_eq!(*r.last().unwrap(), 8, "the sink keeps full rank");
         }
-        assert!(EnergyPolicy::fit(&s, vec![[mean.clone(), mean]], &levels, 1.2, 1.0).is_err());
+        assert!(EnergyPolicy::fit(&s, vec![[mean.clone(), mean]], &levels, 1.2, 1.0, EnergyRule::Threshold).is_err());
     }
 }

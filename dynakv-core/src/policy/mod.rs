@@ -8,7 +8,7 @@ mod per_layer;
 mod profile;
 mod uniform;
 
-pub use energy::EnergyPolicy;
+pub use energy::{EnergyPolicy, EnergyRule};
 pub use per_layer::PerLayerPolicy;
 pub use profile::{EnergySample, TailProfile};
 pub use uniform::UniformPolicy;

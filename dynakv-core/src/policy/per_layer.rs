@@ -93,3 +93,27 @@ impl RankPolicy for PerLayerPolicy {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_meets_the_budget_and_favours_the_costly_layer() {
+        let levels = RankLevels::multiples(2, 8).unwrap();
+        // layer 0 keys lose little when truncated, layer 0 values a lot
+        let cheap = [1.0f32, 0.01, 0.005, 0.001, 0.0];
+        let costly = [1.0f32, 0.8, 0.6, 0.3, 0.0];
+        let sample = EnergySample {
+            rel: vec![[cheap.repeat(3), costly.repeat(3)]],
+            n_levels: 5,
+            positions: vec![0, 1, 2],
+        };
+        let p = PerLayerPolicy::fit(&sample, &levels, 0.5, 0).unwrap();
+        let [k, v] = p.ranks[0];
+        assert_eq!(k + v, 8, "half of 2 x 8 dims");
+        assert!(v > k, "values keep more: {k} {v}");
+        assert_eq!(p.ranks(0, KvKind::Value, &[], &[5]), vec![v]);
+        assert!(PerLayerPolicy::fit(&sample, &levels, 0.0, 0).is_err());
+    }
+}
