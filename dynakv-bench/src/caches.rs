@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use dynakv_burn::{AttentionCache, DynaKvBases, DynaKvCache};
 use dynakv_core::artifact::Artifact;
-use dynakv_core::policy::{EnergyPolicy, EnergyRule, PerLayerPolicy, PolicyKind, RankPolicy, UniformPolicy};
+use dynakv_core::policy::{
+    EnergyPolicy, EnergyRule, PerLayerPolicy, PolicyKind, RankPolicy, UniformPolicy,
+};
 use dynakv_models::{LlamaModel, ModelError};
 
 use crate::calibrate::model_identity;
@@ -28,12 +30,18 @@ fn core_err(e: dynakv_core::CoreError) -> ModelError {
 }
 
 /// Builds the policy for a budget from an artifact's calibration sample.
-pub fn build_policy(artifact: &Artifact, spec: &DynaKvSpec) -> Result<Arc<dyn RankPolicy>, ModelError> {
+pub fn build_policy(
+    artifact: &Artifact,
+    spec: &DynaKvSpec,
+) -> Result<Arc<dyn RankPolicy>, ModelError> {
     let levels = &artifact.header.levels;
     Ok(match spec.policy {
-        PolicyKind::Uniform => Arc::new(UniformPolicy::for_budget(spec.budget, levels, spec.sink_tokens).map_err(core_err)?),
+        PolicyKind::Uniform => Arc::new(
+            UniformPolicy::for_budget(spec.budget, levels, spec.sink_tokens).map_err(core_err)?,
+        ),
         PolicyKind::PerLayer => Arc::new(
-            PerLayerPolicy::fit(&artifact.sample, levels, spec.budget, spec.sink_tokens).map_err(core_err)?,
+            PerLayerPolicy::fit(&artifact.sample, levels, spec.budget, spec.sink_tokens)
+                .map_err(core_err)?,
         ),
         PolicyKind::Energy => Arc::new(
             EnergyPolicy::fit(
@@ -44,7 +52,7 @@ pub fn build_policy(artifact: &Artifact, spec: &DynaKvSpec) -> Result<Arc<dyn Ra
                 spec.key_factor,
                 spec.energy_rule,
             )
-                .map_err(core_err)?,
+            .map_err(core_err)?,
         ),
     })
 }
@@ -57,18 +65,32 @@ pub struct DynaKvFactory {
 
 impl DynaKvFactory {
     /// Loads an artifact, checks it was calibrated for this model, fits the policy.
-    pub fn new(model: &LlamaModel, model_sha256: &str, artifact_path: &Path, spec: &DynaKvSpec) -> Result<Self, ModelError> {
+    pub fn new(
+        model: &LlamaModel,
+        model_sha256: &str,
+        artifact_path: &Path,
+        spec: &DynaKvSpec,
+    ) -> Result<Self, ModelError> {
         let artifact = Artifact::load(artifact_path).map_err(core_err)?;
         Self::from_artifact(model, model_sha256, &artifact, spec)
     }
 
-    pub fn from_artifact(model: &LlamaModel, model_sha256: &str, artifact: &Artifact, spec: &DynaKvSpec) -> Result<Self, ModelError> {
+    pub fn from_artifact(
+        model: &LlamaModel,
+        model_sha256: &str,
+        artifact: &Artifact,
+        spec: &DynaKvSpec,
+    ) -> Result<Self, ModelError> {
         artifact
             .header
             .model
             .check(&model_identity(model, model_sha256.to_string()))
             .map_err(core_err)?;
-        let bases = Arc::new(DynaKvBases::new(artifact, model.config.geometry(), model.device())?);
+        let bases = Arc::new(DynaKvBases::new(
+            artifact,
+            model.config.geometry(),
+            model.device(),
+        )?);
         let policy = build_policy(artifact, spec)?;
         Ok(Self { bases, policy })
     }

@@ -2,7 +2,9 @@
 //! energy sample that rank policies are fitted on.
 
 use dynakv_burn::{Recorded, RecordingCache};
-use dynakv_core::artifact::{Artifact, ArtifactHeader, ModelIdentity, RopePlacement, FORMAT_VERSION};
+use dynakv_core::artifact::{
+    Artifact, ArtifactHeader, ModelIdentity, RopePlacement, FORMAT_VERSION,
+};
 use dynakv_core::basis::{output_metric, query_metric, Basis, BasisKind};
 use dynakv_core::levels::RankLevels;
 use dynakv_core::policy::{EnergySample, TailProfile};

@@ -6,7 +6,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "dynakv", version, about = "Token-wise KV-cache compression for LLM inference")]
+#[command(
+    name = "dynakv",
+    version,
+    about = "Token-wise KV-cache compression for LLM inference"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

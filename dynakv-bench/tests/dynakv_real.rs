@@ -44,7 +44,14 @@ fn setup() -> &'static Setup {
                 rope,
                 level_step: 8,
             };
-            calibrate(&model, &calib, model_identity(&model, sha.clone()), &cfg, |_, _| {}).unwrap()
+            calibrate(
+                &model,
+                &calib,
+                model_identity(&model, sha.clone()),
+                &cfg,
+                |_, _| {},
+            )
+            .unwrap()
         };
         Setup {
             pre: art(RopePlacement::Pre),
@@ -82,7 +89,9 @@ fn full_rank_matches_the_dense_cache_for_both_placements() {
     let ids = &s.eval_ids[..96];
     let want = logits(s, &mut s.model.dense_cache().unwrap(), ids);
     for art in [&s.pre, &s.post] {
-        let f = DynaKvFactory::from_artifact(&s.model, &s.sha, art, &spec(PolicyKind::Uniform, 1.0)).unwrap();
+        let f =
+            DynaKvFactory::from_artifact(&s.model, &s.sha, art, &spec(PolicyKind::Uniform, 1.0))
+                .unwrap();
         let got = logits(s, &mut f.make(&s.model).unwrap(), ids);
         let e = max_rel(got, want.clone());
         assert!(e <= 1e-4, "{:?}: max relative error {e}", art.header.rope);
@@ -94,13 +103,21 @@ fn error_does_not_grow_with_the_budget() {
     let s = setup();
     let ids = &s.eval_ids[..128];
     let want = logits(s, &mut s.model.dense_cache().unwrap(), ids);
-    for policy in [PolicyKind::Uniform, PolicyKind::Energy, PolicyKind::PerLayer] {
+    for policy in [
+        PolicyKind::Uniform,
+        PolicyKind::Energy,
+        PolicyKind::PerLayer,
+    ] {
         let mut last = f32::INFINITY;
         for budget in [0.15, 0.3, 0.6, 1.0] {
-            let f = DynaKvFactory::from_artifact(&s.model, &s.sha, &s.pre, &spec(policy, budget)).unwrap();
+            let f = DynaKvFactory::from_artifact(&s.model, &s.sha, &s.pre, &spec(policy, budget))
+                .unwrap();
             let got = logits(s, &mut f.make(&s.model).unwrap(), ids);
             let err: f32 = (got - want.clone()).abs().mean().into_scalar();
-            assert!(err <= last * 1.02 + 1e-6, "{policy:?} at {budget}: {err} > {last}");
+            assert!(
+                err <= last * 1.02 + 1e-6,
+                "{policy:?} at {budget}: {err} > {last}"
+            );
             last = err;
         }
     }
@@ -111,7 +128,9 @@ fn step_by_step_decode_equals_prefill() {
     let s = setup();
     let ids = &s.eval_ids[..24];
     for art in [&s.pre, &s.post] {
-        let f = DynaKvFactory::from_artifact(&s.model, &s.sha, art, &spec(PolicyKind::Uniform, 0.3)).unwrap();
+        let f =
+            DynaKvFactory::from_artifact(&s.model, &s.sha, art, &spec(PolicyKind::Uniform, 0.3))
+                .unwrap();
         let prefill = logits(s, &mut f.make(&s.model).unwrap(), ids);
         let mut cache = f.make(&s.model).unwrap();
         let steps: Vec<Tensor<2>> = ids
@@ -128,16 +147,22 @@ fn step_by_step_decode_equals_prefill() {
 fn bad_configurations_are_clear_errors() {
     let s = setup();
     for budget in [0.0, -0.1, 1.5, f64::NAN] {
-        let err = DynaKvFactory::from_artifact(&s.model, &s.sha, &s.pre, &spec(PolicyKind::Energy, budget))
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(err.contains("budget"), "{err}");
-    }
-    let err = DynaKvFactory::from_artifact(&s.model, "0000", &s.pre, &spec(PolicyKind::Uniform, 0.5))
+        let err = DynaKvFactory::from_artifact(
+            &s.model,
+            &s.sha,
+            &s.pre,
+            &spec(PolicyKind::Energy, budget),
+        )
         .err()
         .unwrap()
         .to_string();
+        assert!(err.contains("budget"), "{err}");
+    }
+    let err =
+        DynaKvFactory::from_artifact(&s.model, "0000", &s.pre, &spec(PolicyKind::Uniform, 0.5))
+            .err()
+            .unwrap()
+            .to_string();
     assert!(err.contains("file_sha256"), "{err}");
     assert!("median".parse::<PolicyKind>().is_err());
 }

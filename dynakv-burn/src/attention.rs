@@ -72,12 +72,24 @@ mod tests {
     use burn::tensor::activation::softmax;
 
     /// Reference: repeat K/V per query head, explicit masked softmax.
-    fn reference(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, q_pos: &[usize], k_pos: &[usize]) -> Tensor<4> {
+    fn reference(
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        q_pos: &[usize],
+        k_pos: &[usize],
+    ) -> Tensor<4> {
         let [b, h, t, d] = q.dims();
         let [_, h_kv, s, _] = k.dims();
         let g = h / h_kv;
-        let k = k.unsqueeze_dim::<5>(2).repeat_dim(2, g).reshape([b, h, s, d]);
-        let v = v.unsqueeze_dim::<5>(2).repeat_dim(2, g).reshape([b, h, s, d]);
+        let k = k
+            .unsqueeze_dim::<5>(2)
+            .repeat_dim(2, g)
+            .reshape([b, h, s, d]);
+        let v = v
+            .unsqueeze_dim::<5>(2)
+            .repeat_dim(2, g)
+            .reshape([b, h, s, d]);
         let scores = q.matmul(k.swap_dims(2, 3)) / (d as f64).sqrt();
         let mut bias = vec![0f32; t * s];
         for (i, &qp) in q_pos.iter().enumerate() {
@@ -96,8 +108,16 @@ mod tests {
         let device = default_device();
         let (b, h, h_kv, t, s, d) = (1, 6, 2, 3, 5, 8);
         let q = Tensor::<4>::random([b, h, t, d], burn::tensor::Distribution::Default, &device);
-        let k = Tensor::<4>::random([b, h_kv, s, d], burn::tensor::Distribution::Default, &device);
-        let v = Tensor::<4>::random([b, h_kv, s, d], burn::tensor::Distribution::Default, &device);
+        let k = Tensor::<4>::random(
+            [b, h_kv, s, d],
+            burn::tensor::Distribution::Default,
+            &device,
+        );
+        let v = Tensor::<4>::random(
+            [b, h_kv, s, d],
+            burn::tensor::Distribution::Default,
+            &device,
+        );
         // keys at 0..5, queries at 2..5 (a prefill continuing a cache), and a pruned set
         for (q_pos, k_pos) in [
             (vec![2usize, 3, 4], vec![0usize, 1, 2, 3, 4]),

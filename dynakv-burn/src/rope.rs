@@ -74,7 +74,10 @@ impl Rope {
         let contiguous = positions.windows(2).all(|w| w[1] == w[0] + 1);
         let (cos, sin) = if contiguous && t > 0 {
             let r = positions[0]..positions[0] + t;
-            (self.cos.clone().slice([r.clone()]), self.sin.clone().slice([r]))
+            (
+                self.cos.clone().slice([r.clone()]),
+                self.sin.clone().slice([r]),
+            )
         } else {
             let idx: Vec<i64> = positions.iter().map(|&p| p as i64).collect();
             let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [t]), &device);
@@ -139,7 +142,12 @@ mod tests {
             TensorData::new(vec![1f32, 0.0, 1.0, 0.0], [1, 1, 1, 4]),
             &device,
         );
-        let y: Vec<f32> = rope.apply(x, &[3]).unwrap().into_data().try_into_vec::<f32>().unwrap();
+        let y: Vec<f32> = rope
+            .apply(x, &[3])
+            .unwrap()
+            .into_data()
+            .try_into_vec::<f32>()
+            .unwrap();
         // pair 0: angle 3; pair 1: angle 3 * 100^(-1/2) = 0.3
         let expect = [3f32.cos(), 3f32.sin(), 0.3f32.cos(), 0.3f32.sin()];
         for (a, b) in y.iter().zip(expect) {
@@ -155,7 +163,12 @@ mod tests {
             TensorData::new(vec![0.5f32, -2.0, 3.0, 4.0], [1, 1, 1, 4]),
             &device,
         );
-        let y: Vec<f32> = rope.apply(x.clone(), &[0]).unwrap().into_data().try_into_vec::<f32>().unwrap();
+        let y: Vec<f32> = rope
+            .apply(x.clone(), &[0])
+            .unwrap()
+            .into_data()
+            .try_into_vec::<f32>()
+            .unwrap();
         assert_eq!(y, vec![0.5, -2.0, 3.0, 4.0]);
         assert!(matches!(
             rope.apply(x, &[4]),

@@ -58,18 +58,44 @@ impl ModelIdentity {
     /// An error naming the first field that differs.
     pub fn check(&self, actual: &ModelIdentity) -> Result<(), CoreError> {
         let fields: [(&'static str, String, String); 6] = [
-            ("architecture", self.architecture.clone(), actual.architecture.clone()),
-            ("n_layers", self.n_layers.to_string(), actual.n_layers.to_string()),
-            ("n_heads", self.n_heads.to_string(), actual.n_heads.to_string()),
-            ("n_kv_heads", self.n_kv_heads.to_string(), actual.n_kv_heads.to_string()),
-            ("head_dim", self.head_dim.to_string(), actual.head_dim.to_string()),
-            ("file_sha256", self.file_sha256.clone(), actual.file_sha256.clone()),
+            (
+                "architecture",
+                self.architecture.clone(),
+                actual.architecture.clone(),
+            ),
+            (
+                "n_layers",
+                self.n_layers.to_string(),
+                actual.n_layers.to_string(),
+            ),
+            (
+                "n_heads",
+                self.n_heads.to_string(),
+                actual.n_heads.to_string(),
+            ),
+            (
+                "n_kv_heads",
+                self.n_kv_heads.to_string(),
+                actual.n_kv_heads.to_string(),
+            ),
+            (
+                "head_dim",
+                self.head_dim.to_string(),
+                actual.head_dim.to_string(),
+            ),
+            (
+                "file_sha256",
+                self.file_sha256.clone(),
+                actual.file_sha256.clone(),
+            ),
         ];
         for (name, a, b) in fields {
             if a != b {
                 return Err(CoreError::Invalid {
                     field: "artifact",
-                    message: format!("calibrated for a model with {name} = {a}, but this model has {b}"),
+                    message: format!(
+                        "calibrated for a model with {name} = {a}, but this model has {b}"
+                    ),
                 });
             }
         }
@@ -168,12 +194,17 @@ impl Artifact {
         if header.format_version != FORMAT_VERSION {
             return Err(io_err(
                 path,
-                format!("format version {} (this build reads {FORMAT_VERSION})", header.format_version),
+                format!(
+                    "format version {} (this build reads {FORMAT_VERSION})",
+                    header.format_version
+                ),
             ));
         }
         let st = SafeTensors::deserialize(&bytes).map_err(|e| io_err(path, e))?;
         let get = |name: &str, len: usize| -> Result<Vec<f32>, CoreError> {
-            let t = st.tensor(name).map_err(|e| io_err(path, format!("{name}: {e}")))?;
+            let t = st
+                .tensor(name)
+                .map_err(|e| io_err(path, format!("{name}: {e}")))?;
             let v = bytes_f32(t.data());
             if t.dtype() != Dtype::F32 || v.len() != len {
                 return Err(io_err(path, format!("{name}: expected {len} f32 values")));
@@ -240,7 +271,8 @@ mod tests {
     fn round_trip_and_identity_mismatch() {
         let d = 4;
         let mut acc = MomentAccumulator::new(d);
-        acc.add_rows(&[1.0, 2.0, 0.5, 3.0, 2.0, 1.0, 1.5, -1.0, 0.0, 0.5, 2.5, 1.0]).unwrap();
+        acc.add_rows(&[1.0, 2.0, 0.5, 3.0, 2.0, 1.0, 1.5, -1.0, 0.0, 0.5, 2.5, 1.0])
+            .unwrap();
         let b = Basis::pca(&acc).unwrap();
         let levels = RankLevels::multiples(2, d).unwrap();
         let model = ModelIdentity {
@@ -263,7 +295,10 @@ mod tests {
             },
             bases: vec![[b.clone(), b.clone()]],
             sample: EnergySample {
-                rel: vec![[vec![1.0, 0.5, 0.0, 1.0, 0.2, 0.0], vec![0.9, 0.1, 0.0, 1.0, 0.3, 0.0]]],
+                rel: vec![[
+                    vec![1.0, 0.5, 0.0, 1.0, 0.2, 0.0],
+                    vec![0.9, 0.1, 0.0, 1.0, 0.3, 0.0],
+                ]],
                 n_levels: 3,
                 positions: vec![0, 1],
             },

@@ -111,9 +111,13 @@ impl Basis {
         let top = mvals.first().copied().unwrap_or(1.0).max(1e-30);
         let floor = top * 1e-6;
         let s_diag: Vec<f64> = mvals.iter().map(|&v| v.max(floor).sqrt()).collect();
-        let s = &mvecs * DMatrix::from_diagonal(&nalgebra::DVector::from_vec(s_diag.clone())) * mvecs.transpose();
+        let s = &mvecs
+            * DMatrix::from_diagonal(&nalgebra::DVector::from_vec(s_diag.clone()))
+            * mvecs.transpose();
         let s_inv = &mvecs
-            * DMatrix::from_diagonal(&nalgebra::DVector::from_vec(s_diag.iter().map(|v| 1.0 / v).collect()))
+            * DMatrix::from_diagonal(&nalgebra::DVector::from_vec(
+                s_diag.iter().map(|v| 1.0 / v).collect(),
+            ))
             * mvecs.transpose();
         let c = sym(d, &acc.covariance());
         let cw = &s * c * &s;
@@ -220,7 +224,9 @@ mod tests {
         for _ in 0..n {
             let mut z = Vec::new();
             for _ in 0..d {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 z.push(((s >> 33) as f64 / (1u64 << 31) as f64 - 0.5) as f32);
             }
             for i in 0..d {
@@ -237,10 +243,14 @@ mod tests {
     fn full_rank_reconstructs_exactly_and_error_shrinks_with_rank() {
         let d = 6;
         let (acc, rows) = sample(200, d);
-        for metric in [None, Some(vec![
-            2.0, 0.3, 0.0, 0.0, 0.0, 0.0, 0.3, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.0, 0.0, 0.0,
-            0.0, 0.0, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.1,
-        ])] {
+        for metric in [
+            None,
+            Some(vec![
+                2.0, 0.3, 0.0, 0.0, 0.0, 0.0, 0.3, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.0,
+                0.0, 0.0, 0.0, 0.0, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0,
+                0.0, 0.0, 0.0, 0.1,
+            ]),
+        ] {
             let b = match &metric {
                 None => Basis::pca(&acc).unwrap(),
                 Some(m) => Basis::weighted(&acc, m).unwrap(),

@@ -6,5 +6,8 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum CoreError {
     #[error("invalid `{field}`: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
 }

@@ -48,7 +48,11 @@ impl RankLevels {
 
     /// The smallest level that is at least `r` (full when `r` exceeds all).
     pub fn round_up(&self, r: usize) -> usize {
-        self.levels.iter().copied().find(|&l| l >= r).unwrap_or(self.full())
+        self.levels
+            .iter()
+            .copied()
+            .find(|&l| l >= r)
+            .unwrap_or(self.full())
     }
 
     /// The level nearest to `r` (ties go up).

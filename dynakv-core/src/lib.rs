@@ -2,10 +2,10 @@
 //! statistics, spectral bases, rank levels and policies, accounting and the
 //! artifact format.
 
+pub mod artifact;
 pub mod basis;
 pub mod budget;
 mod error;
-pub mod artifact;
 pub mod levels;
 pub mod policy;
 pub mod stats;

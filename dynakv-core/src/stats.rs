@@ -40,7 +40,11 @@ impl MomentAccumulator {
         if self.dim == 0 || rows.len() % self.dim != 0 {
             return Err(CoreError::Invalid {
                 field: "rows",
-                message: format!("{} values is not a multiple of dim {}", rows.len(), self.dim),
+                message: format!(
+                    "{} values is not a multiple of dim {}",
+                    rows.len(),
+                    self.dim
+                ),
             });
         }
         let d = self.dim;
@@ -68,8 +72,14 @@ impl MomentAccumulator {
             });
         }
         self.count += other.count;
-        self.sum.iter_mut().zip(&other.sum).for_each(|(a, b)| *a += b);
-        self.outer.iter_mut().zip(&other.outer).for_each(|(a, b)| *a += b);
+        self.sum
+            .iter_mut()
+            .zip(&other.sum)
+            .for_each(|(a, b)| *a += b);
+        self.outer
+            .iter_mut()
+            .zip(&other.outer)
+            .for_each(|(a, b)| *a += b);
         Ok(())
     }
 

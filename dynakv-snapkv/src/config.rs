@@ -7,7 +7,10 @@ use thiserror::Error;
 #[derive(Debug, Error, PartialEq)]
 pub enum SnapKvError {
     #[error("invalid `{field}`: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
 }
 
 /// How the pooled votes are reduced.
@@ -79,11 +82,20 @@ mod tests {
         let mut c = SnapKvConfig::kvpress(0.5);
         assert!(c.validate().is_ok());
         c.kernel = 4;
-        assert!(matches!(c.validate(), Err(SnapKvError::Invalid { field: "kernel", .. })));
+        assert!(matches!(
+            c.validate(),
+            Err(SnapKvError::Invalid {
+                field: "kernel",
+                ..
+            })
+        ));
         let c = SnapKvConfig::kvpress(1.0);
         assert!(matches!(
             c.validate(),
-            Err(SnapKvError::Invalid { field: "compression_ratio", .. })
+            Err(SnapKvError::Invalid {
+                field: "compression_ratio",
+                ..
+            })
         ));
     }
 

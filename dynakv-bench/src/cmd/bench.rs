@@ -33,7 +33,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let loaded = a.model.load()?;
     let model = &loaded.model;
     eprintln!("cache: {}", a.cache.label());
-    let need = a.prefill.iter().copied().max().unwrap_or(0).max(a.decode_ctx + a.decode_steps);
+    let need = a
+        .prefill
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .max(a.decode_ctx + a.decode_steps);
     let mut docs = brown_docs(Split::Eval, Some(8))?;
     let mut ids = document_tokens(&loaded.tokenizer, &docs)?;
     if ids.len() < need {
@@ -46,7 +52,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
     for &n in &a.prefill {
         reports.push(prefill(model, &ids, n, a.reps, &mut make)?);
     }
-    reports.push(decode(model, &ids, a.decode_ctx, a.decode_steps, a.reps, &mut make)?);
+    reports.push(decode(
+        model,
+        &ids,
+        a.decode_ctx,
+        a.decode_steps,
+        a.reps,
+        &mut make,
+    )?);
     if a.json {
         println!("{}", serde_json::to_string(&reports)?);
     } else {

@@ -33,13 +33,14 @@ pub struct CacheArgs {
     /// uniform / per-layer: the first N tokens keep full rank (attention sinks).
     #[arg(long, default_value_t = 1)]
     pub sink_tokens: usize,
-    /// energy: key threshold as a multiple of the value threshold (threshold
-    /// rule), or weight of key error against value error (lagrange rule).
-    #[arg(long, default_value_t = 1.0)]
+    /// energy: weight of key error against value error (lagrange rule), or key
+    /// threshold as a multiple of the value threshold (threshold rule).
+    /// Default tuned on Brown calib windows 40-41 (docs/results.md).
+    #[arg(long, default_value_t = 2.0)]
     pub key_factor: f32,
-    /// energy: threshold (equal relative error per token) or lagrange
-    /// (water-filling: equal marginal error per dimension).
-    #[arg(long, default_value = "threshold")]
+    /// energy: lagrange (water-filling: equal marginal error per dimension over
+    /// tokens, layers, K and V) or threshold (equal relative error per token).
+    #[arg(long, default_value = "lagrange")]
     pub energy_rule: String,
 }
 
@@ -71,7 +72,12 @@ impl CacheArgs {
                     key_factor: self.key_factor,
                     energy_rule: self.energy_rule.parse()?,
                 };
-                CacheMaker::DynaKv(DynaKvFactory::new(&loaded.model, &loaded.sha256, path, &spec)?)
+                CacheMaker::DynaKv(DynaKvFactory::new(
+                    &loaded.model,
+                    &loaded.sha256,
+                    path,
+                    &spec,
+                )?)
             }
         })
     }

@@ -69,7 +69,10 @@ mod tests {
     #[test]
     fn reads_the_default_system_message() {
         let t = "{% if x %}{{ '<|im_start|>system\nYou are helpful<|im_end|>\n' }}{% endif %}";
-        assert_eq!(default_system_message(t).as_deref(), Some("You are helpful"));
+        assert_eq!(
+            default_system_message(t).as_deref(),
+            Some("You are helpful")
+        );
         assert_eq!(default_system_message("{{ x }}"), None);
     }
 }

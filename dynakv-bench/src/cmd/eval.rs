@@ -75,7 +75,11 @@ fn ppl(a: PplArgs) -> Result<()> {
     let ids = document_tokens(&loaded.tokenizer, &docs)?;
     let ids = ids.get(a.skip_windows * a.ctx..).unwrap_or(&[]).to_vec();
     if ids.len() < a.ctx {
-        bail!("the text has {} tokens, fewer than one window of --ctx {}", ids.len(), a.ctx);
+        bail!(
+            "the text has {} tokens, fewer than one window of --ctx {}",
+            ids.len(),
+            a.ctx
+        );
     }
     let n_windows = (ids.len() / a.ctx).min(a.max_windows.unwrap_or(usize::MAX));
     let bar = ProgressBar::new(n_windows as u64).with_style(

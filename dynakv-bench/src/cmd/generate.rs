@@ -59,10 +59,17 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let mut cache = a.cache.maker(&loaded)?.make(&loaded)?;
     let t0 = std::time::Instant::now();
     let mut stdout = std::io::stdout();
-    let g = generate(&loaded.model, &loaded.tokenizer, cache.as_mut(), &prompt, &config, |s| {
-        let _ = stdout.write_all(s.as_bytes());
-        let _ = stdout.flush();
-    })?;
+    let g = generate(
+        &loaded.model,
+        &loaded.tokenizer,
+        cache.as_mut(),
+        &prompt,
+        &config,
+        |s| {
+            let _ = stdout.write_all(s.as_bytes());
+            let _ = stdout.flush();
+        },
+    )?;
     println!();
     let f = cache.footprint();
     eprintln!(
@@ -71,7 +78,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         g.prompt_tokens,
         g.tokens.len(),
         t0.elapsed().as_secs_f64(),
-        if g.stopped_by_stop_token { ", stop token" } else { "" },
+        if g.stopped_by_stop_token {
+            ", stop token"
+        } else {
+            ""
+        },
         f.retained(),
         f.bytes() as f64 / 1e6
     );

@@ -35,7 +35,9 @@ pub fn prefill(
     reps: usize,
     make_cache: &mut dyn FnMut() -> Result<Box<dyn AttentionCache>, ModelError>,
 ) -> Result<SpeedReport, ModelError> {
-    let ids = ids.get(..n).ok_or_else(|| ModelError::InvalidInput(format!("need {n} tokens")))?;
+    let ids = ids
+        .get(..n)
+        .ok_or_else(|| ModelError::InvalidInput(format!("need {n} tokens")))?;
     let mut times = Vec::new();
     for r in 0..reps + 1 {
         let mut cache = make_cache()?;
@@ -66,7 +68,9 @@ pub fn decode(
     make_cache: &mut dyn FnMut() -> Result<Box<dyn AttentionCache>, ModelError>,
 ) -> Result<SpeedReport, ModelError> {
     let need = context + steps;
-    let ids = ids.get(..need).ok_or_else(|| ModelError::InvalidInput(format!("need {need} tokens")))?;
+    let ids = ids
+        .get(..need)
+        .ok_or_else(|| ModelError::InvalidInput(format!("need {need} tokens")))?;
     let mut times = Vec::new();
     for _ in 0..reps {
         let mut cache = make_cache()?;

@@ -111,7 +111,8 @@ impl AttentionCache for DenseCache {
             .layers
             .iter()
             .map(|l| {
-                let elems = |t: &Option<Tensor<4>>| t.as_ref().map_or(0, |t| t.shape().num_elements());
+                let elems =
+                    |t: &Option<Tensor<4>>| t.as_ref().map_or(0, |t| t.shape().num_elements());
                 elems(&l.k) + elems(&l.v)
             })
             .sum();

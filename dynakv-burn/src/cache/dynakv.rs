@@ -58,7 +58,11 @@ fn mat(v: &[f32], rows: usize, cols: usize, device: &Device) -> Tensor<2> {
 
 impl DynaKvBases {
     /// Uploads an artifact's bases, checking them against the geometry.
-    pub fn new(artifact: &Artifact, geometry: CacheGeometry, device: &Device) -> Result<Self, CacheError> {
+    pub fn new(
+        artifact: &Artifact,
+        geometry: CacheGeometry,
+        device: &Device,
+    ) -> Result<Self, CacheError> {
         geometry.validate()?;
         let d = geometry.d_kv();
         let (hk, dh) = (geometry.n_kv_heads, geometry.head_dim);
@@ -73,9 +77,14 @@ impl DynaKvBases {
         let mut fixed = 0;
         for pair in &artifact.bases {
             if pair.iter().any(|b| b.dim != d) {
-                return Err(CacheError::Config(format!("basis dim differs from d_kv {d}")));
+                return Err(CacheError::Config(format!(
+                    "basis dim differs from d_kv {d}"
+                )));
             }
-            let enc = [mat(&pair[0].enc, d, d, device), mat(&pair[1].enc, d, d, device)];
+            let enc = [
+                mat(&pair[0].enc, d, d, device),
+                mat(&pair[1].enc, d, d, device),
+            ];
             let mean = [
                 Tensor::from_data(TensorData::new(pair[0].mean.clone(), [d]), device),
                 Tensor::from_data(TensorData::new(pair[1].mean.clone(), [d]), device),
@@ -191,7 +200,15 @@ impl DynaKvCache {
         out
     }
 
-    fn store(&mut self, layer: usize, kind: KvKind, lat: Tensor<2>, ranks: &[usize], positions: &[usize], first_id: usize) {
+    fn store(
+        &mut self,
+        layer: usize,
+        kind: KvKind,
+        lat: Tensor<2>,
+        ranks: &[usize],
+        positions: &[usize],
+        first_id: usize,
+    ) {
         let device = lat.device();
         let store = &mut self.layers[layer];
         let k = kind.index();
@@ -232,7 +249,13 @@ fn joint(x: Tensor<4>) -> Tensor<2> {
     x.swap_dims(1, 2).reshape([t, hk * dh])
 }
 
-fn policy_ranks(policy: &dyn RankPolicy, layer: usize, kind: KvKind, lat: &Tensor<2>, positions: &[usize]) -> Result<Vec<usize>, CacheError> {
+fn policy_ranks(
+    policy: &dyn RankPolicy,
+    layer: usize,
+    kind: KvKind,
+    lat: &Tensor<2>,
+    positions: &[usize],
+) -> Result<Vec<usize>, CacheError> {
     let data = if policy.needs_latents() {
         lat.clone()
             .into_data()
@@ -245,11 +268,19 @@ fn policy_ranks(policy: &dyn RankPolicy, layer: usize, kind: KvKind, lat: &Tenso
 }
 
 impl AttentionCache for DynaKvCache {
-    fn append(&mut self, layer: usize, k_pre: Tensor<4>, v: Tensor<4>, positions: &[usize]) -> Result<(), CacheError> {
+    fn append(
+        &mut self,
+        layer: usize,
+        k_pre: Tensor<4>,
+        v: Tensor<4>,
+        positions: &[usize],
+    ) -> Result<(), CacheError> {
         self.geometry.check_layer(layer)?;
         self.geometry.check_kv(&k_pre, &v, positions)?;
         if k_pre.dims()[0] != 1 {
-            return Err(CacheError::Config("DynaKvCache supports batch size 1".into()));
+            return Err(CacheError::Config(
+                "DynaKvCache supports batch size 1".into(),
+            ));
         }
         let k = match self.bases.placement {
             RopePlacement::Pre => k_pre,
@@ -259,10 +290,18 @@ impl AttentionCache for DynaKvCache {
         let lat_k = (joint(k) - b.mean[0].clone().unsqueeze()).matmul(b.enc[0].clone());
         let lat_v = (joint(v) - b.mean[1].clone().unsqueeze()).matmul(b.enc[1].clone());
         let rk = policy_ranks(self.policy.as_ref(), layer, KvKind::Key, &lat_k, positions)?;
-        let rv = policy_ranks(self.policy.as_ref(), layer, KvKind::Value, &lat_v, positions)?;
+        let rv = policy_ranks(
+            self.policy.as_ref(),
+            layer,
+            KvKind::Value,
+            &lat_v,
+            positions,
+        )?;
         for r in rk.iter().chain(&rv) {
             if !self.bases.levels.contains(*r) {
-                return Err(CacheError::Config(format!("policy returned rank {r}, not a level")));
+                return Err(CacheError::Config(format!(
+                    "policy returned rank {r}, not a level"
+                )));
             }
         }
         let first = self.layers[layer].next_id;
@@ -272,7 +311,12 @@ impl AttentionCache for DynaKvCache {
         Ok(())
     }
 
-    fn attend(&mut self, layer: usize, q_rot: Tensor<4>, positions: &[usize]) -> Result<Tensor<4>, CacheError> {
+    fn attend(
+        &mut self,
+        layer: usize,
+        q_rot: Tensor<4>,
+        positions: &[usize],
+    ) -> Result<Tensor<4>, CacheError> {
         self.geometry.check_layer(layer)?;
         self.geometry.check_q(&q_rot, positions)?;
         let g = self.geometry;
@@ -282,7 +326,9 @@ impl AttentionCache for DynaKvCache {
         let store = &self.layers[layer];
         let b = &self.bases.layers[layer];
         if store.buckets[0].is_empty() || store.buckets[1].is_empty() {
-            return Err(CacheError::Config(format!("attend on layer {layer} with nothing stored")));
+            return Err(CacheError::Config(format!(
+                "attend on layer {layer} with nothing stored"
+            )));
         }
         let q = q_rot.reshape([bsz, hk, groups * t, dh]);
         // Scores per key bucket, in key-bucket order.
@@ -293,7 +339,8 @@ impl AttentionCache for DynaKvCache {
             let n = bk.positions.len();
             let s = match self.bases.placement {
                 RopePlacement::Pre => {
-                    let keys = bk.lat.clone().matmul(b.dec_k.clone().narrow(0, 0, bk.rank)) + b.mean[0].clone().unsqueeze();
+                    let keys = bk.lat.clone().matmul(b.dec_k.clone().narrow(0, 0, bk.rank))
+                        + b.mean[0].clone().unsqueeze();
                     let keys = keys.reshape([1, n, hk, dh]).swap_dims(1, 2);
                     let keys = self.rope.apply(keys, &bk.positions)?;
                     q.clone().matmul(keys.swap_dims(2, 3))
@@ -342,7 +389,8 @@ impl AttentionCache for DynaKvCache {
             });
         }
         let z = z.ok_or_else(|| CacheError::Config("no value buckets".into()))?;
-        let out = z.matmul(b.dec_v_heads.clone().unsqueeze::<4>()) + b.mean_v_heads.clone().unsqueeze::<4>();
+        let out = z.matmul(b.dec_v_heads.clone().unsqueeze::<4>())
+            + b.mean_v_heads.clone().unsqueeze::<4>();
         Ok(out.reshape([bsz, h, t, dh]))
     }
 
@@ -383,7 +431,9 @@ mod tests {
         let mut s = 7u64;
         let rows: Vec<f32> = (0..64 * d)
             .map(|i| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * (1 + i % d) as f32 + 0.3
             })
             .collect();
@@ -450,7 +500,13 @@ mod tests {
         Tensor::random(shape, Distribution::Normal(0.0, 1.0), &default_device())
     }
 
-    fn run(cache: &mut dyn AttentionCache, q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, chunks: &[usize]) -> Tensor<4> {
+    fn run(
+        cache: &mut dyn AttentionCache,
+        q: &Tensor<4>,
+        k: &Tensor<4>,
+        v: &Tensor<4>,
+        chunks: &[usize],
+    ) -> Tensor<4> {
         let mut outs = Vec::new();
         let mut start = 0;
         for &c in chunks {
@@ -474,13 +530,18 @@ mod tests {
     fn full_rank_equals_dense_for_both_placements_and_any_chunking() {
         let device = default_device();
         let rope = Rope::new(4, 4, 10_000.0, 64, &device).unwrap();
-        let (q, k, v) = (rand4([1, 4, 10, 4]), rand4([1, 2, 10, 4]), rand4([1, 2, 10, 4]));
+        let (q, k, v) = (
+            rand4([1, 4, 10, 4]),
+            rand4([1, 2, 10, 4]),
+            rand4([1, 2, 10, 4]),
+        );
         let mut dense = DenseCache::new(G, rope.clone()).unwrap();
         let want = run(&mut dense, &q, &k, &v, &[10]);
         for placement in [RopePlacement::Pre, RopePlacement::Post] {
             let bases = Arc::new(DynaKvBases::new(&artifact(placement), G, &device).unwrap());
             for chunks in [vec![10], vec![1; 10], vec![3, 1, 6]] {
-                let mut c = DynaKvCache::new(G, rope.clone(), bases.clone(), Arc::new(Fixed(8))).unwrap();
+                let mut c =
+                    DynaKvCache::new(G, rope.clone(), bases.clone(), Arc::new(Fixed(8))).unwrap();
                 let got = run(&mut c, &q, &k, &v, &chunks);
                 let diff: f32 = (got - want.clone()).abs().max().into_scalar();
                 assert!(diff < 1e-4, "{placement:?} {chunks:?}: {diff}");
@@ -494,7 +555,11 @@ mod tests {
         let rope = Rope::new(4, 4, 10_000.0, 64, &device).unwrap();
         let bases = Arc::new(DynaKvBases::new(&artifact(RopePlacement::Pre), G, &device).unwrap());
         let mut c = DynaKvCache::new(G, rope, bases, Arc::new(Cycle)).unwrap();
-        let (q, k, v) = (rand4([1, 4, 13, 4]), rand4([1, 2, 13, 4]), rand4([1, 2, 13, 4]));
+        let (q, k, v) = (
+            rand4([1, 4, 13, 4]),
+            rand4([1, 2, 13, 4]),
+            rand4([1, 2, 13, 4]),
+        );
         let out = run(&mut c, &q, &k, &v, &[5, 1, 1, 6]);
         let vals: Vec<f32> = out.into_data().try_into_vec_as::<f32>().unwrap();
         assert!(vals.iter().all(|x| x.is_finite()));
@@ -520,9 +585,15 @@ mod tests {
         let rope = Rope::new(4, 4, 10_000.0, 64, &device).unwrap();
         let bases = Arc::new(DynaKvBases::new(&artifact(RopePlacement::Pre), G, &device).unwrap());
         let mut c = DynaKvCache::new(G, rope, bases, Arc::new(Fixed(3))).unwrap();
-        let err = c.append(0, rand4([1, 2, 2, 4]), rand4([1, 2, 2, 4]), &[0, 1]).unwrap_err();
+        let err = c
+            .append(0, rand4([1, 2, 2, 4]), rand4([1, 2, 2, 4]), &[0, 1])
+            .unwrap_err();
         assert!(err.to_string().contains("not a level"), "{err}");
-        let other = CacheGeometry { n_kv_heads: 1, n_heads: 2, ..G };
+        let other = CacheGeometry {
+            n_kv_heads: 1,
+            n_heads: 2,
+            ..G
+        };
         assert!(DynaKvBases::new(&artifact(RopePlacement::Pre), other, &device).is_err());
     }
 }

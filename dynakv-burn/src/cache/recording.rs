@@ -94,7 +94,13 @@ fn joint(x: Tensor<4>) -> Tensor<2> {
 }
 
 impl AttentionCache for RecordingCache {
-    fn append(&mut self, layer: usize, k_pre: Tensor<4>, v: Tensor<4>, positions: &[usize]) -> Result<(), CacheError> {
+    fn append(
+        &mut self,
+        layer: usize,
+        k_pre: Tensor<4>,
+        v: Tensor<4>,
+        positions: &[usize],
+    ) -> Result<(), CacheError> {
         let k = match self.placement {
             RopePlacement::Pre => k_pre.clone(),
             RopePlacement::Post => self.rope.apply(k_pre.clone(), positions)?,
@@ -110,13 +116,20 @@ impl AttentionCache for RecordingCache {
             }
         } else {
             let m = &mut self.recorded.moments[layer];
-            m[0].add_rows(&kr).map_err(|e| CacheError::Config(e.to_string()))?;
-            m[1].add_rows(&vr).map_err(|e| CacheError::Config(e.to_string()))?;
+            m[0].add_rows(&kr)
+                .map_err(|e| CacheError::Config(e.to_string()))?;
+            m[1].add_rows(&vr)
+                .map_err(|e| CacheError::Config(e.to_string()))?;
         }
         self.inner.append(layer, k_pre, v, positions)
     }
 
-    fn attend(&mut self, layer: usize, q_rot: Tensor<4>, positions: &[usize]) -> Result<Tensor<4>, CacheError> {
+    fn attend(
+        &mut self,
+        layer: usize,
+        q_rot: Tensor<4>,
+        positions: &[usize],
+    ) -> Result<Tensor<4>, CacheError> {
         if !self.raw_mode {
             let [_, h, t, d] = q_rot.dims();
             let sq = to_vec(q_rot.clone().powf_scalar(2.0).sum_dim(2).reshape([h, d]))?;

@@ -134,7 +134,13 @@ impl RankPolicy for EnergyPolicy {
         "energy"
     }
 
-    fn ranks(&self, layer: usize, kind: KvKind, latents: &[f32], positions: &[usize]) -> Vec<usize> {
+    fn ranks(
+        &self,
+        layer: usize,
+        kind: KvKind,
+        latents: &[f32],
+        positions: &[usize],
+    ) -> Vec<usize> {
         let k = kind.index();
         let mean = &self.mean_latents[layer][k];
         let tau = self.thresholds[layer][k];
@@ -142,7 +148,14 @@ impl RankPolicy for EnergyPolicy {
         latents
             .chunks_exact(d)
             .take(positions.len())
-            .map(|l| rule_rank(self.rule, &TailProfile::new(l, mean, &self.levels).rel, tau, &self.levels))
+            .map(|l| {
+                rule_rank(
+                    self.rule,
+                    &TailProfile::new(l, mean, &self.levels).rel,
+                    tau,
+                    &self.levels,
+                )
+            })
             .collect()
     }
 }
@@ -169,7 +182,11 @@ mod tests {
         let mean = vec![5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
         // ordinary tokens: decaying spectra of varying spread
         let mut lat: Vec<Vec<f32>> = (0..40)
-            .map(|i| (0..8).map(|j| (1.0 + (i % 5) as f32) / (1.0 + j as f32).powi(2)).collect())
+            .map(|i| {
+                (0..8)
+                    .map(|j| (1.0 + (i % 5) as f32) / (1.0 + j as f32).powi(2))
+                    .collect()
+            })
             .collect();
         // a sink: its uncentred vector is near zero (latent = -mean) plus detail
         let sink = vec![-5.0, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3];
@@ -179,14 +196,33 @@ mod tests {
             .into_iter()
             .flat_map(|b| [(b, EnergyRule::Threshold), (b, EnergyRule::Lagrange)])
         {
-            let p = EnergyPolicy::fit(&s, vec![[mean.clone(), mean.clone()]], &levels, budget, 1.0, rule).unwrap();
+            let p = EnergyPolicy::fit(
+                &s,
+                vec![[mean.clone(), mean.clone()]],
+                &levels,
+                budget,
+                1.0,
+                rule,
+            )
+            .unwrap();
             let flat: Vec<f32> = lat.iter().flatten().copied().collect();
             let pos: Vec<usize> = (0..lat.len()).collect();
             let r = p.ranks(0, KvKind::Value, &flat, &pos);
             let mean_r = r.iter().sum::<usize>() as f64 / (r.len() * 8) as f64;
-            assert!((mean_r - budget).abs() < 0.1, "{rule:?} budget {budget}: {mean_r}");
+            assert!(
+                (mean_r - budget).abs() < 0.1,
+                "{rule:?} budget {budget}: {mean_r}"
+            );
             assert_eq!(*r.last().unwrap(), 8, "the sink keeps full rank");
         }
-        assert!(EnergyPolicy::fit(&s, vec![[mean.clone(), mean]], &levels, 1.2, 1.0, EnergyRule::Threshold).is_err());
+        assert!(EnergyPolicy::fit(
+            &s,
+            vec![[mean.clone(), mean]],
+            &levels,
+            1.2,
+            1.0,
+            EnergyRule::Threshold
+        )
+        .is_err());
     }
 }

@@ -41,7 +41,8 @@ pub trait RankPolicy: Send + Sync + std::fmt::Debug {
     /// One rank (a level) per token.
     ///
     /// `latents` is row-major `[n, dim]` in basis order; `positions` has `n` entries.
-    fn ranks(&self, layer: usize, kind: KvKind, latents: &[f32], positions: &[usize]) -> Vec<usize>;
+    fn ranks(&self, layer: usize, kind: KvKind, latents: &[f32], positions: &[usize])
+        -> Vec<usize>;
 
     /// Whether [`RankPolicy::ranks`] reads the latents (if not, a cache need
     /// not copy them off the device).

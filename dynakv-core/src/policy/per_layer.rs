@@ -41,7 +41,9 @@ impl PerLayerPolicy {
             .map(|l| {
                 [0, 1].map(|k| {
                     (0..lv.len())
-                        .map(|i| (0..n).map(|t| sample.row(l, k, t)[i] as f64).sum::<f64>() / n as f64)
+                        .map(|i| {
+                            (0..n).map(|t| sample.row(l, k, t)[i] as f64).sum::<f64>() / n as f64
+                        })
                         .collect()
                 })
             })
@@ -85,7 +87,13 @@ impl RankPolicy for PerLayerPolicy {
         false
     }
 
-    fn ranks(&self, layer: usize, kind: KvKind, _latents: &[f32], positions: &[usize]) -> Vec<usize> {
+    fn ranks(
+        &self,
+        layer: usize,
+        kind: KvKind,
+        _latents: &[f32],
+        positions: &[usize],
+    ) -> Vec<usize> {
         let r = self.ranks.get(layer).map_or(self.full, |p| p[kind.index()]);
         positions
             .iter()

@@ -15,9 +15,15 @@ pub struct UniformPolicy {
 
 impl UniformPolicy {
     /// The level nearest to `budget * dim`.
-    pub fn for_budget(budget: f64, levels: &RankLevels, sink_tokens: usize) -> Result<Self, CoreError> {
+    pub fn for_budget(
+        budget: f64,
+        levels: &RankLevels,
+        sink_tokens: usize,
+    ) -> Result<Self, CoreError> {
         check_budget(budget)?;
-        let rank = levels.nearest(budget * levels.full() as f64).max(levels.as_slice()[1]);
+        let rank = levels
+            .nearest(budget * levels.full() as f64)
+            .max(levels.as_slice()[1]);
         Ok(Self {
             rank,
             sink_tokens,
@@ -35,11 +41,23 @@ impl RankPolicy for UniformPolicy {
         false
     }
 
-    fn ranks(&self, _layer: usize, _kind: KvKind, latents: &[f32], positions: &[usize]) -> Vec<usize> {
+    fn ranks(
+        &self,
+        _layer: usize,
+        _kind: KvKind,
+        latents: &[f32],
+        positions: &[usize],
+    ) -> Vec<usize> {
         let _ = latents;
         positions
             .iter()
-            .map(|&p| if p < self.sink_tokens { self.full } else { self.rank })
+            .map(|&p| {
+                if p < self.sink_tokens {
+                    self.full
+                } else {
+                    self.rank
+                }
+            })
             .collect()
     }
 }
@@ -53,7 +71,10 @@ mod tests {
         let l = RankLevels::multiples(8, 192).unwrap();
         let p = UniformPolicy::for_budget(0.30, &l, 1).unwrap();
         assert_eq!(p.rank, 56);
-        assert_eq!(p.ranks(3, KvKind::Value, &[0.0; 192 * 3], &[0, 1, 2]), vec![192, 56, 56]);
+        assert_eq!(
+            p.ranks(3, KvKind::Value, &[0.0; 192 * 3], &[0, 1, 2]),
+            vec![192, 56, 56]
+        );
         assert!(UniformPolicy::for_budget(0.0, &l, 1).is_err());
         assert!(UniformPolicy::for_budget(1.5, &l, 1).is_err());
     }

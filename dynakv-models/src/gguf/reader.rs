@@ -150,7 +150,9 @@ impl<'a> Cursor<'a> {
                 }
                 let elem = self.u32(key)?;
                 let min = min_value_size(elem).ok_or_else(|| {
-                    ModelError::Gguf(format!("metadata `{key}`: unknown array element type {elem}"))
+                    ModelError::Gguf(format!(
+                        "metadata `{key}`: unknown array element type {elem}"
+                    ))
                 })?;
                 let n = self.count(version, min, key)?;
                 let mut items = Vec::with_capacity(n);
@@ -260,8 +262,12 @@ impl GgufFile {
         let info = self
             .tensor(name)
             .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
-        let data = dequantize(info.ggml_type, self.tensor_bytes(info), info.n_elements() as usize)
-            .map_err(|e| ModelError::Gguf(format!("tensor `{name}`: {e}")))?;
+        let data = dequantize(
+            info.ggml_type,
+            self.tensor_bytes(info),
+            info.n_elements() as usize,
+        )
+        .map_err(|e| ModelError::Gguf(format!("tensor `{name}`: {e}")))?;
         Ok((data, info.dims.clone()))
     }
 
@@ -271,7 +277,12 @@ impl GgufFile {
     }
 }
 
-type Header = (u32, HashMap<String, MetaValue>, Vec<String>, Vec<TensorInfo>);
+type Header = (
+    u32,
+    HashMap<String, MetaValue>,
+    Vec<String>,
+    Vec<TensorInfo>,
+);
 
 /// Parses everything before the tensor data; exposed for tests on byte buffers.
 pub(crate) fn parse_header(buf: &[u8]) -> Result<Header, ModelError> {
@@ -465,10 +476,16 @@ mod tests {
     fn bad_magic_and_version_are_named() {
         let mut buf = tiny_file();
         buf[0] = b'X';
-        assert!(parse_header(&buf).unwrap_err().to_string().contains("magic"));
+        assert!(parse_header(&buf)
+            .unwrap_err()
+            .to_string()
+            .contains("magic"));
         let mut buf = tiny_file();
         buf[4..8].copy_from_slice(&9u32.to_le_bytes());
-        assert!(parse_header(&buf).unwrap_err().to_string().contains("version"));
+        assert!(parse_header(&buf)
+            .unwrap_err()
+            .to_string()
+            .contains("version"));
     }
 
     #[test]

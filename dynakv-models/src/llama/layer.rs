@@ -33,7 +33,12 @@ pub fn rms_norm(x: Tensor<2>, w: &Tensor<1>, eps: f64) -> Tensor<2> {
 }
 
 impl Block {
-    pub fn load(gguf: &GgufFile, i: usize, c: &LlamaConfig, device: &Device) -> Result<Self, ModelError> {
+    pub fn load(
+        gguf: &GgufFile,
+        i: usize,
+        c: &LlamaConfig,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
         let n = |s: &str| format!("blk.{i}.{s}.weight");
         let (d, kv) = (c.d_model, c.n_kv_heads * c.head_dim);
         let q = c.n_heads * c.head_dim;

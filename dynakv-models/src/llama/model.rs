@@ -51,14 +51,25 @@ impl LlamaModel {
             Some(_) => Some(raw_rows(gguf, "output.weight", c.d_model, c.vocab_size)?),
             None => None,
         };
-        let output_t = transpose_rows(output_rows.as_deref().unwrap_or(&emb_rows), c.vocab_size, c.d_model);
-        let output = Tensor::from_data(TensorData::new(output_t, [c.d_model, c.vocab_size]), device);
+        let output_t = transpose_rows(
+            output_rows.as_deref().unwrap_or(&emb_rows),
+            c.vocab_size,
+            c.d_model,
+        );
+        let output =
+            Tensor::from_data(TensorData::new(output_t, [c.d_model, c.vocab_size]), device);
         let embed = Tensor::from_data(TensorData::new(emb_rows, [c.vocab_size, c.d_model]), device);
         let blocks = (0..c.n_layers)
             .map(|i| Block::load(gguf, i, &c, device))
             .collect::<Result<Vec<_>, _>>()?;
         let norm = vector(gguf, "output_norm.weight", c.d_model, device)?;
-        let rope = Rope::new(c.head_dim, c.rope_dim, c.rope_base, c.context_length, device)?;
+        let rope = Rope::new(
+            c.head_dim,
+            c.rope_dim,
+            c.rope_base,
+            c.context_length,
+            device,
+        )?;
         Ok(Self {
             config: c,
             embed,
@@ -101,7 +112,10 @@ impl LlamaModel {
         if tokens.is_empty() {
             return Err(ModelError::InvalidInput("no tokens".into()));
         }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+        if let Some(&bad) = tokens
+            .iter()
+            .find(|&&t| t as usize >= self.config.vocab_size)
+        {
             return Err(ModelError::InvalidInput(format!(
                 "token id {bad} is outside the vocabulary ({})",
                 self.config.vocab_size
@@ -134,7 +148,9 @@ impl LlamaModel {
         start_pos: usize,
         cache: &mut dyn AttentionCache,
     ) -> Result<Tensor<2>, ModelError> {
-        Ok(self.hidden(tokens, start_pos, cache)?.matmul(self.output.clone()))
+        Ok(self
+            .hidden(tokens, start_pos, cache)?
+            .matmul(self.output.clone()))
     }
 
     /// Logits of the last new token only (generation).
@@ -150,7 +166,9 @@ impl LlamaModel {
         let h = self.hidden(tokens, start_pos, cache)?;
         let t = h.dims()[0];
         let last = h.slice([t - 1..t]);
-        Ok(last.matmul(self.output.clone()).reshape([self.config.vocab_size]))
+        Ok(last
+            .matmul(self.output.clone())
+            .reshape([self.config.vocab_size]))
     }
 
     /// Negative log-likelihood of each next token and the model's top-1 guess.
@@ -162,7 +180,9 @@ impl LlamaModel {
         cache: &mut dyn AttentionCache,
     ) -> Result<(Vec<f32>, Vec<u32>), ModelError> {
         if tokens.len() < 2 {
-            return Err(ModelError::InvalidInput("need at least 2 tokens to score".into()));
+            return Err(ModelError::InvalidInput(
+                "need at least 2 tokens to score".into(),
+            ));
         }
         let logits = self.forward(&tokens[..tokens.len() - 1], 0, cache)?;
         Ok(nll_and_top1(logits, &tokens[1..]))
@@ -176,10 +196,19 @@ impl LlamaModel {
 pub fn nll_and_top1(logits: Tensor<2>, targets: &[u32]) -> (Vec<f32>, Vec<u32>) {
     let t = targets.len();
     let device = logits.device();
-    let top1: Vec<i64> = logits.clone().argmax(1).into_data().try_into_vec_as::<i64>().unwrap_or_default();
+    let top1: Vec<i64> = logits
+        .clone()
+        .argmax(1)
+        .into_data()
+        .try_into_vec_as::<i64>()
+        .unwrap_or_default();
     let idx: Vec<i64> = targets.iter().map(|&x| x as i64).collect();
     let idx = Tensor::<2, Int>::from_data(TensorData::new(idx, [t, 1]), &device);
     let lp = log_softmax(logits, 1).gather(1, idx);
-    let nll: Vec<f32> = lp.neg().into_data().try_into_vec_as::<f32>().unwrap_or_default();
+    let nll: Vec<f32> = lp
+        .neg()
+        .into_data()
+        .try_into_vec_as::<f32>()
+        .unwrap_or_default();
     (nll, top1.into_iter().map(|x| x as u32).collect())
 }

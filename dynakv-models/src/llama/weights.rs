@@ -9,7 +9,12 @@ use crate::gguf::GgufFile;
 ///
 /// # Shapes
 /// returns `[n]`
-pub fn vector(gguf: &GgufFile, name: &str, n: usize, device: &Device) -> Result<Tensor<1>, ModelError> {
+pub fn vector(
+    gguf: &GgufFile,
+    name: &str,
+    n: usize,
+    device: &Device,
+) -> Result<Tensor<1>, ModelError> {
     let (data, dims) = gguf.tensor_f32(name)?;
     if dims != [n as u64] {
         return Err(ModelError::TensorShape {
@@ -45,7 +50,12 @@ pub fn linear(
 }
 
 /// The raw `[rows][row_len]` data of a 2-D tensor (an embedding table).
-pub fn raw_rows(gguf: &GgufFile, name: &str, row_len: usize, rows: usize) -> Result<Vec<f32>, ModelError> {
+pub fn raw_rows(
+    gguf: &GgufFile,
+    name: &str,
+    row_len: usize,
+    rows: usize,
+) -> Result<Vec<f32>, ModelError> {
     let (data, dims) = gguf.tensor_f32(name)?;
     if dims != [row_len as u64, rows as u64] {
         return Err(ModelError::TensorShape {
