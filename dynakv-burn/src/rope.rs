@@ -28,7 +28,11 @@ impl Rope {
         max_positions: usize,
         device: &Device,
     ) -> Result<Self, CacheError> {
-        if n_rot % 2 != 0 || n_rot > head_dim || head_dim % 2 != 0 || max_positions == 0 {
+        if !n_rot.is_multiple_of(2)
+            || n_rot > head_dim
+            || !head_dim.is_multiple_of(2)
+            || max_positions == 0
+        {
             return Err(CacheError::Config(format!(
                 "RoPE needs even n_rot <= head_dim and positions > 0 (n_rot {n_rot}, head_dim {head_dim}, positions {max_positions})"
             )));

@@ -178,8 +178,8 @@ pub fn query_metric(q_energy: &[Vec<f64>], n_kv_heads: usize, head_dim: usize) -
     for g in 0..n_kv_heads {
         for p in 0..head_dim / 2 {
             let mut e = 0.0;
-            for h in g * groups..(g + 1) * groups {
-                e += (q_energy[h][2 * p] + q_energy[h][2 * p + 1]) / 2.0;
+            for q in &q_energy[g * groups..(g + 1) * groups] {
+                e += (q[2 * p] + q[2 * p + 1]) / 2.0;
             }
             for i in [2 * p, 2 * p + 1] {
                 let k = g * head_dim + i;
@@ -300,7 +300,7 @@ mod tests {
         let q = vec![vec![1.0, 3.0, 2.0, 2.0]; 4]; // 4 query heads, head_dim 4
         let m = query_metric(&q, 2, 4);
         assert_eq!(m[0], 2.0);
-        assert_eq!(m[1 * 8 + 1], 2.0);
+        assert_eq!(m[8 + 1], 2.0);
         assert_eq!(m[1], 0.0);
         let wo: Vec<f32> = (0..4 * 4 * 3).map(|i| i as f32 * 0.1).collect(); // [16, 3]
         let m = output_metric(&wo, 4, 2, 4);

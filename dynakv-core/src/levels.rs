@@ -15,7 +15,7 @@ pub struct RankLevels {
 impl RankLevels {
     /// Multiples of `step` up to `dim`, with 0 (the default: step 8).
     pub fn multiples(step: usize, dim: usize) -> Result<Self, CoreError> {
-        if step == 0 || dim == 0 || dim % step != 0 {
+        if step == 0 || dim == 0 || !dim.is_multiple_of(step) {
             return Err(CoreError::Invalid {
                 field: "levels",
                 message: format!("step {step} must divide dim {dim}"),

@@ -37,7 +37,7 @@ impl MomentAccumulator {
 
     /// Adds the rows of a row-major `[n, dim]` matrix.
     pub fn add_rows(&mut self, rows: &[f32]) -> Result<(), CoreError> {
-        if self.dim == 0 || rows.len() % self.dim != 0 {
+        if self.dim == 0 || !rows.len().is_multiple_of(self.dim) {
             return Err(CoreError::Invalid {
                 field: "rows",
                 message: format!(

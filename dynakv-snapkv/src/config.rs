@@ -51,7 +51,7 @@ impl SnapKvConfig {
                 message: "must be at least 1".into(),
             });
         }
-        if self.kernel % 2 == 0 {
+        if self.kernel.is_multiple_of(2) {
             return Err(SnapKvError::Invalid {
                 field: "kernel",
                 message: format!("must be odd, got {}", self.kernel),

@@ -80,7 +80,7 @@ pub fn perplexity(
         // Feed all ctx tokens so the cache holds the whole window; score ctx - 1.
         let logits = model.forward(w, 0, cache.as_mut())?;
         let t = w.len();
-        let logits = logits.slice([0..t - 1]);
+        let logits = logits.narrow(0, 0, t - 1);
         let (nll, top1) = dynakv_models::llama::nll_and_top1(logits, &w[1..]);
         let f = cache.footprint();
         bytes += f.bytes() as f64;

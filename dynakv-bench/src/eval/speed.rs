@@ -24,7 +24,7 @@ fn median(mut xs: Vec<f64>) -> f64 {
 
 fn sync(t: burn::tensor::Tensor<1>) {
     // Reading one value forces the backend to finish the work.
-    let _ = t.slice([0..1]).into_data();
+    let _ = t.narrow(0, 0, 1).into_data();
 }
 
 /// Prefill of `n` tokens from an empty cache (logits of the last token only).

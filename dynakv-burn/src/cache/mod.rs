@@ -28,7 +28,7 @@ impl CacheGeometry {
         if self.n_layers == 0 || self.n_kv_heads == 0 || self.head_dim == 0 {
             return Err(CacheError::Config(format!("empty geometry {self:?}")));
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(CacheError::Config(format!(
                 "n_heads {} is not a multiple of n_kv_heads {}",
                 self.n_heads, self.n_kv_heads

@@ -43,7 +43,11 @@ impl LlamaConfig {
             Some(_) => gguf.meta_u64(&key("attention.head_count_kv"))? as usize,
             None => n_heads,
         };
-        if n_heads == 0 || n_kv_heads == 0 || d_model % n_heads != 0 || n_heads % n_kv_heads != 0 {
+        if n_heads == 0
+            || n_kv_heads == 0
+            || !d_model.is_multiple_of(n_heads)
+            || !n_heads.is_multiple_of(n_kv_heads)
+        {
             return Err(ModelError::Unsupported(format!(
                 "heads: {n_heads} query, {n_kv_heads} KV, d_model {d_model}"
             )));

@@ -165,7 +165,7 @@ impl LlamaModel {
     ) -> Result<Tensor<1>, ModelError> {
         let h = self.hidden(tokens, start_pos, cache)?;
         let t = h.dims()[0];
-        let last = h.slice([t - 1..t]);
+        let last = h.narrow(0, t - 1, 1);
         Ok(last
             .matmul(self.output.clone())
             .reshape([self.config.vocab_size]))

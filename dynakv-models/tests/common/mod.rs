@@ -1,4 +1,5 @@
 //! The real default model, loaded once per test binary.
+#![allow(dead_code)] // each test binary uses part of it
 
 use std::sync::OnceLock;
 
