@@ -10,7 +10,7 @@ use dynakv_core::policy::{
 };
 use dynakv_models::{LlamaModel, ModelError};
 
-use crate::calibrate::model_identity;
+use crate::calibrate::{core_err, model_identity};
 
 /// Options of a DynaKV cache.
 #[derive(Debug, Clone)]
@@ -23,10 +23,6 @@ pub struct DynaKvSpec {
     pub key_factor: f32,
     /// Energy policy: threshold or lagrange rule.
     pub energy_rule: EnergyRule,
-}
-
-fn core_err(e: dynakv_core::CoreError) -> ModelError {
-    ModelError::InvalidInput(e.to_string())
 }
 
 /// Builds the policy for a budget from an artifact's calibration sample.

@@ -23,7 +23,8 @@ pub struct CalibrateConfig {
     pub level_step: usize,
 }
 
-fn core_err(e: dynakv_core::CoreError) -> ModelError {
+/// A core-math error as a model-layer error (the CLI reports either).
+pub fn core_err(e: dynakv_core::CoreError) -> ModelError {
     ModelError::InvalidInput(e.to_string())
 }
 

@@ -17,7 +17,7 @@ use dynakv_core::budget::CacheFootprint;
 use dynakv_core::levels::RankLevels;
 use dynakv_core::policy::{KvKind, RankPolicy};
 
-use super::{AttentionCache, CacheGeometry};
+use super::{joint, AttentionCache, CacheGeometry};
 use crate::attention::causal_mask;
 use crate::error::CacheError;
 use crate::rope::Rope;
@@ -241,12 +241,6 @@ impl DynaKvCache {
             }
         }
     }
-}
-
-/// `[1, H_kv, T, D] -> [T, H_kv * D]`
-fn joint(x: Tensor<4>) -> Tensor<2> {
-    let [_, hk, t, dh] = x.dims();
-    x.swap_dims(1, 2).reshape([t, hk * dh])
 }
 
 fn policy_ranks(

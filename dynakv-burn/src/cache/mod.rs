@@ -13,6 +13,15 @@ use dynakv_core::budget::CacheFootprint;
 
 use crate::error::CacheError;
 
+/// The joint vector of all heads of each token (what DynaKV's bases act on).
+///
+/// # Shapes
+/// - `x`: `[1, H, T, D]`; returns `[T, H * D]`
+pub(crate) fn joint(x: Tensor<4>) -> Tensor<2> {
+    let [_, h, t, d] = x.dims();
+    x.swap_dims(1, 2).reshape([t, h * d])
+}
+
 /// Attention geometry of a model, as a cache needs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheGeometry {

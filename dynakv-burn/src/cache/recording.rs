@@ -7,7 +7,7 @@ use burn::tensor::Tensor;
 use dynakv_core::artifact::RopePlacement;
 use dynakv_core::stats::MomentAccumulator;
 
-use super::{AttentionCache, CacheGeometry, DenseCache};
+use super::{joint, AttentionCache, CacheGeometry, DenseCache};
 use crate::error::CacheError;
 use crate::rope::Rope;
 
@@ -85,12 +85,6 @@ impl RecordingCache {
     pub fn into_recorded(self) -> Recorded {
         self.recorded
     }
-}
-
-/// `[1, H, T, D] -> [T, H * D]`
-fn joint(x: Tensor<4>) -> Tensor<2> {
-    let [_, h, t, d] = x.dims();
-    x.swap_dims(1, 2).reshape([t, h * d])
 }
 
 impl AttentionCache for RecordingCache {
