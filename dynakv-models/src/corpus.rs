@@ -2,11 +2,12 @@
 //! and `eval` (even-numbered).
 //!
 //! Each file holds `word/tag` tokens in paragraphs. Detokenisation: tags are
-//! stripped at the last `/`; the corpus's `` and '' quotes become `"`; words are
-//! joined by single spaces except that no space goes before `, . ; : ? ! ) '' 's`
-//! -like closing punctuation or after an opening `` or `(`; paragraphs are
-//! joined by "\n". The rule is simple and documented so that anyone can
-//! reproduce the token stream.
+//! stripped at the last `/`; the corpus's ``` `` ``` and `''` quotes become `"`,
+//! alternating opening and closing within a paragraph; words are joined by
+//! single spaces, except none before `, . ; : ? ! ) 's '` or a closing quote and
+//! none after `(` or an opening quote; paragraphs are joined by "\n". The rule
+//! is documented (`docs/protocol.md`) and mirrored in `tools/brown_text.py` so
+//! that anyone can reproduce the token stream.
 
 use std::fs;
 use std::path::{Path, PathBuf};
