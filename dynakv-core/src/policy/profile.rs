@@ -37,15 +37,11 @@ impl TailProfile {
             .collect();
         Self { rel }
     }
-
-    /// The smallest non-zero level whose relative error is at most `tau`.
-    /// (Rank 0 would evict the token; dropping tokens is SnapKV's decision.)
-    pub fn rank_for(&self, tau: f32, levels: &RankLevels) -> usize {
-        rank_for(&self.rel, tau, levels)
-    }
 }
 
-/// [`TailProfile::rank_for`] on a borrowed profile row.
+/// The smallest non-zero level of a profile row whose relative error is at
+/// most `tau`. (Rank 0 would evict the token; dropping tokens is SnapKV's
+/// decision.)
 pub fn rank_for(rel: &[f32], tau: f32, levels: &RankLevels) -> usize {
     let lv = levels.as_slice();
     for (i, &e) in rel.iter().enumerate().skip(1) {

@@ -45,10 +45,9 @@ impl RankPolicy for UniformPolicy {
         &self,
         _layer: usize,
         _kind: KvKind,
-        latents: &[f32],
+        _latents: &[f32],
         positions: &[usize],
     ) -> Vec<usize> {
-        let _ = latents;
         positions
             .iter()
             .map(|&p| {
