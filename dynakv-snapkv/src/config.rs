@@ -1,9 +1,10 @@
-//! SnapKV configuration with validation.
+//! SnapKV configuration: the knobs of the method spec §4, two presets, and
+//! validation that names the bad field.
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-/// A bad SnapKV configuration, naming the field.
+/// A bad SnapKV configuration or input, naming the field.
 #[derive(Debug, Error, PartialEq)]
 pub enum SnapKvError {
     #[error("invalid `{field}`: {message}")]
@@ -11,65 +12,145 @@ pub enum SnapKvError {
         field: &'static str,
         message: String,
     },
+    #[error("shape mismatch for {what}: {message}")]
+    Shape { what: &'static str, message: String },
+    #[error("reading scores back from the device: {0}")]
+    Data(String),
 }
 
-/// How the pooled votes are reduced.
+/// How the pooled votes are smoothed along the sequence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Pooling {
+    /// PyTorch `avg_pool1d(padding = k/2)`: zero padding counts in the divisor
+    /// (kvpress).
     Avg,
+    /// PyTorch `max_pool1d(padding = k/2)`: padding never wins (original code).
     Max,
+}
+
+/// How the window queries' attention weights are combined per key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Vote {
+    /// Sum over window queries (the original SnapKV code).
+    Sum,
+    /// Mean over window queries (kvpress). Same ranking as `Sum`.
+    Mean,
+}
+
+/// At which granularity tokens are selected when query heads share KV heads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GqaScores {
+    /// One selection per KV head: pooled scores averaged over the query heads
+    /// of its group (kvpress).
+    KvHead,
+    /// One selection per layer: pooled scores averaged over every query head.
+    /// DynaKV's joint basis stores all KV heads of a token together, so a
+    /// composed cache needs this.
+    Layer,
+    /// One selection per query head (the original code, which repeats K/V).
+    QueryHead,
+}
+
+/// How many tokens survive.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeepBudget {
+    /// Fraction of tokens removed, in [0, 1): kept = floor(L (1 - r)) (kvpress).
+    CompressionRatio(f64),
+    /// At most this many tokens kept; a prompt of at most C tokens is kept whole
+    /// (the original code's `max_capacity_prompt`).
+    Capacity(usize),
 }
 
 /// SnapKV settings (method spec §4).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SnapKvConfig {
-    /// Observation window: the last `window` queries vote.
+    /// Observation window: the last `window` queries vote, and the last
+    /// `window` tokens are always kept.
     pub window: usize,
-    /// Pooling kernel (odd).
+    /// Pooling kernel (odd, stride 1, padding kernel / 2).
     pub kernel: usize,
     pub pooling: Pooling,
-    /// Fraction of tokens removed, in [0, 1).
-    pub compression_ratio: f64,
+    pub vote: Vote,
+    pub gqa: GqaScores,
+    pub budget: KeepBudget,
 }
 
 impl SnapKvConfig {
-    /// kvpress defaults: w = 64, k = 5, average pooling.
+    /// kvpress's `SnapKVPress`: w = 64, k = 5, average pooling, mean vote,
+    /// one selection per KV head, budget as a compression ratio.
     pub fn kvpress(compression_ratio: f64) -> Self {
         Self {
             window: 64,
             kernel: 5,
             pooling: Pooling::Avg,
-            compression_ratio,
+            vote: Vote::Mean,
+            gqa: GqaScores::KvHead,
+            budget: KeepBudget::CompressionRatio(compression_ratio),
+        }
+    }
+
+    /// The paper's LongBench configuration: w = 32, k = 7, max pooling, sum
+    /// vote, budget as a capacity.
+    pub fn paper(capacity: usize) -> Self {
+        Self {
+            window: 32,
+            kernel: 7,
+            pooling: Pooling::Max,
+            vote: Vote::Sum,
+            gqa: GqaScores::KvHead,
+            budget: KeepBudget::Capacity(capacity),
         }
     }
 
     pub fn validate(&self) -> Result<(), SnapKvError> {
+        let bad = |field, message: String| Err(SnapKvError::Invalid { field, message });
         if self.window == 0 {
-            return Err(SnapKvError::Invalid {
-                field: "window",
-                message: "must be at least 1".into(),
-            });
+            return bad("window", "must be at least 1".into());
         }
         if self.kernel.is_multiple_of(2) {
-            return Err(SnapKvError::Invalid {
-                field: "kernel",
-                message: format!("must be odd, got {}", self.kernel),
-            });
+            return bad("kernel", format!("must be odd, got {}", self.kernel));
         }
-        if !(0.0..1.0).contains(&self.compression_ratio) {
-            return Err(SnapKvError::Invalid {
-                field: "compression_ratio",
-                message: format!("must be in [0, 1), got {}", self.compression_ratio),
-            });
+        match self.budget {
+            KeepBudget::CompressionRatio(r) if !(0.0..1.0).contains(&r) => {
+                bad("compression_ratio", format!("must be in [0, 1), got {r}"))
+            }
+            KeepBudget::Capacity(c) if c < self.window => bad(
+                "capacity",
+                format!("must be at least the window ({}), got {c}", self.window),
+            ),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
-    /// Tokens kept out of `n` (kvpress: floor(n (1 - r))), never fewer than the window.
+    /// Whether a prompt of `n` tokens is left whole: r = 0, n ≤ C, or a prompt
+    /// no longer than the window (nothing outside the window to vote on).
+    pub fn is_noop(&self, n: usize) -> bool {
+        n <= self.window
+            || match self.budget {
+                KeepBudget::CompressionRatio(r) => r == 0.0,
+                KeepBudget::Capacity(c) => n <= c,
+            }
+    }
+
+    /// Tokens kept out of `n`, window included.
+    ///
+    /// Ratio: floor(n (1 - r)) as in kvpress; capacity: C. Either way the count
+    /// is raised to the window when it would be smaller (kvpress would then
+    /// drop window tokens by an arbitrary tie-break; here the window is always
+    /// whole and the shortfall is reported by the kept count).
     pub fn n_kept(&self, n: usize) -> usize {
-        let kept = (n as f64 * (1.0 - self.compression_ratio)).floor() as usize;
-        kept.max(self.window.min(n))
+        if self.is_noop(n) {
+            return n;
+        }
+        let kept = match self.budget {
+            KeepBudget::CompressionRatio(r) => (n as f64 * (1.0 - r)).floor() as usize,
+            KeepBudget::Capacity(c) => c,
+        };
+        kept.max(self.window).min(n)
     }
 }
 
@@ -89,21 +170,40 @@ mod tests {
                 ..
             })
         ));
-        let c = SnapKvConfig::kvpress(1.0);
+        for r in [1.0, -0.1, f64::NAN] {
+            assert!(matches!(
+                SnapKvConfig::kvpress(r).validate(),
+                Err(SnapKvError::Invalid {
+                    field: "compression_ratio",
+                    ..
+                })
+            ));
+        }
         assert!(matches!(
-            c.validate(),
+            SnapKvConfig::paper(16).validate(),
             Err(SnapKvError::Invalid {
-                field: "compression_ratio",
+                field: "capacity",
                 ..
             })
         ));
+        let mut w = SnapKvConfig::paper(64);
+        w.window = 0;
+        assert!(w.validate().is_err());
     }
 
     #[test]
     fn kept_counts() {
         let c = SnapKvConfig::kvpress(0.75);
         assert_eq!(c.n_kept(1000), 250);
+        // Never fewer than the window.
         assert_eq!(c.n_kept(100), 64);
-        assert_eq!(SnapKvConfig::kvpress(0.0).n_kept(37), 37);
+        // Prompt within the window: whole.
+        assert_eq!(c.n_kept(50), 50);
+        assert_eq!(SnapKvConfig::kvpress(0.0).n_kept(337), 337);
+        assert_eq!(SnapKvConfig::kvpress(0.875).n_kept(2048), 256);
+        let p = SnapKvConfig::paper(1024);
+        assert!(p.is_noop(1024));
+        assert_eq!(p.n_kept(1000), 1000);
+        assert_eq!(p.n_kept(4096), 1024);
     }
 }
