@@ -11,8 +11,13 @@ pub mod device;
 mod error;
 pub mod rope;
 
+#[cfg(feature = "snapkv")]
+pub use cache::SnapKvCache;
 pub use cache::{
-    AttentionCache, CacheGeometry, DenseCache, DynaKvBases, DynaKvCache, Recorded, RecordingCache,
+    AttentionCache, CacheGeometry, DenseCache, DynaKvBases, DynaKvCache, KeepPositions,
+    PrunableCache, Recorded, RecordingCache,
 };
+#[cfg(feature = "snapkv")]
+pub use dynakv_snapkv;
 pub use error::CacheError;
 pub use rope::Rope;

@@ -1,12 +1,67 @@
 //! The uncompressed cache: what every compressed cache is measured against.
 
-use burn::tensor::Tensor;
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use dynakv_core::budget::CacheFootprint;
 
-use super::{AttentionCache, CacheGeometry};
+use super::{AttentionCache, CacheGeometry, KeepPositions, PrunableCache};
 use crate::attention::{causal_mask, gqa_attention};
 use crate::error::CacheError;
 use crate::rope::Rope;
+
+/// Positions of the stored tokens: shared by every KV head until a per-head
+/// pruning (SnapKV, kvpress style) gives each head its own token set.
+#[derive(Debug, Clone)]
+enum StoredPositions {
+    Shared(Vec<usize>),
+    PerHead(Vec<Vec<usize>>),
+}
+
+impl Default for StoredPositions {
+    fn default() -> Self {
+        Self::Shared(Vec::new())
+    }
+}
+
+impl StoredPositions {
+    fn len(&self) -> usize {
+        match self {
+            Self::Shared(p) => p.len(),
+            Self::PerHead(p) => p.first().map_or(0, Vec::len),
+        }
+    }
+
+    fn extend(&mut self, new: &[usize]) {
+        match self {
+            Self::Shared(p) => p.extend_from_slice(new),
+            Self::PerHead(p) => p.iter_mut().for_each(|h| h.extend_from_slice(new)),
+        }
+    }
+
+    /// Causal mask of queries at `q_pos` over the stored keys.
+    ///
+    /// # Shapes
+    /// returns `[1, 1, G*T, S]` (shared) or `[1, H_kv, G*T, S]` (per head).
+    fn mask(&self, q_pos: &[usize], groups: usize, device: &Device) -> Option<Tensor<4, Bool>> {
+        match self {
+            Self::Shared(p) => causal_mask(q_pos, p, groups, device),
+            Self::PerHead(heads) => {
+                let masks: Vec<Option<Tensor<4, Bool>>> = heads
+                    .iter()
+                    .map(|p| causal_mask(q_pos, p, groups, device))
+                    .collect();
+                if masks.iter().all(Option::is_none) {
+                    return None;
+                }
+                let shape = [1, 1, groups * q_pos.len(), self.len()];
+                let full = || Tensor::<4, Bool>::full(shape, false, device);
+                Some(Tensor::cat(
+                    masks.into_iter().map(|m| m.unwrap_or_else(full)).collect(),
+                    1,
+                ))
+            }
+        }
+    }
+}
 
 /// One layer's stored tokens.
 #[derive(Debug, Clone, Default)]
@@ -15,8 +70,13 @@ struct LayerStore {
     k: Option<Tensor<4>>,
     /// `[B, H_kv, S, D]`
     v: Option<Tensor<4>>,
-    positions: Vec<usize>,
+    positions: StoredPositions,
+    /// Tokens ever appended (the dense cache on the same tokens stores them all).
+    seen: usize,
 }
+
+/// Bytes of one stored position (u32) per kept key of a pruned cache.
+const POSITION_BYTES: usize = 4;
 
 /// Full-precision keys (RoPE applied on append) and values for every token.
 #[derive(Debug, Clone)]
@@ -40,13 +100,102 @@ impl DenseCache {
         self.geometry
     }
 
-    /// Stored keys (RoPE'd), values and positions of a layer.
+    /// Stored keys (RoPE'd), values and, per KV head, positions of a layer.
     ///
     /// # Shapes
     /// returns `[B, H_kv, S, D]` twice.
-    pub fn layer_kv(&self, layer: usize) -> Option<(Tensor<4>, Tensor<4>, &[usize])> {
+    pub fn layer_kv(&self, layer: usize) -> Option<(Tensor<4>, Tensor<4>, Vec<Vec<usize>>)> {
         let l = self.layers.get(layer)?;
-        Some((l.k.clone()?, l.v.clone()?, &l.positions))
+        let positions = match &l.positions {
+            StoredPositions::Shared(p) => vec![p.clone(); self.geometry.n_kv_heads],
+            StoredPositions::PerHead(p) => p.clone(),
+        };
+        Some((l.k.clone()?, l.v.clone()?, positions))
+    }
+}
+
+/// Row indices (into `stored`) of the kept positions, in stored order.
+fn kept_rows(stored: &[usize], keep: &[usize]) -> Result<Vec<i64>, CacheError> {
+    let keep: std::collections::HashSet<usize> = keep.iter().copied().collect();
+    let rows: Vec<i64> = (0..stored.len())
+        .filter(|&i| keep.contains(&stored[i]))
+        .map(|i| i as i64)
+        .collect();
+    if rows.len() != keep.len() {
+        return Err(CacheError::Config(format!(
+            "{} positions to keep, {} of them stored",
+            keep.len(),
+            rows.len()
+        )));
+    }
+    Ok(rows)
+}
+
+/// Selects rows along the sequence axis.
+///
+/// # Shapes
+/// - `x`: `[B, H, S, D]`; returns `[B, H, rows, D]`
+fn select_seq(x: Tensor<4>, rows: &[i64]) -> Tensor<4> {
+    let idx =
+        Tensor::<1, Int>::from_data(TensorData::new(rows.to_vec(), [rows.len()]), &x.device());
+    x.select(2, idx)
+}
+
+impl PrunableCache for DenseCache {
+    fn per_kv_head(&self) -> bool {
+        true
+    }
+
+    fn retain(&mut self, layer: usize, keep: &KeepPositions) -> Result<(), CacheError> {
+        self.geometry.check_layer(layer)?;
+        let hk = self.geometry.n_kv_heads;
+        let store = &mut self.layers[layer];
+        let (Some(k), Some(v)) = (store.k.take(), store.v.take()) else {
+            return Err(CacheError::Config(format!("retain on empty layer {layer}")));
+        };
+        let heads: Vec<Vec<usize>> = match &store.positions {
+            StoredPositions::Shared(p) => vec![p.clone(); hk],
+            StoredPositions::PerHead(p) => p.clone(),
+        };
+        let (k, v, positions) = match keep {
+            KeepPositions::Layer(keep) => {
+                if let StoredPositions::PerHead(_) = store.positions {
+                    return Err(CacheError::Config(
+                        "one token set per layer after a per-head pruning".into(),
+                    ));
+                }
+                let rows = kept_rows(&heads[0], keep)?;
+                let pos = rows.iter().map(|&i| heads[0][i as usize]).collect();
+                (
+                    select_seq(k, &rows),
+                    select_seq(v, &rows),
+                    StoredPositions::Shared(pos),
+                )
+            }
+            KeepPositions::PerKvHead(keep) => {
+                if keep.len() != hk || keep.iter().any(|r| r.len() != keep[0].len()) {
+                    return Err(CacheError::Config(format!(
+                        "per-head selection needs {hk} rows of equal length"
+                    )));
+                }
+                let (mut ks, mut vs, mut ps) = (Vec::new(), Vec::new(), Vec::new());
+                for (h, keep_h) in keep.iter().enumerate() {
+                    let rows = kept_rows(&heads[h], keep_h)?;
+                    ks.push(select_seq(k.clone().narrow(1, h, 1), &rows));
+                    vs.push(select_seq(v.clone().narrow(1, h, 1), &rows));
+                    ps.push(rows.iter().map(|&i| heads[h][i as usize]).collect());
+                }
+                (
+                    Tensor::cat(ks, 1),
+                    Tensor::cat(vs, 1),
+                    StoredPositions::PerHead(ps),
+                )
+            }
+        };
+        store.k = Some(k);
+        store.v = Some(v);
+        store.positions = positions;
+        Ok(())
     }
 }
 
@@ -71,7 +220,8 @@ impl AttentionCache for DenseCache {
         let store = &mut self.layers[layer];
         store.k = Some(cat_seq(store.k.take(), k));
         store.v = Some(cat_seq(store.v.take(), v));
-        store.positions.extend_from_slice(positions);
+        store.positions.extend(positions);
+        store.seen += positions.len();
         Ok(())
     }
 
@@ -89,12 +239,9 @@ impl AttentionCache for DenseCache {
                 "attend on layer {layer} before anything was appended"
             )));
         };
-        let mask = causal_mask(
-            positions,
-            &store.positions,
-            self.geometry.groups(),
-            &q_rot.device(),
-        );
+        let mask = store
+            .positions
+            .mask(positions, self.geometry.groups(), &q_rot.device());
         Ok(gqa_attention(q_rot, k, v, mask))
     }
 
@@ -107,19 +254,19 @@ impl AttentionCache for DenseCache {
     }
 
     fn footprint(&self) -> CacheFootprint {
-        let values: usize = self
-            .layers
-            .iter()
-            .map(|l| {
-                let elems =
-                    |t: &Option<Tensor<4>>| t.as_ref().map_or(0, |t| t.shape().num_elements());
-                elems(&l.k) + elems(&l.v)
-            })
-            .sum();
+        let elems = |t: &Option<Tensor<4>>| t.as_ref().map_or(0, |t| t.shape().num_elements());
+        let values: usize = self.layers.iter().map(|l| elems(&l.k) + elems(&l.v)).sum();
+        let seen: usize = self.layers.iter().map(|l| l.seen).sum();
+        let pruned = self.layers.iter().any(|l| l.positions.len() < l.seen);
         CacheFootprint {
             values: values as u64,
-            values_full: values as u64,
-            metadata_bytes: 0,
+            values_full: (2 * seen * self.geometry.d_kv()) as u64,
+            // A pruned cache must remember which positions it kept.
+            metadata_bytes: if pruned {
+                (values / (2 * self.geometry.head_dim) * POSITION_BYTES) as u64
+            } else {
+                0
+            },
             fixed_bytes: 0,
         }
     }

@@ -17,7 +17,7 @@ use dynakv_core::budget::CacheFootprint;
 use dynakv_core::levels::RankLevels;
 use dynakv_core::policy::{KvKind, RankPolicy};
 
-use super::{joint, AttentionCache, CacheGeometry};
+use super::{joint, AttentionCache, CacheGeometry, KeepPositions, PrunableCache};
 use crate::attention::causal_mask;
 use crate::error::CacheError;
 use crate::rope::Rope;
@@ -243,6 +243,47 @@ impl DynaKvCache {
     }
 }
 
+impl PrunableCache for DynaKvCache {
+    fn per_kv_head(&self) -> bool {
+        false
+    }
+
+    /// Drops every token not kept from the rank buckets of both K and V.
+    fn retain(&mut self, layer: usize, keep: &KeepPositions) -> Result<(), CacheError> {
+        self.geometry.check_layer(layer)?;
+        let KeepPositions::Layer(keep) = keep else {
+            return Err(CacheError::Config(
+                "DynaKvCache stores all KV heads of a token together (joint basis): \
+                 it needs one token set per layer"
+                    .into(),
+            ));
+        };
+        let keep: std::collections::HashSet<usize> = keep.iter().copied().collect();
+        let store = &mut self.layers[layer];
+        for (k, buckets) in store.buckets.iter_mut().enumerate() {
+            for b in buckets.iter_mut() {
+                let rows: Vec<usize> = (0..b.positions.len())
+                    .filter(|&i| keep.contains(&b.positions[i]))
+                    .collect();
+                if rows.len() == b.positions.len() {
+                    continue;
+                }
+                store.dims[k] -= b.rank * (b.positions.len() - rows.len());
+                let idx: Vec<i64> = rows.iter().map(|&i| i as i64).collect();
+                let idx = Tensor::<1, Int>::from_data(
+                    TensorData::new(idx, [rows.len()]),
+                    &b.lat.device(),
+                );
+                b.lat = b.lat.clone().select(0, idx);
+                b.positions = rows.iter().map(|&i| b.positions[i]).collect();
+                b.ids = rows.iter().map(|&i| b.ids[i]).collect();
+            }
+            buckets.retain(|b| !b.positions.is_empty());
+        }
+        Ok(())
+    }
+}
+
 fn policy_ranks(
     policy: &dyn RankPolicy,
     layer: usize,
@@ -284,7 +325,7 @@ impl AttentionCache for DynaKvCache {
         let lat_k = (joint(k) - b.mean[0].clone().unsqueeze()).matmul(b.enc[0].clone());
         let lat_v = (joint(v) - b.mean[1].clone().unsqueeze()).matmul(b.enc[1].clone());
         let rk = policy_ranks(self.policy.as_ref(), layer, KvKind::Key, &lat_k, positions)?;
-        let rv = policy_ranks(
+        let mut rv = policy_ranks(
             self.policy.as_ref(),
             layer,
             KvKind::Value,
@@ -296,6 +337,12 @@ impl AttentionCache for DynaKvCache {
                 return Err(CacheError::Config(format!(
                     "policy returned rank {r}, not a level"
                 )));
+            }
+        }
+        // A token without a key is never attended: its value would be dead weight.
+        for (v, &k) in rv.iter_mut().zip(&rk) {
+            if k == 0 {
+                *v = 0;
             }
         }
         let first = self.layers[layer].next_id;
@@ -388,8 +435,11 @@ impl AttentionCache for DynaKvCache {
         Ok(out.reshape([bsz, h, t, dh]))
     }
 
+    /// Tokens with a stored key (rank-0 and pruned tokens are not stored).
     fn len(&self, layer: usize) -> usize {
-        self.layers.get(layer).map_or(0, |l| l.next_id)
+        self.layers
+            .get(layer)
+            .map_or(0, |l| l.buckets[0].iter().map(|b| b.positions.len()).sum())
     }
 
     fn reset(&mut self) {
@@ -404,121 +454,9 @@ impl AttentionCache for DynaKvCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::test_support::{artifact, rand4, run, Cycle, Fixed, G};
     use crate::cache::DenseCache;
     use crate::device::default_device;
-    use burn::tensor::Distribution;
-    use dynakv_core::artifact::{ArtifactHeader, ModelIdentity, FORMAT_VERSION};
-    use dynakv_core::basis::{Basis, BasisKind};
-    use dynakv_core::policy::EnergySample;
-    use dynakv_core::stats::MomentAccumulator;
-
-    const G: CacheGeometry = CacheGeometry {
-        n_layers: 2,
-        n_heads: 4,
-        n_kv_heads: 2,
-        head_dim: 4,
-    };
-
-    fn artifact(placement: RopePlacement) -> Artifact {
-        let d = G.d_kv();
-        let mut acc = MomentAccumulator::new(d);
-        let mut s = 7u64;
-        let rows: Vec<f32> = (0..64 * d)
-            .map(|i| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * (1 + i % d) as f32 + 0.3
-            })
-            .collect();
-        acc.add_rows(&rows).unwrap();
-        let b = Basis::pca(&acc).unwrap();
-        Artifact {
-            header: ArtifactHeader {
-                format_version: FORMAT_VERSION,
-                model: ModelIdentity {
-                    architecture: "test".into(),
-                    n_layers: 2,
-                    n_heads: 4,
-                    n_kv_heads: 2,
-                    head_dim: 4,
-                    file_sha256: String::new(),
-                },
-                basis: BasisKind::Pca,
-                rope: placement,
-                levels: RankLevels::multiples(2, d).unwrap(),
-                calib_tokens: 64,
-                sample_positions: vec![],
-            },
-            bases: vec![[b.clone(), b.clone()], [b.clone(), b]],
-            sample: EnergySample::default(),
-        }
-    }
-
-    /// Cycles through every level, one token after another.
-    #[derive(Debug, Default)]
-    struct Cycle;
-    impl RankPolicy for Cycle {
-        fn name(&self) -> &'static str {
-            "cycle"
-        }
-        fn needs_latents(&self) -> bool {
-            false
-        }
-        fn ranks(&self, _l: usize, kind: KvKind, _lat: &[f32], positions: &[usize]) -> Vec<usize> {
-            positions
-                .iter()
-                .map(|&p| {
-                    let shift = if kind == KvKind::Key { 0 } else { 3 };
-                    2 * (1 + (p + shift) % 4)
-                })
-                .collect()
-        }
-    }
-
-    #[derive(Debug)]
-    struct Fixed(usize);
-    impl RankPolicy for Fixed {
-        fn name(&self) -> &'static str {
-            "fixed"
-        }
-        fn needs_latents(&self) -> bool {
-            false
-        }
-        fn ranks(&self, _l: usize, _k: KvKind, _lat: &[f32], positions: &[usize]) -> Vec<usize> {
-            vec![self.0; positions.len()]
-        }
-    }
-
-    fn rand4(shape: [usize; 4]) -> Tensor<4> {
-        Tensor::random(shape, Distribution::Normal(0.0, 1.0), &default_device())
-    }
-
-    fn run(
-        cache: &mut dyn AttentionCache,
-        q: &Tensor<4>,
-        k: &Tensor<4>,
-        v: &Tensor<4>,
-        chunks: &[usize],
-    ) -> Tensor<4> {
-        let mut outs = Vec::new();
-        let mut start = 0;
-        for &c in chunks {
-            let pos: Vec<usize> = (start..start + c).collect();
-            let o = cache
-                .forward(
-                    0,
-                    q.clone().narrow(2, start, c),
-                    k.clone().narrow(2, start, c),
-                    v.clone().narrow(2, start, c),
-                    &pos,
-                )
-                .unwrap();
-            outs.push(o);
-            start += c;
-        }
-        Tensor::cat(outs, 2)
-    }
 
     #[test]
     fn full_rank_equals_dense_for_both_placements_and_any_chunking() {

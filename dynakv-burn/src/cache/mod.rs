@@ -3,10 +3,16 @@
 mod dense;
 mod dynakv;
 mod recording;
+#[cfg(feature = "snapkv")]
+mod snapkv;
+#[cfg(test)]
+pub(crate) mod test_support;
 
 pub use dense::DenseCache;
 pub use dynakv::{DynaKvBases, DynaKvCache};
 pub use recording::{Recorded, RecordingCache};
+#[cfg(feature = "snapkv")]
+pub use snapkv::SnapKvCache;
 
 use burn::tensor::Tensor;
 use dynakv_core::budget::CacheFootprint;
@@ -178,4 +184,24 @@ pub trait AttentionCache {
     fn bytes(&self) -> usize {
         self.footprint().bytes() as usize
     }
+}
+
+/// Positions a pruning keeps in one layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeepPositions {
+    /// One token set for every KV head (what a joint-basis cache needs).
+    Layer(Vec<usize>),
+    /// One token set per KV head, all of the same size (kvpress).
+    PerKvHead(Vec<Vec<usize>>),
+}
+
+/// A cache whose stored tokens can be thinned after the fact (sequence
+/// pruning such as SnapKV). Positions keep their original values.
+pub trait PrunableCache: AttentionCache {
+    /// Whether each KV head may keep its own token set.
+    fn per_kv_head(&self) -> bool;
+
+    /// Keeps only the stored tokens at the given positions of one layer.
+    /// Every listed position must be stored.
+    fn retain(&mut self, layer: usize, keep: &KeepPositions) -> Result<(), CacheError>;
 }

@@ -1,0 +1,379 @@
+//! SnapKV on top of any prunable cache: the prefill attends over everything
+//! the inner cache stores, then the layer's tokens are scored by the last `w`
+//! queries and only the winners stay. Decoded tokens are appended as the inner
+//! cache decides (DynaKV still compresses them).
+
+use burn::tensor::Tensor;
+use dynakv_core::budget::CacheFootprint;
+use dynakv_snapkv::{snapkv, GqaScores, SnapKvConfig};
+
+use super::{AttentionCache, CacheGeometry, KeepPositions, PrunableCache};
+use crate::error::CacheError;
+use crate::rope::Rope;
+
+/// Sequence pruning at the end of prefill, then the inner cache's storage.
+///
+/// The first call of `forward` on an empty layer is the prefill: its output is
+/// computed over every prompt token (the pruning changes only what is cached),
+/// then its tokens are scored on RoPE'd queries and keys and pruned. With
+/// [`GqaScores::KvHead`] each KV head keeps its own tokens (kvpress; dense
+/// inner cache only); with [`GqaScores::Layer`] the layer keeps one set (what
+/// DynaKV's joint basis needs).
+#[derive(Debug, Clone)]
+pub struct SnapKvCache<C> {
+    inner: C,
+    config: SnapKvConfig,
+    rope: Rope,
+    pruned: Vec<bool>,
+    /// Prompt tokens and tokens kept, per layer, of the last pruning.
+    kept: Vec<(usize, usize)>,
+}
+
+impl<C: PrunableCache> SnapKvCache<C> {
+    pub fn new(
+        inner: C,
+        config: SnapKvConfig,
+        geometry: CacheGeometry,
+        rope: Rope,
+    ) -> Result<Self, CacheError> {
+        geometry.validate()?;
+        config
+            .validate()
+            .map_err(|e| CacheError::Config(format!("snapkv: {e}")))?;
+        match config.gqa {
+            GqaScores::QueryHead => {
+                return Err(CacheError::Config(
+                    "snapkv: per-query-head selection needs K/V stored per query head; \
+                     use kv-head or layer"
+                        .into(),
+                ))
+            }
+            GqaScores::KvHead if !inner.per_kv_head() => {
+                return Err(CacheError::Config(
+                    "snapkv: this cache keeps one token set per layer; use gqa = layer".into(),
+                ))
+            }
+            _ => {}
+        }
+        Ok(Self {
+            inner,
+            config,
+            rope,
+            pruned: vec![false; geometry.n_layers],
+            kept: vec![(0, 0); geometry.n_layers],
+        })
+    }
+
+    pub fn inner(&self) -> &C {
+        &self.inner
+    }
+
+    pub fn config(&self) -> &SnapKvConfig {
+        &self.config
+    }
+
+    /// Fraction of prompt tokens kept, averaged over layers (1 before pruning).
+    pub fn kept_fraction(&self) -> f64 {
+        let (n, k) = self
+            .kept
+            .iter()
+            .fold((0, 0), |(n, k), &(a, b)| (n + a, k + b));
+        if n == 0 {
+            1.0
+        } else {
+            k as f64 / n as f64
+        }
+    }
+}
+
+impl<C: PrunableCache> AttentionCache for SnapKvCache<C> {
+    fn append(
+        &mut self,
+        layer: usize,
+        k_pre: Tensor<4>,
+        v: Tensor<4>,
+        positions: &[usize],
+    ) -> Result<(), CacheError> {
+        self.inner.append(layer, k_pre, v, positions)
+    }
+
+    fn attend(
+        &mut self,
+        layer: usize,
+        q_rot: Tensor<4>,
+        positions: &[usize],
+    ) -> Result<Tensor<4>, CacheError> {
+        self.inner.attend(layer, q_rot, positions)
+    }
+
+    /// # Shapes
+    /// - `q_rot`: `[1, H, T, D]`; `k_pre`, `v`: `[1, H_kv, T, D]`
+    /// - returns `[1, H, T, D]`
+    fn forward(
+        &mut self,
+        layer: usize,
+        q_rot: Tensor<4>,
+        k_pre: Tensor<4>,
+        v: Tensor<4>,
+        positions: &[usize],
+    ) -> Result<Tensor<4>, CacheError> {
+        let prefill = self.pruned.get(layer) == Some(&false) && self.inner.len(layer) == 0;
+        let out = self
+            .inner
+            .forward(layer, q_rot.clone(), k_pre.clone(), v, positions)?;
+        if !prefill {
+            return Ok(out);
+        }
+        self.pruned[layer] = true;
+        let t = positions.len();
+        if self.config.is_noop(t) {
+            self.kept[layer] = (t, t);
+            return Ok(out);
+        }
+        let w = self.config.window;
+        let _span = tracing::debug_span!("snapkv", layer, t).entered();
+        let keys = self.rope.apply(k_pre, positions)?;
+        let selection = snapkv(q_rot.narrow(2, t - w, w), keys, &self.config)
+            .map_err(|e| CacheError::Config(format!("snapkv: {e}")))?;
+        let to_pos = |row: &Vec<usize>| row.iter().map(|&i| positions[i]).collect::<Vec<_>>();
+        let keep = match self.config.gqa {
+            GqaScores::Layer => KeepPositions::Layer(to_pos(&selection.kept[0])),
+            _ => KeepPositions::PerKvHead(selection.kept.iter().map(to_pos).collect()),
+        };
+        self.inner.retain(layer, &keep)?;
+        self.kept[layer] = (t, selection.n_kept());
+        Ok(out)
+    }
+
+    fn len(&self, layer: usize) -> usize {
+        self.inner.len(layer)
+    }
+
+    fn reset(&mut self) {
+        self.inner.reset();
+        self.pruned.iter_mut().for_each(|p| *p = false);
+        self.kept.iter_mut().for_each(|k| *k = (0, 0));
+    }
+
+    fn footprint(&self) -> CacheFootprint {
+        self.inner.footprint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use burn::tensor::activation::softmax;
+    use burn::tensor::{Int, TensorData};
+    use dynakv_core::artifact::RopePlacement;
+    use dynakv_snapkv::{KeepBudget, Pooling, Vote};
+
+    use super::*;
+    use crate::cache::test_support::{artifact, rand4, Fixed, G};
+    use crate::cache::{DenseCache, DynaKvBases, DynaKvCache};
+    use crate::device::default_device;
+
+    fn config(gqa: GqaScores, ratio: f64) -> SnapKvConfig {
+        SnapKvConfig {
+            window: 3,
+            kernel: 3,
+            pooling: Pooling::Avg,
+            vote: Vote::Mean,
+            gqa,
+            budget: KeepBudget::CompressionRatio(ratio),
+        }
+    }
+
+    fn rope() -> Rope {
+        Rope::new(4, 4, 10_000.0, 64, &default_device()).unwrap()
+    }
+
+    /// Attention of `q` (at `q_pos`) over the kept tokens of each KV head,
+    /// computed head by head with explicit gathers: the reference.
+    ///
+    /// # Shapes
+    /// - `q`: `[1, H, T, D]` RoPE'd; `k_rot`, `v`: `[1, H_kv, L, D]`
+    fn reference(
+        q: Tensor<4>,
+        k_rot: Tensor<4>,
+        v: Tensor<4>,
+        kept: &[Vec<usize>],
+        q_pos: &[usize],
+    ) -> Tensor<4> {
+        let [_, h, t, d] = q.dims();
+        let g = h / G.n_kv_heads;
+        let device = q.device();
+        let outs: Vec<Tensor<4>> = (0..h)
+            .map(|head| {
+                let kv = head / g;
+                let rows = &kept[kv];
+                let idx: Vec<i64> = rows.iter().map(|&i| i as i64).collect();
+                let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [rows.len()]), &device);
+                let kh = k_rot.clone().narrow(1, kv, 1).select(2, idx.clone());
+                let vh = v.clone().narrow(1, kv, 1).select(2, idx);
+                let qh = q.clone().narrow(1, head, 1);
+                let mut bias = Vec::new();
+                for &qp in q_pos {
+                    bias.extend(
+                        rows.iter()
+                            .map(|&kp| if kp > qp { f32::NEG_INFINITY } else { 0.0 }),
+                    );
+                }
+                let bias =
+                    Tensor::<4>::from_data(TensorData::new(bias, [1, 1, t, rows.len()]), &device);
+                let s = qh.matmul(kh.swap_dims(2, 3)) / (d as f64).sqrt() + bias;
+                softmax(s, 3).matmul(vh)
+            })
+            .collect();
+        Tensor::cat(outs, 1)
+    }
+
+    fn max_diff(a: Tensor<4>, b: Tensor<4>) -> f32 {
+        (a - b).abs().max().into_scalar()
+    }
+
+    /// Prefill of `l` tokens, then a decode step and a 3-token chunk; checks
+    /// every output against the per-head reference over the kept tokens.
+    fn check_against_reference(cache: &mut dyn AttentionCache, gqa: GqaScores, cfg: &SnapKvConfig) {
+        let (l, extra) = (12, 4);
+        let n = l + extra;
+        let (q, k, v) = (
+            rand4([1, 4, n, 4]),
+            rand4([1, 2, n, 4]),
+            rand4([1, 2, n, 4]),
+        );
+        let rope = rope();
+        let pos: Vec<usize> = (0..n).collect();
+        let k_rot = rope.apply(k.clone(), &pos).unwrap();
+        // Prefill: attends over everything.
+        let all: Vec<Vec<usize>> = vec![(0..n).collect(); 2];
+        let out = cache
+            .forward(
+                0,
+                q.clone().narrow(2, 0, l),
+                k.clone().narrow(2, 0, l),
+                v.clone().narrow(2, 0, l),
+                &pos[..l],
+            )
+            .unwrap();
+        let want = reference(
+            q.clone().narrow(2, 0, l),
+            k_rot.clone(),
+            v.clone(),
+            &all,
+            &pos[..l],
+        );
+        assert!(max_diff(out, want) < 1e-5);
+        // What SnapKV keeps, computed directly.
+        let sel = snapkv(
+            q.clone().narrow(2, l - cfg.window, cfg.window),
+            k_rot.clone().narrow(2, 0, l),
+            cfg,
+        )
+        .unwrap();
+        let mut kept: Vec<Vec<usize>> = match gqa {
+            GqaScores::Layer => vec![sel.kept[0].clone(); 2],
+            _ => sel.kept.clone(),
+        };
+        assert_eq!(cache.len(0), kept[0].len());
+        // One decode step, then a 3-token chunk (causal inside it).
+        for (start, len) in [(l, 1), (l + 1, 3)] {
+            kept.iter_mut().for_each(|r| r.extend(start..start + len));
+            let got = cache
+                .forward(
+                    0,
+                    q.clone().narrow(2, start, len),
+                    k.clone().narrow(2, start, len),
+                    v.clone().narrow(2, start, len),
+                    &pos[start..start + len],
+                )
+                .unwrap();
+            let want = reference(
+                q.clone().narrow(2, start, len),
+                k_rot.clone(),
+                v.clone(),
+                &kept,
+                &pos[start..start + len],
+            );
+            let diff = max_diff(got, want);
+            assert!(diff < 1e-5, "{gqa:?} at {start}: {diff}");
+        }
+    }
+
+    #[test]
+    fn pruned_dense_cache_attends_over_exactly_the_kept_tokens() {
+        for gqa in [GqaScores::KvHead, GqaScores::Layer] {
+            let cfg = config(gqa, 0.5);
+            let mut c =
+                SnapKvCache::new(DenseCache::new(G, rope()).unwrap(), cfg.clone(), G, rope())
+                    .unwrap();
+            check_against_reference(&mut c, gqa, &cfg);
+            assert!((c.kept_fraction() - 0.5).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn full_rank_dynakv_with_snapkv_equals_the_pruned_dense_cache() {
+        let device = default_device();
+        for placement in [RopePlacement::Pre, RopePlacement::Post] {
+            let bases = Arc::new(DynaKvBases::new(&artifact(placement), G, &device).unwrap());
+            let inner = DynaKvCache::new(G, rope(), bases, Arc::new(Fixed(8))).unwrap();
+            let cfg = config(GqaScores::Layer, 0.5);
+            let mut c = SnapKvCache::new(inner, cfg.clone(), G, rope()).unwrap();
+            check_against_reference(&mut c, GqaScores::Layer, &cfg);
+        }
+    }
+
+    #[test]
+    fn footprint_counts_the_pruned_tokens_against_all_seen() {
+        let cfg = config(GqaScores::KvHead, 0.75);
+        let mut c = SnapKvCache::new(DenseCache::new(G, rope()).unwrap(), cfg, G, rope()).unwrap();
+        let (q, k, v) = (
+            rand4([1, 4, 16, 4]),
+            rand4([1, 2, 16, 4]),
+            rand4([1, 2, 16, 4]),
+        );
+        let pos: Vec<usize> = (0..16).collect();
+        for layer in 0..G.n_layers {
+            c.forward(layer, q.clone(), k.clone(), v.clone(), &pos)
+                .unwrap();
+        }
+        let f = c.footprint();
+        assert_eq!(f.values_full, (2 * 16 * G.d_kv() * G.n_layers) as u64);
+        assert!((f.retained() - 0.25).abs() < 1e-12, "{}", f.retained());
+        assert!(f.metadata_bytes > 0);
+        // r = 0 changes nothing.
+        let mut c0 = SnapKvCache::new(
+            DenseCache::new(G, rope()).unwrap(),
+            config(GqaScores::KvHead, 0.0),
+            G,
+            rope(),
+        )
+        .unwrap();
+        let mut d = DenseCache::new(G, rope()).unwrap();
+        let a = c0
+            .forward(0, q.clone(), k.clone(), v.clone(), &pos)
+            .unwrap();
+        let b = d.forward(0, q, k, v, &pos).unwrap();
+        assert_eq!(max_diff(a, b), 0.0);
+        assert_eq!(c0.len(0), 16);
+        c.reset();
+        assert_eq!(c.len(0), 0);
+        assert_eq!(c.kept_fraction(), 1.0);
+    }
+
+    #[test]
+    fn selections_the_cache_cannot_store_are_errors() {
+        let device = default_device();
+        let bases = Arc::new(DynaKvBases::new(&artifact(RopePlacement::Pre), G, &device).unwrap());
+        let inner = DynaKvCache::new(G, rope(), bases, Arc::new(Fixed(8))).unwrap();
+        let err = SnapKvCache::new(inner, config(GqaScores::KvHead, 0.5), G, rope()).unwrap_err();
+        assert!(err.to_string().contains("layer"), "{err}");
+        let dense = DenseCache::new(G, rope()).unwrap();
+        assert!(
+            SnapKvCache::new(dense.clone(), config(GqaScores::QueryHead, 0.5), G, rope()).is_err()
+        );
+        assert!(SnapKvCache::new(dense, config(GqaScores::Layer, 1.0), G, rope()).is_err());
+    }
+}
