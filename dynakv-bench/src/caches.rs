@@ -3,7 +3,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use dynakv_burn::{AttentionCache, DynaKvBases, DynaKvCache};
+use dynakv_burn::dynakv_snapkv::{GqaScores, KeepBudget, SnapKvConfig};
+use dynakv_burn::{AttentionCache, DynaKvBases, DynaKvCache, PrunableCache, SnapKvCache};
 use dynakv_core::artifact::Artifact;
 use dynakv_core::policy::{
     EnergyPolicy, EnergyRule, PerLayerPolicy, PolicyKind, RankPolicy, UniformPolicy,
@@ -103,4 +104,66 @@ impl DynaKvFactory {
     pub fn make_boxed(&self, model: &LlamaModel) -> Result<Box<dyn AttentionCache>, ModelError> {
         Ok(Box::new(self.make(model)?))
     }
+}
+
+/// SnapKV on top of a cache: a preset and a budget (ratio or capacity).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapKvSpec {
+    /// `kvpress` (w 64, k 5, avg) or `paper` (w 32, k 7, max).
+    pub preset: String,
+    /// Fraction of prompt tokens removed (kvpress semantics).
+    pub ratio: Option<f64>,
+    /// Tokens kept (original SnapKV semantics).
+    pub capacity: Option<usize>,
+}
+
+impl SnapKvSpec {
+    /// The SnapKV configuration, or `None` when no budget was asked for.
+    /// `per_layer` selects one token set per layer (a DynaKV inner cache).
+    pub fn config(&self, per_layer: bool) -> Result<Option<SnapKvConfig>, ModelError> {
+        let budget = match (self.ratio, self.capacity) {
+            (None, None) => return Ok(None),
+            (Some(r), None) => KeepBudget::CompressionRatio(r),
+            (None, Some(c)) => KeepBudget::Capacity(c),
+            (Some(_), Some(_)) => {
+                return Err(ModelError::InvalidInput(
+                    "give a SnapKV ratio or a capacity, not both".into(),
+                ))
+            }
+        };
+        let mut config = match self.preset.as_str() {
+            "kvpress" => SnapKvConfig::kvpress(0.0),
+            "paper" => SnapKvConfig::paper(0),
+            o => {
+                return Err(ModelError::InvalidInput(format!(
+                    "unknown SnapKV preset `{o}` (expected kvpress or paper)"
+                )))
+            }
+        };
+        config.budget = budget;
+        if per_layer {
+            config.gqa = GqaScores::Layer;
+        }
+        config
+            .validate()
+            .map_err(|e| ModelError::InvalidInput(format!("snapkv: {e}")))?;
+        Ok(Some(config))
+    }
+}
+
+/// Wraps a prunable cache in SnapKV when a configuration is given.
+pub fn with_snapkv<C: PrunableCache + 'static>(
+    cache: C,
+    snapkv: Option<&SnapKvConfig>,
+    model: &LlamaModel,
+) -> Result<Box<dyn AttentionCache>, ModelError> {
+    Ok(match snapkv {
+        None => Box::new(cache),
+        Some(c) => Box::new(SnapKvCache::new(
+            cache,
+            c.clone(),
+            model.config.geometry(),
+            model.rope().clone(),
+        )?),
+    })
 }

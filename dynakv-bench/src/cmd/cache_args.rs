@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
-use dynakv_bench::caches::{DynaKvFactory, DynaKvSpec};
+use dynakv_bench::caches::{with_snapkv, DynaKvFactory, DynaKvSpec, SnapKvSpec};
+use dynakv_burn::dynakv_snapkv::SnapKvConfig;
 use dynakv_burn::AttentionCache;
 use dynakv_core::policy::PolicyKind;
 use dynakv_models::ModelError;
@@ -42,25 +43,55 @@ pub struct CacheArgs {
     /// tokens, layers, K and V) or threshold (equal relative error per token).
     #[arg(long, default_value = "lagrange")]
     pub energy_rule: String,
+    /// SnapKV at the end of prefill: fraction of prompt tokens removed, in
+    /// [0, 1) (kvpress semantics). With --cache dynakv one token set per layer.
+    #[arg(long, conflicts_with = "snapkv_capacity")]
+    pub snapkv: Option<f64>,
+    /// SnapKV with a capacity: at most C prompt tokens kept (original semantics).
+    #[arg(long)]
+    pub snapkv_capacity: Option<usize>,
+    /// SnapKV preset: kvpress (window 64, kernel 5, avg pooling) or paper
+    /// (window 32, kernel 7, max pooling).
+    #[arg(long, default_value = "kvpress")]
+    pub snapkv_preset: String,
 }
 
 /// Makes fresh caches of the requested kind.
-pub enum CacheMaker {
+pub struct CacheMaker {
+    kind: MakerKind,
+    snapkv: Option<SnapKvConfig>,
+}
+
+enum MakerKind {
     Full,
     DynaKv(DynaKvFactory),
 }
 
 impl CacheArgs {
     pub fn label(&self) -> String {
-        match self.cache {
+        let base = match self.cache {
             CacheKind::Full => "full".into(),
             CacheKind::Dynakv => format!("dynakv/{}/{}", self.policy, self.budget),
+        };
+        match (self.snapkv, self.snapkv_capacity) {
+            (Some(r), _) => format!("{base}+snapkv/{}/r{r}", self.snapkv_preset),
+            (_, Some(c)) => format!("{base}+snapkv/{}/c{c}", self.snapkv_preset),
+            _ => base,
+        }
+    }
+
+    fn snapkv_spec(&self) -> SnapKvSpec {
+        SnapKvSpec {
+            preset: self.snapkv_preset.clone(),
+            ratio: self.snapkv,
+            capacity: self.snapkv_capacity,
         }
     }
 
     pub fn maker(&self, loaded: &Loaded) -> Result<CacheMaker> {
-        Ok(match self.cache {
-            CacheKind::Full => CacheMaker::Full,
+        let snapkv = self.snapkv_spec().config(self.cache == CacheKind::Dynakv)?;
+        let kind = match self.cache {
+            CacheKind::Full => MakerKind::Full,
             CacheKind::Dynakv => {
                 let Some(path) = &self.artifact else {
                     bail!("--cache dynakv needs --artifact FILE (from `dynakv calibrate`)");
@@ -72,22 +103,25 @@ impl CacheArgs {
                     key_factor: self.key_factor,
                     energy_rule: self.energy_rule.parse()?,
                 };
-                CacheMaker::DynaKv(DynaKvFactory::new(
+                MakerKind::DynaKv(DynaKvFactory::new(
                     &loaded.model,
                     &loaded.sha256,
                     path,
                     &spec,
                 )?)
             }
-        })
+        };
+        Ok(CacheMaker { kind, snapkv })
     }
 }
 
 impl CacheMaker {
     pub fn make(&self, loaded: &Loaded) -> Result<Box<dyn AttentionCache>, ModelError> {
-        match self {
-            CacheMaker::Full => Ok(Box::new(loaded.model.dense_cache()?)),
-            CacheMaker::DynaKv(f) => f.make_boxed(&loaded.model),
+        let model = &loaded.model;
+        let snapkv = self.snapkv.as_ref();
+        match &self.kind {
+            MakerKind::Full => with_snapkv(model.dense_cache()?, snapkv, model),
+            MakerKind::DynaKv(f) => with_snapkv(f.make(model)?, snapkv, model),
         }
     }
 }

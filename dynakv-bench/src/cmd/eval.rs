@@ -48,6 +48,10 @@ pub struct PplArgs {
     /// Skip the first N windows (e.g. the calib windows calibration used).
     #[arg(long, default_value_t = 0)]
     pub skip_windows: usize,
+    /// Prefill each window's first ctx − N tokens, let the cache compress
+    /// (SnapKV prunes here), then feed and score only the last N tokens.
+    #[arg(long)]
+    pub score_last: Option<usize>,
     /// Print one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
@@ -93,6 +97,7 @@ fn ppl(a: PplArgs) -> Result<()> {
         &ids,
         a.ctx,
         a.max_windows,
+        a.score_last,
         || maker.make(&loaded),
         |done, _| bar.set_position(done as u64),
     )?;

@@ -1,7 +1,14 @@
 //! Perplexity under the project's protocol: non-overlapping windows of `ctx`
 //! tokens (the last partial window dropped), each scored from an empty cache;
 //! PPL = exp(mean NLL over every predicted token of every window).
+//!
+//! With `score_last = N` (the protocol for caches that compress at the end of
+//! prefill, such as SnapKV), each window's first `ctx − N` tokens are one
+//! prefill, the cache compresses, and the last N tokens are fed as one more
+//! chunk; only those N predictions are scored (the first from the prefill's
+//! last logit).
 
+use burn::tensor::Tensor;
 use dynakv_burn::AttentionCache;
 use dynakv_models::{LlamaModel, ModelError};
 use serde::Serialize;
@@ -23,6 +30,10 @@ pub struct PplReport {
     pub bytes_full: f64,
     /// Paper-comparable retained fraction (stored numbers over dense numbers).
     pub retained: f64,
+    /// Tokens scored at the end of each window after a separate prefill.
+    pub score_last: Option<usize>,
+    /// Mean retained fraction right after that prefill (the compression point).
+    pub retained_prefill: Option<f64>,
 }
 
 /// Non-overlapping full windows of `ctx` tokens.
@@ -51,6 +62,7 @@ pub fn perplexity(
     ids: &[u32],
     ctx: usize,
     max_windows: Option<usize>,
+    score_last: Option<usize>,
     mut make_cache: impl FnMut() -> Result<Box<dyn AttentionCache>, ModelError>,
     mut on_window: impl FnMut(usize, usize),
 ) -> Result<PplDetail, ModelError> {
@@ -59,6 +71,13 @@ pub fn perplexity(
             "ctx must be in 2..={}, got {ctx}",
             model.config.context_length
         )));
+    }
+    if let Some(n) = score_last {
+        if n == 0 || n >= ctx {
+            return Err(ModelError::InvalidInput(format!(
+                "score-last must be in 1..{ctx}, got {n}"
+            )));
+        }
     }
     let mut wins = windows(ids, ctx);
     if let Some(m) = max_windows {
@@ -71,17 +90,28 @@ pub fn perplexity(
         )));
     }
     let (mut sum, mut n) = (0f64, 0usize);
-    let (mut bytes, mut bytes_full, mut retained) = (0f64, 0f64, 0f64);
+    let (mut bytes, mut bytes_full, mut retained, mut at_prefill) = (0f64, 0f64, 0f64, 0f64);
     let mut all_nll = Vec::new();
     let mut all_top1 = Vec::new();
     for (i, w) in wins.iter().enumerate() {
         let _span = tracing::info_span!("window", i).entered();
         let mut cache = make_cache()?;
-        // Feed all ctx tokens so the cache holds the whole window; score ctx - 1.
-        let logits = model.forward(w, 0, cache.as_mut())?;
         let t = w.len();
-        let logits = logits.narrow(0, 0, t - 1);
-        let (nll, top1) = dynakv_models::llama::nll_and_top1(logits, &w[1..]);
+        let (nll, top1) = match score_last {
+            // Feed all ctx tokens so the cache holds the whole window; score ctx - 1.
+            None => {
+                let logits = model.forward(w, 0, cache.as_mut())?.narrow(0, 0, t - 1);
+                dynakv_models::llama::nll_and_top1(logits, &w[1..])
+            }
+            Some(n) => {
+                let split = t - n;
+                let first = model.forward_last(&w[..split], 0, cache.as_mut())?;
+                at_prefill += cache.footprint().retained();
+                let rest = model.forward(&w[split..], split, cache.as_mut())?;
+                let logits = Tensor::cat(vec![first.unsqueeze::<2>(), rest.narrow(0, 0, n - 1)], 0);
+                dynakv_models::llama::nll_and_top1(logits, &w[split..])
+            }
+        };
         let f = cache.footprint();
         bytes += f.bytes() as f64;
         bytes_full += f.bytes_full() as f64;
@@ -105,6 +135,8 @@ pub fn perplexity(
             bytes: bytes / k,
             bytes_full: bytes_full / k,
             retained: retained / k,
+            score_last,
+            retained_prefill: score_last.map(|_| at_prefill / k),
         },
         nll: all_nll,
         top1: all_top1,
