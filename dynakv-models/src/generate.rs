@@ -128,19 +128,44 @@ pub fn generate(
     cache: &mut dyn AttentionCache,
     prompt: &[u32],
     config: &SamplingConfig,
+    on_text: impl FnMut(&str),
+) -> Result<Generation, ModelError> {
+    generate_parts(model, tokenizer, cache, &[prompt], config, on_text)
+}
+
+/// Generates from a prompt fed in parts, one forward pass each.
+///
+/// A cache that compresses at the end of its prefill (SnapKV) compresses
+/// after the first part: a context fed alone is compressed without seeing the
+/// question that follows (query-agnostic); one part holding both is
+/// query-aware.
+pub fn generate_parts(
+    model: &LlamaModel,
+    tokenizer: &TextTokenizer,
+    cache: &mut dyn AttentionCache,
+    parts: &[&[u32]],
+    config: &SamplingConfig,
     mut on_text: impl FnMut(&str),
 ) -> Result<Generation, ModelError> {
     let mut sampler = Sampler::new(config.clone())?;
-    if prompt.is_empty() {
+    let parts: Vec<&[u32]> = parts.iter().copied().filter(|p| !p.is_empty()).collect();
+    if parts.is_empty() {
         return Err(ModelError::InvalidInput("empty prompt".into()));
     }
     cache.reset();
-    let _span = tracing::info_span!("generate", prompt = prompt.len()).entered();
-    let mut logits = to_vec(model.forward_last(prompt, 0, cache)?)?;
+    let prompt_len: usize = parts.iter().map(|p| p.len()).sum();
+    let _span = tracing::info_span!("generate", prompt = prompt_len).entered();
+    let mut pos = 0;
+    let mut last = None;
+    for part in &parts {
+        last = Some(model.forward_last(part, pos, cache)?);
+        pos += part.len();
+    }
+    let last = last.ok_or_else(|| ModelError::InvalidInput("empty prompt".into()))?;
+    let mut logits = to_vec(last)?;
     let mut out = Vec::new();
     let mut emitted = 0usize;
     let mut stopped = false;
-    let mut pos = prompt.len();
     while out.len() < config.max_tokens && pos < model.config.context_length {
         let next = sampler.sample(&logits);
         if tokenizer.stop_ids.contains(&next) {
@@ -162,7 +187,7 @@ pub fn generate(
         on_text(&text[emitted..]);
     }
     Ok(Generation {
-        prompt_tokens: prompt.len(),
+        prompt_tokens: prompt_len,
         tokens: out,
         text,
         stopped_by_stop_token: stopped,

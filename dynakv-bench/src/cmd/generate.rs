@@ -4,7 +4,8 @@ use std::io::Write;
 
 use anyhow::Result;
 use clap::Args;
-use dynakv_models::generate::{generate, SamplingConfig};
+use anyhow::Context;
+use dynakv_models::generate::{generate_parts, SamplingConfig};
 use dynakv_models::tokenizer::chat_prompt;
 
 use super::cache_args::CacheArgs;
@@ -16,9 +17,17 @@ pub struct GenerateArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub cache: CacheArgs,
-    /// The prompt text.
+    /// The prompt text (the question, when --context is given).
     #[arg(long)]
     pub prompt: String,
+    /// A document placed before the prompt. By default it is prefilled alone,
+    /// so a cache that compresses at the end of prefill (SnapKV) does so
+    /// without seeing the question (query-agnostic).
+    #[arg(long)]
+    pub context: Option<std::path::PathBuf>,
+    /// Prefill context and question together: SnapKV's window sees the question.
+    #[arg(long, requires = "context")]
+    pub query_aware: bool,
     /// Wrap the prompt in the model's chat format as a user message.
     #[arg(long)]
     pub chat: bool,
@@ -38,18 +47,39 @@ pub struct GenerateArgs {
 
 pub fn run(a: GenerateArgs) -> Result<()> {
     let loaded = a.model.load()?;
+    let context = match &a.context {
+        Some(p) => Some(
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let user = match &context {
+        Some(c) => format!("{}\n\n{}", c.trim_end(), a.prompt),
+        None => a.prompt.clone(),
+    };
     let text = if a.chat {
         let system = a.system.clone().or(loaded.default_system.clone());
         let mut msgs = Vec::new();
         if let Some(s) = &system {
             msgs.push(("system", s.as_str()));
         }
-        msgs.push(("user", a.prompt.as_str()));
+        msgs.push(("user", user.as_str()));
         chat_prompt(&msgs)
     } else {
-        a.prompt.clone()
+        user.clone()
     };
-    let prompt = loaded.tokenizer.encode(&text)?;
+    // Split after the context unless the question should be inside SnapKV's window.
+    let split = match (&context, a.query_aware) {
+        (Some(c), false) => text.find(c.trim_end()).map(|i| i + c.trim_end().len()),
+        _ => None,
+    };
+    let parts = match split {
+        Some(i) => vec![
+            loaded.tokenizer.encode(&text[..i])?,
+            loaded.tokenizer.encode(&text[i..])?,
+        ],
+        None => vec![loaded.tokenizer.encode(&text)?],
+    };
     let config = SamplingConfig {
         temperature: a.temperature,
         top_p: a.top_p,
@@ -59,11 +89,12 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let mut cache = a.cache.maker(&loaded)?.make(&loaded)?;
     let t0 = std::time::Instant::now();
     let mut stdout = std::io::stdout();
-    let g = generate(
+    let parts: Vec<&[u32]> = parts.iter().map(Vec::as_slice).collect();
+    let g = generate_parts(
         &loaded.model,
         &loaded.tokenizer,
         cache.as_mut(),
-        &prompt,
+        &parts,
         &config,
         |s| {
             let _ = stdout.write_all(s.as_bytes());
