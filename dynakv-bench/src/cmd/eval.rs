@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
+use dynakv_bench::eval::fidelity::fidelity;
 use dynakv_bench::eval::ppl::perplexity;
 use dynakv_bench::text::{brown_docs, document_tokens};
 use dynakv_models::corpus::{Document, Split};
@@ -16,6 +17,9 @@ use super::common::ModelArgs;
 pub enum EvalCommand {
     /// Perplexity on Brown (or a text file) under the documented protocol.
     Ppl(PplArgs),
+    /// KL(full ‖ compressed) of next-token distributions and top-1 agreement
+    /// on the same windows as `ppl`.
+    Fidelity(PplArgs),
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
@@ -60,11 +64,12 @@ pub struct PplArgs {
 pub fn run(cmd: EvalCommand) -> Result<()> {
     match cmd {
         EvalCommand::Ppl(a) => ppl(a),
+        EvalCommand::Fidelity(a) => fidelity_cmd(a),
     }
 }
 
-fn ppl(a: PplArgs) -> Result<()> {
-    let loaded = a.model.load()?;
+/// Token ids of the requested text after skipped windows, and the document count.
+fn window_ids(a: &PplArgs, loaded: &super::common::Loaded) -> Result<(Vec<u32>, usize)> {
     let docs = match &a.text {
         Some(p) => vec![Document {
             id: p.display().to_string(),
@@ -85,12 +90,61 @@ fn ppl(a: PplArgs) -> Result<()> {
             a.ctx
         );
     }
+    Ok((ids, docs.len()))
+}
+
+fn window_bar(a: &PplArgs, ids: &[u32], msg: &'static str) -> ProgressBar {
     let n_windows = (ids.len() / a.ctx).min(a.max_windows.unwrap_or(usize::MAX));
     let bar = ProgressBar::new(n_windows as u64).with_style(
         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} windows, ETA {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    bar.set_message("ppl");
+    bar.set_message(msg);
+    bar
+}
+
+fn fidelity_cmd(a: PplArgs) -> Result<()> {
+    let loaded = a.model.load()?;
+    let (ids, n_docs) = window_ids(&a, &loaded)?;
+    let bar = window_bar(&a, &ids, "fidelity");
+    let maker = a.cache.maker(&loaded)?;
+    let r = fidelity(
+        &loaded.model,
+        &ids,
+        a.ctx,
+        a.max_windows,
+        a.score_last,
+        || Ok(Box::new(loaded.model.dense_cache()?) as Box<dyn dynakv_burn::AttentionCache>),
+        || maker.make(&loaded),
+        |done, _| bar.set_position(done as u64),
+    )?;
+    bar.finish_and_clear();
+    if a.json {
+        let mut v = serde_json::to_value(&r)?;
+        v["cache"] = a.cache.label().into();
+        v["docs"] = n_docs.into();
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        println!(
+            "{}: KL mean {:.4} nats, p95 {:.4}, top-1 agreement {:.4}, retained {:.4} \
+             ({} positions, {} windows of {})",
+            a.cache.label(),
+            r.kl_mean,
+            r.kl_p95,
+            r.top1_agreement,
+            r.retained,
+            r.positions,
+            r.windows,
+            r.ctx
+        );
+    }
+    Ok(())
+}
+
+fn ppl(a: PplArgs) -> Result<()> {
+    let loaded = a.model.load()?;
+    let (ids, n_docs) = window_ids(&a, &loaded)?;
+    let bar = window_bar(&a, &ids, "ppl");
     let maker = a.cache.maker(&loaded)?;
     let detail = perplexity(
         &loaded.model,
@@ -106,7 +160,7 @@ fn ppl(a: PplArgs) -> Result<()> {
     if a.json {
         let mut v = serde_json::to_value(r)?;
         v["cache"] = a.cache.label().into();
-        v["docs"] = docs.len().into();
+        v["docs"] = n_docs.into();
         println!("{}", serde_json::to_string(&v)?);
     } else {
         println!(
@@ -119,7 +173,7 @@ fn ppl(a: PplArgs) -> Result<()> {
             r.tokens,
             r.windows,
             r.ctx,
-            docs.len()
+            n_docs
         );
     }
     Ok(())

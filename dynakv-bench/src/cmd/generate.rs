@@ -2,9 +2,9 @@
 
 use std::io::Write;
 
+use anyhow::Context;
 use anyhow::Result;
 use clap::Args;
-use anyhow::Context;
 use dynakv_models::generate::{generate_parts, SamplingConfig};
 use dynakv_models::tokenizer::chat_prompt;
 
@@ -48,9 +48,9 @@ pub struct GenerateArgs {
 pub fn run(a: GenerateArgs) -> Result<()> {
     let loaded = a.model.load()?;
     let context = match &a.context {
-        Some(p) => Some(
-            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
-        ),
+        Some(p) => {
+            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
+        }
         None => None,
     };
     let user = match &context {

@@ -1,4 +1,5 @@
 //! Evaluation commands' logic.
 
+pub mod fidelity;
 pub mod ppl;
 pub mod speed;

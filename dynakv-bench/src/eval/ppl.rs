@@ -36,6 +36,42 @@ pub struct PplReport {
     pub retained_prefill: Option<f64>,
 }
 
+/// Logits that predict a window's scored tokens, the index of the first scored
+/// token, and the retained fraction at the compression point (with
+/// `score_last`).
+///
+/// Without `score_last` the whole window is one forward pass and tokens
+/// `1..T` are scored; with `score_last = N` the first `T − N` tokens are a
+/// prefill (the cache compresses there) and the last N tokens, fed as one
+/// chunk, are scored.
+///
+/// # Shapes
+/// returns `[scored, vocab]`
+pub fn window_logits(
+    model: &LlamaModel,
+    w: &[u32],
+    score_last: Option<usize>,
+    cache: &mut dyn AttentionCache,
+) -> Result<(Tensor<2>, usize, Option<f64>), ModelError> {
+    let t = w.len();
+    match score_last {
+        None => Ok((model.forward(w, 0, cache)?.narrow(0, 0, t - 1), 1, None)),
+        Some(n) => {
+            if n == 0 || n >= t {
+                return Err(ModelError::InvalidInput(format!(
+                    "score-last must be in 1..{t}, got {n}"
+                )));
+            }
+            let split = t - n;
+            let first = model.forward_last(&w[..split], 0, cache)?;
+            let prefill = cache.footprint().retained();
+            let rest = model.forward(&w[split..], split, cache)?;
+            let logits = Tensor::cat(vec![first.unsqueeze::<2>(), rest.narrow(0, 0, n - 1)], 0);
+            Ok((logits, split, Some(prefill)))
+        }
+    }
+}
+
 /// Non-overlapping full windows of `ctx` tokens.
 pub fn windows(ids: &[u32], ctx: usize) -> Vec<&[u32]> {
     if ctx < 2 {
@@ -96,22 +132,9 @@ pub fn perplexity(
     for (i, w) in wins.iter().enumerate() {
         let _span = tracing::info_span!("window", i).entered();
         let mut cache = make_cache()?;
-        let t = w.len();
-        let (nll, top1) = match score_last {
-            // Feed all ctx tokens so the cache holds the whole window; score ctx - 1.
-            None => {
-                let logits = model.forward(w, 0, cache.as_mut())?.narrow(0, 0, t - 1);
-                dynakv_models::llama::nll_and_top1(logits, &w[1..])
-            }
-            Some(n) => {
-                let split = t - n;
-                let first = model.forward_last(&w[..split], 0, cache.as_mut())?;
-                at_prefill += cache.footprint().retained();
-                let rest = model.forward(&w[split..], split, cache.as_mut())?;
-                let logits = Tensor::cat(vec![first.unsqueeze::<2>(), rest.narrow(0, 0, n - 1)], 0);
-                dynakv_models::llama::nll_and_top1(logits, &w[split..])
-            }
-        };
+        let (logits, first_target, prefill) = window_logits(model, w, score_last, cache.as_mut())?;
+        at_prefill += prefill.unwrap_or(0.0);
+        let (nll, top1) = dynakv_models::llama::nll_and_top1(logits, &w[first_target..]);
         let f = cache.footprint();
         bytes += f.bytes() as f64;
         bytes_full += f.bytes_full() as f64;
