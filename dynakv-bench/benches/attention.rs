@@ -1,0 +1,86 @@
+//! One decode step's attention (9 query heads over T cached tokens) and the
+//! cost of appending one token: dense cache against DynaKV (pre- and
+//! post-RoPE keys) at budgets 0.47, 0.30, 0.20, with one rank bucket
+//! (`uniform`) and seven (`spread`, what a token-wise policy produces).
+
+use burn::tensor::Device;
+use criterion::measurement::WallTime;
+use criterion::{
+    criterion_group, criterion_main, BatchSize, BenchmarkGroup, BenchmarkId, Criterion,
+};
+use dynakv_burn::AttentionCache;
+
+#[path = "support/synthetic.rs"]
+mod synthetic;
+use synthetic::*;
+
+fn bench_attend<C: AttentionCache>(
+    g: &mut BenchmarkGroup<WallTime>,
+    label: &str,
+    cache: C,
+    t: usize,
+) {
+    let device = Device::default();
+    let mut cache = filled(cache, t, &device);
+    let q = rand([1, GEOMETRY.n_heads, 1, GEOMETRY.head_dim], &device);
+    g.bench_with_input(BenchmarkId::new(label, t), &t, |b, &t| {
+        b.iter(|| sync(cache.attend(0, q.clone(), &[t]).expect("attend")))
+    });
+}
+
+fn decode_attention(c: &mut Criterion) {
+    let device = Device::default();
+    let lengths: &[usize] = if full_run() {
+        &[1024, 4096, 8192]
+    } else {
+        &[256]
+    };
+    let mut g = c.benchmark_group("decode_attention");
+    g.sample_size(20);
+    for &t in lengths {
+        bench_attend(&mut g, "dense", dense(&device), t);
+        for (label, placement, policy) in dynakv_configs() {
+            bench_attend(&mut g, &label, dynakv(placement, policy, &device), t);
+        }
+    }
+    g.finish();
+}
+
+/// Appending one token to a cache of T tokens (CPU: the backend is eager, so
+/// the append's work is inside the timing).
+fn bench_append<C: AttentionCache + Clone>(
+    g: &mut BenchmarkGroup<WallTime>,
+    label: &str,
+    cache: C,
+    t: usize,
+) {
+    let device = Device::default();
+    let cache = filled(cache, t, &device);
+    let (hk, dh) = (GEOMETRY.n_kv_heads, GEOMETRY.head_dim);
+    let (k, v) = (rand([1, hk, 1, dh], &device), rand([1, hk, 1, dh], &device));
+    g.bench_function(BenchmarkId::new(label, t), |b| {
+        b.iter_batched(
+            || cache.clone(),
+            |mut c| {
+                c.append(0, k.clone(), v.clone(), &[t]).expect("append");
+                c
+            },
+            BatchSize::SmallInput,
+        )
+    });
+}
+
+fn append_one(c: &mut Criterion) {
+    let device = Device::default();
+    let t = if full_run() { 4096 } else { 256 };
+    let mut g = c.benchmark_group("append_one_token");
+    g.sample_size(20);
+    bench_append(&mut g, "dense", dense(&device), t);
+    for (label, placement, policy) in dynakv_configs() {
+        bench_append(&mut g, &label, dynakv(placement, policy, &device), t);
+    }
+    g.finish();
+}
+
+criterion_group!(benches, decode_attention, append_one);
+criterion_main!(benches);
