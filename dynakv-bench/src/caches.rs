@@ -7,7 +7,7 @@ use dynakv_burn::dynakv_snapkv::{GqaScores, KeepBudget, SnapKvConfig};
 use dynakv_burn::{AttentionCache, DynaKvBases, DynaKvCache, PrunableCache, SnapKvCache};
 use dynakv_core::artifact::Artifact;
 use dynakv_core::policy::{
-    EnergyPolicy, EnergyRule, PerLayerPolicy, PolicyKind, RankPolicy, UniformPolicy,
+    EnergyPolicy, EnergyRule, PerLayerPolicy, PolicyKind, RankPolicy, RouterPolicy, UniformPolicy,
 };
 use dynakv_models::{LlamaModel, ModelError};
 
@@ -40,6 +40,25 @@ pub fn build_policy(
             PerLayerPolicy::fit(&artifact.sample, levels, spec.budget, spec.sink_tokens)
                 .map_err(core_err)?,
         ),
+        PolicyKind::Router => {
+            let (Some(info), Some(routers)) = (&artifact.header.router, &artifact.routers) else {
+                return Err(ModelError::InvalidInput(
+                    "--policy router needs an artifact from `dynakv train`".into(),
+                ));
+            };
+            // The router was trained for one target and its tau fitted on
+            // held-out latents the artifact does not keep: other budgets need
+            // another training run.
+            if (spec.budget - info.target).abs() > 1e-6 {
+                return Err(ModelError::InvalidInput(format!(
+                    "this router was thresholded for budget {}, not {} (retrain or pass --budget {})",
+                    info.target, spec.budget, info.target
+                )));
+            }
+            Arc::new(
+                RouterPolicy::new(routers.clone(), levels.clone(), info.tau).map_err(core_err)?,
+            )
+        }
         PolicyKind::Energy => Arc::new(
             EnergyPolicy::fit(
                 &artifact.sample,

@@ -134,8 +134,10 @@ pub fn calibrate(
             levels,
             calib_tokens: (n_stats * cfg.ctx) as u64,
             sample_positions: raw.raw_positions,
+            router: None,
         },
         bases,
         sample,
+        routers: None,
     })
 }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::basis::{Basis, BasisKind};
 use crate::error::CoreError;
 use crate::levels::RankLevels;
-use crate::policy::EnergySample;
+use crate::policy::{EnergySample, RouterWeights};
 
 pub const FORMAT_VERSION: u32 = 1;
 
@@ -113,6 +113,26 @@ pub struct ArtifactHeader {
     pub levels: RankLevels,
     pub calib_tokens: u64,
     pub sample_positions: Vec<usize>,
+    /// How the router was trained, when the artifact holds one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router: Option<RouterInfo>,
+}
+
+/// Training record and inference threshold of a trained router.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RouterInfo {
+    /// Hard-mask threshold, fitted on held-out calib text to hit `target`.
+    pub tau: f32,
+    /// Retained fraction the router was trained and thresholded for.
+    pub target: f64,
+    pub stage: String,
+    pub steps: usize,
+    pub tokens: usize,
+    pub seconds: f64,
+    /// Whether the encoder/decoder pairs were trained too.
+    pub trained_bases: bool,
+    /// Retained fraction on the held-out calib tokens at `tau`.
+    pub heldout_retained: f64,
 }
 
 /// Everything needed to build a DynaKV cache for one model.
@@ -122,6 +142,8 @@ pub struct Artifact {
     /// `[layer] -> [key basis, value basis]`
     pub bases: Vec<[Basis; 2]>,
     pub sample: EnergySample,
+    /// `[layer] -> [key router, value router]`, present with `header.router`.
+    pub routers: Option<Vec<[RouterWeights; 2]>>,
 }
 
 const KINDS: [&str; 2] = ["k", "v"];
@@ -155,6 +177,11 @@ impl Artifact {
                 owned.push((format!("{p}.dec"), vec![b.dim, b.dim], f32_bytes(&b.dec)));
                 owned.push((format!("{p}.mean"), vec![b.dim], f32_bytes(&b.mean)));
                 owned.push((format!("{p}.eigenvalues"), vec![b.dim], f32_bytes(&ev)));
+                if let Some(r) = self.routers.as_ref().and_then(|r| r.get(l)) {
+                    let r = &r[k];
+                    owned.push((format!("{p}.router.w"), vec![r.dim, r.choices], f32_bytes(&r.w)));
+                    owned.push((format!("{p}.router.b"), vec![r.choices], f32_bytes(&r.b)));
+                }
                 let rel = &self.sample.rel[l][k];
                 owned.push((
                     format!("{p}.sample"),
@@ -217,6 +244,8 @@ impl Artifact {
         let nl = header.levels.as_slice().len();
         let mut bases = Vec::with_capacity(m.n_layers);
         let mut rel = Vec::with_capacity(m.n_layers);
+        let mut routers = Vec::new();
+        let choices = nl.saturating_sub(1);
         for l in 0..m.n_layers {
             let mut pair = Vec::new();
             let mut rels = Vec::new();
@@ -233,6 +262,14 @@ impl Artifact {
                         .collect(),
                 });
                 rels.push(get(&format!("{p}.sample"), n * nl)?);
+                if header.router.is_some() {
+                    routers.push(RouterWeights {
+                        dim: d,
+                        choices,
+                        w: get(&format!("{p}.router.w"), d * choices)?,
+                        b: get(&format!("{p}.router.b"), choices)?,
+                    });
+                }
             }
             let v = pair.pop().unwrap_or_else(|| unreachable!());
             let k = pair.pop().unwrap_or_else(|| unreachable!());
@@ -246,10 +283,21 @@ impl Artifact {
             n_levels: nl,
             positions: header.sample_positions.clone(),
         };
+        let routers = if header.router.is_some() {
+            let mut pairs = Vec::with_capacity(m.n_layers);
+            let mut it = routers.into_iter();
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                pairs.push([k, v]);
+            }
+            Some(pairs)
+        } else {
+            None
+        };
         Ok(Self {
             header,
             bases,
             sample,
+            routers,
         })
     }
 
@@ -292,6 +340,16 @@ mod tests {
                 levels: levels.clone(),
                 calib_tokens: 3,
                 sample_positions: vec![0, 1],
+                router: Some(RouterInfo {
+                    tau: 0.1,
+                    target: 0.5,
+                    stage: "local".into(),
+                    steps: 1,
+                    tokens: 2,
+                    seconds: 0.5,
+                    trained_bases: true,
+                    heldout_retained: 0.5,
+                }),
             },
             bases: vec![[b.clone(), b.clone()]],
             sample: EnergySample {
@@ -302,6 +360,15 @@ mod tests {
                 n_levels: 3,
                 positions: vec![0, 1],
             },
+            routers: Some(vec![[
+                RouterWeights {
+                    dim: 4,
+                    choices: 2,
+                    w: (0..8).map(|i| i as f32).collect(),
+                    b: vec![0.5, -0.5],
+                },
+                RouterWeights::zeros(4, 2),
+            ]]),
         };
         let dir = std::env::temp_dir().join(format!("dynakv-art-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -310,6 +377,7 @@ mod tests {
         let back = Artifact::load(&path).unwrap();
         assert_eq!(back.header, a.header);
         assert_eq!(back.bases[0][1].dec, b.dec);
+        assert_eq!(back.routers, a.routers);
         assert_eq!(back.sample.rel, a.sample.rel);
         let other = ModelIdentity {
             n_kv_heads: 3,

@@ -68,9 +68,11 @@ pub fn artifact(placement: RopePlacement) -> Artifact {
             levels: RankLevels::multiples(8, d).expect("levels"),
             calib_tokens: 2048,
             sample_positions: vec![],
+            router: None,
         },
         bases: vec![[b.clone(), b]],
         sample: EnergySample::default(),
+        routers: None,
     }
 }
 

@@ -50,9 +50,11 @@ pub(crate) fn artifact(placement: RopePlacement) -> Artifact {
             levels: RankLevels::multiples(2, d).unwrap(),
             calib_tokens: 64,
             sample_positions: vec![],
+            router: None,
         },
         bases: vec![[b.clone(), b.clone()], [b.clone(), b]],
         sample: EnergySample::default(),
+        routers: None,
     }
 }
 

@@ -6,11 +6,13 @@
 mod energy;
 mod per_layer;
 mod profile;
+mod router;
 mod uniform;
 
 pub use energy::{EnergyPolicy, EnergyRule};
 pub use per_layer::PerLayerPolicy;
 pub use profile::{EnergySample, TailProfile};
+pub use router::{RouterPolicy, RouterWeights};
 pub use uniform::UniformPolicy;
 
 use serde::{Deserialize, Serialize};
@@ -69,6 +71,8 @@ pub enum PolicyKind {
     Uniform,
     PerLayer,
     Energy,
+    /// The learned router stored in a trained artifact (`dynakv train`).
+    Router,
 }
 
 impl std::str::FromStr for PolicyKind {
@@ -78,9 +82,10 @@ impl std::str::FromStr for PolicyKind {
             "uniform" => Ok(Self::Uniform),
             "per-layer" => Ok(Self::PerLayer),
             "energy" => Ok(Self::Energy),
+            "router" => Ok(Self::Router),
             o => Err(CoreError::Invalid {
                 field: "policy",
-                message: format!("`{o}` (expected uniform, per-layer or energy)"),
+                message: format!("`{o}` (expected uniform, per-layer, energy or router)"),
             }),
         }
     }
