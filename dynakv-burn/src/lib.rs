@@ -10,6 +10,7 @@ pub mod cache;
 pub mod device;
 mod error;
 pub mod rope;
+pub mod router;
 
 #[cfg(feature = "snapkv")]
 pub use cache::SnapKvCache;

@@ -179,7 +179,11 @@ impl Artifact {
                 owned.push((format!("{p}.eigenvalues"), vec![b.dim], f32_bytes(&ev)));
                 if let Some(r) = self.routers.as_ref().and_then(|r| r.get(l)) {
                     let r = &r[k];
-                    owned.push((format!("{p}.router.w"), vec![r.dim, r.choices], f32_bytes(&r.w)));
+                    owned.push((
+                        format!("{p}.router.w"),
+                        vec![r.dim, r.choices],
+                        f32_bytes(&r.w),
+                    ));
                     owned.push((format!("{p}.router.b"), vec![r.choices], f32_bytes(&r.b)));
                 }
                 let rel = &self.sample.rel[l][k];

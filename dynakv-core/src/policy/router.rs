@@ -165,10 +165,7 @@ impl RouterPolicy {
                 hi = mid;
             }
         }
-        let (a, b) = (
-            self.retained_at(latents, lo),
-            self.retained_at(latents, hi),
-        );
+        let (a, b) = (self.retained_at(latents, lo), self.retained_at(latents, hi));
         if (a - budget).abs() <= (b - budget).abs() {
             lo
         } else {
@@ -182,7 +179,13 @@ impl RankPolicy for RouterPolicy {
         "router"
     }
 
-    fn ranks(&self, layer: usize, kind: KvKind, latents: &[f32], positions: &[usize]) -> Vec<usize> {
+    fn ranks(
+        &self,
+        layer: usize,
+        kind: KvKind,
+        latents: &[f32],
+        positions: &[usize],
+    ) -> Vec<usize> {
         let d = self.levels.full();
         let Some(pair) = self.routers.get(layer) else {
             return vec![d; positions.len()];
