@@ -11,6 +11,7 @@ pub mod device;
 mod error;
 pub mod rope;
 pub mod router;
+pub mod train;
 
 #[cfg(feature = "snapkv")]
 pub use cache::SnapKvCache;
