@@ -6,3 +6,4 @@ pub mod caches;
 pub mod calibrate;
 pub mod eval;
 pub mod text;
+pub mod train;

@@ -22,6 +22,8 @@ enum Command {
     Fetch,
     /// Calibrate DynaKV bases on Brown `calib` text and write an artifact.
     Calibrate(cmd::calibrate::CalibrateArgs),
+    /// Train DynaKV's router (and bases) on Brown `calib`, model frozen.
+    Train(cmd::train::TrainArgs),
     /// Generate text from a prompt.
     Generate(cmd::generate::GenerateArgs),
     /// Evaluate a cache configuration.
@@ -45,6 +47,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Fetch => cmd::fetch::run(),
         Command::Calibrate(a) => cmd::calibrate::run(a),
+        Command::Train(a) => cmd::train::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Eval { what } => cmd::eval::run(what),
         Command::Bench(a) => cmd::bench::run(a),

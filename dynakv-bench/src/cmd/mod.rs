@@ -7,3 +7,4 @@ pub mod common;
 pub mod eval;
 pub mod fetch;
 pub mod generate;
+pub mod train;

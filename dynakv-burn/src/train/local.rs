@@ -56,7 +56,7 @@ impl Default for LocalConfig {
             lr: 1e-2,
             bases_scale: 1e-2,
             freeze_bases: false,
-            dual_lr: 0.5,
+            dual_lr: 0.05,
             alpha: 0.0,
             tau: 0.1,
             seed: 0,

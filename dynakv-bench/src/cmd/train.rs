@@ -1,0 +1,144 @@
+//! `dynakv train`
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use dynakv_bench::text::{brown_docs, document_tokens};
+use dynakv_bench::train::train_local;
+use dynakv_burn::train::LocalConfig;
+use dynakv_core::artifact::Artifact;
+use dynakv_models::corpus::Split;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::common::ModelArgs;
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Calibrated artifact to start from (`dynakv calibrate`).
+    #[arg(long)]
+    pub artifact: PathBuf,
+    /// Where to write the trained artifact.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Retained fraction to train and threshold for.
+    #[arg(long)]
+    pub target: f64,
+    /// local (per-layer attention-output loss); e2e is not built yet.
+    #[arg(long, default_value = "local")]
+    pub stage: String,
+    /// Brown `calib` tokens to train on (from the start of the split).
+    #[arg(long, default_value_t = 8192)]
+    pub tokens: usize,
+    /// Following `calib` tokens on which tau is fitted to hit the target.
+    #[arg(long, default_value_t = 2048)]
+    pub heldout_tokens: usize,
+    /// Training window length.
+    #[arg(long, default_value_t = 256)]
+    pub ctx: usize,
+    #[arg(long, default_value_t = 300)]
+    pub steps: usize,
+    /// Adam learning rate of the routers.
+    #[arg(long, default_value_t = 1e-2)]
+    pub lr: f64,
+    /// Basis corrections move lr * this per step.
+    #[arg(long, default_value_t = 1e-2)]
+    pub bases_scale: f64,
+    /// Keep the calibrated bases; train the routers only.
+    #[arg(long)]
+    pub freeze_bases: bool,
+    /// Dual-ascent step of the budget multiplier.
+    #[arg(long, default_value_t = 0.05)]
+    pub dual_lr: f64,
+    /// The paper's alpha in alpha * R^2.
+    #[arg(long, default_value_t = 0.0)]
+    pub alpha: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print the summary as one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    if a.stage != "local" {
+        bail!("stage `{}`: only `local` is built (e2e is planned)", a.stage);
+    }
+    let loaded = a.model.load()?;
+    let artifact = Artifact::load(&a.artifact)?;
+    let docs = brown_docs(Split::Calib, None)?;
+    let ids = document_tokens(&loaded.tokenizer, &docs)?;
+    let need = a.tokens + a.heldout_tokens;
+    if ids.len() < need {
+        bail!("Brown calib has {} tokens, {need} asked for", ids.len());
+    }
+    let (train_ids, heldout_ids) = ids[..need].split_at(a.tokens);
+    let config = LocalConfig {
+        target: a.target,
+        steps: a.steps,
+        lr: a.lr,
+        bases_scale: a.bases_scale,
+        freeze_bases: a.freeze_bases,
+        dual_lr: a.dual_lr,
+        alpha: a.alpha,
+        seed: a.seed,
+        ..LocalConfig::default()
+    };
+    // Ctrl-C stops training; the state so far is thresholded and saved.
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed))?;
+    }
+    let bar = ProgressBar::new(a.steps as u64).with_style(
+        ProgressStyle::with_template("train [{bar:30}] {pos}/{len} steps, ETA {eta} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let (trained, summary) = train_local(
+        &loaded.model,
+        &loaded.sha256,
+        &artifact,
+        train_ids,
+        heldout_ids,
+        a.ctx,
+        &config,
+        &stop,
+        |s| {
+            bar.set_position(s.step as u64);
+            bar.set_message(format!(
+                "loss {:.4} err {:.4} retained {:.3} lambda {:.3}",
+                s.loss, s.err, s.retained, s.lambda
+            ));
+            if s.step % 10 == 0 {
+                tracing::info!(
+                    step = s.step,
+                    loss = s.loss,
+                    err = s.err,
+                    retained = s.retained,
+                    lambda = s.lambda
+                );
+            }
+        },
+    )?;
+    bar.finish_and_clear();
+    trained.save(&a.out)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    }
+    eprintln!(
+        "wrote {}: {} steps on {} tokens in {:.0}s{}, tau {:.4} gives retained {:.4} on {} held-out tokens",
+        a.out.display(),
+        summary.steps,
+        summary.train_tokens,
+        summary.seconds,
+        if summary.interrupted { " (interrupted)" } else { "" },
+        summary.tau,
+        summary.heldout_retained,
+        summary.heldout_tokens
+    );
+    Ok(())
+}

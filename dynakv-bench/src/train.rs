@@ -1,0 +1,154 @@
+//! The `dynakv train` driver: capture calibration windows, run the local
+//! stage, fit τ on held-out calib windows, and write a trained artifact.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use dynakv_burn::train::{CaptureCache, LayerInputs, LocalConfig, LocalTrainer, StepStats};
+use dynakv_core::artifact::{Artifact, RouterInfo};
+use dynakv_models::{LlamaModel, ModelError};
+
+use crate::calibrate::{core_err, model_identity};
+
+/// What the run used and reached.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TrainSummary {
+    pub steps: usize,
+    pub train_tokens: usize,
+    pub heldout_tokens: usize,
+    pub seconds: f64,
+    pub tau: f32,
+    pub heldout_retained: f64,
+    pub last: Option<StepStatsOut>,
+    pub interrupted: bool,
+}
+
+/// [`StepStats`] for JSON.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct StepStatsOut {
+    pub step: usize,
+    pub loss: f64,
+    pub err: f64,
+    pub retained: f64,
+    pub lambda: f64,
+}
+
+impl From<StepStats> for StepStatsOut {
+    fn from(s: StepStats) -> Self {
+        Self {
+            step: s.step,
+            loss: s.loss,
+            err: s.err,
+            retained: s.retained,
+            lambda: s.lambda,
+        }
+    }
+}
+
+/// Every layer's attention inputs for consecutive windows of `ctx` tokens.
+pub fn capture_windows(
+    model: &LlamaModel,
+    ids: &[u32],
+    ctx: usize,
+) -> Result<Vec<Vec<LayerInputs>>, ModelError> {
+    ids.chunks_exact(ctx)
+        .map(|w| {
+            let mut cache = CaptureCache::new(model.config.geometry(), model.rope().clone())?;
+            model.hidden(w, 0, &mut cache)?;
+            Ok(cache.into_layers()?)
+        })
+        .collect()
+}
+
+/// Trains a router (and bases) on `train_ids`, fits τ on `heldout_ids`, and
+/// returns the trained artifact. `stop` ends training early (the state so far
+/// is kept); `on_step` sees every step.
+#[allow(clippy::too_many_arguments)]
+pub fn train_local(
+    model: &LlamaModel,
+    model_sha256: &str,
+    artifact: &Artifact,
+    train_ids: &[u32],
+    heldout_ids: &[u32],
+    ctx: usize,
+    config: &LocalConfig,
+    stop: &AtomicBool,
+    mut on_step: impl FnMut(&StepStats),
+) -> Result<(Artifact, TrainSummary), ModelError> {
+    artifact
+        .header
+        .model
+        .check(&model_identity(model, model_sha256.to_string()))
+        .map_err(core_err)?;
+    let t0 = Instant::now();
+    let train = capture_windows(model, train_ids, ctx)?;
+    let heldout = capture_windows(model, heldout_ids, ctx)?;
+    if train.is_empty() || heldout.is_empty() {
+        return Err(ModelError::InvalidInput(format!(
+            "need at least one window of {ctx} tokens for training and for held-out text"
+        )));
+    }
+    let wo = (0..model.config.n_layers)
+        .map(|l| {
+            model
+                .wo(l)
+                .cloned()
+                .ok_or_else(|| ModelError::InvalidInput(format!("no W_o for layer {l}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut trainer = LocalTrainer::new(
+        artifact,
+        model.config.geometry(),
+        model.rope().clone(),
+        wo,
+        config.clone(),
+        model.device(),
+    )?;
+    let mut last = None;
+    let mut interrupted = false;
+    for _ in 0..config.steps {
+        if stop.load(Ordering::Relaxed) {
+            interrupted = true;
+            break;
+        }
+        let s = trainer.step(&train)?;
+        on_step(&s);
+        last = Some(s);
+    }
+    let lat = trainer.latents(&heldout)?;
+    let (policy, heldout_retained) = trainer.fitted_policy(&lat)?;
+    let (routers, bases) = trainer.export()?;
+    let mut out = artifact.clone();
+    for (pair, trained) in out.bases.iter_mut().zip(bases) {
+        for (b, (enc, dec)) in pair.iter_mut().zip(trained) {
+            b.enc = enc;
+            b.dec = dec;
+        }
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    let steps = last.map_or(0, |s| s.step);
+    out.routers = Some(routers);
+    out.header.router = Some(RouterInfo {
+        tau: policy.tau,
+        target: config.target,
+        stage: "local".into(),
+        steps,
+        tokens: train.len() * ctx,
+        seconds,
+        trained_bases: !config.freeze_bases && config.bases_scale > 0.0,
+        heldout_retained,
+    });
+    Ok((
+        out,
+        TrainSummary {
+            steps,
+            train_tokens: train.len() * ctx,
+            heldout_tokens: heldout.len() * ctx,
+            seconds,
+            tau: policy.tau,
+            heldout_retained,
+            last: last.map(Into::into),
+            interrupted,
+        },
+    ))
+}
