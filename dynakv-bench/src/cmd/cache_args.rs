@@ -80,6 +80,11 @@ impl CacheArgs {
         }
     }
 
+    /// The uncompressed cache, without SnapKV.
+    pub fn is_full(&self) -> bool {
+        self.cache == CacheKind::Full && self.snapkv.is_none() && self.snapkv_capacity.is_none()
+    }
+
     fn snapkv_spec(&self) -> SnapKvSpec {
         SnapKvSpec {
             preset: self.snapkv_preset.clone(),

@@ -20,6 +20,40 @@ pub enum EvalCommand {
     /// KL(full ‖ compressed) of next-token distributions and top-1 agreement
     /// on the same windows as `ppl`.
     Fidelity(PplArgs),
+    /// Long-context retrieval (passkey, multikey, codeword) on Brown `eval`
+    /// haystacks, scored against the full cache on the same prompts.
+    Longctx(LongctxArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct LongctxArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+    #[arg(long, default_value = "passkey,multikey,codeword")]
+    pub tasks: String,
+    /// Prompt lengths in tokens.
+    #[arg(long, default_value = "1024,2048,4096,8192")]
+    pub lengths: String,
+    /// Needle depths (fraction of the haystack); one sample per depth.
+    #[arg(long, default_value = "0.1,0.5,0.9")]
+    pub depths: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Question inside the prefill (SnapKV's window sees it); default:
+    /// context prefilled alone, question after.
+    #[arg(long)]
+    pub query_aware: bool,
+    /// Full-cache outcomes for the same prompts: read if present, else
+    /// computed and written there (they are the reference of every run).
+    #[arg(long)]
+    pub full_results: Option<PathBuf>,
+    /// Cells where the full cache scores below this are dropped.
+    #[arg(long, default_value_t = 0.6)]
+    pub keep_threshold: f64,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
@@ -65,7 +99,201 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
     match cmd {
         EvalCommand::Ppl(a) => ppl(a),
         EvalCommand::Fidelity(a) => fidelity_cmd(a),
+        EvalCommand::Longctx(a) => longctx_cmd(a),
     }
+}
+
+fn parse_list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>>
+where
+    T::Err: std::fmt::Display,
+{
+    s.split(',')
+        .filter(|x| !x.trim().is_empty())
+        .map(|x| {
+            x.trim()
+                .parse::<T>()
+                .map_err(|e| anyhow::anyhow!("bad {what} `{x}`: {e}"))
+        })
+        .collect()
+}
+
+fn longctx_cmd(a: LongctxArgs) -> Result<()> {
+    use dynakv_bench::eval::longctx::{build_samples, cells, run_sample, Outcome, Task};
+    let loaded = a.model.load()?;
+    let tasks: Vec<Task> = parse_list(&a.tasks, "task")?;
+    let lengths: Vec<usize> = parse_list(&a.lengths, "length")?;
+    let depths: Vec<f64> = parse_list(&a.depths, "depth")?;
+    if let Some(&l) = lengths
+        .iter()
+        .find(|&&l| l > loaded.model.config.context_length)
+    {
+        bail!(
+            "length {l} exceeds the model's context ({})",
+            loaded.model.config.context_length
+        );
+    }
+    let stream = document_tokens(&loaded.tokenizer, &brown_docs(Split::Eval, None)?)?;
+    let system = loaded.default_system.as_deref();
+    let mut samples = Vec::new();
+    for &task in &tasks {
+        for &length in &lengths {
+            samples.extend(build_samples(
+                &loaded.tokenizer,
+                system,
+                &stream,
+                task,
+                length,
+                &depths,
+                a.seed,
+            )?);
+        }
+    }
+    let key = format!(
+        "tasks={} lengths={} depths={} seed={} query_aware={}",
+        a.tasks, a.lengths, a.depths, a.seed, a.query_aware
+    );
+    let run_all = |label: &str,
+                   which: &[usize],
+                   make: &dyn Fn() -> Result<Box<dyn dynakv_burn::AttentionCache>>|
+     -> Result<Vec<Outcome>> {
+        let bar = ProgressBar::new(which.len() as u64).with_style(
+            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} prompts, ETA {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_message(label.to_string());
+        let mut out = Vec::new();
+        for &i in which {
+            let mut cache = make()?;
+            out.push(run_sample(
+                &loaded.model,
+                &loaded.tokenizer,
+                system,
+                &samples[i],
+                a.query_aware,
+                cache.as_mut(),
+            )?);
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        Ok(out)
+    };
+    let all: Vec<usize> = (0..samples.len()).collect();
+    let full: Vec<Outcome> = match a.full_results.as_ref().filter(|p| p.exists()) {
+        Some(p) => {
+            let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p)?)?;
+            if v["key"].as_str() != Some(key.as_str()) {
+                bail!(
+                    "{} holds full-cache results for `{}`, not `{key}`",
+                    p.display(),
+                    v["key"]
+                );
+            }
+            serde_json::from_value::<Vec<serde_json::Value>>(v["outcomes"].clone())?
+                .into_iter()
+                .zip(&samples)
+                .map(|(o, s)| Outcome {
+                    task: s.task,
+                    length: s.length,
+                    depth: s.depth,
+                    prompt_tokens: o["prompt_tokens"].as_u64().unwrap_or(0) as usize,
+                    answer: s.answer.clone(),
+                    output: o["output"].as_str().unwrap_or_default().to_string(),
+                    correct: o["correct"].as_bool().unwrap_or(false),
+                    retained: 1.0,
+                })
+                .collect()
+        }
+        None => {
+            let out = run_all("full", &all, &|| {
+                Ok(Box::new(loaded.model.dense_cache()?) as Box<dyn dynakv_burn::AttentionCache>)
+            })?;
+            if let Some(p) = &a.full_results {
+                let v = serde_json::json!({"key": key, "outcomes": out});
+                let tmp = p.with_extension("tmp");
+                std::fs::write(&tmp, serde_json::to_string(&v)?)?;
+                std::fs::rename(&tmp, p)?;
+            }
+            out
+        }
+    };
+    let full_cells = cells(&full);
+    let kept: Vec<_> = full_cells
+        .iter()
+        .filter(|c| c.score >= a.keep_threshold)
+        .cloned()
+        .collect();
+    let dropped: Vec<_> = full_cells
+        .iter()
+        .filter(|c| c.score < a.keep_threshold)
+        .cloned()
+        .collect();
+    let in_kept = |i: &usize| {
+        kept.iter()
+            .any(|c| c.task == samples[*i].task && c.length == samples[*i].length)
+    };
+    let which: Vec<usize> = all.iter().copied().filter(in_kept).collect();
+    let compressed = if a.cache.is_full() {
+        which.iter().map(|&i| full[i].clone()).collect()
+    } else {
+        let maker = a.cache.maker(&loaded)?;
+        run_all(&a.cache.label(), &which, &|| Ok(maker.make(&loaded)?))?
+    };
+    let comp_cells = cells(&compressed);
+    let mean = |c: &[dynakv_bench::eval::longctx::Cell]| {
+        if c.is_empty() {
+            f64::NAN
+        } else {
+            c.iter().map(|x| x.score).sum::<f64>() / c.len() as f64
+        }
+    };
+    let (score_full, score) = (mean(&kept), mean(&comp_cells));
+    let retained =
+        compressed.iter().map(|o| o.retained).sum::<f64>() / compressed.len().max(1) as f64;
+    let report = serde_json::json!({
+        "cache": a.cache.label(),
+        "query_aware": a.query_aware,
+        "key": key,
+        "keep_threshold": a.keep_threshold,
+        "full_cells": full_cells,
+        "kept": kept,
+        "dropped": dropped,
+        "cells": comp_cells,
+        "score_full": score_full,
+        "score": score,
+        "relative": score / score_full,
+        "retained": retained,
+        "outcomes": compressed,
+    });
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        for c in &full_cells {
+            let comp = comp_cells
+                .iter()
+                .find(|x| x.task == c.task && x.length == c.length);
+            println!(
+                "{:?} @ {}: full {}/{}{}",
+                c.task,
+                c.length,
+                c.correct,
+                c.n,
+                match comp {
+                    Some(x) => format!(", {} {}/{}", a.cache.label(), x.correct, x.n),
+                    None => " (dropped: full cache below the threshold)".into(),
+                }
+            );
+        }
+        println!(
+            "{}: score {:.3} vs full {:.3} over {} kept cells = {:.1}% of full, retained {:.3}",
+            a.cache.label(),
+            score,
+            score_full,
+            kept.len(),
+            100.0 * score / score_full,
+            retained
+        );
+    }
+    Ok(())
 }
 
 /// Token ids of the requested text after skipped windows, and the document count.

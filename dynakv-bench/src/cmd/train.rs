@@ -66,7 +66,10 @@ pub struct TrainArgs {
 
 pub fn run(a: TrainArgs) -> Result<()> {
     if a.stage != "local" {
-        bail!("stage `{}`: only `local` is built (e2e is planned)", a.stage);
+        bail!(
+            "stage `{}`: only `local` is built (e2e is planned)",
+            a.stage
+        );
     }
     let loaded = a.model.load()?;
     let artifact = Artifact::load(&a.artifact)?;

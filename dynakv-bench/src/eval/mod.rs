@@ -1,5 +1,6 @@
 //! Evaluation commands' logic.
 
 pub mod fidelity;
+pub mod longctx;
 pub mod ppl;
 pub mod speed;
