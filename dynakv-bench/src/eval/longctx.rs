@@ -8,9 +8,8 @@
 //! - `multikey`: four lines "The special number for WORD is N." at different
 //!   depths; one WORD is asked.
 //! - `codeword` (ours): "The secret code word is WORD. Remember it. WORD is
-//!   the secret code word." with WORD an uncommon
-//!   noun; asked: the code word. A word, not digits: recall of a token the
-//!   haystack's context makes unlikely.
+//!   the secret code word." with WORD an uncommon noun; asked: the code word.
+//!   A word, not digits: recall of a token the haystack makes unlikely.
 //!
 //! An answer is right when the expected number or word appears in the output
 //! as a whole token (digits not glued to other digits, letters not glued to
