@@ -166,3 +166,55 @@ fn bad_configurations_are_clear_errors() {
     assert!(err.contains("file_sha256"), "{err}");
     assert!("median".parse::<PolicyKind>().is_err());
 }
+
+#[test]
+fn a_trained_router_round_trips_and_drives_the_cache() {
+    use dynakv_bench::train::train_local;
+    use dynakv_burn::train::LocalConfig;
+    use std::sync::atomic::AtomicBool;
+    let s = setup();
+    let config = LocalConfig {
+        target: 0.3,
+        steps: 2,
+        ..LocalConfig::default()
+    };
+    let ids = &s.eval_ids[..384];
+    let (trained, summary) = train_local(
+        &s.model,
+        &s.sha,
+        &s.pre,
+        &ids[..256],
+        &ids[256..],
+        128,
+        &config,
+        &AtomicBool::new(false),
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(summary.steps, 2);
+    assert!((summary.heldout_retained - 0.3).abs() < 0.1, "{summary:?}");
+    // Save and load keep the routers and the training record.
+    let path =
+        std::env::temp_dir().join(format!("dynakv-router-{}.safetensors", std::process::id()));
+    trained.save(&path).unwrap();
+    let back = Artifact::load(&path).unwrap();
+    std::fs::remove_file(&path).ok();
+    assert_eq!(back.routers, trained.routers);
+    assert_eq!(back.header.router, trained.header.router);
+    // `--policy router` builds from it; a budget it was not thresholded for is an error.
+    let f = DynaKvFactory::from_artifact(&s.model, &s.sha, &back, &spec(PolicyKind::Router, 0.3))
+        .unwrap();
+    let mut cache = f.make(&s.model).unwrap();
+    s.model.forward(&s.eval_ids[..64], 0, &mut cache).unwrap();
+    let r = cache.footprint().retained();
+    assert!(r > 0.0 && r < 1.0, "{r}");
+    assert!(
+        DynaKvFactory::from_artifact(&s.model, &s.sha, &back, &spec(PolicyKind::Router, 0.5))
+            .is_err()
+    );
+    // An artifact without a router cannot serve `--policy router`.
+    assert!(
+        DynaKvFactory::from_artifact(&s.model, &s.sha, &s.pre, &spec(PolicyKind::Router, 0.3))
+            .is_err()
+    );
+}
