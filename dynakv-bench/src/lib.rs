@@ -5,5 +5,6 @@
 pub mod caches;
 pub mod calibrate;
 pub mod eval;
+pub mod plot;
 pub mod text;
 pub mod train;

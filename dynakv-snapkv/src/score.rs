@@ -133,10 +133,7 @@ pub fn aggregate(
     let rows: Vec<Vec<f32>> = match gqa {
         GqaScores::QueryHead => pooled,
         GqaScores::Layer => vec![mean_of(&pooled)],
-        GqaScores::KvHead => pooled
-            .chunks(n_heads / n_kv_heads)
-            .map(|group| mean_of(group))
-            .collect(),
+        GqaScores::KvHead => pooled.chunks(n_heads / n_kv_heads).map(mean_of).collect(),
     };
     WindowScores {
         rows: rows.len(),

@@ -23,6 +23,8 @@ pub enum EvalCommand {
     /// Long-context retrieval (passkey, multikey, codeword) on Brown `eval`
     /// haystacks, scored against the full cache on the same prompts.
     Longctx(LongctxArgs),
+    /// A grid of caches through ppl (and fidelity): JSON lines and plots.
+    Sweep(super::sweep::SweepArgs),
 }
 
 #[derive(Args, Debug)]
@@ -100,6 +102,7 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
         EvalCommand::Ppl(a) => ppl(a),
         EvalCommand::Fidelity(a) => fidelity_cmd(a),
         EvalCommand::Longctx(a) => longctx_cmd(a),
+        EvalCommand::Sweep(a) => super::sweep::run(a),
     }
 }
 

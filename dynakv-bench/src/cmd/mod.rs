@@ -7,4 +7,5 @@ pub mod common;
 pub mod eval;
 pub mod fetch;
 pub mod generate;
+pub mod sweep;
 pub mod train;

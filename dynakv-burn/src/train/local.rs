@@ -93,6 +93,10 @@ struct LayerConst {
     wo: Tensor<2>,
 }
 
+/// Trained routers `[layer] -> [key, value]` and bases `[layer] -> [(enc,
+/// dec) of key, of value]`, as host data.
+pub type Exported = (Vec<[RouterWeights; 2]>, Vec<[(Vec<f32>, Vec<f32>); 2]>);
+
 /// One step's numbers, for logs.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StepStats {
@@ -380,9 +384,7 @@ impl LocalTrainer {
 
     /// Current routers and bases as host data: `([layer] -> [k, v] routers,
     /// [layer] -> [k, v] (enc, dec))`.
-    pub fn export(
-        &self,
-    ) -> Result<(Vec<[RouterWeights; 2]>, Vec<[(Vec<f32>, Vec<f32>); 2]>), CacheError> {
+    pub fn export(&self) -> Result<Exported, CacheError> {
         let read = |t: Tensor<2>| {
             t.into_data()
                 .try_into_vec_as::<f32>()

@@ -1,0 +1,160 @@
+//! Quality-against-memory plots (SVG, plotters): one line per cache family,
+//! retained fraction on x, a quality figure on y, the command that produced
+//! the data in the caption.
+
+use std::path::Path;
+
+use plotters::prelude::*;
+
+/// One line of a plot.
+#[derive(Debug, Clone)]
+pub struct Series {
+    pub name: String,
+    /// `(retained fraction, value)`, drawn in ascending x.
+    pub points: Vec<(f64, f64)>,
+}
+
+const COLORS: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(255, 127, 14),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(23, 190, 207),
+];
+
+/// Writes an SVG plot atomically (temp file, then rename).
+///
+/// `caption` goes under the title (the exact command); `log_y` for ratios
+/// that span orders of magnitude.
+pub fn quality_plot(
+    path: &Path,
+    title: &str,
+    y_label: &str,
+    caption: &str,
+    series: &[Series],
+    log_y: bool,
+) -> Result<(), String> {
+    let ys: Vec<f64> = series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.1))
+        .filter(|y| y.is_finite())
+        .collect();
+    if ys.is_empty() {
+        return Err("nothing to plot".into());
+    }
+    let (lo, hi) = ys
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &y| {
+            (a.min(y), b.max(y))
+        });
+    let (lo, hi) = if log_y {
+        (lo.max(1e-6) * 0.9, hi * 1.1)
+    } else {
+        (
+            lo - 0.05 * (hi - lo).max(1e-6),
+            hi + 0.05 * (hi - lo).max(1e-6),
+        )
+    };
+    let tmp = path.with_extension("svg.tmp");
+    {
+        let root = SVGBackend::new(&tmp, (900, 560)).into_drawing_area();
+        let e = |e: &dyn std::fmt::Display| e.to_string();
+        root.fill(&WHITE).map_err(|x| e(&x))?;
+        let (top, body) = root.split_vertically(40);
+        top.draw(&Text::new(caption.to_string(), (10, 12), ("monospace", 11)))
+            .map_err(|x| e(&x))?;
+        let mut builder = ChartBuilder::on(&body);
+        builder
+            .caption(title, ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60);
+        macro_rules! body {
+            ($chart:expr) => {{
+                let mut chart = $chart;
+                chart
+                    .configure_mesh()
+                    .x_desc("retained fraction of the KV cache")
+                    .y_desc(y_label)
+                    .draw()
+                    .map_err(|x| e(&x))?;
+                for (i, s) in series.iter().enumerate() {
+                    let c = COLORS[i % COLORS.len()];
+                    let mut pts = s.points.clone();
+                    pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+                    chart
+                        .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
+                        .map_err(|x| e(&x))?
+                        .label(s.name.clone())
+                        .legend(move |(x, y)| {
+                            PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
+                        });
+                    chart
+                        .draw_series(pts.into_iter().map(|p| Circle::new(p, 3, c.filled())))
+                        .map_err(|x| e(&x))?;
+                }
+                chart
+                    .configure_series_labels()
+                    .background_style(WHITE.mix(0.85))
+                    .border_style(BLACK)
+                    .draw()
+                    .map_err(|x| e(&x))?;
+            }};
+        }
+        if log_y {
+            body!(builder
+                .build_cartesian_2d(0f64..1.02f64, (lo..hi).log_scale())
+                .map_err(|x| e(&x))?);
+        } else {
+            body!(builder
+                .build_cartesian_2d(0f64..1.02f64, lo..hi)
+                .map_err(|x| e(&x))?);
+        }
+        root.present().map_err(|x| e(&x))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|x| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("{}: {x}", path.display())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_an_svg_with_every_series_and_the_caption() {
+        let dir = std::env::temp_dir().join(format!("dynakv-plot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("q.svg");
+        let series = vec![
+            Series {
+                name: "energy".into(),
+                points: vec![(0.47, 1.1), (0.3, 1.4)],
+            },
+            Series {
+                name: "uniform".into(),
+                points: vec![(0.47, 1.4), (0.3, 2.4)],
+            },
+        ];
+        quality_plot(
+            &path,
+            "PPL",
+            "PPL ratio",
+            "dynakv eval sweep --x",
+            &series,
+            true,
+        )
+        .unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.starts_with("<svg"));
+        for s in ["energy", "uniform", "dynakv eval sweep --x"] {
+            assert!(svg.contains(s), "{s}");
+        }
+        assert!(quality_plot(&path, "t", "y", "c", &[], false).is_err());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
