@@ -25,9 +25,9 @@ const COLORS: [RGBColor; 8] = [
     RGBColor(23, 190, 207),
 ];
 
-/// Writes an SVG plot atomically (temp file, then rename).
+/// A quality figure against the retained fraction (x from 0 to 1).
 ///
-/// `caption` goes under the title (the exact command); `log_y` for ratios
+/// `caption` goes above the chart (the exact command); `log_y` for ratios
 /// that span orders of magnitude.
 pub fn quality_plot(
     path: &Path,
@@ -37,6 +37,30 @@ pub fn quality_plot(
     series: &[Series],
     log_y: bool,
 ) -> Result<(), String> {
+    line_plot(
+        path,
+        title,
+        ("retained fraction of the KV cache", 0.0, 1.02),
+        y_label,
+        caption,
+        series,
+        log_y,
+    )
+}
+
+/// Writes an SVG line plot atomically (temp file, then rename).
+///
+/// `x` is `(label, min, max)`.
+pub fn line_plot(
+    path: &Path,
+    title: &str,
+    x: (&str, f64, f64),
+    y_label: &str,
+    caption: &str,
+    series: &[Series],
+    log_y: bool,
+) -> Result<(), String> {
+    let (x_label, x_lo, x_hi) = x;
     let ys: Vec<f64> = series
         .iter()
         .flat_map(|s| s.points.iter().map(|p| p.1))
@@ -77,7 +101,7 @@ pub fn quality_plot(
                 let mut chart = $chart;
                 chart
                     .configure_mesh()
-                    .x_desc("retained fraction of the KV cache")
+                    .x_desc(x_label)
                     .y_desc(y_label)
                     .draw()
                     .map_err(|x| e(&x))?;
@@ -106,11 +130,11 @@ pub fn quality_plot(
         }
         if log_y {
             body!(builder
-                .build_cartesian_2d(0f64..1.02f64, (lo..hi).log_scale())
+                .build_cartesian_2d(x_lo..x_hi, (lo..hi).log_scale())
                 .map_err(|x| e(&x))?);
         } else {
             body!(builder
-                .build_cartesian_2d(0f64..1.02f64, lo..hi)
+                .build_cartesian_2d(x_lo..x_hi, lo..hi)
                 .map_err(|x| e(&x))?);
         }
         root.present().map_err(|x| e(&x))?;

@@ -25,6 +25,8 @@ pub enum EvalCommand {
     Longctx(LongctxArgs),
     /// A grid of caches through ppl (and fidelity): JSON lines and plots.
     Sweep(super::sweep::SweepArgs),
+    /// Ranks a policy gives each token of a text, and mean rank per layer.
+    Ranks(super::ranks::RanksArgs),
 }
 
 #[derive(Args, Debug)]
@@ -103,6 +105,7 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
         EvalCommand::Fidelity(a) => fidelity_cmd(a),
         EvalCommand::Longctx(a) => longctx_cmd(a),
         EvalCommand::Sweep(a) => super::sweep::run(a),
+        EvalCommand::Ranks(a) => super::ranks::run(a),
     }
 }
 

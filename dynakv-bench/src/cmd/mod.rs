@@ -7,5 +7,6 @@ pub mod common;
 pub mod eval;
 pub mod fetch;
 pub mod generate;
+pub mod ranks;
 pub mod sweep;
 pub mod train;
