@@ -61,7 +61,7 @@ pub fn run(a: RanksArgs) -> Result<()> {
         let n = ids.len();
         let mut per_token = vec![[0f64; 2]; n];
         let mut per_layer = vec![[0f64; 2]; geo.n_layers];
-        for l in 0..geo.n_layers {
+        for (l, layer_mean) in per_layer.iter_mut().enumerate() {
             for (k, kind) in [KvKind::Key, KvKind::Value].into_iter().enumerate() {
                 let mut ranks = vec![0usize; n];
                 for (id, r) in cache.ranks(l, kind) {
@@ -69,7 +69,7 @@ pub fn run(a: RanksArgs) -> Result<()> {
                 }
                 for (i, &r) in ranks.iter().enumerate() {
                     per_token[i][k] += r as f64 / geo.n_layers as f64;
-                    per_layer[l][k] += r as f64 / n as f64;
+                    layer_mean[k] += r as f64 / n as f64;
                 }
             }
         }
