@@ -150,7 +150,8 @@ impl PrunableCache for DenseCache {
         self.geometry.check_layer(layer)?;
         let hk = self.geometry.n_kv_heads;
         let store = &mut self.layers[layer];
-        let (Some(k), Some(v)) = (store.k.take(), store.v.take()) else {
+        // Clones are cheap handles; the store changes only once all succeeded.
+        let (Some(k), Some(v)) = (store.k.clone(), store.v.clone()) else {
             return Err(CacheError::Config(format!("retain on empty layer {layer}")));
         };
         let heads: Vec<Vec<usize>> = match &store.positions {

@@ -511,6 +511,63 @@ mod tests {
         assert_eq!(c.len(0), 0);
     }
 
+    /// Keys of odd positions get rank 0 (dropped), values always rank 8.
+    #[derive(Debug)]
+    struct DropOddKeys;
+    impl RankPolicy for DropOddKeys {
+        fn name(&self) -> &'static str {
+            "drop-odd-keys"
+        }
+        fn needs_latents(&self) -> bool {
+            false
+        }
+        fn ranks(&self, _l: usize, kind: KvKind, _lat: &[f32], positions: &[usize]) -> Vec<usize> {
+            positions
+                .iter()
+                .map(|&p| {
+                    if kind == KvKind::Key && p % 2 == 1 {
+                        0
+                    } else {
+                        8
+                    }
+                })
+                .collect()
+        }
+    }
+
+    #[test]
+    fn a_token_without_a_key_stores_no_value_and_is_not_attended() {
+        let device = default_device();
+        let rope = Rope::new(4, 4, 10_000.0, 64, &device).unwrap();
+        let bases = Arc::new(DynaKvBases::new(&artifact(RopePlacement::Pre), G, &device).unwrap());
+        let mut c = DynaKvCache::new(G, rope.clone(), bases, Arc::new(DropOddKeys)).unwrap();
+        let (q, k, v) = (
+            rand4([1, 4, 6, 4]),
+            rand4([1, 2, 6, 4]),
+            rand4([1, 2, 6, 4]),
+        );
+        let pos: Vec<usize> = (0..6).collect();
+        c.append(0, k.clone(), v.clone(), &pos).unwrap();
+        let values: Vec<usize> = c
+            .ranks(0, KvKind::Value)
+            .iter()
+            .map(|&(id, _)| id)
+            .collect();
+        assert_eq!(values, vec![0, 2, 4]);
+        assert_eq!(c.len(0), 3);
+        // Attention equals a dense cache holding the even tokens only.
+        let q_last = q.narrow(2, 5, 1);
+        let got = c.attend(0, q_last.clone(), &[5]).unwrap();
+        let mut dense = DenseCache::new(G, rope).unwrap();
+        let even = Tensor::<1, Int>::from_data(TensorData::new(vec![0i64, 2, 4], [3]), &device);
+        dense
+            .append(0, k.select(2, even.clone()), v.select(2, even), &[0, 2, 4])
+            .unwrap();
+        let want = dense.attend(0, q_last, &[5]).unwrap();
+        let diff: f32 = (got - want).abs().max().into_scalar();
+        assert!(diff < 1e-4, "{diff}");
+    }
+
     #[test]
     fn a_rank_that_is_not_a_level_is_an_error() {
         let device = default_device();
