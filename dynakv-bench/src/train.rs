@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use dynakv_burn::train::{CaptureCache, LayerInputs, LocalConfig, LocalTrainer, StepStats};
+use dynakv_burn::CacheError;
 use dynakv_core::artifact::{Artifact, RouterInfo};
 use dynakv_models::{LlamaModel, ModelError};
 
@@ -60,9 +61,29 @@ pub fn capture_windows(
         .collect()
 }
 
-/// Trains a router (and bases) on `train_ids`, fits τ on `heldout_ids`, and
-/// returns the trained artifact. `stop` ends training early (the state so far
-/// is kept); `on_step` sees every step.
+/// Training stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Per-layer attention-output loss on captured windows.
+    Local,
+    /// Whole-model KL to the full cache.
+    E2e,
+}
+
+impl std::str::FromStr for Stage {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self, ModelError> {
+        match s {
+            "local" => Ok(Self::Local),
+            "e2e" => Ok(Self::E2e),
+            o => Err(ModelError::InvalidInput(format!(
+                "stage `{o}` (expected local or e2e)"
+            ))),
+        }
+    }
+}
+
+/// Stage `local`: see [`train`].
 #[allow(clippy::too_many_arguments)]
 pub fn train_local(
     model: &LlamaModel,
@@ -73,6 +94,37 @@ pub fn train_local(
     ctx: usize,
     config: &LocalConfig,
     stop: &AtomicBool,
+    on_step: impl FnMut(&StepStats),
+) -> Result<(Artifact, TrainSummary), ModelError> {
+    train(
+        model,
+        model_sha256,
+        artifact,
+        train_ids,
+        heldout_ids,
+        ctx,
+        config,
+        Stage::Local,
+        stop,
+        on_step,
+    )
+}
+
+/// Trains a router (and bases) on `train_ids`, fits τ on `heldout_ids`, and
+/// returns the trained artifact. Starts from the artifact's routers when it
+/// has them (e2e after local). `stop` ends training early (the state so far
+/// is kept); `on_step` sees every step.
+#[allow(clippy::too_many_arguments)]
+pub fn train(
+    model: &LlamaModel,
+    model_sha256: &str,
+    artifact: &Artifact,
+    train_ids: &[u32],
+    heldout_ids: &[u32],
+    ctx: usize,
+    config: &LocalConfig,
+    stage: Stage,
+    stop: &AtomicBool,
     mut on_step: impl FnMut(&StepStats),
 ) -> Result<(Artifact, TrainSummary), ModelError> {
     artifact
@@ -81,9 +133,13 @@ pub fn train_local(
         .check(&model_identity(model, model_sha256.to_string()))
         .map_err(core_err)?;
     let t0 = Instant::now();
-    let train = capture_windows(model, train_ids, ctx)?;
+    let windows: Vec<&[u32]> = train_ids.chunks_exact(ctx).collect();
+    let train = match stage {
+        Stage::Local => capture_windows(model, train_ids, ctx)?,
+        Stage::E2e => Vec::new(),
+    };
     let heldout = capture_windows(model, heldout_ids, ctx)?;
-    if train.is_empty() || heldout.is_empty() {
+    if windows.is_empty() || heldout.is_empty() {
         return Err(ModelError::InvalidInput(format!(
             "need at least one window of {ctx} tokens for training and for held-out text"
         )));
@@ -106,12 +162,30 @@ pub fn train_local(
     )?;
     let mut last = None;
     let mut interrupted = false;
+    let mut rng = config.seed ^ 0x9E37_79B9_7F4A_7C15;
     for _ in 0..config.steps {
         if stop.load(Ordering::Relaxed) {
             interrupted = true;
             break;
         }
-        let s = trainer.step(&train)?;
+        let s = match stage {
+            Stage::Local => trainer.step(&train)?,
+            Stage::E2e => {
+                rng = rng
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let w = windows[(rng >> 33) as usize % windows.len()];
+                let full = model.forward(w, 0, &mut model.dense_cache()?)?;
+                trainer.e2e_step(
+                    |cache| {
+                        model
+                            .forward(w, 0, cache)
+                            .map_err(|e| CacheError::Config(e.to_string()))
+                    },
+                    full,
+                )?
+            }
+        };
         on_step(&s);
         last = Some(s);
     }
@@ -131,18 +205,22 @@ pub fn train_local(
     out.header.router = Some(RouterInfo {
         tau: policy.tau,
         target: config.target,
-        stage: "local".into(),
+        stage: match stage {
+            Stage::Local => "local".into(),
+            Stage::E2e => "e2e".into(),
+        },
         steps,
-        tokens: train.len() * ctx,
+        tokens: windows.len() * ctx,
         seconds,
         trained_bases: !config.freeze_bases && config.bases_scale > 0.0,
         heldout_retained,
+        lambda: trainer.lambda(),
     });
     Ok((
         out,
         TrainSummary {
             steps,
-            train_tokens: train.len() * ctx,
+            train_tokens: windows.len() * ctx,
             heldout_tokens: heldout.len() * ctx,
             seconds,
             tau: policy.tau,

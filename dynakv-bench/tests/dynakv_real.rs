@@ -212,6 +212,22 @@ fn a_trained_router_round_trips_and_drives_the_cache() {
         DynaKvFactory::from_artifact(&s.model, &s.sha, &back, &spec(PolicyKind::Router, 0.5))
             .is_err()
     );
+    // One e2e step (whole-model KL) continues from the local artifact.
+    let (e2e, summary) = dynakv_bench::train::train(
+        &s.model,
+        &s.sha,
+        &back,
+        &ids[..128],
+        &ids[256..],
+        128,
+        &LocalConfig { steps: 1, ..config },
+        dynakv_bench::train::Stage::E2e,
+        &AtomicBool::new(false),
+        |st| assert!(st.err.is_finite() && st.err >= 0.0, "{st:?}"),
+    )
+    .unwrap();
+    assert_eq!(summary.steps, 1);
+    assert_eq!(e2e.header.router.as_ref().unwrap().stage, "e2e");
     // An artifact without a router cannot serve `--policy router`.
     assert!(
         DynaKvFactory::from_artifact(&s.model, &s.sha, &s.pre, &spec(PolicyKind::Router, 0.3))

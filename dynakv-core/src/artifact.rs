@@ -133,6 +133,9 @@ pub struct RouterInfo {
     pub trained_bases: bool,
     /// Retained fraction on the held-out calib tokens at `tau`.
     pub heldout_retained: f64,
+    /// The budget multiplier at the end of training (a later stage starts there).
+    #[serde(default)]
+    pub lambda: f64,
 }
 
 /// Everything needed to build a DynaKV cache for one model.
@@ -353,6 +356,7 @@ mod tests {
                     seconds: 0.5,
                     trained_bases: true,
                     heldout_retained: 0.5,
+                    lambda: 0.25,
                 }),
             },
             bases: vec![[b.clone(), b.clone()]],

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{bail, Result};
 use clap::Args;
 use dynakv_bench::text::{brown_docs, document_tokens};
-use dynakv_bench::train::train_local;
+use dynakv_bench::train::{train, Stage};
 use dynakv_burn::train::LocalConfig;
 use dynakv_core::artifact::Artifact;
 use dynakv_models::corpus::Split;
@@ -28,7 +28,8 @@ pub struct TrainArgs {
     /// Retained fraction to train and threshold for.
     #[arg(long)]
     pub target: f64,
-    /// local (per-layer attention-output loss); e2e is not built yet.
+    /// local (per-layer attention-output loss on captured windows) or e2e
+    /// (whole-model KL to the full cache; start it from a local artifact).
     #[arg(long, default_value = "local")]
     pub stage: String,
     /// Brown `calib` tokens to train on (from the start of the split).
@@ -65,12 +66,7 @@ pub struct TrainArgs {
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
-    if a.stage != "local" {
-        bail!(
-            "stage `{}`: only `local` is built (e2e is planned)",
-            a.stage
-        );
-    }
+    let stage: Stage = a.stage.parse()?;
     let loaded = a.model.load()?;
     let artifact = Artifact::load(&a.artifact)?;
     let docs = brown_docs(Split::Calib, None)?;
@@ -101,7 +97,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         ProgressStyle::with_template("train [{bar:30}] {pos}/{len} steps, ETA {eta} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let (trained, summary) = train_local(
+    let (trained, summary) = train(
         &loaded.model,
         &loaded.sha256,
         &artifact,
@@ -109,6 +105,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         heldout_ids,
         a.ctx,
         &config,
+        stage,
         &stop,
         |s| {
             bar.set_position(s.step as u64);

@@ -142,7 +142,12 @@ fn joint(x: Tensor<4>) -> Tensor<2> {
 ///
 /// # Shapes
 /// - `q`: `[1, H, T, D]`, `k`, `v`: `[1, H_kv, T, D]`; returns `[T, H * D]`
-fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: Tensor<4, Bool>) -> Tensor<2> {
+pub(crate) fn causal_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    mask: Tensor<4, Bool>,
+) -> Tensor<2> {
     let [_, h, t, d] = q.dims();
     let hk = k.dims()[1];
     let g = h / hk;
@@ -154,7 +159,7 @@ fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: Tensor<4, Bo
 }
 
 /// `[1, 1, G*T, T]`, true above the diagonal.
-fn causal_mask(g: usize, t: usize, device: &Device) -> Tensor<4, Bool> {
+pub(crate) fn causal_mask(g: usize, t: usize, device: &Device) -> Tensor<4, Bool> {
     let mut data = Vec::with_capacity(g * t * t);
     for _ in 0..g {
         for i in 0..t {
@@ -233,7 +238,8 @@ impl LocalTrainer {
             consts,
             model: Trainables { layers },
             optim: AdamConfig::new().init(),
-            lambda: 0.0,
+            // A later stage resumes the budget pressure where the last one ended.
+            lambda: artifact.header.router.as_ref().map_or(0.0, |r| r.lambda),
             rng: config
                 .seed
                 .wrapping_mul(2862933555777941757)
@@ -267,22 +273,28 @@ impl LocalTrainer {
         (c.enc[k].clone() + de * s, c.dec[k].clone() + dd * s)
     }
 
-    /// Loss terms of one layer on one window: relative output error, soft
-    /// retained fraction (mean of both masks), hard retained fraction.
-    fn layer_terms(
+    /// Attention of one layer over soft-masked K/V: the output `[T, H * D]`,
+    /// the soft retained fraction (mean of both masks) and the number of
+    /// coordinates the hard masks keep.
+    ///
+    /// # Shapes
+    /// - `q_rot`: `[1, H, T, D]`; `k_pre`, `v`: `[1, H_kv, T, D]`, positions 0..T
+    pub(crate) fn compressed_attention(
         &self,
         l: usize,
-        x: &LayerInputs,
+        q_rot: Tensor<4>,
+        k_pre: Tensor<4>,
+        v: Tensor<4>,
         mask: &Tensor<4, Bool>,
-    ) -> Result<(Tensor<1>, Tensor<1>, f64), CacheError> {
-        let [_, hk, t, dh] = x.k_pre.dims();
+    ) -> Result<(Tensor<2>, Tensor<1>, usize), CacheError> {
+        let [_, hk, t, dh] = k_pre.dims();
         let positions: Vec<usize> = (0..t).collect();
         let c = &self.consts[l];
         let tr = &self.model.layers[l];
         let mut recon = Vec::new();
         let mut soft = Vec::new();
         let mut hard = 0usize;
-        for (k, raw) in [x.k_pre.clone(), x.v.clone()].into_iter().enumerate() {
+        for (k, raw) in [k_pre, v].into_iter().enumerate() {
             let (enc, dec) = self.basis(l, k);
             let lat = (joint(raw) - c.mean[k].clone()).matmul(enc);
             let router = if k == 0 { &tr.router_k } else { &tr.router_v };
@@ -301,14 +313,30 @@ impl LocalTrainer {
             .pop()
             .ok_or_else(|| CacheError::Config("no keys".into()))?;
         let k_hat = self.rope.apply(k_hat, &positions)?;
-        let y = causal_attention(x.q_rot.clone(), k_hat, v_hat, mask.clone()).matmul(c.wo.clone());
+        let o = causal_attention(q_rot, k_hat, v_hat, mask.clone());
+        Ok((o, (soft[0].clone() + soft[1].clone()) / 2.0, hard))
+    }
+
+    /// Loss terms of one layer on one window: relative output error, soft
+    /// retained fraction (mean of both masks), hard retained fraction.
+    fn layer_terms(
+        &self,
+        l: usize,
+        x: &LayerInputs,
+        mask: &Tensor<4, Bool>,
+    ) -> Result<(Tensor<1>, Tensor<1>, f64), CacheError> {
+        let t = x.k_pre.dims()[2];
+        let positions: Vec<usize> = (0..t).collect();
+        let wo = self.consts[l].wo.clone();
+        let (o, r_soft, hard) =
+            self.compressed_attention(l, x.q_rot.clone(), x.k_pre.clone(), x.v.clone(), mask)?;
+        let y = o.matmul(wo.clone());
         let k_ref = self.rope.apply(x.k_pre.clone(), &positions)?;
         let y_ref = causal_attention(x.q_rot.clone(), k_ref, x.v.clone(), mask.clone())
-            .matmul(c.wo.clone())
+            .matmul(wo)
             .detach();
         let energy = y_ref.clone().powf_scalar(2.0).sum();
         let err = (y - y_ref).powf_scalar(2.0).sum() / energy;
-        let r_soft = (soft[0].clone() + soft[1].clone()) / 2.0;
         let r_hard = hard as f64 / (2 * t * self.geometry.d_kv()) as f64;
         Ok((err, r_soft, r_hard))
     }
@@ -364,6 +392,16 @@ impl LocalTrainer {
             .wrapping_add(1442695040888963407);
         let w = &windows[(self.rng >> 33) as usize % windows.len()];
         let (loss, err, retained) = self.window_loss(w)?;
+        self.apply(loss, err, retained)
+    }
+
+    /// Backward pass, optimizer step and dual update for a computed loss.
+    pub(crate) fn apply(
+        &mut self,
+        loss: Tensor<1>,
+        err: Tensor<1>,
+        retained: f64,
+    ) -> Result<StepStats, CacheError> {
         let grads = loss.backward();
         let grads = GradientsParams::from_grads(grads, &self.model);
         let model = std::mem::replace(&mut self.model, Trainables { layers: Vec::new() });
@@ -436,6 +474,18 @@ impl LocalTrainer {
         policy.tau = policy.fit_tau(heldout, self.config.target);
         let retained = policy.retained_at(heldout, policy.tau);
         Ok((policy, retained))
+    }
+
+    pub(crate) fn geometry(&self) -> CacheGeometry {
+        self.geometry
+    }
+
+    pub(crate) fn lambda_now(&self) -> f64 {
+        self.lambda
+    }
+
+    pub(crate) fn alpha(&self) -> f64 {
+        self.config.alpha
     }
 
     pub fn lambda(&self) -> f64 {
