@@ -83,33 +83,6 @@ impl std::str::FromStr for Stage {
     }
 }
 
-/// Stage `local`: see [`train`].
-#[allow(clippy::too_many_arguments)]
-pub fn train_local(
-    model: &LlamaModel,
-    model_sha256: &str,
-    artifact: &Artifact,
-    train_ids: &[u32],
-    heldout_ids: &[u32],
-    ctx: usize,
-    config: &LocalConfig,
-    stop: &AtomicBool,
-    on_step: impl FnMut(&StepStats),
-) -> Result<(Artifact, TrainSummary), ModelError> {
-    train(
-        model,
-        model_sha256,
-        artifact,
-        train_ids,
-        heldout_ids,
-        ctx,
-        config,
-        Stage::Local,
-        stop,
-        on_step,
-    )
-}
-
 /// Trains a router (and bases) on `train_ids`, fits τ on `heldout_ids`, and
 /// returns the trained artifact. Starts from the artifact's routers when it
 /// has them (e2e after local). `stop` ends training early (the state so far

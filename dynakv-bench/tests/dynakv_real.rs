@@ -169,7 +169,7 @@ fn bad_configurations_are_clear_errors() {
 
 #[test]
 fn a_trained_router_round_trips_and_drives_the_cache() {
-    use dynakv_bench::train::train_local;
+    use dynakv_bench::train::{train, Stage};
     use dynakv_burn::train::LocalConfig;
     use std::sync::atomic::AtomicBool;
     let s = setup();
@@ -179,7 +179,7 @@ fn a_trained_router_round_trips_and_drives_the_cache() {
         ..LocalConfig::default()
     };
     let ids = &s.eval_ids[..384];
-    let (trained, summary) = train_local(
+    let (trained, summary) = train(
         &s.model,
         &s.sha,
         &s.pre,
@@ -187,6 +187,7 @@ fn a_trained_router_round_trips_and_drives_the_cache() {
         &ids[256..],
         128,
         &config,
+        Stage::Local,
         &AtomicBool::new(false),
         |_| {},
     )
@@ -213,7 +214,7 @@ fn a_trained_router_round_trips_and_drives_the_cache() {
             .is_err()
     );
     // One e2e step (whole-model KL) continues from the local artifact.
-    let (e2e, summary) = dynakv_bench::train::train(
+    let (e2e, summary) = train(
         &s.model,
         &s.sha,
         &back,
@@ -221,7 +222,7 @@ fn a_trained_router_round_trips_and_drives_the_cache() {
         &ids[256..],
         128,
         &LocalConfig { steps: 1, ..config },
-        dynakv_bench::train::Stage::E2e,
+        Stage::E2e,
         &AtomicBool::new(false),
         |st| assert!(st.err.is_finite() && st.err >= 0.0, "{st:?}"),
     )
