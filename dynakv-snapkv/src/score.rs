@@ -117,8 +117,21 @@ pub fn aggregate(
     kernel: usize,
     pooling: Pooling,
     gqa: GqaScores,
-) -> WindowScores {
-    let p = votes.len() / n_heads.max(1);
+) -> Result<WindowScores, SnapKvError> {
+    if n_heads == 0
+        || n_kv_heads == 0
+        || !n_heads.is_multiple_of(n_kv_heads)
+        || !votes.len().is_multiple_of(n_heads)
+    {
+        return Err(SnapKvError::Shape {
+            what: "votes",
+            message: format!(
+                "{} votes for {n_heads} query heads over {n_kv_heads} KV heads",
+                votes.len()
+            ),
+        });
+    }
+    let p = votes.len() / n_heads;
     let pooled: Vec<Vec<f32>> = votes
         .chunks(p.max(1))
         .take(n_heads)
@@ -135,12 +148,12 @@ pub fn aggregate(
         GqaScores::Layer => vec![mean_of(&pooled)],
         GqaScores::KvHead => pooled.chunks(n_heads / n_kv_heads).map(mean_of).collect(),
     };
-    WindowScores {
+    Ok(WindowScores {
         rows: rows.len(),
         prefix: p,
         data: rows.concat(),
         gqa,
-    }
+    })
 }
 
 /// The full scorer: window votes on the device, pooling and aggregation on the
@@ -166,14 +179,7 @@ pub fn score(
         .into_data()
         .try_into_vec_as::<f32>()
         .map_err(|e| SnapKvError::Data(format!("{e:?}")))?;
-    Ok(aggregate(
-        &votes,
-        h,
-        hk,
-        config.kernel,
-        config.pooling,
-        config.gqa,
-    ))
+    aggregate(&votes, h, hk, config.kernel, config.pooling, config.gqa)
 }
 
 #[cfg(test)]
@@ -208,12 +214,14 @@ mod tests {
     fn aggregation_modes() {
         // 4 query heads over 2 KV heads, P = 2, kernel 1 (no smoothing).
         let votes = [1.0, 0.0, 3.0, 0.0, 0.0, 2.0, 0.0, 6.0];
-        let kv = aggregate(&votes, 4, 2, 1, Pooling::Avg, GqaScores::KvHead);
+        let kv = aggregate(&votes, 4, 2, 1, Pooling::Avg, GqaScores::KvHead).unwrap();
         assert_eq!((kv.rows, kv.prefix), (2, 2));
         assert_eq!(kv.data, vec![2.0, 0.0, 0.0, 4.0]);
-        let layer = aggregate(&votes, 4, 2, 1, Pooling::Avg, GqaScores::Layer);
+        let layer = aggregate(&votes, 4, 2, 1, Pooling::Avg, GqaScores::Layer).unwrap();
         assert_eq!(layer.data, vec![1.0, 2.0]);
-        let per_q = aggregate(&votes, 4, 2, 1, Pooling::Avg, GqaScores::QueryHead);
+        let per_q = aggregate(&votes, 4, 2, 1, Pooling::Avg, GqaScores::QueryHead).unwrap();
+        assert!(aggregate(&votes, 4, 0, 1, Pooling::Avg, GqaScores::KvHead).is_err());
+        assert!(aggregate(&votes, 3, 1, 1, Pooling::Avg, GqaScores::KvHead).is_err());
         assert_eq!(per_q.rows, 4);
         assert_eq!(per_q.row(3), &[0.0, 6.0]);
     }

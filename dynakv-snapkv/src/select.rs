@@ -41,8 +41,22 @@ impl Selection {
 
 /// Top-(n_kept − w) prefix tokens of every row plus the `w` window tokens,
 /// sorted ascending. Ties go to the earlier token; NaN scores rank last.
-pub fn select_top(scores: &WindowScores, total: usize, n_kept: usize) -> Selection {
+pub fn select_top(
+    scores: &WindowScores,
+    total: usize,
+    n_kept: usize,
+) -> Result<Selection, SnapKvError> {
     let p = scores.prefix;
+    if scores.data.len() != scores.rows * p || total < p {
+        return Err(SnapKvError::Shape {
+            what: "scores",
+            message: format!(
+                "{} scores for {} rows of {p} prefix tokens, prompt of {total}",
+                scores.data.len(),
+                scores.rows
+            ),
+        });
+    }
     let window = total.saturating_sub(p);
     let from_prefix = n_kept.saturating_sub(window).min(p);
     let kept = (0..scores.rows)
@@ -63,11 +77,11 @@ pub fn select_top(scores: &WindowScores, total: usize, n_kept: usize) -> Selecti
             keep
         })
         .collect();
-    Selection {
+    Ok(Selection {
         kept,
         total,
         gqa: scores.gqa,
-    }
+    })
 }
 
 /// Rows a selection has for a geometry.
@@ -108,7 +122,7 @@ pub fn snapkv(
         ));
     }
     let scores = score(q_window, keys, config)?;
-    Ok(select_top(&scores, l, config.n_kept(l)))
+    select_top(&scores, l, config.n_kept(l))
 }
 
 #[cfg(test)]
@@ -135,24 +149,26 @@ mod tests {
             vec![0.1, 0.9, 0.3, 0.8, 0.0],
             vec![0.5, 0.1, 0.1, 0.1, 0.6],
         ]);
-        let sel = select_top(&s, 7, 4);
+        let sel = select_top(&s, 7, 4).unwrap();
         assert_eq!(sel.kept[0], vec![1, 3, 5, 6]);
         assert_eq!(sel.kept[1], vec![0, 4, 5, 6]);
         assert!((sel.kept_fraction() - 4.0 / 7.0).abs() < 1e-12);
+        // A prompt shorter than the scored prefix is an error, not a panic.
+        assert!(select_top(&s, 3, 2).is_err());
     }
 
     #[test]
     fn ties_go_to_the_earlier_token_and_nan_ranks_last() {
         let s = scores(vec![vec![0.5, f32::NAN, 0.5, 0.5, 0.2]]);
-        assert_eq!(select_top(&s, 6, 3).kept[0], vec![0, 2, 5]);
-        assert_eq!(select_top(&s, 6, 5).kept[0], vec![0, 2, 3, 4, 5]);
+        assert_eq!(select_top(&s, 6, 3).unwrap().kept[0], vec![0, 2, 5]);
+        assert_eq!(select_top(&s, 6, 5).unwrap().kept[0], vec![0, 2, 3, 4, 5]);
     }
 
     #[test]
     fn kept_below_the_window_keeps_the_window_only() {
         // n_kept (1) < window (2): the window is whole, nothing from the prefix.
         let s = scores(vec![vec![0.9, 0.8, 0.7]]);
-        assert_eq!(select_top(&s, 5, 1).kept[0], vec![3, 4]);
+        assert_eq!(select_top(&s, 5, 1).unwrap().kept[0], vec![3, 4]);
     }
 
     #[test]
@@ -226,7 +242,7 @@ mod tests {
             let s = scores(rows.clone());
             let total = p + window;
             let n_kept = (window + extra).min(total);
-            let sel = select_top(&s, total, n_kept);
+            let sel = select_top(&s, total, n_kept).unwrap();
             for (r, kept) in sel.kept.iter().enumerate() {
                 prop_assert!(kept.windows(2).all(|x| x[0] < x[1]));
                 prop_assert_eq!(kept.len(), n_kept);
