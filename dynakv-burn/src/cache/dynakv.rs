@@ -17,7 +17,7 @@ use dynakv_core::budget::CacheFootprint;
 use dynakv_core::levels::RankLevels;
 use dynakv_core::policy::{KvKind, RankPolicy};
 
-use super::{joint, AttentionCache, CacheGeometry, KeepPositions, PrunableCache};
+use super::{joint, mat, AttentionCache, CacheGeometry, KeepPositions, PrunableCache};
 use crate::attention::causal_mask;
 use crate::error::CacheError;
 use crate::rope::Rope;
@@ -50,10 +50,6 @@ pub struct DynaKvBases {
     levels: RankLevels,
     d_kv: usize,
     fixed_bytes: usize,
-}
-
-fn mat(v: &[f32], rows: usize, cols: usize, device: &Device) -> Tensor<2> {
-    Tensor::from_data(TensorData::new(v.to_vec(), [rows, cols]), device)
 }
 
 impl DynaKvBases {

@@ -14,7 +14,7 @@ pub use recording::{Recorded, RecordingCache};
 #[cfg(feature = "snapkv")]
 pub use snapkv::SnapKvCache;
 
-use burn::tensor::Tensor;
+use burn::tensor::{Device, Tensor, TensorData};
 use dynakv_core::budget::CacheFootprint;
 
 use crate::error::CacheError;
@@ -26,6 +26,14 @@ use crate::error::CacheError;
 pub(crate) fn joint(x: Tensor<4>) -> Tensor<2> {
     let [_, h, t, d] = x.dims();
     x.swap_dims(1, 2).reshape([t, h * d])
+}
+
+/// A row-major host matrix as a tensor.
+///
+/// # Shapes
+/// returns `[rows, cols]`
+pub(crate) fn mat(v: &[f32], rows: usize, cols: usize, device: &Device) -> Tensor<2> {
+    Tensor::from_data(TensorData::new(v.to_vec(), [rows, cols]), device)
 }
 
 /// Attention geometry of a model, as a cache needs it.

@@ -8,7 +8,7 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::Tensor;
 use dynakv_core::budget::CacheFootprint;
 
-use super::local::{causal_mask, LocalTrainer, StepStats};
+use super::local::{LocalTrainer, StepStats};
 use crate::cache::AttentionCache;
 use crate::error::CacheError;
 
@@ -17,7 +17,7 @@ use crate::error::CacheError;
 pub struct SoftMaskCache<'a> {
     trainer: &'a LocalTrainer,
     soft: Vec<Tensor<1>>,
-    hard: usize,
+    hard: Vec<Tensor<1>>,
     kept_of: usize,
 }
 
@@ -26,7 +26,7 @@ impl<'a> SoftMaskCache<'a> {
         Self {
             trainer,
             soft: Vec::new(),
-            hard: 0,
+            hard: Vec::new(),
             kept_of: 0,
         }
     }
@@ -75,12 +75,9 @@ impl AttentionCache for SoftMaskCache<'_> {
         let g = self.trainer.geometry();
         g.check_layer(layer)?;
         let [_, h, t, d] = q_rot.dims();
-        let mask = causal_mask(g.groups(), t, &q_rot.device());
-        let (o, soft, hard) = self
-            .trainer
-            .compressed_attention(layer, q_rot, k_pre, v, &mask)?;
+        let (o, soft, hard) = self.trainer.compressed_attention(layer, q_rot, k_pre, v)?;
         self.soft.push(soft);
-        self.hard += hard;
+        self.hard.push(hard);
         self.kept_of += 2 * t * g.d_kv();
         Ok(o.reshape([1, t, h, d]).swap_dims(1, 2))
     }
@@ -91,7 +88,7 @@ impl AttentionCache for SoftMaskCache<'_> {
 
     fn reset(&mut self) {
         self.soft.clear();
-        self.hard = 0;
+        self.hard.clear();
         self.kept_of = 0;
     }
 
@@ -128,10 +125,10 @@ impl LocalTrainer {
         }
         let kl = mean_kl(full_logits.detach(), logits);
         let r_soft = Tensor::cat(cache.soft, 0).mean();
-        let retained = cache.hard as f64 / cache.kept_of as f64;
-        let loss = kl.clone()
-            + r_soft.clone() * self.lambda_now()
-            + r_soft.powf_scalar(2.0) * self.alpha();
+        let kept = Tensor::cat(cache.hard, 0).sum().into_scalar::<f32>() as f64;
+        let retained = kept / cache.kept_of as f64;
+        let loss =
+            kl.clone() + r_soft.clone() * self.lambda() + r_soft.powf_scalar(2.0) * self.alpha();
         Ok((loss, kl, retained))
     }
 
@@ -147,7 +144,7 @@ impl LocalTrainer {
             loss: loss.into_scalar::<f32>() as f64,
             err: kl.into_scalar::<f32>() as f64,
             retained,
-            lambda: self.lambda_now(),
+            lambda: self.lambda(),
         })
     }
 

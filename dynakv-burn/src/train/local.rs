@@ -14,18 +14,18 @@
 
 use burn::module::{Module, Param};
 use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
-use burn::tensor::activation::softmax;
-use burn::tensor::{Bool, Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use dynakv_core::artifact::Artifact;
 use dynakv_core::basis::Basis;
 use dynakv_core::levels::RankLevels;
 use dynakv_core::policy::{RouterPolicy, RouterWeights};
 
 use super::capture::LayerInputs;
-use crate::cache::CacheGeometry;
+use crate::attention::{causal_mask, gqa_attention};
+use crate::cache::{joint, mat, CacheGeometry};
 use crate::error::CacheError;
 use crate::rope::Rope;
-use crate::router::{cutoff_matrix, hard_ranks, Router};
+use crate::router::{cutoff_matrix, Router};
 
 /// Settings of the local stage.
 #[derive(Debug, Clone)]
@@ -124,49 +124,22 @@ pub struct LocalTrainer {
     rng: u64,
 }
 
-fn mat(v: &[f32], r: usize, c: usize, device: &Device) -> Tensor<2> {
-    Tensor::from_data(TensorData::new(v.to_vec(), [r, c]), device)
-}
-
 fn zeros_param(d: usize, device: &Device) -> Param<Tensor<2>> {
     Param::from_tensor(Tensor::zeros([d, d], device))
 }
 
-/// `[1, H_kv, T, D] -> [T, H_kv * D]`
-fn joint(x: Tensor<4>) -> Tensor<2> {
-    let [_, h, t, d] = x.dims();
-    x.swap_dims(1, 2).reshape([t, h * d])
-}
-
-/// Causal softmax attention with G query heads per KV head.
+/// Causal attention of a window over itself (positions 0..T), as `[T, H * D]`.
 ///
 /// # Shapes
 /// - `q`: `[1, H, T, D]`, `k`, `v`: `[1, H_kv, T, D]`; returns `[T, H * D]`
-pub(crate) fn causal_attention(
-    q: Tensor<4>,
-    k: Tensor<4>,
-    v: Tensor<4>,
-    mask: Tensor<4, Bool>,
-) -> Tensor<2> {
+fn window_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<2> {
     let [_, h, t, d] = q.dims();
     let hk = k.dims()[1];
-    let g = h / hk;
-    let q = q.reshape([1, hk, g * t, d]);
-    let s = q.matmul(k.swap_dims(2, 3)) / (d as f64).sqrt();
-    let s = s.mask_fill(mask.expand([1, hk, g * t, t]), f32::NEG_INFINITY);
-    let o = softmax(s, 3).matmul(v).reshape([1, h, t, d]);
-    o.swap_dims(1, 2).reshape([t, h * d])
-}
-
-/// `[1, 1, G*T, T]`, true above the diagonal.
-pub(crate) fn causal_mask(g: usize, t: usize, device: &Device) -> Tensor<4, Bool> {
-    let mut data = Vec::with_capacity(g * t * t);
-    for _ in 0..g {
-        for i in 0..t {
-            data.extend((0..t).map(|j| j > i));
-        }
-    }
-    Tensor::from_data(TensorData::new(data, [1, 1, g * t, t]), device)
+    let positions: Vec<usize> = (0..t).collect();
+    let mask = causal_mask(&positions, &positions, h / hk, &q.device());
+    gqa_attention(q, k, v, mask)
+        .swap_dims(1, 2)
+        .reshape([t, h * d])
 }
 
 impl LocalTrainer {
@@ -275,7 +248,8 @@ impl LocalTrainer {
 
     /// Attention of one layer over soft-masked K/V: the output `[T, H * D]`,
     /// the soft retained fraction (mean of both masks) and the number of
-    /// coordinates the hard masks keep.
+    /// coordinates the hard masks keep (a device scalar: the training loop
+    /// reads all layers' counts once per step, not once per layer).
     ///
     /// # Shapes
     /// - `q_rot`: `[1, H, T, D]`; `k_pre`, `v`: `[1, H_kv, T, D]`, positions 0..T
@@ -285,23 +259,28 @@ impl LocalTrainer {
         q_rot: Tensor<4>,
         k_pre: Tensor<4>,
         v: Tensor<4>,
-        mask: &Tensor<4, Bool>,
-    ) -> Result<(Tensor<2>, Tensor<1>, usize), CacheError> {
+    ) -> Result<(Tensor<2>, Tensor<1>, Tensor<1>), CacheError> {
         let [_, hk, t, dh] = k_pre.dims();
         let positions: Vec<usize> = (0..t).collect();
         let c = &self.consts[l];
         let tr = &self.model.layers[l];
         let mut recon = Vec::new();
         let mut soft = Vec::new();
-        let mut hard = 0usize;
+        let mut hard = Vec::new();
         for (k, raw) in [k_pre, v].into_iter().enumerate() {
             let (enc, dec) = self.basis(l, k);
             let lat = (joint(raw) - c.mean[k].clone()).matmul(enc);
             let router = if k == 0 { &tr.router_k } else { &tr.router_v };
             let m = router.soft_mask(lat.clone().detach(), self.cutoffs.clone());
-            hard += hard_ranks(m.clone().detach(), self.config.tau)?
-                .iter()
-                .sum::<usize>();
+            // The mask is a non-increasing prefix: its entries above τ are
+            // the hard rank's leading ones.
+            hard.push(
+                m.clone()
+                    .detach()
+                    .greater_elem(self.config.tau)
+                    .float()
+                    .sum(),
+            );
             soft.push(m.clone().mean());
             let rec = (lat * m).matmul(dec) + c.mean[k].clone();
             recon.push(rec.reshape([1, t, hk, dh]).swap_dims(1, 2));
@@ -313,32 +292,34 @@ impl LocalTrainer {
             .pop()
             .ok_or_else(|| CacheError::Config("no keys".into()))?;
         let k_hat = self.rope.apply(k_hat, &positions)?;
-        let o = causal_attention(q_rot, k_hat, v_hat, mask.clone());
-        Ok((o, (soft[0].clone() + soft[1].clone()) / 2.0, hard))
+        let o = window_attention(q_rot, k_hat, v_hat);
+        Ok((
+            o,
+            (soft[0].clone() + soft[1].clone()) / 2.0,
+            Tensor::cat(hard, 0).sum(),
+        ))
     }
 
     /// Loss terms of one layer on one window: relative output error, soft
-    /// retained fraction (mean of both masks), hard retained fraction.
+    /// retained fraction (mean of both masks), hard-kept coordinates.
     fn layer_terms(
         &self,
         l: usize,
         x: &LayerInputs,
-        mask: &Tensor<4, Bool>,
-    ) -> Result<(Tensor<1>, Tensor<1>, f64), CacheError> {
+    ) -> Result<(Tensor<1>, Tensor<1>, Tensor<1>), CacheError> {
         let t = x.k_pre.dims()[2];
         let positions: Vec<usize> = (0..t).collect();
         let wo = self.consts[l].wo.clone();
         let (o, r_soft, hard) =
-            self.compressed_attention(l, x.q_rot.clone(), x.k_pre.clone(), x.v.clone(), mask)?;
+            self.compressed_attention(l, x.q_rot.clone(), x.k_pre.clone(), x.v.clone())?;
         let y = o.matmul(wo.clone());
         let k_ref = self.rope.apply(x.k_pre.clone(), &positions)?;
-        let y_ref = causal_attention(x.q_rot.clone(), k_ref, x.v.clone(), mask.clone())
+        let y_ref = window_attention(x.q_rot.clone(), k_ref, x.v.clone())
             .matmul(wo)
             .detach();
         let energy = y_ref.clone().powf_scalar(2.0).sum();
         let err = (y - y_ref).powf_scalar(2.0).sum() / energy;
-        let r_hard = hard as f64 / (2 * t * self.geometry.d_kv()) as f64;
-        Ok((err, r_soft, r_hard))
+        Ok((err, r_soft, hard))
     }
 
     /// Loss, mean relative error and hard retained fraction on one window
@@ -352,20 +333,21 @@ impl LocalTrainer {
             )));
         }
         let t = w[0].k_pre.dims()[2];
-        let mask = causal_mask(self.geometry.groups(), t, &w[0].k_pre.device());
-        let (mut errs, mut softs, mut hard) = (Vec::new(), Vec::new(), 0f64);
+        let (mut errs, mut softs, mut hard) = (Vec::new(), Vec::new(), Vec::new());
         for (l, x) in w.iter().enumerate().take(n) {
-            let (e, s, h) = self.layer_terms(l, x, &mask)?;
+            let (e, s, h) = self.layer_terms(l, x)?;
             errs.push(e);
             softs.push(s);
-            hard += h;
+            hard.push(h);
         }
+        let kept = Tensor::cat(hard, 0).sum().into_scalar::<f32>() as f64;
+        let retained = kept / (n * 2 * t * self.geometry.d_kv()) as f64;
         let err = Tensor::cat(errs, 0).mean();
         let r_soft = Tensor::cat(softs, 0).mean();
         let loss = err.clone()
             + r_soft.clone() * self.lambda
             + r_soft.powf_scalar(2.0) * self.config.alpha;
-        Ok((loss, err, hard / n as f64))
+        Ok((loss, err, retained))
     }
 
     /// The loss terms on one window without training (for tests and logs).
@@ -478,10 +460,6 @@ impl LocalTrainer {
 
     pub(crate) fn geometry(&self) -> CacheGeometry {
         self.geometry
-    }
-
-    pub(crate) fn lambda_now(&self) -> f64 {
-        self.lambda
     }
 
     pub(crate) fn alpha(&self) -> f64 {
