@@ -9,9 +9,8 @@ use dynakv_bench::text::{brown_docs, document_tokens};
 use dynakv_core::artifact::RopePlacement;
 use dynakv_core::basis::BasisKind;
 use dynakv_models::corpus::Split;
-use indicatif::{ProgressBar, ProgressStyle};
 
-use super::common::ModelArgs;
+use super::common::{progress, ModelArgs};
 
 #[derive(Args, Debug)]
 pub struct CalibrateArgs {
@@ -51,10 +50,7 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
     let loaded = a.model.load()?;
     let docs = brown_docs(Split::Calib, None)?;
     let ids = document_tokens(&loaded.tokenizer, &docs)?;
-    let bar = ProgressBar::new(0).with_style(
-        ProgressStyle::with_template("calibrate [{bar:30}] {pos}/{len} windows, ETA {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let bar = progress(0, "calibrate [{bar:30}] {pos}/{len} windows, ETA {eta}");
     let t0 = std::time::Instant::now();
     let identity = model_identity(&loaded.model, loaded.sha256.clone());
     let artifact = calibrate(&loaded.model, &ids, identity, &cfg, |done, total| {

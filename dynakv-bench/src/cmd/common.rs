@@ -8,6 +8,15 @@ use dynakv_burn::device::default_device;
 use dynakv_models::gguf::GgufFile;
 use dynakv_models::{LlamaModel, TextTokenizer};
 
+/// A progress bar with the CLI's style (`template` as indicatif's, with
+/// `{bar:30}`, `{pos}`, `{len}`, `{eta}`, `{msg}`).
+pub fn progress(len: u64, template: &str) -> indicatif::ProgressBar {
+    indicatif::ProgressBar::new(len).with_style(
+        indicatif::ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    )
+}
+
 /// `--model PATH`: any llama-family GGUF; the default model is fetched if absent.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {

@@ -8,10 +8,9 @@ use dynakv_bench::eval::fidelity::fidelity;
 use dynakv_bench::eval::ppl::perplexity;
 use dynakv_bench::text::{brown_docs, document_tokens};
 use dynakv_models::corpus::{Document, Split};
-use indicatif::{ProgressBar, ProgressStyle};
 
 use super::cache_args::CacheArgs;
-use super::common::ModelArgs;
+use super::common::{progress, ModelArgs};
 
 #[derive(Subcommand, Debug)]
 pub enum EvalCommand {
@@ -109,7 +108,8 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
     }
 }
 
-fn parse_list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>>
+/// A comma-separated list (empty items skipped), naming `what` on a bad item.
+pub(super) fn parse_list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>>
 where
     T::Err: std::fmt::Display,
 {
@@ -162,9 +162,9 @@ fn longctx_cmd(a: LongctxArgs) -> Result<()> {
                    which: &[usize],
                    make: &dyn Fn() -> Result<Box<dyn dynakv_burn::AttentionCache>>|
      -> Result<Vec<Outcome>> {
-        let bar = ProgressBar::new(which.len() as u64).with_style(
-            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} prompts, ETA {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        let bar = progress(
+            which.len() as u64,
+            "{msg} [{bar:30}] {pos}/{len} prompts, ETA {eta}",
         );
         bar.set_message(label.to_string());
         let mut out = Vec::new();
@@ -194,20 +194,16 @@ fn longctx_cmd(a: LongctxArgs) -> Result<()> {
                     v["key"]
                 );
             }
-            serde_json::from_value::<Vec<serde_json::Value>>(v["outcomes"].clone())?
-                .into_iter()
-                .zip(&samples)
-                .map(|(o, s)| Outcome {
-                    task: s.task,
-                    length: s.length,
-                    depth: s.depth,
-                    prompt_tokens: o["prompt_tokens"].as_u64().unwrap_or(0) as usize,
-                    answer: s.answer.clone(),
-                    output: o["output"].as_str().unwrap_or_default().to_string(),
-                    correct: o["correct"].as_bool().unwrap_or(false),
-                    retained: 1.0,
-                })
-                .collect()
+            let out: Vec<Outcome> = serde_json::from_value(v["outcomes"].clone())?;
+            if out.len() != samples.len() {
+                bail!(
+                    "{} holds {} outcomes for {} prompts",
+                    p.display(),
+                    out.len(),
+                    samples.len()
+                );
+            }
+            out
         }
         None => {
             let out = run_all("full", &all, &|| {
@@ -327,11 +323,11 @@ fn window_ids(a: &PplArgs, loaded: &super::common::Loaded) -> Result<(Vec<u32>, 
     Ok((ids, docs.len()))
 }
 
-fn window_bar(a: &PplArgs, ids: &[u32], msg: &'static str) -> ProgressBar {
+fn window_bar(a: &PplArgs, ids: &[u32], msg: &'static str) -> indicatif::ProgressBar {
     let n_windows = (ids.len() / a.ctx).min(a.max_windows.unwrap_or(usize::MAX));
-    let bar = ProgressBar::new(n_windows as u64).with_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} windows, ETA {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    let bar = progress(
+        n_windows as u64,
+        "{msg} [{bar:30}] {pos}/{len} windows, ETA {eta}",
     );
     bar.set_message(msg);
     bar

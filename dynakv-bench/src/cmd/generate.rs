@@ -5,6 +5,7 @@ use std::io::Write;
 use anyhow::Context;
 use anyhow::Result;
 use clap::Args;
+use dynakv_bench::text::prompt_parts;
 use dynakv_models::generate::{generate_parts, SamplingConfig};
 use dynakv_models::tokenizer::chat_prompt;
 
@@ -69,17 +70,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         user.clone()
     };
     // Split after the context unless the question should be inside SnapKV's window.
-    let split = match (&context, a.query_aware) {
-        (Some(c), false) => text.find(c.trim_end()).map(|i| i + c.trim_end().len()),
-        _ => None,
-    };
-    let parts = match split {
-        Some(i) => vec![
-            loaded.tokenizer.encode(&text[..i])?,
-            loaded.tokenizer.encode(&text[i..])?,
-        ],
-        None => vec![loaded.tokenizer.encode(&text)?],
-    };
+    let split_after = context
+        .as_deref()
+        .map(str::trim_end)
+        .filter(|_| !a.query_aware);
+    let parts = prompt_parts(&loaded.tokenizer, &text, split_after)?;
     let config = SamplingConfig {
         temperature: a.temperature,
         top_p: a.top_p,

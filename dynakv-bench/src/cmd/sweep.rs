@@ -13,11 +13,11 @@ use dynakv_bench::plot::{quality_plot, Series};
 use dynakv_bench::text::{brown_docs, document_tokens};
 use dynakv_core::artifact::Artifact;
 use dynakv_models::corpus::Split;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
 use super::cache_args::{CacheArgs, CacheKind};
-use super::common::ModelArgs;
+use super::common::{progress, ModelArgs};
+use super::eval::parse_list;
 
 #[derive(Args, Debug)]
 pub struct SweepArgs {
@@ -81,17 +81,7 @@ fn cache(
 
 /// `(label, plot family, cache)` of every cell, the full cache first.
 fn cells(a: &SweepArgs) -> Result<Vec<(String, String, CacheArgs)>> {
-    let list = |s: &str| -> Result<Vec<f64>> {
-        s.split(',')
-            .filter(|x| !x.trim().is_empty())
-            .map(|x| {
-                x.trim()
-                    .parse::<f64>()
-                    .with_context(|| format!("bad number `{x}`"))
-            })
-            .collect()
-    };
-    let snaps = list(&a.snapkv)?;
+    let snaps: Vec<f64> = parse_list(&a.snapkv, "SnapKV ratio")?;
     let mut out = vec![(
         "full".to_string(),
         "full".to_string(),
@@ -106,7 +96,7 @@ fn cells(a: &SweepArgs) -> Result<Vec<(String, String, CacheArgs)>> {
     }
     let mut dyna = Vec::new();
     for p in a.policies.split(',').filter(|p| !p.is_empty()) {
-        for b in list(&a.budgets)? {
+        for b in parse_list::<f64>(&a.budgets, "budget")? {
             dyna.push((p.to_string(), a.artifact.clone(), b));
         }
     }
@@ -153,9 +143,9 @@ pub fn run(a: SweepArgs) -> Result<()> {
         .filter_map(|v| v["label"].as_str().map(String::from))
         .collect();
     let todo: Vec<_> = cells.iter().filter(|c| !finished.contains(&c.0)).collect();
-    let bar = ProgressBar::new(todo.len() as u64).with_style(
-        ProgressStyle::with_template("sweep [{bar:30}] {pos}/{len} cells, ETA {eta} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    let bar = progress(
+        todo.len() as u64,
+        "sweep [{bar:30}] {pos}/{len} cells, ETA {eta} {msg}",
     );
     let mut file = std::fs::OpenOptions::new()
         .create(true)

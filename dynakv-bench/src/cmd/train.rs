@@ -11,9 +11,8 @@ use dynakv_bench::train::{train, Stage};
 use dynakv_burn::train::LocalConfig;
 use dynakv_core::artifact::Artifact;
 use dynakv_models::corpus::Split;
-use indicatif::{ProgressBar, ProgressStyle};
 
-use super::common::ModelArgs;
+use super::common::{progress, ModelArgs};
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
@@ -93,9 +92,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
         let stop = stop.clone();
         ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed))?;
     }
-    let bar = ProgressBar::new(a.steps as u64).with_style(
-        ProgressStyle::with_template("train [{bar:30}] {pos}/{len} steps, ETA {eta} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    let bar = progress(
+        a.steps as u64,
+        "train [{bar:30}] {pos}/{len} steps, ETA {eta} {msg}",
     );
     let (trained, summary) = train(
         &loaded.model,

@@ -8,7 +8,7 @@ use dynakv_burn::AttentionCache;
 use dynakv_models::{LlamaModel, ModelError};
 use serde::Serialize;
 
-use super::ppl::{window_logits, windows};
+use super::ppl::{checked_windows, window_logits};
 
 /// What `dynakv eval fidelity --json` prints.
 #[derive(Debug, Clone, Serialize)]
@@ -76,20 +76,7 @@ pub fn fidelity(
     mut make_cache: impl FnMut() -> Result<Box<dyn AttentionCache>, ModelError>,
     mut on_window: impl FnMut(usize, usize),
 ) -> Result<FidelityReport, ModelError> {
-    if ctx < 2 || ctx > model.config.context_length {
-        return Err(ModelError::InvalidInput(format!(
-            "ctx must be in 2..={}, got {ctx}",
-            model.config.context_length
-        )));
-    }
-    let mut wins = windows(ids, ctx);
-    wins.truncate(max_windows.unwrap_or(usize::MAX));
-    if wins.is_empty() {
-        return Err(ModelError::InvalidInput(format!(
-            "the text has {} tokens: not one window of {ctx}",
-            ids.len()
-        )));
-    }
+    let wins = checked_windows(model, ids, ctx, max_windows, score_last)?;
     let (mut kls, mut agree) = (Vec::new(), 0usize);
     let (mut retained, mut at_prefill, mut bytes, mut bytes_full) = (0f64, 0f64, 0f64, 0f64);
     for (i, w) in wins.iter().enumerate() {

@@ -19,10 +19,10 @@ use dynakv_burn::AttentionCache;
 use dynakv_models::generate::{generate_parts, SamplingConfig};
 use dynakv_models::tokenizer::chat_prompt;
 use dynakv_models::{LlamaModel, ModelError, TextTokenizer};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A retrieval task.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Task {
     Passkey,
@@ -226,21 +226,12 @@ pub fn prompt_parts(
     query_aware: bool,
 ) -> Result<Vec<Vec<u32>>, ModelError> {
     let text = prompt_text(system, &s.context, &s.question);
-    if query_aware {
-        return Ok(vec![tokenizer.encode(&text)?]);
-    }
-    let cut = text
-        .find(&s.context)
-        .map(|i| i + s.context.len())
-        .ok_or_else(|| ModelError::InvalidInput("context not in prompt".into()))?;
-    Ok(vec![
-        tokenizer.encode(&text[..cut])?,
-        tokenizer.encode(&text[cut..])?,
-    ])
+    let split_after = (!query_aware).then_some(s.context.as_str());
+    crate::text::prompt_parts(tokenizer, &text, split_after)
 }
 
 /// One sample's outcome.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Outcome {
     pub task: Task,
     pub length: usize,

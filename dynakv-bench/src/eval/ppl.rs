@@ -80,28 +80,15 @@ pub fn windows(ids: &[u32], ctx: usize) -> Vec<&[u32]> {
     ids.chunks_exact(ctx).collect()
 }
 
-/// Per-window NLLs and top-1 guesses (for parity checks) and the report.
-pub struct PplDetail {
-    pub report: PplReport,
-    /// For each window: NLL of tokens 1..ctx.
-    pub nll: Vec<Vec<f32>>,
-    /// For each window: argmax at positions 0..ctx-1.
-    pub top1: Vec<Vec<u32>>,
-}
-
-/// Scores a token stream.
-///
-/// `make_cache` gives a fresh cache per window; `dense_bytes` the dense cache's
-/// bytes for a window (for the `bytes_full` column); `on_window` reports progress.
-pub fn perplexity(
+/// The windows a run scores, after checking `ctx` against the model and
+/// `score_last` against `ctx`: shared by `ppl` and `fidelity`.
+pub fn checked_windows<'a>(
     model: &LlamaModel,
-    ids: &[u32],
+    ids: &'a [u32],
     ctx: usize,
     max_windows: Option<usize>,
     score_last: Option<usize>,
-    mut make_cache: impl FnMut() -> Result<Box<dyn AttentionCache>, ModelError>,
-    mut on_window: impl FnMut(usize, usize),
-) -> Result<PplDetail, ModelError> {
+) -> Result<Vec<&'a [u32]>, ModelError> {
     if ctx < 2 || ctx > model.config.context_length {
         return Err(ModelError::InvalidInput(format!(
             "ctx must be in 2..={}, got {ctx}",
@@ -116,15 +103,39 @@ pub fn perplexity(
         }
     }
     let mut wins = windows(ids, ctx);
-    if let Some(m) = max_windows {
-        wins.truncate(m);
-    }
+    wins.truncate(max_windows.unwrap_or(usize::MAX));
     if wins.is_empty() {
         return Err(ModelError::InvalidInput(format!(
             "the text has {} tokens: not one window of {ctx}",
             ids.len()
         )));
     }
+    Ok(wins)
+}
+
+/// Per-window NLLs and top-1 guesses (for parity checks) and the report.
+pub struct PplDetail {
+    pub report: PplReport,
+    /// For each window: NLL of tokens 1..ctx.
+    pub nll: Vec<Vec<f32>>,
+    /// For each window: argmax at positions 0..ctx-1.
+    pub top1: Vec<Vec<u32>>,
+}
+
+/// Scores a token stream.
+///
+/// `make_cache` gives a fresh cache per window (its footprint also gives the
+/// dense bytes of the same tokens); `on_window` reports progress.
+pub fn perplexity(
+    model: &LlamaModel,
+    ids: &[u32],
+    ctx: usize,
+    max_windows: Option<usize>,
+    score_last: Option<usize>,
+    mut make_cache: impl FnMut() -> Result<Box<dyn AttentionCache>, ModelError>,
+    mut on_window: impl FnMut(usize, usize),
+) -> Result<PplDetail, ModelError> {
+    let wins = checked_windows(model, ids, ctx, max_windows, score_last)?;
     let (mut sum, mut n) = (0f64, 0usize);
     let (mut bytes, mut bytes_full, mut retained, mut at_prefill) = (0f64, 0f64, 0f64, 0f64);
     let mut all_nll = Vec::new();
