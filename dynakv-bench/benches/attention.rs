@@ -39,8 +39,13 @@ fn decode_attention(c: &mut Criterion) {
     g.sample_size(20);
     for &t in lengths {
         bench_attend(&mut g, "dense", dense(&device), t);
-        for (label, placement, policy) in dynakv_configs() {
-            bench_attend(&mut g, &label, dynakv(placement, policy, &device), t);
+        for (label, placement, policy, storage) in dynakv_configs(&device) {
+            bench_attend(
+                &mut g,
+                &label,
+                dynakv(placement, policy, storage, &device),
+                t,
+            );
         }
     }
     g.finish();
@@ -76,8 +81,13 @@ fn append_one(c: &mut Criterion) {
     let mut g = c.benchmark_group("append_one_token");
     g.sample_size(20);
     bench_append(&mut g, "dense", dense(&device), t);
-    for (label, placement, policy) in dynakv_configs() {
-        bench_append(&mut g, &label, dynakv(placement, policy, &device), t);
+    for (label, placement, policy, storage) in dynakv_configs(&device) {
+        bench_append(
+            &mut g,
+            &label,
+            dynakv(placement, policy, storage, &device),
+            t,
+        );
     }
     g.finish();
 }

@@ -17,7 +17,7 @@ pub mod train;
 pub use cache::SnapKvCache;
 pub use cache::{
     AttentionCache, CacheGeometry, DenseCache, DynaKvBases, DynaKvCache, KeepPositions,
-    PrunableCache, Recorded, RecordingCache,
+    LatentStorage, PrunableCache, Recorded, RecordingCache,
 };
 #[cfg(feature = "snapkv")]
 pub use dynakv_snapkv;

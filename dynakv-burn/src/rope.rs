@@ -62,6 +62,23 @@ impl Rope {
         self.max_positions
     }
 
+    /// The tables on the host, for kernels that rotate row by row.
+    ///
+    /// # Shapes
+    /// returns `cos`, `sin` as `[max_positions * head_dim]` row-major.
+    pub(crate) fn host_tables(&self) -> Result<(Vec<f32>, Vec<f32>), CacheError> {
+        let host = |t: &Tensor<2>| {
+            t.to_data()
+                .try_to_vec::<f32>()
+                .map_err(|e| CacheError::Config(format!("RoPE tables: {e:?}")))
+        };
+        Ok((host(&self.cos)?, host(&self.sin)?))
+    }
+
+    pub(crate) fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
     /// The cos and sin rows of some positions.
     ///
     /// # Shapes

@@ -9,7 +9,9 @@
 use std::sync::Arc;
 
 use burn::tensor::{Device, Distribution, Tensor};
-use dynakv_burn::{AttentionCache, CacheGeometry, DenseCache, DynaKvBases, DynaKvCache, Rope};
+use dynakv_burn::{
+    AttentionCache, CacheGeometry, DenseCache, DynaKvBases, DynaKvCache, LatentStorage, Rope,
+};
 use dynakv_core::artifact::{
     Artifact, ArtifactHeader, ModelIdentity, RopePlacement, FORMAT_VERSION,
 };
@@ -145,23 +147,35 @@ pub fn dense(device: &Device) -> DenseCache {
 pub fn dynakv(
     placement: RopePlacement,
     policy: Arc<dyn RankPolicy>,
+    storage: LatentStorage,
     device: &Device,
 ) -> DynaKvCache {
-    let bases = Arc::new(DynaKvBases::new(&artifact(placement), GEOMETRY, device).expect("bases"));
+    let bases = Arc::new(
+        DynaKvBases::with_storage(&artifact(placement), GEOMETRY, device, storage).expect("bases"),
+    );
     DynaKvCache::new(GEOMETRY, rope(device), bases, policy).expect("cache")
 }
 
 /// The caches every attention bench compares: dense, then DynaKV for both key
 /// placements, budgets 0.47 / 0.30 / 0.20, one bucket (`uniform`) or seven
-/// (`spread`).
-pub fn dynakv_configs() -> Vec<(String, RopePlacement, Arc<dyn RankPolicy>)> {
+/// (`spread`), latents where the device wants them (host on a CPU: the fused
+/// host kernel); plus the tensor path (`device` storage) at 0.30 spread, the
+/// way a GPU runs it, to show what the host kernel changes on a CPU.
+pub fn dynakv_configs(
+    device: &Device,
+) -> Vec<(String, RopePlacement, Arc<dyn RankPolicy>, LatentStorage)> {
+    let native = LatentStorage::for_device(device);
     let mut out = Vec::new();
     for placement in [RopePlacement::Pre, RopePlacement::Post] {
         for budget in [0.47, 0.30, 0.20] {
             for (name, policy) in [("uniform", uniform(budget)), ("spread", spread(budget))] {
                 let label = format!("dynakv-{placement:?}-{name}-{budget}").to_lowercase();
-                out.push((label, placement, policy));
+                out.push((label, placement, policy, native));
             }
+        }
+        if native == LatentStorage::Host {
+            let label = format!("dynakv-{placement:?}-spread-0.3-tensor-path").to_lowercase();
+            out.push((label, placement, spread(0.30), LatentStorage::Device));
         }
     }
     out

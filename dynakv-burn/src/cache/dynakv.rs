@@ -17,6 +17,7 @@ use dynakv_core::budget::CacheFootprint;
 use dynakv_core::levels::RankLevels;
 use dynakv_core::policy::{KvKind, RankPolicy};
 
+use super::latent_decode::{self, BucketView, Heads, HostBasis, HostRope};
 use super::{joint, mat, AttentionCache, CacheGeometry, KeepPositions, PrunableCache};
 use crate::attention::causal_mask;
 use crate::error::CacheError;
@@ -25,14 +26,10 @@ use crate::rope::Rope;
 /// Bytes of per-token metadata per layer and per K/V: position and token id.
 const META_BYTES_PER_TOKEN: usize = 8;
 
-/// One layer's basis tensors on the device.
+/// One layer's decoders as tensors (for the tensor attention path).
 #[derive(Debug, Clone)]
-struct LayerBasis {
-    /// `[d, d]` for keys and values
-    enc: [Tensor<2>; 2],
-    /// `[d]`
-    mean: [Tensor<1>; 2],
-    /// Key decoder `[d, d]` (pre) or per KV head `[H_kv, d, D]` (post, as [`Tensor<3>`]).
+struct Decoders {
+    /// Key decoder `[d, d]` (pre) and per KV head `[H_kv, d, D]` (post).
     dec_k: Tensor<2>,
     dec_k_heads: Tensor<3>,
     /// Value decoder per KV head `[H_kv, d, D]` and mean `[H_kv, 1, D]`.
@@ -42,6 +39,62 @@ struct LayerBasis {
     mean_k_heads: Tensor<3>,
 }
 
+impl Decoders {
+    fn new(host: &HostBasis, geometry: CacheGeometry, device: &Device) -> Self {
+        let (d, hk, dh) = (geometry.d_kv(), geometry.n_kv_heads, geometry.head_dim);
+        let dec_k = mat(&host.dec_k, d, d, device);
+        let heads = |dec: &Tensor<2>| dec.clone().reshape([d, hk, dh]).swap_dims(0, 1);
+        let vec = |v: &[f32]| Tensor::<1>::from_data(TensorData::new(v.to_vec(), [d]), device);
+        Self {
+            dec_k_heads: heads(&dec_k),
+            dec_v_heads: heads(&mat(&host.dec_v, d, d, device)),
+            mean_v_heads: vec(&host.mean_v).reshape([hk, 1, dh]),
+            mean_k_heads: vec(&host.mean_k).reshape([hk, dh, 1]),
+            dec_k,
+        }
+    }
+}
+
+/// One layer's basis: encoders and means on the device, decoders on the
+/// device ([`LatentStorage::Device`]) or on the host ([`LatentStorage::Host`],
+/// read by the host kernel and uploaded for a prefill's tensor path).
+#[derive(Debug, Clone)]
+struct LayerBasis {
+    /// `[d, d]` for keys and values
+    enc: [Tensor<2>; 2],
+    /// `[d]`
+    mean: [Tensor<1>; 2],
+    decoders: Option<Decoders>,
+    host: HostBasis,
+}
+
+/// Where a DynaKV cache keeps its latents, and so how it attends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LatentStorage {
+    /// burn tensors on the device; attention by tensor ops (GPUs).
+    Device,
+    /// Host vectors: decode steps run the fused host kernel and appends are
+    /// amortised O(1); prefill chunks upload and use the tensor path (CPUs).
+    Host,
+}
+
+impl LatentStorage {
+    /// `Host` for a CPU backend (Flex, NdArray), `Device` otherwise.
+    pub fn for_device(device: &Device) -> Self {
+        let name = format!("{device:?}");
+        if name.contains("Flex") || name.contains("NdArray") {
+            Self::Host
+        } else {
+            Self::Device
+        }
+    }
+}
+
+/// Decode steps with at most this many queries run the host kernel (with
+/// [`LatentStorage::Host`]); longer prefill chunks are matrix products, where
+/// burn's GEMM wins.
+const HOST_KERNEL_MAX_QUERIES: usize = 4;
+
 /// Bases of every layer, uploaded once and shared by many caches.
 #[derive(Debug)]
 pub struct DynaKvBases {
@@ -50,18 +103,35 @@ pub struct DynaKvBases {
     levels: RankLevels,
     d_kv: usize,
     fixed_bytes: usize,
+    storage: LatentStorage,
+    geometry: CacheGeometry,
 }
 
 impl DynaKvBases {
-    /// Uploads an artifact's bases, checking them against the geometry.
+    /// Uploads an artifact's bases, checking them against the geometry; the
+    /// storage follows the device ([`LatentStorage::for_device`]).
     pub fn new(
         artifact: &Artifact,
         geometry: CacheGeometry,
         device: &Device,
     ) -> Result<Self, CacheError> {
+        Self::with_storage(
+            artifact,
+            geometry,
+            device,
+            LatentStorage::for_device(device),
+        )
+    }
+
+    /// As [`DynaKvBases::new`] with an explicit latent storage.
+    pub fn with_storage(
+        artifact: &Artifact,
+        geometry: CacheGeometry,
+        device: &Device,
+        storage: LatentStorage,
+    ) -> Result<Self, CacheError> {
         geometry.validate()?;
         let d = geometry.d_kv();
-        let (hk, dh) = (geometry.n_kv_heads, geometry.head_dim);
         if artifact.bases.len() != geometry.n_layers {
             return Err(CacheError::Config(format!(
                 "artifact has {} layers, the model {}",
@@ -85,22 +155,21 @@ impl DynaKvBases {
                 Tensor::from_data(TensorData::new(pair[0].mean.clone(), [d]), device),
                 Tensor::from_data(TensorData::new(pair[1].mean.clone(), [d]), device),
             ];
-            let dec_k = mat(&pair[0].dec, d, d, device);
-            let heads = |dec: &Tensor<2>| dec.clone().reshape([d, hk, dh]).swap_dims(0, 1);
-            let dec_k_heads = heads(&dec_k);
-            let dec_v_heads = heads(&mat(&pair[1].dec, d, d, device));
-            let mean_v_heads = mean[1].clone().reshape([hk, 1, dh]);
-            let mean_k_heads = mean[0].clone().reshape([hk, dh, 1]);
-            // enc x2, dec x2, means x2 (the per-head views are reshapes of these)
+            let host = HostBasis {
+                dec_k: pair[0].dec.clone(),
+                mean_k: pair[0].mean.clone(),
+                dec_v: pair[1].dec.clone(),
+                mean_v: pair[1].mean.clone(),
+            };
+            let decoders =
+                (storage == LatentStorage::Device).then(|| Decoders::new(&host, geometry, device));
+            // enc x2, dec x2, means x2, each held once (host or device)
             fixed += 4 * (4 * d * d + 2 * d);
             layers.push(LayerBasis {
                 enc,
                 mean,
-                dec_k,
-                dec_k_heads,
-                dec_v_heads,
-                mean_v_heads,
-                mean_k_heads,
+                decoders,
+                host,
             });
         }
         Ok(Self {
@@ -109,7 +178,23 @@ impl DynaKvBases {
             levels: artifact.header.levels.clone(),
             d_kv: d,
             fixed_bytes: fixed,
+            storage,
+            geometry,
         })
+    }
+
+    pub fn storage(&self) -> LatentStorage {
+        self.storage
+    }
+
+    /// One layer's decoders as tensors: the resident ones, or uploaded from
+    /// the host copy.
+    fn decoders(&self, layer: usize, device: &Device) -> Decoders {
+        let b = &self.layers[layer];
+        match &b.decoders {
+            Some(d) => d.clone(),
+            None => Decoders::new(&b.host, self.geometry, device),
+        }
     }
 
     pub fn levels(&self) -> &RankLevels {
@@ -126,9 +211,63 @@ impl DynaKvBases {
 struct Bucket {
     rank: usize,
     /// `[n, rank]`
-    lat: Tensor<2>,
+    lat: Latents,
     positions: Vec<usize>,
     ids: Vec<usize>,
+}
+
+/// A bucket's latents, `[n, rank]`, where [`LatentStorage`] says.
+#[derive(Debug, Clone)]
+enum Latents {
+    /// Boxed: a tensor handle is much larger than a `Vec`.
+    Device(Box<Tensor<2>>),
+    /// Row-major.
+    Host(Vec<f32>),
+}
+
+impl Bucket {
+    /// The latents as a tensor (an upload for host storage).
+    ///
+    /// # Shapes
+    /// returns `[n, rank]`
+    fn tensor(&self, device: &Device) -> Tensor<2> {
+        match &self.lat {
+            Latents::Device(t) => (**t).clone(),
+            Latents::Host(v) => mat(v, self.positions.len(), self.rank, device),
+        }
+    }
+
+    fn view(&self) -> Option<BucketView<'_>> {
+        match &self.lat {
+            Latents::Host(v) => Some(BucketView {
+                rank: self.rank,
+                lat: v,
+                positions: &self.positions,
+                ids: &self.ids,
+            }),
+            Latents::Device(_) => None,
+        }
+    }
+
+    /// Keeps the given rows, in order.
+    fn keep_rows(&mut self, rows: &[usize]) {
+        self.lat = match &self.lat {
+            Latents::Device(t) => {
+                let idx: Vec<i64> = rows.iter().map(|&i| i as i64).collect();
+                let idx =
+                    Tensor::<1, Int>::from_data(TensorData::new(idx, [rows.len()]), &t.device());
+                Latents::Device(Box::new((**t).clone().select(0, idx)))
+            }
+            Latents::Host(v) => Latents::Host(
+                rows.iter()
+                    .flat_map(|&i| &v[i * self.rank..(i + 1) * self.rank])
+                    .copied()
+                    .collect(),
+            ),
+        };
+        self.positions = rows.iter().map(|&i| self.positions[i]).collect();
+        self.ids = rows.iter().map(|&i| self.ids[i]).collect();
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -148,6 +287,8 @@ pub struct DynaKvCache {
     bases: Arc<DynaKvBases>,
     policy: Arc<dyn RankPolicy>,
     layers: Vec<LayerStore>,
+    /// RoPE tables for the host kernel (host storage only).
+    host_rope: Option<Arc<HostRope>>,
 }
 
 impl DynaKvCache {
@@ -161,12 +302,24 @@ impl DynaKvCache {
         if bases.layers.len() != geometry.n_layers || bases.d_kv != geometry.d_kv() {
             return Err(CacheError::Config("bases do not match the geometry".into()));
         }
+        let host_rope = match bases.storage {
+            LatentStorage::Host => {
+                let (cos, sin) = rope.host_tables()?;
+                Some(Arc::new(HostRope {
+                    cos,
+                    sin,
+                    head_dim: rope.head_dim(),
+                }))
+            }
+            LatentStorage::Device => None,
+        };
         Ok(Self {
             geometry,
             rope,
             bases,
             policy,
             layers: vec![LayerStore::default(); geometry.n_layers],
+            host_rope,
         })
     }
 
@@ -196,16 +349,24 @@ impl DynaKvCache {
         out
     }
 
+    /// Files new tokens into the rank buckets of one kind.
+    ///
+    /// # Shapes
+    /// `lat`: `[n, d]` (device latents) with `host` its row-major copy for
+    /// host storage; `ranks`, `positions`: `[n]`.
+    #[allow(clippy::too_many_arguments)]
     fn store(
         &mut self,
         layer: usize,
         kind: KvKind,
         lat: Tensor<2>,
+        host: Option<&[f32]>,
         ranks: &[usize],
         positions: &[usize],
         first_id: usize,
     ) {
         let device = lat.device();
+        let d = self.bases.d_kv;
         let store = &mut self.layers[layer];
         let k = kind.index();
         for &level in self.bases.levels.as_slice().iter().filter(|&&l| l > 0) {
@@ -213,15 +374,38 @@ impl DynaKvCache {
             if rows.is_empty() {
                 continue;
             }
-            let idx: Vec<i64> = rows.iter().map(|&i| i as i64).collect();
-            let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [rows.len()]), &device);
-            let part = lat.clone().select(0, idx).narrow(1, 0, level);
+            let part = match host {
+                Some(h) => Latents::Host(
+                    rows.iter()
+                        .flat_map(|&i| &h[i * d..i * d + level])
+                        .copied()
+                        .collect(),
+                ),
+                None => {
+                    let idx: Vec<i64> = rows.iter().map(|&i| i as i64).collect();
+                    let idx =
+                        Tensor::<1, Int>::from_data(TensorData::new(idx, [rows.len()]), &device);
+                    Latents::Device(Box::new(lat.clone().select(0, idx).narrow(1, 0, level)))
+                }
+            };
             let pos: Vec<usize> = rows.iter().map(|&i| positions[i]).collect();
             let ids: Vec<usize> = rows.iter().map(|&i| first_id + i).collect();
             store.dims[k] += level * rows.len();
             match store.buckets[k].iter_mut().find(|b| b.rank == level) {
                 Some(b) => {
-                    b.lat = Tensor::cat(vec![b.lat.clone(), part], 0);
+                    b.lat = match (
+                        std::mem::replace(&mut b.lat, Latents::Host(Vec::new())),
+                        part,
+                    ) {
+                        (Latents::Host(mut v), Latents::Host(p)) => {
+                            v.extend(p);
+                            Latents::Host(v)
+                        }
+                        (Latents::Device(t), Latents::Device(p)) => {
+                            Latents::Device(Box::new(Tensor::cat(vec![*t, *p], 0)))
+                        }
+                        _ => unreachable!("one cache uses one storage"),
+                    };
                     b.positions.extend(pos);
                     b.ids.extend(ids);
                 }
@@ -265,14 +449,7 @@ impl PrunableCache for DynaKvCache {
                     continue;
                 }
                 store.dims[k] -= b.rank * (b.positions.len() - rows.len());
-                let idx: Vec<i64> = rows.iter().map(|&i| i as i64).collect();
-                let idx = Tensor::<1, Int>::from_data(
-                    TensorData::new(idx, [rows.len()]),
-                    &b.lat.device(),
-                );
-                b.lat = b.lat.clone().select(0, idx);
-                b.positions = rows.iter().map(|&i| b.positions[i]).collect();
-                b.ids = rows.iter().map(|&i| b.ids[i]).collect();
+                b.keep_rows(&rows);
             }
             buckets.retain(|b| !b.positions.is_empty());
         }
@@ -280,22 +457,15 @@ impl PrunableCache for DynaKvCache {
     }
 }
 
-fn policy_ranks(
-    policy: &dyn RankPolicy,
-    layer: usize,
-    kind: KvKind,
-    lat: &Tensor<2>,
-    positions: &[usize],
-) -> Result<Vec<usize>, CacheError> {
-    let data = if policy.needs_latents() {
-        lat.clone()
-            .into_data()
-            .try_into_vec_as::<f32>()
-            .map_err(|e| CacheError::Config(format!("latents: {e:?}")))?
-    } else {
-        Vec::new()
-    };
-    Ok(policy.ranks(layer, kind, &data, positions))
+/// A latent tensor's values on the host.
+///
+/// # Shapes
+/// `lat`: `[n, d]`; returns `[n * d]` row-major.
+fn host_rows(lat: &Tensor<2>) -> Result<Vec<f32>, CacheError> {
+    lat.clone()
+        .into_data()
+        .try_into_vec_as::<f32>()
+        .map_err(|e| CacheError::Config(format!("latents: {e:?}")))
 }
 
 impl AttentionCache for DynaKvCache {
@@ -320,14 +490,21 @@ impl AttentionCache for DynaKvCache {
         let b = &self.bases.layers[layer];
         let lat_k = (joint(k) - b.mean[0].clone().unsqueeze()).matmul(b.enc[0].clone());
         let lat_v = (joint(v) - b.mean[1].clone().unsqueeze()).matmul(b.enc[1].clone());
-        let rk = policy_ranks(self.policy.as_ref(), layer, KvKind::Key, &lat_k, positions)?;
-        let mut rv = policy_ranks(
-            self.policy.as_ref(),
-            layer,
-            KvKind::Value,
-            &lat_v,
-            positions,
-        )?;
+        // Host copies: what host storage keeps and what a latent-reading policy reads.
+        let need_host = self.bases.storage == LatentStorage::Host || self.policy.needs_latents();
+        let (host_k, host_v) = if need_host {
+            (host_rows(&lat_k)?, host_rows(&lat_v)?)
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let reads = self.policy.needs_latents();
+        let (read_k, read_v): (&[f32], &[f32]) = if reads {
+            (&host_k, &host_v)
+        } else {
+            (&[], &[])
+        };
+        let rk = self.policy.ranks(layer, KvKind::Key, read_k, positions);
+        let mut rv = self.policy.ranks(layer, KvKind::Value, read_v, positions);
         for r in rk.iter().chain(&rv) {
             if !self.bases.levels.contains(*r) {
                 return Err(CacheError::Config(format!(
@@ -342,8 +519,10 @@ impl AttentionCache for DynaKvCache {
             }
         }
         let first = self.layers[layer].next_id;
-        self.store(layer, KvKind::Key, lat_k, &rk, positions, first);
-        self.store(layer, KvKind::Value, lat_v, &rv, positions, first);
+        let host = self.bases.storage == LatentStorage::Host;
+        let (hk, hv) = (host.then_some(&host_k[..]), host.then_some(&host_v[..]));
+        self.store(layer, KvKind::Key, lat_k, hk, &rk, positions, first);
+        self.store(layer, KvKind::Value, lat_v, hv, &rv, positions, first);
         self.layers[layer].next_id += positions.len();
         Ok(())
     }
@@ -367,6 +546,37 @@ impl AttentionCache for DynaKvCache {
                 "attend on layer {layer} with nothing stored"
             )));
         }
+        if let (Some(rope), true) = (&self.host_rope, t <= HOST_KERNEL_MAX_QUERIES) {
+            if bsz != 1 {
+                return Err(CacheError::Config(
+                    "DynaKvCache supports batch size 1".into(),
+                ));
+            }
+            let views = |k: usize| -> Vec<BucketView<'_>> {
+                store.buckets[k].iter().filter_map(Bucket::view).collect()
+            };
+            let q_host = host_rows(&q_rot.reshape([h * t, dh]))?;
+            let out = latent_decode::attend(
+                Heads {
+                    n_heads: h,
+                    n_kv_heads: hk,
+                    head_dim: dh,
+                },
+                self.bases.placement,
+                &b.host,
+                rope,
+                &q_host,
+                positions,
+                &views(0),
+                &views(1),
+                store.next_id,
+            );
+            return Ok(Tensor::from_data(
+                TensorData::new(out, [1, h, t, dh]),
+                &device,
+            ));
+        }
+        let dec = self.bases.decoders(layer, &device);
         let q = q_rot.reshape([bsz, hk, groups * t, dh]);
         // Scores per key bucket, in key-bucket order.
         let mut scores = Vec::new();
@@ -376,7 +586,9 @@ impl AttentionCache for DynaKvCache {
             let n = bk.positions.len();
             let s = match self.bases.placement {
                 RopePlacement::Pre => {
-                    let keys = bk.lat.clone().matmul(b.dec_k.clone().narrow(0, 0, bk.rank))
+                    let keys = bk
+                        .tensor(&device)
+                        .matmul(dec.dec_k.clone().narrow(0, 0, bk.rank))
                         + b.mean[0].clone().unsqueeze();
                     let keys = keys.reshape([1, n, hk, dh]).swap_dims(1, 2);
                     let keys = self.rope.apply(keys, &bk.positions)?;
@@ -384,10 +596,14 @@ impl AttentionCache for DynaKvCache {
                 }
                 RopePlacement::Post => {
                     // q · (lat · dec_g + mean_g) = (q · dec_g^T) · lat + q · mean_g
-                    let dec = b.dec_k_heads.clone().narrow(1, 0, bk.rank).unsqueeze::<4>(); // [1,Hk,r,D]
-                    let q_lat = q.clone().matmul(dec.swap_dims(2, 3)); // [1,Hk,GT,r]
-                    let lat = bk.lat.clone().unsqueeze::<4>(); // [1,1,n,r]
-                    let off = q.clone().matmul(b.mean_k_heads.clone().unsqueeze::<4>()); // [1,Hk,GT,1]
+                    let dk = dec
+                        .dec_k_heads
+                        .clone()
+                        .narrow(1, 0, bk.rank)
+                        .unsqueeze::<4>(); // [1,Hk,r,D]
+                    let q_lat = q.clone().matmul(dk.swap_dims(2, 3)); // [1,Hk,GT,r]
+                    let lat = bk.tensor(&device).unsqueeze::<4>(); // [1,1,n,r]
+                    let off = q.clone().matmul(dec.mean_k_heads.clone().unsqueeze::<4>()); // [1,Hk,GT,1]
                     q_lat.matmul(lat.swap_dims(2, 3)) + off
                 }
             };
@@ -413,7 +629,7 @@ impl AttentionCache for DynaKvCache {
             let idx: Vec<i64> = bv.ids.iter().map(|&id| slot[id] as i64).collect();
             let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [bv.ids.len()]), &device);
             let w = weights.clone().select(3, idx);
-            let part = w.matmul(bv.lat.clone().unsqueeze::<4>()); // [1,Hk,GT,r]
+            let part = w.matmul(bv.tensor(&device).unsqueeze::<4>()); // [1,Hk,GT,r]
             let part = if bv.rank < d {
                 let pad = Tensor::zeros([bsz, hk, groups * t, d - bv.rank], &device);
                 Tensor::cat(vec![part, pad], 3)
@@ -426,8 +642,8 @@ impl AttentionCache for DynaKvCache {
             });
         }
         let z = z.ok_or_else(|| CacheError::Config("no value buckets".into()))?;
-        let out = z.matmul(b.dec_v_heads.clone().unsqueeze::<4>())
-            + b.mean_v_heads.clone().unsqueeze::<4>();
+        let out = z.matmul(dec.dec_v_heads.clone().unsqueeze::<4>())
+            + dec.mean_v_heads.clone().unsqueeze::<4>();
         Ok(out.reshape([bsz, h, t, dh]))
     }
 
@@ -475,6 +691,56 @@ mod tests {
                 assert!(diff < 1e-4, "{placement:?} {chunks:?}: {diff}");
             }
         }
+    }
+
+    #[test]
+    fn the_host_kernel_equals_the_tensor_path_at_every_rank_mix() {
+        let device = default_device();
+        let rope = Rope::new(4, 4, 10_000.0, 64, &device).unwrap();
+        let (q, k, v) = (
+            rand4([1, 4, 12, 4]),
+            rand4([1, 2, 12, 4]),
+            rand4([1, 2, 12, 4]),
+        );
+        for placement in [RopePlacement::Pre, RopePlacement::Post] {
+            let make = |storage| {
+                let bases = Arc::new(
+                    DynaKvBases::with_storage(&artifact(placement), G, &device, storage).unwrap(),
+                );
+                DynaKvCache::new(G, rope.clone(), bases, Arc::new(Cycle)).unwrap()
+            };
+            // short chunks (2, 4: host kernel with a causal mask), a long one
+            // (5: tensor path over host latents), a decode step
+            let chunks = [2, 4, 5, 1];
+            let mut dev = make(LatentStorage::Device);
+            let mut host = make(LatentStorage::Host);
+            assert!(host.host_rope.is_some() && dev.host_rope.is_none());
+            let want = run(&mut dev, &q, &k, &v, &chunks);
+            let got = run(&mut host, &q, &k, &v, &chunks);
+            let diff: f32 = (got - want).abs().max().into_scalar();
+            assert!(diff < 1e-5, "{placement:?}: {diff}");
+            // Pruning keeps them equal.
+            let keep = KeepPositions::Layer(vec![0, 2, 3, 7, 11]);
+            for c in [&mut dev, &mut host] {
+                c.retain(0, &keep).unwrap();
+            }
+            let q_last = q.clone().narrow(2, 11, 1);
+            let a = dev.attend(0, q_last.clone(), &[11]).unwrap();
+            let b = host.attend(0, q_last, &[11]).unwrap();
+            let diff: f32 = (a - b).abs().max().into_scalar();
+            assert!(diff < 1e-5, "{placement:?} pruned: {diff}");
+            assert_eq!(dev.footprint(), host.footprint());
+        }
+    }
+
+    #[test]
+    fn cpu_devices_get_host_storage() {
+        // The default test backend is Flex unless a GPU feature is on.
+        #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+        assert_eq!(
+            LatentStorage::for_device(&default_device()),
+            LatentStorage::Host
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 mod dense;
 mod dynakv;
+mod latent_decode;
 mod recording;
 #[cfg(feature = "snapkv")]
 mod snapkv;
@@ -9,7 +10,7 @@ mod snapkv;
 pub(crate) mod test_support;
 
 pub use dense::DenseCache;
-pub use dynakv::{DynaKvBases, DynaKvCache};
+pub use dynakv::{DynaKvBases, DynaKvCache, LatentStorage};
 pub use recording::{Recorded, RecordingCache};
 #[cfg(feature = "snapkv")]
 pub use snapkv::SnapKvCache;

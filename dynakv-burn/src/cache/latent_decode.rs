@@ -1,0 +1,422 @@
+//! A fused host kernel for DynaKV decode steps: attention of a few queries
+//! over the latent buckets, without building per-bucket tensors.
+//!
+//! Why: on a CPU the tensor path spends a decode step in small ops (one
+//! reconstruction, RoPE table gather, mask and concatenation per bucket) and
+//! copies every bucket on each append. Here each cached token is visited once:
+//! pre-RoPE keys are reconstructed into one `d`-float buffer, rotated and
+//! scored by every query head of the group while the buffer is in L1;
+//! post-RoPE keys are scored in latent space against queries projected onto
+//! the decoder once per step. Values are summed in latent space and decoded
+//! once, as on the tensor path. Token chunks run in parallel (rayon).
+//!
+//! Everything here is plain `f32` slices, so it is tested against the tensor
+//! path ([`super::DynaKvCache`] with device storage) for exact agreement.
+
+use rayon::prelude::*;
+
+use dynakv_core::artifact::RopePlacement;
+
+/// Tokens per parallel work item: large enough to amortise scheduling, small
+/// enough that two cores share a 1k-token cache.
+const CHUNK: usize = 128;
+
+/// Host copies of one layer's decoders and means.
+///
+/// # Shapes
+/// `dec_k`, `dec_v`: `[d, d]` row-major (row j = latent direction j, columns
+/// head-major `h * head_dim + i`); `mean_k`, `mean_v`: `[d]`.
+#[derive(Debug, Clone)]
+pub(crate) struct HostBasis {
+    pub dec_k: Vec<f32>,
+    pub mean_k: Vec<f32>,
+    pub dec_v: Vec<f32>,
+    pub mean_v: Vec<f32>,
+}
+
+/// RoPE tables on the host, the same numbers as [`crate::rope::Rope`]'s.
+///
+/// # Shapes
+/// `cos`, `sin`: `[max_positions, head_dim]`, each pair's value repeated.
+#[derive(Debug, Clone)]
+pub(crate) struct HostRope {
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+    pub head_dim: usize,
+}
+
+impl HostRope {
+    /// Rotates one head's vector in place (interleaved pairs, as llama.cpp).
+    /// The caller checks `pos` against the table (the tensor path already
+    /// rejected out-of-range positions on append).
+    #[inline(always)]
+    fn rotate(&self, x: &mut [f32], pos: usize) {
+        let row = pos * self.head_dim;
+        let (c, s) = (
+            &self.cos[row..row + self.head_dim],
+            &self.sin[row..row + self.head_dim],
+        );
+        for i in (0..self.head_dim).step_by(2) {
+            let (a, b) = (x[i], x[i + 1]);
+            x[i] = a * c[i] - b * s[i];
+            x[i + 1] = b * c[i + 1] + a * s[i + 1];
+        }
+    }
+}
+
+/// One rank bucket as the kernel reads it.
+///
+/// # Shapes
+/// `lat`: `[n, rank]` row-major; `positions`, `ids`: `[n]`.
+pub(crate) struct BucketView<'a> {
+    pub rank: usize,
+    pub lat: &'a [f32],
+    pub positions: &'a [usize],
+    pub ids: &'a [usize],
+}
+
+/// Head layout of the layer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Heads {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Attention of `T` queries over latent key and value buckets.
+///
+/// # Shapes
+/// - `q`: `[H, T, head_dim]` row-major, RoPE applied; `q_pos`: `[T]`
+/// - `keys`, `values`: buckets of `[n_b, rank_b]` latents (joint over KV heads)
+/// - `n_ids`: one more than the largest token id stored
+/// - returns `[H, T, head_dim]`
+///
+/// A query sees keys at positions `<=` its own. Every query must see at least
+/// one key (the caller guarantees it: a decode step follows its own append).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend(
+    heads: Heads,
+    placement: RopePlacement,
+    basis: &HostBasis,
+    rope: &HostRope,
+    q: &[f32],
+    q_pos: &[usize],
+    keys: &[BucketView],
+    values: &[BucketView],
+    n_ids: usize,
+) -> Vec<f32> {
+    let (h, hk, dh) = (heads.n_heads, heads.n_kv_heads, heads.head_dim);
+    let (t, groups, d) = (q_pos.len(), h / hk, hk * dh);
+    let ht = h * t;
+    let scale = 1.0 / (dh as f32).sqrt();
+    // Post-RoPE: queries projected onto the key decoder once per step.
+    let q_lat = match placement {
+        RopePlacement::Post => Some(project_queries(heads, basis, q, t)),
+        RopePlacement::Pre => None,
+    };
+    // Scores, slot-major `[S, H*T]` so that token chunks write disjoint rows.
+    let s_total: usize = keys.iter().map(|b| b.positions.len()).sum();
+    let mut scores = vec![f32::NEG_INFINITY; s_total * ht];
+    let job = Job {
+        heads,
+        basis,
+        rope,
+        q,
+        q_pos,
+        q_lat: q_lat.as_ref(),
+        scale,
+    };
+    let mut offset = 0;
+    for b in keys {
+        let n = b.positions.len();
+        let rows = &mut scores[offset * ht..(offset + n) * ht];
+        rows.par_chunks_mut(CHUNK * ht)
+            .enumerate()
+            .for_each(|(c, out)| score_chunk(&job, b, c * CHUNK, out));
+        offset += n;
+    }
+    softmax_columns(&mut scores, ht);
+    // Values: latent sums per query row, then one decode.
+    let mut slot = vec![usize::MAX; n_ids];
+    let mut s = 0;
+    for b in keys {
+        for &id in b.ids {
+            slot[id] = s;
+            s += 1;
+        }
+    }
+    let z = values
+        .par_iter()
+        .flat_map(|b| {
+            (0..b.positions.len().div_ceil(CHUNK))
+                .into_par_iter()
+                .map(move |c| (b, c))
+        })
+        .map(|(b, c)| {
+            let mut z = vec![0f32; ht * d];
+            let end = ((c + 1) * CHUNK).min(b.positions.len());
+            value_chunk(b, c * CHUNK..end, &slot, &scores, ht, d, &mut z);
+            z
+        })
+        .reduce(
+            || vec![0f32; ht * d],
+            |mut a, b| {
+                axpy(&mut a, 1.0, &b);
+                a
+            },
+        );
+    let mut out = vec![0f32; ht * dh];
+    for qh in 0..h {
+        let kv = qh / groups;
+        for ti in 0..t {
+            let qi = qh * t + ti;
+            let o = &mut out[qi * dh..(qi + 1) * dh];
+            o.copy_from_slice(&basis.mean_v[kv * dh..(kv + 1) * dh]);
+            for (j, &a) in z[qi * d..(qi + 1) * d].iter().enumerate() {
+                if a != 0.0 {
+                    axpy(o, a, &basis.dec_v[j * d + kv * dh..j * d + (kv + 1) * dh]);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// What every key chunk reads.
+struct Job<'a> {
+    heads: Heads,
+    basis: &'a HostBasis,
+    rope: &'a HostRope,
+    q: &'a [f32],
+    q_pos: &'a [usize],
+    /// Post-RoPE only: projected queries `[H*T, d]` and offsets `[H*T]`.
+    q_lat: Option<&'a (Vec<f32>, Vec<f32>)>,
+    scale: f32,
+}
+
+/// Scores of one chunk of a key bucket's tokens, starting at token `first`,
+/// into `out` (`[chunk, H*T]`). Runs the AVX2+FMA build where the CPU has it.
+fn score_chunk(job: &Job, b: &BucketView, first: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports the features the function was compiled for.
+        unsafe { score_chunk_avx2(job, b, first, out) };
+        return;
+    }
+    score_chunk_impl(job, b, first, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn score_chunk_avx2(job: &Job, b: &BucketView, first: usize, out: &mut [f32]) {
+    score_chunk_impl(job, b, first, out)
+}
+
+#[inline(always)]
+fn score_chunk_impl(job: &Job, b: &BucketView, first: usize, out: &mut [f32]) {
+    let Heads {
+        n_heads: h,
+        n_kv_heads: hk,
+        head_dim: dh,
+    } = job.heads;
+    let (t, groups, d) = (job.q_pos.len(), h / hk, hk * dh);
+    let mut kbuf = vec![0f32; d];
+    for (i, row) in out.chunks_mut(h * t).enumerate() {
+        let tok = first + i;
+        let pos = b.positions[tok];
+        if job.q_pos.iter().all(|&p| pos > p) {
+            continue;
+        }
+        let lat = &b.lat[tok * b.rank..(tok + 1) * b.rank];
+        if job.q_lat.is_none() {
+            // Pre-RoPE: reconstruct all KV heads, then rotate each.
+            kbuf.copy_from_slice(&job.basis.mean_k);
+            for (j, &a) in lat.iter().enumerate() {
+                axpy(&mut kbuf, a, &job.basis.dec_k[j * d..(j + 1) * d]);
+            }
+            for g in 0..hk {
+                job.rope.rotate(&mut kbuf[g * dh..(g + 1) * dh], pos);
+            }
+        }
+        for (ti, &qp) in job.q_pos.iter().enumerate() {
+            if pos > qp {
+                continue;
+            }
+            for qh in 0..h {
+                let qi = qh * t + ti;
+                let s = match job.q_lat {
+                    None => {
+                        let kv = qh / groups;
+                        dot(
+                            &job.q[qi * dh..(qi + 1) * dh],
+                            &kbuf[kv * dh..(kv + 1) * dh],
+                        )
+                    }
+                    Some((ql, off)) => dot(&ql[qi * d..qi * d + b.rank], lat) + off[qi],
+                };
+                row[qi] = s * job.scale;
+            }
+        }
+    }
+}
+
+/// Adds one chunk of a value bucket's latents, weighted by each query row's
+/// attention, into `z` (`[H*T, d]`).
+fn value_chunk(
+    b: &BucketView,
+    toks: std::ops::Range<usize>,
+    slot: &[usize],
+    probs: &[f32],
+    ht: usize,
+    d: usize,
+    z: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports the features the function was compiled for.
+        unsafe { value_chunk_avx2(b, toks, slot, probs, ht, d, z) };
+        return;
+    }
+    value_chunk_impl(b, toks, slot, probs, ht, d, z)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn value_chunk_avx2(
+    b: &BucketView,
+    toks: std::ops::Range<usize>,
+    slot: &[usize],
+    probs: &[f32],
+    ht: usize,
+    d: usize,
+    z: &mut [f32],
+) {
+    value_chunk_impl(b, toks, slot, probs, ht, d, z)
+}
+
+#[inline(always)]
+fn value_chunk_impl(
+    b: &BucketView,
+    toks: std::ops::Range<usize>,
+    slot: &[usize],
+    probs: &[f32],
+    ht: usize,
+    d: usize,
+    z: &mut [f32],
+) {
+    for tok in toks {
+        let sl = slot[b.ids[tok]];
+        if sl == usize::MAX {
+            continue;
+        }
+        let w = &probs[sl * ht..(sl + 1) * ht];
+        let lat = &b.lat[tok * b.rank..(tok + 1) * b.rank];
+        for (qi, &wq) in w.iter().enumerate() {
+            if wq != 0.0 {
+                axpy(&mut z[qi * d..qi * d + b.rank], wq, lat);
+            }
+        }
+    }
+}
+
+/// `q · dec_gᵀ` for every query row and `q · mean_g` (post-RoPE scoring).
+///
+/// # Shapes
+/// returns (`[H*T, d]`, `[H*T]`)
+fn project_queries(heads: Heads, basis: &HostBasis, q: &[f32], t: usize) -> (Vec<f32>, Vec<f32>) {
+    let (h, hk, dh) = (heads.n_heads, heads.n_kv_heads, heads.head_dim);
+    let (groups, d) = (h / hk, hk * dh);
+    let mut ql = vec![0f32; h * t * d];
+    let mut off = vec![0f32; h * t];
+    for qh in 0..h {
+        let kv = qh / groups;
+        for ti in 0..t {
+            let qi = qh * t + ti;
+            let qv = &q[qi * dh..(qi + 1) * dh];
+            for j in 0..d {
+                ql[qi * d + j] = dot(qv, &basis.dec_k[j * d + kv * dh..j * d + (kv + 1) * dh]);
+            }
+            off[qi] = dot(qv, &basis.mean_k[kv * dh..(kv + 1) * dh]);
+        }
+    }
+    (ql, off)
+}
+
+/// Softmax down each column of a slot-major `[S, cols]` matrix, in place.
+fn softmax_columns(m: &mut [f32], cols: usize) {
+    let mut max = vec![f32::NEG_INFINITY; cols];
+    for row in m.chunks(cols) {
+        for (mx, &x) in max.iter_mut().zip(row) {
+            *mx = mx.max(x);
+        }
+    }
+    let mut sum = vec![0f32; cols];
+    for row in m.chunks_mut(cols) {
+        for ((x, &mx), s) in row.iter_mut().zip(&max).zip(sum.iter_mut()) {
+            *x = if *x == f32::NEG_INFINITY {
+                0.0
+            } else {
+                (*x - mx).exp()
+            };
+            *s += *x;
+        }
+    }
+    for row in m.chunks_mut(cols) {
+        for (x, &s) in row.iter_mut().zip(&sum) {
+            *x /= s;
+        }
+    }
+}
+
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight partial sums: one AVX register (two SSE ones) of independent lanes,
+    // since the compiler may not reorder a float sum by itself.
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn softmax_columns_normalise_and_ignore_masked_entries() {
+        // two columns, three slots; column 1 masks slot 2
+        let mut m = vec![0.0, 1.0, 1.0, 1.0, 2.0, f32::NEG_INFINITY];
+        softmax_columns(&mut m, 2);
+        let col0: f32 = m.iter().step_by(2).sum();
+        let col1: f32 = m.iter().skip(1).step_by(2).sum();
+        assert!((col0 - 1.0).abs() < 1e-6 && (col1 - 1.0).abs() < 1e-6);
+        assert_eq!(m[5], 0.0);
+        assert!((m[1] - m[3]).abs() < 1e-7);
+    }
+
+    #[test]
+    fn dot_and_axpy_match_the_plain_loops() {
+        let a: Vec<f32> = (0..11).map(|i| i as f32 * 0.5 - 2.0).collect();
+        let b: Vec<f32> = (0..11).map(|i| 1.0 - i as f32 * 0.25).collect();
+        let want: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+        assert!((dot(&a, &b) - want).abs() < 1e-5);
+        let mut y = b.clone();
+        axpy(&mut y, 2.0, &a);
+        for i in 0..11 {
+            assert_eq!(y[i], b[i] + 2.0 * a[i]);
+        }
+    }
+}
