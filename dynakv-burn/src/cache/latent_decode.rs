@@ -220,42 +220,96 @@ fn score_chunk_impl(job: &Job, b: &BucketView, first: usize, out: &mut [f32]) {
         head_dim: dh,
     } = job.heads;
     let (t, groups, d) = (job.q_pos.len(), h / hk, hk * dh);
-    let mut kbuf = vec![0f32; d];
-    for (i, row) in out.chunks_mut(h * t).enumerate() {
-        let tok = first + i;
-        let pos = b.positions[tok];
-        if job.q_pos.iter().all(|&p| pos > p) {
-            continue;
-        }
-        let lat = &b.lat[tok * b.rank..(tok + 1) * b.rank];
+    let n = out.len() / (h * t);
+    let mut kbuf = vec![0f32; TILE * d];
+    let mut i = 0;
+    while i < n {
+        let m = (n - i).min(TILE);
+        let lat = &b.lat[(first + i) * b.rank..(first + i + m) * b.rank];
         if job.q_lat.is_none() {
-            // Pre-RoPE: reconstruct all KV heads, then rotate each.
-            kbuf.copy_from_slice(&job.basis.mean_k);
-            for (j, &a) in lat.iter().enumerate() {
-                axpy(&mut kbuf, a, &job.basis.dec_k[j * d..(j + 1) * d]);
+            // Pre-RoPE: reconstruct all KV heads of m tokens, then rotate.
+            if m == TILE {
+                reconstruct::<TILE>(lat, b.rank, job.basis, &mut kbuf);
+            } else {
+                for k in 0..m {
+                    let one = &lat[k * b.rank..(k + 1) * b.rank];
+                    reconstruct::<1>(one, b.rank, job.basis, &mut kbuf[k * d..(k + 1) * d]);
+                }
             }
-            for g in 0..hk {
-                job.rope.rotate(&mut kbuf[g * dh..(g + 1) * dh], pos);
+            for k in 0..m {
+                for g in 0..hk {
+                    let x = &mut kbuf[k * d + g * dh..k * d + (g + 1) * dh];
+                    job.rope.rotate(x, b.positions[first + i + k]);
+                }
             }
         }
-        for (ti, &qp) in job.q_pos.iter().enumerate() {
-            if pos > qp {
-                continue;
+        for k in 0..m {
+            let pos = b.positions[first + i + k];
+            let row = &mut out[(i + k) * h * t..(i + k + 1) * h * t];
+            let lat = &lat[k * b.rank..(k + 1) * b.rank];
+            for (ti, &qp) in job.q_pos.iter().enumerate() {
+                if pos > qp {
+                    continue;
+                }
+                for qh in 0..h {
+                    let qi = qh * t + ti;
+                    let s = match job.q_lat {
+                        None => {
+                            let kv = (qh / groups) * dh;
+                            let key = &kbuf[k * d + kv..k * d + kv + dh];
+                            dot(&job.q[qi * dh..(qi + 1) * dh], key)
+                        }
+                        Some((ql, off)) => dot(&ql[qi * d..qi * d + b.rank], lat) + off[qi],
+                    };
+                    row[qi] = s * job.scale;
+                }
             }
-            for qh in 0..h {
-                let qi = qh * t + ti;
-                let s = match job.q_lat {
-                    None => {
-                        let kv = qh / groups;
-                        dot(
-                            &job.q[qi * dh..(qi + 1) * dh],
-                            &kbuf[kv * dh..(kv + 1) * dh],
-                        )
-                    }
-                    Some((ql, off)) => dot(&ql[qi * d..qi * d + b.rank], lat) + off[qi],
-                };
-                row[qi] = s * job.scale;
+        }
+        i += m;
+    }
+}
+
+/// Tokens reconstructed together: each decoder row loaded once serves them all.
+const TILE: usize = 4;
+/// Columns per register block (two AVX registers).
+const COLS: usize = 16;
+
+/// `out[k] = mean_k + lat[k] · dec_k[..rank]` for M tokens of one rank,
+/// register-blocked: M x COLS accumulators stay in registers while the
+/// rank loop streams decoder rows.
+///
+/// # Shapes
+/// `lat`: `[M, rank]`; `out`: `[M, d]`.
+#[inline(always)]
+fn reconstruct<const M: usize>(lat: &[f32], rank: usize, basis: &HostBasis, out: &mut [f32]) {
+    let (dec, mean) = (&basis.dec_k, &basis.mean_k);
+    let d = mean.len();
+    let mut c0 = 0;
+    while c0 + COLS <= d {
+        let mut acc = [[0f32; COLS]; M];
+        for row in acc.iter_mut() {
+            row.copy_from_slice(&mean[c0..c0 + COLS]);
+        }
+        for j in 0..rank {
+            let u = &dec[j * d + c0..j * d + c0 + COLS];
+            for (k, row) in acc.iter_mut().enumerate() {
+                let a = lat[k * rank + j];
+                for (x, &y) in row.iter_mut().zip(u) {
+                    *x += a * y;
+                }
             }
+        }
+        for (k, row) in acc.iter().enumerate() {
+            out[k * d + c0..k * d + c0 + COLS].copy_from_slice(row);
+        }
+        c0 += COLS;
+    }
+    for k in 0..M {
+        for c in c0..d {
+            out[k * d + c] = mean[c]
+                + (0..rank)
+                    .map(|j| lat[k * rank + j] * dec[j * d + c])
+                    .sum::<f32>();
         }
     }
 }
@@ -405,6 +459,40 @@ mod tests {
         assert!((col0 - 1.0).abs() < 1e-6 && (col1 - 1.0).abs() < 1e-6);
         assert_eq!(m[5], 0.0);
         assert!((m[1] - m[3]).abs() < 1e-7);
+    }
+
+    #[test]
+    fn blocked_reconstruction_equals_the_plain_product() {
+        // d = 40: two register blocks of 16 and a tail of 8
+        let (d, rank) = (40, 5);
+        let f = |i: usize| ((i * 7919) % 23) as f32 / 11.0 - 1.0;
+        let basis = HostBasis {
+            dec_k: (0..d * d).map(f).collect(),
+            mean_k: (0..d).map(|i| f(i + 3)).collect(),
+            dec_v: vec![],
+            mean_v: vec![],
+        };
+        let lat: Vec<f32> = (0..TILE * rank).map(|i| f(i + 101)).collect();
+        let want: Vec<f32> = (0..TILE * d)
+            .map(|x| {
+                let (k, c) = (x / d, x % d);
+                basis.mean_k[c]
+                    + (0..rank)
+                        .map(|j| lat[k * rank + j] * basis.dec_k[j * d + c])
+                        .sum::<f32>()
+            })
+            .collect();
+        let mut tile = vec![0f32; TILE * d];
+        reconstruct::<TILE>(&lat, rank, &basis, &mut tile);
+        let mut one = vec![0f32; d];
+        reconstruct::<1>(&lat[rank..2 * rank], rank, &basis, &mut one);
+        for (a, b) in tile
+            .iter()
+            .zip(&want)
+            .chain(one.iter().zip(&want[d..2 * d]))
+        {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
     }
 
     #[test]
