@@ -50,7 +50,7 @@ def main(paths):
         + f" | {sum(full[k]['score'] for k in keys) / len(keys):.3f} | 100% | 1.000 |"
     )
     for name, row in rows.items():
-        if name.startswith("full"):
+        if name == "full":
             continue
         cells = [row["cells"].get(k) for k in keys]
         have = [(k, c) for k, c in zip(keys, cells) if c is not None]

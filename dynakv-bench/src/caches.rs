@@ -128,7 +128,8 @@ impl DynaKvFactory {
 /// SnapKV on top of a cache: a preset and a budget (ratio or capacity).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SnapKvSpec {
-    /// `kvpress` (w 64, k 5, avg) or `paper` (w 32, k 7, max).
+    /// `kvpress` (w 64, k 5, avg), `paper` (w 32, k 7, max) or `recall`
+    /// (w 32, k 7, forward max: ours).
     pub preset: String,
     /// Fraction of prompt tokens removed (kvpress semantics).
     pub ratio: Option<f64>,
@@ -153,9 +154,10 @@ impl SnapKvSpec {
         let mut config = match self.preset.as_str() {
             "kvpress" => SnapKvConfig::kvpress(0.0),
             "paper" => SnapKvConfig::paper(0),
+            "recall" => SnapKvConfig::recall(0.0),
             o => {
                 return Err(ModelError::InvalidInput(format!(
-                    "unknown SnapKV preset `{o}` (expected kvpress or paper)"
+                    "unknown SnapKV preset `{o}` (expected kvpress, paper or recall)"
                 )))
             }
         };

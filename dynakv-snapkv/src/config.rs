@@ -27,6 +27,12 @@ pub enum Pooling {
     Avg,
     /// PyTorch `max_pool1d(padding = k/2)`: padding never wins (original code).
     Max,
+    /// Ours: each token takes the largest vote among itself and the `k - 1`
+    /// tokens before it, so the tokens that follow a voted token survive with
+    /// it. A fact is usually several tokens (a 5-digit number is 5 tokens for
+    /// SmolLM2), and the query votes mostly for its first one; copying the
+    /// rest needs the successors, which centred pooling keeps only half of.
+    Forward,
 }
 
 /// How the window queries' attention weights are combined per key.
@@ -103,6 +109,20 @@ impl SnapKvConfig {
             vote: Vote::Sum,
             gqa: GqaScores::KvHead,
             budget: KeepBudget::Capacity(capacity),
+        }
+    }
+
+    /// Ours, for recall of multi-token facts: the paper's window and sum vote
+    /// with forward pooling over 7 tokens ([`Pooling::Forward`]), one
+    /// selection per KV head, budget as a compression ratio.
+    pub fn recall(compression_ratio: f64) -> Self {
+        Self {
+            window: 32,
+            kernel: 7,
+            pooling: Pooling::Forward,
+            vote: Vote::Sum,
+            gqa: GqaScores::KvHead,
+            budget: KeepBudget::CompressionRatio(compression_ratio),
         }
     }
 

@@ -96,12 +96,16 @@ pub fn pool(row: &[f32], kernel: usize, pooling: Pooling) -> Vec<f32> {
     let n = row.len();
     (0..n)
         .map(|i| {
-            let lo = i.saturating_sub(half);
-            let hi = (i + half + 1).min(n);
+            let (lo, hi) = match pooling {
+                Pooling::Forward => ((i + 1).saturating_sub(kernel), i + 1),
+                Pooling::Avg | Pooling::Max => (i.saturating_sub(half), (i + half + 1).min(n)),
+            };
             let window = &row[lo..hi];
             match pooling {
                 Pooling::Avg => window.iter().sum::<f32>() / kernel as f32,
-                Pooling::Max => window.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+                Pooling::Max | Pooling::Forward => {
+                    window.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+                }
             }
         })
         .collect()
@@ -208,6 +212,17 @@ mod tests {
         let x = [-3.0, -1.0, -2.0, -5.0];
         assert_eq!(pool(&x, 3, Pooling::Max), vec![-1.0, -1.0, -1.0, -2.0]);
         assert_eq!(pool(&x, 7, Pooling::Max), vec![-1.0; 4]);
+    }
+
+    #[test]
+    fn forward_pool_carries_a_vote_to_the_tokens_after_it() {
+        // A vote at index 1 reaches indices 1..=3 with k = 3, never index 0.
+        let x = [0.0, 9.0, 0.0, 0.0, 0.0, 1.0];
+        assert_eq!(
+            pool(&x, 3, Pooling::Forward),
+            vec![0.0, 9.0, 9.0, 9.0, 0.0, 1.0]
+        );
+        assert_eq!(pool(&x, 1, Pooling::Forward), x.to_vec());
     }
 
     #[test]

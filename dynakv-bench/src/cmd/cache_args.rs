@@ -50,8 +50,9 @@ pub struct CacheArgs {
     /// SnapKV with a capacity: at most C prompt tokens kept (original semantics).
     #[arg(long)]
     pub snapkv_capacity: Option<usize>,
-    /// SnapKV preset: kvpress (window 64, kernel 5, avg pooling) or paper
-    /// (window 32, kernel 7, max pooling).
+    /// SnapKV preset: kvpress (window 64, kernel 5, avg pooling), paper
+    /// (window 32, kernel 7, max pooling) or recall (ours: window 32, kernel
+    /// 7, forward max pooling, which keeps the tokens after a voted one).
     #[arg(long, default_value = "kvpress")]
     pub snapkv_preset: String,
 }
