@@ -1,10 +1,31 @@
-//! Quality-against-memory plots (SVG, plotters): one line per cache family,
-//! retained fraction on x, a quality figure on y, the command that produced
-//! the data in the caption.
+//! Quality-against-memory plots (SVG and PNG, plotters): one line per cache
+//! family, retained fraction on x, a quality figure on y, the command that
+//! produced the data in the caption.
 
 use std::path::Path;
+use std::sync::Once;
 
+use plotters::coord::Shift;
 use plotters::prelude::*;
+use plotters::style::{register_font, FontStyle};
+
+/// Registers the embedded DejaVu fonts under the family names the plots use
+/// (a bitmap needs glyphs, and a machine may have no fonts installed).
+fn register_fonts() -> Result<(), String> {
+    static ONCE: Once = Once::new();
+    let mut out = Ok(());
+    ONCE.call_once(|| {
+        for (name, bytes) in [
+            ("sans-serif", dejavu::sans::regular()),
+            ("monospace", dejavu::sans_mono::regular()),
+        ] {
+            if register_font(name, FontStyle::Normal, bytes).is_err() {
+                out = Err(format!("embedded font `{name}` did not load"));
+            }
+        }
+    });
+    out
+}
 
 /// One line of a plot.
 #[derive(Debug, Clone)]
@@ -48,7 +69,8 @@ pub fn quality_plot(
     )
 }
 
-/// Writes an SVG line plot atomically (temp file, then rename).
+/// Writes a line plot as SVG at `path` and as PNG beside it (same stem),
+/// each atomically (temp file, then rename).
 ///
 /// `x` is `(label, min, max)`.
 pub fn line_plot(
@@ -82,17 +104,68 @@ pub fn line_plot(
             hi + 0.05 * (hi - lo).max(1e-6),
         )
     };
-    let tmp = path.with_extension("svg.tmp");
-    {
-        let root = SVGBackend::new(&tmp, (900, 560)).into_drawing_area();
+    register_fonts()?;
+    let plot = Plot {
+        title,
+        x: (x_label, x_lo, x_hi),
+        y: (y_label, lo, hi),
+        caption,
+        series,
+        log_y,
+    };
+    write_atomic(path, |tmp| {
+        plot.draw(SVGBackend::new(tmp, SIZE).into_drawing_area())
+    })?;
+    write_atomic(&path.with_extension("png"), |tmp| {
+        plot.draw(BitMapBackend::new(tmp, SIZE).into_drawing_area())
+    })
+}
+
+const SIZE: (u32, u32) = (900, 560);
+
+/// Writes `path` through a temp file beside it, renamed on success.
+fn write_atomic(path: &Path, draw: impl FnOnce(&Path) -> Result<(), String>) -> Result<(), String> {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    // the temp name keeps the real extension last: the bitmap encoder picks
+    // its format from it
+    let tmp = path.with_extension(format!("tmp.{ext}"));
+    if let Err(e) = draw(&tmp) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, path).map_err(|x| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("{}: {x}", path.display())
+    })
+}
+
+/// Everything one plot shows, drawn on any plotters backend.
+struct Plot<'a> {
+    title: &'a str,
+    x: (&'a str, f64, f64),
+    /// `(label, low, high)`, the range already padded.
+    y: (&'a str, f64, f64),
+    caption: &'a str,
+    series: &'a [Series],
+    log_y: bool,
+}
+
+impl Plot<'_> {
+    fn draw<DB: DrawingBackend>(&self, root: DrawingArea<DB, Shift>) -> Result<(), String> {
+        let (x_label, x_lo, x_hi) = self.x;
+        let (y_label, lo, hi) = self.y;
         let e = |e: &dyn std::fmt::Display| e.to_string();
         root.fill(&WHITE).map_err(|x| e(&x))?;
         let (top, body) = root.split_vertically(40);
-        top.draw(&Text::new(caption.to_string(), (10, 12), ("monospace", 11)))
-            .map_err(|x| e(&x))?;
+        top.draw(&Text::new(
+            self.caption.to_string(),
+            (10, 12),
+            ("monospace", 11),
+        ))
+        .map_err(|x| e(&x))?;
         let mut builder = ChartBuilder::on(&body);
         builder
-            .caption(title, ("sans-serif", 18))
+            .caption(self.title, ("sans-serif", 18))
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(60);
@@ -105,7 +178,7 @@ pub fn line_plot(
                     .y_desc(y_label)
                     .draw()
                     .map_err(|x| e(&x))?;
-                for (i, s) in series.iter().enumerate() {
+                for (i, s) in self.series.iter().enumerate() {
                     let c = COLORS[i % COLORS.len()];
                     let mut pts = s.points.clone();
                     pts.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -128,7 +201,7 @@ pub fn line_plot(
                     .map_err(|x| e(&x))?;
             }};
         }
-        if log_y {
+        if self.log_y {
             body!(builder
                 .build_cartesian_2d(x_lo..x_hi, (lo..hi).log_scale())
                 .map_err(|x| e(&x))?);
@@ -137,12 +210,8 @@ pub fn line_plot(
                 .build_cartesian_2d(x_lo..x_hi, lo..hi)
                 .map_err(|x| e(&x))?);
         }
-        root.present().map_err(|x| e(&x))?;
+        root.present().map_err(|x| e(&x))
     }
-    std::fs::rename(&tmp, path).map_err(|x| {
-        let _ = std::fs::remove_file(&tmp);
-        format!("{}: {x}", path.display())
-    })
 }
 
 #[cfg(test)]
@@ -150,7 +219,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn writes_an_svg_with_every_series_and_the_caption() {
+    fn writes_svg_and_png_with_every_series_and_the_caption() {
         let dir = std::env::temp_dir().join(format!("dynakv-plot-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("q.svg");
@@ -178,6 +247,10 @@ mod tests {
         for s in ["energy", "uniform", "dynakv eval sweep --x"] {
             assert!(svg.contains(s), "{s}");
         }
+        let png = std::fs::read(path.with_extension("png")).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        // text was drawn: the caption's strip is not blank
+        assert!(png.len() > 10_000, "{} bytes", png.len());
         assert!(quality_plot(&path, "t", "y", "c", &[], false).is_err());
         std::fs::remove_dir_all(&dir).ok();
     }
