@@ -135,6 +135,9 @@ pub struct SnapKvSpec {
     pub ratio: Option<f64>,
     /// Tokens kept (original SnapKV semantics).
     pub capacity: Option<usize>,
+    /// A per-layer selection scores a token by its largest score over query
+    /// heads instead of the mean ([`GqaScores::LayerMax`]).
+    pub layer_max: bool,
 }
 
 impl SnapKvSpec {
@@ -162,8 +165,12 @@ impl SnapKvSpec {
             }
         };
         config.budget = budget;
-        if per_layer {
-            config.gqa = GqaScores::Layer;
+        if per_layer || self.layer_max {
+            config.gqa = if self.layer_max {
+                GqaScores::LayerMax
+            } else {
+                GqaScores::Layer
+            };
         }
         config
             .validate()

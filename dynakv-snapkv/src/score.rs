@@ -150,6 +150,9 @@ pub fn aggregate(
     let rows: Vec<Vec<f32>> = match gqa {
         GqaScores::QueryHead => pooled,
         GqaScores::Layer => vec![mean_of(&pooled)],
+        GqaScores::LayerMax => vec![(0..p)
+            .map(|j| pooled.iter().map(|r| r[j]).fold(f32::NEG_INFINITY, f32::max))
+            .collect()],
         GqaScores::KvHead => pooled.chunks(n_heads / n_kv_heads).map(mean_of).collect(),
     };
     Ok(WindowScores {
@@ -234,6 +237,8 @@ mod tests {
         assert_eq!(kv.data, vec![2.0, 0.0, 0.0, 4.0]);
         let layer = aggregate(&votes, 4, 2, 1, Pooling::Avg, GqaScores::Layer).unwrap();
         assert_eq!(layer.data, vec![1.0, 2.0]);
+        let layer_max = aggregate(&votes, 4, 2, 1, Pooling::Avg, GqaScores::LayerMax).unwrap();
+        assert_eq!((layer_max.rows, layer_max.data), (1, vec![3.0, 6.0]));
         let per_q = aggregate(&votes, 4, 2, 1, Pooling::Avg, GqaScores::QueryHead).unwrap();
         assert!(aggregate(&votes, 4, 0, 1, Pooling::Avg, GqaScores::KvHead).is_err());
         assert!(aggregate(&votes, 3, 1, 1, Pooling::Avg, GqaScores::KvHead).is_err());

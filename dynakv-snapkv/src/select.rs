@@ -88,7 +88,7 @@ pub fn select_top(
 pub fn selection_rows(gqa: GqaScores, n_heads: usize, n_kv_heads: usize) -> usize {
     match gqa {
         GqaScores::KvHead => n_kv_heads,
-        GqaScores::Layer => 1,
+        GqaScores::Layer | GqaScores::LayerMax => 1,
         GqaScores::QueryHead => n_heads,
     }
 }

@@ -55,6 +55,14 @@ pub struct CacheArgs {
     /// 7, forward max pooling, which keeps the tokens after a voted one).
     #[arg(long, default_value = "kvpress")]
     pub snapkv_preset: String,
+    /// SnapKV keeps one token set per layer (votes averaged over every query
+    /// head) even on the full cache; DynaKV always does (joint basis).
+    #[arg(long)]
+    pub snapkv_per_layer: bool,
+    /// SnapKV keeps one token set per layer, each token scored by its
+    /// largest score over query heads (ours) instead of the mean.
+    #[arg(long)]
+    pub snapkv_layer_max: bool,
 }
 
 /// Makes fresh caches of the requested kind.
@@ -74,9 +82,14 @@ impl CacheArgs {
             CacheKind::Full => "full".into(),
             CacheKind::Dynakv => format!("dynakv/{}/{}", self.policy, self.budget),
         };
+        let layer = match (self.snapkv_layer_max, self.snapkv_per_layer) {
+            (true, _) => "/layer-max",
+            (false, true) => "/layer",
+            _ => "",
+        };
         match (self.snapkv, self.snapkv_capacity) {
-            (Some(r), _) => format!("{base}+snapkv/{}/r{r}", self.snapkv_preset),
-            (_, Some(c)) => format!("{base}+snapkv/{}/c{c}", self.snapkv_preset),
+            (Some(r), _) => format!("{base}+snapkv/{}{layer}/r{r}", self.snapkv_preset),
+            (_, Some(c)) => format!("{base}+snapkv/{}{layer}/c{c}", self.snapkv_preset),
             _ => base,
         }
     }
@@ -91,11 +104,13 @@ impl CacheArgs {
             preset: self.snapkv_preset.clone(),
             ratio: self.snapkv,
             capacity: self.snapkv_capacity,
+            layer_max: self.snapkv_layer_max,
         }
     }
 
     pub fn maker(&self, loaded: &Loaded) -> Result<CacheMaker> {
-        let snapkv = self.snapkv_spec().config(self.cache == CacheKind::Dynakv)?;
+        let per_layer = self.cache == CacheKind::Dynakv || self.snapkv_per_layer;
+        let snapkv = self.snapkv_spec().config(per_layer)?;
         let kind = match self.cache {
             CacheKind::Full => MakerKind::Full,
             CacheKind::Dynakv => {

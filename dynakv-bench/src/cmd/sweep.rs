@@ -76,6 +76,8 @@ fn cache(
         snapkv,
         snapkv_capacity: None,
         snapkv_preset: "kvpress".into(),
+        snapkv_per_layer: false,
+        snapkv_layer_max: false,
     }
 }
 

@@ -50,7 +50,8 @@ impl<C: PrunableCache> SnapKvCache<C> {
             }
             GqaScores::KvHead if !inner.per_kv_head() => {
                 return Err(CacheError::Config(
-                    "snapkv: this cache keeps one token set per layer; use gqa = layer".into(),
+                    "snapkv: this cache keeps one token set per layer; use gqa = layer or layer-max"
+                        .into(),
                 ))
             }
             _ => {}
@@ -136,9 +137,10 @@ impl<C: PrunableCache> AttentionCache for SnapKvCache<C> {
         let selection = snapkv(q_rot.narrow(2, t - w, w), keys, &self.config)
             .map_err(|e| CacheError::Config(format!("snapkv: {e}")))?;
         let to_pos = |row: &Vec<usize>| row.iter().map(|&i| positions[i]).collect::<Vec<_>>();
-        let keep = match self.config.gqa {
-            GqaScores::Layer => KeepPositions::Layer(to_pos(&selection.kept[0])),
-            _ => KeepPositions::PerKvHead(selection.kept.iter().map(to_pos).collect()),
+        let keep = if self.config.gqa.per_layer() {
+            KeepPositions::Layer(to_pos(&selection.kept[0]))
+        } else {
+            KeepPositions::PerKvHead(selection.kept.iter().map(to_pos).collect())
         };
         self.inner.retain(layer, &keep)?;
         self.kept[layer] = (t, selection.n_kept());
