@@ -123,6 +123,13 @@ pub fn line_plot(
 
 const SIZE: (u32, u32) = (900, 560);
 
+/// A tick label without float noise (0.7, not 0.70000000001).
+fn tick(v: f64) -> String {
+    let s = format!("{v:.3}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    s.to_string()
+}
+
 /// Writes `path` through a temp file beside it, renamed on success.
 fn write_atomic(path: &Path, draw: impl FnOnce(&Path) -> Result<(), String>) -> Result<(), String> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
@@ -156,13 +163,18 @@ impl Plot<'_> {
         let (y_label, lo, hi) = self.y;
         let e = |e: &dyn std::fmt::Display| e.to_string();
         root.fill(&WHITE).map_err(|x| e(&x))?;
-        let (top, body) = root.split_vertically(40);
-        top.draw(&Text::new(
-            self.caption.to_string(),
-            (10, 12),
-            ("monospace", 11),
-        ))
-        .map_err(|x| e(&x))?;
+        // The caption (a command) wrapped to the width, one line per 130 chars.
+        let chars: Vec<char> = self.caption.chars().collect();
+        let lines: Vec<String> = chars.chunks(130).map(|c| c.iter().collect()).collect();
+        let (top, body) = root.split_vertically(16 + 14 * lines.len() as u32);
+        for (i, line) in lines.iter().enumerate() {
+            top.draw(&Text::new(
+                line.clone(),
+                (10, 8 + 14 * i as i32),
+                ("monospace", 11),
+            ))
+            .map_err(|x| e(&x))?;
+        }
         let mut builder = ChartBuilder::on(&body);
         builder
             .caption(self.title, ("sans-serif", 18))
@@ -176,6 +188,7 @@ impl Plot<'_> {
                     .configure_mesh()
                     .x_desc(x_label)
                     .y_desc(y_label)
+                    .y_label_formatter(&|v| tick(*v))
                     .draw()
                     .map_err(|x| e(&x))?;
                 for (i, s) in self.series.iter().enumerate() {
