@@ -151,7 +151,12 @@ pub fn aggregate(
         GqaScores::QueryHead => pooled,
         GqaScores::Layer => vec![mean_of(&pooled)],
         GqaScores::LayerMax => vec![(0..p)
-            .map(|j| pooled.iter().map(|r| r[j]).fold(f32::NEG_INFINITY, f32::max))
+            .map(|j| {
+                pooled
+                    .iter()
+                    .map(|r| r[j])
+                    .fold(f32::NEG_INFINITY, f32::max)
+            })
             .collect()],
         GqaScores::KvHead => pooled.chunks(n_heads / n_kv_heads).map(mean_of).collect(),
     };

@@ -48,12 +48,10 @@ impl<C: PrunableCache> SnapKvCache<C> {
                         .into(),
                 ))
             }
-            GqaScores::KvHead if !inner.per_kv_head() => {
-                return Err(CacheError::Config(
-                    "snapkv: this cache keeps one token set per layer; use gqa = layer or layer-max"
-                        .into(),
-                ))
-            }
+            GqaScores::KvHead if !inner.per_kv_head() => return Err(CacheError::Config(
+                "snapkv: this cache keeps one token set per layer; use gqa = layer or layer-max"
+                    .into(),
+            )),
             _ => {}
         }
         Ok(Self {
