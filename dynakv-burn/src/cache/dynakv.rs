@@ -624,6 +624,25 @@ impl AttentionCache for DynaKvCache {
             slot[id] = j;
         }
         let d = g.d_kv();
+        if self.bases.storage == LatentStorage::Host {
+            // Host latents: lay every value out in key-slot order, zero past
+            // its rank, and sum with one product instead of a column gather
+            // of the weights per bucket (the prefill's largest cost).
+            let mut rows = vec![0f32; k_ids.len() * d];
+            for bv in &store.buckets[1] {
+                if let Some(view) = bv.view() {
+                    for (i, &id) in view.ids.iter().enumerate() {
+                        let row = slot[id] * d;
+                        rows[row..row + view.rank]
+                            .copy_from_slice(&view.lat[i * view.rank..(i + 1) * view.rank]);
+                    }
+                }
+            }
+            let values = mat(&rows, k_ids.len(), d, &device).unsqueeze::<4>(); // [1,1,S,d]
+            let out = weights.matmul(values).matmul(dec.dec_v_heads.clone().unsqueeze::<4>())
+                + dec.mean_v_heads.clone().unsqueeze::<4>();
+            return Ok(out.reshape([bsz, h, t, dh]));
+        }
         let mut z: Option<Tensor<4>> = None;
         for bv in &store.buckets[1] {
             let idx: Vec<i64> = bv.ids.iter().map(|&id| slot[id] as i64).collect();
