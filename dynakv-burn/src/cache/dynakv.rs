@@ -639,7 +639,9 @@ impl AttentionCache for DynaKvCache {
                 }
             }
             let values = mat(&rows, k_ids.len(), d, &device).unsqueeze::<4>(); // [1,1,S,d]
-            let out = weights.matmul(values).matmul(dec.dec_v_heads.clone().unsqueeze::<4>())
+            let out = weights
+                .matmul(values)
+                .matmul(dec.dec_v_heads.clone().unsqueeze::<4>())
                 + dec.mean_v_heads.clone().unsqueeze::<4>();
             return Ok(out.reshape([bsz, h, t, dh]));
         }
