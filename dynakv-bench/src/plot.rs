@@ -3,7 +3,7 @@
 //! produced the data in the caption.
 
 use std::path::Path;
-use std::sync::Once;
+use std::sync::OnceLock;
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -12,19 +12,18 @@ use plotters::style::{register_font, FontStyle};
 /// Registers the embedded DejaVu fonts under the family names the plots use
 /// (a bitmap needs glyphs, and a machine may have no fonts installed).
 fn register_fonts() -> Result<(), String> {
-    static ONCE: Once = Once::new();
-    let mut out = Ok(());
-    ONCE.call_once(|| {
+    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
+    DONE.get_or_init(|| {
         for (name, bytes) in [
             ("sans-serif", dejavu::sans::regular()),
             ("monospace", dejavu::sans_mono::regular()),
         ] {
-            if register_font(name, FontStyle::Normal, bytes).is_err() {
-                out = Err(format!("embedded font `{name}` did not load"));
-            }
+            register_font(name, FontStyle::Normal, bytes)
+                .map_err(|_| format!("embedded font `{name}` did not load"))?;
         }
-    });
-    out
+        Ok(())
+    })
+    .clone()
 }
 
 /// One line of a plot.

@@ -4,6 +4,8 @@
 //! on interleaved pairs `(x[2i], x[2i+1])` ("normal" RoPE), with angle
 //! `pos * base^(-2i / n_rot)`. Dimensions past `n_rot` are left as they are.
 
+use std::sync::{Arc, OnceLock};
+
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::error::CacheError;
@@ -17,6 +19,40 @@ pub struct Rope {
     sin: Tensor<2>,
     head_dim: usize,
     max_positions: usize,
+    /// The same tables on the host, built on first use and shared by clones
+    /// (every cache of a model holds a clone).
+    host: Arc<OnceLock<Arc<HostRope>>>,
+}
+
+/// RoPE tables on the host, the same numbers as [`Rope`]'s, for kernels that
+/// rotate row by row.
+///
+/// # Shapes
+/// `cos`, `sin`: `[max_positions, head_dim]` row-major, each pair's value repeated.
+#[derive(Debug)]
+pub(crate) struct HostRope {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    head_dim: usize,
+}
+
+impl HostRope {
+    /// Rotates one head's vector in place (interleaved pairs, as llama.cpp).
+    /// The caller checks `pos` against the table (the tensor path already
+    /// rejected out-of-range positions on append).
+    #[inline(always)]
+    pub(crate) fn rotate(&self, x: &mut [f32], pos: usize) {
+        let row = pos * self.head_dim;
+        let (c, s) = (
+            &self.cos[row..row + self.head_dim],
+            &self.sin[row..row + self.head_dim],
+        );
+        for i in (0..self.head_dim).step_by(2) {
+            let (a, b) = (x[i], x[i + 1]);
+            x[i] = a * c[i] - b * s[i];
+            x[i + 1] = b * c[i + 1] + a * s[i + 1];
+        }
+    }
 }
 
 impl Rope {
@@ -55,6 +91,7 @@ impl Rope {
             sin: Tensor::from_data(TensorData::new(sin, shape), device),
             head_dim,
             max_positions,
+            host: Arc::default(),
         })
     }
 
@@ -62,21 +99,22 @@ impl Rope {
         self.max_positions
     }
 
-    /// The tables on the host, for kernels that rotate row by row.
-    ///
-    /// # Shapes
-    /// returns `cos`, `sin` as `[max_positions * head_dim]` row-major.
-    pub(crate) fn host_tables(&self) -> Result<(Vec<f32>, Vec<f32>), CacheError> {
+    /// The tables on the host (copied from the device once per model).
+    pub(crate) fn host(&self) -> Result<Arc<HostRope>, CacheError> {
+        if let Some(h) = self.host.get() {
+            return Ok(h.clone());
+        }
         let host = |t: &Tensor<2>| {
             t.to_data()
                 .try_to_vec::<f32>()
                 .map_err(|e| CacheError::Config(format!("RoPE tables: {e:?}")))
         };
-        Ok((host(&self.cos)?, host(&self.sin)?))
-    }
-
-    pub(crate) fn head_dim(&self) -> usize {
-        self.head_dim
+        let tables = Arc::new(HostRope {
+            cos: host(&self.cos)?,
+            sin: host(&self.sin)?,
+            head_dim: self.head_dim,
+        });
+        Ok(self.host.get_or_init(|| tables).clone())
     }
 
     /// The cos and sin rows of some positions.

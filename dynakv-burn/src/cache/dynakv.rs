@@ -17,11 +17,11 @@ use dynakv_core::budget::CacheFootprint;
 use dynakv_core::levels::RankLevels;
 use dynakv_core::policy::{KvKind, RankPolicy};
 
-use super::latent_decode::{self, BucketView, Heads, HostBasis, HostRope};
+use super::latent_decode::{self, BucketView, Heads, HostBasis};
 use super::{joint, mat, AttentionCache, CacheGeometry, KeepPositions, PrunableCache};
 use crate::attention::causal_mask;
 use crate::error::CacheError;
-use crate::rope::Rope;
+use crate::rope::{HostRope, Rope};
 
 /// Bytes of per-token metadata per layer and per K/V: position and token id.
 const META_BYTES_PER_TOKEN: usize = 8;
@@ -303,14 +303,7 @@ impl DynaKvCache {
             return Err(CacheError::Config("bases do not match the geometry".into()));
         }
         let host_rope = match bases.storage {
-            LatentStorage::Host => {
-                let (cos, sin) = rope.host_tables()?;
-                Some(Arc::new(HostRope {
-                    cos,
-                    sin,
-                    head_dim: rope.head_dim(),
-                }))
-            }
+            LatentStorage::Host => Some(rope.host()?),
             LatentStorage::Device => None,
         };
         Ok(Self {
@@ -393,19 +386,13 @@ impl DynaKvCache {
             store.dims[k] += level * rows.len();
             match store.buckets[k].iter_mut().find(|b| b.rank == level) {
                 Some(b) => {
-                    b.lat = match (
-                        std::mem::replace(&mut b.lat, Latents::Host(Vec::new())),
-                        part,
-                    ) {
-                        (Latents::Host(mut v), Latents::Host(p)) => {
-                            v.extend(p);
-                            Latents::Host(v)
-                        }
+                    match (&mut b.lat, part) {
+                        (Latents::Host(v), Latents::Host(p)) => v.extend(p),
                         (Latents::Device(t), Latents::Device(p)) => {
-                            Latents::Device(Box::new(Tensor::cat(vec![*t, *p], 0)))
+                            **t = Tensor::cat(vec![(**t).clone(), *p], 0)
                         }
                         _ => unreachable!("one cache uses one storage"),
-                    };
+                    }
                     b.positions.extend(pos);
                     b.ids.extend(ids);
                 }
@@ -618,52 +605,39 @@ impl AttentionCache for DynaKvCache {
             None => scores,
         };
         let weights = softmax(scores, 3);
-        // Values: gather each value bucket's weights, sum latents, decode once.
+        // Values: every stored value in key-slot order, zero past its rank and
+        // for a key without a value, then one product and one decode. The
+        // gather moves the small `[S, d]` value matrix, not the `[.., G*T, S]`
+        // weights once per bucket.
         let mut slot = vec![0usize; store.next_id];
         for (j, &id) in k_ids.iter().enumerate() {
             slot[id] = j;
         }
         let d = g.d_kv();
-        if self.bases.storage == LatentStorage::Host {
-            // Host latents: lay every value out in key-slot order, zero past
-            // its rank, and sum with one product instead of a column gather
-            // of the weights per bucket (the prefill's largest cost).
-            let mut rows = vec![0f32; k_ids.len() * d];
-            for bv in &store.buckets[1] {
-                if let Some(view) = bv.view() {
-                    for (i, &id) in view.ids.iter().enumerate() {
-                        let row = slot[id] * d;
-                        rows[row..row + view.rank]
-                            .copy_from_slice(&view.lat[i * view.rank..(i + 1) * view.rank]);
-                    }
-                }
-            }
-            let values = mat(&rows, k_ids.len(), d, &device).unsqueeze::<4>(); // [1,1,S,d]
-            let out = weights
-                .matmul(values)
-                .matmul(dec.dec_v_heads.clone().unsqueeze::<4>())
-                + dec.mean_v_heads.clone().unsqueeze::<4>();
-            return Ok(out.reshape([bsz, h, t, dh]));
-        }
-        let mut z: Option<Tensor<4>> = None;
+        let n_values: usize = store.buckets[1].iter().map(|b| b.ids.len()).sum();
+        // the zero row appended last stands for keys without a value
+        let mut rows = vec![n_values as i64; s_len];
+        let mut parts = Vec::new();
+        let mut first = 0;
         for bv in &store.buckets[1] {
-            let idx: Vec<i64> = bv.ids.iter().map(|&id| slot[id] as i64).collect();
-            let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [bv.ids.len()]), &device);
-            let w = weights.clone().select(3, idx);
-            let part = w.matmul(bv.tensor(&device).unsqueeze::<4>()); // [1,Hk,GT,r]
-            let part = if bv.rank < d {
-                let pad = Tensor::zeros([bsz, hk, groups * t, d - bv.rank], &device);
-                Tensor::cat(vec![part, pad], 3)
+            let n = bv.ids.len();
+            let lat = bv.tensor(&device);
+            parts.push(if bv.rank < d {
+                Tensor::cat(vec![lat, Tensor::zeros([n, d - bv.rank], &device)], 1)
             } else {
-                part
-            };
-            z = Some(match z {
-                Some(z) => z + part,
-                None => part,
+                lat
             });
+            for (i, &id) in bv.ids.iter().enumerate() {
+                rows[slot[id]] = (first + i) as i64;
+            }
+            first += n;
         }
-        let z = z.ok_or_else(|| CacheError::Config("no value buckets".into()))?;
-        let out = z.matmul(dec.dec_v_heads.clone().unsqueeze::<4>())
+        parts.push(Tensor::zeros([1, d], &device));
+        let rows = Tensor::<1, Int>::from_data(TensorData::new(rows, [s_len]), &device);
+        let values = Tensor::cat(parts, 0).select(0, rows); // [S, d]
+        let out = weights
+            .matmul(values.unsqueeze::<4>())
+            .matmul(dec.dec_v_heads.clone().unsqueeze::<4>())
             + dec.mean_v_heads.clone().unsqueeze::<4>();
         Ok(out.reshape([bsz, h, t, dh]))
     }

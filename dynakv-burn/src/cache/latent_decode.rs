@@ -17,9 +17,37 @@ use rayon::prelude::*;
 
 use dynakv_core::artifact::RopePlacement;
 
+use crate::rope::HostRope;
+
 /// Tokens per parallel work item: large enough to amortise scheduling, small
 /// enough that two cores share a 1k-token cache.
 const CHUNK: usize = 128;
+
+/// Defines `$name`, which runs `$imp` compiled for AVX2+FMA (`$avx`) where the
+/// CPU has them and the baseline build elsewhere. `$imp` is `#[inline(always)]`
+/// so each build vectorises its own copy of the loops.
+macro_rules! avx2_dispatch {
+    ($(#[$m:meta])* fn $name:ident / $avx:ident => $imp:ident($($arg:ident: $ty:ty),*)) => {
+        $(#[$m])*
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: the CPU supports the features `$avx` was compiled for.
+                unsafe { $avx($($arg),*) };
+                return;
+            }
+            $imp($($arg),*)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn $avx($($arg: $ty),*) {
+            $imp($($arg),*)
+        }
+    };
+}
 
 /// Host copies of one layer's decoders and means.
 ///
@@ -32,36 +60,6 @@ pub(crate) struct HostBasis {
     pub mean_k: Vec<f32>,
     pub dec_v: Vec<f32>,
     pub mean_v: Vec<f32>,
-}
-
-/// RoPE tables on the host, the same numbers as [`crate::rope::Rope`]'s.
-///
-/// # Shapes
-/// `cos`, `sin`: `[max_positions, head_dim]`, each pair's value repeated.
-#[derive(Debug, Clone)]
-pub(crate) struct HostRope {
-    pub cos: Vec<f32>,
-    pub sin: Vec<f32>,
-    pub head_dim: usize,
-}
-
-impl HostRope {
-    /// Rotates one head's vector in place (interleaved pairs, as llama.cpp).
-    /// The caller checks `pos` against the table (the tensor path already
-    /// rejected out-of-range positions on append).
-    #[inline(always)]
-    fn rotate(&self, x: &mut [f32], pos: usize) {
-        let row = pos * self.head_dim;
-        let (c, s) = (
-            &self.cos[row..row + self.head_dim],
-            &self.sin[row..row + self.head_dim],
-        );
-        for i in (0..self.head_dim).step_by(2) {
-            let (a, b) = (x[i], x[i + 1]);
-            x[i] = a * c[i] - b * s[i];
-            x[i + 1] = b * c[i + 1] + a * s[i + 1];
-        }
-    }
 }
 
 /// One rank bucket as the kernel reads it.
@@ -145,6 +143,12 @@ pub(crate) fn attend(
             s += 1;
         }
     }
+    let values_job = ValueJob {
+        slot: &slot,
+        probs: &scores,
+        ht,
+        d,
+    };
     let z = values
         .par_iter()
         .flat_map(|b| {
@@ -155,7 +159,7 @@ pub(crate) fn attend(
         .map(|(b, c)| {
             let mut z = vec![0f32; ht * d];
             let end = ((c + 1) * CHUNK).min(b.positions.len());
-            value_chunk(b, c * CHUNK..end, &slot, &scores, ht, d, &mut z);
+            value_chunk(&values_job, b, c * CHUNK..end, &mut z);
             z
         })
         .reduce(
@@ -194,22 +198,12 @@ struct Job<'a> {
     scale: f32,
 }
 
-/// Scores of one chunk of a key bucket's tokens, starting at token `first`,
-/// into `out` (`[chunk, H*T]`). Runs the AVX2+FMA build where the CPU has it.
-fn score_chunk(job: &Job, b: &BucketView, first: usize, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports the features the function was compiled for.
-        unsafe { score_chunk_avx2(job, b, first, out) };
-        return;
-    }
-    score_chunk_impl(job, b, first, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn score_chunk_avx2(job: &Job, b: &BucketView, first: usize, out: &mut [f32]) {
-    score_chunk_impl(job, b, first, out)
+avx2_dispatch! {
+    /// Scores of one chunk of a key bucket's tokens, starting at token `first`,
+    /// into `out` (`[chunk, H*T]`).
+    fn score_chunk / score_chunk_avx2 => score_chunk_impl(
+        job: &Job, b: &BucketView, first: usize, out: &mut [f32]
+    )
 }
 
 #[inline(always)]
@@ -314,56 +308,33 @@ fn reconstruct<const M: usize>(lat: &[f32], rank: usize, basis: &HostBasis, out:
     }
 }
 
-/// Adds one chunk of a value bucket's latents, weighted by each query row's
-/// attention, into `z` (`[H*T, d]`).
-fn value_chunk(
-    b: &BucketView,
-    toks: std::ops::Range<usize>,
-    slot: &[usize],
-    probs: &[f32],
+/// What every value chunk reads.
+struct ValueJob<'a> {
+    /// Key slot of each token id (`usize::MAX`: no key stored).
+    slot: &'a [usize],
+    /// Attention weights, slot-major `[S, H*T]`.
+    probs: &'a [f32],
     ht: usize,
     d: usize,
-    z: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports the features the function was compiled for.
-        unsafe { value_chunk_avx2(b, toks, slot, probs, ht, d, z) };
-        return;
-    }
-    value_chunk_impl(b, toks, slot, probs, ht, d, z)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn value_chunk_avx2(
-    b: &BucketView,
-    toks: std::ops::Range<usize>,
-    slot: &[usize],
-    probs: &[f32],
-    ht: usize,
-    d: usize,
-    z: &mut [f32],
-) {
-    value_chunk_impl(b, toks, slot, probs, ht, d, z)
+avx2_dispatch! {
+    /// Adds one chunk of a value bucket's latents, weighted by each query
+    /// row's attention, into `z` (`[H*T, d]`).
+    fn value_chunk / value_chunk_avx2 => value_chunk_impl(
+        job: &ValueJob, b: &BucketView, toks: std::ops::Range<usize>, z: &mut [f32]
+    )
 }
 
 #[inline(always)]
-fn value_chunk_impl(
-    b: &BucketView,
-    toks: std::ops::Range<usize>,
-    slot: &[usize],
-    probs: &[f32],
-    ht: usize,
-    d: usize,
-    z: &mut [f32],
-) {
+fn value_chunk_impl(job: &ValueJob, b: &BucketView, toks: std::ops::Range<usize>, z: &mut [f32]) {
+    let (ht, d) = (job.ht, job.d);
     for tok in toks {
-        let sl = slot[b.ids[tok]];
+        let sl = job.slot[b.ids[tok]];
         if sl == usize::MAX {
             continue;
         }
-        let w = &probs[sl * ht..(sl + 1) * ht];
+        let w = &job.probs[sl * ht..(sl + 1) * ht];
         let lat = &b.lat[tok * b.rank..(tok + 1) * b.rank];
         for (qi, &wq) in w.iter().enumerate() {
             if wq != 0.0 {
