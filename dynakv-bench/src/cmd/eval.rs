@@ -149,6 +149,7 @@ fn longctx_cmd(a: LongctxArgs) -> Result<()> {
                 &stream,
                 task,
                 length,
+                loaded.model.config.context_length,
                 &depths,
                 a.seed,
             )?);

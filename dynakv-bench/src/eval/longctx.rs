@@ -107,14 +107,26 @@ pub fn exact_match(output: &str, expected: &str) -> bool {
     })
 }
 
+/// Most tokens an answer may take (greedy, stops earlier at end of turn).
+pub const ANSWER_TOKENS: usize = 16;
+
+/// Prompt tokens of a `length` cell: `length`, less room for the answer
+/// where `length` reaches the model's context (8k on SmolLM2: 8176).
+pub fn prompt_budget(length: usize, context_length: usize) -> usize {
+    length.min(context_length.saturating_sub(ANSWER_TOKENS))
+}
+
 /// Builds the samples of one task at one prompt length: one per depth,
-/// haystacks cut from `stream` (token ids of Brown `eval`) at seeded offsets.
+/// haystacks cut from `stream` (token ids of Brown `eval`) at seeded offsets,
+/// each prompt at most [`prompt_budget`] tokens.
+#[allow(clippy::too_many_arguments)]
 pub fn build_samples(
     tokenizer: &TextTokenizer,
     system: Option<&str>,
     stream: &[u32],
     task: Task,
     length: usize,
+    context_length: usize,
     depths: &[f64],
     seed: u64,
 ) -> Result<Vec<Sample>, ModelError> {
@@ -179,11 +191,13 @@ pub fn build_samples(
             .join(" ");
         let probe = prompt_text(system, &skeleton, &question);
         let overhead = tokenizer.encode(&probe)?.len() + 8;
-        let hay_tokens = length.checked_sub(overhead).ok_or_else(|| {
-            ModelError::InvalidInput(format!(
-                "length {length} is shorter than the prompt skeleton"
-            ))
-        })?;
+        let hay_tokens = prompt_budget(length, context_length)
+            .checked_sub(overhead)
+            .ok_or_else(|| {
+                ModelError::InvalidInput(format!(
+                    "length {length} is shorter than the prompt skeleton"
+                ))
+            })?;
         if stream.len() < hay_tokens {
             return Err(ModelError::InvalidInput("haystack text too short".into()));
         }
@@ -258,7 +272,7 @@ pub fn run_sample(
         temperature: 0.0,
         top_p: 1.0,
         seed: 0,
-        max_tokens: 16,
+        max_tokens: ANSWER_TOKENS,
     };
     let g = generate_parts(model, tokenizer, cache, &refs, &config, |_| {})?;
     Ok(Outcome {
@@ -337,6 +351,14 @@ mod tests {
                 || insert_at(text, 0.0, "N.").starts_with("N.")
         );
         assert!(insert_at("no boundary", 0.9, "N.").ends_with("N."));
+    }
+
+    #[test]
+    fn a_cell_at_the_context_length_leaves_room_for_the_answer() {
+        assert_eq!(prompt_budget(4096, 8192), 4096);
+        assert_eq!(prompt_budget(8176, 8192), 8176);
+        assert_eq!(prompt_budget(8192, 8192), 8192 - ANSWER_TOKENS);
+        assert_eq!(prompt_budget(100, 10), 0);
     }
 
     #[test]

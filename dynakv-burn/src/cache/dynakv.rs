@@ -2,11 +2,15 @@
 //!
 //! On append, keys and values are projected into their layer's basis, the
 //! policy picks a rank per token, and latents go into one contiguous bucket per
-//! rank level (each bucket `[n, rank]`, so memory really shrinks). On attend,
-//! scores are computed per key bucket (reconstruct + RoPE for `pre`, latent dot
-//! products for `post`), one softmax runs over every stored token, and values
-//! are summed in latent space and decoded once: exact, because every rank is a
-//! prefix of the same basis.
+//! rank level (each bucket `[n, rank]`, so memory really shrinks). Attention
+//! takes one of three exact paths, all relying on every rank being a prefix of
+//! the same basis:
+//! - decode steps on a CPU: the fused host kernel (`latent_decode`);
+//! - prefill chunks: every stored key and value rebuilt once (zero-padded
+//!   latents times the decoder), then burn's fused attention, as dense;
+//! - short chunks on a GPU: scores per key bucket (reconstruct + RoPE for
+//!   `pre`, latent dot products for `post`), one softmax over every stored
+//!   token, values summed in latent space and decoded once.
 
 use std::sync::Arc;
 
@@ -19,7 +23,7 @@ use dynakv_core::policy::{KvKind, RankPolicy};
 
 use super::latent_decode::{self, BucketView, Heads, HostBasis};
 use super::{joint, mat, AttentionCache, CacheGeometry, KeepPositions, PrunableCache};
-use crate::attention::causal_mask;
+use crate::attention::{causal_mask, gqa_attention};
 use crate::error::CacheError;
 use crate::rope::{HostRope, Rope};
 
@@ -32,6 +36,8 @@ struct Decoders {
     /// Key decoder `[d, d]` (pre) and per KV head `[H_kv, d, D]` (post).
     dec_k: Tensor<2>,
     dec_k_heads: Tensor<3>,
+    /// Value decoder `[d, d]` (rebuilt prefill path).
+    dec_v: Tensor<2>,
     /// Value decoder per KV head `[H_kv, d, D]` and mean `[H_kv, 1, D]`.
     dec_v_heads: Tensor<3>,
     mean_v_heads: Tensor<3>,
@@ -43,11 +49,13 @@ impl Decoders {
     fn new(host: &HostBasis, geometry: CacheGeometry, device: &Device) -> Self {
         let (d, hk, dh) = (geometry.d_kv(), geometry.n_kv_heads, geometry.head_dim);
         let dec_k = mat(&host.dec_k, d, d, device);
+        let dec_v = mat(&host.dec_v, d, d, device);
         let heads = |dec: &Tensor<2>| dec.clone().reshape([d, hk, dh]).swap_dims(0, 1);
         let vec = |v: &[f32]| Tensor::<1>::from_data(TensorData::new(v.to_vec(), [d]), device);
         Self {
             dec_k_heads: heads(&dec_k),
-            dec_v_heads: heads(&mat(&host.dec_v, d, d, device)),
+            dec_v_heads: heads(&dec_v),
+            dec_v,
             mean_v_heads: vec(&host.mean_v).reshape([hk, 1, dh]),
             mean_k_heads: vec(&host.mean_k).reshape([hk, dh, 1]),
             dec_k,
@@ -94,6 +102,12 @@ impl LatentStorage {
 /// [`LatentStorage::Host`]); longer prefill chunks are matrix products, where
 /// burn's GEMM wins.
 const HOST_KERNEL_MAX_QUERIES: usize = 4;
+
+/// Chunks with at least this many queries (prefill) rebuild every stored key
+/// and value once and run burn's fused attention, as the dense cache does:
+/// rebuilding costs `S * d * d` per kind, less than scoring bucket by bucket
+/// and summing values in latent space once `9 * T` passes `d`.
+const REBUILD_MIN_QUERIES: usize = 32;
 
 /// Bases of every layer, uploaded once and shared by many caches.
 #[derive(Debug)]
@@ -455,6 +469,107 @@ fn host_rows(lat: &Tensor<2>) -> Result<Vec<f32>, CacheError> {
         .map_err(|e| CacheError::Config(format!("latents: {e:?}")))
 }
 
+/// One kind's stored latents zero-padded to `d` columns, one row per key
+/// slot: `slot_of[id]` is the slot of token `id` (`usize::MAX`: none). A slot
+/// whose token stores nothing of this kind (a key without a value) gets a zero
+/// row, which decodes to the mean. Exact: every rank is a prefix of the basis.
+///
+/// # Shapes
+/// returns `[slots, d]`
+fn padded_latents(
+    buckets: &[Bucket],
+    slot_of: &[usize],
+    slots: usize,
+    d: usize,
+    device: &Device,
+) -> Tensor<2> {
+    if buckets.iter().all(|b| b.view().is_some()) {
+        let mut out = vec![0f32; slots * d];
+        for b in buckets {
+            let Latents::Host(lat) = &b.lat else { continue };
+            for (i, &id) in b.ids.iter().enumerate() {
+                let j = slot_of[id];
+                if j != usize::MAX {
+                    out[j * d..j * d + b.rank].copy_from_slice(&lat[i * b.rank..(i + 1) * b.rank]);
+                }
+            }
+        }
+        return mat(&out, slots, d, device);
+    }
+    let stored: usize = buckets.iter().map(|b| b.ids.len()).sum();
+    // the zero row appended last stands for slots without an entry
+    let mut rows = vec![stored as i64; slots];
+    let mut parts = Vec::new();
+    let mut first = 0;
+    for b in buckets {
+        let n = b.ids.len();
+        let lat = b.tensor(device);
+        parts.push(if b.rank < d {
+            Tensor::cat(vec![lat, Tensor::zeros([n, d - b.rank], device)], 1)
+        } else {
+            lat
+        });
+        for (i, &id) in b.ids.iter().enumerate() {
+            if slot_of[id] != usize::MAX {
+                rows[slot_of[id]] = (first + i) as i64;
+            }
+        }
+        first += n;
+    }
+    parts.push(Tensor::zeros([1, d], device));
+    let rows = Tensor::<1, Int>::from_data(TensorData::new(rows, [slots]), device);
+    Tensor::cat(parts, 0).select(0, rows)
+}
+
+impl DynaKvCache {
+    /// Prefill path: every stored key and value rebuilt once in token order
+    /// (`padded latents · decoder + mean`, RoPE for `pre`), then burn's fused
+    /// attention, so a prefill chunk costs what the dense cache's does plus
+    /// two `[S, d] x [d, d]` products.
+    ///
+    /// # Shapes
+    /// - `q_rot`: `[1, H, T, D]`
+    /// - returns `[1, H, T, D]`
+    fn attend_rebuilt(
+        &self,
+        layer: usize,
+        q_rot: Tensor<4>,
+        positions: &[usize],
+    ) -> Result<Tensor<4>, CacheError> {
+        let g = self.geometry;
+        let (hk, dh, d) = (g.n_kv_heads, g.head_dim, g.d_kv());
+        let device = q_rot.device();
+        let store = &self.layers[layer];
+        let b = &self.bases.layers[layer];
+        let mut slots: Vec<(usize, usize)> = store.buckets[0]
+            .iter()
+            .flat_map(|bk| bk.ids.iter().copied().zip(bk.positions.iter().copied()))
+            .collect();
+        slots.sort_unstable();
+        let mut slot_of = vec![usize::MAX; store.next_id];
+        for (j, &(id, _)) in slots.iter().enumerate() {
+            slot_of[id] = j;
+        }
+        let k_pos: Vec<usize> = slots.iter().map(|&(_, p)| p).collect();
+        let s_len = k_pos.len();
+        let dec = self.bases.decoders(layer, &device);
+        let rebuild = |kind: usize, dec: Tensor<2>| -> Tensor<4> {
+            (padded_latents(&store.buckets[kind], &slot_of, s_len, d, &device).matmul(dec)
+                + b.mean[kind].clone().unsqueeze())
+            .reshape([1, s_len, hk, dh])
+            .swap_dims(1, 2)
+        };
+        let keys = rebuild(0, dec.dec_k);
+        let keys = match self.bases.placement {
+            RopePlacement::Pre => self.rope.apply(keys, &k_pos)?,
+            RopePlacement::Post => keys,
+        };
+        let values = rebuild(1, dec.dec_v);
+        let mask = causal_mask(positions, &k_pos, g.groups(), &device);
+        Ok(gqa_attention(q_rot, keys, values, mask))
+    }
+}
+
 impl AttentionCache for DynaKvCache {
     fn append(
         &mut self,
@@ -523,7 +638,7 @@ impl AttentionCache for DynaKvCache {
         self.geometry.check_layer(layer)?;
         self.geometry.check_q(&q_rot, positions)?;
         let g = self.geometry;
-        let (hk, dh, groups) = (g.n_kv_heads, g.head_dim, g.groups());
+        let (hk, dh) = (g.n_kv_heads, g.head_dim);
         let [bsz, h, t, _] = q_rot.dims();
         let device = q_rot.device();
         let store = &self.layers[layer];
@@ -533,12 +648,12 @@ impl AttentionCache for DynaKvCache {
                 "attend on layer {layer} with nothing stored"
             )));
         }
+        if bsz != 1 {
+            return Err(CacheError::Config(
+                "DynaKvCache supports batch size 1".into(),
+            ));
+        }
         if let (Some(rope), true) = (&self.host_rope, t <= HOST_KERNEL_MAX_QUERIES) {
-            if bsz != 1 {
-                return Err(CacheError::Config(
-                    "DynaKvCache supports batch size 1".into(),
-                ));
-            }
             let views = |k: usize| -> Vec<BucketView<'_>> {
                 store.buckets[k].iter().filter_map(Bucket::view).collect()
             };
@@ -563,6 +678,48 @@ impl AttentionCache for DynaKvCache {
                 &device,
             ));
         }
+        if t >= REBUILD_MIN_QUERIES {
+            return self.attend_rebuilt(layer, q_rot, positions);
+        }
+        self.attend_by_bucket(layer, q_rot, positions)
+    }
+
+    /// Tokens with a stored key (rank-0 and pruned tokens are not stored).
+    fn len(&self, layer: usize) -> usize {
+        self.layers
+            .get(layer)
+            .map_or(0, |l| l.buckets[0].iter().map(|b| b.positions.len()).sum())
+    }
+
+    fn reset(&mut self) {
+        self.layers = vec![LayerStore::default(); self.geometry.n_layers];
+    }
+
+    fn footprint(&self) -> CacheFootprint {
+        self.footprint_now()
+    }
+}
+
+impl DynaKvCache {
+    /// Short chunks on the device: scores per key bucket (reconstruct + RoPE
+    /// for `pre`, latent dot products for `post`), one softmax over every
+    /// stored token, values summed in latent space and decoded once.
+    ///
+    /// # Shapes
+    /// - `q_rot`: `[1, H, T, D]`
+    /// - returns `[1, H, T, D]`
+    fn attend_by_bucket(
+        &self,
+        layer: usize,
+        q_rot: Tensor<4>,
+        positions: &[usize],
+    ) -> Result<Tensor<4>, CacheError> {
+        let g = self.geometry;
+        let (hk, dh, groups) = (g.n_kv_heads, g.head_dim, g.groups());
+        let [bsz, h, t, _] = q_rot.dims();
+        let device = q_rot.device();
+        let store = &self.layers[layer];
+        let b = &self.bases.layers[layer];
         let dec = self.bases.decoders(layer, &device);
         let q = q_rot.reshape([bsz, hk, groups * t, dh]);
         // Scores per key bucket, in key-bucket order.
@@ -609,52 +766,16 @@ impl AttentionCache for DynaKvCache {
         // for a key without a value, then one product and one decode. The
         // gather moves the small `[S, d]` value matrix, not the `[.., G*T, S]`
         // weights once per bucket.
-        let mut slot = vec![0usize; store.next_id];
+        let mut slot_of = vec![usize::MAX; store.next_id];
         for (j, &id) in k_ids.iter().enumerate() {
-            slot[id] = j;
+            slot_of[id] = j;
         }
-        let d = g.d_kv();
-        let n_values: usize = store.buckets[1].iter().map(|b| b.ids.len()).sum();
-        // the zero row appended last stands for keys without a value
-        let mut rows = vec![n_values as i64; s_len];
-        let mut parts = Vec::new();
-        let mut first = 0;
-        for bv in &store.buckets[1] {
-            let n = bv.ids.len();
-            let lat = bv.tensor(&device);
-            parts.push(if bv.rank < d {
-                Tensor::cat(vec![lat, Tensor::zeros([n, d - bv.rank], &device)], 1)
-            } else {
-                lat
-            });
-            for (i, &id) in bv.ids.iter().enumerate() {
-                rows[slot[id]] = (first + i) as i64;
-            }
-            first += n;
-        }
-        parts.push(Tensor::zeros([1, d], &device));
-        let rows = Tensor::<1, Int>::from_data(TensorData::new(rows, [s_len]), &device);
-        let values = Tensor::cat(parts, 0).select(0, rows); // [S, d]
+        let values = padded_latents(&store.buckets[1], &slot_of, s_len, g.d_kv(), &device);
         let out = weights
             .matmul(values.unsqueeze::<4>())
             .matmul(dec.dec_v_heads.clone().unsqueeze::<4>())
             + dec.mean_v_heads.clone().unsqueeze::<4>();
         Ok(out.reshape([bsz, h, t, dh]))
-    }
-
-    /// Tokens with a stored key (rank-0 and pruned tokens are not stored).
-    fn len(&self, layer: usize) -> usize {
-        self.layers
-            .get(layer)
-            .map_or(0, |l| l.buckets[0].iter().map(|b| b.positions.len()).sum())
-    }
-
-    fn reset(&mut self) {
-        self.layers = vec![LayerStore::default(); self.geometry.n_layers];
-    }
-
-    fn footprint(&self) -> CacheFootprint {
-        self.footprint_now()
     }
 }
 
@@ -670,15 +791,17 @@ mod tests {
         let device = default_device();
         let rope = Rope::new(4, 4, 10_000.0, 64, &device).unwrap();
         let (q, k, v) = (
-            rand4([1, 4, 10, 4]),
-            rand4([1, 2, 10, 4]),
-            rand4([1, 2, 10, 4]),
+            rand4([1, 4, 40, 4]),
+            rand4([1, 2, 40, 4]),
+            rand4([1, 2, 40, 4]),
         );
         let mut dense = DenseCache::new(G, rope.clone()).unwrap();
-        let want = run(&mut dense, &q, &k, &v, &[10]);
+        let want = run(&mut dense, &q, &k, &v, &[40]);
         for placement in [RopePlacement::Pre, RopePlacement::Post] {
             let bases = Arc::new(DynaKvBases::new(&artifact(placement), G, &device).unwrap());
-            for chunks in [vec![10], vec![1; 10], vec![3, 1, 6]] {
+            // one rebuilt prefill, decode steps only, short chunks then a
+            // rebuilt chunk over cached tokens
+            for chunks in [vec![40], vec![1; 40], vec![3, 1, 6, 30]] {
                 let mut c =
                     DynaKvCache::new(G, rope.clone(), bases.clone(), Arc::new(Fixed(8))).unwrap();
                 let got = run(&mut c, &q, &k, &v, &chunks);
@@ -725,6 +848,69 @@ mod tests {
             let diff: f32 = (a - b).abs().max().into_scalar();
             assert!(diff < 1e-5, "{placement:?} pruned: {diff}");
             assert_eq!(dev.footprint(), host.footprint());
+        }
+    }
+
+    /// Keys cycle through the levels; odd tokens keep a key but no value.
+    #[derive(Debug)]
+    struct NoOddValues;
+    impl RankPolicy for NoOddValues {
+        fn name(&self) -> &'static str {
+            "no-odd-values"
+        }
+        fn needs_latents(&self) -> bool {
+            false
+        }
+        fn ranks(&self, l: usize, kind: KvKind, lat: &[f32], positions: &[usize]) -> Vec<usize> {
+            let cycle = Cycle.ranks(l, kind, lat, positions);
+            let no_value = |p: usize| kind == KvKind::Value && p % 2 == 1;
+            (positions.iter().zip(cycle))
+                .map(|(&p, r)| if no_value(p) { 0 } else { r })
+                .collect()
+        }
+    }
+
+    #[test]
+    fn the_rebuilt_prefill_path_equals_scoring_by_bucket() {
+        let device = default_device();
+        let rope = Rope::new(4, 4, 10_000.0, 64, &device).unwrap();
+        let (q, k, v) = (
+            rand4([1, 4, 14, 4]),
+            rand4([1, 2, 14, 4]),
+            rand4([1, 2, 14, 4]),
+        );
+        for placement in [RopePlacement::Pre, RopePlacement::Post] {
+            for storage in [LatentStorage::Device, LatentStorage::Host] {
+                let bases = Arc::new(
+                    DynaKvBases::with_storage(&artifact(placement), G, &device, storage).unwrap(),
+                );
+                let mut c =
+                    DynaKvCache::new(G, rope.clone(), bases, Arc::new(NoOddValues)).unwrap();
+                // a chunk, a pruning, then a chunk whose queries see cached tokens
+                let first: Vec<usize> = (0..9).collect();
+                c.append(
+                    0,
+                    k.clone().narrow(2, 0, 9),
+                    v.clone().narrow(2, 0, 9),
+                    &first,
+                )
+                .unwrap();
+                c.retain(0, &KeepPositions::Layer(vec![0, 1, 2, 4, 5, 7, 8]))
+                    .unwrap();
+                let second: Vec<usize> = (9..14).collect();
+                c.append(
+                    0,
+                    k.clone().narrow(2, 9, 5),
+                    v.clone().narrow(2, 9, 5),
+                    &second,
+                )
+                .unwrap();
+                let q2 = q.clone().narrow(2, 9, 5);
+                let a = c.attend_rebuilt(0, q2.clone(), &second).unwrap();
+                let b = c.attend_by_bucket(0, q2, &second).unwrap();
+                let diff: f32 = (a - b).abs().max().into_scalar();
+                assert!(diff < 1e-5, "{placement:?} {storage:?}: {diff}");
+            }
         }
     }
 
