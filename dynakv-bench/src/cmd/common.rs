@@ -35,6 +35,17 @@ pub struct Loaded {
     pub sha256: String,
 }
 
+impl Loaded {
+    /// What the long-context suite needs to run a prompt.
+    pub fn runner(&self) -> dynakv_bench::eval::longctx_suite::Runner<'_> {
+        dynakv_bench::eval::longctx_suite::Runner {
+            model: &self.model,
+            tokenizer: &self.tokenizer,
+            system: self.default_system.as_deref(),
+        }
+    }
+}
+
 impl ModelArgs {
     pub fn path(&self) -> Result<PathBuf> {
         match &self.model {

@@ -1,6 +1,6 @@
 //! `dynakv eval ...`
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
@@ -9,8 +9,12 @@ use dynakv_bench::eval::ppl::perplexity;
 use dynakv_bench::text::{brown_docs, document_tokens};
 use dynakv_models::corpus::{Document, Split};
 
+use dynakv_bench::eval::longctx::Outcome;
+use dynakv_bench::eval::longctx_suite::{kept_cells, summarize, Runner, Suite, SuiteSpec};
+use dynakv_burn::AttentionCache;
+
 use super::cache_args::CacheArgs;
-use super::common::{progress, ModelArgs};
+use super::common::{progress, Loaded, ModelArgs};
 
 #[derive(Subcommand, Debug)]
 pub enum EvalCommand {
@@ -123,157 +127,95 @@ where
         .collect()
 }
 
-fn longctx_cmd(a: LongctxArgs) -> Result<()> {
-    use dynakv_bench::eval::longctx::{build_samples, cells, run_sample, Outcome, Task};
-    let loaded = a.model.load()?;
-    let tasks: Vec<Task> = parse_list(&a.tasks, "task")?;
-    let lengths: Vec<usize> = parse_list(&a.lengths, "length")?;
-    let depths: Vec<f64> = parse_list(&a.depths, "depth")?;
-    if let Some(&l) = lengths
-        .iter()
-        .find(|&&l| l > loaded.model.config.context_length)
-    {
-        bail!(
-            "length {l} exceeds the model's context ({})",
-            loaded.model.config.context_length
-        );
-    }
+/// The suite of `spec` on Brown `eval` and its full-cache reference: read
+/// from `reference` when there, else run (with a progress bar) and written
+/// there.
+pub(super) fn longctx_reference(
+    loaded: &Loaded,
+    spec: &SuiteSpec,
+    reference: Option<&Path>,
+) -> Result<(Suite, Vec<Outcome>)> {
+    let runner = loaded.runner();
     let stream = document_tokens(&loaded.tokenizer, &brown_docs(Split::Eval, None)?)?;
-    let system = loaded.default_system.as_deref();
-    let mut samples = Vec::new();
-    for &task in &tasks {
-        for &length in &lengths {
-            samples.extend(build_samples(
-                &loaded.tokenizer,
-                system,
-                &stream,
-                task,
-                length,
-                loaded.model.config.context_length,
-                &depths,
-                a.seed,
-            )?);
-        }
+    let suite = Suite::build(runner, &stream, spec)?;
+    if let Some(out) = reference
+        .map(|p| suite.load_reference(p))
+        .transpose()?
+        .flatten()
+    {
+        return Ok((suite, out));
     }
-    // The dense cache is exact, so where the question is prefilled does not
-    // change its answers: one full-cache reference serves both variants.
-    let key = format!(
-        "tasks={} lengths={} depths={} seed={}",
-        a.tasks, a.lengths, a.depths, a.seed
+    let all: Vec<usize> = (0..suite.len()).collect();
+    let full = run_longctx(&suite, runner, "full", &all, false, || {
+        Ok(Box::new(loaded.model.dense_cache()?) as Box<dyn AttentionCache>)
+    })?;
+    if let Some(p) = reference {
+        suite.save_reference(p, &full)?;
+    }
+    Ok((suite, full))
+}
+
+/// Runs the samples `which` of a suite behind a progress bar.
+pub(super) fn run_longctx(
+    suite: &Suite,
+    runner: Runner<'_>,
+    label: &str,
+    which: &[usize],
+    query_aware: bool,
+    make: impl FnMut() -> Result<Box<dyn AttentionCache>, dynakv_models::ModelError>,
+) -> Result<Vec<Outcome>> {
+    let bar = progress(
+        which.len() as u64,
+        "{msg} [{bar:30}] {pos}/{len} prompts, ETA {eta}",
     );
-    let run_all = |label: &str,
-                   which: &[usize],
-                   make: &dyn Fn() -> Result<Box<dyn dynakv_burn::AttentionCache>>|
-     -> Result<Vec<Outcome>> {
-        let bar = progress(
-            which.len() as u64,
-            "{msg} [{bar:30}] {pos}/{len} prompts, ETA {eta}",
-        );
-        bar.set_message(label.to_string());
-        let mut out = Vec::new();
-        for &i in which {
-            let mut cache = make()?;
-            out.push(run_sample(
-                &loaded.model,
-                &loaded.tokenizer,
-                system,
-                &samples[i],
-                a.query_aware,
-                cache.as_mut(),
-            )?);
-            bar.inc(1);
-        }
-        bar.finish_and_clear();
-        Ok(out)
-    };
-    let all: Vec<usize> = (0..samples.len()).collect();
-    let full: Vec<Outcome> = match a.full_results.as_ref().filter(|p| p.exists()) {
-        Some(p) => {
-            let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p)?)?;
-            if v["key"].as_str() != Some(key.as_str()) {
-                bail!(
-                    "{} holds full-cache results for `{}`, not `{key}`",
-                    p.display(),
-                    v["key"]
-                );
-            }
-            let out: Vec<Outcome> = serde_json::from_value(v["outcomes"].clone())?;
-            if out.len() != samples.len() {
-                bail!(
-                    "{} holds {} outcomes for {} prompts",
-                    p.display(),
-                    out.len(),
-                    samples.len()
-                );
-            }
-            out
-        }
-        None => {
-            let out = run_all("full", &all, &|| {
-                Ok(Box::new(loaded.model.dense_cache()?) as Box<dyn dynakv_burn::AttentionCache>)
-            })?;
-            if let Some(p) = &a.full_results {
-                let v = serde_json::json!({"key": key, "outcomes": out});
-                let tmp = p.with_extension("tmp");
-                std::fs::write(&tmp, serde_json::to_string(&v)?)?;
-                std::fs::rename(&tmp, p)?;
-            }
-            out
-        }
-    };
-    let full_cells = cells(&full);
-    let kept: Vec<_> = full_cells
-        .iter()
-        .filter(|c| c.score >= a.keep_threshold)
-        .cloned()
-        .collect();
-    let dropped: Vec<_> = full_cells
-        .iter()
-        .filter(|c| c.score < a.keep_threshold)
-        .cloned()
-        .collect();
-    let in_kept = |i: &usize| {
-        kept.iter()
-            .any(|c| c.task == samples[*i].task && c.length == samples[*i].length)
-    };
-    let which: Vec<usize> = all.iter().copied().filter(in_kept).collect();
+    bar.set_message(label.to_string());
+    let out = suite.run(runner, which, query_aware, make, || bar.inc(1))?;
+    bar.finish_and_clear();
+    Ok(out)
+}
+
+impl LongctxArgs {
+    fn spec(&self) -> Result<SuiteSpec> {
+        Ok(SuiteSpec {
+            tasks: parse_list(&self.tasks, "task")?,
+            lengths: parse_list(&self.lengths, "length")?,
+            depths: parse_list(&self.depths, "depth")?,
+            seed: self.seed,
+        })
+    }
+}
+
+fn longctx_cmd(a: LongctxArgs) -> Result<()> {
+    let loaded = a.model.load()?;
+    let (suite, full) = longctx_reference(&loaded, &a.spec()?, a.full_results.as_deref())?;
+    let (kept, _) = kept_cells(&full, a.keep_threshold);
+    let which = suite.in_cells(&kept);
     let compressed = if a.cache.is_full() {
         which.iter().map(|&i| full[i].clone()).collect()
     } else {
         let maker = a.cache.maker(&loaded)?;
-        run_all(&a.cache.label(), &which, &|| Ok(maker.make(&loaded)?))?
+        let label = a.cache.label();
+        run_longctx(
+            &suite,
+            loaded.runner(),
+            &label,
+            &which,
+            a.query_aware,
+            || maker.make(&loaded),
+        )?
     };
-    let comp_cells = cells(&compressed);
-    let mean = |c: &[dynakv_bench::eval::longctx::Cell]| {
-        if c.is_empty() {
-            f64::NAN
-        } else {
-            c.iter().map(|x| x.score).sum::<f64>() / c.len() as f64
-        }
-    };
-    let (score_full, score) = (mean(&kept), mean(&comp_cells));
-    let retained =
-        compressed.iter().map(|o| o.retained).sum::<f64>() / compressed.len().max(1) as f64;
-    let report = serde_json::json!({
-        "cache": a.cache.label(),
-        "query_aware": a.query_aware,
-        "key": key,
-        "keep_threshold": a.keep_threshold,
-        "full_cells": full_cells,
-        "kept": kept,
-        "dropped": dropped,
-        "cells": comp_cells,
-        "score_full": score_full,
-        "score": score,
-        "relative": score / score_full,
-        "retained": retained,
-        "outcomes": compressed,
-    });
+    let s = summarize(&full, &compressed, a.keep_threshold);
     if a.json {
+        let mut report = serde_json::to_value(&s)?;
+        report["cache"] = a.cache.label().into();
+        report["query_aware"] = a.query_aware.into();
+        report["key"] = suite.key.clone().into();
+        report["outcomes"] = serde_json::to_value(&compressed)?;
         println!("{}", serde_json::to_string(&report)?);
     } else {
-        for c in &full_cells {
-            let comp = comp_cells
+        for c in &s.full_cells {
+            let comp = s
+                .cells
                 .iter()
                 .find(|x| x.task == c.task && x.length == c.length);
             println!(
@@ -291,11 +233,11 @@ fn longctx_cmd(a: LongctxArgs) -> Result<()> {
         println!(
             "{}: score {:.3} vs full {:.3} over {} kept cells = {:.1}% of full, retained {:.3}",
             a.cache.label(),
-            score,
-            score_full,
-            kept.len(),
-            100.0 * score / score_full,
-            retained
+            s.score,
+            s.score_full,
+            s.kept.len(),
+            100.0 * s.relative,
+            s.retained
         );
     }
     Ok(())

@@ -1,5 +1,6 @@
-//! `dynakv eval sweep`: a grid of caches through `ppl` (and `fidelity`), one
-//! JSON line per cell, and quality-against-memory plots.
+//! `dynakv eval sweep`: a grid of caches through `ppl` (and `fidelity` and
+//! the long-context suite), one JSON line per cell, and quality-against-memory
+//! plots.
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -8,6 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::Args;
 use dynakv_bench::eval::fidelity::fidelity;
+use dynakv_bench::eval::longctx_suite::{kept_cells, summarize, SuiteSpec};
 use dynakv_bench::eval::ppl::perplexity;
 use dynakv_bench::plot::{quality_plot, Series};
 use dynakv_bench::text::{brown_docs, document_tokens};
@@ -17,7 +19,7 @@ use serde_json::{json, Value};
 
 use super::cache_args::{CacheArgs, CacheKind};
 use super::common::{progress, ModelArgs};
-use super::eval::parse_list;
+use super::eval::{longctx_reference, parse_list, run_longctx};
 
 #[derive(Args, Debug)]
 pub struct SweepArgs {
@@ -56,9 +58,49 @@ pub struct SweepArgs {
     /// Skip cells already in --out.
     #[arg(long)]
     pub resume: bool,
+    /// SnapKV settings of every SnapKV cell (`dynakv eval ppl --help`).
+    #[arg(long, default_value = "kvpress")]
+    pub snapkv_preset: String,
+    #[arg(long)]
+    pub snapkv_layer_max: bool,
+    /// Also run the long-context suite (`dynakv eval longctx`) at these
+    /// prompt lengths; every cell reports its score as a fraction of the
+    /// full cache's over the cells the full cache passes.
+    #[arg(long, default_value = "")]
+    pub longctx_lengths: String,
+    #[arg(long, default_value = "passkey,multikey,codeword")]
+    pub longctx_tasks: String,
+    #[arg(long, default_value = "0.1,0.5,0.9")]
+    pub longctx_depths: String,
+    #[arg(long, default_value_t = 0)]
+    pub longctx_seed: u64,
+    /// The question inside the prefill, so SnapKV sees it.
+    #[arg(long)]
+    pub query_aware: bool,
+    #[arg(long, default_value_t = 0.6)]
+    pub keep_threshold: f64,
+    /// Full-cache long-context outcomes: read if present, else written.
+    #[arg(long)]
+    pub longctx_full: Option<PathBuf>,
+}
+
+impl SweepArgs {
+    fn longctx_spec(&self) -> Result<Option<SuiteSpec>> {
+        let lengths: Vec<usize> = parse_list(&self.longctx_lengths, "length")?;
+        if lengths.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(SuiteSpec {
+            tasks: parse_list(&self.longctx_tasks, "task")?,
+            lengths,
+            depths: parse_list(&self.longctx_depths, "depth")?,
+            seed: self.longctx_seed,
+        }))
+    }
 }
 
 fn cache(
+    a: &SweepArgs,
     kind: CacheKind,
     artifact: Option<&Path>,
     policy: &str,
@@ -75,9 +117,9 @@ fn cache(
         energy_rule: "lagrange".into(),
         snapkv,
         snapkv_capacity: None,
-        snapkv_preset: "kvpress".into(),
+        snapkv_preset: a.snapkv_preset.clone(),
         snapkv_per_layer: false,
-        snapkv_layer_max: false,
+        snapkv_layer_max: a.snapkv_layer_max,
     }
 }
 
@@ -87,13 +129,13 @@ fn cells(a: &SweepArgs) -> Result<Vec<(String, String, CacheArgs)>> {
     let mut out = vec![(
         "full".to_string(),
         "full".to_string(),
-        cache(CacheKind::Full, None, "energy", 1.0, None),
+        cache(a, CacheKind::Full, None, "energy", 1.0, None),
     )];
     for &r in &snaps {
         out.push((
             format!("snapkv/{r}"),
             "snapkv".into(),
-            cache(CacheKind::Full, None, "energy", 1.0, Some(r)),
+            cache(a, CacheKind::Full, None, "energy", 1.0, Some(r)),
         ));
     }
     let mut dyna = Vec::new();
@@ -114,13 +156,13 @@ fn cells(a: &SweepArgs) -> Result<Vec<(String, String, CacheArgs)>> {
         out.push((
             format!("{p}/{b}"),
             p.clone(),
-            cache(CacheKind::Dynakv, Some(&art), &p, b, None),
+            cache(a, CacheKind::Dynakv, Some(&art), &p, b, None),
         ));
         for &r in &snaps {
             out.push((
                 format!("snapkv/{r}+{p}/{b}"),
                 format!("snapkv/{r}+{p}"),
-                cache(CacheKind::Dynakv, Some(&art), &p, b, Some(r)),
+                cache(a, CacheKind::Dynakv, Some(&art), &p, b, Some(r)),
             ));
         }
     }
@@ -145,6 +187,14 @@ pub fn run(a: SweepArgs) -> Result<()> {
         .filter_map(|v| v["label"].as_str().map(String::from))
         .collect();
     let todo: Vec<_> = cells.iter().filter(|c| !finished.contains(&c.0)).collect();
+    let longctx = match a.longctx_spec()? {
+        Some(spec) if !todo.is_empty() => Some(longctx_reference(
+            &loaded,
+            &spec,
+            a.longctx_full.as_deref(),
+        )?),
+        _ => None,
+    };
     let bar = progress(
         todo.len() as u64,
         "sweep [{bar:30}] {pos}/{len} cells, ETA {eta} {msg}",
@@ -195,6 +245,26 @@ pub fn run(a: SweepArgs) -> Result<()> {
             v["kl_p95"] = f.kl_p95.into();
             v["top1_agreement"] = f.top1_agreement.into();
         }
+        if let Some((suite, full)) = &longctx {
+            let (kept, _) = kept_cells(full, a.keep_threshold);
+            let which = suite.in_cells(&kept);
+            let outcomes = if args.is_full() {
+                which.iter().map(|&i| full[i].clone()).collect()
+            } else {
+                run_longctx(suite, loaded.runner(), label, &which, a.query_aware, || {
+                    maker.make(&loaded)
+                })?
+            };
+            let s = summarize(full, &outcomes, a.keep_threshold);
+            v["longctx_key"] = suite.key.clone().into();
+            v["longctx_query_aware"] = a.query_aware.into();
+            v["longctx_kept"] = serde_json::to_value(&s.kept)?;
+            v["longctx_cells"] = serde_json::to_value(&s.cells)?;
+            v["longctx_score"] = s.score.into();
+            v["longctx_score_full"] = s.score_full.into();
+            v["longctx_relative"] = s.relative.into();
+            v["longctx_retained"] = s.retained.into();
+        }
         writeln!(file, "{}", serde_json::to_string(&v)?)?;
         file.flush()?;
         done.push(v);
@@ -227,19 +297,20 @@ pub fn run(a: SweepArgs) -> Result<()> {
         }
         out
     };
-    println!("| cell | retained | PPL | ratio | KL mean | top-1 | true MB |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| cell | retained | PPL | ratio | KL mean | top-1 | long-context | true MB |");
+    println!("|---|---|---|---|---|---|---|---|");
     for v in &done {
         let ppl = v["ppl"].as_f64().unwrap_or(f64::NAN);
         let opt = |k: &str| v[k].as_f64().map_or("–".to_string(), |x| format!("{x:.4}"));
         println!(
-            "| {} | {:.3} | {:.3} | {:.3} | {} | {} | {:.1} |",
+            "| {} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {:.1} |",
             v["label"].as_str().unwrap_or("?"),
             x(v),
             ppl,
             ppl / full,
             opt("kl_mean"),
             opt("top1_agreement"),
+            opt("longctx_relative"),
             v["bytes"].as_f64().unwrap_or(0.0) / 1e6
         );
     }
@@ -254,14 +325,22 @@ pub fn run(a: SweepArgs) -> Result<()> {
             true,
         )
         .map_err(anyhow::Error::msg)?;
+        if done.iter().any(|v| v["longctx_relative"].is_number()) {
+            let lc = series_of(&|v| v["longctx_relative"].as_f64());
+            quality_plot(
+                &sibling(path, "longctx"),
+                "Long-context retrieval (Brown eval haystacks) against KV memory",
+                "score as a fraction of the full cache's",
+                &command,
+                &lc,
+                false,
+            )
+            .map_err(anyhow::Error::msg)?;
+        }
         if a.fidelity {
             let kl = series_of(&|v| v["kl_mean"].as_f64());
-            let p = path.with_file_name(format!(
-                "{}-kl.svg",
-                path.file_stem().and_then(|s| s.to_str()).unwrap_or("sweep")
-            ));
             quality_plot(
-                &p,
+                &sibling(path, "kl"),
                 "Brown eval: KL(full || cache) against KV memory",
                 "mean KL, nats",
                 &command,
@@ -272,4 +351,12 @@ pub fn run(a: SweepArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `dir/NAME-suffix.svg` beside `dir/NAME.svg`.
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    path.with_file_name(format!(
+        "{}-{suffix}.svg",
+        path.file_stem().and_then(|s| s.to_str()).unwrap_or("sweep")
+    ))
 }

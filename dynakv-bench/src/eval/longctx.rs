@@ -30,6 +30,16 @@ pub enum Task {
     Codeword,
 }
 
+impl Task {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Passkey => "passkey",
+            Self::Multikey => "multikey",
+            Self::Codeword => "codeword",
+        }
+    }
+}
+
 impl std::str::FromStr for Task {
     type Err = ModelError;
     fn from_str(s: &str) -> Result<Self, ModelError> {

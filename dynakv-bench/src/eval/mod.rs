@@ -2,5 +2,6 @@
 
 pub mod fidelity;
 pub mod longctx;
+pub mod longctx_suite;
 pub mod ppl;
 pub mod speed;
