@@ -42,6 +42,54 @@ pub fn causal_mask(
     ))
 }
 
+/// Queries per block of [`causal_attention`].
+pub const CAUSAL_BLOCK: usize = 512;
+
+/// Causal attention by position, in blocks of [`CAUSAL_BLOCK`] queries that
+/// each read only the keys they can see. With key positions ascending (a
+/// dense or DynaKV cache in token order), a block's visible keys are a
+/// prefix, so a long prefill skips the masked upper triangle that the fused
+/// kernel would otherwise compute and discard: at 4k tokens, 56% of the score
+/// and value products. Falls back to one masked call for short chunks and for
+/// positions out of order.
+///
+/// # Shapes
+/// - `q`: `[B, H, T, D]` (RoPE applied), `q_pos.len() == T`
+/// - `k`: `[B, H_kv, S, D]` (RoPE applied), `v`: `[B, H_kv, S, Dv]`, `k_pos.len() == S`
+/// - returns `[B, H, T, Dv]`
+pub fn causal_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    q_pos: &[usize],
+    k_pos: &[usize],
+) -> Tensor<4> {
+    let [_, h, t, _] = q.dims();
+    let groups = h / k.dims()[1];
+    let device = q.device();
+    let ascending = |p: &[usize]| p.windows(2).all(|w| w[0] <= w[1]);
+    if t < 2 * CAUSAL_BLOCK || !ascending(q_pos) || !ascending(k_pos) {
+        let mask = causal_mask(q_pos, k_pos, groups, &device);
+        return gqa_attention(q, k, v, mask);
+    }
+    let mut outs = Vec::new();
+    for start in (0..t).step_by(CAUSAL_BLOCK) {
+        let n = CAUSAL_BLOCK.min(t - start);
+        let block_pos = &q_pos[start..start + n];
+        let last = block_pos[n - 1];
+        // No visible key at all stays fully masked, as in one masked call.
+        let visible = k_pos.partition_point(|&p| p <= last).max(1);
+        let mask = causal_mask(block_pos, &k_pos[..visible], groups, &device);
+        outs.push(gqa_attention(
+            q.clone().narrow(2, start, n),
+            k.clone().narrow(2, 0, visible),
+            v.clone().narrow(2, 0, visible),
+            mask,
+        ));
+    }
+    Tensor::cat(outs, 2)
+}
+
 /// Softmax attention of H query heads over H_kv key/value heads.
 ///
 /// # Shapes
@@ -126,6 +174,33 @@ mod tests {
             let mask = causal_mask(&q_pos, &k_pos, h / h_kv, &device);
             let got = gqa_attention(q.clone(), k.clone(), v.clone(), mask);
             let want = reference(q.clone(), k.clone(), v.clone(), &q_pos, &k_pos);
+            let diff: f32 = (got - want).abs().max().into_scalar();
+            assert!(diff < 1e-5, "diff {diff}");
+        }
+    }
+
+    #[test]
+    fn blocked_causal_attention_equals_one_masked_call() {
+        let device = default_device();
+        let (h, h_kv, d) = (4, 2, 8);
+        let t = 2 * CAUSAL_BLOCK + 37;
+        let rand = |heads, n| {
+            Tensor::<4>::random(
+                [1, heads, n, d],
+                burn::tensor::Distribution::Default,
+                &device,
+            )
+        };
+        // a prefill over 5 cached tokens, and one whose keys skip positions (pruned)
+        let cached = 5;
+        let (q, k, v) = (rand(h, t), rand(h_kv, cached + t), rand(h_kv, cached + t));
+        let q_pos: Vec<usize> = (cached..cached + t).collect();
+        let dense: Vec<usize> = (0..cached + t).collect();
+        let pruned: Vec<usize> = (0..cached + t).map(|i| 2 * i).collect();
+        for k_pos in [dense, pruned] {
+            let mask = causal_mask(&q_pos, &k_pos, h / h_kv, &device);
+            let want = gqa_attention(q.clone(), k.clone(), v.clone(), mask);
+            let got = causal_attention(q.clone(), k.clone(), v.clone(), &q_pos, &k_pos);
             let diff: f32 = (got - want).abs().max().into_scalar();
             assert!(diff < 1e-5, "diff {diff}");
         }

@@ -4,7 +4,7 @@ use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use dynakv_core::budget::CacheFootprint;
 
 use super::{AttentionCache, CacheGeometry, KeepPositions, PrunableCache};
-use crate::attention::{causal_mask, gqa_attention};
+use crate::attention::{causal_attention, causal_mask, gqa_attention};
 use crate::error::CacheError;
 use crate::rope::Rope;
 
@@ -240,6 +240,9 @@ impl AttentionCache for DenseCache {
                 "attend on layer {layer} before anything was appended"
             )));
         };
+        if let StoredPositions::Shared(k_pos) = &store.positions {
+            return Ok(causal_attention(q_rot, k, v, positions, k_pos));
+        }
         let mask = store
             .positions
             .mask(positions, self.geometry.groups(), &q_rot.device());

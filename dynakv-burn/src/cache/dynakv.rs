@@ -23,7 +23,7 @@ use dynakv_core::policy::{KvKind, RankPolicy};
 
 use super::latent_decode::{self, BucketView, Heads, HostBasis};
 use super::{joint, mat, AttentionCache, CacheGeometry, KeepPositions, PrunableCache};
-use crate::attention::{causal_mask, gqa_attention};
+use crate::attention::{causal_attention, causal_mask};
 use crate::error::CacheError;
 use crate::rope::{HostRope, Rope};
 
@@ -565,8 +565,7 @@ impl DynaKvCache {
             RopePlacement::Post => keys,
         };
         let values = rebuild(1, dec.dec_v);
-        let mask = causal_mask(positions, &k_pos, g.groups(), &device);
-        Ok(gqa_attention(q_rot, keys, values, mask))
+        Ok(causal_attention(q_rot, keys, values, positions, &k_pos))
     }
 }
 
