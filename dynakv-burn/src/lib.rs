@@ -17,7 +17,7 @@ pub mod train;
 pub use cache::SnapKvCache;
 pub use cache::{
     AttentionCache, CacheGeometry, DenseCache, DynaKvBases, DynaKvCache, KeepPositions,
-    LatentStorage, PrunableCache, Recorded, RecordingCache,
+    KvStorage, PrunableCache, Recorded, RecordingCache,
 };
 #[cfg(feature = "snapkv")]
 pub use dynakv_snapkv;

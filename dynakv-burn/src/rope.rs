@@ -57,6 +57,11 @@ impl HostRope {
 
 impl Rope {
     /// Builds the tables; `n_rot` must be even and at most `head_dim`.
+    /// The device of the tables.
+    pub fn device(&self) -> Device {
+        self.cos.device()
+    }
+
     pub fn new(
         head_dim: usize,
         n_rot: usize,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use burn::tensor::{Device, Distribution, Tensor};
 use dynakv_burn::{
-    AttentionCache, CacheGeometry, DenseCache, DynaKvBases, DynaKvCache, LatentStorage, Rope,
+    AttentionCache, CacheGeometry, DenseCache, DynaKvBases, DynaKvCache, KvStorage, Rope,
 };
 use dynakv_core::artifact::{
     Artifact, ArtifactHeader, ModelIdentity, RopePlacement, FORMAT_VERSION,
@@ -144,10 +144,24 @@ pub fn dense(device: &Device) -> DenseCache {
     DenseCache::new(GEOMETRY, rope(device)).expect("dense")
 }
 
+/// The dense caches to measure: the native one, plus the tensor path where
+/// the native one keeps host vectors (what a GPU runs, and this project's
+/// dense cache before it had a host kernel).
+pub fn dense_configs(device: &Device) -> Vec<(String, DenseCache)> {
+    let native = dense(device);
+    let mut out = vec![("dense".to_string(), native.clone())];
+    if native.storage() == KvStorage::Host {
+        let tensor = DenseCache::with_storage(GEOMETRY, rope(device), KvStorage::Device)
+            .expect("dense");
+        out.push(("dense-tensor-path".to_string(), tensor));
+    }
+    out
+}
+
 pub fn dynakv(
     placement: RopePlacement,
     policy: Arc<dyn RankPolicy>,
-    storage: LatentStorage,
+    storage: KvStorage,
     device: &Device,
 ) -> DynaKvCache {
     let bases = Arc::new(
@@ -163,8 +177,8 @@ pub fn dynakv(
 /// way a GPU runs it, to show what the host kernel changes on a CPU.
 pub fn dynakv_configs(
     device: &Device,
-) -> Vec<(String, RopePlacement, Arc<dyn RankPolicy>, LatentStorage)> {
-    let native = LatentStorage::for_device(device);
+) -> Vec<(String, RopePlacement, Arc<dyn RankPolicy>, KvStorage)> {
+    let native = KvStorage::for_device(device);
     let mut out = Vec::new();
     for placement in [RopePlacement::Pre, RopePlacement::Post] {
         for budget in [0.47, 0.30, 0.20] {
@@ -173,9 +187,9 @@ pub fn dynakv_configs(
                 out.push((label, placement, policy, native));
             }
         }
-        if native == LatentStorage::Host {
+        if native == KvStorage::Host {
             let label = format!("dynakv-{placement:?}-spread-0.3-tensor-path").to_lowercase();
-            out.push((label, placement, spread(0.30), LatentStorage::Device));
+            out.push((label, placement, spread(0.30), KvStorage::Device));
         }
     }
     out

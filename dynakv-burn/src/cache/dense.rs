@@ -3,7 +3,12 @@
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use dynakv_core::budget::CacheFootprint;
 
-use super::{AttentionCache, CacheGeometry, KeepPositions, PrunableCache};
+use super::dense_decode::{self, HeadView};
+use super::host_math::Heads;
+use super::{
+    host_rows, AttentionCache, CacheGeometry, KeepPositions, KvStorage, PrunableCache,
+    HOST_KERNEL_MAX_QUERIES,
+};
 use crate::attention::{causal_attention, causal_mask, gqa_attention};
 use crate::error::CacheError;
 use crate::rope::Rope;
@@ -63,13 +68,46 @@ impl StoredPositions {
     }
 }
 
+/// A layer's keys (RoPE applied) and values, where the cache keeps them.
+#[derive(Debug, Clone)]
+enum Kv {
+    /// `[B, H_kv, S, D]` each.
+    Device { k: Tensor<4>, v: Tensor<4> },
+    /// Per KV head, `[S_h, D]` row-major each; every head holds as many tokens.
+    Host { k: Vec<Vec<f32>>, v: Vec<Vec<f32>> },
+}
+
+impl Kv {
+    fn elements(&self) -> usize {
+        match self {
+            Self::Device { k, v } => k.shape().num_elements() + v.shape().num_elements(),
+            Self::Host { k, v } => k.iter().chain(v).map(Vec::len).sum(),
+        }
+    }
+
+    /// The keys and values as tensors (an upload for host storage).
+    ///
+    /// # Shapes
+    /// returns `[1, H_kv, S, D]` twice (`[B, ..]` for device storage).
+    fn tensors(&self, head_dim: usize, device: &Device) -> (Tensor<4>, Tensor<4>) {
+        match self {
+            Self::Device { k, v } => (k.clone(), v.clone()),
+            Self::Host { k, v } => {
+                let up = |heads: &Vec<Vec<f32>>| {
+                    let s = heads.first().map_or(0, |h| h.len() / head_dim);
+                    let data: Vec<f32> = heads.iter().flatten().copied().collect();
+                    Tensor::from_data(TensorData::new(data, [1, heads.len(), s, head_dim]), device)
+                };
+                (up(k), up(v))
+            }
+        }
+    }
+}
+
 /// One layer's stored tokens.
 #[derive(Debug, Clone, Default)]
 struct LayerStore {
-    /// `[B, H_kv, S, D]`, RoPE applied.
-    k: Option<Tensor<4>>,
-    /// `[B, H_kv, S, D]`
-    v: Option<Tensor<4>>,
+    kv: Option<Kv>,
     positions: StoredPositions,
     /// Tokens ever appended (the dense cache on the same tokens stores them all).
     seen: usize,
@@ -79,25 +117,47 @@ struct LayerStore {
 const POSITION_BYTES: usize = 4;
 
 /// Full-precision keys (RoPE applied on append) and values for every token.
+///
+/// With [`KvStorage::Host`] (the CPU default) keys and values live in host
+/// vectors that grow in place, and decode steps run a fused host kernel
+/// (`dense_decode`); a tensor cache must copy all `S` tokens on every append,
+/// since burn's attention wants contiguous keys. Prefill chunks use burn's
+/// attention either way.
 #[derive(Debug, Clone)]
 pub struct DenseCache {
     geometry: CacheGeometry,
     rope: Rope,
+    storage: KvStorage,
     layers: Vec<LayerStore>,
 }
 
 impl DenseCache {
+    /// Storage as [`KvStorage::for_device`] picks for the RoPE tables' device.
     pub fn new(geometry: CacheGeometry, rope: Rope) -> Result<Self, CacheError> {
+        let storage = KvStorage::for_device(&rope.device());
+        Self::with_storage(geometry, rope, storage)
+    }
+
+    pub fn with_storage(
+        geometry: CacheGeometry,
+        rope: Rope,
+        storage: KvStorage,
+    ) -> Result<Self, CacheError> {
         geometry.validate()?;
         Ok(Self {
             geometry,
             rope,
+            storage,
             layers: vec![LayerStore::default(); geometry.n_layers],
         })
     }
 
     pub fn geometry(&self) -> CacheGeometry {
         self.geometry
+    }
+
+    pub fn storage(&self) -> KvStorage {
+        self.storage
     }
 
     /// Stored keys (RoPE'd), values and, per KV head, positions of a layer.
@@ -110,16 +170,19 @@ impl DenseCache {
             StoredPositions::Shared(p) => vec![p.clone(); self.geometry.n_kv_heads],
             StoredPositions::PerHead(p) => p.clone(),
         };
-        Some((l.k.clone()?, l.v.clone()?, positions))
+        let (k, v) = l
+            .kv
+            .as_ref()?
+            .tensors(self.geometry.head_dim, &self.rope.device());
+        Some((k, v, positions))
     }
 }
 
 /// Row indices (into `stored`) of the kept positions, in stored order.
-fn kept_rows(stored: &[usize], keep: &[usize]) -> Result<Vec<i64>, CacheError> {
+fn kept_rows(stored: &[usize], keep: &[usize]) -> Result<Vec<usize>, CacheError> {
     let keep: std::collections::HashSet<usize> = keep.iter().copied().collect();
-    let rows: Vec<i64> = (0..stored.len())
+    let rows: Vec<usize> = (0..stored.len())
         .filter(|&i| keep.contains(&stored[i]))
-        .map(|i| i as i64)
         .collect();
     if rows.len() != keep.len() {
         return Err(CacheError::Config(format!(
@@ -135,10 +198,19 @@ fn kept_rows(stored: &[usize], keep: &[usize]) -> Result<Vec<i64>, CacheError> {
 ///
 /// # Shapes
 /// - `x`: `[B, H, S, D]`; returns `[B, H, rows, D]`
-fn select_seq(x: Tensor<4>, rows: &[i64]) -> Tensor<4> {
-    let idx =
-        Tensor::<1, Int>::from_data(TensorData::new(rows.to_vec(), [rows.len()]), &x.device());
+fn select_seq(x: Tensor<4>, rows: &[usize]) -> Tensor<4> {
+    let n = rows.len();
+    let rows: Vec<i64> = rows.iter().map(|&i| i as i64).collect();
+    let idx = Tensor::<1, Int>::from_data(TensorData::new(rows, [n]), &x.device());
     x.select(2, idx)
+}
+
+/// Rows `rows` of a row-major `[S, d]` matrix.
+fn gather_rows(x: &[f32], d: usize, rows: &[usize]) -> Vec<f32> {
+    rows.iter()
+        .flat_map(|&i| &x[i * d..(i + 1) * d])
+        .copied()
+        .collect()
 }
 
 impl PrunableCache for DenseCache {
@@ -148,17 +220,18 @@ impl PrunableCache for DenseCache {
 
     fn retain(&mut self, layer: usize, keep: &KeepPositions) -> Result<(), CacheError> {
         self.geometry.check_layer(layer)?;
-        let hk = self.geometry.n_kv_heads;
+        let (hk, dh) = (self.geometry.n_kv_heads, self.geometry.head_dim);
         let store = &mut self.layers[layer];
-        // Clones are cheap handles; the store changes only once all succeeded.
-        let (Some(k), Some(v)) = (store.k.clone(), store.v.clone()) else {
+        let Some(kv) = &store.kv else {
             return Err(CacheError::Config(format!("retain on empty layer {layer}")));
         };
         let heads: Vec<Vec<usize>> = match &store.positions {
             StoredPositions::Shared(p) => vec![p.clone(); hk],
             StoredPositions::PerHead(p) => p.clone(),
         };
-        let (k, v, positions) = match keep {
+        // Rows kept per head, and the positions they leave; the store changes
+        // only once all succeeded.
+        let (rows, positions): (Vec<Vec<usize>>, StoredPositions) = match keep {
             KeepPositions::Layer(keep) => {
                 if let StoredPositions::PerHead(_) = store.positions {
                     return Err(CacheError::Config(
@@ -166,12 +239,8 @@ impl PrunableCache for DenseCache {
                     ));
                 }
                 let rows = kept_rows(&heads[0], keep)?;
-                let pos = rows.iter().map(|&i| heads[0][i as usize]).collect();
-                (
-                    select_seq(k, &rows),
-                    select_seq(v, &rows),
-                    StoredPositions::Shared(pos),
-                )
+                let pos = rows.iter().map(|&i| heads[0][i]).collect();
+                (vec![rows; hk], StoredPositions::Shared(pos))
             }
             KeepPositions::PerKvHead(keep) => {
                 if keep.len() != hk || keep.iter().any(|r| r.len() != keep[0].len()) {
@@ -179,31 +248,38 @@ impl PrunableCache for DenseCache {
                         "per-head selection needs {hk} rows of equal length"
                     )));
                 }
-                let (mut ks, mut vs, mut ps) = (Vec::new(), Vec::new(), Vec::new());
-                for (h, keep_h) in keep.iter().enumerate() {
-                    let rows = kept_rows(&heads[h], keep_h)?;
-                    ks.push(select_seq(k.clone().narrow(1, h, 1), &rows));
-                    vs.push(select_seq(v.clone().narrow(1, h, 1), &rows));
-                    ps.push(rows.iter().map(|&i| heads[h][i as usize]).collect());
-                }
-                (
-                    Tensor::cat(ks, 1),
-                    Tensor::cat(vs, 1),
-                    StoredPositions::PerHead(ps),
-                )
+                let rows = (0..hk)
+                    .map(|h| kept_rows(&heads[h], &keep[h]))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let pos = (0..hk)
+                    .map(|h| rows[h].iter().map(|&i| heads[h][i]).collect())
+                    .collect();
+                (rows, StoredPositions::PerHead(pos))
             }
         };
-        store.k = Some(k);
-        store.v = Some(v);
+        let kv = match kv {
+            Kv::Device { k, v } => {
+                let per_head = |x: &Tensor<4>| {
+                    Tensor::cat(
+                        (0..hk)
+                            .map(|h| select_seq(x.clone().narrow(1, h, 1), &rows[h]))
+                            .collect(),
+                        1,
+                    )
+                };
+                Kv::Device {
+                    k: per_head(k),
+                    v: per_head(v),
+                }
+            }
+            Kv::Host { k, v } => Kv::Host {
+                k: (0..hk).map(|h| gather_rows(&k[h], dh, &rows[h])).collect(),
+                v: (0..hk).map(|h| gather_rows(&v[h], dh, &rows[h])).collect(),
+            },
+        };
+        store.kv = Some(kv);
         store.positions = positions;
         Ok(())
-    }
-}
-
-fn cat_seq(old: Option<Tensor<4>>, new: Tensor<4>) -> Tensor<4> {
-    match old {
-        Some(old) => Tensor::cat(vec![old, new], 2),
-        None => new,
     }
 }
 
@@ -218,9 +294,37 @@ impl AttentionCache for DenseCache {
         self.geometry.check_layer(layer)?;
         self.geometry.check_kv(&k_pre, &v, positions)?;
         let k = self.rope.apply(k_pre, positions)?;
+        let (hk, dh, t) = (self.geometry.n_kv_heads, self.geometry.head_dim, positions.len());
         let store = &mut self.layers[layer];
-        store.k = Some(cat_seq(store.k.take(), k));
-        store.v = Some(cat_seq(store.v.take(), v));
+        store.kv = Some(match (store.kv.take(), self.storage) {
+            (Some(Kv::Host { k: mut ks, v: mut vs }), _) => {
+                let (hk_rows, hv_rows) = (host_rows(&k)?, host_rows(&v)?);
+                for h in 0..hk {
+                    ks[h].extend_from_slice(&hk_rows[h * t * dh..(h + 1) * t * dh]);
+                    vs[h].extend_from_slice(&hv_rows[h * t * dh..(h + 1) * t * dh]);
+                }
+                Kv::Host { k: ks, v: vs }
+            }
+            (None, KvStorage::Host) => {
+                if k.dims()[0] != 1 {
+                    return Err(CacheError::Config(
+                        "DenseCache with host storage supports batch size 1".into(),
+                    ));
+                }
+                let split = |rows: Vec<f32>| -> Vec<Vec<f32>> {
+                    rows.chunks(t * dh).map(<[f32]>::to_vec).collect()
+                };
+                Kv::Host {
+                    k: split(host_rows(&k)?),
+                    v: split(host_rows(&v)?),
+                }
+            }
+            (Some(Kv::Device { k: old_k, v: old_v }), _) => Kv::Device {
+                k: Tensor::cat(vec![old_k, k], 2),
+                v: Tensor::cat(vec![old_v, v], 2),
+            },
+            (None, KvStorage::Device) => Kv::Device { k, v },
+        });
         store.positions.extend(positions);
         store.seen += positions.len();
         Ok(())
@@ -234,18 +338,46 @@ impl AttentionCache for DenseCache {
     ) -> Result<Tensor<4>, CacheError> {
         self.geometry.check_layer(layer)?;
         self.geometry.check_q(&q_rot, positions)?;
+        let g = self.geometry;
         let store = &self.layers[layer];
-        let (Some(k), Some(v)) = (store.k.clone(), store.v.clone()) else {
+        let Some(kv) = &store.kv else {
             return Err(CacheError::Config(format!(
                 "attend on layer {layer} before anything was appended"
             )));
         };
+        let [bsz, h, t, dh] = q_rot.dims();
+        if let (Kv::Host { k, v }, true) = (kv, t <= HOST_KERNEL_MAX_QUERIES) {
+            if bsz != 1 {
+                return Err(CacheError::Config(
+                    "DenseCache with host storage supports batch size 1".into(),
+                ));
+            }
+            let heads: Vec<&[usize]> = match &store.positions {
+                StoredPositions::Shared(p) => vec![p.as_slice(); g.n_kv_heads],
+                StoredPositions::PerHead(p) => p.iter().map(Vec::as_slice).collect(),
+            };
+            let views: Vec<HeadView> = (0..g.n_kv_heads)
+                .map(|i| HeadView {
+                    k: &k[i],
+                    v: &v[i],
+                    positions: heads[i],
+                })
+                .collect();
+            let device = q_rot.device();
+            let q = host_rows(&q_rot)?;
+            let heads = Heads {
+                n_heads: h,
+                n_kv_heads: g.n_kv_heads,
+                head_dim: dh,
+            };
+            let out = dense_decode::attend(heads, &q, positions, &views);
+            return Ok(Tensor::from_data(TensorData::new(out, [1, h, t, dh]), &device));
+        }
+        let (k, v) = kv.tensors(dh, &q_rot.device());
         if let StoredPositions::Shared(k_pos) = &store.positions {
             return Ok(causal_attention(q_rot, k, v, positions, k_pos));
         }
-        let mask = store
-            .positions
-            .mask(positions, self.geometry.groups(), &q_rot.device());
+        let mask = store.positions.mask(positions, g.groups(), &q_rot.device());
         Ok(gqa_attention(q_rot, k, v, mask))
     }
 
@@ -258,8 +390,11 @@ impl AttentionCache for DenseCache {
     }
 
     fn footprint(&self) -> CacheFootprint {
-        let elems = |t: &Option<Tensor<4>>| t.as_ref().map_or(0, |t| t.shape().num_elements());
-        let values: usize = self.layers.iter().map(|l| elems(&l.k) + elems(&l.v)).sum();
+        let values: usize = self
+            .layers
+            .iter()
+            .map(|l| l.kv.as_ref().map_or(0, Kv::elements))
+            .sum();
         let seen: usize = self.layers.iter().map(|l| l.seen).sum();
         let pruned = self.layers.iter().any(|l| l.positions.len() < l.seen);
         CacheFootprint {
@@ -272,6 +407,68 @@ impl AttentionCache for DenseCache {
                 0
             },
             fixed_bytes: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::test_support::{rand4, run, G};
+    use crate::device::default_device;
+
+    fn caches() -> (DenseCache, DenseCache) {
+        let rope = Rope::new(4, 4, 10_000.0, 64, &default_device()).unwrap();
+        (
+            DenseCache::with_storage(G, rope.clone(), KvStorage::Device).unwrap(),
+            DenseCache::with_storage(G, rope, KvStorage::Host).unwrap(),
+        )
+    }
+
+    fn max_diff(a: Tensor<4>, b: Tensor<4>) -> f32 {
+        (a - b).abs().max().into_scalar()
+    }
+
+    #[test]
+    fn host_storage_equals_device_storage_through_decode_and_pruning() {
+        let (q, k, v) = (
+            rand4([1, 4, 16, 4]),
+            rand4([1, 2, 16, 4]),
+            rand4([1, 2, 16, 4]),
+        );
+        // a prefill chunk (tensor path), decode steps of 1 and 3 queries
+        // (host kernel, with a causal mask inside the chunk), one more chunk
+        let chunks = [8, 1, 3, 4];
+        let (mut dev, mut host) = caches();
+        let want = run(&mut dev, &q, &k, &v, &chunks);
+        let got = run(&mut host, &q, &k, &v, &chunks);
+        assert!(max_diff(got, want) < 1e-5);
+        assert_eq!(dev.footprint(), host.footprint());
+        // per-head pruning (kvpress), then a decode step over it
+        let keep = KeepPositions::PerKvHead(vec![vec![0, 3, 5, 15], vec![1, 2, 9, 15]]);
+        for c in [&mut dev, &mut host] {
+            c.retain(0, &keep).unwrap();
+        }
+        let q_last = q.clone().narrow(2, 15, 1);
+        let a = dev.attend(0, q_last.clone(), &[15]).unwrap();
+        let b = host.attend(0, q_last, &[15]).unwrap();
+        assert!(max_diff(a, b) < 1e-5);
+        assert_eq!(dev.footprint(), host.footprint());
+        let (kd, vd, pd) = dev.layer_kv(0).unwrap();
+        let (kh, vh, ph) = host.layer_kv(0).unwrap();
+        assert_eq!(pd, ph);
+        assert!(max_diff(kd, kh) < 1e-6 && max_diff(vd, vh) < 1e-6);
+        // one token set per layer after a per-head pruning is an error on both
+        let layer = KeepPositions::Layer(vec![15]);
+        assert!(dev.retain(0, &layer).is_err() && host.retain(0, &layer).is_err());
+    }
+
+    #[test]
+    fn cpu_devices_get_host_storage() {
+        #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+        {
+            let rope = Rope::new(4, 4, 10_000.0, 64, &default_device()).unwrap();
+            assert_eq!(DenseCache::new(G, rope).unwrap().storage(), KvStorage::Host);
         }
     }
 }

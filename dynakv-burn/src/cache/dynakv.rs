@@ -22,7 +22,10 @@ use dynakv_core::levels::RankLevels;
 use dynakv_core::policy::{KvKind, RankPolicy};
 
 use super::latent_decode::{self, BucketView, Heads, HostBasis};
-use super::{joint, mat, AttentionCache, CacheGeometry, KeepPositions, PrunableCache};
+use super::{
+    host_rows, joint, mat, AttentionCache, CacheGeometry, KeepPositions, KvStorage, PrunableCache,
+    HOST_KERNEL_MAX_QUERIES,
+};
 use crate::attention::{causal_attention, causal_mask};
 use crate::error::CacheError;
 use crate::rope::{HostRope, Rope};
@@ -64,7 +67,7 @@ impl Decoders {
 }
 
 /// One layer's basis: encoders and means on the device, decoders on the
-/// device ([`LatentStorage::Device`]) or on the host ([`LatentStorage::Host`],
+/// device ([`KvStorage::Device`]) or on the host ([`KvStorage::Host`],
 /// read by the host kernel and uploaded for a prefill's tensor path).
 #[derive(Debug, Clone)]
 struct LayerBasis {
@@ -75,33 +78,6 @@ struct LayerBasis {
     decoders: Option<Decoders>,
     host: HostBasis,
 }
-
-/// Where a DynaKV cache keeps its latents, and so how it attends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LatentStorage {
-    /// burn tensors on the device; attention by tensor ops (GPUs).
-    Device,
-    /// Host vectors: decode steps run the fused host kernel and appends are
-    /// amortised O(1); prefill chunks upload and use the tensor path (CPUs).
-    Host,
-}
-
-impl LatentStorage {
-    /// `Host` for a CPU backend (Flex, NdArray), `Device` otherwise.
-    pub fn for_device(device: &Device) -> Self {
-        let name = format!("{device:?}");
-        if name.contains("Flex") || name.contains("NdArray") {
-            Self::Host
-        } else {
-            Self::Device
-        }
-    }
-}
-
-/// Decode steps with at most this many queries run the host kernel (with
-/// [`LatentStorage::Host`]); longer prefill chunks are matrix products, where
-/// burn's GEMM wins.
-const HOST_KERNEL_MAX_QUERIES: usize = 4;
 
 /// Chunks with at least this many queries (prefill) rebuild every stored key
 /// and value once and run burn's fused attention, as the dense cache does:
@@ -117,13 +93,13 @@ pub struct DynaKvBases {
     levels: RankLevels,
     d_kv: usize,
     fixed_bytes: usize,
-    storage: LatentStorage,
+    storage: KvStorage,
     geometry: CacheGeometry,
 }
 
 impl DynaKvBases {
     /// Uploads an artifact's bases, checking them against the geometry; the
-    /// storage follows the device ([`LatentStorage::for_device`]).
+    /// storage follows the device ([`KvStorage::for_device`]).
     pub fn new(
         artifact: &Artifact,
         geometry: CacheGeometry,
@@ -133,7 +109,7 @@ impl DynaKvBases {
             artifact,
             geometry,
             device,
-            LatentStorage::for_device(device),
+            KvStorage::for_device(device),
         )
     }
 
@@ -142,7 +118,7 @@ impl DynaKvBases {
         artifact: &Artifact,
         geometry: CacheGeometry,
         device: &Device,
-        storage: LatentStorage,
+        storage: KvStorage,
     ) -> Result<Self, CacheError> {
         geometry.validate()?;
         let d = geometry.d_kv();
@@ -176,7 +152,7 @@ impl DynaKvBases {
                 mean_v: pair[1].mean.clone(),
             };
             let decoders =
-                (storage == LatentStorage::Device).then(|| Decoders::new(&host, geometry, device));
+                (storage == KvStorage::Device).then(|| Decoders::new(&host, geometry, device));
             // enc x2, dec x2, means x2, each held once (host or device)
             fixed += 4 * (4 * d * d + 2 * d);
             layers.push(LayerBasis {
@@ -197,7 +173,7 @@ impl DynaKvBases {
         })
     }
 
-    pub fn storage(&self) -> LatentStorage {
+    pub fn storage(&self) -> KvStorage {
         self.storage
     }
 
@@ -230,7 +206,7 @@ struct Bucket {
     ids: Vec<usize>,
 }
 
-/// A bucket's latents, `[n, rank]`, where [`LatentStorage`] says.
+/// A bucket's latents, `[n, rank]`, where [`KvStorage`] says.
 #[derive(Debug, Clone)]
 enum Latents {
     /// Boxed: a tensor handle is much larger than a `Vec`.
@@ -317,8 +293,8 @@ impl DynaKvCache {
             return Err(CacheError::Config("bases do not match the geometry".into()));
         }
         let host_rope = match bases.storage {
-            LatentStorage::Host => Some(rope.host()?),
-            LatentStorage::Device => None,
+            KvStorage::Host => Some(rope.host()?),
+            KvStorage::Device => None,
         };
         Ok(Self {
             geometry,
@@ -458,17 +434,6 @@ impl PrunableCache for DynaKvCache {
     }
 }
 
-/// A latent tensor's values on the host.
-///
-/// # Shapes
-/// `lat`: `[n, d]`; returns `[n * d]` row-major.
-fn host_rows(lat: &Tensor<2>) -> Result<Vec<f32>, CacheError> {
-    lat.clone()
-        .into_data()
-        .try_into_vec_as::<f32>()
-        .map_err(|e| CacheError::Config(format!("latents: {e:?}")))
-}
-
 /// One kind's stored latents zero-padded to `d` columns, one row per key
 /// slot: `slot_of[id]` is the slot of token `id` (`usize::MAX`: none). A slot
 /// whose token stores nothing of this kind (a key without a value) gets a zero
@@ -592,7 +557,7 @@ impl AttentionCache for DynaKvCache {
         let lat_k = (joint(k) - b.mean[0].clone().unsqueeze()).matmul(b.enc[0].clone());
         let lat_v = (joint(v) - b.mean[1].clone().unsqueeze()).matmul(b.enc[1].clone());
         // Host copies: what host storage keeps and what a latent-reading policy reads.
-        let need_host = self.bases.storage == LatentStorage::Host || self.policy.needs_latents();
+        let need_host = self.bases.storage == KvStorage::Host || self.policy.needs_latents();
         let (host_k, host_v) = if need_host {
             (host_rows(&lat_k)?, host_rows(&lat_v)?)
         } else {
@@ -620,7 +585,7 @@ impl AttentionCache for DynaKvCache {
             }
         }
         let first = self.layers[layer].next_id;
-        let host = self.bases.storage == LatentStorage::Host;
+        let host = self.bases.storage == KvStorage::Host;
         let (hk, hv) = (host.then_some(&host_k[..]), host.then_some(&host_v[..]));
         self.store(layer, KvKind::Key, lat_k, hk, &rk, positions, first);
         self.store(layer, KvKind::Value, lat_v, hv, &rv, positions, first);
@@ -829,8 +794,8 @@ mod tests {
             // short chunks (2, 4: host kernel with a causal mask), a long one
             // (5: tensor path over host latents), a decode step
             let chunks = [2, 4, 5, 1];
-            let mut dev = make(LatentStorage::Device);
-            let mut host = make(LatentStorage::Host);
+            let mut dev = make(KvStorage::Device);
+            let mut host = make(KvStorage::Host);
             assert!(host.host_rope.is_some() && dev.host_rope.is_none());
             let want = run(&mut dev, &q, &k, &v, &chunks);
             let got = run(&mut host, &q, &k, &v, &chunks);
@@ -879,7 +844,7 @@ mod tests {
             rand4([1, 2, 14, 4]),
         );
         for placement in [RopePlacement::Pre, RopePlacement::Post] {
-            for storage in [LatentStorage::Device, LatentStorage::Host] {
+            for storage in [KvStorage::Device, KvStorage::Host] {
                 let bases = Arc::new(
                     DynaKvBases::with_storage(&artifact(placement), G, &device, storage).unwrap(),
                 );
@@ -918,8 +883,8 @@ mod tests {
         // The default test backend is Flex unless a GPU feature is on.
         #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
         assert_eq!(
-            LatentStorage::for_device(&default_device()),
-            LatentStorage::Host
+            KvStorage::for_device(&default_device()),
+            KvStorage::Host
         );
     }
 

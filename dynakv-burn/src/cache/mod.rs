@@ -1,7 +1,9 @@
 //! The attention-cache trait: the single seam between a model and KV storage.
 
 mod dense;
+mod dense_decode;
 mod dynakv;
+mod host_math;
 mod latent_decode;
 mod recording;
 #[cfg(feature = "snapkv")]
@@ -10,7 +12,7 @@ mod snapkv;
 pub(crate) mod test_support;
 
 pub use dense::DenseCache;
-pub use dynakv::{DynaKvBases, DynaKvCache, LatentStorage};
+pub use dynakv::{DynaKvBases, DynaKvCache};
 pub use recording::{Recorded, RecordingCache};
 #[cfg(feature = "snapkv")]
 pub use snapkv::SnapKvCache;
@@ -35,6 +37,41 @@ pub(crate) fn joint(x: Tensor<4>) -> Tensor<2> {
 /// returns `[rows, cols]`
 pub(crate) fn mat(v: &[f32], rows: usize, cols: usize, device: &Device) -> Tensor<2> {
     Tensor::from_data(TensorData::new(v.to_vec(), [rows, cols]), device)
+}
+
+/// Where a cache keeps its numbers, and so how it attends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvStorage {
+    /// burn tensors on the device; attention by tensor ops (GPUs).
+    Device,
+    /// Host vectors: decode steps run a fused host kernel and appends are
+    /// amortised O(1); prefill chunks upload and use the tensor path (CPUs).
+    Host,
+}
+
+impl KvStorage {
+    /// `Host` for a CPU backend (Flex, NdArray), `Device` otherwise.
+    pub fn for_device(device: &Device) -> Self {
+        let name = format!("{device:?}");
+        if name.contains("Flex") || name.contains("NdArray") {
+            Self::Host
+        } else {
+            Self::Device
+        }
+    }
+}
+
+/// Decode steps with at most this many queries run a host kernel (with
+/// [`KvStorage::Host`]); longer prefill chunks are matrix products, where
+/// burn's GEMM wins.
+pub(crate) const HOST_KERNEL_MAX_QUERIES: usize = 4;
+
+/// A tensor's values on the host, row-major.
+pub(crate) fn host_rows<const N: usize>(x: &Tensor<N>) -> Result<Vec<f32>, CacheError> {
+    x.clone()
+        .into_data()
+        .try_into_vec_as::<f32>()
+        .map_err(|e| CacheError::Config(format!("host copy: {e:?}")))
 }
 
 /// Attention geometry of a model, as a cache needs it.

@@ -1,0 +1,235 @@
+//! A fused host kernel for the dense cache's decode steps: attention of a few
+//! queries over keys and values kept in host vectors, one per KV head.
+//!
+//! Why: burn's fused attention wants contiguous `[B, H_kv, S, D]` keys, so a
+//! tensor cache must concatenate (copy) all `S` tokens on every append, which
+//! at 4k tokens costs more than the attention itself. Host vectors grow in
+//! place, and this kernel reads them directly: per KV head, every key row is
+//! loaded once and scored by the query heads of its group, then values are
+//! summed with the softmax weights. Token chunks run in parallel (rayon).
+//! The dense cache is the baseline every compressed cache is measured
+//! against, so it gets the same care as DynaKV's kernel.
+
+use rayon::prelude::*;
+
+use super::host_math::{avx2_dispatch, axpy, dot, softmax_columns, Heads, CHUNK};
+
+/// One KV head's stored tokens as the kernel reads them.
+///
+/// # Shapes
+/// `k` (RoPE applied), `v`: `[n, head_dim]` row-major; `positions`: `[n]`.
+pub(crate) struct HeadView<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub positions: &'a [usize],
+}
+
+/// Attention of `T` queries over per-KV-head keys and values.
+///
+/// # Shapes
+/// - `q`: `[H, T, head_dim]` row-major, RoPE applied; `q_pos`: `[T]`
+/// - `kv`: one view per KV head
+/// - returns `[H, T, head_dim]`
+///
+/// A query sees keys at positions `<=` its own. Every query must see at least
+/// one key of every head (a decode step follows its own append).
+pub(crate) fn attend(heads: Heads, q: &[f32], q_pos: &[usize], kv: &[HeadView]) -> Vec<f32> {
+    let (h, hk, dh) = (heads.n_heads, heads.n_kv_heads, heads.head_dim);
+    let (t, groups) = (q_pos.len(), h / hk);
+    let gt = groups * t;
+    let scale = 1.0 / (dh as f32).sqrt();
+    let mut out = vec![0f32; h * t * dh];
+    for (g, view) in kv.iter().enumerate().take(hk) {
+        // The group's query rows, `[G*T, D]`: heads g*G .. (g+1)*G, each T rows.
+        let q_group = &q[g * gt * dh..(g + 1) * gt * dh];
+        let n = view.positions.len();
+        // Scores, slot-major `[n, G*T]` so that token chunks write disjoint rows.
+        let mut scores = vec![0f32; n * gt];
+        let job = ScoreJob {
+            q: q_group,
+            q_pos,
+            t,
+            dh,
+            scale,
+        };
+        scores
+            .par_chunks_mut(CHUNK * gt)
+            .enumerate()
+            .for_each(|(c, rows)| score_chunk(&job, view, c * CHUNK, rows));
+        softmax_columns(&mut scores, gt);
+        let o = (0..n.div_ceil(CHUNK))
+            .into_par_iter()
+            .map(|c| {
+                let mut o = vec![0f32; gt * dh];
+                let toks = c * CHUNK..((c + 1) * CHUNK).min(n);
+                value_chunk(&scores, gt, dh, view.v, toks, &mut o);
+                o
+            })
+            .reduce(
+                || vec![0f32; gt * dh],
+                |mut a, b| {
+                    axpy(&mut a, 1.0, &b);
+                    a
+                },
+            );
+        out[g * gt * dh..(g + 1) * gt * dh].copy_from_slice(&o);
+    }
+    out
+}
+
+/// What every key chunk of one KV head reads.
+struct ScoreJob<'a> {
+    /// `[G*T, D]`
+    q: &'a [f32],
+    q_pos: &'a [usize],
+    t: usize,
+    dh: usize,
+    scale: f32,
+}
+
+avx2_dispatch! {
+    /// Scores of the group's queries against keys `first..` of a head.
+    fn score_chunk / score_chunk_avx2 => score_chunk_impl(
+        job: &ScoreJob, view: &HeadView, first: usize, rows: &mut [f32]
+    )
+}
+
+#[inline(always)]
+fn score_chunk_impl(job: &ScoreJob, view: &HeadView, first: usize, rows: &mut [f32]) {
+    let (dh, t) = (job.dh, job.t);
+    let gt = job.q.len() / dh;
+    for (j, row) in rows.chunks_mut(gt).enumerate() {
+        let s = first + j;
+        let key = &view.k[s * dh..(s + 1) * dh];
+        let pos = view.positions[s];
+        for (r, out) in row.iter_mut().enumerate() {
+            *out = if pos > job.q_pos[r % t] {
+                f32::NEG_INFINITY
+            } else {
+                dot(&job.q[r * dh..(r + 1) * dh], key) * job.scale
+            };
+        }
+    }
+}
+
+avx2_dispatch! {
+    /// `o[r] += p[s, r] * v[s]` over the tokens `toks` of a head.
+    fn value_chunk / value_chunk_avx2 => value_chunk_impl(
+        probs: &[f32], gt: usize, dh: usize, v: &[f32],
+        toks: std::ops::Range<usize>, o: &mut [f32]
+    )
+}
+
+#[inline(always)]
+fn value_chunk_impl(
+    probs: &[f32],
+    gt: usize,
+    dh: usize,
+    v: &[f32],
+    toks: std::ops::Range<usize>,
+    o: &mut [f32],
+) {
+    for s in toks {
+        let value = &v[s * dh..(s + 1) * dh];
+        for (r, &p) in probs[s * gt..(s + 1) * gt].iter().enumerate() {
+            if p != 0.0 {
+                axpy(&mut o[r * dh..(r + 1) * dh], p, value);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Head by head, query by query, with explicit loops: the reference.
+    fn reference(heads: Heads, q: &[f32], q_pos: &[usize], kv: &[HeadView]) -> Vec<f32> {
+        let (h, dh, t) = (heads.n_heads, heads.head_dim, q_pos.len());
+        let groups = h / heads.n_kv_heads;
+        let mut out = vec![0f32; h * t * dh];
+        for qh in 0..h {
+            let view = &kv[qh / groups];
+            for ti in 0..t {
+                let qr = &q[(qh * t + ti) * dh..(qh * t + ti + 1) * dh];
+                let s: Vec<f32> = (0..view.positions.len())
+                    .map(|j| {
+                        if view.positions[j] > q_pos[ti] {
+                            f32::NEG_INFINITY
+                        } else {
+                            let k = &view.k[j * dh..(j + 1) * dh];
+                            qr.iter().zip(k).map(|(a, b)| a * b).sum::<f32>()
+                                / (dh as f32).sqrt()
+                        }
+                    })
+                    .collect();
+                let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let e: Vec<f32> = s.iter().map(|x| (x - m).exp()).collect();
+                let z: f32 = e.iter().sum();
+                let o = &mut out[(qh * t + ti) * dh..(qh * t + ti + 1) * dh];
+                for (j, w) in e.iter().enumerate() {
+                    for (i, x) in o.iter_mut().enumerate() {
+                        *x += w / z * view.v[j * dh + i];
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn numbers(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_kernel_equals_explicit_attention_across_chunks_and_pruned_heads() {
+        let heads = Heads {
+            n_heads: 6,
+            n_kv_heads: 2,
+            head_dim: 12,
+        };
+        let dh = heads.head_dim;
+        // 300 tokens span three work chunks; head 1 was pruned to every other
+        // position (a per-head SnapKV selection); two queries, the first at a
+        // position that masks the last keys.
+        let n = 300;
+        let pos0: Vec<usize> = (0..n).collect();
+        let pos1: Vec<usize> = (0..n).map(|i| 2 * i).collect();
+        let (k0, v0, k1, v1) = (
+            numbers(n * dh, 1),
+            numbers(n * dh, 2),
+            numbers(n * dh, 3),
+            numbers(n * dh, 4),
+        );
+        let kv = [
+            HeadView {
+                k: &k0,
+                v: &v0,
+                positions: &pos0,
+            },
+            HeadView {
+                k: &k1,
+                v: &v1,
+                positions: &pos1,
+            },
+        ];
+        let q_pos = [450, 598];
+        let q = numbers(heads.n_heads * q_pos.len() * dh, 5);
+        let got = attend(heads, &q, &q_pos, &kv);
+        let want = reference(heads, &q, &q_pos, &kv);
+        let diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-5, "{diff}");
+    }
+}
