@@ -7,9 +7,7 @@ use std::time::Instant;
 
 use burn::tensor::Device;
 use criterion::measurement::WallTime;
-use criterion::{
-    criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion,
-};
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion};
 use dynakv_burn::AttentionCache;
 
 #[path = "support/synthetic.rs"]

@@ -16,8 +16,8 @@ pub mod train;
 #[cfg(feature = "snapkv")]
 pub use cache::SnapKvCache;
 pub use cache::{
-    AttentionCache, CacheGeometry, DenseCache, DynaKvBases, DynaKvCache, KeepPositions,
-    KvStorage, PrunableCache, Recorded, RecordingCache,
+    AttentionCache, CacheGeometry, DenseCache, DynaKvBases, DynaKvCache, KeepPositions, KvStorage,
+    PrunableCache, Recorded, RecordingCache,
 };
 #[cfg(feature = "snapkv")]
 pub use dynakv_snapkv;

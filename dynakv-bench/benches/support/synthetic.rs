@@ -151,8 +151,8 @@ pub fn dense_configs(device: &Device) -> Vec<(String, DenseCache)> {
     let native = dense(device);
     let mut out = vec![("dense".to_string(), native.clone())];
     if native.storage() == KvStorage::Host {
-        let tensor = DenseCache::with_storage(GEOMETRY, rope(device), KvStorage::Device)
-            .expect("dense");
+        let tensor =
+            DenseCache::with_storage(GEOMETRY, rope(device), KvStorage::Device).expect("dense");
         out.push(("dense-tensor-path".to_string(), tensor));
     }
     out

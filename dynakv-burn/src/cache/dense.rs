@@ -170,10 +170,9 @@ impl DenseCache {
             StoredPositions::Shared(p) => vec![p.clone(); self.geometry.n_kv_heads],
             StoredPositions::PerHead(p) => p.clone(),
         };
-        let (k, v) = l
-            .kv
-            .as_ref()?
-            .tensors(self.geometry.head_dim, &self.rope.device());
+        let (k, v) =
+            l.kv.as_ref()?
+                .tensors(self.geometry.head_dim, &self.rope.device());
         Some((k, v, positions))
     }
 }
@@ -294,10 +293,20 @@ impl AttentionCache for DenseCache {
         self.geometry.check_layer(layer)?;
         self.geometry.check_kv(&k_pre, &v, positions)?;
         let k = self.rope.apply(k_pre, positions)?;
-        let (hk, dh, t) = (self.geometry.n_kv_heads, self.geometry.head_dim, positions.len());
+        let (hk, dh, t) = (
+            self.geometry.n_kv_heads,
+            self.geometry.head_dim,
+            positions.len(),
+        );
         let store = &mut self.layers[layer];
         store.kv = Some(match (store.kv.take(), self.storage) {
-            (Some(Kv::Host { k: mut ks, v: mut vs }), _) => {
+            (
+                Some(Kv::Host {
+                    k: mut ks,
+                    v: mut vs,
+                }),
+                _,
+            ) => {
                 let (hk_rows, hv_rows) = (host_rows(&k)?, host_rows(&v)?);
                 for h in 0..hk {
                     ks[h].extend_from_slice(&hk_rows[h * t * dh..(h + 1) * t * dh]);
@@ -371,7 +380,10 @@ impl AttentionCache for DenseCache {
                 head_dim: dh,
             };
             let out = dense_decode::attend(heads, &q, positions, &views);
-            return Ok(Tensor::from_data(TensorData::new(out, [1, h, t, dh]), &device));
+            return Ok(Tensor::from_data(
+                TensorData::new(out, [1, h, t, dh]),
+                &device,
+            ));
         }
         let (k, v) = kv.tensors(dh, &q_rot.device());
         if let StoredPositions::Shared(k_pos) = &store.positions {

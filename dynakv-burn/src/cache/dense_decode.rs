@@ -158,8 +158,7 @@ mod tests {
                             f32::NEG_INFINITY
                         } else {
                             let k = &view.k[j * dh..(j + 1) * dh];
-                            qr.iter().zip(k).map(|(a, b)| a * b).sum::<f32>()
-                                / (dh as f32).sqrt()
+                            qr.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() / (dh as f32).sqrt()
                         }
                     })
                     .collect();

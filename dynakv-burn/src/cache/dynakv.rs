@@ -105,12 +105,7 @@ impl DynaKvBases {
         geometry: CacheGeometry,
         device: &Device,
     ) -> Result<Self, CacheError> {
-        Self::with_storage(
-            artifact,
-            geometry,
-            device,
-            KvStorage::for_device(device),
-        )
+        Self::with_storage(artifact, geometry, device, KvStorage::for_device(device))
     }
 
     /// As [`DynaKvBases::new`] with an explicit latent storage.
@@ -882,10 +877,7 @@ mod tests {
     fn cpu_devices_get_host_storage() {
         // The default test backend is Flex unless a GPU feature is on.
         #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
-        assert_eq!(
-            KvStorage::for_device(&default_device()),
-            KvStorage::Host
-        );
+        assert_eq!(KvStorage::for_device(&default_device()), KvStorage::Host);
     }
 
     #[test]

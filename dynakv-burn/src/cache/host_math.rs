@@ -2,6 +2,8 @@
 //! kernel and the dense cache's): work-item size, run-time AVX2 dispatch,
 //! head layout, column softmax, dot product and axpy.
 
+use rayon::prelude::*;
+
 /// Tokens per parallel work item: large enough to amortise scheduling, small
 /// enough that two cores share a 1k-token cache.
 pub(crate) const CHUNK: usize = 128;
@@ -43,29 +45,50 @@ pub(crate) struct Heads {
 }
 
 /// Softmax down each column of a slot-major `[S, cols]` matrix, in place.
+///
+/// Row blocks of [`CHUNK`] run in parallel for each of the three passes
+/// (column maxima, exponentials and sums, normalisation): at 4k tokens and 9
+/// query rows the 37k exponentials cost as much as the scores themselves.
 pub(crate) fn softmax_columns(m: &mut [f32], cols: usize) {
-    let mut max = vec![f32::NEG_INFINITY; cols];
-    for row in m.chunks(cols) {
-        for (mx, &x) in max.iter_mut().zip(row) {
-            *mx = mx.max(x);
+    let block = CHUNK * cols;
+    let merge = |f: fn(f32, f32) -> f32| {
+        move |mut a: Vec<f32>, b: Vec<f32>| {
+            a.iter_mut().zip(&b).for_each(|(x, &y)| *x = f(*x, y));
+            a
         }
-    }
-    let mut sum = vec![0f32; cols];
-    for row in m.chunks_mut(cols) {
-        for ((x, &mx), s) in row.iter_mut().zip(&max).zip(sum.iter_mut()) {
-            *x = if *x == f32::NEG_INFINITY {
-                0.0
-            } else {
-                (*x - mx).exp()
-            };
-            *s += *x;
+    };
+    let max = m
+        .par_chunks(block)
+        .map(|blk| {
+            let mut mx = vec![f32::NEG_INFINITY; cols];
+            for row in blk.chunks(cols) {
+                mx.iter_mut().zip(row).for_each(|(a, &x)| *a = a.max(x));
+            }
+            mx
+        })
+        .reduce(|| vec![f32::NEG_INFINITY; cols], merge(f32::max));
+    let sum = m
+        .par_chunks_mut(block)
+        .map(|blk| {
+            let mut sum = vec![0f32; cols];
+            for row in blk.chunks_mut(cols) {
+                for ((x, &mx), s) in row.iter_mut().zip(&max).zip(sum.iter_mut()) {
+                    *x = if *x == f32::NEG_INFINITY {
+                        0.0
+                    } else {
+                        (*x - mx).exp()
+                    };
+                    *s += *x;
+                }
+            }
+            sum
+        })
+        .reduce(|| vec![0f32; cols], merge(|a, b| a + b));
+    m.par_chunks_mut(block).for_each(|blk| {
+        for row in blk.chunks_mut(cols) {
+            row.iter_mut().zip(&sum).for_each(|(x, &s)| *x /= s);
         }
-    }
-    for row in m.chunks_mut(cols) {
-        for (x, &s) in row.iter_mut().zip(&sum) {
-            *x /= s;
-        }
-    }
+    });
 }
 
 #[inline(always)]
@@ -105,5 +128,26 @@ mod tests {
         assert!((col0 - 1.0).abs() < 1e-6 && (col1 - 1.0).abs() < 1e-6);
         assert_eq!(m[5], 0.0);
         assert!((m[1] - m[3]).abs() < 1e-7);
+    }
+
+    #[test]
+    fn softmax_columns_agree_across_parallel_blocks() {
+        // 300 rows: three blocks of CHUNK rows, the maximum in the last one
+        let (rows, cols) = (300, 3);
+        let mut m: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 37) % 101) as f32 / 10.0)
+            .collect();
+        m[(rows - 1) * cols] = 20.0;
+        let orig = m.clone();
+        softmax_columns(&mut m, cols);
+        for c in 0..cols {
+            let col: Vec<f32> = orig.iter().skip(c).step_by(cols).copied().collect();
+            let mx = col.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let z: f32 = col.iter().map(|x| (x - mx).exp()).sum();
+            for (r, x) in col.iter().enumerate() {
+                let want = (x - mx).exp() / z;
+                assert!((m[r * cols + c] - want).abs() < 1e-6, "{r} {c}");
+            }
+        }
     }
 }
