@@ -28,112 +28,111 @@ pub(crate) struct HeadView<'a> {
 ///
 /// # Shapes
 /// - `q`: `[H, T, head_dim]` row-major, RoPE applied; `q_pos`: `[T]`
-/// - `kv`: one view per KV head
+/// - `kv`: one view per KV head, every head holding the same number of tokens
+///   (their positions may differ: a per-head pruning keeps equal counts)
 /// - returns `[H, T, head_dim]`
 ///
 /// A query sees keys at positions `<=` its own. Every query must see at least
 /// one key of every head (a decode step follows its own append).
 pub(crate) fn attend(heads: Heads, q: &[f32], q_pos: &[usize], kv: &[HeadView]) -> Vec<f32> {
-    let (h, hk, dh) = (heads.n_heads, heads.n_kv_heads, heads.head_dim);
-    let (t, groups) = (q_pos.len(), h / hk);
-    let gt = groups * t;
-    let scale = 1.0 / (dh as f32).sqrt();
-    let mut out = vec![0f32; h * t * dh];
-    for (g, view) in kv.iter().enumerate().take(hk) {
-        // The group's query rows, `[G*T, D]`: heads g*G .. (g+1)*G, each T rows.
-        let q_group = &q[g * gt * dh..(g + 1) * gt * dh];
-        let n = view.positions.len();
-        // Scores, slot-major `[n, G*T]` so that token chunks write disjoint rows.
-        let mut scores = vec![0f32; n * gt];
-        let job = ScoreJob {
-            q: q_group,
-            q_pos,
-            t,
-            dh,
-            scale,
-        };
-        scores
-            .par_chunks_mut(CHUNK * gt)
-            .enumerate()
-            .for_each(|(c, rows)| score_chunk(&job, view, c * CHUNK, rows));
-        softmax_columns(&mut scores, gt);
-        let o = (0..n.div_ceil(CHUNK))
-            .into_par_iter()
-            .map(|c| {
-                let mut o = vec![0f32; gt * dh];
-                let toks = c * CHUNK..((c + 1) * CHUNK).min(n);
-                value_chunk(&scores, gt, dh, view.v, toks, &mut o);
-                o
-            })
-            .reduce(
-                || vec![0f32; gt * dh],
-                |mut a, b| {
-                    axpy(&mut a, 1.0, &b);
-                    a
-                },
-            );
-        out[g * gt * dh..(g + 1) * gt * dh].copy_from_slice(&o);
-    }
-    out
+    let (h, dh, t) = (heads.n_heads, heads.head_dim, q_pos.len());
+    let ht = h * t;
+    let n = kv.first().map_or(0, |v| v.positions.len());
+    debug_assert!(kv.iter().all(|v| v.positions.len() == n));
+    // Scores, slot-major `[n, H*T]` (column `qh * T + ti`, so the query rows
+    // of KV head g are the columns `g*G*T .. (g+1)*G*T`): token chunks write
+    // disjoint rows, and one softmax and one value pass serve every head.
+    let mut scores = vec![0f32; n * ht];
+    let job = ScoreJob {
+        q,
+        q_pos,
+        kv,
+        gt: ht / kv.len().max(1),
+        t,
+        dh,
+        scale: 1.0 / (dh as f32).sqrt(),
+    };
+    scores
+        .par_chunks_mut(CHUNK * ht)
+        .enumerate()
+        .for_each(|(c, rows)| score_chunk(&job, c * CHUNK, rows));
+    softmax_columns(&mut scores, ht);
+    (0..n.div_ceil(CHUNK))
+        .into_par_iter()
+        .map(|c| {
+            let mut o = vec![0f32; ht * dh];
+            let toks = c * CHUNK..((c + 1) * CHUNK).min(n);
+            value_chunk(&job, &scores, toks, &mut o);
+            o
+        })
+        .reduce(
+            || vec![0f32; ht * dh],
+            |mut a, b| {
+                axpy(&mut a, 1.0, &b);
+                a
+            },
+        )
 }
 
-/// What every key chunk of one KV head reads.
+/// What every token chunk reads.
 struct ScoreJob<'a> {
-    /// `[G*T, D]`
+    /// `[H*T, D]`
     q: &'a [f32],
     q_pos: &'a [usize],
+    kv: &'a [HeadView<'a>],
+    /// Query rows per KV head, `G * T`.
+    gt: usize,
     t: usize,
     dh: usize,
     scale: f32,
 }
 
 avx2_dispatch! {
-    /// Scores of the group's queries against keys `first..` of a head.
+    /// Scores of every query row against tokens `first..`.
     fn score_chunk / score_chunk_avx2 => score_chunk_impl(
-        job: &ScoreJob, view: &HeadView, first: usize, rows: &mut [f32]
+        job: &ScoreJob, first: usize, rows: &mut [f32]
     )
 }
 
 #[inline(always)]
-fn score_chunk_impl(job: &ScoreJob, view: &HeadView, first: usize, rows: &mut [f32]) {
-    let (dh, t) = (job.dh, job.t);
-    let gt = job.q.len() / dh;
-    for (j, row) in rows.chunks_mut(gt).enumerate() {
+fn score_chunk_impl(job: &ScoreJob, first: usize, rows: &mut [f32]) {
+    let (dh, t, gt) = (job.dh, job.t, job.gt);
+    let ht = gt * job.kv.len();
+    for (j, row) in rows.chunks_mut(ht).enumerate() {
         let s = first + j;
-        let key = &view.k[s * dh..(s + 1) * dh];
-        let pos = view.positions[s];
-        for (r, out) in row.iter_mut().enumerate() {
-            *out = if pos > job.q_pos[r % t] {
-                f32::NEG_INFINITY
-            } else {
-                dot(&job.q[r * dh..(r + 1) * dh], key) * job.scale
-            };
+        for (g, view) in job.kv.iter().enumerate() {
+            let key = &view.k[s * dh..(s + 1) * dh];
+            let pos = view.positions[s];
+            for r in g * gt..(g + 1) * gt {
+                row[r] = if pos > job.q_pos[r % t] {
+                    f32::NEG_INFINITY
+                } else {
+                    dot(&job.q[r * dh..(r + 1) * dh], key) * job.scale
+                };
+            }
         }
     }
 }
 
 avx2_dispatch! {
-    /// `o[r] += p[s, r] * v[s]` over the tokens `toks` of a head.
+    /// `o[r] += p[s, r] * v_g(r)[s]` over the tokens `toks`.
     fn value_chunk / value_chunk_avx2 => value_chunk_impl(
-        probs: &[f32], gt: usize, dh: usize, v: &[f32],
-        toks: std::ops::Range<usize>, o: &mut [f32]
+        job: &ScoreJob, probs: &[f32], toks: std::ops::Range<usize>, o: &mut [f32]
     )
 }
 
 #[inline(always)]
-fn value_chunk_impl(
-    probs: &[f32],
-    gt: usize,
-    dh: usize,
-    v: &[f32],
-    toks: std::ops::Range<usize>,
-    o: &mut [f32],
-) {
+fn value_chunk_impl(job: &ScoreJob, probs: &[f32], toks: std::ops::Range<usize>, o: &mut [f32]) {
+    let (dh, gt) = (job.dh, job.gt);
+    let ht = gt * job.kv.len();
     for s in toks {
-        let value = &v[s * dh..(s + 1) * dh];
-        for (r, &p) in probs[s * gt..(s + 1) * gt].iter().enumerate() {
-            if p != 0.0 {
-                axpy(&mut o[r * dh..(r + 1) * dh], p, value);
+        let p = &probs[s * ht..(s + 1) * ht];
+        for (g, view) in job.kv.iter().enumerate() {
+            let value = &view.v[s * dh..(s + 1) * dh];
+            for r in g * gt..(g + 1) * gt {
+                if p[r] != 0.0 {
+                    axpy(&mut o[r * dh..(r + 1) * dh], p[r], value);
+                }
             }
         }
     }
