@@ -89,15 +89,25 @@ pub(crate) fn attend(
         q_lat: q_lat.as_ref(),
         scale,
     };
-    let mut offset = 0;
+    // One parallel region over every (bucket, chunk) pair: a token-wise policy
+    // leaves up to `d / 8` small buckets, and a region per bucket would pay
+    // its fork-join each time.
+    let mut items = Vec::new();
+    let mut rest = scores.as_mut_slice();
     for b in keys {
-        let n = b.positions.len();
-        let rows = &mut scores[offset * ht..(offset + n) * ht];
-        rows.par_chunks_mut(CHUNK * ht)
-            .enumerate()
-            .for_each(|(c, out)| score_chunk(&job, b, c * CHUNK, out));
-        offset += n;
+        let (mut rows, tail) = rest.split_at_mut(b.positions.len() * ht);
+        rest = tail;
+        let mut first = 0;
+        while !rows.is_empty() {
+            let (chunk, more) = rows.split_at_mut((CHUNK * ht).min(rows.len()));
+            items.push((b, first, chunk));
+            rows = more;
+            first += CHUNK;
+        }
     }
+    items
+        .into_par_iter()
+        .for_each(|(b, first, out)| score_chunk(&job, b, first, out));
     softmax_columns(&mut scores, ht);
     // Values: latent sums per query row, then one decode.
     let mut slot = vec![usize::MAX; n_ids];
