@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::Args;
-use dynakv_bench::eval::speed::{decode, prefill, SpeedReport};
+use dynakv_bench::eval::speed::{decode, decode_paired, prefill, SpeedReport};
 use dynakv_bench::text::{brown_docs, document_tokens};
 use dynakv_models::corpus::Split;
 
@@ -27,6 +27,10 @@ pub struct BenchArgs {
     pub reps: usize,
     #[arg(long)]
     pub json: bool,
+    /// Also decode with the dense cache, step for step in turn with the
+    /// chosen cache, and report the speed ratio (robust to a noisy machine).
+    #[arg(long)]
+    pub paired: bool,
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -60,13 +64,43 @@ pub fn run(a: BenchArgs) -> Result<()> {
         a.reps,
         &mut make,
     )?);
+    let paired = if a.paired {
+        let mut dense = loaded.model.dense_cache()?;
+        let mut other = make()?;
+        Some(decode_paired(
+            model,
+            &ids,
+            a.decode_ctx,
+            a.decode_steps,
+            &mut dense,
+            other.as_mut(),
+        )?)
+    } else {
+        None
+    };
     if a.json {
-        println!("{}", serde_json::to_string(&reports)?);
+        let out = match &paired {
+            Some(p) => serde_json::json!({"runs": reports, "paired": p}),
+            None => serde_json::to_value(&reports)?,
+        };
+        println!("{}", serde_json::to_string(&out)?);
     } else {
         for r in &reports {
             println!(
                 "{:8} tokens {:5} context {:5}: {:8.1} tokens/s (median of {}, {:.3}s)",
                 r.what, r.tokens, r.context, r.tokens_per_s, r.reps, r.median_s
+            );
+        }
+        if let Some(p) = &paired {
+            println!(
+                "paired decode at context {} ({} steps each, in turn): dense {:.2} ms, {} {:.2} ms, dense / {} = {:.3} (median of per-step ratios)",
+                p.context,
+                p.steps,
+                1e3 * p.base_median_s,
+                a.cache.label(),
+                1e3 * p.other_median_s,
+                a.cache.label(),
+                p.speed_ratio
             );
         }
     }

@@ -91,3 +91,67 @@ pub fn decode(
         reps,
     })
 }
+
+/// Decode steps of two caches measured in turn, step by step.
+#[derive(Debug, Clone, Serialize)]
+pub struct PairedDecode {
+    pub context: usize,
+    pub steps: usize,
+    /// Median seconds of one step, per cache.
+    pub base_median_s: f64,
+    pub other_median_s: f64,
+    /// Median over steps of `base time / other time` (above 1: `other` is faster).
+    pub speed_ratio: f64,
+}
+
+/// Both caches are prefilled with the same `context` tokens, then decode the
+/// same `steps` tokens alternately, one step each, so that a noisy machine
+/// slows both alike; the ratio is the median of the per-step ratios.
+pub fn decode_paired(
+    model: &LlamaModel,
+    ids: &[u32],
+    context: usize,
+    steps: usize,
+    base: &mut dyn AttentionCache,
+    other: &mut dyn AttentionCache,
+) -> Result<PairedDecode, ModelError> {
+    let need = context + steps;
+    let ids = ids
+        .get(..need)
+        .ok_or_else(|| ModelError::InvalidInput(format!("need {need} tokens")))?;
+    if steps == 0 {
+        return Err(ModelError::InvalidInput(
+            "need at least one decode step".into(),
+        ));
+    }
+    base.reset();
+    sync(model.forward_last(&ids[..context], 0, base)?);
+    other.reset();
+    sync(model.forward_last(&ids[..context], 0, other)?);
+    let (mut tb, mut to, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, &t) in ids[context..].iter().enumerate() {
+        let step = |c: &mut dyn AttentionCache| -> Result<f64, ModelError> {
+            let t0 = Instant::now();
+            sync(model.forward_last(&[t], context + i, c)?);
+            Ok(t0.elapsed().as_secs_f64())
+        };
+        // Alternate which cache goes first.
+        let (b, o) = if i % 2 == 0 {
+            let b = step(base)?;
+            (b, step(other)?)
+        } else {
+            let o = step(other)?;
+            (step(base)?, o)
+        };
+        tb.push(b);
+        to.push(o);
+        ratio.push(b / o);
+    }
+    Ok(PairedDecode {
+        context,
+        steps,
+        base_median_s: median(tb),
+        other_median_s: median(to),
+        speed_ratio: median(ratio),
+    })
+}
