@@ -71,8 +71,11 @@ impl StoredPositions {
 /// A layer's keys (RoPE applied) and values, where the cache keeps them.
 #[derive(Debug, Clone)]
 enum Kv {
-    /// `[B, H_kv, S, D]` each.
-    Device { k: Tensor<4>, v: Tensor<4> },
+    /// `[B, H_kv, S, D]` each (boxed: two tensor handles outweigh two `Vec`s).
+    Device {
+        k: Box<Tensor<4>>,
+        v: Box<Tensor<4>>,
+    },
     /// Per KV head, `[S_h, D]` row-major each; every head holds as many tokens.
     Host { k: Vec<Vec<f32>>, v: Vec<Vec<f32>> },
 }
@@ -91,7 +94,7 @@ impl Kv {
     /// returns `[1, H_kv, S, D]` twice (`[B, ..]` for device storage).
     fn tensors(&self, head_dim: usize, device: &Device) -> (Tensor<4>, Tensor<4>) {
         match self {
-            Self::Device { k, v } => (k.clone(), v.clone()),
+            Self::Device { k, v } => ((**k).clone(), (**v).clone()),
             Self::Host { k, v } => {
                 let up = |heads: &Vec<Vec<f32>>| {
                     let s = heads.first().map_or(0, |h| h.len() / head_dim);
@@ -267,8 +270,8 @@ impl PrunableCache for DenseCache {
                     )
                 };
                 Kv::Device {
-                    k: per_head(k),
-                    v: per_head(v),
+                    k: Box::new(per_head(k)),
+                    v: Box::new(per_head(v)),
                 }
             }
             Kv::Host { k, v } => Kv::Host {
@@ -329,10 +332,13 @@ impl AttentionCache for DenseCache {
                 }
             }
             (Some(Kv::Device { k: old_k, v: old_v }), _) => Kv::Device {
-                k: Tensor::cat(vec![old_k, k], 2),
-                v: Tensor::cat(vec![old_v, v], 2),
+                k: Box::new(Tensor::cat(vec![*old_k, k], 2)),
+                v: Box::new(Tensor::cat(vec![*old_v, v], 2)),
             },
-            (None, KvStorage::Device) => Kv::Device { k, v },
+            (None, KvStorage::Device) => Kv::Device {
+                k: Box::new(k),
+                v: Box::new(v),
+            },
         });
         store.positions.extend(positions);
         store.seen += positions.len();

@@ -100,11 +100,12 @@ fn score_chunk_impl(job: &ScoreJob, first: usize, rows: &mut [f32]) {
     let ht = gt * job.kv.len();
     for (j, row) in rows.chunks_mut(ht).enumerate() {
         let s = first + j;
-        for (g, view) in job.kv.iter().enumerate() {
+        for (g, (view, cols)) in job.kv.iter().zip(row.chunks_mut(gt)).enumerate() {
             let key = &view.k[s * dh..(s + 1) * dh];
             let pos = view.positions[s];
-            for r in g * gt..(g + 1) * gt {
-                row[r] = if pos > job.q_pos[r % t] {
+            for (i, out) in cols.iter_mut().enumerate() {
+                let r = g * gt + i;
+                *out = if pos > job.q_pos[r % t] {
                     f32::NEG_INFINITY
                 } else {
                     dot(&job.q[r * dh..(r + 1) * dh], key) * job.scale
