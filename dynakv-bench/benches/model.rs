@@ -68,6 +68,7 @@ fn setup() -> Setup {
         sink_tokens: 1,
         key_factor: 2.0,
         energy_rule: EnergyRule::Lagrange,
+        recent_full: 0,
     };
     let factory =
         Arc::new(DynaKvFactory::from_artifact(&model, &sha, &artifact, &spec).expect("factory"));

@@ -7,7 +7,8 @@ use dynakv_burn::dynakv_snapkv::{GqaScores, KeepBudget, SnapKvConfig};
 use dynakv_burn::{AttentionCache, DynaKvBases, DynaKvCache, PrunableCache, SnapKvCache};
 use dynakv_core::artifact::Artifact;
 use dynakv_core::policy::{
-    EnergyPolicy, EnergyRule, PerLayerPolicy, PolicyKind, RankPolicy, RouterPolicy, UniformPolicy,
+    EnergyPolicy, EnergyRule, PerLayerPolicy, PolicyKind, RankPolicy, RecentFull, RouterPolicy,
+    UniformPolicy,
 };
 use dynakv_models::{LlamaModel, ModelError};
 
@@ -24,6 +25,9 @@ pub struct DynaKvSpec {
     pub key_factor: f32,
     /// Energy policy: threshold or lagrange rule.
     pub energy_rule: EnergyRule,
+    /// The last N tokens of every append keep full rank (0: off); see
+    /// [`RecentFull`].
+    pub recent_full: usize,
 }
 
 /// Builds the policy for a budget from an artifact's calibration sample.
@@ -32,7 +36,7 @@ pub fn build_policy(
     spec: &DynaKvSpec,
 ) -> Result<Arc<dyn RankPolicy>, ModelError> {
     let levels = &artifact.header.levels;
-    Ok(match spec.policy {
+    let inner: Arc<dyn RankPolicy> = match spec.policy {
         PolicyKind::Uniform => Arc::new(
             UniformPolicy::for_budget(spec.budget, levels, spec.sink_tokens).map_err(core_err)?,
         ),
@@ -70,6 +74,10 @@ pub fn build_policy(
             )
             .map_err(core_err)?,
         ),
+    };
+    Ok(match spec.recent_full {
+        0 => inner,
+        n => Arc::new(RecentFull::new(inner, n, levels.full())),
     })
 }
 

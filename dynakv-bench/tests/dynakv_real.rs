@@ -70,6 +70,7 @@ fn spec(policy: PolicyKind, budget: f64) -> DynaKvSpec {
         sink_tokens: 1,
         key_factor: 1.0,
         energy_rule: EnergyRule::Threshold,
+        recent_full: 0,
     }
 }
 

@@ -43,6 +43,10 @@ pub struct CacheArgs {
     /// tokens, layers, K and V) or threshold (equal relative error per token).
     #[arg(long, default_value = "lagrange")]
     pub energy_rule: String,
+    /// DynaKV: the last N tokens of every append keep full rank, so SnapKV's
+    /// window and decoded tokens stay whole (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub recent_full: usize,
     /// SnapKV at the end of prefill: fraction of prompt tokens removed, in
     /// [0, 1) (kvpress semantics). With --cache dynakv one token set per layer.
     #[arg(long, conflicts_with = "snapkv_capacity")]
@@ -80,7 +84,10 @@ impl CacheArgs {
     pub fn label(&self) -> String {
         let base = match self.cache {
             CacheKind::Full => "full".into(),
-            CacheKind::Dynakv => format!("dynakv/{}/{}", self.policy, self.budget),
+            CacheKind::Dynakv => match self.recent_full {
+                0 => format!("dynakv/{}/{}", self.policy, self.budget),
+                n => format!("dynakv/{}/{}/recent{n}", self.policy, self.budget),
+            },
         };
         let layer = match (self.snapkv_layer_max, self.snapkv_per_layer) {
             (true, _) => "/layer-max",
@@ -123,6 +130,7 @@ impl CacheArgs {
                     sink_tokens: self.sink_tokens,
                     key_factor: self.key_factor,
                     energy_rule: self.energy_rule.parse()?,
+                    recent_full: self.recent_full,
                 };
                 MakerKind::DynaKv(DynaKvFactory::new(
                     &loaded.model,

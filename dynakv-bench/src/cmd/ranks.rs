@@ -54,6 +54,7 @@ pub fn run(a: RanksArgs) -> Result<()> {
             sink_tokens: 1,
             key_factor: 2.0,
             energy_rule: "lagrange".parse()?,
+            recent_full: 0,
         };
         let f = DynaKvFactory::new(&loaded.model, &loaded.sha256, path, &spec)?;
         let mut cache = f.make(&loaded.model)?;

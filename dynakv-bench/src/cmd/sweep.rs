@@ -63,6 +63,9 @@ pub struct SweepArgs {
     pub snapkv_preset: String,
     #[arg(long)]
     pub snapkv_layer_max: bool,
+    /// DynaKV cells: the last N tokens of every append keep full rank.
+    #[arg(long, default_value_t = 0)]
+    pub recent_full: usize,
     /// Also run the long-context suite (`dynakv eval longctx`) at these
     /// prompt lengths; every cell reports its score as a fraction of the
     /// full cache's over the cells the full cache passes.
@@ -115,6 +118,7 @@ fn cache(
         sink_tokens: 1,
         key_factor: 2.0,
         energy_rule: "lagrange".into(),
+        recent_full: a.recent_full,
         snapkv,
         snapkv_capacity: None,
         snapkv_preset: a.snapkv_preset.clone(),

@@ -6,12 +6,14 @@
 mod energy;
 mod per_layer;
 mod profile;
+mod recent;
 mod router;
 mod uniform;
 
 pub use energy::{EnergyPolicy, EnergyRule};
 pub use per_layer::PerLayerPolicy;
 pub use profile::{EnergySample, TailProfile};
+pub use recent::RecentFull;
 pub use router::{RouterPolicy, RouterWeights};
 pub use uniform::UniformPolicy;
 
