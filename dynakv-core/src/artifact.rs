@@ -353,7 +353,8 @@ mod tests {
                     stage: "local".into(),
                     steps: 1,
                     tokens: 2,
-                    seconds: 0.5,
+                    // a value whose last digit a non-round-trip float parser loses
+                    seconds: 13.916493408000001,
                     trained_bases: true,
                     heldout_retained: 0.5,
                     lambda: 0.25,
