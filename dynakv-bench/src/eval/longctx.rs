@@ -335,8 +335,22 @@ pub fn cells(outcomes: &[Outcome]) -> Vec<Cell> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// An outcome of a prompt at depth 0.5, for tests of scoring.
+    pub(crate) fn outcome(task: Task, length: usize, correct: bool, retained: f64) -> Outcome {
+        Outcome {
+            task,
+            length,
+            depth: 0.5,
+            prompt_tokens: 0,
+            answer: String::new(),
+            output: String::new(),
+            correct,
+            retained,
+        }
+    }
 
     #[test]
     fn exact_match_needs_whole_tokens() {
@@ -373,16 +387,7 @@ mod tests {
 
     #[test]
     fn cells_group_and_score() {
-        let o = |task, length, correct| Outcome {
-            task,
-            length,
-            depth: 0.5,
-            prompt_tokens: 0,
-            answer: String::new(),
-            output: String::new(),
-            correct,
-            retained: 1.0,
-        };
+        let o = |task, length, correct| outcome(task, length, correct, 1.0);
         let c = cells(&[
             o(Task::Passkey, 1024, true),
             o(Task::Passkey, 1024, false),

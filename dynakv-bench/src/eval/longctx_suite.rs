@@ -225,19 +225,7 @@ pub fn summarize(full: &[Outcome], compressed: &[Outcome], keep_threshold: f64) 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn o(task: Task, length: usize, correct: bool, retained: f64) -> Outcome {
-        Outcome {
-            task,
-            length,
-            depth: 0.5,
-            prompt_tokens: 0,
-            answer: String::new(),
-            output: String::new(),
-            correct,
-            retained,
-        }
-    }
+    use crate::eval::longctx::tests::outcome as o;
 
     #[test]
     fn the_key_names_every_choice() {

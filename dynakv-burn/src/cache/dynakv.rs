@@ -443,10 +443,16 @@ fn padded_latents(
     d: usize,
     device: &Device,
 ) -> Tensor<2> {
-    if buckets.iter().all(|b| b.view().is_some()) {
+    let host: Vec<(&Bucket, &[f32])> = buckets
+        .iter()
+        .filter_map(|b| match &b.lat {
+            Latents::Host(lat) => Some((b, lat.as_slice())),
+            Latents::Device(_) => None,
+        })
+        .collect();
+    if host.len() == buckets.len() {
         let mut out = vec![0f32; slots * d];
-        for b in buckets {
-            let Latents::Host(lat) = &b.lat else { continue };
+        for (b, lat) in host {
             for (i, &id) in b.ids.iter().enumerate() {
                 let j = slot_of[id];
                 if j != usize::MAX {
@@ -454,7 +460,8 @@ fn padded_latents(
                 }
             }
         }
-        return mat(&out, slots, d, device);
+        // moved, not copied: this matrix is the size of the cache
+        return Tensor::from_data(TensorData::new(out, [slots, d]), device);
     }
     let stored: usize = buckets.iter().map(|b| b.ids.len()).sum();
     // the zero row appended last stands for slots without an entry

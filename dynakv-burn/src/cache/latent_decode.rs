@@ -190,7 +190,11 @@ fn score_chunk_impl(job: &Job, b: &BucketView, first: usize, out: &mut [f32]) {
     } = job.heads;
     let (t, groups, d) = (job.q_pos.len(), h / hk, hk * dh);
     let n = out.len() / (h * t);
-    let mut kbuf = vec![0f32; TILE * d];
+    // Reconstructed keys of a tile (pre-RoPE only; post-RoPE scores latents).
+    let mut kbuf = match job.q_lat {
+        None => vec![0f32; TILE * d],
+        Some(_) => Vec::new(),
+    };
     let mut i = 0;
     while i < n {
         let m = (n - i).min(TILE);
