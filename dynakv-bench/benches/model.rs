@@ -6,17 +6,12 @@
 //! `cargo bench -p dynakv-bench --bench model`; `cargo test --benches` runs
 //! each case once at toy sizes.
 
-use std::sync::Arc;
-
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use dynakv_bench::caches::{with_snapkv, DynaKvFactory, DynaKvSpec};
-use dynakv_bench::calibrate::{calibrate, model_identity, CalibrateConfig};
 use dynakv_bench::text::{brown_docs, document_tokens};
-use dynakv_burn::dynakv_snapkv::{GqaScores, SnapKvConfig};
-use dynakv_burn::AttentionCache;
-use dynakv_core::artifact::{Artifact, RopePlacement};
-use dynakv_core::basis::BasisKind;
-use dynakv_core::policy::{EnergyRule, PolicyKind};
+use dynakv_burn::dynakv_snapkv::{SnapKvPreset, SnapKvSpec};
+use dynakv_burn::{calibrate, CacheFactory, CacheSpec, CalibrationConfig};
+use dynakv_core::artifact::Artifact;
+use dynakv_core::policy::{PolicyKind, PolicySpec};
 use dynakv_models::corpus::Split;
 use dynakv_models::gguf::GgufFile;
 use dynakv_models::{LlamaModel, TextTokenizer};
@@ -28,7 +23,8 @@ fn full_run() -> bool {
 struct Setup {
     model: LlamaModel,
     ids: Vec<u32>,
-    factory: Arc<DynaKvFactory>,
+    /// dense, DynaKV energy 0.30, SnapKV kvpress 0.75 + DynaKV energy 0.30
+    factories: Vec<(&'static str, CacheFactory)>,
 }
 
 fn setup() -> Setup {
@@ -44,67 +40,45 @@ fn setup() -> Setup {
         Err(_) => {
             let calib = document_tokens(&tok, &brown_docs(Split::Calib, Some(2)).expect("docs"))
                 .expect("ids");
-            let cfg = CalibrateConfig {
-                tokens: 1024,
-                sample_tokens: 512,
-                ctx: 256,
-                basis: BasisKind::Pca,
-                rope: RopePlacement::Pre,
-                level_step: 8,
+            let windows: Vec<&[u32]> = calib.chunks_exact(256).collect();
+            let cfg = CalibrationConfig {
+                stats_windows: 4,
+                sample_windows: 2,
+                ..CalibrationConfig::default()
             };
+            let target = model.calibration_target(&sha, false).expect("target");
             calibrate(
-                &model,
-                &calib,
-                model_identity(&model, sha.clone()),
+                &target,
                 &cfg,
+                &windows,
+                |w: &&[u32], cache| model.hidden(w, 0, cache).map(|_| ()),
                 |_, _| {},
             )
             .expect("calibrate")
         }
     };
-    let spec = DynaKvSpec {
-        policy: PolicyKind::Energy,
-        budget: 0.30,
-        sink_tokens: 1,
-        key_factor: 2.0,
-        energy_rule: EnergyRule::Lagrange,
-        recent_full: 0,
-    };
-    let factory =
-        Arc::new(DynaKvFactory::from_artifact(&model, &sha, &artifact, &spec).expect("factory"));
+    model.check_artifact(&artifact, &sha).expect("identity");
+    let energy = CacheSpec::dynakv(PolicySpec::new(PolicyKind::Energy, 0.30));
+    let specs = [
+        ("dense", CacheSpec::dense()),
+        ("dynakv-energy-0.30", energy.clone()),
+        (
+            "snapkv-0.75+dynakv-energy-0.30",
+            energy.with_snapkv(SnapKvSpec::ratio(SnapKvPreset::Kvpress, 0.75)),
+        ),
+    ];
+    let factories = specs
+        .into_iter()
+        .map(|(label, spec)| {
+            let art = spec.dynakv.is_some().then_some(&artifact);
+            (label, model.cache_factory(art, &spec).expect("factory"))
+        })
+        .collect();
     Setup {
         model,
         ids,
-        factory,
+        factories,
     }
-}
-
-type Maker<'a> = Box<dyn Fn() -> Box<dyn AttentionCache> + 'a>;
-
-fn makers(s: &Setup) -> Vec<(&'static str, Maker<'_>)> {
-    let mut snap = SnapKvConfig::kvpress(0.75);
-    snap.gqa = GqaScores::Layer;
-    vec![
-        (
-            "dense",
-            Box::new(|| Box::new(s.model.dense_cache().expect("dense")) as Box<dyn AttentionCache>),
-        ),
-        (
-            "dynakv-energy-0.30",
-            Box::new(|| s.factory.make_boxed(&s.model).expect("dynakv")),
-        ),
-        (
-            "snapkv-0.75+dynakv-energy-0.30",
-            Box::new(move || {
-                with_snapkv(
-                    s.factory.make(&s.model).expect("dynakv"),
-                    Some(&snap),
-                    &s.model,
-                )
-                .expect("snapkv")
-            }),
-        ),
-    ]
 }
 
 fn model_benches(c: &mut Criterion) {
@@ -112,7 +86,8 @@ fn model_benches(c: &mut Criterion) {
     let (prefill_n, decode_ctx) = if full_run() { (2048, 4096) } else { (64, 128) };
     let mut g = c.benchmark_group("model");
     g.sample_size(10);
-    for (label, make) in makers(&s) {
+    for (label, factory) in &s.factories {
+        let make = || factory.make().expect("cache");
         let prompt = &s.ids[..prefill_n];
         g.bench_function(
             BenchmarkId::new(format!("prefill/{label}"), prefill_n),
@@ -126,8 +101,8 @@ fn model_benches(c: &mut Criterion) {
             },
         );
     }
-    for (label, make) in makers(&s).into_iter().take(2) {
-        let mut cache = make();
+    for (label, factory) in s.factories.iter().take(2) {
+        let mut cache = factory.make().expect("cache");
         s.model
             .forward_last(&s.ids[..decode_ctx], 0, cache.as_mut())
             .expect("context");

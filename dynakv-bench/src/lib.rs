@@ -2,8 +2,6 @@
 //! issues land) fidelity, long-context retrieval and sweeps. The `dynakv`
 //! binary is a thin clap layer over these functions, so tests call the same code.
 
-pub mod caches;
-pub mod calibrate;
 pub mod eval;
 pub mod plot;
 pub mod text;

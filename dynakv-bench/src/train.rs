@@ -9,8 +9,6 @@ use dynakv_burn::CacheError;
 use dynakv_core::artifact::{Artifact, RouterInfo};
 use dynakv_models::{LlamaModel, ModelError};
 
-use crate::calibrate::{core_err, model_identity};
-
 /// What the run used and reached.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct TrainSummary {
@@ -100,11 +98,7 @@ pub fn train(
     stop: &AtomicBool,
     mut on_step: impl FnMut(&StepStats),
 ) -> Result<(Artifact, TrainSummary), ModelError> {
-    artifact
-        .header
-        .model
-        .check(&model_identity(model, model_sha256.to_string()))
-        .map_err(core_err)?;
+    model.check_artifact(artifact, model_sha256)?;
     let t0 = Instant::now();
     let windows: Vec<&[u32]> = train_ids.chunks_exact(ctx).collect();
     let train = match stage {

@@ -5,17 +5,15 @@
 use std::sync::OnceLock;
 
 use burn::tensor::Tensor;
-use dynakv_bench::caches::{DynaKvFactory, DynaKvSpec};
-use dynakv_bench::calibrate::{calibrate, model_identity, CalibrateConfig};
 use dynakv_bench::text::{brown_docs, document_tokens};
 use dynakv_burn::device::default_device;
-use dynakv_burn::AttentionCache;
+use dynakv_burn::{calibrate, AttentionCache, CacheFactory, CacheSpec, CalibrationConfig};
 use dynakv_core::artifact::{Artifact, RopePlacement};
 use dynakv_core::basis::BasisKind;
-use dynakv_core::policy::{EnergyRule, PolicyKind};
+use dynakv_core::policy::{EnergyRule, PolicyKind, PolicySpec};
 use dynakv_models::corpus::Split;
 use dynakv_models::gguf::GgufFile;
-use dynakv_models::{LlamaModel, TextTokenizer};
+use dynakv_models::{LlamaModel, ModelError, TextTokenizer};
 
 struct Setup {
     model: LlamaModel,
@@ -35,20 +33,21 @@ fn setup() -> &'static Setup {
         let sha = dynakv_models::assets::sha256_file(&path).unwrap();
         let calib = document_tokens(&tok, &brown_docs(Split::Calib, Some(2)).unwrap()).unwrap();
         let eval_ids = document_tokens(&tok, &brown_docs(Split::Eval, Some(1)).unwrap()).unwrap();
+        let windows: Vec<&[u32]> = calib.chunks_exact(128).collect();
+        let target = model.calibration_target(&sha, false).unwrap();
         let art = |rope| {
-            let cfg = CalibrateConfig {
-                tokens: 768,
-                sample_tokens: 256,
-                ctx: 128,
+            let cfg = CalibrationConfig {
+                stats_windows: 6,
+                sample_windows: 2,
                 basis: BasisKind::Pca,
                 rope,
                 level_step: 8,
             };
             calibrate(
-                &model,
-                &calib,
-                model_identity(&model, sha.clone()),
+                &target,
                 &cfg,
+                &windows,
+                |w: &&[u32], cache| model.hidden(w, 0, cache).map(|_| ()),
                 |_, _| {},
             )
             .unwrap()
@@ -63,15 +62,27 @@ fn setup() -> &'static Setup {
     })
 }
 
-fn spec(policy: PolicyKind, budget: f64) -> DynaKvSpec {
-    DynaKvSpec {
-        policy,
+fn spec(policy: PolicyKind, budget: f64) -> CacheSpec {
+    CacheSpec::dynakv(PolicySpec {
+        kind: policy,
         budget,
         sink_tokens: 1,
         key_factor: 1.0,
         energy_rule: EnergyRule::Threshold,
         recent_full: 0,
-    }
+    })
+}
+
+/// What `--cache dynakv --artifact A` does: the model checks the artifact
+/// is its own, the factory builds the cache.
+fn factory(
+    s: &Setup,
+    sha: &str,
+    artifact: &Artifact,
+    spec: &CacheSpec,
+) -> Result<CacheFactory, ModelError> {
+    s.model.check_artifact(artifact, sha)?;
+    s.model.cache_factory(Some(artifact), spec)
 }
 
 fn logits(s: &Setup, cache: &mut dyn AttentionCache, ids: &[u32]) -> Tensor<2> {
@@ -90,10 +101,8 @@ fn full_rank_matches_the_dense_cache_for_both_placements() {
     let ids = &s.eval_ids[..96];
     let want = logits(s, &mut s.model.dense_cache().unwrap(), ids);
     for art in [&s.pre, &s.post] {
-        let f =
-            DynaKvFactory::from_artifact(&s.model, &s.sha, art, &spec(PolicyKind::Uniform, 1.0))
-                .unwrap();
-        let got = logits(s, &mut f.make(&s.model).unwrap(), ids);
+        let f = factory(s, &s.sha, art, &spec(PolicyKind::Uniform, 1.0)).unwrap();
+        let got = logits(s, f.make().unwrap().as_mut(), ids);
         let e = max_rel(got, want.clone());
         assert!(e <= 1e-4, "{:?}: max relative error {e}", art.header.rope);
     }
@@ -111,9 +120,8 @@ fn error_does_not_grow_with_the_budget() {
     ] {
         let mut last = f32::INFINITY;
         for budget in [0.15, 0.3, 0.6, 1.0] {
-            let f = DynaKvFactory::from_artifact(&s.model, &s.sha, &s.pre, &spec(policy, budget))
-                .unwrap();
-            let got = logits(s, &mut f.make(&s.model).unwrap(), ids);
+            let f = factory(s, &s.sha, &s.pre, &spec(policy, budget)).unwrap();
+            let got = logits(s, f.make().unwrap().as_mut(), ids);
             let err: f32 = (got - want.clone()).abs().mean().into_scalar();
             assert!(
                 err <= last * 1.02 + 1e-6,
@@ -129,15 +137,13 @@ fn step_by_step_decode_equals_prefill() {
     let s = setup();
     let ids = &s.eval_ids[..24];
     for art in [&s.pre, &s.post] {
-        let f =
-            DynaKvFactory::from_artifact(&s.model, &s.sha, art, &spec(PolicyKind::Uniform, 0.3))
-                .unwrap();
-        let prefill = logits(s, &mut f.make(&s.model).unwrap(), ids);
-        let mut cache = f.make(&s.model).unwrap();
+        let f = factory(s, &s.sha, art, &spec(PolicyKind::Uniform, 0.3)).unwrap();
+        let prefill = logits(s, f.make().unwrap().as_mut(), ids);
+        let mut cache = f.make().unwrap();
         let steps: Vec<Tensor<2>> = ids
             .iter()
             .enumerate()
-            .map(|(i, &t)| s.model.forward(&[t], i, &mut cache).unwrap())
+            .map(|(i, &t)| s.model.forward(&[t], i, cache.as_mut()).unwrap())
             .collect();
         let e = max_rel(Tensor::cat(steps, 0), prefill);
         assert!(e <= 1e-4, "{:?}: {e}", art.header.rope);
@@ -148,22 +154,16 @@ fn step_by_step_decode_equals_prefill() {
 fn bad_configurations_are_clear_errors() {
     let s = setup();
     for budget in [0.0, -0.1, 1.5, f64::NAN] {
-        let err = DynaKvFactory::from_artifact(
-            &s.model,
-            &s.sha,
-            &s.pre,
-            &spec(PolicyKind::Energy, budget),
-        )
-        .err()
-        .unwrap()
-        .to_string();
-        assert!(err.contains("budget"), "{err}");
-    }
-    let err =
-        DynaKvFactory::from_artifact(&s.model, "0000", &s.pre, &spec(PolicyKind::Uniform, 0.5))
+        let err = factory(s, &s.sha, &s.pre, &spec(PolicyKind::Energy, budget))
             .err()
             .unwrap()
             .to_string();
+        assert!(err.contains("budget"), "{err}");
+    }
+    let err = factory(s, "0000", &s.pre, &spec(PolicyKind::Uniform, 0.5))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("file_sha256"), "{err}");
     assert!("median".parse::<PolicyKind>().is_err());
 }
@@ -204,16 +204,14 @@ fn a_trained_router_round_trips_and_drives_the_cache() {
     assert_eq!(back.routers, trained.routers);
     assert_eq!(back.header.router, trained.header.router);
     // `--policy router` builds from it; a budget it was not thresholded for is an error.
-    let f = DynaKvFactory::from_artifact(&s.model, &s.sha, &back, &spec(PolicyKind::Router, 0.3))
+    let f = factory(s, &s.sha, &back, &spec(PolicyKind::Router, 0.3)).unwrap();
+    let mut cache = f.make().unwrap();
+    s.model
+        .forward(&s.eval_ids[..64], 0, cache.as_mut())
         .unwrap();
-    let mut cache = f.make(&s.model).unwrap();
-    s.model.forward(&s.eval_ids[..64], 0, &mut cache).unwrap();
     let r = cache.footprint().retained();
     assert!(r > 0.0 && r < 1.0, "{r}");
-    assert!(
-        DynaKvFactory::from_artifact(&s.model, &s.sha, &back, &spec(PolicyKind::Router, 0.5))
-            .is_err()
-    );
+    assert!(factory(s, &s.sha, &back, &spec(PolicyKind::Router, 0.5)).is_err());
     // One e2e step (whole-model KL) continues from the local artifact.
     let (e2e, summary) = train(
         &s.model,
@@ -231,8 +229,5 @@ fn a_trained_router_round_trips_and_drives_the_cache() {
     assert_eq!(summary.steps, 1);
     assert_eq!(e2e.header.router.as_ref().unwrap().stage, "e2e");
     // An artifact without a router cannot serve `--policy router`.
-    assert!(
-        DynaKvFactory::from_artifact(&s.model, &s.sha, &s.pre, &spec(PolicyKind::Router, 0.3))
-            .is_err()
-    );
+    assert!(factory(s, &s.sha, &s.pre, &spec(PolicyKind::Router, 0.3)).is_err());
 }

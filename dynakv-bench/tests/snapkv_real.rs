@@ -5,10 +5,9 @@
 
 use std::collections::BTreeSet;
 
-use dynakv_bench::caches::with_snapkv;
 use dynakv_burn::device::default_device;
-use dynakv_burn::dynakv_snapkv::SnapKvConfig;
-use dynakv_burn::{AttentionCache, SnapKvCache};
+use dynakv_burn::dynakv_snapkv::{SnapKvConfig, SnapKvPreset, SnapKvSpec};
+use dynakv_burn::{AttentionCache, CacheSpec, SnapKvCache};
 use dynakv_models::gguf::GgufFile;
 use dynakv_models::LlamaModel;
 use serde_json::Value;
@@ -93,8 +92,8 @@ fn pruning_keeps_the_prefill_logits_and_shrinks_the_cache() {
         .map(|x| x.as_u64().unwrap() as u32)
         .collect();
     let mut dense: Box<dyn AttentionCache> = Box::new(model.dense_cache().unwrap());
-    let config = SnapKvConfig::kvpress(0.75);
-    let mut pruned = with_snapkv(model.dense_cache().unwrap(), Some(&config), &model).unwrap();
+    let spec = CacheSpec::dense().with_snapkv(SnapKvSpec::ratio(SnapKvPreset::Kvpress, 0.75));
+    let mut pruned = model.cache_factory(None, &spec).unwrap().make().unwrap();
     let a = model.forward_last(&tokens, 0, dense.as_mut()).unwrap();
     let b = model.forward_last(&tokens, 0, pruned.as_mut()).unwrap();
     // The prefill attends over everything: the same logits.

@@ -2,7 +2,11 @@
 
 use thiserror::Error;
 
-/// Misuse of a cache: wrong layer, shapes or positions.
+use crate::rope::RopeStyle;
+
+/// Misuse of a cache (wrong layer, shapes or positions), or a configuration
+/// that cannot be built. Errors of the crates below keep their type
+/// (`#[from]`), so a caller can match on them.
 #[derive(Debug, Error)]
 pub enum CacheError {
     #[error("layer {layer} out of range (the cache has {n_layers} layers)")]
@@ -17,6 +21,15 @@ pub enum CacheError {
     PositionOutOfRange { pos: usize, max: usize },
     #[error("{0} positions given for {1} tokens")]
     PositionCount(usize, usize),
+    #[error("the model's RoPE style is {model:?}, the RoPE table's {rope:?}")]
+    RopeStyle { model: RopeStyle, rope: RopeStyle },
     #[error("invalid cache configuration: {0}")]
     Config(String),
+    #[error("reading a tensor back from the device: {0}")]
+    Data(String),
+    #[error(transparent)]
+    Core(#[from] dynakv_core::CoreError),
+    #[cfg(feature = "snapkv")]
+    #[error("snapkv: {0}")]
+    SnapKv(#[from] dynakv_snapkv::SnapKvError),
 }

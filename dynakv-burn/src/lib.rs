@@ -7,19 +7,29 @@
 
 pub mod attention;
 pub mod cache;
+mod calibrate;
 pub mod device;
 mod error;
+mod factory;
+mod host;
 pub mod rope;
+#[cfg(feature = "train")]
 pub mod router;
+mod spec;
+#[cfg(feature = "train")]
 pub mod train;
 
 #[cfg(feature = "snapkv")]
 pub use cache::SnapKvCache;
 pub use cache::{
-    AttentionCache, CacheGeometry, DenseCache, DynaKvBases, DynaKvCache, KeepPositions, KvStorage,
-    PrunableCache, Recorded, RecordingCache,
+    AttentionCache, CacheGeometry, CacheWrapper, DenseCache, DynaKvBases, DynaKvCache,
+    KeepPositions, KvStorage, PrunableCache, Recorded, RecordingCache,
 };
+pub use calibrate::{calibrate, CalibrationConfig, CalibrationTarget};
+pub use dynakv_core;
 #[cfg(feature = "snapkv")]
 pub use dynakv_snapkv;
 pub use error::CacheError;
-pub use rope::Rope;
+pub use factory::CacheFactory;
+pub use rope::{Rope, RopeStyle};
+pub use spec::CacheSpec;

@@ -22,6 +22,7 @@ pub const FORMAT_VERSION: u32 = 1;
 /// Where the key basis acts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum RopePlacement {
     /// Latents of pre-RoPE keys; RoPE applied after reconstruction (the paper).
     Pre,

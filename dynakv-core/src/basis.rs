@@ -17,6 +17,7 @@ use crate::stats::MomentAccumulator;
 /// Which metric the basis minimises error in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum BasisKind {
     /// Plain PCA: key/value reconstruction error.
     Pca,

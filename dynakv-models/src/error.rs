@@ -35,4 +35,6 @@ pub enum ModelError {
     Asset { name: String, message: String },
     #[error(transparent)]
     Cache(#[from] dynakv_burn::CacheError),
+    #[error(transparent)]
+    Core(#[from] dynakv_core::CoreError),
 }

@@ -10,7 +10,9 @@ pub mod config;
 mod device;
 pub mod score;
 pub mod select;
+pub mod spec;
 
 pub use config::{GqaScores, KeepBudget, Pooling, SnapKvConfig, SnapKvError, Vote};
 pub use score::{aggregate, pool, score, window_votes, WindowScores};
 pub use select::{select_top, selection_rows, snapkv, Selection};
+pub use spec::{SnapKvPreset, SnapKvSpec};

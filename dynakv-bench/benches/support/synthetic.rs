@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use burn::tensor::{Device, Distribution, Tensor};
 use dynakv_burn::{
-    AttentionCache, CacheGeometry, DenseCache, DynaKvBases, DynaKvCache, KvStorage, Rope,
+    AttentionCache, CacheGeometry, DenseCache, DynaKvBases, DynaKvCache, KvStorage, Rope, RopeStyle,
 };
 use dynakv_core::artifact::{
     Artifact, ArtifactHeader, ModelIdentity, RopePlacement, FORMAT_VERSION,
@@ -25,6 +25,7 @@ pub const GEOMETRY: CacheGeometry = CacheGeometry {
     n_heads: 9,
     n_kv_heads: 3,
     head_dim: 64,
+    rope_style: RopeStyle::Interleaved,
 };
 
 /// `cargo bench` passes `--bench`; `cargo test --benches` does not: then every
@@ -34,7 +35,7 @@ pub fn full_run() -> bool {
 }
 
 pub fn rope(device: &Device) -> Rope {
-    Rope::new(64, 64, 100_000.0, 8192, device).expect("rope")
+    Rope::new(RopeStyle::Interleaved, 64, 64, 100_000.0, 8192, device).expect("rope")
 }
 
 /// A one-layer artifact whose basis is the PCA of synthetic vectors whose

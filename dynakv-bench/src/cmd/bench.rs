@@ -51,7 +51,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         ids = document_tokens(&loaded.tokenizer, &docs)?;
     }
     let maker = a.cache.maker(&loaded)?;
-    let mut make = || maker.make(&loaded);
+    let mut make = || maker.make();
     let mut reports: Vec<SpeedReport> = Vec::new();
     for &n in &a.prefill {
         reports.push(prefill(model, &ids, n, a.reps, &mut make)?);

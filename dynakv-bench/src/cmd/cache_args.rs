@@ -1,13 +1,14 @@
-//! `--cache full|dynakv` and its options, shared by eval and bench commands.
+//! `--cache full|dynakv` and its options, shared by eval and bench commands:
+//! the command line's spelling of a [`CacheSpec`].
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use dynakv_bench::caches::{with_snapkv, DynaKvFactory, DynaKvSpec, SnapKvSpec};
-use dynakv_burn::dynakv_snapkv::SnapKvConfig;
-use dynakv_burn::AttentionCache;
-use dynakv_core::policy::PolicyKind;
+use dynakv_burn::dynakv_snapkv::{GqaScores, KeepBudget, SnapKvPreset, SnapKvSpec};
+use dynakv_burn::{AttentionCache, CacheFactory, CacheSpec};
+use dynakv_core::artifact::Artifact;
+use dynakv_core::policy::{EnergyRule, PolicyKind, PolicySpec};
 use dynakv_models::ModelError;
 
 use super::common::Loaded;
@@ -25,9 +26,8 @@ pub struct CacheArgs {
     /// Calibration artifact from `dynakv calibrate` (for --cache dynakv).
     #[arg(long)]
     pub artifact: Option<PathBuf>,
-    /// uniform | per-layer | energy
-    #[arg(long, default_value = "energy")]
-    pub policy: String,
+    #[arg(long, value_enum, default_value_t = PolicyKind::Energy)]
+    pub policy: PolicyKind,
     /// Target retained fraction in (0, 1].
     #[arg(long, default_value_t = 0.47)]
     pub budget: f64,
@@ -41,8 +41,8 @@ pub struct CacheArgs {
     pub key_factor: f32,
     /// energy: lagrange (water-filling: equal marginal error per dimension over
     /// tokens, layers, K and V) or threshold (equal relative error per token).
-    #[arg(long, default_value = "lagrange")]
-    pub energy_rule: String,
+    #[arg(long, value_enum, default_value_t = EnergyRule::Lagrange)]
+    pub energy_rule: EnergyRule,
     /// DynaKV: the last N tokens of every append keep full rank, so SnapKV's
     /// window and decoded tokens stay whole (0: off).
     #[arg(long, default_value_t = 0)]
@@ -57,8 +57,8 @@ pub struct CacheArgs {
     /// SnapKV preset: kvpress (window 64, kernel 5, avg pooling), paper
     /// (window 32, kernel 7, max pooling) or recall (ours: window 32, kernel
     /// 7, forward max pooling, which keeps the tokens after a voted one).
-    #[arg(long, default_value = "kvpress")]
-    pub snapkv_preset: String,
+    #[arg(long, value_enum, default_value_t = SnapKvPreset::Kvpress)]
+    pub snapkv_preset: SnapKvPreset,
     /// SnapKV keeps one token set per layer (votes averaged over every query
     /// head) even on the full cache; DynaKV always does (joint basis).
     #[arg(long)]
@@ -71,13 +71,7 @@ pub struct CacheArgs {
 
 /// Makes fresh caches of the requested kind.
 pub struct CacheMaker {
-    kind: MakerKind,
-    snapkv: Option<SnapKvConfig>,
-}
-
-enum MakerKind {
-    Full,
-    DynaKv(DynaKvFactory),
+    factory: CacheFactory,
 }
 
 impl CacheArgs {
@@ -106,51 +100,75 @@ impl CacheArgs {
         self.cache == CacheKind::Full && self.snapkv.is_none() && self.snapkv_capacity.is_none()
     }
 
-    fn snapkv_spec(&self) -> SnapKvSpec {
-        SnapKvSpec {
-            preset: self.snapkv_preset.clone(),
-            ratio: self.snapkv,
-            capacity: self.snapkv_capacity,
-            layer_max: self.snapkv_layer_max,
+    /// What the flags ask for, validated (before any model is loaded).
+    pub fn spec(&self) -> Result<CacheSpec> {
+        let dynakv = match self.cache {
+            CacheKind::Full => None,
+            CacheKind::Dynakv => Some(PolicySpec {
+                kind: self.policy,
+                budget: self.budget,
+                sink_tokens: self.sink_tokens,
+                key_factor: self.key_factor,
+                energy_rule: self.energy_rule,
+                recent_full: self.recent_full,
+            }),
+        };
+        let budget = match (self.snapkv, self.snapkv_capacity) {
+            (None, None) => None,
+            (Some(r), None) => Some(KeepBudget::CompressionRatio(r)),
+            (None, Some(c)) => Some(KeepBudget::Capacity(c)),
+            (Some(_), Some(_)) => bail!("give --snapkv or --snapkv-capacity, not both"),
+        };
+        let gqa = match (self.snapkv_layer_max, self.snapkv_per_layer) {
+            (true, _) => Some(GqaScores::LayerMax),
+            (false, true) => Some(GqaScores::Layer),
+            _ => None,
+        };
+        let spec = CacheSpec {
+            dynakv,
+            snapkv: budget.map(|budget| SnapKvSpec {
+                preset: self.snapkv_preset,
+                budget,
+                gqa,
+            }),
+        };
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// Checks the flags before a model loads: the spec, and an artifact
+    /// given exactly when DynaKV needs one.
+    pub fn check(&self) -> Result<()> {
+        self.spec()?;
+        match (self.cache, &self.artifact) {
+            (CacheKind::Dynakv, None) => {
+                bail!("--cache dynakv needs --artifact FILE (from `dynakv calibrate`)")
+            }
+            (CacheKind::Full, Some(_)) => bail!("--artifact applies to --cache dynakv only"),
+            (_, Some(p)) if !p.is_file() => bail!("--artifact {}: no such file", p.display()),
+            _ => Ok(()),
         }
     }
 
     pub fn maker(&self, loaded: &Loaded) -> Result<CacheMaker> {
-        let per_layer = self.cache == CacheKind::Dynakv || self.snapkv_per_layer;
-        let snapkv = self.snapkv_spec().config(per_layer)?;
-        let kind = match self.cache {
-            CacheKind::Full => MakerKind::Full,
-            CacheKind::Dynakv => {
-                let Some(path) = &self.artifact else {
-                    bail!("--cache dynakv needs --artifact FILE (from `dynakv calibrate`)");
-                };
-                let spec = DynaKvSpec {
-                    policy: self.policy.parse::<PolicyKind>()?,
-                    budget: self.budget,
-                    sink_tokens: self.sink_tokens,
-                    key_factor: self.key_factor,
-                    energy_rule: self.energy_rule.parse()?,
-                    recent_full: self.recent_full,
-                };
-                MakerKind::DynaKv(DynaKvFactory::new(
-                    &loaded.model,
-                    &loaded.sha256,
-                    path,
-                    &spec,
-                )?)
+        self.check()?;
+        let spec = self.spec()?;
+        let artifact = match &self.artifact {
+            Some(path) => {
+                let artifact =
+                    Artifact::load(path).with_context(|| format!("loading {}", path.display()))?;
+                loaded.model.check_artifact(&artifact, &loaded.sha256)?;
+                Some(artifact)
             }
+            None => None,
         };
-        Ok(CacheMaker { kind, snapkv })
+        let factory = loaded.model.cache_factory(artifact.as_ref(), &spec)?;
+        Ok(CacheMaker { factory })
     }
 }
 
 impl CacheMaker {
-    pub fn make(&self, loaded: &Loaded) -> Result<Box<dyn AttentionCache>, ModelError> {
-        let model = &loaded.model;
-        let snapkv = self.snapkv.as_ref();
-        match &self.kind {
-            MakerKind::Full => with_snapkv(model.dense_cache()?, snapkv, model),
-            MakerKind::DynaKv(f) => with_snapkv(f.make(model)?, snapkv, model),
-        }
+    pub fn make(&self) -> Result<Box<dyn AttentionCache>, ModelError> {
+        Ok(self.factory.make()?)
     }
 }

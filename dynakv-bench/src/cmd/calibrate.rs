@@ -2,13 +2,14 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Args;
-use dynakv_bench::calibrate::{calibrate, model_identity, CalibrateConfig};
 use dynakv_bench::text::{brown_docs, document_tokens};
+use dynakv_burn::{calibrate, CalibrationConfig};
 use dynakv_core::artifact::RopePlacement;
 use dynakv_core::basis::BasisKind;
 use dynakv_models::corpus::Split;
+use dynakv_models::ModelError;
 
 use super::common::{progress, ModelArgs};
 
@@ -28,35 +29,47 @@ pub struct CalibrateArgs {
     #[arg(long, default_value_t = 1024)]
     pub ctx: usize,
     /// pca | query-aware (keys) | output-aware (values)
-    #[arg(long, default_value = "pca")]
-    pub basis: String,
+    #[arg(long, value_enum, default_value_t = BasisKind::Pca)]
+    pub basis: BasisKind,
     /// pre (latents of pre-RoPE keys, the paper) | post (latents of rotated keys)
-    #[arg(long, default_value = "pre")]
-    pub rope: String,
+    #[arg(long, value_enum, default_value_t = RopePlacement::Pre)]
+    pub rope: RopePlacement,
     /// Rank levels are multiples of this.
     #[arg(long, default_value_t = 8)]
     pub level_step: usize,
 }
 
 pub fn run(a: CalibrateArgs) -> Result<()> {
-    let cfg = CalibrateConfig {
-        tokens: a.tokens,
-        sample_tokens: a.sample_tokens,
-        ctx: a.ctx,
-        basis: a.basis.parse::<BasisKind>()?,
-        rope: a.rope.parse::<RopePlacement>()?,
+    if a.ctx == 0 {
+        bail!("--ctx must be at least 1");
+    }
+    let cfg = CalibrationConfig {
+        stats_windows: a.tokens.div_ceil(a.ctx).max(1),
+        sample_windows: a.sample_tokens.div_ceil(a.ctx).max(1),
+        basis: a.basis,
+        rope: a.rope,
         level_step: a.level_step,
     };
     let loaded = a.model.load()?;
+    let model = &loaded.model;
+    cfg.validate(model.config.geometry())?;
     let docs = brown_docs(Split::Calib, None)?;
     let ids = document_tokens(&loaded.tokenizer, &docs)?;
+    let windows: Vec<&[u32]> = ids.chunks_exact(a.ctx).collect();
     let bar = progress(0, "calibrate [{bar:30}] {pos}/{len} windows, ETA {eta}");
     let t0 = std::time::Instant::now();
-    let identity = model_identity(&loaded.model, loaded.sha256.clone());
-    let artifact = calibrate(&loaded.model, &ids, identity, &cfg, |done, total| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    })?;
+    let target = model.calibration_target(&loaded.sha256, cfg.basis == BasisKind::OutputAware)?;
+    let artifact = calibrate(
+        &target,
+        &cfg,
+        &windows,
+        |w: &&[u32], cache| model.hidden(w, 0, cache).map(|_| ()),
+        |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+    )
+    .map_err(|e: ModelError| anyhow::anyhow!(e))?;
     bar.finish_and_clear();
     artifact.save(&a.out)?;
     eprintln!(

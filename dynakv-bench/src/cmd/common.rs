@@ -17,6 +17,21 @@ pub fn progress(len: u64, template: &str) -> indicatif::ProgressBar {
     )
 }
 
+/// A comma-separated list (empty items skipped), naming `what` on a bad item.
+pub fn parse_list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>>
+where
+    T::Err: std::fmt::Display,
+{
+    s.split(',')
+        .filter(|x| !x.trim().is_empty())
+        .map(|x| {
+            x.trim()
+                .parse::<T>()
+                .map_err(|e| anyhow::anyhow!("bad {what} `{x}`: {e}"))
+        })
+        .collect()
+}
+
 /// `--model PATH`: any llama-family GGUF; the default model is fetched if absent.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {

@@ -1,6 +1,6 @@
 //! `dynakv eval ...`
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
@@ -9,12 +9,8 @@ use dynakv_bench::eval::ppl::perplexity;
 use dynakv_bench::text::{brown_docs, document_tokens};
 use dynakv_models::corpus::{Document, Split};
 
-use dynakv_bench::eval::longctx::Outcome;
-use dynakv_bench::eval::longctx_suite::{kept_cells, summarize, Runner, Suite, SuiteSpec};
-use dynakv_burn::AttentionCache;
-
 use super::cache_args::CacheArgs;
-use super::common::{progress, Loaded, ModelArgs};
+use super::common::{progress, ModelArgs};
 
 #[derive(Subcommand, Debug)]
 pub enum EvalCommand {
@@ -25,42 +21,11 @@ pub enum EvalCommand {
     Fidelity(PplArgs),
     /// Long-context retrieval (passkey, multikey, codeword) on Brown `eval`
     /// haystacks, scored against the full cache on the same prompts.
-    Longctx(LongctxArgs),
+    Longctx(super::longctx::LongctxArgs),
     /// A grid of caches through ppl (and fidelity): JSON lines and plots.
     Sweep(super::sweep::SweepArgs),
     /// Ranks a policy gives each token of a text, and mean rank per layer.
     Ranks(super::ranks::RanksArgs),
-}
-
-#[derive(Args, Debug)]
-pub struct LongctxArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    #[command(flatten)]
-    pub cache: CacheArgs,
-    #[arg(long, default_value = "passkey,multikey,codeword")]
-    pub tasks: String,
-    /// Prompt lengths in tokens.
-    #[arg(long, default_value = "1024,2048,4096,8192")]
-    pub lengths: String,
-    /// Needle depths (fraction of the haystack); one sample per depth.
-    #[arg(long, default_value = "0.1,0.5,0.9")]
-    pub depths: String,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Question inside the prefill (SnapKV's window sees it); default:
-    /// context prefilled alone, question after.
-    #[arg(long)]
-    pub query_aware: bool,
-    /// Full-cache outcomes for the same prompts: read if present, else
-    /// computed and written there (they are the reference of every run).
-    #[arg(long)]
-    pub full_results: Option<PathBuf>,
-    /// Cells where the full cache scores below this are dropped.
-    #[arg(long, default_value_t = 0.6)]
-    pub keep_threshold: f64,
-    #[arg(long)]
-    pub json: bool,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
@@ -106,141 +71,10 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
     match cmd {
         EvalCommand::Ppl(a) => ppl(a),
         EvalCommand::Fidelity(a) => fidelity_cmd(a),
-        EvalCommand::Longctx(a) => longctx_cmd(a),
+        EvalCommand::Longctx(a) => super::longctx::run(a),
         EvalCommand::Sweep(a) => super::sweep::run(a),
         EvalCommand::Ranks(a) => super::ranks::run(a),
     }
-}
-
-/// A comma-separated list (empty items skipped), naming `what` on a bad item.
-pub(super) fn parse_list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>>
-where
-    T::Err: std::fmt::Display,
-{
-    s.split(',')
-        .filter(|x| !x.trim().is_empty())
-        .map(|x| {
-            x.trim()
-                .parse::<T>()
-                .map_err(|e| anyhow::anyhow!("bad {what} `{x}`: {e}"))
-        })
-        .collect()
-}
-
-/// The suite of `spec` on Brown `eval` and its full-cache reference: read
-/// from `reference` when there, else run (with a progress bar) and written
-/// there.
-pub(super) fn longctx_reference(
-    loaded: &Loaded,
-    spec: &SuiteSpec,
-    reference: Option<&Path>,
-) -> Result<(Suite, Vec<Outcome>)> {
-    let runner = loaded.runner();
-    let stream = document_tokens(&loaded.tokenizer, &brown_docs(Split::Eval, None)?)?;
-    let suite = Suite::build(runner, &stream, spec)?;
-    if let Some(out) = reference
-        .map(|p| suite.load_reference(p))
-        .transpose()?
-        .flatten()
-    {
-        return Ok((suite, out));
-    }
-    let all: Vec<usize> = (0..suite.len()).collect();
-    let full = run_longctx(&suite, runner, "full", &all, false, || {
-        Ok(Box::new(loaded.model.dense_cache()?) as Box<dyn AttentionCache>)
-    })?;
-    if let Some(p) = reference {
-        suite.save_reference(p, &full)?;
-    }
-    Ok((suite, full))
-}
-
-/// Runs the samples `which` of a suite behind a progress bar.
-pub(super) fn run_longctx(
-    suite: &Suite,
-    runner: Runner<'_>,
-    label: &str,
-    which: &[usize],
-    query_aware: bool,
-    make: impl FnMut() -> Result<Box<dyn AttentionCache>, dynakv_models::ModelError>,
-) -> Result<Vec<Outcome>> {
-    let bar = progress(
-        which.len() as u64,
-        "{msg} [{bar:30}] {pos}/{len} prompts, ETA {eta}",
-    );
-    bar.set_message(label.to_string());
-    let out = suite.run(runner, which, query_aware, make, || bar.inc(1))?;
-    bar.finish_and_clear();
-    Ok(out)
-}
-
-impl LongctxArgs {
-    fn spec(&self) -> Result<SuiteSpec> {
-        Ok(SuiteSpec {
-            tasks: parse_list(&self.tasks, "task")?,
-            lengths: parse_list(&self.lengths, "length")?,
-            depths: parse_list(&self.depths, "depth")?,
-            seed: self.seed,
-        })
-    }
-}
-
-fn longctx_cmd(a: LongctxArgs) -> Result<()> {
-    let loaded = a.model.load()?;
-    let (suite, full) = longctx_reference(&loaded, &a.spec()?, a.full_results.as_deref())?;
-    let (kept, _) = kept_cells(&full, a.keep_threshold);
-    let which = suite.in_cells(&kept);
-    let compressed = if a.cache.is_full() {
-        which.iter().map(|&i| full[i].clone()).collect()
-    } else {
-        let maker = a.cache.maker(&loaded)?;
-        let label = a.cache.label();
-        run_longctx(
-            &suite,
-            loaded.runner(),
-            &label,
-            &which,
-            a.query_aware,
-            || maker.make(&loaded),
-        )?
-    };
-    let s = summarize(&full, &compressed, a.keep_threshold);
-    if a.json {
-        let mut report = serde_json::to_value(&s)?;
-        report["cache"] = a.cache.label().into();
-        report["query_aware"] = a.query_aware.into();
-        report["key"] = suite.key.clone().into();
-        report["outcomes"] = serde_json::to_value(&compressed)?;
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        for c in &s.full_cells {
-            let comp = s
-                .cells
-                .iter()
-                .find(|x| x.task == c.task && x.length == c.length);
-            println!(
-                "{:?} @ {}: full {}/{}{}",
-                c.task,
-                c.length,
-                c.correct,
-                c.n,
-                match comp {
-                    Some(x) => format!(", {} {}/{}", a.cache.label(), x.correct, x.n),
-                    None => " (dropped: full cache below the threshold)".into(),
-                }
-            );
-        }
-        println!(
-            "{}: score {:.3} vs full {:.3} over {} kept cells = {:.1}% of full, retained {:.3}",
-            a.cache.label(),
-            s.score,
-            s.score_full,
-            s.kept.len(),
-            100.0 * s.relative,
-            s.retained
-        );
-    }
-    Ok(())
 }
 
 /// Token ids of the requested text after skipped windows, and the document count.
@@ -290,7 +124,7 @@ fn fidelity_cmd(a: PplArgs) -> Result<()> {
         a.max_windows,
         a.score_last,
         || Ok(Box::new(loaded.model.dense_cache()?) as Box<dyn dynakv_burn::AttentionCache>),
-        || maker.make(&loaded),
+        || maker.make(),
         |done, _| bar.set_position(done as u64),
     )?;
     bar.finish_and_clear();
@@ -327,7 +161,7 @@ fn ppl(a: PplArgs) -> Result<()> {
         a.ctx,
         a.max_windows,
         a.score_last,
-        || maker.make(&loaded),
+        || maker.make(),
         |done, _| bar.set_position(done as u64),
     )?;
     bar.finish_and_clear();

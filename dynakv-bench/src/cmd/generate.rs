@@ -81,7 +81,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         seed: a.seed,
         max_tokens: a.max_tokens,
     };
-    let mut cache = a.cache.maker(&loaded)?.make(&loaded)?;
+    let mut cache = a.cache.maker(&loaded)?.make()?;
     let t0 = std::time::Instant::now();
     let mut stdout = std::io::stdout();
     let parts: Vec<&[u32]> = parts.iter().map(Vec::as_slice).collect();

@@ -7,6 +7,7 @@ pub mod common;
 pub mod eval;
 pub mod fetch;
 pub mod generate;
+pub mod longctx;
 pub mod ranks;
 pub mod sweep;
 pub mod train;

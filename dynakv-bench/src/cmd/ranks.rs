@@ -6,9 +6,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use dynakv_bench::caches::{DynaKvFactory, DynaKvSpec};
 use dynakv_bench::plot::{line_plot, Series};
-use dynakv_core::policy::{KvKind, PolicyKind};
+use dynakv_burn::CacheSpec;
+use dynakv_core::artifact::Artifact;
+use dynakv_core::policy::{KvKind, PolicyKind, PolicySpec};
 use serde_json::json;
 
 use super::common::ModelArgs;
@@ -21,8 +22,8 @@ pub struct RanksArgs {
     #[arg(long, num_args = 1.., required = true)]
     pub artifact: Vec<PathBuf>,
     /// One policy per artifact.
-    #[arg(long, num_args = 1.., required = true)]
-    pub policies: Vec<String>,
+    #[arg(long, value_enum, num_args = 1.., required = true)]
+    pub policies: Vec<PolicyKind>,
     #[arg(long, default_value_t = 0.30)]
     pub budget: f64,
     /// The text whose tokens are ranked (a BOS-like `<|im_start|>` is prepended).
@@ -48,16 +49,11 @@ pub fn run(a: RanksArgs) -> Result<()> {
     let mut reports = Vec::new();
     let mut series = Vec::new();
     for (path, policy) in a.artifact.iter().zip(&a.policies) {
-        let spec = DynaKvSpec {
-            policy: policy.parse::<PolicyKind>()?,
-            budget: a.budget,
-            sink_tokens: 1,
-            key_factor: 2.0,
-            energy_rule: "lagrange".parse()?,
-            recent_full: 0,
-        };
-        let f = DynaKvFactory::new(&loaded.model, &loaded.sha256, path, &spec)?;
-        let mut cache = f.make(&loaded.model)?;
+        let spec = CacheSpec::dynakv(PolicySpec::new(*policy, a.budget));
+        let artifact = Artifact::load(path)?;
+        loaded.model.check_artifact(&artifact, &loaded.sha256)?;
+        let f = loaded.model.cache_factory(Some(&artifact), &spec)?;
+        let mut cache = f.make_dynakv()?;
         loaded.model.forward_last(&ids, 0, &mut cache)?;
         let n = ids.len();
         let mut per_token = vec![[0f64; 2]; n];

@@ -13,13 +13,15 @@ use dynakv_bench::eval::longctx_suite::{kept_cells, summarize, SuiteSpec};
 use dynakv_bench::eval::ppl::perplexity;
 use dynakv_bench::plot::{quality_plot, Series};
 use dynakv_bench::text::{brown_docs, document_tokens};
+use dynakv_burn::dynakv_snapkv::SnapKvPreset;
 use dynakv_core::artifact::Artifact;
+use dynakv_core::policy::{EnergyRule, PolicyKind};
 use dynakv_models::corpus::Split;
 use serde_json::{json, Value};
 
 use super::cache_args::{CacheArgs, CacheKind};
-use super::common::{progress, ModelArgs};
-use super::eval::{longctx_reference, parse_list, run_longctx};
+use super::common::{parse_list, progress, ModelArgs};
+use super::longctx::{longctx_reference, run_longctx};
 
 #[derive(Args, Debug)]
 pub struct SweepArgs {
@@ -28,8 +30,13 @@ pub struct SweepArgs {
     /// Calibrated artifact for the training-free policies.
     #[arg(long)]
     pub artifact: PathBuf,
-    #[arg(long, default_value = "uniform,per-layer,energy")]
-    pub policies: String,
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "uniform,per-layer,energy"
+    )]
+    pub policies: Vec<PolicyKind>,
     #[arg(long, default_value = "0.47,0.30,0.20")]
     pub budgets: String,
     /// SnapKV ratios: alone on the full cache, and in front of every DynaKV cell.
@@ -59,8 +66,8 @@ pub struct SweepArgs {
     #[arg(long)]
     pub resume: bool,
     /// SnapKV settings of every SnapKV cell (`dynakv eval ppl --help`).
-    #[arg(long, default_value = "kvpress")]
-    pub snapkv_preset: String,
+    #[arg(long, value_enum, default_value_t = SnapKvPreset::Kvpress)]
+    pub snapkv_preset: SnapKvPreset,
     #[arg(long)]
     pub snapkv_layer_max: bool,
     /// DynaKV cells: the last N tokens of every append keep full rank.
@@ -106,22 +113,22 @@ fn cache(
     a: &SweepArgs,
     kind: CacheKind,
     artifact: Option<&Path>,
-    policy: &str,
+    policy: PolicyKind,
     budget: f64,
     snapkv: Option<f64>,
 ) -> CacheArgs {
     CacheArgs {
         cache: kind,
         artifact: artifact.map(Path::to_path_buf),
-        policy: policy.into(),
+        policy,
         budget,
         sink_tokens: 1,
         key_factor: 2.0,
-        energy_rule: "lagrange".into(),
+        energy_rule: EnergyRule::Lagrange,
         recent_full: a.recent_full,
         snapkv,
         snapkv_capacity: None,
-        snapkv_preset: a.snapkv_preset.clone(),
+        snapkv_preset: a.snapkv_preset,
         snapkv_per_layer: false,
         snapkv_layer_max: a.snapkv_layer_max,
     }
@@ -133,19 +140,19 @@ fn cells(a: &SweepArgs) -> Result<Vec<(String, String, CacheArgs)>> {
     let mut out = vec![(
         "full".to_string(),
         "full".to_string(),
-        cache(a, CacheKind::Full, None, "energy", 1.0, None),
+        cache(a, CacheKind::Full, None, PolicyKind::Energy, 1.0, None),
     )];
     for &r in &snaps {
         out.push((
             format!("snapkv/{r}"),
             "snapkv".into(),
-            cache(a, CacheKind::Full, None, "energy", 1.0, Some(r)),
+            cache(a, CacheKind::Full, None, PolicyKind::Energy, 1.0, Some(r)),
         ));
     }
     let mut dyna = Vec::new();
-    for p in a.policies.split(',').filter(|p| !p.is_empty()) {
+    for &p in &a.policies {
         for b in parse_list::<f64>(&a.budgets, "budget")? {
-            dyna.push((p.to_string(), a.artifact.clone(), b));
+            dyna.push((p, a.artifact.clone(), b));
         }
     }
     for r in &a.router {
@@ -154,19 +161,19 @@ fn cells(a: &SweepArgs) -> Result<Vec<(String, String, CacheArgs)>> {
             .header
             .router
             .with_context(|| format!("{} holds no router", r.display()))?;
-        dyna.push(("router".into(), r.clone(), info.target));
+        dyna.push((PolicyKind::Router, r.clone(), info.target));
     }
     for (p, art, b) in dyna {
         out.push((
             format!("{p}/{b}"),
-            p.clone(),
-            cache(a, CacheKind::Dynakv, Some(&art), &p, b, None),
+            p.to_string(),
+            cache(a, CacheKind::Dynakv, Some(&art), p, b, None),
         ));
         for &r in &snaps {
             out.push((
                 format!("snapkv/{r}+{p}/{b}"),
                 format!("snapkv/{r}+{p}"),
-                cache(a, CacheKind::Dynakv, Some(&art), &p, b, Some(r)),
+                cache(a, CacheKind::Dynakv, Some(&art), p, b, Some(r)),
             ));
         }
     }
@@ -175,9 +182,12 @@ fn cells(a: &SweepArgs) -> Result<Vec<(String, String, CacheArgs)>> {
 
 pub fn run(a: SweepArgs) -> Result<()> {
     let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let cells = cells(&a)?;
+    for (_, _, c) in &cells {
+        c.check()?;
+    }
     let loaded = a.model.load()?;
     let ids = document_tokens(&loaded.tokenizer, &brown_docs(Split::Eval, None)?)?;
-    let cells = cells(&a)?;
     let mut done: Vec<Value> = Vec::new();
     if a.resume && a.out.exists() {
         for line in std::fs::read_to_string(&a.out)?.lines() {
@@ -216,7 +226,7 @@ pub fn run(a: SweepArgs) -> Result<()> {
             a.ctx,
             Some(a.windows),
             a.score_last,
-            || maker.make(&loaded),
+            || maker.make(),
             |_, _| {},
         )?;
         let mut v = json!({
@@ -242,7 +252,7 @@ pub fn run(a: SweepArgs) -> Result<()> {
                 Some(a.windows),
                 a.score_last,
                 || Ok(Box::new(loaded.model.dense_cache()?) as Box<dyn dynakv_burn::AttentionCache>),
-                || maker.make(&loaded),
+                || maker.make(),
                 |_, _| {},
             )?;
             v["kl_mean"] = f.kl_mean.into();
@@ -256,7 +266,7 @@ pub fn run(a: SweepArgs) -> Result<()> {
                 which.iter().map(|&i| full[i].clone()).collect()
             } else {
                 run_longctx(suite, loaded.runner(), label, &which, a.query_aware, || {
-                    maker.make(&loaded)
+                    maker.make()
                 })?
             };
             let s = summarize(full, &outcomes, a.keep_threshold);

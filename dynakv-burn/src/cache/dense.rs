@@ -3,14 +3,14 @@
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use dynakv_core::budget::CacheFootprint;
 
-use super::dense_decode::{self, HeadView};
-use super::host_math::Heads;
 use super::{
     host_rows, AttentionCache, CacheGeometry, KeepPositions, KvStorage, PrunableCache,
     HOST_KERNEL_MAX_QUERIES,
 };
 use crate::attention::{causal_attention, causal_mask, gqa_attention};
 use crate::error::CacheError;
+use crate::host::dense_decode::{self, HeadView};
+use crate::host::math::Heads;
 use crate::rope::Rope;
 
 /// Positions of the stored tokens: shared by every KV head until a per-head
@@ -147,6 +147,7 @@ impl DenseCache {
         storage: KvStorage,
     ) -> Result<Self, CacheError> {
         geometry.validate()?;
+        geometry.check_rope(&rope)?;
         Ok(Self {
             geometry,
             rope,
@@ -434,9 +435,18 @@ mod tests {
     use super::*;
     use crate::cache::test_support::{rand4, run, G};
     use crate::device::default_device;
+    use crate::rope::RopeStyle;
 
     fn caches() -> (DenseCache, DenseCache) {
-        let rope = Rope::new(4, 4, 10_000.0, 64, &default_device()).unwrap();
+        let rope = Rope::new(
+            RopeStyle::Interleaved,
+            4,
+            4,
+            10_000.0,
+            64,
+            &default_device(),
+        )
+        .unwrap();
         (
             DenseCache::with_storage(G, rope.clone(), KvStorage::Device).unwrap(),
             DenseCache::with_storage(G, rope, KvStorage::Host).unwrap(),
@@ -485,7 +495,15 @@ mod tests {
     fn cpu_devices_get_host_storage() {
         #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
         {
-            let rope = Rope::new(4, 4, 10_000.0, 64, &default_device()).unwrap();
+            let rope = Rope::new(
+                RopeStyle::Interleaved,
+                4,
+                4,
+                10_000.0,
+                64,
+                &default_device(),
+            )
+            .unwrap();
             assert_eq!(DenseCache::new(G, rope).unwrap().storage(), KvStorage::Host);
         }
     }

@@ -1,21 +1,24 @@
 //! The attention-cache trait: the single seam between a model and KV storage.
 
 mod dense;
-mod dense_decode;
 mod dynakv;
-mod host_math;
-mod latent_decode;
+mod geometry;
 mod recording;
 #[cfg(feature = "snapkv")]
 mod snapkv;
+mod storage;
 #[cfg(test)]
 pub(crate) mod test_support;
+mod wrapper;
 
 pub use dense::DenseCache;
 pub use dynakv::{DynaKvBases, DynaKvCache};
+pub use geometry::CacheGeometry;
 pub use recording::{Recorded, RecordingCache};
 #[cfg(feature = "snapkv")]
 pub use snapkv::SnapKvCache;
+pub use storage::KvStorage;
+pub use wrapper::CacheWrapper;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use dynakv_core::budget::CacheFootprint;
@@ -39,28 +42,6 @@ pub(crate) fn mat(v: &[f32], rows: usize, cols: usize, device: &Device) -> Tenso
     Tensor::from_data(TensorData::new(v.to_vec(), [rows, cols]), device)
 }
 
-/// Where a cache keeps its numbers, and so how it attends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KvStorage {
-    /// burn tensors on the device; attention by tensor ops (GPUs).
-    Device,
-    /// Host vectors: decode steps run a fused host kernel and appends are
-    /// amortised O(1); prefill chunks upload and use the tensor path (CPUs).
-    Host,
-}
-
-impl KvStorage {
-    /// `Host` for a CPU backend (Flex, NdArray), `Device` otherwise.
-    pub fn for_device(device: &Device) -> Self {
-        let name = format!("{device:?}");
-        if name.contains("Flex") || name.contains("NdArray") {
-            Self::Host
-        } else {
-            Self::Device
-        }
-    }
-}
-
 /// Decode steps with at most this many queries run a host kernel (with
 /// [`KvStorage::Host`]); longer prefill chunks are matrix products, where
 /// burn's GEMM wins.
@@ -71,96 +52,7 @@ pub(crate) fn host_rows<const N: usize>(x: &Tensor<N>) -> Result<Vec<f32>, Cache
     x.clone()
         .into_data()
         .try_into_vec_as::<f32>()
-        .map_err(|e| CacheError::Config(format!("host copy: {e:?}")))
-}
-
-/// Attention geometry of a model, as a cache needs it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CacheGeometry {
-    pub n_layers: usize,
-    pub n_heads: usize,
-    pub n_kv_heads: usize,
-    pub head_dim: usize,
-}
-
-impl CacheGeometry {
-    /// Checks that query heads group evenly over KV heads.
-    pub fn validate(&self) -> Result<(), CacheError> {
-        if self.n_layers == 0 || self.n_kv_heads == 0 || self.head_dim == 0 {
-            return Err(CacheError::Config(format!("empty geometry {self:?}")));
-        }
-        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
-            return Err(CacheError::Config(format!(
-                "n_heads {} is not a multiple of n_kv_heads {}",
-                self.n_heads, self.n_kv_heads
-            )));
-        }
-        Ok(())
-    }
-
-    /// Query heads per KV head.
-    pub fn groups(&self) -> usize {
-        self.n_heads / self.n_kv_heads
-    }
-
-    /// Width of the joint key (or value) vector of one token in one layer.
-    pub fn d_kv(&self) -> usize {
-        self.n_kv_heads * self.head_dim
-    }
-
-    pub(crate) fn check_layer(&self, layer: usize) -> Result<(), CacheError> {
-        if layer >= self.n_layers {
-            return Err(CacheError::LayerOutOfRange {
-                layer,
-                n_layers: self.n_layers,
-            });
-        }
-        Ok(())
-    }
-
-    /// Checks new keys/values `[B, H_kv, T, D]` against the geometry and positions.
-    pub(crate) fn check_kv(
-        &self,
-        k: &Tensor<4>,
-        v: &Tensor<4>,
-        positions: &[usize],
-    ) -> Result<(), CacheError> {
-        let [b, hk, t, d] = k.dims();
-        if hk != self.n_kv_heads || d != self.head_dim {
-            return Err(CacheError::Shape {
-                what: "keys",
-                got: vec![b, hk, t, d],
-                expected: vec![b, self.n_kv_heads, t, self.head_dim],
-            });
-        }
-        if v.dims() != [b, hk, t, d] {
-            return Err(CacheError::Shape {
-                what: "values",
-                got: v.dims().to_vec(),
-                expected: vec![b, hk, t, d],
-            });
-        }
-        if positions.len() != t {
-            return Err(CacheError::PositionCount(positions.len(), t));
-        }
-        Ok(())
-    }
-
-    /// Checks queries `[B, H, T, D]`.
-    pub(crate) fn check_q(&self, q: &Tensor<4>, positions: &[usize]) -> Result<(), CacheError> {
-        let [b, h, t, d] = q.dims();
-        if h != self.n_heads || d != self.head_dim {
-            return Err(CacheError::Shape {
-                what: "queries",
-                got: vec![b, h, t, d],
-                expected: vec![b, self.n_heads, t, self.head_dim],
-            });
-        }
-        if positions.len() != t {
-            return Err(CacheError::PositionCount(positions.len(), t));
-        }
-        Ok(())
-    }
+        .map_err(|e| CacheError::Data(format!("{e:?}")))
 }
 
 /// Stores past keys and values and computes attention over them.

@@ -7,7 +7,7 @@ use burn::tensor::Tensor;
 use dynakv_core::artifact::RopePlacement;
 use dynakv_core::stats::MomentAccumulator;
 
-use super::{joint, AttentionCache, CacheGeometry, DenseCache};
+use super::{host_rows, joint, CacheGeometry, CacheWrapper, DenseCache};
 use crate::error::CacheError;
 use crate::rope::Rope;
 
@@ -58,12 +58,6 @@ pub struct RecordingCache {
     pub recorded: Recorded,
 }
 
-fn to_vec(t: Tensor<2>) -> Result<Vec<f32>, CacheError> {
-    t.into_data()
-        .try_into_vec_as::<f32>()
-        .map_err(|e| CacheError::Config(format!("reading tensor: {e:?}")))
-}
-
 impl RecordingCache {
     pub fn new(
         geometry: CacheGeometry,
@@ -87,20 +81,31 @@ impl RecordingCache {
     }
 }
 
-impl AttentionCache for RecordingCache {
-    fn append(
+impl CacheWrapper for RecordingCache {
+    type Inner = DenseCache;
+
+    fn inner(&self) -> &DenseCache {
+        &self.inner
+    }
+
+    fn inner_mut(&mut self) -> &mut DenseCache {
+        &mut self.inner
+    }
+
+    fn before_append(
         &mut self,
         layer: usize,
-        k_pre: Tensor<4>,
-        v: Tensor<4>,
+        k_pre: &Tensor<4>,
+        v: &Tensor<4>,
         positions: &[usize],
     ) -> Result<(), CacheError> {
+        self.inner.geometry().check_layer(layer)?;
         let k = match self.placement {
             RopePlacement::Pre => k_pre.clone(),
             RopePlacement::Post => self.rope.apply(k_pre.clone(), positions)?,
         };
-        let kr = to_vec(joint(k))?;
-        let vr = to_vec(joint(v.clone()))?;
+        let kr = host_rows(&joint(k))?;
+        let vr = host_rows(&joint(v.clone()))?;
         if self.raw_mode {
             let r = &mut self.recorded.raw[layer];
             r[0].extend_from_slice(&kr);
@@ -110,23 +115,22 @@ impl AttentionCache for RecordingCache {
             }
         } else {
             let m = &mut self.recorded.moments[layer];
-            m[0].add_rows(&kr)
-                .map_err(|e| CacheError::Config(e.to_string()))?;
-            m[1].add_rows(&vr)
-                .map_err(|e| CacheError::Config(e.to_string()))?;
+            m[0].add_rows(&kr)?;
+            m[1].add_rows(&vr)?;
         }
-        self.inner.append(layer, k_pre, v, positions)
+        Ok(())
     }
 
-    fn attend(
+    fn before_attend(
         &mut self,
         layer: usize,
-        q_rot: Tensor<4>,
-        positions: &[usize],
-    ) -> Result<Tensor<4>, CacheError> {
+        q_rot: &Tensor<4>,
+        _positions: &[usize],
+    ) -> Result<(), CacheError> {
+        self.inner.geometry().check_layer(layer)?;
         if !self.raw_mode {
             let [_, h, t, d] = q_rot.dims();
-            let sq = to_vec(q_rot.clone().powf_scalar(2.0).sum_dim(2).reshape([h, d]))?;
+            let sq = host_rows(&q_rot.clone().powf_scalar(2.0).sum_dim(2).reshape([h, d]))?;
             for (hh, row) in self.recorded.q_sq[layer].iter_mut().enumerate() {
                 for (i, s) in row.iter_mut().enumerate() {
                     *s += sq[hh * d + i] as f64;
@@ -136,18 +140,6 @@ impl AttentionCache for RecordingCache {
                 self.recorded.q_count += t as u64;
             }
         }
-        self.inner.attend(layer, q_rot, positions)
-    }
-
-    fn len(&self, layer: usize) -> usize {
-        self.inner.len(layer)
-    }
-
-    fn reset(&mut self) {
-        self.inner.reset();
-    }
-
-    fn footprint(&self) -> dynakv_core::budget::CacheFootprint {
-        self.inner.footprint()
+        Ok(())
     }
 }

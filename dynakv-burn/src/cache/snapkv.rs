@@ -4,10 +4,9 @@
 //! cache decides (DynaKV still compresses them).
 
 use burn::tensor::Tensor;
-use dynakv_core::budget::CacheFootprint;
 use dynakv_snapkv::{snapkv, GqaScores, SnapKvConfig};
 
-use super::{AttentionCache, CacheGeometry, KeepPositions, PrunableCache};
+use super::{CacheGeometry, CacheWrapper, KeepPositions, PrunableCache};
 use crate::error::CacheError;
 use crate::rope::Rope;
 
@@ -37,9 +36,8 @@ impl<C: PrunableCache> SnapKvCache<C> {
         rope: Rope,
     ) -> Result<Self, CacheError> {
         geometry.validate()?;
-        config
-            .validate()
-            .map_err(|e| CacheError::Config(format!("snapkv: {e}")))?;
+        geometry.check_rope(&rope)?;
+        config.validate()?;
         match config.gqa {
             GqaScores::QueryHead => {
                 return Err(CacheError::Config(
@@ -85,30 +83,24 @@ impl<C: PrunableCache> SnapKvCache<C> {
     }
 }
 
-impl<C: PrunableCache> AttentionCache for SnapKvCache<C> {
-    fn append(
-        &mut self,
-        layer: usize,
-        k_pre: Tensor<4>,
-        v: Tensor<4>,
-        positions: &[usize],
-    ) -> Result<(), CacheError> {
-        self.inner.append(layer, k_pre, v, positions)
+impl<C: PrunableCache> CacheWrapper for SnapKvCache<C> {
+    type Inner = C;
+
+    fn inner(&self) -> &C {
+        &self.inner
     }
 
-    fn attend(
-        &mut self,
-        layer: usize,
-        q_rot: Tensor<4>,
-        positions: &[usize],
-    ) -> Result<Tensor<4>, CacheError> {
-        self.inner.attend(layer, q_rot, positions)
+    fn inner_mut(&mut self) -> &mut C {
+        &mut self.inner
     }
 
+    /// The first call on an empty layer is the prefill: attend over every
+    /// prompt token, then prune the layer.
+    ///
     /// # Shapes
     /// - `q_rot`: `[1, H, T, D]`; `k_pre`, `v`: `[1, H_kv, T, D]`
     /// - returns `[1, H, T, D]`
-    fn forward(
+    fn wrapped_forward(
         &mut self,
         layer: usize,
         q_rot: Tensor<4>,
@@ -132,8 +124,7 @@ impl<C: PrunableCache> AttentionCache for SnapKvCache<C> {
         let w = self.config.window;
         let _span = tracing::debug_span!("snapkv", layer, t).entered();
         let keys = self.rope.apply(k_pre, positions)?;
-        let selection = snapkv(q_rot.narrow(2, t - w, w), keys, &self.config)
-            .map_err(|e| CacheError::Config(format!("snapkv: {e}")))?;
+        let selection = snapkv(q_rot.narrow(2, t - w, w), keys, &self.config)?;
         let to_pos = |row: &Vec<usize>| row.iter().map(|&i| positions[i]).collect::<Vec<_>>();
         let keep = if self.config.gqa.per_layer() {
             KeepPositions::Layer(to_pos(&selection.kept[0]))
@@ -145,18 +136,9 @@ impl<C: PrunableCache> AttentionCache for SnapKvCache<C> {
         Ok(out)
     }
 
-    fn len(&self, layer: usize) -> usize {
-        self.inner.len(layer)
-    }
-
-    fn reset(&mut self) {
-        self.inner.reset();
+    fn after_reset(&mut self) {
         self.pruned.iter_mut().for_each(|p| *p = false);
         self.kept.iter_mut().for_each(|k| *k = (0, 0));
-    }
-
-    fn footprint(&self) -> CacheFootprint {
-        self.inner.footprint()
     }
 }
 
@@ -171,8 +153,10 @@ mod tests {
 
     use super::*;
     use crate::cache::test_support::{artifact, rand4, Fixed, G};
+    use crate::cache::AttentionCache;
     use crate::cache::{DenseCache, DynaKvBases, DynaKvCache};
     use crate::device::default_device;
+    use crate::rope::RopeStyle;
 
     fn config(gqa: GqaScores, ratio: f64) -> SnapKvConfig {
         SnapKvConfig {
@@ -186,7 +170,15 @@ mod tests {
     }
 
     fn rope() -> Rope {
-        Rope::new(4, 4, 10_000.0, 64, &default_device()).unwrap()
+        Rope::new(
+            RopeStyle::Interleaved,
+            4,
+            4,
+            10_000.0,
+            64,
+            &default_device(),
+        )
+        .unwrap()
     }
 
     /// Attention of `q` (at `q_pos`) over the kept tokens of each KV head,

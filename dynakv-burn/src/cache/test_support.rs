@@ -12,13 +12,28 @@ use dynakv_core::stats::MomentAccumulator;
 
 use super::{AttentionCache, CacheGeometry};
 use crate::device::default_device;
+use crate::rope::{Rope, RopeStyle};
 
 pub(crate) const G: CacheGeometry = CacheGeometry {
     n_layers: 2,
     n_heads: 4,
     n_kv_heads: 2,
     head_dim: 4,
+    rope_style: RopeStyle::Interleaved,
 };
+
+/// RoPE tables for [`G`].
+pub(crate) fn rope() -> Rope {
+    Rope::new(
+        RopeStyle::Interleaved,
+        4,
+        4,
+        10_000.0,
+        64,
+        &default_device(),
+    )
+    .unwrap()
+}
 
 pub(crate) fn artifact(placement: RopePlacement) -> Artifact {
     let d = G.d_kv();

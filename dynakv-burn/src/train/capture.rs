@@ -2,9 +2,8 @@
 //! every layer, the RoPE'd queries and the pre-RoPE keys and values it saw.
 
 use burn::tensor::Tensor;
-use dynakv_core::budget::CacheFootprint;
 
-use crate::cache::{AttentionCache, CacheGeometry, DenseCache};
+use crate::cache::{AttentionCache, CacheGeometry, CacheWrapper, DenseCache};
 use crate::error::CacheError;
 use crate::rope::Rope;
 
@@ -45,27 +44,18 @@ impl CaptureCache {
     }
 }
 
-impl AttentionCache for CaptureCache {
-    fn append(
-        &mut self,
-        layer: usize,
-        k_pre: Tensor<4>,
-        v: Tensor<4>,
-        positions: &[usize],
-    ) -> Result<(), CacheError> {
-        self.inner.append(layer, k_pre, v, positions)
+impl CacheWrapper for CaptureCache {
+    type Inner = DenseCache;
+
+    fn inner(&self) -> &DenseCache {
+        &self.inner
     }
 
-    fn attend(
-        &mut self,
-        layer: usize,
-        q_rot: Tensor<4>,
-        positions: &[usize],
-    ) -> Result<Tensor<4>, CacheError> {
-        self.inner.attend(layer, q_rot, positions)
+    fn inner_mut(&mut self) -> &mut DenseCache {
+        &mut self.inner
     }
 
-    fn forward(
+    fn wrapped_forward(
         &mut self,
         layer: usize,
         q_rot: Tensor<4>,
@@ -83,16 +73,7 @@ impl AttentionCache for CaptureCache {
         self.inner.forward(layer, q_rot, k_pre, v, positions)
     }
 
-    fn len(&self, layer: usize) -> usize {
-        self.inner.len(layer)
-    }
-
-    fn reset(&mut self) {
-        self.inner.reset();
+    fn after_reset(&mut self) {
         self.captured.iter_mut().for_each(|c| *c = None);
-    }
-
-    fn footprint(&self) -> CacheFootprint {
-        self.inner.footprint()
     }
 }

@@ -166,6 +166,7 @@ mod tests {
     use crate::cache::DenseCache;
     use crate::device::default_device;
     use crate::rope::Rope;
+    use crate::rope::RopeStyle;
     use crate::train::LocalConfig;
     use burn::tensor::Distribution;
     use dynakv_core::artifact::RopePlacement;
@@ -173,7 +174,7 @@ mod tests {
     #[test]
     fn an_e2e_step_reduces_the_kl_of_a_toy_model() {
         let device = default_device();
-        let rope = Rope::new(4, 4, 10_000.0, 64, &device).unwrap();
+        let rope = Rope::new(RopeStyle::Interleaved, 4, 4, 10_000.0, 64, &device).unwrap();
         let wo: Vec<Tensor<2>> = (0..G.n_layers)
             .map(|_| Tensor::random([16, 8], Distribution::Normal(0.0, 0.5), &device))
             .collect();

@@ -15,6 +15,7 @@ use crate::levels::RankLevels;
 /// How a token's tail-energy profile becomes a rank.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum EnergyRule {
     /// The smallest level whose relative error is at most `tau`: equal error per token.
     Threshold,

@@ -8,6 +8,7 @@ mod per_layer;
 mod profile;
 mod recent;
 mod router;
+mod spec;
 mod uniform;
 
 pub use energy::{EnergyPolicy, EnergyRule};
@@ -15,6 +16,7 @@ pub use per_layer::PerLayerPolicy;
 pub use profile::{EnergySample, TailProfile};
 pub use recent::RecentFull;
 pub use router::{RouterPolicy, RouterWeights};
+pub use spec::PolicySpec;
 pub use uniform::UniformPolicy;
 
 use serde::{Deserialize, Serialize};
@@ -69,6 +71,7 @@ pub fn check_budget(budget: f64) -> Result<(), CoreError> {
 /// Which policy, as named on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum PolicyKind {
     Uniform,
     PerLayer,

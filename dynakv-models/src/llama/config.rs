@@ -1,5 +1,6 @@
 //! Hyperparameters of a Llama-family model, all read from GGUF metadata.
 
+use dynakv_burn::RopeStyle;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
@@ -95,6 +96,13 @@ impl LlamaConfig {
         })
     }
 
+    /// How this architecture's GGUF weights pair coordinates for RoPE:
+    /// llama.cpp's converter permutes W_q and W_k of llama-family models
+    /// into interleaved pairs.
+    pub fn rope_style(&self) -> RopeStyle {
+        RopeStyle::Interleaved
+    }
+
     /// The cache geometry this model needs.
     pub fn geometry(&self) -> dynakv_burn::CacheGeometry {
         dynakv_burn::CacheGeometry {
@@ -102,6 +110,7 @@ impl LlamaConfig {
             n_heads: self.n_heads,
             n_kv_heads: self.n_kv_heads,
             head_dim: self.head_dim,
+            rope_style: self.rope_style(),
         }
     }
 }

@@ -4,7 +4,8 @@ use std::path::Path;
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use dynakv_burn::{AttentionCache, DenseCache, Rope};
+use dynakv_burn::{AttentionCache, CacheFactory, CacheSpec, CalibrationTarget, DenseCache, Rope};
+use dynakv_core::artifact::{Artifact, ModelIdentity};
 
 use super::config::LlamaConfig;
 use super::layer::{rms_norm, Block};
@@ -64,6 +65,7 @@ impl LlamaModel {
             .collect::<Result<Vec<_>, _>>()?;
         let norm = vector(gguf, "output_norm.weight", c.d_model, device)?;
         let rope = Rope::new(
+            c.rope_style(),
             c.head_dim,
             c.rope_dim,
             c.rope_base,
@@ -92,6 +94,73 @@ impl LlamaModel {
     /// `W_o` of a layer, `[H*D, d_model]`.
     pub fn wo(&self, layer: usize) -> Option<&Tensor<2>> {
         self.blocks.get(layer).map(|b| b.wo())
+    }
+
+    /// What this model is, as an artifact records and checks it:
+    /// architecture, attention geometry and the GGUF file's SHA-256.
+    pub fn identity(&self, file_sha256: &str) -> ModelIdentity {
+        let c = &self.config;
+        ModelIdentity {
+            architecture: c.architecture.clone(),
+            n_layers: c.n_layers,
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+            file_sha256: file_sha256.to_string(),
+        }
+    }
+
+    /// Checks an artifact was calibrated on this model file.
+    pub fn check_artifact(&self, artifact: &Artifact, file_sha256: &str) -> Result<(), ModelError> {
+        Ok(artifact.header.model.check(&self.identity(file_sha256))?)
+    }
+
+    /// What [`dynakv_burn::calibrate()`] needs of this model besides its
+    /// forward pass (`W_o` of every layer is copied to the host only for
+    /// the output-aware basis).
+    pub fn calibration_target(
+        &self,
+        file_sha256: &str,
+        with_output_proj: bool,
+    ) -> Result<CalibrationTarget<'_>, ModelError> {
+        let output_proj = if with_output_proj {
+            let rows = self
+                .blocks
+                .iter()
+                .map(|b| {
+                    b.wo()
+                        .clone()
+                        .into_data()
+                        .try_into_vec_as::<f32>()
+                        .map_err(|e| ModelError::InvalidInput(format!("W_o: {e:?}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Some(rows)
+        } else {
+            None
+        };
+        Ok(CalibrationTarget {
+            geometry: self.config.geometry(),
+            rope: &self.rope,
+            identity: self.identity(file_sha256),
+            output_proj,
+        })
+    }
+
+    /// A factory of caches of one configuration for this model (storage
+    /// follows the model's device).
+    pub fn cache_factory(
+        &self,
+        artifact: Option<&Artifact>,
+        spec: &CacheSpec,
+    ) -> Result<CacheFactory, ModelError> {
+        Ok(CacheFactory::new(
+            self.config.geometry(),
+            self.rope.clone(),
+            &self.device,
+            artifact,
+            spec,
+        )?)
     }
 
     /// A fresh dense cache for this model.

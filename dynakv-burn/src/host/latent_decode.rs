@@ -11,16 +11,16 @@
 //! once, as on the tensor path. Token chunks run in parallel (rayon).
 //!
 //! Everything here is plain `f32` slices, so it is tested against the tensor
-//! path ([`super::DynaKvCache`] with device storage) for exact agreement.
+//! path ([`crate::DynaKvCache`] with device storage) for exact agreement.
 
 use rayon::prelude::*;
 
 use dynakv_core::artifact::RopePlacement;
 
-use super::host_math::{avx2_dispatch, axpy, dot, softmax_columns, CHUNK};
-use crate::rope::HostRope;
+use super::math::{avx2_dispatch, axpy, dot, softmax_columns, CHUNK};
+use super::HostRope;
 
-pub(crate) use super::host_math::Heads;
+pub(crate) use super::math::Heads;
 
 /// Host copies of one layer's decoders and means.
 ///

@@ -12,7 +12,7 @@
 
 use rayon::prelude::*;
 
-use super::host_math::{avx2_dispatch, axpy, dot, softmax_columns, Heads, CHUNK};
+use super::math::{avx2_dispatch, axpy, dot, softmax_columns, Heads, CHUNK};
 
 /// One KV head's stored tokens as the kernel reads them.
 ///

@@ -1,0 +1,224 @@
+//! DynaKV: every token stores its own number of latent coordinates.
+//!
+//! On append, keys and values are projected into their layer's basis, the
+//! policy picks a rank per token, and latents go into one contiguous bucket per
+//! rank level (each bucket `[n, rank]`, so memory really shrinks). Attention
+//! takes one of three exact paths, all relying on every rank being a prefix of
+//! the same basis:
+//! - decode steps on a CPU: the fused host kernel (`latent_decode`);
+//! - prefill chunks: every stored key and value rebuilt once (zero-padded
+//!   latents times the decoder), then burn's fused attention, as dense;
+//! - short chunks on a GPU: scores per key bucket (reconstruct + RoPE for
+//!   `pre`, latent dot products for `post`), one softmax over every stored
+//!   token, values summed in latent space and decoded once.
+mod bases;
+mod buckets;
+mod by_bucket;
+mod footprint;
+mod prune;
+mod rebuilt;
+#[cfg(test)]
+mod tests;
+
+pub use bases::DynaKvBases;
+
+use std::sync::Arc;
+
+use burn::tensor::{Tensor, TensorData};
+use dynakv_core::artifact::RopePlacement;
+use dynakv_core::budget::CacheFootprint;
+use dynakv_core::policy::{KvKind, RankPolicy};
+
+use crate::cache::{
+    host_rows, joint, AttentionCache, CacheGeometry, KvStorage, HOST_KERNEL_MAX_QUERIES,
+};
+use crate::error::CacheError;
+use crate::host::latent_decode::{self, BucketView, Heads};
+use crate::host::HostRope;
+use crate::rope::Rope;
+use buckets::{Bucket, LayerStore};
+
+/// Chunks with at least this many queries (prefill) rebuild every stored key
+/// and value once and run burn's fused attention, as the dense cache does:
+/// rebuilding costs `S * d * d` per kind, less than scoring bucket by bucket
+/// and summing values in latent space once `9 * T` passes `d`.
+const REBUILD_MIN_QUERIES: usize = 32;
+
+/// The DynaKV compressed cache.
+#[derive(Debug, Clone)]
+pub struct DynaKvCache {
+    geometry: CacheGeometry,
+    rope: Rope,
+    bases: Arc<DynaKvBases>,
+    policy: Arc<dyn RankPolicy>,
+    layers: Vec<LayerStore>,
+    /// RoPE tables for the host kernel (host storage only).
+    host_rope: Option<Arc<HostRope>>,
+}
+
+impl DynaKvCache {
+    pub fn new(
+        geometry: CacheGeometry,
+        rope: Rope,
+        bases: Arc<DynaKvBases>,
+        policy: Arc<dyn RankPolicy>,
+    ) -> Result<Self, CacheError> {
+        geometry.validate()?;
+        geometry.check_rope(&rope)?;
+        if bases.layers.len() != geometry.n_layers || bases.d_kv != geometry.d_kv() {
+            return Err(CacheError::Config("bases do not match the geometry".into()));
+        }
+        let host_rope = match bases.storage {
+            KvStorage::Host => Some(rope.host()?),
+            KvStorage::Device => None,
+        };
+        Ok(Self {
+            geometry,
+            rope,
+            bases,
+            policy,
+            layers: vec![LayerStore::default(); geometry.n_layers],
+            host_rope,
+        })
+    }
+
+    /// Stored ranks of one layer and kind, in token order (for reports and tests).
+    pub fn ranks(&self, layer: usize, kind: KvKind) -> Vec<(usize, usize)> {
+        let mut out: Vec<(usize, usize)> = self.layers[layer].buckets[kind.index()]
+            .iter()
+            .flat_map(|b| b.ids.iter().map(move |&i| (i, b.rank)))
+            .collect();
+        out.sort();
+        out
+    }
+}
+
+impl AttentionCache for DynaKvCache {
+    fn append(
+        &mut self,
+        layer: usize,
+        k_pre: Tensor<4>,
+        v: Tensor<4>,
+        positions: &[usize],
+    ) -> Result<(), CacheError> {
+        self.geometry.check_layer(layer)?;
+        self.geometry.check_kv(&k_pre, &v, positions)?;
+        if k_pre.dims()[0] != 1 {
+            return Err(CacheError::Config(
+                "DynaKvCache supports batch size 1".into(),
+            ));
+        }
+        let k = match self.bases.placement {
+            RopePlacement::Pre => k_pre,
+            RopePlacement::Post => self.rope.apply(k_pre, positions)?,
+        };
+        let b = &self.bases.layers[layer];
+        let lat_k = (joint(k) - b.mean[0].clone().unsqueeze()).matmul(b.enc[0].clone());
+        let lat_v = (joint(v) - b.mean[1].clone().unsqueeze()).matmul(b.enc[1].clone());
+        // Host copies: what host storage keeps and what a latent-reading policy reads.
+        let need_host = self.bases.storage == KvStorage::Host || self.policy.needs_latents();
+        let (host_k, host_v) = if need_host {
+            (host_rows(&lat_k)?, host_rows(&lat_v)?)
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let reads = self.policy.needs_latents();
+        let (read_k, read_v): (&[f32], &[f32]) = if reads {
+            (&host_k, &host_v)
+        } else {
+            (&[], &[])
+        };
+        let rk = self.policy.ranks(layer, KvKind::Key, read_k, positions);
+        let mut rv = self.policy.ranks(layer, KvKind::Value, read_v, positions);
+        for r in rk.iter().chain(&rv) {
+            if !self.bases.levels.contains(*r) {
+                return Err(CacheError::Config(format!(
+                    "policy returned rank {r}, not a level"
+                )));
+            }
+        }
+        // A token without a key is never attended: its value would be dead weight.
+        for (v, &k) in rv.iter_mut().zip(&rk) {
+            if k == 0 {
+                *v = 0;
+            }
+        }
+        let first = self.layers[layer].next_id;
+        let host = self.bases.storage == KvStorage::Host;
+        let (hk, hv) = (host.then_some(&host_k[..]), host.then_some(&host_v[..]));
+        self.store(layer, KvKind::Key, lat_k, hk, &rk, positions, first);
+        self.store(layer, KvKind::Value, lat_v, hv, &rv, positions, first);
+        self.layers[layer].next_id += positions.len();
+        Ok(())
+    }
+
+    fn attend(
+        &mut self,
+        layer: usize,
+        q_rot: Tensor<4>,
+        positions: &[usize],
+    ) -> Result<Tensor<4>, CacheError> {
+        self.geometry.check_layer(layer)?;
+        self.geometry.check_q(&q_rot, positions)?;
+        let g = self.geometry;
+        let (hk, dh) = (g.n_kv_heads, g.head_dim);
+        let [bsz, h, t, _] = q_rot.dims();
+        let device = q_rot.device();
+        let store = &self.layers[layer];
+        let b = &self.bases.layers[layer];
+        if store.buckets[0].is_empty() || store.buckets[1].is_empty() {
+            return Err(CacheError::Config(format!(
+                "attend on layer {layer} with nothing stored"
+            )));
+        }
+        if bsz != 1 {
+            return Err(CacheError::Config(
+                "DynaKvCache supports batch size 1".into(),
+            ));
+        }
+        if let (Some(rope), true) = (&self.host_rope, t <= HOST_KERNEL_MAX_QUERIES) {
+            let views = |k: usize| -> Vec<BucketView<'_>> {
+                store.buckets[k].iter().filter_map(Bucket::view).collect()
+            };
+            let q_host = host_rows(&q_rot.reshape([h * t, dh]))?;
+            let out = latent_decode::attend(
+                Heads {
+                    n_heads: h,
+                    n_kv_heads: hk,
+                    head_dim: dh,
+                },
+                self.bases.placement,
+                &b.host,
+                rope,
+                &q_host,
+                positions,
+                &views(0),
+                &views(1),
+                store.next_id,
+            );
+            return Ok(Tensor::from_data(
+                TensorData::new(out, [1, h, t, dh]),
+                &device,
+            ));
+        }
+        if t >= REBUILD_MIN_QUERIES {
+            return self.attend_rebuilt(layer, q_rot, positions);
+        }
+        self.attend_by_bucket(layer, q_rot, positions)
+    }
+
+    /// Tokens with a stored key (rank-0 and pruned tokens are not stored).
+    fn len(&self, layer: usize) -> usize {
+        self.layers
+            .get(layer)
+            .map_or(0, |l| l.buckets[0].iter().map(|b| b.positions.len()).sum())
+    }
+
+    fn reset(&mut self) {
+        self.layers = vec![LayerStore::default(); self.geometry.n_layers];
+    }
+
+    fn footprint(&self) -> CacheFootprint {
+        self.footprint_now()
+    }
+}

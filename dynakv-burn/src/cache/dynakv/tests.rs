@@ -1,0 +1,250 @@
+use std::sync::Arc;
+
+use burn::tensor::{Int, Tensor, TensorData};
+use dynakv_core::artifact::RopePlacement;
+use dynakv_core::policy::{KvKind, RankPolicy};
+
+use super::*;
+use crate::cache::test_support::{artifact, rand4, run, Cycle, Fixed, G};
+use crate::cache::{DenseCache, KeepPositions, PrunableCache};
+use crate::device::default_device;
+use crate::rope::RopeStyle;
+
+#[test]
+fn full_rank_equals_dense_for_both_placements_and_any_chunking() {
+    let device = default_device();
+    let rope = Rope::new(RopeStyle::Interleaved, 4, 4, 10_000.0, 64, &device).unwrap();
+    let (q, k, v) = (
+        rand4([1, 4, 40, 4]),
+        rand4([1, 2, 40, 4]),
+        rand4([1, 2, 40, 4]),
+    );
+    let mut dense = DenseCache::new(G, rope.clone()).unwrap();
+    let want = run(&mut dense, &q, &k, &v, &[40]);
+    for placement in [RopePlacement::Pre, RopePlacement::Post] {
+        let bases = Arc::new(DynaKvBases::new(&artifact(placement), G, &device).unwrap());
+        // one rebuilt prefill, decode steps only, short chunks then a
+        // rebuilt chunk over cached tokens
+        for chunks in [vec![40], vec![1; 40], vec![3, 1, 6, 30]] {
+            let mut c =
+                DynaKvCache::new(G, rope.clone(), bases.clone(), Arc::new(Fixed(8))).unwrap();
+            let got = run(&mut c, &q, &k, &v, &chunks);
+            let diff: f32 = (got - want.clone()).abs().max().into_scalar();
+            assert!(diff < 1e-4, "{placement:?} {chunks:?}: {diff}");
+        }
+    }
+}
+
+#[test]
+fn the_host_kernel_equals_the_tensor_path_at_every_rank_mix() {
+    let device = default_device();
+    let rope = Rope::new(RopeStyle::Interleaved, 4, 4, 10_000.0, 64, &device).unwrap();
+    let (q, k, v) = (
+        rand4([1, 4, 12, 4]),
+        rand4([1, 2, 12, 4]),
+        rand4([1, 2, 12, 4]),
+    );
+    for placement in [RopePlacement::Pre, RopePlacement::Post] {
+        let make = |storage| {
+            let bases = Arc::new(
+                DynaKvBases::with_storage(&artifact(placement), G, &device, storage).unwrap(),
+            );
+            DynaKvCache::new(G, rope.clone(), bases, Arc::new(Cycle)).unwrap()
+        };
+        // short chunks (2, 4: host kernel with a causal mask), a long one
+        // (5: tensor path over host latents), a decode step
+        let chunks = [2, 4, 5, 1];
+        let mut dev = make(KvStorage::Device);
+        let mut host = make(KvStorage::Host);
+        assert!(host.host_rope.is_some() && dev.host_rope.is_none());
+        let want = run(&mut dev, &q, &k, &v, &chunks);
+        let got = run(&mut host, &q, &k, &v, &chunks);
+        let diff: f32 = (got - want).abs().max().into_scalar();
+        assert!(diff < 1e-5, "{placement:?}: {diff}");
+        // Pruning keeps them equal.
+        let keep = KeepPositions::Layer(vec![0, 2, 3, 7, 11]);
+        for c in [&mut dev, &mut host] {
+            c.retain(0, &keep).unwrap();
+        }
+        let q_last = q.clone().narrow(2, 11, 1);
+        let a = dev.attend(0, q_last.clone(), &[11]).unwrap();
+        let b = host.attend(0, q_last, &[11]).unwrap();
+        let diff: f32 = (a - b).abs().max().into_scalar();
+        assert!(diff < 1e-5, "{placement:?} pruned: {diff}");
+        assert_eq!(dev.footprint(), host.footprint());
+    }
+}
+
+/// Keys cycle through the levels; odd tokens keep a key but no value.
+#[derive(Debug)]
+struct NoOddValues;
+impl RankPolicy for NoOddValues {
+    fn name(&self) -> &'static str {
+        "no-odd-values"
+    }
+    fn needs_latents(&self) -> bool {
+        false
+    }
+    fn ranks(&self, l: usize, kind: KvKind, lat: &[f32], positions: &[usize]) -> Vec<usize> {
+        let cycle = Cycle.ranks(l, kind, lat, positions);
+        let no_value = |p: usize| kind == KvKind::Value && p % 2 == 1;
+        (positions.iter().zip(cycle))
+            .map(|(&p, r)| if no_value(p) { 0 } else { r })
+            .collect()
+    }
+}
+
+#[test]
+fn the_rebuilt_prefill_path_equals_scoring_by_bucket() {
+    let device = default_device();
+    let rope = Rope::new(RopeStyle::Interleaved, 4, 4, 10_000.0, 64, &device).unwrap();
+    let (q, k, v) = (
+        rand4([1, 4, 14, 4]),
+        rand4([1, 2, 14, 4]),
+        rand4([1, 2, 14, 4]),
+    );
+    for placement in [RopePlacement::Pre, RopePlacement::Post] {
+        for storage in [KvStorage::Device, KvStorage::Host] {
+            let bases = Arc::new(
+                DynaKvBases::with_storage(&artifact(placement), G, &device, storage).unwrap(),
+            );
+            let mut c = DynaKvCache::new(G, rope.clone(), bases, Arc::new(NoOddValues)).unwrap();
+            // a chunk, a pruning, then a chunk whose queries see cached tokens
+            let first: Vec<usize> = (0..9).collect();
+            c.append(
+                0,
+                k.clone().narrow(2, 0, 9),
+                v.clone().narrow(2, 0, 9),
+                &first,
+            )
+            .unwrap();
+            c.retain(0, &KeepPositions::Layer(vec![0, 1, 2, 4, 5, 7, 8]))
+                .unwrap();
+            let second: Vec<usize> = (9..14).collect();
+            c.append(
+                0,
+                k.clone().narrow(2, 9, 5),
+                v.clone().narrow(2, 9, 5),
+                &second,
+            )
+            .unwrap();
+            let q2 = q.clone().narrow(2, 9, 5);
+            let a = c.attend_rebuilt(0, q2.clone(), &second).unwrap();
+            let b = c.attend_by_bucket(0, q2, &second).unwrap();
+            let diff: f32 = (a - b).abs().max().into_scalar();
+            assert!(diff < 1e-5, "{placement:?} {storage:?}: {diff}");
+        }
+    }
+}
+
+#[test]
+fn cpu_devices_get_host_storage() {
+    // The default test backend is Flex unless a GPU feature is on.
+    #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+    assert_eq!(KvStorage::for_device(&default_device()), KvStorage::Host);
+}
+
+#[test]
+fn buckets_track_every_level_across_appends() {
+    let device = default_device();
+    let rope = Rope::new(RopeStyle::Interleaved, 4, 4, 10_000.0, 64, &device).unwrap();
+    let bases = Arc::new(DynaKvBases::new(&artifact(RopePlacement::Pre), G, &device).unwrap());
+    let mut c = DynaKvCache::new(G, rope, bases, Arc::new(Cycle)).unwrap();
+    let (q, k, v) = (
+        rand4([1, 4, 13, 4]),
+        rand4([1, 2, 13, 4]),
+        rand4([1, 2, 13, 4]),
+    );
+    let out = run(&mut c, &q, &k, &v, &[5, 1, 1, 6]);
+    let vals: Vec<f32> = out.into_data().try_into_vec_as::<f32>().unwrap();
+    assert!(vals.iter().all(|x| x.is_finite()));
+    let kr = c.ranks(0, KvKind::Key);
+    let vr = c.ranks(0, KvKind::Value);
+    assert_eq!(kr.len(), 13);
+    for (i, &(id, r)) in kr.iter().enumerate() {
+        assert_eq!((id, r), (i, 2 * (1 + i % 4)));
+        assert_eq!(vr[i], (i, 2 * (1 + (i + 3) % 4)));
+    }
+    assert_eq!(c.layers[0].buckets[0].len(), 4, "one bucket per level");
+    let f = c.footprint();
+    let dims: usize = kr.iter().chain(&vr).map(|x| x.1).sum();
+    assert_eq!(f.values as usize, dims);
+    assert_eq!(f.values_full as usize, 2 * 13 * 8);
+    c.reset();
+    assert_eq!(c.len(0), 0);
+}
+
+/// Keys of odd positions get rank 0 (dropped), values always rank 8.
+#[derive(Debug)]
+struct DropOddKeys;
+impl RankPolicy for DropOddKeys {
+    fn name(&self) -> &'static str {
+        "drop-odd-keys"
+    }
+    fn needs_latents(&self) -> bool {
+        false
+    }
+    fn ranks(&self, _l: usize, kind: KvKind, _lat: &[f32], positions: &[usize]) -> Vec<usize> {
+        positions
+            .iter()
+            .map(|&p| {
+                if kind == KvKind::Key && p % 2 == 1 {
+                    0
+                } else {
+                    8
+                }
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn a_token_without_a_key_stores_no_value_and_is_not_attended() {
+    let device = default_device();
+    let rope = Rope::new(RopeStyle::Interleaved, 4, 4, 10_000.0, 64, &device).unwrap();
+    let bases = Arc::new(DynaKvBases::new(&artifact(RopePlacement::Pre), G, &device).unwrap());
+    let mut c = DynaKvCache::new(G, rope.clone(), bases, Arc::new(DropOddKeys)).unwrap();
+    let (q, k, v) = (
+        rand4([1, 4, 6, 4]),
+        rand4([1, 2, 6, 4]),
+        rand4([1, 2, 6, 4]),
+    );
+    let pos: Vec<usize> = (0..6).collect();
+    c.append(0, k.clone(), v.clone(), &pos).unwrap();
+    let values: Vec<usize> = c
+        .ranks(0, KvKind::Value)
+        .iter()
+        .map(|&(id, _)| id)
+        .collect();
+    assert_eq!(values, vec![0, 2, 4]);
+    assert_eq!(c.len(0), 3);
+    // Attention equals a dense cache holding the even tokens only.
+    let q_last = q.narrow(2, 5, 1);
+    let got = c.attend(0, q_last.clone(), &[5]).unwrap();
+    let mut dense = DenseCache::new(G, rope).unwrap();
+    let even = Tensor::<1, Int>::from_data(TensorData::new(vec![0i64, 2, 4], [3]), &device);
+    dense
+        .append(0, k.select(2, even.clone()), v.select(2, even), &[0, 2, 4])
+        .unwrap();
+    let want = dense.attend(0, q_last, &[5]).unwrap();
+    let diff: f32 = (got - want).abs().max().into_scalar();
+    assert!(diff < 1e-4, "{diff}");
+}
+
+#[test]
+fn a_rank_that_is_not_a_level_is_an_error() {
+    let device = default_device();
+    let rope = Rope::new(RopeStyle::Interleaved, 4, 4, 10_000.0, 64, &device).unwrap();
+    let bases = Arc::new(DynaKvBases::new(&artifact(RopePlacement::Pre), G, &device).unwrap());
+    let mut c = DynaKvCache::new(G, rope, bases, Arc::new(Fixed(3))).unwrap();
+    let err = c
+        .append(0, rand4([1, 2, 2, 4]), rand4([1, 2, 2, 4]), &[0, 1])
+        .unwrap_err();
+    assert!(err.to_string().contains("not a level"), "{err}");
+    let other = CacheGeometry {
+        n_kv_heads: 1,
+        n_heads: 2,
+        ..G
+    };
+    assert!(DynaKvBases::new(&artifact(RopePlacement::Pre), other, &device).is_err());
+}

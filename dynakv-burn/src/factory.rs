@@ -1,0 +1,222 @@
+//! Building any cache of the project from a spec: the one place that turns
+//! a [`CacheSpec`], an artifact and a model's geometry into caches, so a
+//! command line, a test and a user's own model all get the same caches.
+
+use std::sync::Arc;
+
+use burn::tensor::Device;
+use dynakv_core::artifact::Artifact;
+use dynakv_core::policy::RankPolicy;
+#[cfg(feature = "snapkv")]
+use dynakv_snapkv::SnapKvConfig;
+
+use crate::cache::{
+    AttentionCache, CacheGeometry, DenseCache, DynaKvBases, DynaKvCache, KvStorage,
+};
+#[cfg(feature = "snapkv")]
+use crate::cache::{PrunableCache, SnapKvCache};
+use crate::error::CacheError;
+use crate::rope::Rope;
+use crate::spec::CacheSpec;
+
+/// Makes fresh caches (one per sequence) of one configuration. DynaKV's
+/// bases are uploaded and its policy fitted once, here, and shared by every
+/// cache made.
+///
+/// ```
+/// use dynakv_burn::{AttentionCache, CacheFactory, CacheGeometry, CacheSpec, Rope, RopeStyle};
+///
+/// let device = dynakv_burn::device::default_device();
+/// let geometry = CacheGeometry {
+///     n_layers: 2,
+///     n_heads: 4,
+///     n_kv_heads: 2,
+///     head_dim: 8,
+///     rope_style: RopeStyle::SplitHalves,
+/// };
+/// let rope = Rope::new(RopeStyle::SplitHalves, 8, 8, 10_000.0, 128, &device).unwrap();
+/// let factory = CacheFactory::new(geometry, rope, &device, None, &CacheSpec::dense()).unwrap();
+/// let cache = factory.make().unwrap();
+/// assert!(cache.is_empty());
+///
+/// // A RoPE table of the other style is refused, not silently used.
+/// let wrong = Rope::new(RopeStyle::Interleaved, 8, 8, 10_000.0, 128, &device).unwrap();
+/// assert!(CacheFactory::new(geometry, wrong, &device, None, &CacheSpec::dense()).is_err());
+/// ```
+#[derive(Debug, Clone)]
+pub struct CacheFactory {
+    geometry: CacheGeometry,
+    rope: Rope,
+    storage: KvStorage,
+    dynakv: Option<(Arc<DynaKvBases>, Arc<dyn RankPolicy>)>,
+    #[cfg(feature = "snapkv")]
+    snapkv: Option<SnapKvConfig>,
+    spec: CacheSpec,
+}
+
+impl CacheFactory {
+    /// A factory for `spec`; storage follows the device's backend
+    /// ([`KvStorage::for_device`]). DynaKV needs the calibration `artifact`
+    /// (from [`crate::calibrate()`] or `dynakv calibrate`); the dense cache
+    /// takes none.
+    ///
+    /// The artifact's geometry is checked against the model's; that it was
+    /// calibrated on this very model file is the model's to check (its
+    /// identity, [`dynakv_core::artifact::ModelIdentity::check`]).
+    pub fn new(
+        geometry: CacheGeometry,
+        rope: Rope,
+        device: &Device,
+        artifact: Option<&Artifact>,
+        spec: &CacheSpec,
+    ) -> Result<Self, CacheError> {
+        Self::with_storage(
+            geometry,
+            rope,
+            device,
+            artifact,
+            spec,
+            KvStorage::for_device(device),
+        )
+    }
+
+    /// As [`CacheFactory::new`] with an explicit storage.
+    pub fn with_storage(
+        geometry: CacheGeometry,
+        rope: Rope,
+        device: &Device,
+        artifact: Option<&Artifact>,
+        spec: &CacheSpec,
+        storage: KvStorage,
+    ) -> Result<Self, CacheError> {
+        geometry.validate()?;
+        geometry.check_rope(&rope)?;
+        spec.validate()?;
+        let dynakv = match (&spec.dynakv, artifact) {
+            (Some(_), None) => {
+                return Err(CacheError::Config(
+                    "DynaKV needs a calibration artifact".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(CacheError::Config(
+                    "an artifact was given for the dense cache, which does not use one".into(),
+                ))
+            }
+            (None, None) => None,
+            (Some(policy), Some(artifact)) => {
+                check_artifact_geometry(artifact, geometry)?;
+                let bases = DynaKvBases::with_storage(artifact, geometry, device, storage)?;
+                Some((Arc::new(bases), policy.build(artifact)?))
+            }
+        };
+        Ok(Self {
+            geometry,
+            rope,
+            storage,
+            #[cfg(feature = "snapkv")]
+            snapkv: spec
+                .snapkv
+                .as_ref()
+                .map(|s| s.config(dynakv.is_some()))
+                .transpose()?,
+            dynakv,
+            spec: spec.clone(),
+        })
+    }
+
+    /// A fresh, empty cache.
+    pub fn make(&self) -> Result<Box<dyn AttentionCache>, CacheError> {
+        match &self.dynakv {
+            None => {
+                let dense =
+                    DenseCache::with_storage(self.geometry, self.rope.clone(), self.storage)?;
+                self.finish(dense)
+            }
+            Some((bases, policy)) => {
+                let cache = DynaKvCache::new(
+                    self.geometry,
+                    self.rope.clone(),
+                    bases.clone(),
+                    policy.clone(),
+                )?;
+                self.finish(cache)
+            }
+        }
+    }
+
+    /// A fresh DynaKV cache as its own type (to read its ranks), for a
+    /// DynaKV spec without SnapKV.
+    pub fn make_dynakv(&self) -> Result<DynaKvCache, CacheError> {
+        #[cfg(feature = "snapkv")]
+        if self.snapkv.is_some() {
+            return Err(CacheError::Config(
+                "make_dynakv builds DynaKV alone; this spec has SnapKV on top".into(),
+            ));
+        }
+        let Some((bases, policy)) = &self.dynakv else {
+            return Err(CacheError::Config("the spec is the dense cache".into()));
+        };
+        DynaKvCache::new(
+            self.geometry,
+            self.rope.clone(),
+            bases.clone(),
+            policy.clone(),
+        )
+    }
+
+    #[cfg(feature = "snapkv")]
+    fn finish<C: PrunableCache + 'static>(
+        &self,
+        cache: C,
+    ) -> Result<Box<dyn AttentionCache>, CacheError> {
+        Ok(match &self.snapkv {
+            None => Box::new(cache),
+            Some(c) => Box::new(SnapKvCache::new(
+                cache,
+                c.clone(),
+                self.geometry,
+                self.rope.clone(),
+            )?),
+        })
+    }
+
+    #[cfg(not(feature = "snapkv"))]
+    fn finish<C: AttentionCache + 'static>(
+        &self,
+        cache: C,
+    ) -> Result<Box<dyn AttentionCache>, CacheError> {
+        Ok(Box::new(cache))
+    }
+
+    pub fn spec(&self) -> &CacheSpec {
+        &self.spec
+    }
+
+    pub fn geometry(&self) -> CacheGeometry {
+        self.geometry
+    }
+
+    pub fn storage(&self) -> KvStorage {
+        self.storage
+    }
+
+    /// DynaKV's shared bases, for a DynaKV spec.
+    pub fn bases(&self) -> Option<&Arc<DynaKvBases>> {
+        self.dynakv.as_ref().map(|(b, _)| b)
+    }
+}
+
+/// The artifact's recorded model geometry against the model's.
+fn check_artifact_geometry(artifact: &Artifact, g: CacheGeometry) -> Result<(), CacheError> {
+    let m = &artifact.header.model;
+    let ours = (g.n_layers, g.n_heads, g.n_kv_heads, g.head_dim);
+    let theirs = (m.n_layers, m.n_heads, m.n_kv_heads, m.head_dim);
+    if ours != theirs {
+        return Err(CacheError::Config(format!(
+            "the artifact was calibrated for (layers, heads, kv heads, head dim) {theirs:?}, \
+             the model has {ours:?}"
+        )));
+    }
+    Ok(())
+}

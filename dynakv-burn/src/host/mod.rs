@@ -1,0 +1,15 @@
+//! Burn-free host kernels: the fused decode-step attention of the dense and
+//! DynaKV caches over host vectors, their shared arithmetic (AVX2 with a
+//! portable fallback), and RoPE on the host.
+//!
+//! Why on the host: a decode step on a CPU attends one query over thousands
+//! of stored tokens; burn's tensor path would copy the whole cache into one
+//! contiguous tensor per step, while these kernels read the caches' own
+//! vectors in place and split the tokens over cores.
+
+pub(crate) mod dense_decode;
+pub(crate) mod latent_decode;
+pub(crate) mod math;
+mod rope;
+
+pub(crate) use rope::HostRope;

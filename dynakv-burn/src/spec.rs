@@ -1,0 +1,173 @@
+//! Which cache to build, as a user writes it down: the dense cache or
+//! DynaKV with a rank policy, optionally under SnapKV pruning.
+
+use std::fmt;
+use std::str::FromStr;
+
+use dynakv_core::policy::PolicySpec;
+#[cfg(feature = "snapkv")]
+use dynakv_snapkv::SnapKvSpec;
+use serde::{Deserialize, Serialize};
+
+use crate::error::CacheError;
+
+/// A cache configuration: serialisable, parsable, validated before anything
+/// is loaded. [`crate::CacheFactory`] builds it.
+///
+/// The string form joins parts with `+`: `dense`, `dynakv:POLICY` (see
+/// [`PolicySpec`]) and, with the `snapkv` feature, `snapkv:SPEC` (see
+/// `dynakv_snapkv::SnapKvSpec`).
+///
+/// ```
+/// use dynakv_burn::CacheSpec;
+///
+/// let spec: CacheSpec = "dynakv:energy@0.47,recent=32".parse().unwrap();
+/// assert!(spec.dynakv.is_some());
+/// assert_eq!(spec.to_string().parse::<CacheSpec>().unwrap(), spec);
+/// assert!("dense".parse::<CacheSpec>().unwrap().dynakv.is_none());
+/// assert!("dynakv:energy@2".parse::<CacheSpec>().is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheSpec {
+    /// DynaKV's rank policy; `None` is the dense cache.
+    pub dynakv: Option<PolicySpec>,
+    /// SnapKV pruning at the end of prefill, over either cache.
+    #[cfg(feature = "snapkv")]
+    pub snapkv: Option<SnapKvSpec>,
+}
+
+impl CacheSpec {
+    /// The uncompressed cache.
+    pub fn dense() -> Self {
+        Self::default()
+    }
+
+    /// DynaKV with a rank policy.
+    pub fn dynakv(policy: PolicySpec) -> Self {
+        Self {
+            dynakv: Some(policy),
+            ..Self::default()
+        }
+    }
+
+    /// The same cache under SnapKV pruning.
+    #[cfg(feature = "snapkv")]
+    pub fn with_snapkv(mut self, snapkv: SnapKvSpec) -> Self {
+        self.snapkv = Some(snapkv);
+        self
+    }
+
+    /// Whether this is the dense cache with nothing on top (the reference).
+    pub fn is_dense(&self) -> bool {
+        #[cfg(feature = "snapkv")]
+        if self.snapkv.is_some() {
+            return false;
+        }
+        self.dynakv.is_none()
+    }
+
+    /// Checks every part on its own, including that SnapKV's granularity
+    /// suits the inner cache (DynaKV keeps one token set per layer).
+    pub fn validate(&self) -> Result<(), CacheError> {
+        if let Some(p) = &self.dynakv {
+            p.validate()?;
+        }
+        #[cfg(feature = "snapkv")]
+        if let Some(s) = &self.snapkv {
+            s.config(self.dynakv.is_some())?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for CacheSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.dynakv {
+            None => f.write_str("dense")?,
+            Some(p) => write!(f, "dynakv:{p}")?,
+        }
+        #[cfg(feature = "snapkv")]
+        if let Some(s) = &self.snapkv {
+            write!(f, "+snapkv:{s}")?;
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for CacheSpec {
+    type Err = CacheError;
+    fn from_str(s: &str) -> Result<Self, CacheError> {
+        let mut spec = Self::default();
+        let mut inner_seen = false;
+        for part in s.split('+') {
+            let (name, arg) = part.split_once(':').unwrap_or((part, ""));
+            match (name.trim(), inner_seen) {
+                ("dense", false) if arg.is_empty() => inner_seen = true,
+                ("dynakv", false) => {
+                    spec.dynakv = Some(arg.parse()?);
+                    inner_seen = true;
+                }
+                #[cfg(feature = "snapkv")]
+                ("snapkv", true) if spec.snapkv.is_none() => spec.snapkv = Some(arg.parse()?),
+                _ => {
+                    return Err(CacheError::Config(format!(
+                        "`{part}` in `{s}`: expected dense or dynakv:POLICY, then +snapkv:SPEC"
+                    )))
+                }
+            }
+        }
+        if !inner_seen {
+            return Err(CacheError::Config(format!(
+                "`{s}`: no inner cache (dense or dynakv:POLICY)"
+            )));
+        }
+        spec.validate()?;
+        Ok(spec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_rejects() {
+        for good in ["dense", "dynakv:uniform@0.3", "dynakv:energy@0.3,recent=32"] {
+            let spec: CacheSpec = good.parse().unwrap();
+            assert_eq!(spec.to_string(), good);
+        }
+        for bad in [
+            "",
+            "dense:x",
+            "dense+dense",
+            "dynakv:energy@0",
+            "fast",
+            "dynakv",
+        ] {
+            assert!(bad.parse::<CacheSpec>().is_err(), "{bad}");
+        }
+        let json = serde_json::to_string(&CacheSpec::dense()).unwrap();
+        assert_eq!(
+            serde_json::from_str::<CacheSpec>(&json).unwrap(),
+            CacheSpec::dense()
+        );
+    }
+
+    #[cfg(feature = "snapkv")]
+    #[test]
+    fn snapkv_on_top_needs_a_granularity_the_inner_cache_has() {
+        let spec: CacheSpec = "dynakv:energy@0.47+snapkv:recall@0.875,gqa=layer-max"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            spec.to_string(),
+            "dynakv:energy@0.47+snapkv:recall@0.875,gqa=layer-max"
+        );
+        assert!("dense+snapkv:kvpress@0.5".parse::<CacheSpec>().is_ok());
+        assert!("dynakv:energy@0.47+snapkv:kvpress@0.5,gqa=kv-head"
+            .parse::<CacheSpec>()
+            .is_err());
+        assert!("snapkv:kvpress@0.5".parse::<CacheSpec>().is_err());
+    }
+}
