@@ -5,4 +5,3 @@
 pub mod eval;
 pub mod plot;
 pub mod text;
-pub mod train;

@@ -170,8 +170,7 @@ fn bad_configurations_are_clear_errors() {
 
 #[test]
 fn a_trained_router_round_trips_and_drives_the_cache() {
-    use dynakv_bench::train::{train, Stage};
-    use dynakv_burn::train::LocalConfig;
+    use dynakv_burn::train::{train, LocalConfig, Stage};
     use std::sync::atomic::AtomicBool;
     let s = setup();
     let config = LocalConfig {
@@ -180,16 +179,18 @@ fn a_trained_router_round_trips_and_drives_the_cache() {
         ..LocalConfig::default()
     };
     let ids = &s.eval_ids[..384];
+    let target = s.model.train_target();
+    let windows = |ids: &'static [u32]| ids.chunks_exact(128).collect::<Vec<_>>();
+    let forward = |w: &&[u32], cache: &mut dyn AttentionCache| s.model.forward(w, 0, cache);
     let (trained, summary) = train(
-        &s.model,
-        &s.sha,
+        &target,
         &s.pre,
-        &ids[..256],
-        &ids[256..],
-        128,
+        &windows(&ids[..256]),
+        &windows(&ids[256..]),
         &config,
         Stage::Local,
         &AtomicBool::new(false),
+        forward,
         |_| {},
     )
     .unwrap();
@@ -214,15 +215,14 @@ fn a_trained_router_round_trips_and_drives_the_cache() {
     assert!(factory(s, &s.sha, &back, &spec(PolicyKind::Router, 0.5)).is_err());
     // One e2e step (whole-model KL) continues from the local artifact.
     let (e2e, summary) = train(
-        &s.model,
-        &s.sha,
+        &target,
         &back,
-        &ids[..128],
-        &ids[256..],
-        128,
+        &windows(&ids[..128]),
+        &windows(&ids[256..]),
         &LocalConfig { steps: 1, ..config },
         Stage::E2e,
         &AtomicBool::new(false),
+        forward,
         |st| assert!(st.err.is_finite() && st.err >= 0.0, "{st:?}"),
     )
     .unwrap();

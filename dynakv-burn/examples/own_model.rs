@@ -9,15 +9,15 @@
 //! `cargo run --release -p dynakv-burn --features snapkv --example own_model`
 
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
-use dynakv_burn::dynakv_core::artifact::ModelIdentity;
+use dynakv_burn::dynakv_core::artifact::{Artifact, ModelIdentity, RopePlacement};
 use dynakv_burn::{
     calibrate, AttentionCache, CacheError, CacheFactory, CacheGeometry, CacheSpec,
     CalibrationConfig, CalibrationTarget, RecordingCache, Rope, RopeStyle,
 };
 
-const VOCAB: usize = 512;
-const D_MODEL: usize = 64;
-const GEOMETRY: CacheGeometry = CacheGeometry {
+pub const VOCAB: usize = 512;
+pub const D_MODEL: usize = 64;
+pub const GEOMETRY: CacheGeometry = CacheGeometry {
     n_layers: 2,
     n_heads: 4,
     n_kv_heads: 2,
@@ -34,14 +34,14 @@ struct Layer {
     wo: Tensor<2>,
 }
 
-struct TinyModel {
+pub struct TinyModel {
     embed: Tensor<2>,
     layers: Vec<Layer>,
-    rope: Rope,
+    pub rope: Rope,
 }
 
 impl TinyModel {
-    fn new(device: &burn::tensor::Device) -> Result<Self, CacheError> {
+    pub fn new(device: &burn::tensor::Device) -> Result<Self, CacheError> {
         let g = GEOMETRY;
         let w = |i, o| Tensor::<2>::random([i, o], Distribution::Normal(0.0, 0.15), device);
         // Embeddings near an 8-dimensional subspace: the keys and values have
@@ -65,7 +65,7 @@ impl TinyModel {
     }
 
     /// Hidden states `[T, D_MODEL]` of new tokens at positions `start..`.
-    fn forward(
+    pub fn forward(
         &self,
         tokens: &[u32],
         start: usize,
@@ -93,7 +93,7 @@ impl TinyModel {
 }
 
 /// Token sequences with some repetition, like text.
-fn synthetic_text(n: usize, seed: u64) -> Vec<u32> {
+pub fn synthetic_text(n: usize, seed: u64) -> Vec<u32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut next = || {
         s ^= s << 13;
@@ -106,12 +106,10 @@ fn synthetic_text(n: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
-fn main() -> Result<(), CacheError> {
-    let device = dynakv_burn::device::default_device();
-    device.seed(7);
-    let model = TinyModel::new(&device)?;
-
-    // 1. Calibrate: bases and the policy sample from 8 windows of your data.
+/// Bases and the policy sample from 8 windows of your data: `calibrate`
+/// runs your forward pass over a recording cache. `placement`: latents of
+/// keys before RoPE (the paper's choice, the default) or after.
+pub fn calibrated(model: &TinyModel, placement: RopePlacement) -> Result<Artifact, CacheError> {
     let windows: Vec<Vec<u32>> = (0..8).map(|i| synthetic_text(128, i)).collect();
     let target = CalibrationTarget {
         geometry: GEOMETRY,
@@ -130,15 +128,26 @@ fn main() -> Result<(), CacheError> {
         stats_windows: 6,
         sample_windows: 2,
         level_step: 4,
+        rope: placement,
         ..CalibrationConfig::default()
     };
     let forward = |w: &Vec<u32>, cache: &mut RecordingCache| model.forward(w, 0, cache).map(|_| ());
-    let artifact = calibrate(&target, &config, &windows, forward, |_, _| {})?;
+    calibrate(&target, &config, &windows, forward, |_, _| {})
+}
+
+pub fn main() -> Result<(), CacheError> {
+    let device = dynakv_burn::device::default_device();
+    device.seed(7);
+    let model = TinyModel::new(&device)?;
+
+    // 1. Calibrate on your own data.
+    let artifact = calibrated(&model, RopePlacement::Pre)?;
 
     // 2. Run a 96-token prompt and 16 decode steps with each cache.
     let text = synthetic_text(112, 99);
     let (prompt, decode) = text.split_at(96);
-    let run = |spec: &str| -> Result<(Tensor<2>, usize), CacheError> {
+    // (decode outputs, bytes of the tokens, bytes of the bases)
+    let run = |spec: &str| -> Result<(Tensor<2>, u64, u64), CacheError> {
         let spec: CacheSpec = spec.parse()?;
         let artifact = spec.dynakv.is_some().then_some(&artifact);
         let factory = CacheFactory::new(GEOMETRY, model.rope.clone(), &device, artifact, &spec)?;
@@ -148,13 +157,19 @@ fn main() -> Result<(), CacheError> {
         for (i, &tok) in decode.iter().enumerate() {
             steps.push(model.forward(&[tok], prompt.len() + i, cache.as_mut())?);
         }
-        Ok((Tensor::cat(steps, 0), cache.bytes()))
+        let f = cache.footprint();
+        Ok((
+            Tensor::cat(steps, 0),
+            f.bytes() - f.fixed_bytes,
+            f.fixed_bytes,
+        ))
     };
-    let (dense, dense_bytes) = run("dense")?;
+    let (dense, dense_bytes, _) = run("dense")?;
     let scale: f32 = dense.clone().abs().mean().into_scalar();
+    let header = ["cache", "bytes", "of dense", "decode err", "bases"];
     println!(
-        "{:<52} {:>8} {:>9} {:>11}",
-        "cache", "bytes", "of dense", "decode err"
+        "{:<62} {:>7} {:>9} {:>11} {:>7}",
+        header[0], header[1], header[2], header[3], header[4]
     );
     for spec in [
         "dense",
@@ -163,11 +178,14 @@ fn main() -> Result<(), CacheError> {
         "dense+snapkv:recall@0.5",
         "dynakv:energy@0.5,recent=32+snapkv:recall@0.5,gqa=layer-max",
     ] {
-        let (out, bytes) = run(spec)?;
+        let (out, bytes, bases) = run(spec)?;
         let err = (out - dense.clone()).abs().mean().into_scalar::<f32>() / scale;
         let share = bytes as f64 / dense_bytes as f64;
-        println!("{spec:<52} {bytes:>8} {:>8.1}% {err:>11.4}", 100.0 * share);
+        println!(
+            "{spec:<62} {bytes:>7} {:>8.1}% {err:>11.4} {bases:>7}",
+            100.0 * share
+        );
     }
-    println!("(bytes include DynaKV's bases, a fixed cost that long contexts amortise)");
+    println!("bytes: stored tokens and their metadata; bases: DynaKV's fixed cost per model");
     Ok(())
 }

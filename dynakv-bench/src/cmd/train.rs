@@ -7,8 +7,7 @@ use std::sync::Arc;
 use anyhow::{bail, Result};
 use clap::Args;
 use dynakv_bench::text::{brown_docs, document_tokens};
-use dynakv_bench::train::{train, Stage};
-use dynakv_burn::train::LocalConfig;
+use dynakv_burn::train::{train, LocalConfig, Stage};
 use dynakv_core::artifact::Artifact;
 use dynakv_models::corpus::Split;
 
@@ -29,8 +28,8 @@ pub struct TrainArgs {
     pub target: f64,
     /// local (per-layer attention-output loss on captured windows) or e2e
     /// (whole-model KL to the full cache; start it from a local artifact).
-    #[arg(long, default_value = "local")]
-    pub stage: String,
+    #[arg(long, value_enum, default_value_t = Stage::Local)]
+    pub stage: Stage,
     /// Brown `calib` tokens to train on (from the start of the split).
     #[arg(long, default_value_t = 8192)]
     pub tokens: usize,
@@ -65,9 +64,13 @@ pub struct TrainArgs {
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
-    let stage: Stage = a.stage.parse()?;
+    if a.ctx == 0 {
+        bail!("--ctx must be at least 1");
+    }
+    let stage = a.stage;
     let loaded = a.model.load()?;
     let artifact = Artifact::load(&a.artifact)?;
+    loaded.model.check_artifact(&artifact, &loaded.sha256)?;
     let docs = brown_docs(Split::Calib, None)?;
     let ids = document_tokens(&loaded.tokenizer, &docs)?;
     let need = a.tokens + a.heldout_tokens;
@@ -96,16 +99,20 @@ pub fn run(a: TrainArgs) -> Result<()> {
         a.steps as u64,
         "train [{bar:30}] {pos}/{len} steps, ETA {eta} {msg}",
     );
+    let model = &loaded.model;
+    let (train_windows, heldout_windows): (Vec<&[u32]>, Vec<&[u32]>) = (
+        train_ids.chunks_exact(a.ctx).collect(),
+        heldout_ids.chunks_exact(a.ctx).collect(),
+    );
     let (trained, summary) = train(
-        &loaded.model,
-        &loaded.sha256,
+        &model.train_target(),
         &artifact,
-        train_ids,
-        heldout_ids,
-        a.ctx,
+        &train_windows,
+        &heldout_windows,
         &config,
         stage,
         &stop,
+        |w: &&[u32], cache| model.forward(w, 0, cache),
         |s| {
             bar.set_position(s.step as u64);
             bar.set_message(format!(

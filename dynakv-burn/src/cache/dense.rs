@@ -433,20 +433,10 @@ impl AttentionCache for DenseCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::test_support::{rand4, run, G};
-    use crate::device::default_device;
-    use crate::rope::RopeStyle;
+    use crate::cache::test_support::{rand4, rope, run, G};
 
     fn caches() -> (DenseCache, DenseCache) {
-        let rope = Rope::new(
-            RopeStyle::Interleaved,
-            4,
-            4,
-            10_000.0,
-            64,
-            &default_device(),
-        )
-        .unwrap();
+        let rope = rope();
         (
             DenseCache::with_storage(G, rope.clone(), KvStorage::Device).unwrap(),
             DenseCache::with_storage(G, rope, KvStorage::Host).unwrap(),
@@ -495,15 +485,7 @@ mod tests {
     fn cpu_devices_get_host_storage() {
         #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
         {
-            let rope = Rope::new(
-                RopeStyle::Interleaved,
-                4,
-                4,
-                10_000.0,
-                64,
-                &default_device(),
-            )
-            .unwrap();
+            let rope = rope();
             assert_eq!(DenseCache::new(G, rope).unwrap().storage(), KvStorage::Host);
         }
     }

@@ -152,11 +152,10 @@ mod tests {
     use dynakv_snapkv::{KeepBudget, Pooling, Vote};
 
     use super::*;
-    use crate::cache::test_support::{artifact, rand4, Fixed, G};
+    use crate::cache::test_support::{artifact, rand4, rope, Fixed, G};
     use crate::cache::AttentionCache;
     use crate::cache::{DenseCache, DynaKvBases, DynaKvCache};
     use crate::device::default_device;
-    use crate::rope::RopeStyle;
 
     fn config(gqa: GqaScores, ratio: f64) -> SnapKvConfig {
         SnapKvConfig {
@@ -167,18 +166,6 @@ mod tests {
             gqa,
             budget: KeepBudget::CompressionRatio(ratio),
         }
-    }
-
-    fn rope() -> Rope {
-        Rope::new(
-            RopeStyle::Interleaved,
-            4,
-            4,
-            10_000.0,
-            64,
-            &default_device(),
-        )
-        .unwrap()
     }
 
     /// Attention of `q` (at `q_pos`) over the kept tokens of each KV head,

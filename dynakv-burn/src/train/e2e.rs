@@ -111,17 +111,16 @@ impl LocalTrainer {
     /// Loss of the e2e stage on one window: `run` feeds the window through
     /// the model with the given cache and returns its logits `[T, V]`;
     /// `full_logits` are the full cache's on the same window.
-    fn e2e_loss(
+    /// Errors of `run` (the caller's model) come back as they are.
+    fn e2e_loss<E: From<CacheError>>(
         &self,
-        run: impl FnOnce(&mut dyn AttentionCache) -> Result<Tensor<2>, CacheError>,
+        run: impl FnOnce(&mut dyn AttentionCache) -> Result<Tensor<2>, E>,
         full_logits: Tensor<2>,
-    ) -> Result<(Tensor<1>, Tensor<1>, f64), CacheError> {
+    ) -> Result<(Tensor<1>, Tensor<1>, f64), E> {
         let mut cache = SoftMaskCache::new(self);
         let logits = run(&mut cache)?;
         if cache.soft.is_empty() {
-            return Err(CacheError::Config(
-                "the model never called the cache".into(),
-            ));
+            return Err(CacheError::Config("the model never called the cache".into()).into());
         }
         let kl = mean_kl(full_logits.detach(), logits);
         let r_soft = Tensor::cat(cache.soft, 0).mean();
@@ -133,11 +132,11 @@ impl LocalTrainer {
     }
 
     /// The e2e loss terms without training (`err` is the KL).
-    pub fn e2e_evaluate(
+    pub fn e2e_evaluate<E: From<CacheError>>(
         &self,
-        run: impl FnOnce(&mut dyn AttentionCache) -> Result<Tensor<2>, CacheError>,
+        run: impl FnOnce(&mut dyn AttentionCache) -> Result<Tensor<2>, E>,
         full_logits: Tensor<2>,
-    ) -> Result<StepStats, CacheError> {
+    ) -> Result<StepStats, E> {
         let (loss, kl, retained) = self.e2e_loss(run, full_logits)?;
         Ok(StepStats {
             step: 0,
@@ -149,24 +148,22 @@ impl LocalTrainer {
     }
 
     /// One e2e optimisation step; `err` in the stats is the KL.
-    pub fn e2e_step(
+    pub fn e2e_step<E: From<CacheError>>(
         &mut self,
-        run: impl FnOnce(&mut dyn AttentionCache) -> Result<Tensor<2>, CacheError>,
+        run: impl FnOnce(&mut dyn AttentionCache) -> Result<Tensor<2>, E>,
         full_logits: Tensor<2>,
-    ) -> Result<StepStats, CacheError> {
+    ) -> Result<StepStats, E> {
         let (loss, kl, retained) = self.e2e_loss(run, full_logits)?;
-        self.apply(loss, kl, retained)
+        Ok(self.apply(loss, kl, retained)?)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::test_support::{artifact, rand4, G};
+    use crate::cache::test_support::{artifact, rand4, rope, G};
     use crate::cache::DenseCache;
     use crate::device::default_device;
-    use crate::rope::Rope;
-    use crate::rope::RopeStyle;
     use crate::train::LocalConfig;
     use burn::tensor::Distribution;
     use dynakv_core::artifact::RopePlacement;
@@ -174,7 +171,7 @@ mod tests {
     #[test]
     fn an_e2e_step_reduces_the_kl_of_a_toy_model() {
         let device = default_device();
-        let rope = Rope::new(RopeStyle::Interleaved, 4, 4, 10_000.0, 64, &device).unwrap();
+        let rope = rope();
         let wo: Vec<Tensor<2>> = (0..G.n_layers)
             .map(|_| Tensor::random([16, 8], Distribution::Normal(0.0, 0.5), &device))
             .collect();

@@ -478,15 +478,14 @@ impl LocalTrainer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::test_support::{artifact, rand4, G};
+    use crate::cache::test_support::{artifact, rand4, rope, G};
     use crate::device::default_device;
-    use crate::rope::RopeStyle;
     use burn::tensor::Distribution;
     use dynakv_core::artifact::RopePlacement;
 
     fn setup(config: LocalConfig) -> (LocalTrainer, Vec<Vec<LayerInputs>>) {
         let device = default_device();
-        let rope = Rope::new(RopeStyle::Interleaved, 4, 4, 10_000.0, 64, &device).unwrap();
+        let rope = rope();
         let wo: Vec<Tensor<2>> = (0..G.n_layers)
             .map(|_| Tensor::random([16, 8], Distribution::Normal(0.0, 0.5), &device))
             .collect();

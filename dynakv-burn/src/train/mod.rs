@@ -4,9 +4,11 @@
 //! model's next-token distributions (KL to the full cache).
 
 pub mod capture;
+mod driver;
 pub mod e2e;
 pub mod local;
 
 pub use capture::{CaptureCache, LayerInputs};
+pub use driver::{train, Stage, StepStatsOut, TrainSummary, TrainTarget};
 pub use e2e::SoftMaskCache;
 pub use local::{LocalConfig, LocalTrainer, StepStats, Trainables};

@@ -147,6 +147,18 @@ impl LlamaModel {
         })
     }
 
+    /// What [`dynakv_burn::train::train`] needs of this model besides its
+    /// forward pass.
+    #[cfg(feature = "train")]
+    pub fn train_target(&self) -> dynakv_burn::train::TrainTarget<'_> {
+        dynakv_burn::train::TrainTarget {
+            geometry: self.config.geometry(),
+            rope: &self.rope,
+            device: &self.device,
+            output_proj: self.blocks.iter().map(|b| b.wo().clone()).collect(),
+        }
+    }
+
     /// A factory of caches of one configuration for this model (storage
     /// follows the model's device).
     pub fn cache_factory(

@@ -5,15 +5,14 @@ use dynakv_core::artifact::RopePlacement;
 use dynakv_core::policy::{KvKind, RankPolicy};
 
 use super::*;
-use crate::cache::test_support::{artifact, rand4, run, Cycle, Fixed, G};
+use crate::cache::test_support::{artifact, rand4, rope, run, Cycle, Fixed, G};
 use crate::cache::{DenseCache, KeepPositions, PrunableCache};
 use crate::device::default_device;
-use crate::rope::RopeStyle;
 
 #[test]
 fn full_rank_equals_dense_for_both_placements_and_any_chunking() {
     let device = default_device();
-    let rope = Rope::new(RopeStyle::Interleaved, 4, 4, 10_000.0, 64, &device).unwrap();
+    let rope = rope();
     let (q, k, v) = (
         rand4([1, 4, 40, 4]),
         rand4([1, 2, 40, 4]),
@@ -38,7 +37,7 @@ fn full_rank_equals_dense_for_both_placements_and_any_chunking() {
 #[test]
 fn the_host_kernel_equals_the_tensor_path_at_every_rank_mix() {
     let device = default_device();
-    let rope = Rope::new(RopeStyle::Interleaved, 4, 4, 10_000.0, 64, &device).unwrap();
+    let rope = rope();
     let (q, k, v) = (
         rand4([1, 4, 12, 4]),
         rand4([1, 2, 12, 4]),
@@ -97,7 +96,7 @@ impl RankPolicy for NoOddValues {
 #[test]
 fn the_rebuilt_prefill_path_equals_scoring_by_bucket() {
     let device = default_device();
-    let rope = Rope::new(RopeStyle::Interleaved, 4, 4, 10_000.0, 64, &device).unwrap();
+    let rope = rope();
     let (q, k, v) = (
         rand4([1, 4, 14, 4]),
         rand4([1, 2, 14, 4]),
@@ -147,7 +146,7 @@ fn cpu_devices_get_host_storage() {
 #[test]
 fn buckets_track_every_level_across_appends() {
     let device = default_device();
-    let rope = Rope::new(RopeStyle::Interleaved, 4, 4, 10_000.0, 64, &device).unwrap();
+    let rope = rope();
     let bases = Arc::new(DynaKvBases::new(&artifact(RopePlacement::Pre), G, &device).unwrap());
     let mut c = DynaKvCache::new(G, rope, bases, Arc::new(Cycle)).unwrap();
     let (q, k, v) = (
@@ -201,7 +200,7 @@ impl RankPolicy for DropOddKeys {
 #[test]
 fn a_token_without_a_key_stores_no_value_and_is_not_attended() {
     let device = default_device();
-    let rope = Rope::new(RopeStyle::Interleaved, 4, 4, 10_000.0, 64, &device).unwrap();
+    let rope = rope();
     let bases = Arc::new(DynaKvBases::new(&artifact(RopePlacement::Pre), G, &device).unwrap());
     let mut c = DynaKvCache::new(G, rope.clone(), bases, Arc::new(DropOddKeys)).unwrap();
     let (q, k, v) = (
@@ -234,7 +233,7 @@ fn a_token_without_a_key_stores_no_value_and_is_not_attended() {
 #[test]
 fn a_rank_that_is_not_a_level_is_an_error() {
     let device = default_device();
-    let rope = Rope::new(RopeStyle::Interleaved, 4, 4, 10_000.0, 64, &device).unwrap();
+    let rope = rope();
     let bases = Arc::new(DynaKvBases::new(&artifact(RopePlacement::Pre), G, &device).unwrap());
     let mut c = DynaKvCache::new(G, rope, bases, Arc::new(Fixed(3))).unwrap();
     let err = c

@@ -1,0 +1,211 @@
+//! Every cache the factory builds, crossed with every wrapper and policy,
+//! on a tiny synthetic attention model (the one of `examples/own_model.rs`,
+//! which this test also runs), for both key placements and both storages:
+//! each appends, attends, prunes and resets, and reports a footprint that
+//! matches what it stores. Full rank equals the dense cache; host storage
+//! equals device storage. Runs on whatever backend the features select
+//! (`--features wgpu` runs it on a GPU or Mesa's software Vulkan).
+
+#![cfg(feature = "snapkv")]
+
+#[path = "../examples/own_model.rs"]
+#[allow(dead_code)]
+mod own_model;
+
+use burn::tensor::Tensor;
+use dynakv_burn::dynakv_core::artifact::{Artifact, RopePlacement};
+use dynakv_burn::{AttentionCache, CacheFactory, CacheSpec, KvStorage};
+use own_model::{calibrated, synthetic_text, TinyModel, GEOMETRY};
+
+/// Prompt and decode lengths: the prompt is longer than every SnapKV window.
+const PROMPT: usize = 96;
+const DECODE: usize = 4;
+
+const SPECS: &[&str] = &[
+    "dense",
+    "dense+snapkv:kvpress@0.5",
+    "dense+snapkv:recall@0.5,gqa=layer-max",
+    "dense+snapkv:paper@c48,gqa=layer",
+    "dynakv:uniform@1",
+    "dynakv:uniform@0.5",
+    "dynakv:per-layer@0.5",
+    "dynakv:energy@0.5",
+    "dynakv:energy@0.3,rule=threshold,key-factor=1",
+    "dynakv:energy@0.5,recent=8",
+    "dynakv:uniform@1+snapkv:recall@0.5",
+    "dynakv:energy@0.5,recent=32+snapkv:recall@0.5,gqa=layer-max",
+    "dynakv:per-layer@0.3+snapkv:kvpress@0.5",
+];
+
+struct Setup {
+    model: TinyModel,
+    artifacts: [Artifact; 2],
+    text: Vec<u32>,
+}
+
+fn setup() -> Setup {
+    let device = dynakv_burn::device::default_device();
+    device.seed(11);
+    let model = TinyModel::new(&device).unwrap();
+    let artifacts =
+        [RopePlacement::Pre, RopePlacement::Post].map(|p| calibrated(&model, p).unwrap());
+    Setup {
+        model,
+        artifacts,
+        text: synthetic_text(PROMPT + DECODE, 5),
+    }
+}
+
+/// Prefill then decode steps; the decode outputs `[DECODE, d_model]`.
+fn run(s: &Setup, cache: &mut dyn AttentionCache) -> Tensor<2> {
+    s.model.forward(&s.text[..PROMPT], 0, cache).unwrap();
+    let steps = (PROMPT..PROMPT + DECODE)
+        .map(|p| s.model.forward(&s.text[p..p + 1], p, cache).unwrap())
+        .collect();
+    Tensor::cat(steps, 0)
+}
+
+fn max_diff(a: &Tensor<2>, b: &Tensor<2>) -> f32 {
+    (a.clone() - b.clone()).abs().max().into_scalar::<f32>()
+}
+
+fn factory(s: &Setup, spec: &CacheSpec, placement: usize, storage: KvStorage) -> CacheFactory {
+    let artifact = spec.dynakv.is_some().then_some(&s.artifacts[placement]);
+    let device = dynakv_burn::device::default_device();
+    CacheFactory::with_storage(
+        GEOMETRY,
+        s.model.rope.clone(),
+        &device,
+        artifact,
+        spec,
+        storage,
+    )
+    .unwrap()
+}
+
+#[test]
+fn every_cache_wrapper_and_policy_conforms() {
+    let s = setup();
+    let (d_kv, n_layers) = (GEOMETRY.d_kv(), GEOMETRY.n_layers);
+    let seen = (PROMPT + DECODE) as u64;
+    for name in SPECS {
+        let spec: CacheSpec = name.parse().unwrap();
+        let placements = if spec.dynakv.is_some() { 2 } else { 1 };
+        for placement in 0..placements {
+            let mut outs = Vec::new();
+            for storage in [KvStorage::Host, KvStorage::Device] {
+                let ctx = format!("{name} placement {placement} {storage:?}");
+                let mut cache = factory(&s, &spec, placement, storage).make().unwrap();
+                assert!(cache.is_empty(), "{ctx}");
+                let out = run(&s, cache.as_mut());
+                let host: Vec<f32> = out.clone().into_data().try_into_vec_as().unwrap();
+                assert!(
+                    host.iter().all(|x| x.is_finite()),
+                    "{ctx}: non-finite output"
+                );
+                // Tokens stored: pruned by SnapKV, all of them otherwise
+                // (DynaKV may drop a token whose key rank is 0).
+                let expected = match &spec.snapkv {
+                    Some(sk) => {
+                        let c = sk.config(spec.dynakv.is_some()).unwrap();
+                        c.n_kept(PROMPT) + DECODE
+                    }
+                    None => PROMPT + DECODE,
+                };
+                for l in 0..n_layers {
+                    let n = cache.len(l);
+                    if spec.dynakv.is_some() && spec.snapkv.is_none() {
+                        assert!(n <= expected && n > 0, "{ctx}: layer {l} stores {n}");
+                    } else {
+                        assert_eq!(n, expected, "{ctx}: layer {l}");
+                    }
+                }
+                // The footprint counts every token seen against the dense
+                // cache, and exactly what is stored.
+                let f = cache.footprint();
+                let stored: u64 = (0..n_layers)
+                    .map(|l| 2 * (cache.len(l) * d_kv) as u64)
+                    .sum();
+                assert_eq!(f.values_full, 2 * seen * (d_kv * n_layers) as u64, "{ctx}");
+                let full_rank = spec.dynakv.as_ref().is_none_or(|p| p.budget == 1.0);
+                if full_rank {
+                    assert_eq!(f.values, stored, "{ctx}");
+                } else {
+                    assert!(f.values < stored, "{ctx}: {} of {stored}", f.values);
+                }
+                assert_eq!(cache.bytes() as u64, f.bytes(), "{ctx}");
+                // Reset forgets everything, and the same run gives the same numbers.
+                cache.reset();
+                assert!(cache.is_empty(), "{ctx}");
+                assert_eq!(cache.footprint().values_full, 0, "{ctx}");
+                let again = run(&s, cache.as_mut());
+                assert!(max_diff(&again, &out) <= 1e-6, "{ctx}: reset run differs");
+                outs.push(out);
+            }
+            let diff = max_diff(&outs[0], &outs[1]);
+            assert!(
+                diff < 1e-4,
+                "{name} placement {placement}: host vs device {diff}"
+            );
+        }
+    }
+}
+
+#[test]
+fn full_rank_equals_the_dense_cache_with_and_without_snapkv() {
+    let s = setup();
+    for (dense, dynakv) in [
+        ("dense", "dynakv:uniform@1"),
+        (
+            "dense+snapkv:recall@0.5,gqa=layer",
+            "dynakv:uniform@1+snapkv:recall@0.5",
+        ),
+    ] {
+        let storage = KvStorage::for_device(&dynakv_burn::device::default_device());
+        let want = run(
+            &s,
+            factory(&s, &dense.parse().unwrap(), 0, storage)
+                .make()
+                .unwrap()
+                .as_mut(),
+        );
+        for placement in 0..2 {
+            let spec = dynakv.parse().unwrap();
+            let got = run(
+                &s,
+                factory(&s, &spec, placement, storage)
+                    .make()
+                    .unwrap()
+                    .as_mut(),
+            );
+            let scale = want.clone().abs().max().into_scalar::<f32>();
+            let diff = max_diff(&got, &want) / scale;
+            assert!(diff < 1e-4, "{dynakv} placement {placement}: {diff}");
+        }
+    }
+}
+
+#[test]
+fn compression_lowers_the_bytes_and_keeps_the_output_close() {
+    let s = setup();
+    let storage = KvStorage::for_device(&dynakv_burn::device::default_device());
+    let make = |name: &str| {
+        let mut c = factory(&s, &name.parse().unwrap(), 0, storage)
+            .make()
+            .unwrap();
+        let out = run(&s, c.as_mut());
+        (out, c.footprint())
+    };
+    let (dense, fd) = make("dense");
+    let (half, fh) = make("dynakv:energy@0.5");
+    assert!(fh.retained() < 0.75, "{}", fh.retained());
+    assert!(fh.values < fd.values);
+    // Keys near an 8-dimensional subspace: half the dimensions lose little.
+    let rel = max_diff(&half, &dense) / dense.abs().max().into_scalar::<f32>();
+    assert!(rel < 0.2, "{rel}");
+}
+
+#[test]
+fn the_example_runs() {
+    own_model::main().unwrap();
+}
