@@ -79,6 +79,43 @@ pub struct CalibrationTarget<'a> {
 /// moments, the next `sample_windows` the held-out sample. Errors of the
 /// forward pass come back as they are; the caller's error type takes ours.
 ///
+/// ```
+/// use burn::tensor::{Distribution, Tensor};
+/// use dynakv_burn::dynakv_core::artifact::ModelIdentity;
+/// use dynakv_burn::*;
+///
+/// let device = device::default_device();
+/// let geometry = CacheGeometry {
+///     n_layers: 1,
+///     n_heads: 2,
+///     n_kv_heads: 1,
+///     head_dim: 8,
+///     rope_style: RopeStyle::SplitHalves,
+/// };
+/// let rope = Rope::new(RopeStyle::SplitHalves, 8, 8, 10_000.0, 64, &device).unwrap();
+/// let identity = ModelIdentity {
+///     architecture: "toy".into(),
+///     n_layers: 1,
+///     n_heads: 2,
+///     n_kv_heads: 1,
+///     head_dim: 8,
+///     file_sha256: String::new(),
+/// };
+/// let target = CalibrationTarget { geometry, rope: &rope, identity, output_proj: None };
+/// let config = CalibrationConfig { stats_windows: 3, sample_windows: 1, ..Default::default() };
+/// // A "model" whose one layer sees random queries, keys and values.
+/// let windows = [0u64, 1, 2, 3];
+/// let forward = |_w: &u64, cache: &mut RecordingCache| -> Result<(), CacheError> {
+///     let rand = |h| Tensor::<4>::random([1, h, 16, 8], Distribution::Normal(0.0, 1.0), &device);
+///     let positions: Vec<usize> = (0..16).collect();
+///     cache.forward(0, rand(2), rand(1), rand(1), &positions)?;
+///     Ok(())
+/// };
+/// let artifact = calibrate(&target, &config, &windows, forward, |_, _| {}).unwrap();
+/// assert_eq!(artifact.header.calib_tokens, 48);
+/// assert_eq!(artifact.bases.len(), 1);
+/// ```
+///
 /// # Errors
 /// Too few windows, a bad configuration, a missing `W_o` for the
 /// output-aware basis, or whatever `forward` returns.

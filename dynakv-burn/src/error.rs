@@ -26,7 +26,7 @@ pub enum CacheError {
     #[error("invalid cache configuration: {0}")]
     Config(String),
     #[error("reading a tensor back from the device: {0}")]
-    Data(String),
+    Data(#[from] burn::tensor::DataError),
     #[error(transparent)]
     Core(#[from] dynakv_core::CoreError),
     #[cfg(feature = "snapkv")]

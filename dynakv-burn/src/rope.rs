@@ -140,7 +140,7 @@ impl Rope {
         let host = |t: &Tensor<2>| {
             t.to_data()
                 .try_to_vec::<f32>()
-                .map_err(|e| CacheError::Config(format!("RoPE tables: {e:?}")))
+                .map_err(CacheError::from)
         };
         let tables = Arc::new(HostRope::new(
             host(&self.cos)?,

@@ -22,8 +22,7 @@ pub struct Router {
 impl Router {
     /// From stored weights (zeros give every cut-off the same probability).
     pub fn from_weights(w: &RouterWeights, device: &Device) -> Result<Self, CacheError> {
-        w.check()
-            .map_err(|e| CacheError::Config(format!("router: {e}")))?;
+        w.check()?;
         let weight =
             Tensor::<2>::from_data(TensorData::new(w.w.clone(), [w.dim, w.choices]), device);
         let bias = Tensor::<1>::from_data(TensorData::new(w.b.clone(), [w.choices]), device);
@@ -40,7 +39,7 @@ impl Router {
         let read = |t: Tensor<2>| {
             t.into_data()
                 .try_into_vec_as::<f32>()
-                .map_err(|e| CacheError::Config(format!("router weights: {e:?}")))
+                .map_err(CacheError::from)
         };
         let [dim, choices] = self.linear.weight.val().dims();
         let w = read(self.linear.weight.val())?;
@@ -94,7 +93,7 @@ pub fn hard_ranks(mask: Tensor<2>, tau: f32) -> Result<Vec<usize>, CacheError> {
     let v = mask
         .into_data()
         .try_into_vec_as::<f32>()
-        .map_err(|e| CacheError::Config(format!("mask: {e:?}")))?;
+        .map_err(CacheError::from)?;
     Ok((0..t)
         .map(|r| {
             v[r * d..(r + 1) * d]

@@ -37,4 +37,6 @@ pub enum ModelError {
     Cache(#[from] dynakv_burn::CacheError),
     #[error(transparent)]
     Core(#[from] dynakv_core::CoreError),
+    #[error("reading a tensor back from the device: {0}")]
+    Data(#[from] burn::tensor::DataError),
 }

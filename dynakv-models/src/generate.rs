@@ -197,7 +197,7 @@ pub fn generate_parts(
 fn to_vec(t: Tensor<1>) -> Result<Vec<f32>, ModelError> {
     t.into_data()
         .try_into_vec_as::<f32>()
-        .map_err(|e| ModelError::InvalidInput(format!("logits: {e:?}")))
+        .map_err(ModelError::from)
 }
 
 #[cfg(test)]

@@ -18,8 +18,7 @@ fn main() -> Result<(), SnapKvError> {
         &device,
     )
     .into_data()
-    .try_into_vec_as::<f32>()
-    .map_err(|e| SnapKvError::Data(format!("{e:?}")))?;
+    .try_into_vec_as::<f32>()?;
     // Plant three facts: tokens whose keys align with one direction.
     let facts = [17usize, 90, 141];
     for h in 0..n_kv_heads {

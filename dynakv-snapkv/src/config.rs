@@ -15,7 +15,7 @@ pub enum SnapKvError {
     #[error("shape mismatch for {what}: {message}")]
     Shape { what: &'static str, message: String },
     #[error("reading scores back from the device: {0}")]
-    Data(String),
+    Data(#[from] burn::tensor::DataError),
 }
 
 /// How the pooled votes are smoothed along the sequence.

@@ -57,7 +57,7 @@ pub fn quantile(values: &[f64], q: f64) -> f64 {
 fn to_f64(t: Tensor<1>) -> Result<Vec<f64>, ModelError> {
     Ok(t.into_data()
         .try_into_vec_as::<f32>()
-        .map_err(|e| ModelError::InvalidInput(format!("{e:?}")))?
+        .map_err(ModelError::from)?
         .into_iter()
         .map(f64::from)
         .collect())

@@ -52,7 +52,7 @@ pub(crate) fn host_rows<const N: usize>(x: &Tensor<N>) -> Result<Vec<f32>, Cache
     x.clone()
         .into_data()
         .try_into_vec_as::<f32>()
-        .map_err(|e| CacheError::Data(format!("{e:?}")))
+        .map_err(CacheError::from)
 }
 
 /// Stores past keys and values and computes attention over them.

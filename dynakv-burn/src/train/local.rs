@@ -408,7 +408,7 @@ impl LocalTrainer {
         let read = |t: Tensor<2>| {
             t.into_data()
                 .try_into_vec_as::<f32>()
-                .map_err(|e| CacheError::Config(format!("{e:?}")))
+                .map_err(CacheError::from)
         };
         let mut routers = Vec::new();
         let mut bases = Vec::new();
@@ -435,7 +435,7 @@ impl LocalTrainer {
                         .detach()
                         .into_data()
                         .try_into_vec_as::<f32>()
-                        .map_err(|e| CacheError::Config(format!("{e:?}")))?;
+                        .map_err(CacheError::from)?;
                     out[l][k].extend(v);
                 }
             }

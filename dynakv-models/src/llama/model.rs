@@ -132,7 +132,7 @@ impl LlamaModel {
                         .clone()
                         .into_data()
                         .try_into_vec_as::<f32>()
-                        .map_err(|e| ModelError::InvalidInput(format!("W_o: {e:?}")))
+                        .map_err(ModelError::from)
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             Some(rows)
