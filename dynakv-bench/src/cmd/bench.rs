@@ -34,6 +34,7 @@ pub struct BenchArgs {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
+    a.cache.check()?;
     let loaded = a.model.load()?;
     let model = &loaded.model;
     eprintln!("cache: {}", a.cache.label());

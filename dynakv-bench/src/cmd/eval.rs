@@ -113,6 +113,7 @@ fn window_bar(a: &PplArgs, ids: &[u32], msg: &'static str) -> indicatif::Progres
 }
 
 fn fidelity_cmd(a: PplArgs) -> Result<()> {
+    a.cache.check()?;
     let loaded = a.model.load()?;
     let (ids, n_docs) = window_ids(&a, &loaded)?;
     let bar = window_bar(&a, &ids, "fidelity");
@@ -151,6 +152,7 @@ fn fidelity_cmd(a: PplArgs) -> Result<()> {
 }
 
 fn ppl(a: PplArgs) -> Result<()> {
+    a.cache.check()?;
     let loaded = a.model.load()?;
     let (ids, n_docs) = window_ids(&a, &loaded)?;
     let bar = window_bar(&a, &ids, "ppl");

@@ -47,6 +47,7 @@ pub struct GenerateArgs {
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
+    a.cache.check()?;
     let loaded = a.model.load()?;
     let context = match &a.context {
         Some(p) => {

@@ -103,6 +103,7 @@ impl LongctxArgs {
 }
 
 pub fn run(a: LongctxArgs) -> Result<()> {
+    a.cache.check()?;
     let loaded = a.model.load()?;
     let (suite, full) = longctx_reference(&loaded, &a.spec()?, a.full_results.as_deref())?;
     let (kept, _) = kept_cells(&full, a.keep_threshold);

@@ -18,7 +18,7 @@ pub(super) struct Bucket {
     pub(super) ids: Vec<usize>,
 }
 
-/// A bucket's latents, `[n, rank]`, where [`KvStorage`] says.
+/// A bucket's latents, `[n, rank]`, where [`KvStorage`](crate::KvStorage) says.
 #[derive(Debug, Clone)]
 pub(super) enum Latents {
     /// Boxed: a tensor handle is much larger than a `Vec`.

@@ -11,6 +11,12 @@
 //! - short chunks on a GPU: scores per key bucket (reconstruct + RoPE for
 //!   `pre`, latent dot products for `post`), one softmax over every stored
 //!   token, values summed in latent space and decoded once.
+//!
+//! Files: `bases` (the per-layer bases, shared by every cache of a model),
+//! `buckets` (rank-bucket storage), `rebuilt` and `by_bucket` (the two tensor
+//! attention paths; the host kernel is `crate::host::latent_decode`),
+//! `prune` (SnapKV's `retain`), `footprint` (accounting).
+
 mod bases;
 mod buckets;
 mod by_bucket;
@@ -82,9 +88,13 @@ impl DynaKvCache {
         })
     }
 
-    /// Stored ranks of one layer and kind, in token order (for reports and tests).
+    /// Stored `(token id, rank)` pairs of one layer and kind, in token order
+    /// (for reports and tests); empty for a layer out of range.
     pub fn ranks(&self, layer: usize, kind: KvKind) -> Vec<(usize, usize)> {
-        let mut out: Vec<(usize, usize)> = self.layers[layer].buckets[kind.index()]
+        let Some(store) = self.layers.get(layer) else {
+            return Vec::new();
+        };
+        let mut out: Vec<(usize, usize)> = store.buckets[kind.index()]
             .iter()
             .flat_map(|b| b.ids.iter().map(move |&i| (i, b.rank)))
             .collect();
