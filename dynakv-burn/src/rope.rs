@@ -36,7 +36,7 @@ impl RopeStyle {
     #[inline(always)]
     pub(crate) fn partner(self, i: usize, n_rot: usize) -> (usize, bool) {
         match self {
-            Self::Interleaved => (i ^ 1, i % 2 == 0),
+            Self::Interleaved => (i ^ 1, i.is_multiple_of(2)),
             Self::SplitHalves => {
                 let h = n_rot / 2;
                 if i < h {
@@ -137,11 +137,7 @@ impl Rope {
         if let Some(h) = self.host.get() {
             return Ok(h.clone());
         }
-        let host = |t: &Tensor<2>| {
-            t.to_data()
-                .try_to_vec::<f32>()
-                .map_err(CacheError::from)
-        };
+        let host = |t: &Tensor<2>| t.to_data().try_to_vec::<f32>().map_err(CacheError::from);
         let tables = Arc::new(HostRope::new(
             host(&self.cos)?,
             host(&self.sin)?,

@@ -209,3 +209,15 @@ fn compression_lowers_the_bytes_and_keeps_the_output_close() {
 fn the_example_runs() {
     own_model::main().unwrap();
 }
+
+/// The suite above ran where the features say: a GPU backend (wgpu, CUDA)
+/// when one is compiled in, with device storage; the CPU (Flex) with host
+/// storage otherwise. `--nocapture` prints the device.
+#[test]
+fn the_backend_is_the_one_the_features_select() {
+    let device = dynakv_burn::device::default_device();
+    let storage = KvStorage::for_device(&device);
+    println!("default device: {device:?}, storage: {storage:?}");
+    let gpu = cfg!(any(feature = "wgpu", feature = "cuda"));
+    assert_eq!(storage == KvStorage::Device, gpu, "{device:?}");
+}

@@ -189,8 +189,7 @@ pub fn score(
     }
     let votes = window_votes(q_window, keys, config.vote)?
         .into_data()
-        .try_into_vec_as::<f32>()
-        ?;
+        .try_into_vec_as::<f32>()?;
     aggregate(&votes, h, hk, config.kernel, config.pooling, config.gqa)
 }
 
