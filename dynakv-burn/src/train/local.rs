@@ -450,9 +450,7 @@ impl LocalTrainer {
         heldout: &[[Vec<f32>; 2]],
     ) -> Result<(RouterPolicy, f64), CacheError> {
         let (routers, _) = self.export()?;
-        let err = |e: dynakv_core::CoreError| CacheError::Config(e.to_string());
-        let mut policy =
-            RouterPolicy::new(routers, self.levels.clone(), self.config.tau).map_err(err)?;
+        let mut policy = RouterPolicy::new(routers, self.levels.clone(), self.config.tau)?;
         policy.tau = policy.fit_tau(heldout, self.config.target);
         let retained = policy.retained_at(heldout, policy.tau);
         Ok((policy, retained))
