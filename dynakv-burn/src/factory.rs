@@ -91,6 +91,12 @@ impl CacheFactory {
     ) -> Result<Self, CacheError> {
         geometry.validate()?;
         geometry.check_rope(&rope)?;
+        if rope.device() != *device {
+            return Err(CacheError::Config(format!(
+                "the RoPE tables are on {:?}, the caches would be on {device:?}",
+                rope.device()
+            )));
+        }
         spec.validate()?;
         let dynakv = match (&spec.dynakv, artifact) {
             (Some(_), None) => {
