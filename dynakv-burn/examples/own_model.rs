@@ -166,11 +166,7 @@ pub fn main() -> Result<(), CacheError> {
     };
     let (dense, dense_bytes, _) = run("dense")?;
     let scale: f32 = dense.clone().abs().mean().into_scalar();
-    let header = ["cache", "bytes", "of dense", "decode err", "bases"];
-    println!(
-        "{:<62} {:>7} {:>9} {:>11} {:>7}",
-        header[0], header[1], header[2], header[3], header[4]
-    );
+    println!("{:<62}   bytes  of dense  decode err   bases", "cache");
     for spec in [
         "dense",
         "dynakv:energy@0.5",

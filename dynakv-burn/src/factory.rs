@@ -139,16 +139,21 @@ impl CacheFactory {
                     DenseCache::with_storage(self.geometry, self.rope.clone(), self.storage)?;
                 self.finish(dense)
             }
-            Some((bases, policy)) => {
-                let cache = DynaKvCache::new(
-                    self.geometry,
-                    self.rope.clone(),
-                    bases.clone(),
-                    policy.clone(),
-                )?;
-                self.finish(cache)
-            }
+            Some(shared) => self.finish(self.new_dynakv(shared)?),
         }
+    }
+
+    /// A DynaKV cache over the factory's shared bases and policy.
+    fn new_dynakv(
+        &self,
+        (bases, policy): &(Arc<DynaKvBases>, Arc<dyn RankPolicy>),
+    ) -> Result<DynaKvCache, CacheError> {
+        DynaKvCache::new(
+            self.geometry,
+            self.rope.clone(),
+            bases.clone(),
+            policy.clone(),
+        )
     }
 
     /// A fresh DynaKV cache as its own type (to read its ranks), for a
@@ -160,15 +165,10 @@ impl CacheFactory {
                 "make_dynakv builds DynaKV alone; this spec has SnapKV on top".into(),
             ));
         }
-        let Some((bases, policy)) = &self.dynakv else {
+        let Some(shared) = &self.dynakv else {
             return Err(CacheError::Config("the spec is the dense cache".into()));
         };
-        DynaKvCache::new(
-            self.geometry,
-            self.rope.clone(),
-            bases.clone(),
-            policy.clone(),
-        )
+        self.new_dynakv(shared)
     }
 
     #[cfg(feature = "snapkv")]

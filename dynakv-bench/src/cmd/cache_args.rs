@@ -136,23 +136,22 @@ impl CacheArgs {
         Ok(spec)
     }
 
-    /// Checks the flags before a model loads: the spec, and an artifact
-    /// given exactly when DynaKV needs one.
-    pub fn check(&self) -> Result<()> {
-        self.spec()?;
+    /// Checks the flags before a model loads: the spec (returned), and an
+    /// artifact given exactly when DynaKV needs one.
+    pub fn check(&self) -> Result<CacheSpec> {
+        let spec = self.spec()?;
         match (self.cache, &self.artifact) {
             (CacheKind::Dynakv, None) => {
                 bail!("--cache dynakv needs --artifact FILE (from `dynakv calibrate`)")
             }
             (CacheKind::Full, Some(_)) => bail!("--artifact applies to --cache dynakv only"),
             (_, Some(p)) if !p.is_file() => bail!("--artifact {}: no such file", p.display()),
-            _ => Ok(()),
+            _ => Ok(spec),
         }
     }
 
     pub fn maker(&self, loaded: &Loaded) -> Result<CacheMaker> {
-        self.check()?;
-        let spec = self.spec()?;
+        let spec = self.check()?;
         let artifact = match &self.artifact {
             Some(path) => {
                 let artifact =

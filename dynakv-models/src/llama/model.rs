@@ -91,11 +91,6 @@ impl LlamaModel {
         &self.rope
     }
 
-    /// `W_o` of a layer, `[H*D, d_model]`.
-    pub fn wo(&self, layer: usize) -> Option<&Tensor<2>> {
-        self.blocks.get(layer).map(|b| b.wo())
-    }
-
     /// What this model is, as an artifact records and checks it:
     /// architecture, attention geometry and the GGUF file's SHA-256.
     pub fn identity(&self, file_sha256: &str) -> ModelIdentity {
