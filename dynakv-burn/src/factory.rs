@@ -135,8 +135,12 @@ impl CacheFactory {
     pub fn make(&self) -> Result<Box<dyn AttentionCache>, CacheError> {
         match &self.dynakv {
             None => {
-                let dense =
-                    DenseCache::with_storage(self.geometry, self.rope.clone(), self.storage)?;
+                let dense = DenseCache::with_precision(
+                    self.geometry,
+                    self.rope.clone(),
+                    self.storage,
+                    self.spec.precision,
+                )?;
                 self.finish(dense)
             }
             Some(shared) => self.finish(self.new_dynakv(shared)?),
@@ -148,11 +152,12 @@ impl CacheFactory {
         &self,
         (bases, policy): &(Arc<DynaKvBases>, Arc<dyn RankPolicy>),
     ) -> Result<DynaKvCache, CacheError> {
-        DynaKvCache::new(
+        DynaKvCache::with_precision(
             self.geometry,
             self.rope.clone(),
             bases.clone(),
             policy.clone(),
+            self.spec.precision,
         )
     }
 

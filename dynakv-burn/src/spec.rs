@@ -9,14 +9,16 @@ use dynakv_core::policy::PolicySpec;
 use dynakv_snapkv::SnapKvSpec;
 use serde::{Deserialize, Serialize};
 
+use crate::cache::Precision;
 use crate::error::CacheError;
 
 /// A cache configuration: serialisable, parsable, validated before anything
 /// is loaded. [`crate::CacheFactory`] builds it.
 ///
 /// The string form joins parts with `+`: `dense`, `dynakv:POLICY` (see
-/// [`PolicySpec`]) and, with the `snapkv` feature, `snapkv:SPEC` (see
-/// `dynakv_snapkv::SnapKvSpec`).
+/// [`PolicySpec`]), with the `snapkv` feature `snapkv:SPEC` (see
+/// `dynakv_snapkv::SnapKvSpec`), and last `store:PRECISION` (see
+/// [`Precision`]: `kv=q8_0` for the dense cache, `latent=int4` for DynaKV).
 ///
 /// ```
 /// use dynakv_burn::CacheSpec;
@@ -26,6 +28,9 @@ use crate::error::CacheError;
 /// assert_eq!(spec.to_string().parse::<CacheSpec>().unwrap(), spec);
 /// assert!("dense".parse::<CacheSpec>().unwrap().dynakv.is_none());
 /// assert!("dynakv:energy@2".parse::<CacheSpec>().is_err());
+/// let q4: CacheSpec = "dense+store:k=q8_0,v=q4_0".parse().unwrap();
+/// assert_eq!(q4.to_string(), "dense+store:k=q8_0,v=q4_0");
+/// assert!("dense+store:latent=int4".parse::<CacheSpec>().is_err());
 /// ```
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -35,6 +40,8 @@ pub struct CacheSpec {
     /// SnapKV pruning at the end of prefill, over either cache.
     #[cfg(feature = "snapkv")]
     pub snapkv: Option<SnapKvSpec>,
+    /// How stored numbers are held (f32 by default).
+    pub precision: Precision,
 }
 
 impl CacheSpec {
@@ -58,13 +65,19 @@ impl CacheSpec {
         self
     }
 
-    /// Whether this is the dense cache with nothing on top (the reference).
+    /// The same cache with other storage precisions.
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
+    }
+
+    /// Whether this is the dense f32 cache with nothing on top (the reference).
     pub fn is_dense(&self) -> bool {
         #[cfg(feature = "snapkv")]
         if self.snapkv.is_some() {
             return false;
         }
-        self.dynakv.is_none()
+        self.dynakv.is_none() && self.precision.is_default()
     }
 
     /// Checks every part on its own, including that SnapKV's granularity
@@ -72,6 +85,20 @@ impl CacheSpec {
     pub fn validate(&self) -> Result<(), CacheError> {
         if let Some(p) = &self.dynakv {
             p.validate()?;
+        }
+        self.precision.validate()?;
+        match (&self.dynakv, self.precision) {
+            (None, p) if p.sets_latents() => {
+                return Err(CacheError::Config(format!(
+                    "store:{p}: latent formats need dynakv:POLICY; the dense cache takes k=, v= or kv="
+                )))
+            }
+            (Some(_), p) if p.sets_dense() => {
+                return Err(CacheError::Config(format!(
+                    "store:{p}: DynaKV stores latents (latent=, scales=), not k / v rows"
+                )))
+            }
+            _ => {}
         }
         #[cfg(feature = "snapkv")]
         if let Some(s) = &self.snapkv {
@@ -91,6 +118,9 @@ impl fmt::Display for CacheSpec {
         if let Some(s) = &self.snapkv {
             write!(f, "+snapkv:{s}")?;
         }
+        if !self.precision.is_default() {
+            write!(f, "+store:{}", self.precision)?;
+        }
         Ok(())
     }
 }
@@ -100,8 +130,14 @@ impl FromStr for CacheSpec {
     fn from_str(s: &str) -> Result<Self, CacheError> {
         let mut spec = Self::default();
         let mut inner_seen = false;
+        let mut store_seen = false;
         for part in s.split('+') {
             let (name, arg) = part.split_once(':').unwrap_or((part, ""));
+            if store_seen {
+                return Err(CacheError::Config(format!(
+                    "`{part}` in `{s}`: store:PRECISION comes last"
+                )));
+            }
             match (name.trim(), inner_seen) {
                 ("dense", false) if arg.is_empty() => inner_seen = true,
                 ("dynakv", false) => {
@@ -110,9 +146,13 @@ impl FromStr for CacheSpec {
                 }
                 #[cfg(feature = "snapkv")]
                 ("snapkv", true) if spec.snapkv.is_none() => spec.snapkv = Some(arg.parse()?),
+                ("store", true) => {
+                    spec.precision = arg.parse()?;
+                    store_seen = true;
+                }
                 _ => {
                     return Err(CacheError::Config(format!(
-                        "`{part}` in `{s}`: expected dense or dynakv:POLICY, then +snapkv:SPEC"
+                        "`{part}` in `{s}`: expected dense or dynakv:POLICY, then +snapkv:SPEC,                          then +store:PRECISION"
                     )))
                 }
             }
@@ -133,7 +173,14 @@ mod tests {
 
     #[test]
     fn parses_and_rejects() {
-        for good in ["dense", "dynakv:uniform@0.3", "dynakv:energy@0.3,recent=32"] {
+        for good in [
+            "dense",
+            "dynakv:uniform@0.3",
+            "dynakv:energy@0.3,recent=32",
+            "dense+store:kv=q8_0",
+            "dense+store:k=q8_0,v=q4_0",
+            "dynakv:energy@0.3+store:latent=int4,scales=channel",
+        ] {
             let spec: CacheSpec = good.parse().unwrap();
             assert_eq!(spec.to_string(), good);
         }
@@ -144,6 +191,10 @@ mod tests {
             "dynakv:energy@0",
             "fast",
             "dynakv",
+            "dense+store:latent=int4",
+            "dynakv:energy@0.3+store:kv=q8_0",
+            "dense+store:kv=q8_0+store:kv=f16",
+            "store:kv=q8_0",
         ] {
             assert!(bad.parse::<CacheSpec>().is_err(), "{bad}");
         }

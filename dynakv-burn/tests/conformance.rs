@@ -35,6 +35,14 @@ const SPECS: &[&str] = &[
     "dynakv:uniform@1+snapkv:recall@0.5",
     "dynakv:energy@0.5,recent=32+snapkv:recall@0.5,gqa=layer-max",
     "dynakv:per-layer@0.3+snapkv:kvpress@0.5",
+    "dense+store:kv=f16",
+    "dense+store:kv=bf16",
+    "dense+store:k=q8_0,v=q4_0",
+    "dense+snapkv:kvpress@0.5+store:kv=q4_0",
+    "dynakv:energy@0.5+store:latent=f16",
+    "dynakv:energy@0.5+store:latent=int8",
+    "dynakv:energy@0.5+store:latent=int4,scales=channel",
+    "dynakv:energy@0.5,recent=32+snapkv:recall@0.5,gqa=layer-max+store:latent=int4",
 ];
 
 struct Setup {
@@ -134,6 +142,18 @@ fn every_cache_wrapper_and_policy_conforms() {
                     assert!(f.values < stored, "{ctx}: {} of {stored}", f.values);
                 }
                 assert_eq!(cache.bytes() as u64, f.bytes(), "{ctx}");
+                assert_eq!(f.tokens, seen, "{ctx}");
+                // Bytes: f32 is 4 per number; a packed format fewer, and the
+                // host holds exactly the packed bytes.
+                if spec.precision.is_default() {
+                    assert_eq!(f.value_bytes, 4 * f.values, "{ctx}");
+                } else {
+                    assert!(f.value_bytes < 3 * f.values, "{ctx}: {f:?}");
+                }
+                match storage {
+                    KvStorage::Host => assert_eq!(f.held_value_bytes, f.value_bytes, "{ctx}"),
+                    KvStorage::Device => assert_eq!(f.held_value_bytes, 4 * f.values, "{ctx}"),
+                }
                 // Reset forgets everything, and the same run gives the same numbers.
                 cache.reset();
                 assert!(cache.is_empty(), "{ctx}");
@@ -203,6 +223,43 @@ fn compression_lowers_the_bytes_and_keeps_the_output_close() {
     // Keys near an 8-dimensional subspace: half the dimensions lose little.
     let rel = max_diff(&half, &dense) / dense.abs().max().into_scalar::<f32>();
     assert!(rel < 0.2, "{rel}");
+}
+
+#[test]
+fn fewer_bits_cost_fewer_bytes_and_more_error_in_order() {
+    let s = setup();
+    let storage = KvStorage::for_device(&dynakv_burn::device::default_device());
+    let make = |name: &str| {
+        let mut c = factory(&s, &name.parse().unwrap(), 0, storage)
+            .make()
+            .unwrap();
+        let out = run(&s, c.as_mut());
+        (out, c.footprint())
+    };
+    for ladder in [
+        &["dense", "dense+store:kv=f16", "dense+store:kv=q8_0", "dense+store:kv=q4_0"][..],
+        &[
+            "dynakv:energy@0.5",
+            "dynakv:energy@0.5+store:latent=f16",
+            "dynakv:energy@0.5+store:latent=int8",
+            "dynakv:energy@0.5+store:latent=int4",
+        ][..],
+    ] {
+        let (reference, fr) = make(ladder[0]);
+        let scale = reference.clone().abs().max().into_scalar::<f32>();
+        let (mut last_err, mut last_bytes) = (0f32, fr.value_bytes);
+        for name in &ladder[1..] {
+            let (out, f) = make(name);
+            let err = max_diff(&out, &reference) / scale;
+            assert!(f.value_bytes < last_bytes, "{name}: {f:?}");
+            assert!(err >= last_err && err < 0.2, "{name}: {err} after {last_err}");
+            // the same numbers stored (a token-wise policy sees slightly
+            // other inputs in the second layer)
+            assert!(f.values.abs_diff(fr.values) * 50 <= fr.values, "{name}");
+            (last_err, last_bytes) = (err, f.value_bytes);
+        }
+        assert!(last_err > 0.0, "{}: the packed formats changed nothing", ladder[3]);
+    }
 }
 
 #[test]

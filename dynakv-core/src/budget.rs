@@ -2,11 +2,14 @@
 //!
 //! Two numbers are reported everywhere a budget is: the paper-comparable
 //! retained fraction (stored numbers over what a dense cache stores) and true
-//! bytes, which also count per-token metadata and fixed overheads.
+//! bytes: stored numbers at their real width (block scales included),
+//! per-token metadata and fixed overheads. Headline fractions are of an f16
+//! dense cache of the same tokens ([`CacheFootprint::bytes_f16_dense`]), the
+//! default of llama.cpp and vLLM.
 
 use serde::{Deserialize, Serialize};
 
-/// Bytes per stored number (f32).
+/// Bytes per number of the f32 dense cache (the exact reference).
 pub const BYTES_PER_VALUE: usize = 4;
 
 /// Size of a cache in numbers and bytes, and the dense cache on the same tokens.
@@ -16,21 +19,34 @@ pub struct CacheFootprint {
     pub values: u64,
     /// Key and value numbers the dense cache would store for the same tokens.
     pub values_full: u64,
+    /// Bytes of the stored numbers in their storage format (f16: 2 per
+    /// number; q8_0: 34 per 32, scales included).
+    pub value_bytes: u64,
+    /// Bytes memory really holds for the stored numbers: `value_bytes` on
+    /// the host; on a device without a packed type for the format, the
+    /// decoded f32 values (4 per number).
+    pub held_value_bytes: u64,
     /// Bytes of per-token metadata (positions, ranks, bucket ids).
     pub metadata_bytes: u64,
     /// Bytes that do not grow with tokens (bases, means, thresholds, routers).
     pub fixed_bytes: u64,
+    /// Tokens of the sequence the cache has seen (its longest layer).
+    pub tokens: u64,
 }
 
 impl CacheFootprint {
     /// Dense cache of `tokens` tokens: `2 * n_layers * d_kv` numbers per token.
     pub fn dense(tokens: u64, n_layers: u64, d_kv: u64) -> Self {
         let values = 2 * tokens * n_layers * d_kv;
+        let value_bytes = values * BYTES_PER_VALUE as u64;
         Self {
             values,
             values_full: values,
+            value_bytes,
+            held_value_bytes: value_bytes,
             metadata_bytes: 0,
             fixed_bytes: 0,
+            tokens,
         }
     }
 
@@ -42,25 +58,56 @@ impl CacheFootprint {
         self.values as f64 / self.values_full as f64
     }
 
-    /// All bytes: values, metadata and fixed overheads.
+    /// All bytes: values at their real width, metadata and fixed overheads.
     pub fn bytes(&self) -> u64 {
-        self.values * BYTES_PER_VALUE as u64 + self.metadata_bytes + self.fixed_bytes
+        self.value_bytes + self.metadata_bytes + self.fixed_bytes
     }
 
-    /// Bytes of the dense cache on the same tokens.
+    /// Bytes that grow with the sequence: values and per-token metadata.
+    pub fn kv_bytes(&self) -> u64 {
+        self.value_bytes + self.metadata_bytes
+    }
+
+    /// [`Self::kv_bytes`] per token of the sequence (0 when empty).
+    pub fn kv_bytes_per_token(&self) -> f64 {
+        if self.tokens == 0 {
+            return 0.0;
+        }
+        self.kv_bytes() as f64 / self.tokens as f64
+    }
+
+    /// Bytes of the f32 dense cache on the same tokens.
     pub fn bytes_full(&self) -> u64 {
         self.values_full * BYTES_PER_VALUE as u64
     }
+
+    /// Bytes of an f16 dense cache on the same tokens: what users compare with.
+    pub fn bytes_f16_dense(&self) -> u64 {
+        self.values_full * 2
+    }
+
+    /// [`Self::kv_bytes`] as a fraction of the f16 dense cache's bytes.
+    pub fn kv_fraction_of_f16(&self) -> f64 {
+        if self.values_full == 0 {
+            return 0.0;
+        }
+        self.kv_bytes() as f64 / self.bytes_f16_dense() as f64
+    }
 }
 
+/// Two parts of one sequence's cache (layers, or keys and values): their
+/// sizes add up, their token counts do not.
 impl std::ops::Add for CacheFootprint {
     type Output = Self;
     fn add(self, o: Self) -> Self {
         Self {
             values: self.values + o.values,
             values_full: self.values_full + o.values_full,
+            value_bytes: self.value_bytes + o.value_bytes,
+            held_value_bytes: self.held_value_bytes + o.held_value_bytes,
             metadata_bytes: self.metadata_bytes + o.metadata_bytes,
             fixed_bytes: self.fixed_bytes + o.fixed_bytes,
+            tokens: self.tokens.max(o.tokens),
         }
     }
 }
@@ -75,11 +122,16 @@ mod tests {
         let f = CacheFootprint::dense(8192, 30, 192);
         assert_eq!(f.bytes(), 377_487_360);
         assert_eq!(f.retained(), 1.0);
+        assert_eq!(f.bytes_f16_dense() * 2, f.bytes());
+        assert_eq!(f.kv_bytes_per_token(), (2 * 30 * 192 * 4) as f64);
+        assert_eq!(f.kv_fraction_of_f16(), 2.0);
         let half = CacheFootprint {
             values: f.values / 2,
+            value_bytes: f.value_bytes / 2,
             ..f
         };
         assert_eq!(half.retained(), 0.5);
-        assert_eq!((half + half).values, f.values);
+        let sum = half + half;
+        assert_eq!((sum.values, sum.bytes(), sum.tokens), (f.values, f.bytes(), 8192));
     }
 }

@@ -21,6 +21,7 @@ pub mod budget;
 mod error;
 pub mod levels;
 pub mod policy;
+pub mod quant;
 pub mod stats;
 
 pub use error::CoreError;

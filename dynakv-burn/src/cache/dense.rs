@@ -2,9 +2,11 @@
 
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use dynakv_core::budget::CacheFootprint;
+use dynakv_core::quant::{PackedRows, RowCodec};
 
+use super::precision::round_trip;
 use super::{
-    host_rows, AttentionCache, CacheGeometry, KeepPositions, KvStorage, PrunableCache,
+    host_rows, AttentionCache, CacheGeometry, KeepPositions, KvStorage, Precision, PrunableCache,
     HOST_KERNEL_MAX_QUERIES,
 };
 use crate::attention::{causal_attention, causal_mask, gqa_attention};
@@ -76,15 +78,23 @@ enum Kv {
         k: Box<Tensor<4>>,
         v: Box<Tensor<4>>,
     },
-    /// Per KV head, `[S_h, D]` row-major each; every head holds as many tokens.
-    Host { k: Vec<Vec<f32>>, v: Vec<Vec<f32>> },
+    /// Per KV head, `[S_h, D]` rows in the cache's dtypes; every head holds
+    /// as many tokens.
+    Host {
+        k: Vec<PackedRows>,
+        v: Vec<PackedRows>,
+    },
 }
 
 impl Kv {
-    fn elements(&self) -> usize {
+    /// Stored numbers of keys and of values.
+    fn elements(&self) -> [usize; 2] {
         match self {
-            Self::Device { k, v } => k.shape().num_elements() + v.shape().num_elements(),
-            Self::Host { k, v } => k.iter().chain(v).map(Vec::len).sum(),
+            Self::Device { k, v } => [k.shape().num_elements(), v.shape().num_elements()],
+            Self::Host { k, v } => {
+                let n = |x: &Vec<PackedRows>| x.iter().map(|r| r.len() * r.dim()).sum();
+                [n(k), n(v)]
+            }
         }
     }
 
@@ -96,9 +106,9 @@ impl Kv {
         match self {
             Self::Device { k, v } => ((**k).clone(), (**v).clone()),
             Self::Host { k, v } => {
-                let up = |heads: &Vec<Vec<f32>>| {
-                    let s = heads.first().map_or(0, |h| h.len() / head_dim);
-                    let data: Vec<f32> = heads.iter().flatten().copied().collect();
+                let up = |heads: &Vec<PackedRows>| {
+                    let s = heads.first().map_or(0, PackedRows::len);
+                    let data: Vec<f32> = heads.iter().flat_map(PackedRows::to_f32).collect();
                     Tensor::from_data(TensorData::new(data, [1, heads.len(), s, head_dim]), device)
                 };
                 (up(k), up(v))
@@ -119,7 +129,9 @@ struct LayerStore {
 /// Bytes of one stored position (u32) per kept key of a pruned cache.
 const POSITION_BYTES: usize = 4;
 
-/// Full-precision keys (RoPE applied on append) and values for every token.
+/// Keys (RoPE applied on append) and values for every token, in f32 or in
+/// the dtypes of a [`Precision`] (`f16`, `bf16`, llama.cpp's `q8_0` / `q4_0`
+/// blocks; the host kernel decodes one row at a time, never the whole cache).
 ///
 /// With [`KvStorage::Host`] (the CPU default) keys and values live in host
 /// vectors that grow in place, and decode steps run a fused host kernel
@@ -131,6 +143,8 @@ pub struct DenseCache {
     geometry: CacheGeometry,
     rope: Rope,
     storage: KvStorage,
+    /// Row codecs of keys and values.
+    codecs: [RowCodec; 2],
     layers: Vec<LayerStore>,
 }
 
@@ -146,12 +160,30 @@ impl DenseCache {
         rope: Rope,
         storage: KvStorage,
     ) -> Result<Self, CacheError> {
+        Self::with_precision(geometry, rope, storage, Precision::default())
+    }
+
+    /// Keys and values stored in `precision.k` / `precision.v` (its latent
+    /// fields are DynaKV's and must be left at their defaults).
+    pub fn with_precision(
+        geometry: CacheGeometry,
+        rope: Rope,
+        storage: KvStorage,
+        precision: Precision,
+    ) -> Result<Self, CacheError> {
         geometry.validate()?;
         geometry.check_rope(&rope)?;
+        precision.validate()?;
+        if precision.sets_latents() {
+            return Err(CacheError::Config(format!(
+                "`{precision}`: latent formats are DynaKV's, the dense cache takes k and v"
+            )));
+        }
         Ok(Self {
             geometry,
             rope,
             storage,
+            codecs: [RowCodec::Plain(precision.k), RowCodec::Plain(precision.v)],
             layers: vec![LayerStore::default(); geometry.n_layers],
         })
     }
@@ -208,14 +240,6 @@ fn select_seq(x: Tensor<4>, rows: &[usize]) -> Tensor<4> {
     x.select(2, idx)
 }
 
-/// Rows `rows` of a row-major `[S, d]` matrix.
-fn gather_rows(x: &[f32], d: usize, rows: &[usize]) -> Vec<f32> {
-    rows.iter()
-        .flat_map(|&i| &x[i * d..(i + 1) * d])
-        .copied()
-        .collect()
-}
-
 impl PrunableCache for DenseCache {
     fn per_kv_head(&self) -> bool {
         true
@@ -223,7 +247,7 @@ impl PrunableCache for DenseCache {
 
     fn retain(&mut self, layer: usize, keep: &KeepPositions) -> Result<(), CacheError> {
         self.geometry.check_layer(layer)?;
-        let (hk, dh) = (self.geometry.n_kv_heads, self.geometry.head_dim);
+        let hk = self.geometry.n_kv_heads;
         let store = &mut self.layers[layer];
         let Some(kv) = &store.kv else {
             return Err(CacheError::Config(format!("retain on empty layer {layer}")));
@@ -276,8 +300,8 @@ impl PrunableCache for DenseCache {
                 }
             }
             Kv::Host { k, v } => Kv::Host {
-                k: (0..hk).map(|h| gather_rows(&k[h], dh, &rows[h])).collect(),
-                v: (0..hk).map(|h| gather_rows(&v[h], dh, &rows[h])).collect(),
+                k: (0..hk).map(|h| k[h].gather(&rows[h])).collect(),
+                v: (0..hk).map(|h| v[h].gather(&rows[h])).collect(),
             },
         };
         store.kv = Some(kv);
@@ -313,8 +337,8 @@ impl AttentionCache for DenseCache {
             ) => {
                 let (hk_rows, hv_rows) = (host_rows(&k)?, host_rows(&v)?);
                 for h in 0..hk {
-                    ks[h].extend_from_slice(&hk_rows[h * t * dh..(h + 1) * t * dh]);
-                    vs[h].extend_from_slice(&hv_rows[h * t * dh..(h + 1) * t * dh]);
+                    ks[h].push(&hk_rows[h * t * dh..(h + 1) * t * dh]);
+                    vs[h].push(&hv_rows[h * t * dh..(h + 1) * t * dh]);
                 }
                 Kv::Host { k: ks, v: vs }
             }
@@ -324,21 +348,27 @@ impl AttentionCache for DenseCache {
                         "DenseCache with host storage supports batch size 1".into(),
                     ));
                 }
-                let split = |rows: Vec<f32>| -> Vec<Vec<f32>> {
-                    rows.chunks(t * dh).map(<[f32]>::to_vec).collect()
+                let split = |rows: Vec<f32>, codec: &RowCodec| -> Vec<PackedRows> {
+                    rows.chunks(t * dh)
+                        .map(|head| {
+                            let mut r = PackedRows::new(codec.clone(), dh);
+                            r.push(head);
+                            r
+                        })
+                        .collect()
                 };
                 Kv::Host {
-                    k: split(host_rows(&k)?),
-                    v: split(host_rows(&v)?),
+                    k: split(host_rows(&k)?, &self.codecs[0]),
+                    v: split(host_rows(&v)?, &self.codecs[1]),
                 }
             }
             (Some(Kv::Device { k: old_k, v: old_v }), _) => Kv::Device {
-                k: Box::new(Tensor::cat(vec![*old_k, k], 2)),
-                v: Box::new(Tensor::cat(vec![*old_v, v], 2)),
+                k: Box::new(Tensor::cat(vec![*old_k, round_trip(k, &self.codecs[0])?], 2)),
+                v: Box::new(Tensor::cat(vec![*old_v, round_trip(v, &self.codecs[1])?], 2)),
             },
             (None, KvStorage::Device) => Kv::Device {
-                k: Box::new(k),
-                v: Box::new(v),
+                k: Box::new(round_trip(k, &self.codecs[0])?),
+                v: Box::new(round_trip(v, &self.codecs[1])?),
             },
         });
         store.positions.extend(positions);
@@ -409,23 +439,32 @@ impl AttentionCache for DenseCache {
     }
 
     fn footprint(&self) -> CacheFootprint {
-        let values: usize = self
-            .layers
-            .iter()
-            .map(|l| l.kv.as_ref().map_or(0, Kv::elements))
-            .sum();
+        let dh = self.geometry.head_dim;
+        let (mut values, mut value_bytes) = (0usize, 0usize);
+        for [k, v] in self.layers.iter().filter_map(|l| l.kv.as_ref().map(Kv::elements)) {
+            values += k + v;
+            value_bytes += (k / dh) * self.codecs[0].row_bytes(dh);
+            value_bytes += (v / dh) * self.codecs[1].row_bytes(dh);
+        }
         let seen: usize = self.layers.iter().map(|l| l.seen).sum();
         let pruned = self.layers.iter().any(|l| l.positions.len() < l.seen);
+        let held_value_bytes = match self.storage {
+            KvStorage::Host => value_bytes,
+            KvStorage::Device => values * dynakv_core::budget::BYTES_PER_VALUE,
+        };
         CacheFootprint {
             values: values as u64,
             values_full: (2 * seen * self.geometry.d_kv()) as u64,
+            value_bytes: value_bytes as u64,
+            held_value_bytes: held_value_bytes as u64,
             // A pruned cache must remember which positions it kept.
             metadata_bytes: if pruned {
-                (values / (2 * self.geometry.head_dim) * POSITION_BYTES) as u64
+                (values / (2 * dh) * POSITION_BYTES) as u64
             } else {
                 0
             },
             fixed_bytes: 0,
+            tokens: self.layers.iter().map(|l| l.seen).max().unwrap_or(0) as u64,
         }
     }
 }

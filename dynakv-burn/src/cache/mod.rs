@@ -6,6 +6,7 @@ mod geometry;
 mod recording;
 #[cfg(feature = "snapkv")]
 mod snapkv;
+mod precision;
 mod storage;
 #[cfg(test)]
 pub(crate) mod test_support;
@@ -17,6 +18,7 @@ pub use geometry::CacheGeometry;
 pub use recording::{Recorded, RecordingCache};
 #[cfg(feature = "snapkv")]
 pub use snapkv::SnapKvCache;
+pub use precision::Precision;
 pub use storage::KvStorage;
 pub use wrapper::CacheWrapper;
 

@@ -9,7 +9,12 @@
 //! summed with the softmax weights. Token chunks run in parallel (rayon).
 //! The dense cache is the baseline every compressed cache is measured
 //! against, so it gets the same care as DynaKV's kernel.
+//!
+//! Rows stored in a packed dtype (f16, q8_0, q4_0, ...) are decoded one at a
+//! time into a `head_dim` buffer that stays in L1; f32 rows are read in
+//! place.
 
+use dynakv_core::quant::PackedRows;
 use rayon::prelude::*;
 
 use super::math::{avx2_dispatch, axpy, dot, softmax_columns, Heads, CHUNK};
@@ -17,10 +22,10 @@ use super::math::{avx2_dispatch, axpy, dot, softmax_columns, Heads, CHUNK};
 /// One KV head's stored tokens as the kernel reads them.
 ///
 /// # Shapes
-/// `k` (RoPE applied), `v`: `[n, head_dim]` row-major; `positions`: `[n]`.
+/// `k` (RoPE applied), `v`: `[n, head_dim]` rows; `positions`: `[n]`.
 pub(crate) struct HeadView<'a> {
-    pub k: &'a [f32],
-    pub v: &'a [f32],
+    pub k: &'a PackedRows,
+    pub v: &'a PackedRows,
     pub positions: &'a [usize],
 }
 
@@ -98,10 +103,11 @@ avx2_dispatch! {
 fn score_chunk_impl(job: &ScoreJob, first: usize, rows: &mut [f32]) {
     let (dh, t, gt) = (job.dh, job.t, job.gt);
     let ht = gt * job.kv.len();
+    let mut buf = vec![0f32; dh];
     for (j, row) in rows.chunks_mut(ht).enumerate() {
         let s = first + j;
         for (g, (view, cols)) in job.kv.iter().zip(row.chunks_mut(gt)).enumerate() {
-            let key = &view.k[s * dh..(s + 1) * dh];
+            let key = view.k.row(s, &mut buf);
             let pos = view.positions[s];
             for (i, out) in cols.iter_mut().enumerate() {
                 let r = g * gt + i;
@@ -126,10 +132,11 @@ avx2_dispatch! {
 fn value_chunk_impl(job: &ScoreJob, probs: &[f32], toks: std::ops::Range<usize>, o: &mut [f32]) {
     let (dh, gt) = (job.dh, job.gt);
     let ht = gt * job.kv.len();
+    let mut buf = vec![0f32; dh];
     for s in toks {
         let p = &probs[s * ht..(s + 1) * ht];
         for (g, view) in job.kv.iter().enumerate() {
-            let value = &view.v[s * dh..(s + 1) * dh];
+            let value = view.v.row(s, &mut buf);
             for r in g * gt..(g + 1) * gt {
                 if p[r] != 0.0 {
                     axpy(&mut o[r * dh..(r + 1) * dh], p[r], value);
@@ -142,6 +149,7 @@ fn value_chunk_impl(job: &ScoreJob, probs: &[f32], toks: std::ops::Range<usize>,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dynakv_core::quant::{KvDtype, RowCodec};
 
     /// Head by head, query by query, with explicit loops: the reference.
     fn reference(heads: Heads, q: &[f32], q_pos: &[usize], kv: &[HeadView]) -> Vec<f32> {
@@ -150,6 +158,7 @@ mod tests {
         let mut out = vec![0f32; h * t * dh];
         for qh in 0..h {
             let view = &kv[qh / groups];
+            let (kf, vf) = (view.k.to_f32(), view.v.to_f32());
             for ti in 0..t {
                 let qr = &q[(qh * t + ti) * dh..(qh * t + ti + 1) * dh];
                 let s: Vec<f32> = (0..view.positions.len())
@@ -157,7 +166,7 @@ mod tests {
                         if view.positions[j] > q_pos[ti] {
                             f32::NEG_INFINITY
                         } else {
-                            let k = &view.k[j * dh..(j + 1) * dh];
+                            let k = &kf[j * dh..(j + 1) * dh];
                             qr.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() / (dh as f32).sqrt()
                         }
                     })
@@ -168,7 +177,7 @@ mod tests {
                 let o = &mut out[(qh * t + ti) * dh..(qh * t + ti + 1) * dh];
                 for (j, w) in e.iter().enumerate() {
                     for (i, x) in o.iter_mut().enumerate() {
-                        *x += w / z * view.v[j * dh + i];
+                        *x += w / z * vf[j * dh + i];
                     }
                 }
             }
@@ -193,7 +202,7 @@ mod tests {
         let heads = Heads {
             n_heads: 6,
             n_kv_heads: 2,
-            head_dim: 12,
+            head_dim: 40,
         };
         let dh = heads.head_dim;
         // 300 tokens span three work chunks; head 1 was pruned to every other
@@ -202,28 +211,38 @@ mod tests {
         let n = 300;
         let pos0: Vec<usize> = (0..n).collect();
         let pos1: Vec<usize> = (0..n).map(|i| 2 * i).collect();
-        let (k0, v0, k1, v1) = (
-            numbers(n * dh, 1),
-            numbers(n * dh, 2),
-            numbers(n * dh, 3),
-            numbers(n * dh, 4),
-        );
-        let kv = [
-            HeadView {
-                k: &k0,
-                v: &v0,
-                positions: &pos0,
-            },
-            HeadView {
-                k: &k1,
-                v: &v1,
-                positions: &pos1,
-            },
-        ];
+        // every dtype: packed rows are decoded one at a time, and attention
+        // over them equals explicit attention over the decoded values
+        // (head_dim 40: a full q8_0 / q4_0 block and a short one)
+        for dtype in KvDtype::ALL {
+            let rows = |seed| {
+                let mut r = PackedRows::new(RowCodec::Plain(dtype), dh);
+                r.push(&numbers(n * dh, seed));
+                r
+            };
+            let (k0, v0, k1, v1) = (rows(1), rows(2), rows(3), rows(4));
+            let kv = [
+                HeadView {
+                    k: &k0,
+                    v: &v0,
+                    positions: &pos0,
+                },
+                HeadView {
+                    k: &k1,
+                    v: &v1,
+                    positions: &pos1,
+                },
+            ];
+            check(heads, &kv);
+        }
+    }
+
+    fn check(heads: Heads, kv: &[HeadView]) {
+        let dh = heads.head_dim;
         let q_pos = [450, 598];
         let q = numbers(heads.n_heads * q_pos.len() * dh, 5);
-        let got = attend(heads, &q, &q_pos, &kv);
-        let want = reference(heads, &q, &q_pos, &kv);
+        let got = attend(heads, &q, &q_pos, kv);
+        let want = reference(heads, &q, &q_pos, kv);
         let diff = got
             .iter()
             .zip(&want)

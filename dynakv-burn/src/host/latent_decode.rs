@@ -16,6 +16,7 @@
 use rayon::prelude::*;
 
 use dynakv_core::artifact::RopePlacement;
+use dynakv_core::quant::PackedRows;
 
 use super::math::{avx2_dispatch, axpy, dot, softmax_columns, CHUNK};
 use super::HostRope;
@@ -38,10 +39,11 @@ pub(crate) struct HostBasis {
 /// One rank bucket as the kernel reads it.
 ///
 /// # Shapes
-/// `lat`: `[n, rank]` row-major; `positions`, `ids`: `[n]`.
+/// `lat`: `[n, rank]` rows (f32 read in place; a packed latent format is
+/// decoded a tile at a time); `positions`, `ids`: `[n]`.
 pub(crate) struct BucketView<'a> {
     pub rank: usize,
-    pub lat: &'a [f32],
+    pub lat: &'a PackedRows,
     pub positions: &'a [usize],
     pub ids: &'a [usize],
 }
@@ -195,10 +197,22 @@ fn score_chunk_impl(job: &Job, b: &BucketView, first: usize, out: &mut [f32]) {
         None => vec![0f32; TILE * d],
         Some(_) => Vec::new(),
     };
+    let r = b.rank;
+    let mut latbuf = vec![0f32; TILE * r];
     let mut i = 0;
     while i < n {
         let m = (n - i).min(TILE);
-        let lat = &b.lat[(first + i) * b.rank..(first + i + m) * b.rank];
+        let lat: &[f32] = match b.lat.as_f32() {
+            Some(all) => &all[(first + i) * r..(first + i + m) * r],
+            None => {
+                for k in 0..m {
+                    let row = &mut latbuf[k * r..(k + 1) * r];
+                    let got = b.lat.row(first + i + k, row);
+                    debug_assert_eq!(got.len(), r);
+                }
+                &latbuf[..m * r]
+            }
+        };
         if job.q_lat.is_none() {
             // Pre-RoPE: reconstruct all KV heads of m tokens, then rotate.
             if m == TILE {
@@ -308,13 +322,14 @@ avx2_dispatch! {
 #[inline(always)]
 fn value_chunk_impl(job: &ValueJob, b: &BucketView, toks: std::ops::Range<usize>, z: &mut [f32]) {
     let (ht, d) = (job.ht, job.d);
+    let mut buf = vec![0f32; b.rank];
     for tok in toks {
         let sl = job.slot[b.ids[tok]];
         if sl == usize::MAX {
             continue;
         }
         let w = &job.probs[sl * ht..(sl + 1) * ht];
-        let lat = &b.lat[tok * b.rank..(tok + 1) * b.rank];
+        let lat = b.lat.row(tok, &mut buf);
         for (qi, &wq) in w.iter().enumerate() {
             if wq != 0.0 {
                 axpy(&mut z[qi * d..qi * d + b.rank], wq, lat);

@@ -53,6 +53,9 @@ pub(super) struct LayerBasis {
     pub(super) mean: [Tensor<1>; 2],
     pub(super) decoders: Option<Decoders>,
     pub(super) host: HostBasis,
+    /// Standard deviation of each latent coordinate (square roots of the
+    /// eigenvalues), for keys and values: per-coordinate latent scales.
+    pub(super) stddev: [Vec<f32>; 2],
 }
 
 /// Bases of every layer, uploaded once and shared by many caches.
@@ -120,11 +123,15 @@ impl DynaKvBases {
                 (storage == KvStorage::Device).then(|| Decoders::new(&host, geometry, device));
             // enc x2, dec x2, means x2, each held once (host or device)
             fixed += 4 * (4 * d * d + 2 * d);
+            let stddev = pair
+                .clone()
+                .map(|b| b.eigenvalues.iter().map(|e| e.max(0.0).sqrt() as f32).collect());
             layers.push(LayerBasis {
                 enc,
                 mean,
                 decoders,
                 host,
+                stddev,
             });
         }
         Ok(Self {

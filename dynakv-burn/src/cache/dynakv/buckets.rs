@@ -3,9 +3,12 @@
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use dynakv_core::policy::KvKind;
+use dynakv_core::quant::PackedRows;
 
 use super::DynaKvCache;
 use crate::cache::mat;
+use crate::cache::precision::round_trip;
+use crate::error::CacheError;
 use crate::host::latent_decode::BucketView;
 
 /// Tokens of one rank level.
@@ -21,10 +24,11 @@ pub(super) struct Bucket {
 /// A bucket's latents, `[n, rank]`, where [`KvStorage`](crate::KvStorage) says.
 #[derive(Debug, Clone)]
 pub(super) enum Latents {
-    /// Boxed: a tensor handle is much larger than a `Vec`.
+    /// Boxed: a tensor handle is much larger than a `Vec`. Values of a
+    /// packed latent format are held decoded (f32).
     Device(Box<Tensor<2>>),
-    /// Row-major.
-    Host(Vec<f32>),
+    /// Rows in the cache's latent format.
+    Host(PackedRows),
 }
 
 impl Bucket {
@@ -35,7 +39,7 @@ impl Bucket {
     pub(super) fn tensor(&self, device: &Device) -> Tensor<2> {
         match &self.lat {
             Latents::Device(t) => (**t).clone(),
-            Latents::Host(v) => mat(v, self.positions.len(), self.rank, device),
+            Latents::Host(v) => mat(&v.to_f32(), self.positions.len(), self.rank, device),
         }
     }
 
@@ -60,12 +64,7 @@ impl Bucket {
                     Tensor::<1, Int>::from_data(TensorData::new(idx, [rows.len()]), &t.device());
                 Latents::Device(Box::new((**t).clone().select(0, idx)))
             }
-            Latents::Host(v) => Latents::Host(
-                rows.iter()
-                    .flat_map(|&i| &v[i * self.rank..(i + 1) * self.rank])
-                    .copied()
-                    .collect(),
-            ),
+            Latents::Host(v) => Latents::Host(v.gather(rows)),
         };
         self.positions = rows.iter().map(|&i| self.positions[i]).collect();
         self.ids = rows.iter().map(|&i| self.ids[i]).collect();
@@ -95,20 +94,21 @@ pub(super) fn padded_latents(
     d: usize,
     device: &Device,
 ) -> Tensor<2> {
-    let host: Vec<(&Bucket, &[f32])> = buckets
+    let host: Vec<(&Bucket, &PackedRows)> = buckets
         .iter()
         .filter_map(|b| match &b.lat {
-            Latents::Host(lat) => Some((b, lat.as_slice())),
+            Latents::Host(lat) => Some((b, lat)),
             Latents::Device(_) => None,
         })
         .collect();
     if host.len() == buckets.len() {
         let mut out = vec![0f32; slots * d];
+        let mut buf = vec![0f32; d];
         for (b, lat) in host {
             for (i, &id) in b.ids.iter().enumerate() {
                 let j = slot_of[id];
                 if j != usize::MAX {
-                    out[j * d..j * d + b.rank].copy_from_slice(&lat[i * b.rank..(i + 1) * b.rank]);
+                    out[j * d..j * d + b.rank].copy_from_slice(lat.row(i, &mut buf));
                 }
             }
         }
@@ -156,28 +156,32 @@ impl DynaKvCache {
         ranks: &[usize],
         positions: &[usize],
         first_id: usize,
-    ) {
+    ) -> Result<(), CacheError> {
         let device = lat.device();
         let d = self.bases.d_kv;
-        let store = &mut self.layers[layer];
         let k = kind.index();
+        let codec = &self.codecs[layer][k];
+        let store = &mut self.layers[layer];
         for &level in self.bases.levels.as_slice().iter().filter(|&&l| l > 0) {
             let rows: Vec<usize> = (0..ranks.len()).filter(|&i| ranks[i] == level).collect();
             if rows.is_empty() {
                 continue;
             }
+            let codec = codec.prefix(level);
             let part = match host {
-                Some(h) => Latents::Host(
-                    rows.iter()
-                        .flat_map(|&i| &h[i * d..i * d + level])
-                        .copied()
-                        .collect(),
-                ),
+                Some(h) => {
+                    let mut packed = PackedRows::new(codec, level);
+                    for &i in &rows {
+                        packed.push(&h[i * d..i * d + level]);
+                    }
+                    Latents::Host(packed)
+                }
                 None => {
                     let idx: Vec<i64> = rows.iter().map(|&i| i as i64).collect();
                     let idx =
                         Tensor::<1, Int>::from_data(TensorData::new(idx, [rows.len()]), &device);
-                    Latents::Device(Box::new(lat.clone().select(0, idx).narrow(1, 0, level)))
+                    let part = lat.clone().select(0, idx).narrow(1, 0, level);
+                    Latents::Device(Box::new(round_trip(part, &codec)?))
                 }
             };
             let pos: Vec<usize> = rows.iter().map(|&i| positions[i]).collect();
@@ -186,7 +190,7 @@ impl DynaKvCache {
             match store.buckets[k].iter_mut().find(|b| b.rank == level) {
                 Some(b) => {
                     match (&mut b.lat, part) {
-                        (Latents::Host(v), Latents::Host(p)) => v.extend(p),
+                        (Latents::Host(v), Latents::Host(p)) => v.append(&p),
                         (Latents::Device(t), Latents::Device(p)) => {
                             **t = Tensor::cat(vec![(**t).clone(), *p], 0)
                         }
@@ -206,5 +210,6 @@ impl DynaKvCache {
                 }
             }
         }
+        Ok(())
     }
 }

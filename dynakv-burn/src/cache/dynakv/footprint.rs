@@ -1,8 +1,9 @@
 //! What a DynaKV cache costs: numbers stored against the dense cache's,
 //! per-token metadata and the bases' fixed bytes.
 
-use dynakv_core::budget::CacheFootprint;
+use dynakv_core::budget::{CacheFootprint, BYTES_PER_VALUE};
 
+use super::buckets::Latents;
 use super::DynaKvCache;
 
 /// Bytes of per-token metadata per layer and per K/V: position and token id.
@@ -15,12 +16,23 @@ impl DynaKvCache {
             fixed_bytes: self.bases.fixed_bytes as u64,
             ..Default::default()
         };
-        for l in &self.layers {
+        for (li, l) in self.layers.iter().enumerate() {
             let n = l.next_id as u64;
             f.values += (l.dims[0] + l.dims[1]) as u64;
             f.values_full += 2 * n * self.geometry.d_kv() as u64;
-            let stored: usize = l.buckets.iter().flatten().map(|b| b.positions.len()).sum();
-            f.metadata_bytes += (stored * META_BYTES_PER_TOKEN) as u64;
+            f.tokens = f.tokens.max(n);
+            for (k, buckets) in l.buckets.iter().enumerate() {
+                for b in buckets {
+                    let rows = b.positions.len();
+                    let bytes = (rows * self.codecs[li][k].row_bytes(b.rank)) as u64;
+                    f.value_bytes += bytes;
+                    f.held_value_bytes += match &b.lat {
+                        Latents::Host(p) => p.bytes() as u64,
+                        Latents::Device(_) => (rows * b.rank * BYTES_PER_VALUE) as u64,
+                    };
+                    f.metadata_bytes += (rows * META_BYTES_PER_TOKEN) as u64;
+                }
+            }
         }
         f
     }

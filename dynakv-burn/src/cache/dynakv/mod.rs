@@ -34,9 +34,11 @@ use burn::tensor::{Tensor, TensorData};
 use dynakv_core::artifact::RopePlacement;
 use dynakv_core::budget::CacheFootprint;
 use dynakv_core::policy::{KvKind, RankPolicy};
+use dynakv_core::quant::RowCodec;
 
 use crate::cache::{
-    host_rows, joint, AttentionCache, CacheGeometry, KvStorage, HOST_KERNEL_MAX_QUERIES,
+    host_rows, joint, AttentionCache, CacheGeometry, KvStorage, Precision,
+    HOST_KERNEL_MAX_QUERIES,
 };
 use crate::error::CacheError;
 use crate::host::latent_decode::{self, BucketView, Heads};
@@ -60,20 +62,51 @@ pub struct DynaKvCache {
     layers: Vec<LayerStore>,
     /// RoPE tables for the host kernel (host storage only).
     host_rope: Option<Arc<HostRope>>,
+    /// Latent row codecs per layer, keys and values (full width; a rank
+    /// bucket uses the prefix).
+    codecs: Vec<[RowCodec; 2]>,
+    precision: Precision,
 }
 
 impl DynaKvCache {
+    /// Latents in f32.
     pub fn new(
         geometry: CacheGeometry,
         rope: Rope,
         bases: Arc<DynaKvBases>,
         policy: Arc<dyn RankPolicy>,
     ) -> Result<Self, CacheError> {
+        Self::with_precision(geometry, rope, bases, policy, Precision::default())
+    }
+
+    /// Latents stored in `precision.latent` with `precision.scales` (its
+    /// `k` / `v` fields are the dense cache's and must stay f32).
+    pub fn with_precision(
+        geometry: CacheGeometry,
+        rope: Rope,
+        bases: Arc<DynaKvBases>,
+        policy: Arc<dyn RankPolicy>,
+        precision: Precision,
+    ) -> Result<Self, CacheError> {
         geometry.validate()?;
         geometry.check_rope(&rope)?;
+        precision.validate()?;
         if bases.layers.len() != geometry.n_layers || bases.d_kv != geometry.d_kv() {
             return Err(CacheError::Config("bases do not match the geometry".into()));
         }
+        if precision.sets_dense() {
+            return Err(CacheError::Config(format!(
+                "`{precision}`: k and v dtypes are the dense cache's, DynaKV takes latent="
+            )));
+        }
+        let codecs = bases
+            .layers
+            .iter()
+            .map(|l| {
+                let c = |k: usize| RowCodec::latent(precision.latent, precision.scales, &l.stddev[k]);
+                Ok([c(0)?, c(1)?])
+            })
+            .collect::<Result<Vec<_>, CacheError>>()?;
         let host_rope = match bases.storage {
             KvStorage::Host => Some(rope.host()?),
             KvStorage::Device => None,
@@ -85,7 +118,13 @@ impl DynaKvCache {
             policy,
             layers: vec![LayerStore::default(); geometry.n_layers],
             host_rope,
+            codecs,
+            precision,
         })
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// Stored `(token id, rank)` pairs of one layer and kind, in token order
@@ -156,8 +195,8 @@ impl AttentionCache for DynaKvCache {
         let first = self.layers[layer].next_id;
         let host = self.bases.storage == KvStorage::Host;
         let (hk, hv) = (host.then_some(&host_k[..]), host.then_some(&host_v[..]));
-        self.store(layer, KvKind::Key, lat_k, hk, &rk, positions, first);
-        self.store(layer, KvKind::Value, lat_v, hv, &rv, positions, first);
+        self.store(layer, KvKind::Key, lat_k, hk, &rk, positions, first)?;
+        self.store(layer, KvKind::Value, lat_v, hv, &rv, positions, first)?;
         self.layers[layer].next_id += positions.len();
         Ok(())
     }

@@ -1,0 +1,705 @@
+//! Storage precisions of cached numbers, as bytes: the dense cache's key and
+//! value rows (`f32`, `f16`, `bf16`, and llama.cpp's `q8_0` / `q4_0` blocks)
+//! and DynaKV's latent rows (`f32`, `f16`, `int8`, `int4`, with scales per
+//! token and group or per coordinate).
+//!
+//! Why here: what a cache costs is decided by these formats, and the row
+//! codec is plain arithmetic that every backend and the accounting share.
+//! Rows are packed one after another in a [`PackedRows`]; a kernel decodes
+//! one row at a time into a small buffer (L1), never the whole cache.
+//!
+//! Block layouts follow llama.cpp (`ggml-quants.c`), so our q8_0 / q4_0
+//! caches hold exactly what llama.cpp's `--cache-type-k/-v q8_0|q4_0` hold:
+//! - `q8_0`: per 32 values an f16 scale `d = amax / 127` and 32 `i8` codes
+//!   `round(x / d)`; 34 bytes.
+//! - `q4_0`: per 32 values an f16 scale `d = m / -8` (`m` the value of
+//!   largest magnitude, with its sign) and 16 bytes of 4-bit codes
+//!   `min(15, trunc(x / d + 8.5))`, value `j` in the low nibble of byte `j`
+//!   and value `j + 16` in the high one; 18 bytes.
+//!
+//! A row whose length is not a multiple of 32 (a latent of rank 40) ends in a
+//! short block of `n` values: `2 + n` bytes (q8_0) or `2 + ceil(n / 2)` (q4_0,
+//! value `j` low and `j + ceil(n/2)` high).
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use half::{bf16, f16};
+use serde::{Deserialize, Serialize};
+
+use crate::error::CoreError;
+
+/// Values per quantisation block (llama.cpp's `QK8_0`, `QK4_0`).
+pub const QBLOCK: usize = 32;
+
+/// How a dense cache stores keys or values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum KvDtype {
+    /// 4 bytes per value (the reference).
+    #[default]
+    #[serde(rename = "f32")]
+    #[cfg_attr(feature = "clap", value(name = "f32"))]
+    F32,
+    /// 2 bytes per value: llama.cpp's and vLLM's default cache.
+    #[serde(rename = "f16")]
+    #[cfg_attr(feature = "clap", value(name = "f16"))]
+    F16,
+    /// 2 bytes per value, f32's exponent range.
+    #[serde(rename = "bf16")]
+    #[cfg_attr(feature = "clap", value(name = "bf16"))]
+    Bf16,
+    /// 8.5 bits per value: llama.cpp's `q8_0` blocks.
+    #[serde(rename = "q8_0")]
+    #[cfg_attr(feature = "clap", value(name = "q8_0"))]
+    Q8_0,
+    /// 4.5 bits per value: llama.cpp's `q4_0` blocks.
+    #[serde(rename = "q4_0")]
+    #[cfg_attr(feature = "clap", value(name = "q4_0"))]
+    Q4_0,
+}
+
+impl KvDtype {
+    pub const ALL: [KvDtype; 5] = [Self::F32, Self::F16, Self::Bf16, Self::Q8_0, Self::Q4_0];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Bf16 => "bf16",
+            Self::Q8_0 => "q8_0",
+            Self::Q4_0 => "q4_0",
+        }
+    }
+
+    /// Bytes of one row of `n` values, block scales included.
+    pub fn row_bytes(self, n: usize) -> usize {
+        let blocks = |per: fn(usize) -> usize| {
+            let full = n / QBLOCK;
+            let tail = n % QBLOCK;
+            full * (2 + per(QBLOCK)) + if tail > 0 { 2 + per(tail) } else { 0 }
+        };
+        match self {
+            Self::F32 => 4 * n,
+            Self::F16 | Self::Bf16 => 2 * n,
+            Self::Q8_0 => blocks(|m| m),
+            Self::Q4_0 => blocks(|m| m.div_ceil(2)),
+        }
+    }
+
+    /// Whether a stored row decodes to exactly what was stored.
+    pub fn is_lossless(self) -> bool {
+        self == Self::F32
+    }
+}
+
+impl fmt::Display for KvDtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for KvDtype {
+    type Err = CoreError;
+    fn from_str(s: &str) -> Result<Self, CoreError> {
+        Self::ALL
+            .into_iter()
+            .find(|d| d.name() == s)
+            .ok_or_else(|| CoreError::Invalid {
+                field: "kv dtype",
+                message: format!("`{s}` (expected f32, f16, bf16, q8_0 or q4_0)"),
+            })
+    }
+}
+
+/// How DynaKV stores its latent coordinates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum LatentDtype {
+    #[default]
+    F32,
+    F16,
+    /// 8-bit codes (with [`LatentScales::Token`]: q8_0 blocks).
+    Int8,
+    /// 4-bit codes (with [`LatentScales::Token`]: q4_0 blocks).
+    Int4,
+}
+
+impl LatentDtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Int8 => "int8",
+            Self::Int4 => "int4",
+        }
+    }
+
+    /// Largest code magnitude of the integer formats.
+    fn qmax(self) -> Option<f32> {
+        match self {
+            Self::Int8 => Some(127.0),
+            Self::Int4 => Some(7.0),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for LatentDtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for LatentDtype {
+    type Err = CoreError;
+    fn from_str(s: &str) -> Result<Self, CoreError> {
+        [Self::F32, Self::F16, Self::Int8, Self::Int4]
+            .into_iter()
+            .find(|d| d.name() == s)
+            .ok_or_else(|| CoreError::Invalid {
+                field: "latent dtype",
+                message: format!("`{s}` (expected f32, f16, int8 or int4)"),
+            })
+    }
+}
+
+/// Where the scales of integer latents come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum LatentScales {
+    /// Per token and group of 32 coordinates, an f16 scale stored with the
+    /// codes (q8_0 / q4_0 blocks): adapts to every token, 2 bytes a group.
+    #[default]
+    Token,
+    /// Per coordinate, fixed at calibration (`clip * sqrt(eigenvalue)`, the
+    /// coordinate's standard deviation): nothing stored per token, as KIVI
+    /// does for keys; an outlier token is clipped.
+    Channel,
+}
+
+impl LatentScales {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Token => "token",
+            Self::Channel => "channel",
+        }
+    }
+}
+
+impl fmt::Display for LatentScales {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for LatentScales {
+    type Err = CoreError;
+    fn from_str(s: &str) -> Result<Self, CoreError> {
+        match s {
+            "token" => Ok(Self::Token),
+            "channel" => Ok(Self::Channel),
+            o => Err(CoreError::Invalid {
+                field: "latent scales",
+                message: format!("`{o}` (expected token or channel)"),
+            }),
+        }
+    }
+}
+
+/// Clip of per-coordinate scales, in standard deviations: near the
+/// mean-square-optimal clip of a Gaussian at 4 bits (2.55 σ, Banner et al.,
+/// ACIQ), wider at 8 bits where rounding error is small and clipping is not.
+pub fn channel_clip(dtype: LatentDtype) -> f32 {
+    match dtype {
+        LatentDtype::Int4 => 2.6,
+        _ => 6.0,
+    }
+}
+
+/// How rows are turned into bytes and back.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowCodec {
+    /// Self-contained rows (scales, if any, inside each block).
+    Plain(KvDtype),
+    /// Integer codes with one fixed scale per coordinate, `[n]`.
+    Channel { bits4: bool, scales: Arc<[f32]> },
+}
+
+impl RowCodec {
+    /// The codec of latent rows of `n` coordinates; `stddev` is each
+    /// coordinate's standard deviation (from calibration), used by
+    /// [`LatentScales::Channel`].
+    pub fn latent(
+        dtype: LatentDtype,
+        scales: LatentScales,
+        stddev: &[f32],
+    ) -> Result<Self, CoreError> {
+        Ok(match (dtype, scales) {
+            (LatentDtype::F32, _) => Self::Plain(KvDtype::F32),
+            (LatentDtype::F16, _) => Self::Plain(KvDtype::F16),
+            (LatentDtype::Int8, LatentScales::Token) => Self::Plain(KvDtype::Q8_0),
+            (LatentDtype::Int4, LatentScales::Token) => Self::Plain(KvDtype::Q4_0),
+            (d, LatentScales::Channel) => {
+                let (clip, qmax) = (channel_clip(d), d.qmax().unwrap_or(127.0));
+                if let Some(bad) = stddev.iter().find(|s| !s.is_finite() || **s < 0.0) {
+                    return Err(CoreError::Invalid {
+                        field: "latent scales",
+                        message: format!("calibration standard deviation {bad}"),
+                    });
+                }
+                Self::Channel {
+                    bits4: d == LatentDtype::Int4,
+                    scales: stddev
+                        .iter()
+                        .map(|s| (clip * s / qmax).max(f32::MIN_POSITIVE))
+                        .collect(),
+                }
+            }
+        })
+    }
+
+    /// The same codec for the first `n` coordinates only (a rank bucket).
+    pub fn prefix(&self, n: usize) -> Self {
+        match self {
+            Self::Plain(d) => Self::Plain(*d),
+            Self::Channel { bits4, scales } => Self::Channel {
+                bits4: *bits4,
+                scales: scales[..n.min(scales.len())].into(),
+            },
+        }
+    }
+
+    pub fn row_bytes(&self, n: usize) -> usize {
+        match self {
+            Self::Plain(d) => d.row_bytes(n),
+            Self::Channel { bits4: true, .. } => n.div_ceil(2),
+            Self::Channel { bits4: false, .. } => n,
+        }
+    }
+
+    pub fn is_f32(&self) -> bool {
+        *self == Self::Plain(KvDtype::F32)
+    }
+
+    /// Appends the bytes of one row.
+    pub fn encode(&self, x: &[f32], out: &mut Vec<u8>) {
+        match self {
+            Self::Plain(KvDtype::F32) => x.iter().for_each(|v| out.extend(v.to_le_bytes())),
+            Self::Plain(KvDtype::F16) => x
+                .iter()
+                .for_each(|v| out.extend(f16::from_f32(*v).to_le_bytes())),
+            Self::Plain(KvDtype::Bf16) => x
+                .iter()
+                .for_each(|v| out.extend(bf16::from_f32(*v).to_le_bytes())),
+            Self::Plain(KvDtype::Q8_0) => x.chunks(QBLOCK).for_each(|b| encode_q8_0(b, out)),
+            Self::Plain(KvDtype::Q4_0) => x.chunks(QBLOCK).for_each(|b| encode_q4_0(b, out)),
+            Self::Channel { bits4, scales } => {
+                let code = |j: usize, lo: f32, hi: f32| (x[j] / scales[j]).round().clamp(lo, hi);
+                if *bits4 {
+                    let half = x.len().div_ceil(2);
+                    let nibble = |j: usize| (code(j, -8.0, 7.0) + 8.0) as u8;
+                    for j in 0..half {
+                        let hi = if j + half < x.len() { nibble(j + half) } else { 8 };
+                        out.push(nibble(j) | (hi << 4));
+                    }
+                } else {
+                    (0..x.len()).for_each(|j| out.push(code(j, -127.0, 127.0) as i8 as u8));
+                }
+            }
+        }
+    }
+
+    /// Decodes one row of `out.len()` values from its bytes.
+    #[inline]
+    pub fn decode(&self, bytes: &[u8], out: &mut [f32]) {
+        match self {
+            Self::Plain(KvDtype::F32) => {
+                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }
+            Self::Plain(KvDtype::F16) => {
+                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = f16::from_le_bytes([b[0], b[1]]).to_f32();
+                }
+            }
+            Self::Plain(KvDtype::Bf16) => {
+                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
+                }
+            }
+            Self::Plain(KvDtype::Q8_0) => {
+                let mut at = 0;
+                for o in out.chunks_mut(QBLOCK) {
+                    let d = f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32();
+                    let n = o.len();
+                    for (v, &q) in o.iter_mut().zip(&bytes[at + 2..at + 2 + n]) {
+                        *v = d * (q as i8) as f32;
+                    }
+                    at += 2 + n;
+                }
+            }
+            Self::Plain(KvDtype::Q4_0) => {
+                let mut at = 0;
+                for o in out.chunks_mut(QBLOCK) {
+                    let d = f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32();
+                    let half = o.len().div_ceil(2);
+                    let codes = &bytes[at + 2..at + 2 + half];
+                    let (lo, hi) = o.split_at_mut(half);
+                    for (v, &q) in lo.iter_mut().zip(codes) {
+                        *v = d * ((q & 15) as i32 - 8) as f32;
+                    }
+                    for (v, &q) in hi.iter_mut().zip(codes) {
+                        *v = d * ((q >> 4) as i32 - 8) as f32;
+                    }
+                    at += 2 + half;
+                }
+            }
+            Self::Channel { bits4: false, scales } => {
+                for ((v, &q), s) in out.iter_mut().zip(bytes).zip(scales.iter()) {
+                    *v = s * (q as i8) as f32;
+                }
+            }
+            Self::Channel { bits4: true, scales } => {
+                let half = out.len().div_ceil(2);
+                let (lo, hi) = out.split_at_mut(half);
+                for (j, (v, &q)) in lo.iter_mut().zip(bytes).enumerate() {
+                    *v = scales[j] * ((q & 15) as i32 - 8) as f32;
+                }
+                for (j, (v, &q)) in hi.iter_mut().zip(bytes).enumerate() {
+                    *v = scales[half + j] * ((q >> 4) as i32 - 8) as f32;
+                }
+            }
+        }
+    }
+
+    /// Encodes and decodes a row: the values a cache in this format holds.
+    pub fn round_trip(&self, x: &[f32]) -> Vec<f32> {
+        let mut bytes = Vec::with_capacity(self.row_bytes(x.len()));
+        self.encode(x, &mut bytes);
+        let mut out = vec![0f32; x.len()];
+        self.decode(&bytes, &mut out);
+        out
+    }
+}
+
+/// llama.cpp's `quantize_row_q8_0_ref` for one block.
+fn encode_q8_0(x: &[f32], out: &mut Vec<u8>) {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    out.extend(f16::from_f32(d).to_le_bytes());
+    out.extend(x.iter().map(|v| (v * id).round() as i8 as u8));
+}
+
+/// llama.cpp's `quantize_row_q4_0_ref` for one block.
+fn encode_q4_0(x: &[f32], out: &mut Vec<u8>) {
+    let (mut amax, mut max) = (0f32, 0f32);
+    for &v in x {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    let d = max / -8.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    out.extend(f16::from_f32(d).to_le_bytes());
+    let code = |v: f32| ((v * id + 8.5) as i8).clamp(0, 15) as u8;
+    let half = x.len().div_ceil(2);
+    for j in 0..half {
+        let hi = x.get(j + half).map_or(8, |&v| code(v));
+        out.push(code(x[j]) | (hi << 4));
+    }
+}
+
+/// Rows of `dim` values packed one after another in one format; `f32` rows
+/// stay `f32` so the lossless path reads them without decoding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PackedRows {
+    codec: RowCodec,
+    dim: usize,
+    rows: usize,
+    data: RowData,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum RowData {
+    F32(Vec<f32>),
+    Bytes { bytes: Vec<u8>, row_bytes: usize },
+}
+
+impl PackedRows {
+    pub fn new(codec: RowCodec, dim: usize) -> Self {
+        let data = if codec.is_f32() {
+            RowData::F32(Vec::new())
+        } else {
+            RowData::Bytes {
+                bytes: Vec::new(),
+                row_bytes: codec.row_bytes(dim),
+            }
+        };
+        Self {
+            codec,
+            dim,
+            rows: 0,
+            data,
+        }
+    }
+
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
+    pub fn codec(&self) -> &RowCodec {
+        &self.codec
+    }
+
+    /// Appends rows.
+    ///
+    /// # Shapes
+    /// - `x`: `[n, dim]` row-major (a partial row is ignored)
+    pub fn push(&mut self, x: &[f32]) {
+        if self.dim == 0 {
+            return;
+        }
+        let n = x.len() / self.dim;
+        match &mut self.data {
+            RowData::F32(v) => v.extend_from_slice(&x[..n * self.dim]),
+            RowData::Bytes { bytes, .. } => {
+                for row in x.chunks_exact(self.dim) {
+                    self.codec.encode(row, bytes);
+                }
+            }
+        }
+        self.rows += n;
+    }
+
+    /// Appends the rows of `other`, which has the same codec and width.
+    pub fn append(&mut self, other: &PackedRows) {
+        debug_assert!(self.codec == other.codec && self.dim == other.dim);
+        match (&mut self.data, &other.data) {
+            (RowData::F32(a), RowData::F32(b)) => a.extend_from_slice(b),
+            (RowData::Bytes { bytes: a, .. }, RowData::Bytes { bytes: b, .. }) => {
+                a.extend_from_slice(b)
+            }
+            _ => return,
+        }
+        self.rows += other.rows;
+    }
+
+    /// Row `i`: borrowed for `f32` storage, else decoded into `buf`
+    /// (`[dim]` at least).
+    #[inline]
+    pub fn row<'a>(&'a self, i: usize, buf: &'a mut [f32]) -> &'a [f32] {
+        let d = self.dim;
+        match &self.data {
+            RowData::F32(v) => &v[i * d..(i + 1) * d],
+            RowData::Bytes { bytes, row_bytes } => {
+                let out = &mut buf[..d];
+                self.codec
+                    .decode(&bytes[i * row_bytes..(i + 1) * row_bytes], out);
+                out
+            }
+        }
+    }
+
+    /// The `f32` rows themselves, when stored as `f32`.
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        match &self.data {
+            RowData::F32(v) => Some(v),
+            RowData::Bytes { .. } => None,
+        }
+    }
+
+    /// Every row decoded.
+    ///
+    /// # Shapes
+    /// returns `[len, dim]` row-major
+    pub fn to_f32(&self) -> Vec<f32> {
+        if let RowData::F32(v) = &self.data {
+            return v.clone();
+        }
+        let mut out = vec![0f32; self.rows * self.dim];
+        let mut buf = vec![0f32; self.dim];
+        for (i, o) in out.chunks_exact_mut(self.dim.max(1)).enumerate() {
+            o.copy_from_slice(self.row(i, &mut buf));
+        }
+        out
+    }
+
+    /// The rows `rows`, in that order, without re-encoding.
+    pub fn gather(&self, rows: &[usize]) -> Self {
+        let data = match &self.data {
+            RowData::F32(v) => RowData::F32(
+                rows.iter()
+                    .flat_map(|&i| &v[i * self.dim..(i + 1) * self.dim])
+                    .copied()
+                    .collect(),
+            ),
+            RowData::Bytes { bytes, row_bytes } => RowData::Bytes {
+                bytes: rows
+                    .iter()
+                    .flat_map(|&i| &bytes[i * row_bytes..(i + 1) * row_bytes])
+                    .copied()
+                    .collect(),
+                row_bytes: *row_bytes,
+            },
+        };
+        Self {
+            codec: self.codec.clone(),
+            dim: self.dim,
+            rows: rows.len(),
+            data,
+        }
+    }
+
+    /// Bytes the rows take in their format (scales included).
+    pub fn bytes(&self) -> usize {
+        self.rows * self.codec.row_bytes(self.dim)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn numbers(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn block_sizes_are_llama_cpps() {
+        assert_eq!(KvDtype::Q8_0.row_bytes(64), 68);
+        assert_eq!(KvDtype::Q4_0.row_bytes(64), 36);
+        assert_eq!(KvDtype::F16.row_bytes(64), 128);
+        assert_eq!(KvDtype::F32.row_bytes(64), 256);
+        // a short last block
+        assert_eq!(KvDtype::Q8_0.row_bytes(40), 34 + 10);
+        assert_eq!(KvDtype::Q4_0.row_bytes(41), 18 + 2 + 5);
+    }
+
+    #[test]
+    fn q8_0_and_q4_0_follow_llama_cpps_reference_on_a_worked_block() {
+        // values 0..32 scaled: q8_0 has d = 31/127, q4_0 has d = 31 / -8
+        let x: Vec<f32> = (0..32).map(|i| i as f32).collect();
+        let mut b = Vec::new();
+        encode_q8_0(&x, &mut b);
+        assert_eq!(b.len(), 34);
+        let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+        assert_eq!(d, f16::from_f32(31.0 / 127.0).to_f32());
+        assert_eq!(b[2 + 31] as i8, 127);
+        assert_eq!(b[2 + 1] as i8, (127.0f32 / 31.0).round() as i8);
+        let mut b = Vec::new();
+        encode_q4_0(&x, &mut b);
+        assert_eq!(b.len(), 18);
+        // largest magnitude 31 -> d = -31/8, code of 31 = trunc(-8 + 8.5) = 0,
+        // code of 0 = 8; value 0 low nibble of byte 0, value 16 high nibble
+        assert_eq!(b[2] & 15, 8);
+        assert_eq!(b[2 + 15] >> 4, 0);
+        let mut out = vec![0f32; 32];
+        RowCodec::Plain(KvDtype::Q4_0).decode(&b, &mut out);
+        assert_eq!((out[0], out[31]), (0.0, 31.0));
+    }
+
+    #[test]
+    fn every_format_round_trips_within_its_step() {
+        for n in [64, 40, 7, 33] {
+            let x = numbers(n, n as u64);
+            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (codec, tol) in [
+                (RowCodec::Plain(KvDtype::F32), 0.0),
+                (RowCodec::Plain(KvDtype::F16), amax * 1e-3),
+                (RowCodec::Plain(KvDtype::Bf16), amax * 8e-3),
+                (RowCodec::Plain(KvDtype::Q8_0), amax / 127.0 * 0.51),
+                (RowCodec::Plain(KvDtype::Q4_0), amax / 8.0 * 1.01),
+            ] {
+                let mut bytes = Vec::new();
+                codec.encode(&x, &mut bytes);
+                assert_eq!(bytes.len(), codec.row_bytes(n), "{codec:?} {n}");
+                let y = codec.round_trip(&x);
+                for (a, b) in x.iter().zip(&y) {
+                    assert!((a - b).abs() <= tol, "{codec:?} n={n}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn channel_scales_clip_outliers_and_keep_the_rest_within_a_step() {
+        let stddev = vec![1.0f32, 0.5, 0.25, 2.0, 1.0];
+        for dtype in [LatentDtype::Int8, LatentDtype::Int4] {
+            let c = RowCodec::latent(dtype, LatentScales::Channel, &stddev).unwrap();
+            let RowCodec::Channel { scales, .. } = &c else {
+                panic!("channel codec")
+            };
+            let x = [0.3f32, -0.2, 0.1, 1.5, 100.0];
+            let y = c.round_trip(&x);
+            for j in 0..4 {
+                assert!((x[j] - y[j]).abs() <= scales[j] * 0.51, "{dtype} {j}");
+            }
+            // the outlier is clipped to the largest code
+            assert!(y[4] < 100.0 && y[4] > 0.0);
+            assert_eq!(c.row_bytes(5), if dtype == LatentDtype::Int4 { 3 } else { 5 });
+        }
+        assert!(RowCodec::latent(LatentDtype::Int4, LatentScales::Channel, &[f32::NAN]).is_err());
+    }
+
+    #[test]
+    fn packed_rows_gather_and_decode_what_was_pushed() {
+        let (dim, n) = (40, 6);
+        let x = numbers(dim * n, 9);
+        for dtype in KvDtype::ALL {
+            let codec = RowCodec::Plain(dtype);
+            let mut rows = PackedRows::new(codec.clone(), dim);
+            rows.push(&x[..dim * 2]);
+            rows.push(&x[dim * 2..]);
+            assert_eq!(rows.len(), n);
+            assert_eq!(rows.bytes(), n * dtype.row_bytes(dim));
+            let all = rows.to_f32();
+            let mut buf = vec![0f32; dim];
+            for i in 0..n {
+                let want = codec.round_trip(&x[i * dim..(i + 1) * dim]);
+                assert_eq!(rows.row(i, &mut buf), &want[..]);
+                assert_eq!(&all[i * dim..(i + 1) * dim], &want[..]);
+            }
+            let g = rows.gather(&[4, 1]);
+            assert_eq!(g.len(), 2);
+            assert_eq!(g.row(0, &mut buf).to_vec(), rows.row(4, &mut vec![0.0; dim]));
+            if dtype.is_lossless() {
+                assert_eq!(all, x);
+            }
+        }
+    }
+
+    #[test]
+    fn names_parse_back() {
+        for d in KvDtype::ALL {
+            assert_eq!(d.to_string().parse::<KvDtype>().unwrap(), d);
+            let json = serde_json::to_string(&d).unwrap();
+            assert_eq!(json, format!("\"{d}\""));
+        }
+        assert!("q5_0".parse::<KvDtype>().is_err());
+        assert_eq!("int4".parse::<LatentDtype>().unwrap(), LatentDtype::Int4);
+        assert_eq!("channel".parse::<LatentScales>().unwrap(), LatentScales::Channel);
+    }
+}
