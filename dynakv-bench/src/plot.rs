@@ -68,6 +68,41 @@ pub fn quality_plot(
     )
 }
 
+/// Quality against KV bytes per token as a fraction of an f16 dense cache's,
+/// on a log axis (the frontier spans 3% to 200%).
+pub fn bytes_plot(
+    path: &Path,
+    title: &str,
+    y_label: &str,
+    caption: &str,
+    series: &[Series],
+    log_y: bool,
+) -> Result<(), String> {
+    let xs = series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.0))
+        .filter(|x| x.is_finite() && *x > 0.0);
+    let (lo, hi) = xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
+        (a.min(x), b.max(x))
+    });
+    if !lo.is_finite() {
+        return Err("nothing to plot".into());
+    }
+    draw_plot(
+        path,
+        title,
+        (
+            "KV bytes per token, fraction of an f16 dense cache (log)",
+            lo * 0.8,
+            hi * 1.25,
+        ),
+        y_label,
+        caption,
+        series,
+        (true, log_y),
+    )
+}
+
 /// Writes a line plot as SVG at `path` and as PNG beside it (same stem),
 /// each atomically (temp file, then rename).
 ///
@@ -80,6 +115,19 @@ pub fn line_plot(
     caption: &str,
     series: &[Series],
     log_y: bool,
+) -> Result<(), String> {
+    draw_plot(path, title, x, y_label, caption, series, (false, log_y))
+}
+
+/// [`line_plot`] with a choice of log axes `(x, y)`.
+fn draw_plot(
+    path: &Path,
+    title: &str,
+    x: (&str, f64, f64),
+    y_label: &str,
+    caption: &str,
+    series: &[Series],
+    (log_x, log_y): (bool, bool),
 ) -> Result<(), String> {
     let (x_label, x_lo, x_hi) = x;
     let ys: Vec<f64> = series
@@ -110,6 +158,7 @@ pub fn line_plot(
         y: (y_label, lo, hi),
         caption,
         series,
+        log_x,
         log_y,
     };
     write_atomic(path, |tmp| {
@@ -153,6 +202,7 @@ struct Plot<'a> {
     y: (&'a str, f64, f64),
     caption: &'a str,
     series: &'a [Series],
+    log_x: bool,
     log_y: bool,
 }
 
@@ -213,14 +263,19 @@ impl Plot<'_> {
                     .map_err(|x| e(&x))?;
             }};
         }
-        if self.log_y {
-            body!(builder
+        match (self.log_x, self.log_y) {
+            (false, true) => body!(builder
                 .build_cartesian_2d(x_lo..x_hi, (lo..hi).log_scale())
-                .map_err(|x| e(&x))?);
-        } else {
-            body!(builder
+                .map_err(|x| e(&x))?),
+            (false, false) => body!(builder
                 .build_cartesian_2d(x_lo..x_hi, lo..hi)
-                .map_err(|x| e(&x))?);
+                .map_err(|x| e(&x))?),
+            (true, true) => body!(builder
+                .build_cartesian_2d((x_lo..x_hi).log_scale(), (lo..hi).log_scale())
+                .map_err(|x| e(&x))?),
+            (true, false) => body!(builder
+                .build_cartesian_2d((x_lo..x_hi).log_scale(), lo..hi)
+                .map_err(|x| e(&x))?),
         }
         root.present().map_err(|x| e(&x))
     }
@@ -264,6 +319,9 @@ mod tests {
         // text was drawn: the caption's strip is not blank
         assert!(png.len() > 10_000, "{} bytes", png.len());
         assert!(quality_plot(&path, "t", "y", "c", &[], false).is_err());
+        let bytes = dir.join("b.svg");
+        bytes_plot(&bytes, "PPL", "PPL ratio", "c", &series, false).unwrap();
+        assert!(std::fs::read_to_string(&bytes).unwrap().contains("f16 dense"));
         std::fs::remove_dir_all(&dir).ok();
     }
 }

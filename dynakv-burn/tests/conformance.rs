@@ -38,6 +38,7 @@ const SPECS: &[&str] = &[
     "dense+store:kv=f16",
     "dense+store:kv=bf16",
     "dense+store:k=q8_0,v=q4_0",
+    "dense+store:kv=q4_0,rotate=off",
     "dense+snapkv:kvpress@0.5+store:kv=q4_0",
     "dynakv:energy@0.5+store:latent=f16",
     "dynakv:energy@0.5+store:latent=int8",

@@ -8,7 +8,9 @@ use clap::{Args, ValueEnum};
 use dynakv_burn::dynakv_snapkv::{GqaScores, KeepBudget, SnapKvPreset, SnapKvSpec};
 use dynakv_burn::{AttentionCache, CacheFactory, CacheSpec};
 use dynakv_core::artifact::Artifact;
+use dynakv_burn::cache::Precision;
 use dynakv_core::policy::{EnergyRule, PolicyKind, PolicySpec};
+use dynakv_core::quant::{KvDtype, LatentDtype, LatentScales};
 use dynakv_models::ModelError;
 
 use super::common::Loaded;
@@ -67,6 +69,23 @@ pub struct CacheArgs {
     /// largest score over query heads (ours) instead of the mean.
     #[arg(long)]
     pub snapkv_layer_max: bool,
+    /// Full cache: keys and values stored as f32, f16, bf16, or llama.cpp's
+    /// q8_0 / q4_0 blocks (32 values and an f16 scale).
+    #[arg(long, value_enum, default_value_t = KvDtype::F32)]
+    pub kv_dtype: KvDtype,
+    /// Full cache: keys only (overrides --kv-dtype).
+    #[arg(long, value_enum)]
+    pub k_dtype: Option<KvDtype>,
+    /// Full cache: values only (overrides --kv-dtype).
+    #[arg(long, value_enum)]
+    pub v_dtype: Option<KvDtype>,
+    /// DynaKV: latent coordinates stored as f32, f16, int8 or int4.
+    #[arg(long, value_enum, default_value_t = LatentDtype::F32)]
+    pub latent_dtype: LatentDtype,
+    /// DynaKV integer latents: scales per token and group of 32 (token) or
+    /// per coordinate from calibration (channel).
+    #[arg(long, value_enum, default_value_t = LatentScales::Token)]
+    pub latent_scales: LatentScales,
 }
 
 /// Makes fresh caches of the requested kind.
@@ -88,16 +107,36 @@ impl CacheArgs {
             (false, true) => "/layer",
             _ => "",
         };
-        match (self.snapkv, self.snapkv_capacity) {
+        let label = match (self.snapkv, self.snapkv_capacity) {
             (Some(r), _) => format!("{base}+snapkv/{}{layer}/r{r}", self.snapkv_preset),
             (_, Some(c)) => format!("{base}+snapkv/{}{layer}/c{c}", self.snapkv_preset),
             _ => base,
+        };
+        let p = self.precision();
+        if p.is_default() {
+            label
+        } else {
+            format!("{label}+store:{p}")
+        }
+    }
+
+    /// The storage precisions the flags ask for (not yet checked against
+    /// the cache kind: [`CacheArgs::spec`] does).
+    pub fn precision(&self) -> Precision {
+        Precision {
+            k: self.k_dtype.unwrap_or(self.kv_dtype),
+            v: self.v_dtype.unwrap_or(self.kv_dtype),
+            latent: self.latent_dtype,
+            scales: self.latent_scales,
         }
     }
 
     /// The uncompressed cache, without SnapKV.
     pub fn is_full(&self) -> bool {
-        self.cache == CacheKind::Full && self.snapkv.is_none() && self.snapkv_capacity.is_none()
+        self.cache == CacheKind::Full
+            && self.snapkv.is_none()
+            && self.snapkv_capacity.is_none()
+            && self.precision().is_default()
     }
 
     /// What the flags ask for, validated (before any model is loaded).
@@ -131,8 +170,11 @@ impl CacheArgs {
                 budget,
                 gqa,
             }),
+            precision: self.precision(),
         };
-        spec.validate()?;
+        spec.validate().map_err(|e| {
+            anyhow::anyhow!("{e} (--kv-dtype/--k-dtype/--v-dtype apply to --cache full, --latent-dtype/--latent-scales to --cache dynakv)")
+        })?;
         Ok(spec)
     }
 

@@ -175,12 +175,14 @@ fn ppl(a: PplArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&v)?);
     } else {
         println!(
-            "{}: PPL {:.4}, retained {:.4}, {:.1} MB of {:.1} MB dense  ({} predicted tokens, {} windows of {}, {} docs)",
+            "{}: PPL {:.4}, retained {:.4}, {:.2} MB ({:.1}% of an f16 dense cache per token, {:.1} B/token; f16 dense {:.2} MB)  ({} predicted tokens, {} windows of {}, {} docs)",
             a.cache.label(),
             r.ppl,
             r.retained,
-            r.bytes / 1e6,
-            r.bytes_full / 1e6,
+            r.bytes.bytes / 1e6,
+            100.0 * r.bytes.kv_fraction_f16,
+            r.bytes.kv_bytes_per_token,
+            r.bytes.bytes_f16_dense / 1e6,
             r.tokens,
             r.windows,
             r.ctx,

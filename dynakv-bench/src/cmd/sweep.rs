@@ -11,11 +11,12 @@ use clap::Args;
 use dynakv_bench::eval::fidelity::fidelity;
 use dynakv_bench::eval::longctx_suite::{kept_cells, summarize, SuiteSpec};
 use dynakv_bench::eval::ppl::perplexity;
-use dynakv_bench::plot::{quality_plot, Series};
+use dynakv_bench::plot::{bytes_plot, Series};
 use dynakv_bench::text::{brown_docs, document_tokens};
 use dynakv_burn::dynakv_snapkv::SnapKvPreset;
 use dynakv_core::artifact::Artifact;
 use dynakv_core::policy::{EnergyRule, PolicyKind};
+use dynakv_core::quant::{KvDtype, LatentDtype, LatentScales};
 use dynakv_models::corpus::Split;
 use serde_json::{json, Value};
 
@@ -92,6 +93,32 @@ pub struct SweepArgs {
     /// Full-cache long-context outcomes: read if present, else written.
     #[arg(long)]
     pub longctx_full: Option<PathBuf>,
+    /// Storage of the full-cache and SnapKV-alone cells: dtypes for keys and
+    /// values (`q8_0`) or keys/values (`q8_0/q4_0`); the f32 full cache is
+    /// always the reference cell.
+    #[arg(long, default_value = "f32")]
+    pub kv_dtypes: String,
+    /// Storage of DynaKV cells' latents (f32, f16, int8, int4).
+    #[arg(long, default_value = "f32")]
+    pub latent_dtypes: String,
+    /// Scales of integer latents.
+    #[arg(long, value_enum, default_value_t = LatentScales::Token)]
+    pub latent_scales: LatentScales,
+}
+
+/// `K` or `K/V` dtypes.
+fn kv_pairs(s: &str) -> Result<Vec<(KvDtype, KvDtype)>> {
+    s.split(',')
+        .filter(|x| !x.trim().is_empty())
+        .map(|x| {
+            let (k, v) = x.trim().split_once('/').unwrap_or((x.trim(), x.trim()));
+            let parse = |d: &str| {
+                d.parse::<KvDtype>()
+                    .map_err(|e| anyhow::anyhow!("bad --kv-dtypes entry `{x}`: {e}"))
+            };
+            Ok((parse(k)?, parse(v)?))
+        })
+        .collect()
 }
 
 impl SweepArgs {
@@ -116,7 +143,12 @@ fn cache(
     policy: PolicyKind,
     budget: f64,
     snapkv: Option<f64>,
+    store: Store,
 ) -> CacheArgs {
+    let (kv, latent) = match store {
+        Store::Kv(k, v) => ((k, v), LatentDtype::F32),
+        Store::Latent(l) => ((KvDtype::F32, KvDtype::F32), l),
+    };
     CacheArgs {
         cache: kind,
         artifact: artifact.map(Path::to_path_buf),
@@ -131,23 +163,69 @@ fn cache(
         snapkv_preset: a.snapkv_preset,
         snapkv_per_layer: false,
         snapkv_layer_max: a.snapkv_layer_max,
+        kv_dtype: kv.0,
+        k_dtype: None,
+        v_dtype: Some(kv.1),
+        latent_dtype: latent,
+        latent_scales: match latent {
+            LatentDtype::Int8 | LatentDtype::Int4 => a.latent_scales,
+            _ => LatentScales::Token,
+        },
+    }
+}
+
+/// A cell's storage: dense K/V dtypes or DynaKV's latent dtype.
+#[derive(Debug, Clone, Copy)]
+enum Store {
+    Kv(KvDtype, KvDtype),
+    Latent(LatentDtype),
+}
+
+impl Store {
+    /// `""` for f32, else `/kv=q8_0`, `/k=q8_0,v=q4_0`, `/latent=int4`.
+    fn suffix(self) -> String {
+        match self {
+            Self::Kv(KvDtype::F32, KvDtype::F32) | Self::Latent(LatentDtype::F32) => String::new(),
+            Self::Kv(k, v) if k == v => format!("/kv={k}"),
+            Self::Kv(k, v) => format!("/k={k},v={v}"),
+            Self::Latent(l) => format!("/latent={l}"),
+        }
     }
 }
 
 /// `(label, plot family, cache)` of every cell, the full cache first.
 fn cells(a: &SweepArgs) -> Result<Vec<(String, String, CacheArgs)>> {
     let snaps: Vec<f64> = parse_list(&a.snapkv, "SnapKV ratio")?;
+    let f32s = Store::Kv(KvDtype::F32, KvDtype::F32);
     let mut out = vec![(
         "full".to_string(),
         "full".to_string(),
-        cache(a, CacheKind::Full, None, PolicyKind::Energy, 1.0, None),
+        cache(a, CacheKind::Full, None, PolicyKind::Energy, 1.0, None, f32s),
     )];
-    for &r in &snaps {
-        out.push((
-            format!("snapkv/{r}"),
-            "snapkv".into(),
-            cache(a, CacheKind::Full, None, PolicyKind::Energy, 1.0, Some(r)),
-        ));
+    let kvs: Vec<Store> = kv_pairs(&a.kv_dtypes)?
+        .into_iter()
+        .map(|(k, v)| Store::Kv(k, v))
+        .collect();
+    let latents: Vec<Store> = parse_list::<LatentDtype>(&a.latent_dtypes, "latent dtype")?
+        .into_iter()
+        .map(Store::Latent)
+        .collect();
+    for &st in &kvs {
+        let sfx = st.suffix();
+        if !sfx.is_empty() {
+            out.push((
+                format!("full{sfx}"),
+                "full (dtypes)".into(),
+                cache(a, CacheKind::Full, None, PolicyKind::Energy, 1.0, None, st),
+            ));
+        }
+        for &r in &snaps {
+            out.push((
+                format!("snapkv/{r}{sfx}"),
+                format!("snapkv{sfx}"),
+                cache(a, CacheKind::Full, None, PolicyKind::Energy, 1.0, Some(r), st),
+            ));
+        }
     }
     let mut dyna = Vec::new();
     for &p in &a.policies {
@@ -164,17 +242,20 @@ fn cells(a: &SweepArgs) -> Result<Vec<(String, String, CacheArgs)>> {
         dyna.push((PolicyKind::Router, r.clone(), info.target));
     }
     for (p, art, b) in dyna {
-        out.push((
-            format!("{p}/{b}"),
-            p.to_string(),
-            cache(a, CacheKind::Dynakv, Some(&art), p, b, None),
-        ));
-        for &r in &snaps {
+        for &st in &latents {
+            let sfx = st.suffix();
             out.push((
-                format!("snapkv/{r}+{p}/{b}"),
-                format!("snapkv/{r}+{p}"),
-                cache(a, CacheKind::Dynakv, Some(&art), p, b, Some(r)),
+                format!("{p}/{b}{sfx}"),
+                format!("{p}{sfx}"),
+                cache(a, CacheKind::Dynakv, Some(&art), p, b, None, st),
             ));
+            for &r in &snaps {
+                out.push((
+                    format!("snapkv/{r}+{p}/{b}{sfx}"),
+                    format!("snapkv/{r}+{p}{sfx}"),
+                    cache(a, CacheKind::Dynakv, Some(&art), p, b, Some(r), st),
+                ));
+            }
         }
     }
     Ok(out)
@@ -237,8 +318,12 @@ pub fn run(a: SweepArgs) -> Result<()> {
             "tokens": p.report.tokens,
             "retained": p.report.retained,
             "retained_prefill": p.report.retained_prefill,
-            "bytes": p.report.bytes,
-            "bytes_full": p.report.bytes_full,
+            "bytes": p.report.bytes.bytes,
+            "fixed_bytes": p.report.bytes.fixed_bytes,
+            "kv_bytes_per_token": p.report.bytes.kv_bytes_per_token,
+            "bytes_f16_dense": p.report.bytes.bytes_f16_dense,
+            "kv_fraction_f16": p.report.bytes.kv_fraction_f16,
+            "bytes_full": p.report.bytes.bytes_full,
             "ctx": a.ctx,
             "windows": a.windows,
             "score_last": a.score_last,
@@ -290,12 +375,14 @@ pub fn run(a: SweepArgs) -> Result<()> {
         .find(|v| v["label"] == "full")
         .and_then(|v| v["ppl"].as_f64())
         .context("no full-cache cell")?;
-    let x = |v: &Value| {
+    let retained = |v: &Value| {
         v["retained_prefill"]
             .as_f64()
             .or(v["retained"].as_f64())
             .unwrap_or(f64::NAN)
     };
+    // Plots: quality against KV bytes per token, as a fraction of f16 dense.
+    let x = |v: &Value| v["kv_fraction_f16"].as_f64().unwrap_or(f64::NAN);
     let series_of = |metric: &dyn Fn(&Value) -> Option<f64>| -> Vec<Series> {
         let mut out: Vec<Series> = Vec::new();
         for v in done.iter().filter(|v| v["label"] != "full") {
@@ -311,15 +398,18 @@ pub fn run(a: SweepArgs) -> Result<()> {
         }
         out
     };
-    println!("| cell | retained | PPL | ratio | KL mean | top-1 | long-context | true MB |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "| cell | retained | KV bytes / f16 dense | PPL | ratio | KL mean | top-1 | long-context | true MB |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
     for v in &done {
         let ppl = v["ppl"].as_f64().unwrap_or(f64::NAN);
         let opt = |k: &str| v[k].as_f64().map_or("–".to_string(), |x| format!("{x:.4}"));
         println!(
-            "| {} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {:.1} |",
+            "| {} | {:.3} | {:.2}% | {:.3} | {:.3} | {} | {} | {} | {:.2} |",
             v["label"].as_str().unwrap_or("?"),
-            x(v),
+            retained(v),
+            100.0 * x(v),
             ppl,
             ppl / full,
             opt("kl_mean"),
@@ -330,7 +420,7 @@ pub fn run(a: SweepArgs) -> Result<()> {
     }
     if let Some(path) = &a.plot {
         let ratio = series_of(&|v| v["ppl"].as_f64().map(|p| p / full));
-        quality_plot(
+        bytes_plot(
             path,
             "Brown eval: perplexity against KV memory",
             "PPL ratio to the full cache",
@@ -341,7 +431,7 @@ pub fn run(a: SweepArgs) -> Result<()> {
         .map_err(anyhow::Error::msg)?;
         if done.iter().any(|v| v["longctx_relative"].is_number()) {
             let lc = series_of(&|v| v["longctx_relative"].as_f64());
-            quality_plot(
+            bytes_plot(
                 &sibling(path, "longctx"),
                 "Long-context retrieval (Brown eval haystacks) against KV memory",
                 "score as a fraction of the full cache's",
@@ -353,7 +443,7 @@ pub fn run(a: SweepArgs) -> Result<()> {
         }
         if a.fidelity {
             let kl = series_of(&|v| v["kl_mean"].as_f64());
-            quality_plot(
+            bytes_plot(
                 &sibling(path, "kl"),
                 "Brown eval: KL(full || cache) against KV memory",
                 "mean KL, nats",

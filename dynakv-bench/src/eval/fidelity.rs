@@ -8,6 +8,7 @@ use dynakv_burn::AttentionCache;
 use dynakv_models::{LlamaModel, ModelError};
 use serde::Serialize;
 
+use super::bytes::{ByteAccumulator, ByteReport};
 use super::ppl::{checked_windows, window_logits};
 
 /// What `dynakv eval fidelity --json` prints.
@@ -28,8 +29,8 @@ pub struct FidelityReport {
     /// of a window; at the compression point with `score_last`.
     pub retained: f64,
     pub retained_prefill: Option<f64>,
-    pub bytes: f64,
-    pub bytes_full: f64,
+    #[serde(flatten)]
+    pub bytes: ByteReport,
 }
 
 /// Per-row KL(p ‖ q) of two logit matrices.
@@ -78,7 +79,7 @@ pub fn fidelity(
 ) -> Result<FidelityReport, ModelError> {
     let wins = checked_windows(model, ids, ctx, max_windows, score_last)?;
     let (mut kls, mut agree) = (Vec::new(), 0usize);
-    let (mut retained, mut at_prefill, mut bytes, mut bytes_full) = (0f64, 0f64, 0f64, 0f64);
+    let (mut retained, mut at_prefill, mut bytes) = (0f64, 0f64, ByteAccumulator::default());
     for (i, w) in wins.iter().enumerate() {
         let _span = tracing::info_span!("fidelity window", i).entered();
         let mut full = make_full()?;
@@ -97,8 +98,7 @@ pub fn fidelity(
         let f = cache.footprint();
         retained += f.retained();
         at_prefill += prefill.unwrap_or(0.0);
-        bytes += f.bytes() as f64;
-        bytes_full += f.bytes_full() as f64;
+        bytes.add(&f);
         on_window(i + 1, wins.len());
     }
     let k = wins.len() as f64;
@@ -114,8 +114,7 @@ pub fn fidelity(
         score_last,
         retained: retained / k,
         retained_prefill: score_last.map(|_| at_prefill / k),
-        bytes: bytes / k,
-        bytes_full: bytes_full / k,
+        bytes: bytes.mean(),
     })
 }
 

@@ -1,5 +1,6 @@
 //! Evaluation commands' logic.
 
+pub mod bytes;
 pub mod fidelity;
 pub mod longctx;
 pub mod longctx_suite;

@@ -13,6 +13,8 @@ use dynakv_burn::AttentionCache;
 use dynakv_models::{LlamaModel, ModelError};
 use serde::Serialize;
 
+use super::bytes::{ByteAccumulator, ByteReport};
+
 /// The result `dynakv eval ppl --json` prints.
 #[derive(Debug, Clone, Serialize)]
 pub struct PplReport {
@@ -24,10 +26,9 @@ pub struct PplReport {
     pub ctx: usize,
     /// Tokens in the stream before windowing.
     pub input_tokens: usize,
-    /// Mean true bytes of the cache at the end of a window (values, metadata, fixed).
-    pub bytes: f64,
-    /// Bytes of the dense cache on the same tokens.
-    pub bytes_full: f64,
+    /// Mean bytes of the cache at the end of a window.
+    #[serde(flatten)]
+    pub bytes: ByteReport,
     /// Paper-comparable retained fraction (stored numbers over dense numbers).
     pub retained: f64,
     /// Tokens scored at the end of each window after a separate prefill.
@@ -137,7 +138,7 @@ pub fn perplexity(
 ) -> Result<PplDetail, ModelError> {
     let wins = checked_windows(model, ids, ctx, max_windows, score_last)?;
     let (mut sum, mut n) = (0f64, 0usize);
-    let (mut bytes, mut bytes_full, mut retained, mut at_prefill) = (0f64, 0f64, 0f64, 0f64);
+    let (mut bytes, mut retained, mut at_prefill) = (ByteAccumulator::default(), 0f64, 0f64);
     let mut all_nll = Vec::new();
     let mut all_top1 = Vec::new();
     for (i, w) in wins.iter().enumerate() {
@@ -147,8 +148,7 @@ pub fn perplexity(
         at_prefill += prefill.unwrap_or(0.0);
         let (nll, top1) = dynakv_models::llama::nll_and_top1(logits, &w[first_target..]);
         let f = cache.footprint();
-        bytes += f.bytes() as f64;
-        bytes_full += f.bytes_full() as f64;
+        bytes.add(&f);
         retained += f.retained();
         sum += nll.iter().map(|&x| x as f64).sum::<f64>();
         n += nll.len();
@@ -166,8 +166,7 @@ pub fn perplexity(
             windows: wins.len(),
             ctx,
             input_tokens: ids.len(),
-            bytes: bytes / k,
-            bytes_full: bytes_full / k,
+            bytes: bytes.mean(),
             retained: retained / k,
             score_last,
             retained_prefill: score_last.map(|_| at_prefill / k),

@@ -2,7 +2,7 @@
 
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use dynakv_core::budget::CacheFootprint;
-use dynakv_core::quant::{PackedRows, RowCodec};
+use dynakv_core::quant::{hadamard_rows, PackedRows, RowCodec};
 
 use super::precision::round_trip;
 use super::{
@@ -98,23 +98,40 @@ impl Kv {
         }
     }
 
-    /// The keys and values as tensors (an upload for host storage).
+    /// The keys and values as tensors (an upload for host storage, rows
+    /// rotated back where `rotated` says they were stored rotated).
     ///
     /// # Shapes
     /// returns `[1, H_kv, S, D]` twice (`[B, ..]` for device storage).
-    fn tensors(&self, head_dim: usize, device: &Device) -> (Tensor<4>, Tensor<4>) {
+    fn tensors(
+        &self,
+        head_dim: usize,
+        rotated: [bool; 2],
+        device: &Device,
+    ) -> (Tensor<4>, Tensor<4>) {
         match self {
             Self::Device { k, v } => ((**k).clone(), (**v).clone()),
             Self::Host { k, v } => {
-                let up = |heads: &Vec<PackedRows>| {
+                let up = |heads: &Vec<PackedRows>, rotated: bool| {
                     let s = heads.first().map_or(0, PackedRows::len);
-                    let data: Vec<f32> = heads.iter().flat_map(PackedRows::to_f32).collect();
+                    let mut data: Vec<f32> = heads.iter().flat_map(PackedRows::to_f32).collect();
+                    if rotated {
+                        hadamard_rows(&mut data, head_dim);
+                    }
                     Tensor::from_data(TensorData::new(data, [1, heads.len(), s, head_dim]), device)
                 };
-                (up(k), up(v))
+                (up(k, rotated[0]), up(v, rotated[1]))
             }
         }
     }
+}
+
+/// New keys and values as a store takes them.
+enum NewKv {
+    /// `[H_kv * T * D]` rows each, rotated where the precision says.
+    Host(Vec<f32>, Vec<f32>),
+    /// `[B, H_kv, T, D]` each, the values the format keeps.
+    Device(Tensor<4>, Tensor<4>),
 }
 
 /// One layer's stored tokens.
@@ -145,10 +162,31 @@ pub struct DenseCache {
     storage: KvStorage,
     /// Row codecs of keys and values.
     codecs: [RowCodec; 2],
+    /// Keys, values stored Hadamard-rotated ([`Precision::rotates`]).
+    rotate: [bool; 2],
     layers: Vec<LayerStore>,
 }
 
 impl DenseCache {
+    /// Host rows of new keys (`kind` 0) or values (1) as they are stored:
+    /// rotated when the precision says so.
+    ///
+    /// # Shapes
+    /// - `x`: `[1, H_kv, T, D]`; returns `[H_kv * T * D]`
+    fn host_rows_stored(&self, x: &Tensor<4>, kind: usize) -> Result<Vec<f32>, CacheError> {
+        let mut rows = host_rows(x)?;
+        if self.rotate[kind] {
+            hadamard_rows(&mut rows, self.geometry.head_dim);
+        }
+        Ok(rows)
+    }
+
+    /// New keys or values as device storage holds them: the values the
+    /// format keeps, decoded (and rotated back).
+    fn device_stored(&self, x: Tensor<4>, kind: usize) -> Result<Tensor<4>, CacheError> {
+        round_trip(x, &self.codecs[kind], self.rotate[kind])
+    }
+
     /// Storage as [`KvStorage::for_device`] picks for the RoPE tables' device.
     pub fn new(geometry: CacheGeometry, rope: Rope) -> Result<Self, CacheError> {
         let storage = KvStorage::for_device(&rope.device());
@@ -184,6 +222,7 @@ impl DenseCache {
             rope,
             storage,
             codecs: [RowCodec::Plain(precision.k), RowCodec::Plain(precision.v)],
+            rotate: precision.rotates(),
             layers: vec![LayerStore::default(); geometry.n_layers],
         })
     }
@@ -206,9 +245,11 @@ impl DenseCache {
             StoredPositions::Shared(p) => vec![p.clone(); self.geometry.n_kv_heads],
             StoredPositions::PerHead(p) => p.clone(),
         };
-        let (k, v) =
-            l.kv.as_ref()?
-                .tensors(self.geometry.head_dim, &self.rope.device());
+        let (k, v) = l.kv.as_ref()?.tensors(
+            self.geometry.head_dim,
+            self.rotate,
+            &self.rope.device(),
+        );
         Some((k, v, positions))
     }
 }
@@ -326,49 +367,48 @@ impl AttentionCache for DenseCache {
             self.geometry.head_dim,
             positions.len(),
         );
+        // Host rows or device tensors as stored, computed before the store
+        // changes (an error leaves it as it was).
+        let host = match &self.layers[layer].kv {
+            Some(kv) => matches!(kv, Kv::Host { .. }),
+            None => self.storage == KvStorage::Host,
+        };
+        let new = if host {
+            if k.dims()[0] != 1 {
+                return Err(CacheError::Config(
+                    "DenseCache with host storage supports batch size 1".into(),
+                ));
+            }
+            NewKv::Host(self.host_rows_stored(&k, 0)?, self.host_rows_stored(&v, 1)?)
+        } else {
+            NewKv::Device(self.device_stored(k, 0)?, self.device_stored(v, 1)?)
+        };
+        let codecs = self.codecs.clone();
         let store = &mut self.layers[layer];
-        store.kv = Some(match (store.kv.take(), self.storage) {
-            (
-                Some(Kv::Host {
-                    k: mut ks,
-                    v: mut vs,
-                }),
-                _,
-            ) => {
-                let (hk_rows, hv_rows) = (host_rows(&k)?, host_rows(&v)?);
+        store.kv = Some(match new {
+            NewKv::Host(k_rows, v_rows) => {
+                let (mut ks, mut vs) = match store.kv.take() {
+                    Some(Kv::Host { k, v }) => (k, v),
+                    _ => {
+                        let empty = |c: &RowCodec| vec![PackedRows::new(c.clone(), dh); hk];
+                        (empty(&codecs[0]), empty(&codecs[1]))
+                    }
+                };
                 for h in 0..hk {
-                    ks[h].push(&hk_rows[h * t * dh..(h + 1) * t * dh]);
-                    vs[h].push(&hv_rows[h * t * dh..(h + 1) * t * dh]);
+                    ks[h].push(&k_rows[h * t * dh..(h + 1) * t * dh]);
+                    vs[h].push(&v_rows[h * t * dh..(h + 1) * t * dh]);
                 }
                 Kv::Host { k: ks, v: vs }
             }
-            (None, KvStorage::Host) => {
-                if k.dims()[0] != 1 {
-                    return Err(CacheError::Config(
-                        "DenseCache with host storage supports batch size 1".into(),
-                    ));
-                }
-                let split = |rows: Vec<f32>, codec: &RowCodec| -> Vec<PackedRows> {
-                    rows.chunks(t * dh)
-                        .map(|head| {
-                            let mut r = PackedRows::new(codec.clone(), dh);
-                            r.push(head);
-                            r
-                        })
-                        .collect()
-                };
-                Kv::Host {
-                    k: split(host_rows(&k)?, &self.codecs[0]),
-                    v: split(host_rows(&v)?, &self.codecs[1]),
-                }
-            }
-            (Some(Kv::Device { k: old_k, v: old_v }), _) => Kv::Device {
-                k: Box::new(Tensor::cat(vec![*old_k, round_trip(k, &self.codecs[0])?], 2)),
-                v: Box::new(Tensor::cat(vec![*old_v, round_trip(v, &self.codecs[1])?], 2)),
-            },
-            (None, KvStorage::Device) => Kv::Device {
-                k: Box::new(round_trip(k, &self.codecs[0])?),
-                v: Box::new(round_trip(v, &self.codecs[1])?),
+            NewKv::Device(k, v) => match store.kv.take() {
+                Some(Kv::Device { k: old_k, v: old_v }) => Kv::Device {
+                    k: Box::new(Tensor::cat(vec![*old_k, k], 2)),
+                    v: Box::new(Tensor::cat(vec![*old_v, v], 2)),
+                },
+                _ => Kv::Device {
+                    k: Box::new(k),
+                    v: Box::new(v),
+                },
             },
         });
         store.positions.extend(positions);
@@ -410,19 +450,25 @@ impl AttentionCache for DenseCache {
                 })
                 .collect();
             let device = q_rot.device();
-            let q = host_rows(&q_rot)?;
+            let mut q = host_rows(&q_rot)?;
+            if self.rotate[0] {
+                hadamard_rows(&mut q, dh);
+            }
             let heads = Heads {
                 n_heads: h,
                 n_kv_heads: g.n_kv_heads,
                 head_dim: dh,
             };
-            let out = dense_decode::attend(heads, &q, positions, &views);
+            let mut out = dense_decode::attend(heads, &q, positions, &views);
+            if self.rotate[1] {
+                hadamard_rows(&mut out, dh);
+            }
             return Ok(Tensor::from_data(
                 TensorData::new(out, [1, h, t, dh]),
                 &device,
             ));
         }
-        let (k, v) = kv.tensors(dh, &q_rot.device());
+        let (k, v) = kv.tensors(dh, self.rotate, &q_rot.device());
         if let StoredPositions::Shared(k_pos) = &store.positions {
             return Ok(causal_attention(q_rot, k, v, positions, k_pos));
         }

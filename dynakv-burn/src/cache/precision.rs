@@ -5,7 +5,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use burn::tensor::{Tensor, TensorData};
-use dynakv_core::quant::{KvDtype, LatentDtype, LatentScales, RowCodec};
+use dynakv_core::quant::{hadamard_rows, KvDtype, LatentDtype, LatentScales, RowCodec};
 use serde::{Deserialize, Serialize};
 
 use super::host_rows;
@@ -14,6 +14,13 @@ use crate::error::CacheError;
 /// Storage precisions of a cache; the default stores everything in f32 (the
 /// exact reference). Written `k=q8_0,v=q4_0` (or `kv=q8_0` for both) for the
 /// dense cache and `latent=int4[,scales=channel]` for DynaKV.
+///
+/// Quantised dense keys and values (q8_0, q4_0) are rotated by a Hadamard
+/// transform along the head dimension before they are stored, queries and
+/// outputs likewise, as llama.cpp does by default since 2026-04 (its
+/// `attn_rot`; `LLAMA_ATTN_ROT_DISABLE=1` turns it off there, `rotate=off`
+/// here). Attention is unchanged in exact arithmetic; outliers no longer
+/// dominate a block's scale.
 ///
 /// ```
 /// use dynakv_burn::cache::Precision;
@@ -24,7 +31,7 @@ use crate::error::CacheError;
 /// assert_eq!(p.to_string(), "kv=q8_0");
 /// assert!("latent=int3".parse::<Precision>().is_err());
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Precision {
     /// The dense cache's keys (RoPE applied).
@@ -35,6 +42,20 @@ pub struct Precision {
     pub latent: LatentDtype,
     /// Where integer latents' scales come from.
     pub scales: LatentScales,
+    /// Hadamard-rotate quantised dense keys and values (llama.cpp's default).
+    pub rotate: bool,
+}
+
+impl Default for Precision {
+    fn default() -> Self {
+        Self {
+            k: KvDtype::F32,
+            v: KvDtype::F32,
+            latent: LatentDtype::F32,
+            scales: LatentScales::Token,
+            rotate: true,
+        }
+    }
 }
 
 impl Precision {
@@ -50,6 +71,13 @@ impl Precision {
     /// Whether anything of the dense cache's is set.
     pub fn sets_dense(&self) -> bool {
         self.k != KvDtype::F32 || self.v != KvDtype::F32
+    }
+
+    /// Whether keys and values are stored Hadamard-rotated: quantised, and
+    /// rotation on.
+    pub fn rotates(&self) -> [bool; 2] {
+        let q = |d: KvDtype| self.rotate && matches!(d, KvDtype::Q8_0 | KvDtype::Q4_0);
+        [q(self.k), q(self.v)]
     }
 
     /// Checks the parts against each other.
@@ -85,6 +113,9 @@ impl fmt::Display for Precision {
         if self.scales != LatentScales::Token {
             parts.push(format!("scales={}", self.scales));
         }
+        if !self.rotate {
+            parts.push("rotate=off".into());
+        }
         if parts.is_empty() {
             parts.push("kv=f32".into());
         }
@@ -111,9 +142,20 @@ impl FromStr for Precision {
                 }
                 "latent" => p.latent = value.parse()?,
                 "scales" => p.scales = value.parse()?,
+                "rotate" => {
+                    p.rotate = match value {
+                        "on" => true,
+                        "off" => false,
+                        o => {
+                            return Err(CacheError::Config(format!(
+                                "rotate=`{o}` in `{s}`: expected on or off"
+                            )))
+                        }
+                    }
+                }
                 o => {
                     return Err(CacheError::Config(format!(
-                        "`{o}` in `{s}`: expected k, v, kv, latent or scales"
+                        "`{o}` in `{s}`: expected k, v, kv, latent, scales or rotate"
                     )))
                 }
             }
@@ -131,9 +173,14 @@ impl FromStr for Precision {
 ///
 /// # Shapes
 /// - `x`: `[.., n]`; returns the same shape
+///
+/// With `rotate`, rows are Hadamard-rotated before and after, so the values
+/// are those a rotated cache attends with once queries and outputs are
+/// rotated too (the rotations cancel).
 pub(crate) fn round_trip<const N: usize>(
     x: Tensor<N>,
     codec: &RowCodec,
+    rotate: bool,
 ) -> Result<Tensor<N>, CacheError> {
     if codec.is_f32() {
         return Ok(x);
@@ -141,10 +188,16 @@ pub(crate) fn round_trip<const N: usize>(
     let shape = x.shape();
     let n = x.dims()[N - 1];
     let device = x.device();
-    let rows = host_rows(&x)?;
+    let mut rows = host_rows(&x)?;
+    if rotate {
+        hadamard_rows(&mut rows, n);
+    }
     let mut out = Vec::with_capacity(rows.len());
     for row in rows.chunks_exact(n.max(1)) {
         out.extend(codec.round_trip(row));
+    }
+    if rotate {
+        hadamard_rows(&mut out, n);
     }
     Ok(Tensor::from_data(TensorData::new(out, shape), &device))
 }
@@ -155,7 +208,13 @@ mod tests {
 
     #[test]
     fn parses_prints_and_rejects() {
-        for good in ["kv=q8_0", "k=q8_0,v=q4_0", "latent=int4", "latent=int8,scales=channel"] {
+        for good in [
+            "kv=q8_0",
+            "k=q8_0,v=q4_0",
+            "latent=int4",
+            "latent=int8,scales=channel",
+            "kv=q4_0,rotate=off",
+        ] {
             let p: Precision = good.parse().unwrap();
             assert_eq!(p.to_string(), good);
         }

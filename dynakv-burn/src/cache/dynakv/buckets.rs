@@ -181,7 +181,7 @@ impl DynaKvCache {
                     let idx =
                         Tensor::<1, Int>::from_data(TensorData::new(idx, [rows.len()]), &device);
                     let part = lat.clone().select(0, idx).narrow(1, 0, level);
-                    Latents::Device(Box::new(round_trip(part, &codec)?))
+                    Latents::Device(Box::new(round_trip(part, &codec, false)?))
                 }
             };
             let pos: Vec<usize> = rows.iter().map(|&i| positions[i]).collect();
