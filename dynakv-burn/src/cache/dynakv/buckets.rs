@@ -2,6 +2,7 @@
 //! rank level, on the device or the host.
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use dynakv_core::levels::RankLevels;
 use dynakv_core::policy::KvKind;
 use dynakv_core::quant::PackedRows;
 
@@ -11,14 +12,52 @@ use crate::cache::precision::round_trip;
 use crate::error::CacheError;
 use crate::host::latent_decode::BucketView;
 
-/// Tokens of one rank level.
+/// Tokens of one rank level, in token order. Which tokens they are is not
+/// stored here: the layer's one-byte level codes say it
+/// ([`LayerStore::index`]).
 #[derive(Debug, Clone)]
 pub(super) struct Bucket {
     pub(super) rank: usize,
     /// `[n, rank]`
     pub(super) lat: Latents,
-    pub(super) positions: Vec<usize>,
+}
+
+/// Token ids and positions of a bucket's rows, derived (per attention call)
+/// from the layer's level codes and position runs; not held.
+#[derive(Debug, Clone, Default)]
+pub(super) struct BucketIndex {
     pub(super) ids: Vec<usize>,
+    pub(super) positions: Vec<usize>,
+}
+
+/// Positions of a layer's tokens by id, as runs of consecutive positions:
+/// one run for a prefill and the decode steps after it.
+#[derive(Debug, Clone, Default)]
+pub(super) struct PositionRuns {
+    /// `(first id, first position, length)`
+    runs: Vec<(usize, usize, usize)>,
+}
+
+impl PositionRuns {
+    /// Records the positions of ids `first_id..`.
+    pub(super) fn push(&mut self, first_id: usize, positions: &[usize]) {
+        for (i, &p) in positions.iter().enumerate() {
+            match self.runs.last_mut() {
+                Some((id0, p0, n)) if *id0 + *n == first_id + i && *p0 + *n == p => *n += 1,
+                _ => self.runs.push((first_id + i, p, 1)),
+            }
+        }
+    }
+
+    /// The position of every id, in id order.
+    pub(super) fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.runs.iter().flat_map(|&(_, p0, n)| p0..p0 + n)
+    }
+
+    /// Bytes held: three words per run.
+    pub(super) fn bytes(&self) -> usize {
+        self.runs.len() * 3 * std::mem::size_of::<usize>()
+    }
 }
 
 /// A bucket's latents, `[n, rank]`, where [`KvStorage`](crate::KvStorage) says.
@@ -39,17 +78,25 @@ impl Bucket {
     pub(super) fn tensor(&self, device: &Device) -> Tensor<2> {
         match &self.lat {
             Latents::Device(t) => (**t).clone(),
-            Latents::Host(v) => mat(&v.to_f32(), self.positions.len(), self.rank, device),
+            Latents::Host(v) => mat(&v.to_f32(), v.len(), self.rank, device),
         }
     }
 
-    pub(super) fn view(&self) -> Option<BucketView<'_>> {
+    /// Rows stored.
+    pub(super) fn len(&self) -> usize {
+        match &self.lat {
+            Latents::Device(t) => t.dims()[0],
+            Latents::Host(v) => v.len(),
+        }
+    }
+
+    pub(super) fn view<'a>(&'a self, ix: &'a BucketIndex) -> Option<BucketView<'a>> {
         match &self.lat {
             Latents::Host(v) => Some(BucketView {
                 rank: self.rank,
                 lat: v,
-                positions: &self.positions,
-                ids: &self.ids,
+                positions: &ix.positions,
+                ids: &ix.ids,
             }),
             Latents::Device(_) => None,
         }
@@ -66,8 +113,6 @@ impl Bucket {
             }
             Latents::Host(v) => Latents::Host(v.gather(rows)),
         };
-        self.positions = rows.iter().map(|&i| self.positions[i]).collect();
-        self.ids = rows.iter().map(|&i| self.ids[i]).collect();
     }
 }
 
@@ -75,9 +120,52 @@ impl Bucket {
 pub(super) struct LayerStore {
     /// `[kind] -> buckets in ascending rank`
     pub(super) buckets: [Vec<Bucket>; 2],
+    /// `[kind] -> one byte per token id`: 0 when nothing is stored, else one
+    /// more than the index of its rank among the levels (the only per-token
+    /// metadata held).
+    pub(super) codes: [Vec<u8>; 2],
+    pub(super) positions: PositionRuns,
     pub(super) next_id: usize,
     /// Sum of ranks stored, per kind.
     pub(super) dims: [usize; 2],
+}
+
+/// The level code of a rank (0: nothing stored).
+pub(super) fn level_code(levels: &RankLevels, rank: usize) -> u8 {
+    match levels.as_slice().iter().position(|&l| l == rank) {
+        Some(i) if rank > 0 => (i + 1) as u8,
+        _ => 0,
+    }
+}
+
+impl LayerStore {
+    /// Ids and positions of every bucket's rows of one kind, in bucket order.
+    pub(super) fn index(&self, kind: usize, levels: &RankLevels) -> Vec<BucketIndex> {
+        let buckets = &self.buckets[kind];
+        let mut slot_of_code = [usize::MAX; 256];
+        for (j, b) in buckets.iter().enumerate() {
+            slot_of_code[level_code(levels, b.rank) as usize] = j;
+        }
+        let mut out: Vec<BucketIndex> = buckets
+            .iter()
+            .map(|b| BucketIndex {
+                ids: Vec::with_capacity(b.len()),
+                positions: Vec::with_capacity(b.len()),
+            })
+            .collect();
+        for ((id, &c), pos) in self.codes[kind].iter().enumerate().zip(self.positions.iter()) {
+            if let Some(ix) = out.get_mut(slot_of_code[c as usize]).filter(|_| c != 0) {
+                ix.ids.push(id);
+                ix.positions.push(pos);
+            }
+        }
+        out
+    }
+
+    /// Tokens stored of one kind.
+    pub(super) fn stored(&self, kind: usize) -> usize {
+        self.buckets[kind].iter().map(Bucket::len).sum()
+    }
 }
 
 /// One kind's stored latents zero-padded to `d` columns, one row per key
@@ -89,23 +177,25 @@ pub(super) struct LayerStore {
 /// returns `[slots, d]`
 pub(super) fn padded_latents(
     buckets: &[Bucket],
+    index: &[BucketIndex],
     slot_of: &[usize],
     slots: usize,
     d: usize,
     device: &Device,
 ) -> Tensor<2> {
-    let host: Vec<(&Bucket, &PackedRows)> = buckets
+    let host: Vec<(&Bucket, &BucketIndex, &PackedRows)> = buckets
         .iter()
-        .filter_map(|b| match &b.lat {
-            Latents::Host(lat) => Some((b, lat)),
+        .zip(index)
+        .filter_map(|(b, ix)| match &b.lat {
+            Latents::Host(lat) => Some((b, ix, lat)),
             Latents::Device(_) => None,
         })
         .collect();
     if host.len() == buckets.len() {
         let mut out = vec![0f32; slots * d];
         let mut buf = vec![0f32; d];
-        for (b, lat) in host {
-            for (i, &id) in b.ids.iter().enumerate() {
+        for (b, ix, lat) in host {
+            for (i, &id) in ix.ids.iter().enumerate() {
                 let j = slot_of[id];
                 if j != usize::MAX {
                     out[j * d..j * d + b.rank].copy_from_slice(lat.row(i, &mut buf));
@@ -115,20 +205,20 @@ pub(super) fn padded_latents(
         // moved, not copied: this matrix is the size of the cache
         return Tensor::from_data(TensorData::new(out, [slots, d]), device);
     }
-    let stored: usize = buckets.iter().map(|b| b.ids.len()).sum();
+    let stored: usize = buckets.iter().map(Bucket::len).sum();
     // the zero row appended last stands for slots without an entry
     let mut rows = vec![stored as i64; slots];
     let mut parts = Vec::new();
     let mut first = 0;
-    for b in buckets {
-        let n = b.ids.len();
+    for (b, ix) in buckets.iter().zip(index) {
+        let n = b.len();
         let lat = b.tensor(device);
         parts.push(if b.rank < d {
             Tensor::cat(vec![lat, Tensor::zeros([n, d - b.rank], device)], 1)
         } else {
             lat
         });
-        for (i, &id) in b.ids.iter().enumerate() {
+        for (i, &id) in ix.ids.iter().enumerate() {
             if slot_of[id] != usize::MAX {
                 rows[slot_of[id]] = (first + i) as i64;
             }
@@ -141,12 +231,12 @@ pub(super) fn padded_latents(
 }
 
 impl DynaKvCache {
-    /// Files new tokens into the rank buckets of one kind.
+    /// Files new tokens into the rank buckets of one kind and records their
+    /// level codes.
     ///
     /// # Shapes
     /// `lat`: `[n, d]` (device latents) with `host` its row-major copy for
-    /// host storage; `ranks`, `positions`: `[n]`.
-    #[allow(clippy::too_many_arguments)]
+    /// host storage; `ranks`: `[n]`.
     pub(super) fn store(
         &mut self,
         layer: usize,
@@ -154,8 +244,6 @@ impl DynaKvCache {
         lat: Tensor<2>,
         host: Option<&[f32]>,
         ranks: &[usize],
-        positions: &[usize],
-        first_id: usize,
     ) -> Result<(), CacheError> {
         let device = lat.device();
         let d = self.bases.d_kv;
@@ -184,32 +272,30 @@ impl DynaKvCache {
                     Latents::Device(Box::new(round_trip(part, &codec, false)?))
                 }
             };
-            let pos: Vec<usize> = rows.iter().map(|&i| positions[i]).collect();
-            let ids: Vec<usize> = rows.iter().map(|&i| first_id + i).collect();
             store.dims[k] += level * rows.len();
             match store.buckets[k].iter_mut().find(|b| b.rank == level) {
-                Some(b) => {
-                    match (&mut b.lat, part) {
-                        (Latents::Host(v), Latents::Host(p)) => v.append(&p),
-                        (Latents::Device(t), Latents::Device(p)) => {
-                            **t = Tensor::cat(vec![(**t).clone(), *p], 0)
-                        }
-                        _ => unreachable!("one cache uses one storage"),
+                Some(b) => match (&mut b.lat, part) {
+                    (Latents::Host(v), Latents::Host(p)) => v.append(&p),
+                    (Latents::Device(t), Latents::Device(p)) => {
+                        **t = Tensor::cat(vec![(**t).clone(), *p], 0)
                     }
-                    b.positions.extend(pos);
-                    b.ids.extend(ids);
-                }
+                    _ => {
+                        return Err(CacheError::Config(
+                            "one cache mixes host and device latents".into(),
+                        ))
+                    }
+                },
                 None => {
                     store.buckets[k].push(Bucket {
                         rank: level,
                         lat: part,
-                        positions: pos,
-                        ids,
                     });
                     store.buckets[k].sort_by_key(|b| b.rank);
                 }
             }
         }
+        let levels = &self.bases.levels;
+        store.codes[k].extend(ranks.iter().map(|&r| level_code(levels, r)));
         Ok(())
     }
 }

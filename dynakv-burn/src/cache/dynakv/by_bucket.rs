@@ -36,8 +36,9 @@ impl DynaKvCache {
         let mut scores = Vec::new();
         let mut k_pos = Vec::new();
         let mut k_ids = Vec::new();
-        for bk in &store.buckets[0] {
-            let n = bk.positions.len();
+        let index = [0, 1].map(|k| store.index(k, &self.bases.levels));
+        for (bk, ix) in store.buckets[0].iter().zip(&index[0]) {
+            let n = bk.len();
             let s = match self.bases.placement {
                 RopePlacement::Pre => {
                     let keys = bk
@@ -45,7 +46,7 @@ impl DynaKvCache {
                         .matmul(dec.dec_k.clone().narrow(0, 0, bk.rank))
                         + b.mean[0].clone().unsqueeze();
                     let keys = keys.reshape([1, n, hk, dh]).swap_dims(1, 2);
-                    let keys = self.rope.apply(keys, &bk.positions)?;
+                    let keys = self.rope.apply(keys, &ix.positions)?;
                     q.clone().matmul(keys.swap_dims(2, 3))
                 }
                 RopePlacement::Post => {
@@ -62,8 +63,8 @@ impl DynaKvCache {
                 }
             };
             scores.push(s);
-            k_pos.extend_from_slice(&bk.positions);
-            k_ids.extend_from_slice(&bk.ids);
+            k_pos.extend_from_slice(&ix.positions);
+            k_ids.extend_from_slice(&ix.ids);
         }
         let scores = Tensor::cat(scores, 3) / (dh as f64).sqrt();
         let s_len = k_pos.len();
@@ -80,7 +81,14 @@ impl DynaKvCache {
         for (j, &id) in k_ids.iter().enumerate() {
             slot_of[id] = j;
         }
-        let values = padded_latents(&store.buckets[1], &slot_of, s_len, g.d_kv(), &device);
+        let values = padded_latents(
+            &store.buckets[1],
+            &index[1],
+            &slot_of,
+            s_len,
+            g.d_kv(),
+            &device,
+        );
         let out = weights
             .matmul(values.unsqueeze::<4>())
             .matmul(dec.dec_v_heads.clone().unsqueeze::<4>())

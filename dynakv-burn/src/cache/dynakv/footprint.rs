@@ -1,13 +1,11 @@
 //! What a DynaKV cache costs: numbers stored against the dense cache's,
-//! per-token metadata and the bases' fixed bytes.
+//! per-token metadata (one level byte per token, layer and K/V, and the
+//! layer's position runs) and the bases' fixed bytes.
 
 use dynakv_core::budget::{CacheFootprint, BYTES_PER_VALUE};
 
 use super::buckets::Latents;
 use super::DynaKvCache;
-
-/// Bytes of per-token metadata per layer and per K/V: position and token id.
-const META_BYTES_PER_TOKEN: usize = 8;
 
 impl DynaKvCache {
     /// Numbers stored, metadata and fixed bytes, against the dense cache.
@@ -23,16 +21,17 @@ impl DynaKvCache {
             f.tokens = f.tokens.max(n);
             for (k, buckets) in l.buckets.iter().enumerate() {
                 for b in buckets {
-                    let rows = b.positions.len();
+                    let rows = b.len();
                     let bytes = (rows * self.codecs[li][k].row_bytes(b.rank)) as u64;
                     f.value_bytes += bytes;
                     f.held_value_bytes += match &b.lat {
                         Latents::Host(p) => p.bytes() as u64,
                         Latents::Device(_) => (rows * b.rank * BYTES_PER_VALUE) as u64,
                     };
-                    f.metadata_bytes += (rows * META_BYTES_PER_TOKEN) as u64;
                 }
             }
+            // one level byte per token and kind, and the position runs
+            f.metadata_bytes += (l.codes[0].len() + l.codes[1].len() + l.positions.bytes()) as u64;
         }
         f
     }

@@ -44,7 +44,7 @@ use crate::error::CacheError;
 use crate::host::latent_decode::{self, BucketView, Heads};
 use crate::host::HostRope;
 use crate::rope::Rope;
-use buckets::{Bucket, LayerStore};
+use buckets::LayerStore;
 
 /// Chunks with at least this many queries (prefill) rebuild every stored key
 /// and value once and run burn's fused attention, as the dense cache does:
@@ -99,6 +99,12 @@ impl DynaKvCache {
                 "`{precision}`: k and v dtypes are the dense cache's, DynaKV takes latent="
             )));
         }
+        if bases.levels.as_slice().len() > 255 {
+            return Err(CacheError::Config(format!(
+                "{} rank levels: a token's level is one byte (at most 255)",
+                bases.levels.as_slice().len()
+            )));
+        }
         let codecs = bases
             .layers
             .iter()
@@ -133,12 +139,13 @@ impl DynaKvCache {
         let Some(store) = self.layers.get(layer) else {
             return Vec::new();
         };
-        let mut out: Vec<(usize, usize)> = store.buckets[kind.index()]
+        let levels = self.bases.levels.as_slice();
+        store.codes[kind.index()]
             .iter()
-            .flat_map(|b| b.ids.iter().map(move |&i| (i, b.rank)))
-            .collect();
-        out.sort();
-        out
+            .enumerate()
+            .filter(|(_, &c)| c != 0)
+            .map(|(id, &c)| (id, levels[c as usize - 1]))
+            .collect()
     }
 }
 
@@ -195,9 +202,11 @@ impl AttentionCache for DynaKvCache {
         let first = self.layers[layer].next_id;
         let host = self.bases.storage == KvStorage::Host;
         let (hk, hv) = (host.then_some(&host_k[..]), host.then_some(&host_v[..]));
-        self.store(layer, KvKind::Key, lat_k, hk, &rk, positions, first)?;
-        self.store(layer, KvKind::Value, lat_v, hv, &rv, positions, first)?;
-        self.layers[layer].next_id += positions.len();
+        self.store(layer, KvKind::Key, lat_k, hk, &rk)?;
+        self.store(layer, KvKind::Value, lat_v, hv, &rv)?;
+        let store = &mut self.layers[layer];
+        store.positions.push(first, positions);
+        store.next_id += positions.len();
         Ok(())
     }
 
@@ -226,8 +235,13 @@ impl AttentionCache for DynaKvCache {
             ));
         }
         if let (Some(rope), true) = (&self.host_rope, t <= HOST_KERNEL_MAX_QUERIES) {
+            let index = [0, 1].map(|k| store.index(k, &self.bases.levels));
             let views = |k: usize| -> Vec<BucketView<'_>> {
-                store.buckets[k].iter().filter_map(Bucket::view).collect()
+                store.buckets[k]
+                    .iter()
+                    .zip(&index[k])
+                    .filter_map(|(b, ix)| b.view(ix))
+                    .collect()
             };
             let q_host = host_rows(&q_rot.reshape([h * t, dh]))?;
             let out = latent_decode::attend(
@@ -260,7 +274,7 @@ impl AttentionCache for DynaKvCache {
     fn len(&self, layer: usize) -> usize {
         self.layers
             .get(layer)
-            .map_or(0, |l| l.buckets[0].iter().map(|b| b.positions.len()).sum())
+            .map_or(0, |l| l.stored(0))
     }
 
     fn reset(&mut self) {

@@ -20,19 +20,26 @@ impl PrunableCache for DynaKvCache {
             ));
         };
         let keep: std::collections::HashSet<usize> = keep.iter().copied().collect();
+        let levels = &self.bases.levels;
         let store = &mut self.layers[layer];
-        for (k, buckets) in store.buckets.iter_mut().enumerate() {
-            for b in buckets.iter_mut() {
-                let rows: Vec<usize> = (0..b.positions.len())
-                    .filter(|&i| keep.contains(&b.positions[i]))
+        for k in 0..2 {
+            let index = store.index(k, levels);
+            for (b, ix) in store.buckets[k].iter_mut().zip(&index) {
+                let rows: Vec<usize> = (0..ix.positions.len())
+                    .filter(|&i| keep.contains(&ix.positions[i]))
                     .collect();
-                if rows.len() == b.positions.len() {
+                if rows.len() == ix.positions.len() {
                     continue;
                 }
-                store.dims[k] -= b.rank * (b.positions.len() - rows.len());
+                store.dims[k] -= b.rank * (ix.positions.len() - rows.len());
+                for (i, &id) in ix.ids.iter().enumerate() {
+                    if !keep.contains(&ix.positions[i]) {
+                        store.codes[k][id] = 0;
+                    }
+                }
                 b.keep_rows(&rows);
             }
-            buckets.retain(|b| !b.positions.is_empty());
+            store.buckets[k].retain(|b| b.len() > 0);
         }
         Ok(())
     }

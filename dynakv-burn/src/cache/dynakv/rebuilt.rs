@@ -29,9 +29,10 @@ impl DynaKvCache {
         let device = q_rot.device();
         let store = &self.layers[layer];
         let b = &self.bases.layers[layer];
-        let mut slots: Vec<(usize, usize)> = store.buckets[0]
+        let index = [0, 1].map(|k| store.index(k, &self.bases.levels));
+        let mut slots: Vec<(usize, usize)> = index[0]
             .iter()
-            .flat_map(|bk| bk.ids.iter().copied().zip(bk.positions.iter().copied()))
+            .flat_map(|ix| ix.ids.iter().copied().zip(ix.positions.iter().copied()))
             .collect();
         slots.sort_unstable();
         let mut slot_of = vec![usize::MAX; store.next_id];
@@ -42,7 +43,8 @@ impl DynaKvCache {
         let s_len = k_pos.len();
         let dec = self.bases.decoders(layer, &device);
         let rebuild = |kind: usize, dec: Tensor<2>| -> Tensor<4> {
-            (padded_latents(&store.buckets[kind], &slot_of, s_len, d, &device).matmul(dec)
+            (padded_latents(&store.buckets[kind], &index[kind], &slot_of, s_len, d, &device)
+                .matmul(dec)
                 + b.mean[kind].clone().unsqueeze())
             .reshape([1, s_len, hk, dh])
             .swap_dims(1, 2)
