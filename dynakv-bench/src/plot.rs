@@ -321,7 +321,9 @@ mod tests {
         assert!(quality_plot(&path, "t", "y", "c", &[], false).is_err());
         let bytes = dir.join("b.svg");
         bytes_plot(&bytes, "PPL", "PPL ratio", "c", &series, false).unwrap();
-        assert!(std::fs::read_to_string(&bytes).unwrap().contains("f16 dense"));
+        assert!(std::fs::read_to_string(&bytes)
+            .unwrap()
+            .contains("f16 dense"));
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -90,8 +90,8 @@ impl CacheSpec {
         match (&self.dynakv, self.precision) {
             (None, p) if p.sets_latents() => {
                 return Err(CacheError::Config(format!(
-                    "store:{p}: latent formats need dynakv:POLICY; the dense cache takes k=, v= or kv="
-                )))
+                "store:{p}: latent formats need dynakv:POLICY; the dense cache takes k=, v= or kv="
+            )))
             }
             (Some(_), p) if p.sets_dense() => {
                 return Err(CacheError::Config(format!(

@@ -132,6 +132,9 @@ mod tests {
         };
         assert_eq!(half.retained(), 0.5);
         let sum = half + half;
-        assert_eq!((sum.values, sum.bytes(), sum.tokens), (f.values, f.bytes(), 8192));
+        assert_eq!(
+            (sum.values, sum.bytes(), sum.tokens),
+            (f.values, f.bytes(), 8192)
+        );
     }
 }

@@ -58,10 +58,24 @@ pub enum KvDtype {
     #[serde(rename = "q4_0")]
     #[cfg_attr(feature = "clap", value(name = "q4_0"))]
     Q4_0,
+    /// 3 bits per value, KIVI-style (Liu et al., 2024): 2-bit asymmetric
+    /// codes with an f16 scale and minimum per group of 32; keys grouped per
+    /// channel over 32 tokens, values per token over 32 channels; the newest
+    /// tokens (up to 31, a block not yet full) stay in f16. Host storage only.
+    #[serde(rename = "kivi2")]
+    #[cfg_attr(feature = "clap", value(name = "kivi2"))]
+    Kivi2,
 }
 
 impl KvDtype {
-    pub const ALL: [KvDtype; 5] = [Self::F32, Self::F16, Self::Bf16, Self::Q8_0, Self::Q4_0];
+    pub const ALL: [KvDtype; 6] = [
+        Self::F32,
+        Self::F16,
+        Self::Bf16,
+        Self::Q8_0,
+        Self::Q4_0,
+        Self::Kivi2,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -70,10 +84,13 @@ impl KvDtype {
             Self::Bf16 => "bf16",
             Self::Q8_0 => "q8_0",
             Self::Q4_0 => "q4_0",
+            Self::Kivi2 => "kivi2",
         }
     }
 
-    /// Bytes of one row of `n` values, block scales included.
+    /// Bytes of one row of `n` values, block scales included (kivi2: a row
+    /// of a full 32-token block, 12 bytes per 32 values; the f16 rows of the
+    /// open block cost more, and [`PackedRows::bytes`] counts them).
     pub fn row_bytes(self, n: usize) -> usize {
         let blocks = |per: fn(usize) -> usize| {
             let full = n / QBLOCK;
@@ -85,7 +102,14 @@ impl KvDtype {
             Self::F16 | Self::Bf16 => 2 * n,
             Self::Q8_0 => blocks(|m| m),
             Self::Q4_0 => blocks(|m| m.div_ceil(2)),
+            Self::Kivi2 => (12 * n).div_ceil(QBLOCK),
         }
+    }
+
+    /// Whether rows are quantised in blocks of 32 tokens (KIVI), which only
+    /// host storage holds.
+    pub fn is_token_blocked(self) -> bool {
+        self == Self::Kivi2
     }
 
     /// Whether a stored row decodes to exactly what was stored.
@@ -108,7 +132,7 @@ impl FromStr for KvDtype {
             .find(|d| d.name() == s)
             .ok_or_else(|| CoreError::Invalid {
                 field: "kv dtype",
-                message: format!("`{s}` (expected f32, f16, bf16, q8_0 or q4_0)"),
+                message: format!("`{s}` (expected f32, f16, bf16, q8_0, q4_0 or kivi2)"),
             })
     }
 }
@@ -227,9 +251,20 @@ pub enum RowCodec {
     Plain(KvDtype),
     /// Integer codes with one fixed scale per coordinate, `[n]`.
     Channel { bits4: bool, scales: Arc<[f32]> },
+    /// KIVI 2-bit blocks of 32 rows, grouped per channel (keys) or per row
+    /// (values); a lone row (the open block) is f16.
+    Kivi { per_channel: bool },
 }
 
 impl RowCodec {
+    /// The codec of a dense cache's key (`key`) or value rows in `dtype`.
+    pub fn kv(dtype: KvDtype, key: bool) -> Self {
+        match dtype {
+            KvDtype::Kivi2 => Self::Kivi { per_channel: key },
+            d => Self::Plain(d),
+        }
+    }
+
     /// The codec of latent rows of `n` coordinates; `stddev` is each
     /// coordinate's standard deviation (from calibration), used by
     /// [`LatentScales::Channel`].
@@ -266,6 +301,9 @@ impl RowCodec {
     pub fn prefix(&self, n: usize) -> Self {
         match self {
             Self::Plain(d) => Self::Plain(*d),
+            Self::Kivi { per_channel } => Self::Kivi {
+                per_channel: *per_channel,
+            },
             Self::Channel { bits4, scales } => Self::Channel {
                 bits4: *bits4,
                 scales: scales[..n.min(scales.len())].into(),
@@ -275,7 +313,10 @@ impl RowCodec {
 
     pub fn row_bytes(&self, n: usize) -> usize {
         match self {
+            // a lone KIVI row is f16 (the open block's format)
+            Self::Plain(KvDtype::Kivi2) => 2 * n,
             Self::Plain(d) => d.row_bytes(n),
+            Self::Kivi { .. } => KvDtype::Kivi2.row_bytes(n),
             Self::Channel { bits4: true, .. } => n.div_ceil(2),
             Self::Channel { bits4: false, .. } => n,
         }
@@ -289,7 +330,7 @@ impl RowCodec {
     pub fn encode(&self, x: &[f32], out: &mut Vec<u8>) {
         match self {
             Self::Plain(KvDtype::F32) => x.iter().for_each(|v| out.extend(v.to_le_bytes())),
-            Self::Plain(KvDtype::F16) => x
+            Self::Plain(KvDtype::F16 | KvDtype::Kivi2) | Self::Kivi { .. } => x
                 .iter()
                 .for_each(|v| out.extend(f16::from_f32(*v).to_le_bytes())),
             Self::Plain(KvDtype::Bf16) => x
@@ -303,7 +344,11 @@ impl RowCodec {
                     let half = x.len().div_ceil(2);
                     let nibble = |j: usize| (code(j, -8.0, 7.0) + 8.0) as u8;
                     for j in 0..half {
-                        let hi = if j + half < x.len() { nibble(j + half) } else { 8 };
+                        let hi = if j + half < x.len() {
+                            nibble(j + half)
+                        } else {
+                            8
+                        };
                         out.push(nibble(j) | (hi << 4));
                     }
                 } else {
@@ -322,7 +367,7 @@ impl RowCodec {
                     *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
                 }
             }
-            Self::Plain(KvDtype::F16) => {
+            Self::Plain(KvDtype::F16 | KvDtype::Kivi2) | Self::Kivi { .. } => {
                 for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
                     *o = f16::from_le_bytes([b[0], b[1]]).to_f32();
                 }
@@ -359,12 +404,18 @@ impl RowCodec {
                     at += 2 + half;
                 }
             }
-            Self::Channel { bits4: false, scales } => {
+            Self::Channel {
+                bits4: false,
+                scales,
+            } => {
                 for ((v, &q), s) in out.iter_mut().zip(bytes).zip(scales.iter()) {
                     *v = s * (q as i8) as f32;
                 }
             }
-            Self::Channel { bits4: true, scales } => {
+            Self::Channel {
+                bits4: true,
+                scales,
+            } => {
                 let half = out.len().div_ceil(2);
                 let (lo, hi) = out.split_at_mut(half);
                 for (j, (v, &q)) in lo.iter_mut().zip(bytes).enumerate() {
@@ -461,18 +512,129 @@ pub struct PackedRows {
 #[derive(Debug, Clone, PartialEq)]
 enum RowData {
     F32(Vec<f32>),
-    Bytes { bytes: Vec<u8>, row_bytes: usize },
+    Bytes {
+        bytes: Vec<u8>,
+        row_bytes: usize,
+    },
+    /// KIVI: full blocks of [`QBLOCK`] rows, then the open block's rows as
+    /// f16 bytes.
+    Blocks {
+        full: Vec<u8>,
+        open: Vec<u8>,
+        per_channel: bool,
+    },
+}
+
+/// Bytes of one 2-bit group of `n` values: f16 scale, f16 minimum, codes.
+fn kivi_group_bytes(n: usize) -> usize {
+    4 + n.div_ceil(4)
+}
+
+/// Bytes of one row of a per-row (values) KIVI block.
+fn kivi_row_bytes(dim: usize) -> usize {
+    (0..dim)
+        .step_by(QBLOCK)
+        .map(|c| kivi_group_bytes((dim - c).min(QBLOCK)))
+        .sum()
+}
+
+/// Bytes of one KIVI block of [`QBLOCK`] rows.
+fn kivi_block_bytes(dim: usize, per_channel: bool) -> usize {
+    if per_channel {
+        dim * kivi_group_bytes(QBLOCK)
+    } else {
+        QBLOCK * kivi_row_bytes(dim)
+    }
+}
+
+/// Asymmetric 2-bit codes of `x` (min and scale from the group itself):
+/// appends f16 scale and minimum, returns the codes.
+fn kivi_codes(x: impl Iterator<Item = f32> + Clone, out: &mut Vec<u8>) -> Vec<u8> {
+    let (mn, mx) = x
+        .clone()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), v| {
+            (a.min(v), b.max(v))
+        });
+    let scale = (mx - mn) / 3.0;
+    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    out.extend(f16::from_f32(scale).to_le_bytes());
+    out.extend(f16::from_f32(mn).to_le_bytes());
+    x.map(|v| ((v - mn) * inv).round().clamp(0.0, 3.0) as u8)
+        .collect()
+}
+
+/// Packs 2-bit codes four to a byte, the first in the low bits.
+fn pack2(codes: &[u8], out: &mut Vec<u8>) {
+    for q in codes.chunks(4) {
+        out.push(
+            q.iter()
+                .enumerate()
+                .fold(0u8, |b, (i, &c)| b | (c << (2 * i))),
+        );
+    }
+}
+
+/// Encodes [`QBLOCK`] rows of `dim` values as one KIVI block.
+///
+/// # Shapes
+/// - `rows`: `[QBLOCK, dim]` row-major
+fn encode_kivi_block(rows: &[f32], dim: usize, per_channel: bool, out: &mut Vec<u8>) {
+    if per_channel {
+        // all scales first, then each channel's 32 codes (8 bytes)
+        let mut codes = Vec::with_capacity(dim * 8);
+        for c in 0..dim {
+            let q = kivi_codes((0..QBLOCK).map(|t| rows[t * dim + c]), out);
+            pack2(&q, &mut codes);
+        }
+        out.extend(codes);
+    } else {
+        for row in rows.chunks_exact(dim) {
+            for g in row.chunks(QBLOCK) {
+                let q = kivi_codes(g.iter().copied(), out);
+                pack2(&q, out);
+            }
+        }
+    }
+}
+
+/// Decodes row `j` of a KIVI block into `out` (`[dim]`).
+fn decode_kivi_row(block: &[u8], j: usize, per_channel: bool, out: &mut [f32]) {
+    let dim = out.len();
+    let half = |b: &[u8], at: usize| f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
+    if per_channel {
+        let codes = &block[4 * dim..];
+        let (byte, shift) = (j / 4, 2 * (j % 4));
+        for (c, o) in out.iter_mut().enumerate() {
+            let q = (codes[c * 8 + byte] >> shift) & 3;
+            *o = half(block, 4 * c + 2) + half(block, 4 * c) * q as f32;
+        }
+    } else {
+        let mut at = j * kivi_row_bytes(dim);
+        for g in out.chunks_mut(QBLOCK) {
+            let (scale, mn) = (half(block, at), half(block, at + 2));
+            let codes = &block[at + 4..];
+            for (i, o) in g.iter_mut().enumerate() {
+                let q = (codes[i / 4] >> (2 * (i % 4))) & 3;
+                *o = mn + scale * q as f32;
+            }
+            at += kivi_group_bytes(g.len());
+        }
+    }
 }
 
 impl PackedRows {
     pub fn new(codec: RowCodec, dim: usize) -> Self {
-        let data = if codec.is_f32() {
-            RowData::F32(Vec::new())
-        } else {
-            RowData::Bytes {
+        let data = match &codec {
+            c if c.is_f32() => RowData::F32(Vec::new()),
+            RowCodec::Kivi { per_channel } => RowData::Blocks {
+                full: Vec::new(),
+                open: Vec::new(),
+                per_channel: *per_channel,
+            },
+            c => RowData::Bytes {
                 bytes: Vec::new(),
-                row_bytes: codec.row_bytes(dim),
-            }
+                row_bytes: c.row_bytes(dim),
+            },
         };
         Self {
             codec,
@@ -514,6 +676,25 @@ impl PackedRows {
                     self.codec.encode(row, bytes);
                 }
             }
+            RowData::Blocks {
+                full,
+                open,
+                per_channel,
+            } => {
+                let d = self.dim;
+                for row in x[..n * d].chunks_exact(d) {
+                    row.iter()
+                        .for_each(|v| open.extend(f16::from_f32(*v).to_le_bytes()));
+                    if open.len() == 2 * QBLOCK * d {
+                        let rows: Vec<f32> = open
+                            .chunks_exact(2)
+                            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+                            .collect();
+                        encode_kivi_block(&rows, d, *per_channel, full);
+                        open.clear();
+                    }
+                }
+            }
         }
         self.rows += n;
     }
@@ -526,7 +707,8 @@ impl PackedRows {
             (RowData::Bytes { bytes: a, .. }, RowData::Bytes { bytes: b, .. }) => {
                 a.extend_from_slice(b)
             }
-            _ => return,
+            // blocks of 32 rows do not concatenate: re-encode
+            _ => return self.push(&other.to_f32()),
         }
         self.rows += other.rows;
     }
@@ -544,6 +726,25 @@ impl PackedRows {
                     .decode(&bytes[i * row_bytes..(i + 1) * row_bytes], out);
                 out
             }
+            RowData::Blocks {
+                full,
+                open,
+                per_channel,
+            } => {
+                let out = &mut buf[..d];
+                let bb = kivi_block_bytes(d, *per_channel);
+                let closed = full.len() / bb.max(1) * QBLOCK;
+                if i < closed {
+                    let b = i / QBLOCK;
+                    decode_kivi_row(&full[b * bb..(b + 1) * bb], i % QBLOCK, *per_channel, out);
+                } else {
+                    let at = (i - closed) * 2 * d;
+                    for (o, b) in out.iter_mut().zip(open[at..at + 2 * d].chunks_exact(2)) {
+                        *o = f16::from_le_bytes([b[0], b[1]]).to_f32();
+                    }
+                }
+                out
+            }
         }
     }
 
@@ -551,7 +752,7 @@ impl PackedRows {
     pub fn as_f32(&self) -> Option<&[f32]> {
         match &self.data {
             RowData::F32(v) => Some(v),
-            RowData::Bytes { .. } => None,
+            RowData::Bytes { .. } | RowData::Blocks { .. } => None,
         }
     }
 
@@ -571,7 +772,8 @@ impl PackedRows {
         out
     }
 
-    /// The rows `rows`, in that order, without re-encoding.
+    /// The rows `rows`, in that order, without re-encoding (KIVI blocks,
+    /// grouped over 32 rows, are decoded and encoded again).
     pub fn gather(&self, rows: &[usize]) -> Self {
         let data = match &self.data {
             RowData::F32(v) => RowData::F32(
@@ -588,6 +790,16 @@ impl PackedRows {
                     .collect(),
                 row_bytes: *row_bytes,
             },
+            RowData::Blocks { .. } => {
+                let mut buf = vec![0f32; self.dim];
+                let kept: Vec<f32> = rows
+                    .iter()
+                    .flat_map(|&i| self.row(i, &mut buf).to_vec())
+                    .collect();
+                let mut out = Self::new(self.codec.clone(), self.dim);
+                out.push(&kept);
+                return out;
+            }
         };
         Self {
             codec: self.codec.clone(),
@@ -599,7 +811,10 @@ impl PackedRows {
 
     /// Bytes the rows take in their format (scales included).
     pub fn bytes(&self) -> usize {
-        self.rows * self.codec.row_bytes(self.dim)
+        match &self.data {
+            RowData::Blocks { full, open, .. } => full.len() + open.len(),
+            _ => self.rows * self.codec.row_bytes(self.dim),
+        }
     }
 }
 
@@ -691,7 +906,10 @@ mod tests {
             }
             // the outlier is clipped to the largest code
             assert!(y[4] < 100.0 && y[4] > 0.0);
-            assert_eq!(c.row_bytes(5), if dtype == LatentDtype::Int4 { 3 } else { 5 });
+            assert_eq!(
+                c.row_bytes(5),
+                if dtype == LatentDtype::Int4 { 3 } else { 5 }
+            );
         }
         assert!(RowCodec::latent(LatentDtype::Int4, LatentScales::Channel, &[f32::NAN]).is_err());
     }
@@ -701,12 +919,14 @@ mod tests {
         let (dim, n) = (40, 6);
         let x = numbers(dim * n, 9);
         for dtype in KvDtype::ALL {
-            let codec = RowCodec::Plain(dtype);
+            let codec = RowCodec::kv(dtype, true);
             let mut rows = PackedRows::new(codec.clone(), dim);
             rows.push(&x[..dim * 2]);
             rows.push(&x[dim * 2..]);
             assert_eq!(rows.len(), n);
-            assert_eq!(rows.bytes(), n * dtype.row_bytes(dim));
+            if !dtype.is_token_blocked() {
+                assert_eq!(rows.bytes(), n * dtype.row_bytes(dim));
+            }
             let all = rows.to_f32();
             let mut buf = vec![0f32; dim];
             for i in 0..n {
@@ -716,7 +936,10 @@ mod tests {
             }
             let g = rows.gather(&[4, 1]);
             assert_eq!(g.len(), 2);
-            assert_eq!(g.row(0, &mut buf).to_vec(), rows.row(4, &mut vec![0.0; dim]));
+            assert_eq!(
+                g.row(0, &mut buf).to_vec(),
+                rows.row(4, &mut vec![0.0; dim])
+            );
             if dtype.is_lossless() {
                 assert_eq!(all, x);
             }
@@ -756,6 +979,57 @@ mod tests {
     }
 
     #[test]
+    fn kivi_blocks_hold_3_bits_a_value_and_round_to_their_groups() {
+        let (dim, n) = (40, 70); // two full blocks and 6 open rows; a short group
+        let x = numbers(dim * n, 3);
+        for per_channel in [true, false] {
+            let mut rows = PackedRows::new(RowCodec::Kivi { per_channel }, dim);
+            rows.push(&x[..dim * 33]);
+            rows.push(&x[dim * 33..]);
+            assert_eq!(rows.len(), n);
+            let block = kivi_block_bytes(dim, per_channel);
+            assert_eq!(rows.bytes(), 2 * block + 6 * 2 * dim);
+            if per_channel {
+                assert_eq!(block, 12 * dim, "3 bits a value");
+            }
+            let mut buf = vec![0f32; dim];
+            for i in 0..n {
+                let got = rows.row(i, &mut buf).to_vec();
+                let want = &x[i * dim..(i + 1) * dim];
+                for (c, (a, b)) in got.iter().zip(want).enumerate() {
+                    // the group's range over 3 steps, halved, plus f16 rounding
+                    let group: Vec<f32> = if i >= 64 {
+                        vec![*b]
+                    } else if per_channel {
+                        (0..32).map(|t| x[((i / 32) * 32 + t) * dim + c]).collect()
+                    } else {
+                        let g0 = c / 32 * 32;
+                        want[g0..(g0 + 32).min(dim)].to_vec()
+                    };
+                    let (lo, hi) = group
+                        .iter()
+                        .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| {
+                            (l.min(v), h.max(v))
+                        });
+                    let tol = (hi - lo) / 6.0 * 1.02 + 4e-3 * b.abs().max(1.0);
+                    assert!(
+                        (a - b).abs() <= tol,
+                        "{per_channel} row {i} col {c}: {a} vs {b}"
+                    );
+                }
+            }
+            // pruning re-encodes the kept rows
+            let kept = rows.gather(&[0, 5, 40, 69]);
+            assert_eq!(kept.len(), 4);
+            assert_eq!(kept.bytes(), 4 * 2 * dim, "an open block again");
+            assert_eq!(
+                kept.row(3, &mut buf).to_vec(),
+                rows.row(69, &mut vec![0.0; dim])
+            );
+        }
+    }
+
+    #[test]
     fn names_parse_back() {
         for d in KvDtype::ALL {
             assert_eq!(d.to_string().parse::<KvDtype>().unwrap(), d);
@@ -764,6 +1038,9 @@ mod tests {
         }
         assert!("q5_0".parse::<KvDtype>().is_err());
         assert_eq!("int4".parse::<LatentDtype>().unwrap(), LatentDtype::Int4);
-        assert_eq!("channel".parse::<LatentScales>().unwrap(), LatentScales::Channel);
+        assert_eq!(
+            "channel".parse::<LatentScales>().unwrap(),
+            LatentScales::Channel
+        );
     }
 }

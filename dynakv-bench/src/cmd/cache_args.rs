@@ -5,10 +5,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
+use dynakv_burn::cache::Precision;
 use dynakv_burn::dynakv_snapkv::{GqaScores, KeepBudget, SnapKvPreset, SnapKvSpec};
 use dynakv_burn::{AttentionCache, CacheFactory, CacheSpec};
 use dynakv_core::artifact::Artifact;
-use dynakv_burn::cache::Precision;
 use dynakv_core::policy::{EnergyRule, PolicyKind, PolicySpec};
 use dynakv_core::quant::{KvDtype, LatentDtype, LatentScales};
 use dynakv_models::ModelError;
@@ -86,6 +86,10 @@ pub struct CacheArgs {
     /// per coordinate from calibration (channel).
     #[arg(long, value_enum, default_value_t = LatentScales::Token)]
     pub latent_scales: LatentScales,
+    /// Full cache in q8_0 / q4_0: store keys and values without the Hadamard
+    /// rotation llama.cpp applies by default (its LLAMA_ATTN_ROT_DISABLE=1).
+    #[arg(long)]
+    pub no_kv_rotation: bool,
 }
 
 /// Makes fresh caches of the requested kind.
@@ -128,6 +132,7 @@ impl CacheArgs {
             v: self.v_dtype.unwrap_or(self.kv_dtype),
             latent: self.latent_dtype,
             scales: self.latent_scales,
+            rotate: !self.no_kv_rotation,
         }
     }
 

@@ -171,6 +171,7 @@ fn cache(
             LatentDtype::Int8 | LatentDtype::Int4 => a.latent_scales,
             _ => LatentScales::Token,
         },
+        no_kv_rotation: false,
     }
 }
 
@@ -200,7 +201,15 @@ fn cells(a: &SweepArgs) -> Result<Vec<(String, String, CacheArgs)>> {
     let mut out = vec![(
         "full".to_string(),
         "full".to_string(),
-        cache(a, CacheKind::Full, None, PolicyKind::Energy, 1.0, None, f32s),
+        cache(
+            a,
+            CacheKind::Full,
+            None,
+            PolicyKind::Energy,
+            1.0,
+            None,
+            f32s,
+        ),
     )];
     let kvs: Vec<Store> = kv_pairs(&a.kv_dtypes)?
         .into_iter()
@@ -223,7 +232,15 @@ fn cells(a: &SweepArgs) -> Result<Vec<(String, String, CacheArgs)>> {
             out.push((
                 format!("snapkv/{r}{sfx}"),
                 format!("snapkv{sfx}"),
-                cache(a, CacheKind::Full, None, PolicyKind::Energy, 1.0, Some(r), st),
+                cache(
+                    a,
+                    CacheKind::Full,
+                    None,
+                    PolicyKind::Energy,
+                    1.0,
+                    Some(r),
+                    st,
+                ),
             ));
         }
     }

@@ -217,11 +217,22 @@ impl DenseCache {
                 "`{precision}`: latent formats are DynaKV's, the dense cache takes k and v"
             )));
         }
+        if storage == KvStorage::Device
+            && (precision.k.is_token_blocked() || precision.v.is_token_blocked())
+        {
+            return Err(CacheError::Config(format!(
+                "`{precision}`: kivi2 quantises blocks of 32 tokens, which only host \
+                 storage (the CPU backend) holds"
+            )));
+        }
         Ok(Self {
             geometry,
             rope,
             storage,
-            codecs: [RowCodec::Plain(precision.k), RowCodec::Plain(precision.v)],
+            codecs: [
+                RowCodec::kv(precision.k, true),
+                RowCodec::kv(precision.v, false),
+            ],
             rotate: precision.rotates(),
             layers: vec![LayerStore::default(); geometry.n_layers],
         })
@@ -245,11 +256,9 @@ impl DenseCache {
             StoredPositions::Shared(p) => vec![p.clone(); self.geometry.n_kv_heads],
             StoredPositions::PerHead(p) => p.clone(),
         };
-        let (k, v) = l.kv.as_ref()?.tensors(
-            self.geometry.head_dim,
-            self.rotate,
-            &self.rope.device(),
-        );
+        let (k, v) =
+            l.kv.as_ref()?
+                .tensors(self.geometry.head_dim, self.rotate, &self.rope.device());
         Some((k, v, positions))
     }
 }
@@ -487,10 +496,16 @@ impl AttentionCache for DenseCache {
     fn footprint(&self) -> CacheFootprint {
         let dh = self.geometry.head_dim;
         let (mut values, mut value_bytes) = (0usize, 0usize);
-        for [k, v] in self.layers.iter().filter_map(|l| l.kv.as_ref().map(Kv::elements)) {
+        for kv in self.layers.iter().filter_map(|l| l.kv.as_ref()) {
+            let [k, v] = kv.elements();
             values += k + v;
-            value_bytes += (k / dh) * self.codecs[0].row_bytes(dh);
-            value_bytes += (v / dh) * self.codecs[1].row_bytes(dh);
+            value_bytes += match kv {
+                Kv::Host { k, v } => k.iter().chain(v).map(PackedRows::bytes).sum(),
+                Kv::Device { .. } => {
+                    (k / dh) * self.codecs[0].row_bytes(dh)
+                        + (v / dh) * self.codecs[1].row_bytes(dh)
+                }
+            };
         }
         let seen: usize = self.layers.iter().map(|l| l.seen).sum();
         let pruned = self.layers.iter().any(|l| l.positions.len() < l.seen);

@@ -3,10 +3,10 @@
 mod dense;
 mod dynakv;
 mod geometry;
+mod precision;
 mod recording;
 #[cfg(feature = "snapkv")]
 mod snapkv;
-mod precision;
 mod storage;
 #[cfg(test)]
 pub(crate) mod test_support;
@@ -15,10 +15,10 @@ mod wrapper;
 pub use dense::DenseCache;
 pub use dynakv::{DynaKvBases, DynaKvCache};
 pub use geometry::CacheGeometry;
+pub use precision::Precision;
 pub use recording::{Recorded, RecordingCache};
 #[cfg(feature = "snapkv")]
 pub use snapkv::SnapKvCache;
-pub use precision::Precision;
 pub use storage::KvStorage;
 pub use wrapper::CacheWrapper;
 

@@ -216,7 +216,7 @@ mod tests {
         // (head_dim 40: a full q8_0 / q4_0 block and a short one)
         for dtype in KvDtype::ALL {
             let rows = |seed| {
-                let mut r = PackedRows::new(RowCodec::Plain(dtype), dh);
+                let mut r = PackedRows::new(RowCodec::kv(dtype, seed % 2 == 1), dh);
                 r.push(&numbers(n * dh, seed));
                 r
             };

@@ -153,7 +153,11 @@ impl LayerStore {
                 positions: Vec::with_capacity(b.len()),
             })
             .collect();
-        for ((id, &c), pos) in self.codes[kind].iter().enumerate().zip(self.positions.iter()) {
+        for ((id, &c), pos) in self.codes[kind]
+            .iter()
+            .enumerate()
+            .zip(self.positions.iter())
+        {
             if let Some(ix) = out.get_mut(slot_of_code[c as usize]).filter(|_| c != 0) {
                 ix.ids.push(id);
                 ix.positions.push(pos);

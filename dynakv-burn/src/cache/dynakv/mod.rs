@@ -37,8 +37,7 @@ use dynakv_core::policy::{KvKind, RankPolicy};
 use dynakv_core::quant::RowCodec;
 
 use crate::cache::{
-    host_rows, joint, AttentionCache, CacheGeometry, KvStorage, Precision,
-    HOST_KERNEL_MAX_QUERIES,
+    host_rows, joint, AttentionCache, CacheGeometry, KvStorage, Precision, HOST_KERNEL_MAX_QUERIES,
 };
 use crate::error::CacheError;
 use crate::host::latent_decode::{self, BucketView, Heads};
@@ -109,7 +108,8 @@ impl DynaKvCache {
             .layers
             .iter()
             .map(|l| {
-                let c = |k: usize| RowCodec::latent(precision.latent, precision.scales, &l.stddev[k]);
+                let c =
+                    |k: usize| RowCodec::latent(precision.latent, precision.scales, &l.stddev[k]);
                 Ok([c(0)?, c(1)?])
             })
             .collect::<Result<Vec<_>, CacheError>>()?;
@@ -272,9 +272,7 @@ impl AttentionCache for DynaKvCache {
 
     /// Tokens with a stored key (rank-0 and pruned tokens are not stored).
     fn len(&self, layer: usize) -> usize {
-        self.layers
-            .get(layer)
-            .map_or(0, |l| l.stored(0))
+        self.layers.get(layer).map_or(0, |l| l.stored(0))
     }
 
     fn reset(&mut self) {

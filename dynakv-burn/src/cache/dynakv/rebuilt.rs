@@ -43,8 +43,15 @@ impl DynaKvCache {
         let s_len = k_pos.len();
         let dec = self.bases.decoders(layer, &device);
         let rebuild = |kind: usize, dec: Tensor<2>| -> Tensor<4> {
-            (padded_latents(&store.buckets[kind], &index[kind], &slot_of, s_len, d, &device)
-                .matmul(dec)
+            (padded_latents(
+                &store.buckets[kind],
+                &index[kind],
+                &slot_of,
+                s_len,
+                d,
+                &device,
+            )
+            .matmul(dec)
                 + b.mean[kind].clone().unsqueeze())
             .reshape([1, s_len, hk, dh])
             .swap_dims(1, 2)

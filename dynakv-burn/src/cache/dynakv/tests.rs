@@ -172,7 +172,11 @@ fn buckets_track_every_level_across_appends() {
     // metadata: one level byte per token and K/V, one position run per layer
     // (the chunks are contiguous); the test appends to layer 0 only
     let run = 3 * std::mem::size_of::<usize>();
-    assert_eq!(f.metadata_bytes as usize, 2 * 13 + run, "layer 0 holds everything");
+    assert_eq!(
+        f.metadata_bytes as usize,
+        2 * 13 + run,
+        "layer 0 holds everything"
+    );
     assert_eq!(f.tokens, 13);
     c.reset();
     assert_eq!(c.len(0), 0);
