@@ -5,6 +5,10 @@ parity fixture's windows (its `tokens`: Brown `eval`, 2 windows of 1,024),
 so that our dense q8_0 / q4_0 caches can be checked against llama.cpp's
 `--cache-type-k/-v` by their PPL ratio to the f16 cache of the same engine.
 
+Since 2026-04 llama.cpp Hadamard-rotates Q, K and V whenever the KV cache is
+quantised (its `attn_rot`); the last run repeats q4_0 with the rotation
+disabled (`LLAMA_ATTN_ROT_DISABLE=1`), the plain block quantisation.
+
 The weights are the GGUF file dequantized to F32 (tools/dequantize_gguf.py),
 so the ratio measures the cache's quantisation alone. llama.cpp needs flash
 attention for a quantised V cache; every run here uses it, f16 included.
@@ -25,10 +29,16 @@ HERE = os.path.dirname(__file__)
 FIXTURES = os.path.join(HERE, "..", "dynakv-models", "tests", "fixtures")
 # ggml type ids (ggml.h): F16 = 1, Q4_0 = 2, Q8_0 = 8
 TYPES = {"f16": 1, "q4_0": 2, "q8_0": 8}
-CONFIGS = [("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0"), ("q8_0", "q4_0")]
+# (K, V, rotation of a quantised cache)
+CONFIGS = [("f16", "f16", True), ("q8_0", "q8_0", True), ("q4_0", "q4_0", True),
+           ("q8_0", "q4_0", True), ("q4_0", "q4_0", False)]
 
 
-def run(path, ids, ctx, windows, k, v):
+def run(path, ids, ctx, windows, k, v, rotate):
+    if rotate:
+        os.environ.pop("LLAMA_ATTN_ROT_DISABLE", None)
+    else:
+        os.environ["LLAMA_ATTN_ROT_DISABLE"] = "1"
     llm = Llama(model_path=path, n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True,
                 n_threads=2, type_k=TYPES[k], type_v=TYPES[v], flash_attn=True, verbose=False)
     nll = []
@@ -41,7 +51,7 @@ def run(path, ids, ctx, windows, k, v):
         lse = m[:, 0] + np.log(np.exp(logits - m).sum(axis=1))
         nll += [float(lse[i] - logits[i, win[i + 1]]) for i in range(ctx - 1)]
     del llm
-    return {"k": k, "v": v, "mean_nll": sum(nll) / len(nll), "ppl": math.exp(sum(nll) / len(nll))}
+    return {"k": k, "v": v, "rotate": rotate, "mean_nll": sum(nll) / len(nll), "ppl": math.exp(sum(nll) / len(nll))}
 
 
 with open(os.path.join(FIXTURES, "parity.json")) as f:
@@ -51,9 +61,9 @@ f32_path = "/tmp/dynakv-kvcache-f32.gguf"
 dequantize_file(model_path(), f32_path)
 try:
     runs = []
-    for k, v in CONFIGS:
-        r = run(f32_path, ids, ctx, windows, k, v)
-        print(f"K {k} V {v}: PPL {r['ppl']:.4f}", flush=True)
+    for k, v, rotate in CONFIGS:
+        r = run(f32_path, ids, ctx, windows, k, v, rotate)
+        print(f"K {k} V {v} rotate {rotate}: PPL {r['ppl']:.4f}", flush=True)
         runs.append(r)
 finally:
     os.remove(f32_path)

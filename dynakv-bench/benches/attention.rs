@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use burn::tensor::Device;
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion};
-use dynakv_burn::AttentionCache;
+use dynakv_burn::{AttentionCache, KvStorage};
+use dynakv_core::artifact::RopePlacement;
 
 #[path = "support/synthetic.rs"]
 mod synthetic;
@@ -48,6 +49,19 @@ fn decode_attention(c: &mut Criterion) {
                 dynakv(placement, policy, storage, &device),
                 t,
             );
+        }
+        // packed latents, pre-RoPE keys at 0.30 with seven buckets
+        let storage = KvStorage::for_device(&device);
+        for latent in ["f16", "int8", "int4"] {
+            let precision = format!("latent={latent}").parse().expect("precision");
+            let cache = dynakv_with(
+                RopePlacement::Pre,
+                spread(0.30),
+                storage,
+                precision,
+                &device,
+            );
+            bench_attend(&mut g, &format!("dynakv-pre-spread-0.3-{latent}"), cache, t);
         }
     }
     g.finish();

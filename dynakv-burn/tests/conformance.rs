@@ -44,6 +44,7 @@ const SPECS: &[&str] = &[
     "dense+snapkv:kvpress@0.5+store:kv=q4_0",
     "dynakv:energy@0.5+store:latent=f16",
     "dynakv:energy@0.5+store:latent=int8",
+    "dynakv:energy@0.5+store:latent=mixed",
     "dynakv:energy@0.5+store:latent=int4,scales=channel",
     "dynakv:energy@0.5,recent=32+snapkv:recall@0.5,gqa=layer-max+store:latent=int4",
 ];

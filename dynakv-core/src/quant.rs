@@ -149,6 +149,9 @@ pub enum LatentDtype {
     Int8,
     /// 4-bit codes (with [`LatentScales::Token`]: q4_0 blocks).
     Int4,
+    /// Mixed precision along the coordinates (as SVDq does): the first 32,
+    /// the leading high-variance ones, in q8_0 blocks, the tail in q4_0.
+    Mixed,
 }
 
 impl LatentDtype {
@@ -158,6 +161,7 @@ impl LatentDtype {
             Self::F16 => "f16",
             Self::Int8 => "int8",
             Self::Int4 => "int4",
+            Self::Mixed => "mixed",
         }
     }
 
@@ -180,12 +184,12 @@ impl fmt::Display for LatentDtype {
 impl FromStr for LatentDtype {
     type Err = CoreError;
     fn from_str(s: &str) -> Result<Self, CoreError> {
-        [Self::F32, Self::F16, Self::Int8, Self::Int4]
+        [Self::F32, Self::F16, Self::Int8, Self::Int4, Self::Mixed]
             .into_iter()
             .find(|d| d.name() == s)
             .ok_or_else(|| CoreError::Invalid {
                 field: "latent dtype",
-                message: format!("`{s}` (expected f32, f16, int8 or int4)"),
+                message: format!("`{s}` (expected f32, f16, int8, int4 or mixed)"),
             })
     }
 }
@@ -254,6 +258,8 @@ pub enum RowCodec {
     /// KIVI 2-bit blocks of 32 rows, grouped per channel (keys) or per row
     /// (values); a lone row (the open block) is f16.
     Kivi { per_channel: bool },
+    /// The first block of a row in q8_0, the others in q4_0.
+    Mixed,
 }
 
 impl RowCodec {
@@ -278,6 +284,13 @@ impl RowCodec {
             (LatentDtype::F16, _) => Self::Plain(KvDtype::F16),
             (LatentDtype::Int8, LatentScales::Token) => Self::Plain(KvDtype::Q8_0),
             (LatentDtype::Int4, LatentScales::Token) => Self::Plain(KvDtype::Q4_0),
+            (LatentDtype::Mixed, LatentScales::Token) => Self::Mixed,
+            (LatentDtype::Mixed, LatentScales::Channel) => {
+                return Err(CoreError::Invalid {
+                    field: "latent scales",
+                    message: "mixed latents take token scales (q8_0 / q4_0 blocks)".into(),
+                })
+            }
             (d, LatentScales::Channel) => {
                 let (clip, qmax) = (channel_clip(d), d.qmax().unwrap_or(127.0));
                 if let Some(bad) = stddev.iter().find(|s| !s.is_finite() || **s < 0.0) {
@@ -301,6 +314,7 @@ impl RowCodec {
     pub fn prefix(&self, n: usize) -> Self {
         match self {
             Self::Plain(d) => Self::Plain(*d),
+            Self::Mixed => Self::Mixed,
             Self::Kivi { per_channel } => Self::Kivi {
                 per_channel: *per_channel,
             },
@@ -317,6 +331,10 @@ impl RowCodec {
             Self::Plain(KvDtype::Kivi2) => 2 * n,
             Self::Plain(d) => d.row_bytes(n),
             Self::Kivi { .. } => KvDtype::Kivi2.row_bytes(n),
+            Self::Mixed => {
+                let lead = n.min(QBLOCK);
+                KvDtype::Q8_0.row_bytes(lead) + KvDtype::Q4_0.row_bytes(n - lead)
+            }
             Self::Channel { bits4: true, .. } => n.div_ceil(2),
             Self::Channel { bits4: false, .. } => n,
         }
@@ -338,6 +356,14 @@ impl RowCodec {
                 .for_each(|v| out.extend(bf16::from_f32(*v).to_le_bytes())),
             Self::Plain(KvDtype::Q8_0) => x.chunks(QBLOCK).for_each(|b| encode_q8_0(b, out)),
             Self::Plain(KvDtype::Q4_0) => x.chunks(QBLOCK).for_each(|b| encode_q4_0(b, out)),
+            Self::Mixed => {
+                for (i, b) in x.chunks(QBLOCK).enumerate() {
+                    match i {
+                        0 => encode_q8_0(b, out),
+                        _ => encode_q4_0(b, out),
+                    }
+                }
+            }
             Self::Channel { bits4, scales } => {
                 let code = |j: usize, lo: f32, hi: f32| (x[j] / scales[j]).round().clamp(lo, hi);
                 if *bits4 {
@@ -380,28 +406,22 @@ impl RowCodec {
             Self::Plain(KvDtype::Q8_0) => {
                 let mut at = 0;
                 for o in out.chunks_mut(QBLOCK) {
-                    let d = f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32();
-                    let n = o.len();
-                    for (v, &q) in o.iter_mut().zip(&bytes[at + 2..at + 2 + n]) {
-                        *v = d * (q as i8) as f32;
-                    }
-                    at += 2 + n;
+                    at += decode_q8_0(&bytes[at..], o);
                 }
             }
             Self::Plain(KvDtype::Q4_0) => {
                 let mut at = 0;
                 for o in out.chunks_mut(QBLOCK) {
-                    let d = f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32();
-                    let half = o.len().div_ceil(2);
-                    let codes = &bytes[at + 2..at + 2 + half];
-                    let (lo, hi) = o.split_at_mut(half);
-                    for (v, &q) in lo.iter_mut().zip(codes) {
-                        *v = d * ((q & 15) as i32 - 8) as f32;
-                    }
-                    for (v, &q) in hi.iter_mut().zip(codes) {
-                        *v = d * ((q >> 4) as i32 - 8) as f32;
-                    }
-                    at += 2 + half;
+                    at += decode_q4_0(&bytes[at..], o);
+                }
+            }
+            Self::Mixed => {
+                let mut at = 0;
+                for (i, o) in out.chunks_mut(QBLOCK).enumerate() {
+                    at += match i {
+                        0 => decode_q8_0(&bytes[at..], o),
+                        _ => decode_q4_0(&bytes[at..], o),
+                    };
                 }
             }
             Self::Channel {
@@ -436,6 +456,33 @@ impl RowCodec {
         self.decode(&bytes, &mut out);
         out
     }
+}
+
+/// Decodes one q8_0 block into `o` (`[n <= 32]`); returns the bytes read.
+#[inline]
+fn decode_q8_0(bytes: &[u8], o: &mut [f32]) -> usize {
+    let d = f16::from_le_bytes([bytes[0], bytes[1]]).to_f32();
+    let n = o.len();
+    for (v, &q) in o.iter_mut().zip(&bytes[2..2 + n]) {
+        *v = d * (q as i8) as f32;
+    }
+    2 + n
+}
+
+/// Decodes one q4_0 block into `o` (`[n <= 32]`); returns the bytes read.
+#[inline]
+fn decode_q4_0(bytes: &[u8], o: &mut [f32]) -> usize {
+    let d = f16::from_le_bytes([bytes[0], bytes[1]]).to_f32();
+    let half = o.len().div_ceil(2);
+    let codes = &bytes[2..2 + half];
+    let (lo, hi) = o.split_at_mut(half);
+    for (v, &q) in lo.iter_mut().zip(codes) {
+        *v = d * ((q & 15) as i32 - 8) as f32;
+    }
+    for (v, &q) in hi.iter_mut().zip(codes) {
+        *v = d * ((q >> 4) as i32 - 8) as f32;
+    }
+    2 + half
 }
 
 /// llama.cpp's `quantize_row_q8_0_ref` for one block.
@@ -879,6 +926,7 @@ mod tests {
                 (RowCodec::Plain(KvDtype::Bf16), amax * 8e-3),
                 (RowCodec::Plain(KvDtype::Q8_0), amax / 127.0 * 0.51),
                 (RowCodec::Plain(KvDtype::Q4_0), amax / 8.0 * 1.01),
+                (RowCodec::Mixed, amax / 8.0 * 1.01),
             ] {
                 let mut bytes = Vec::new();
                 codec.encode(&x, &mut bytes);
@@ -976,6 +1024,20 @@ mod tests {
         let mut odd = x[..48].to_vec();
         hadamard_rows(&mut odd, 48);
         assert_eq!(odd, &x[..48]);
+    }
+
+    #[test]
+    fn mixed_rows_keep_the_leading_block_at_8_bits() {
+        let x = numbers(64, 12);
+        let c = RowCodec::latent(LatentDtype::Mixed, LatentScales::Token, &[]).unwrap();
+        assert_eq!(c.row_bytes(64), 34 + 18);
+        assert_eq!(c.row_bytes(20), 22, "a short row is one q8_0 block");
+        let y = c.round_trip(&x);
+        let q8 = RowCodec::Plain(KvDtype::Q8_0).round_trip(&x[..32]);
+        let q4 = RowCodec::Plain(KvDtype::Q4_0).round_trip(&x[32..]);
+        assert_eq!(&y[..32], &q8[..]);
+        assert_eq!(&y[32..], &q4[..]);
+        assert!(RowCodec::latent(LatentDtype::Mixed, LatentScales::Channel, &[1.0]).is_err());
     }
 
     #[test]

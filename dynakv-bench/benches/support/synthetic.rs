@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use burn::tensor::{Device, Distribution, Tensor};
+use dynakv_burn::cache::Precision;
 use dynakv_burn::{
     AttentionCache, CacheGeometry, DenseCache, DynaKvBases, DynaKvCache, KvStorage, Rope, RopeStyle,
 };
@@ -156,6 +157,16 @@ pub fn dense_configs(device: &Device) -> Vec<(String, DenseCache)> {
             DenseCache::with_storage(GEOMETRY, rope(device), KvStorage::Device).expect("dense");
         out.push(("dense-tensor-path".to_string(), tensor));
     }
+    // packed storage: llama.cpp's f16 / q8_0 / q4_0 (rotated) and KIVI 2-bit
+    for kv in ["f16", "q8_0", "q4_0", "kivi2"] {
+        let precision: Precision = format!("kv={kv}").parse().expect("precision");
+        if kv == "kivi2" && native.storage() != KvStorage::Host {
+            continue;
+        }
+        let cache = DenseCache::with_precision(GEOMETRY, rope(device), native.storage(), precision)
+            .expect("dense");
+        out.push((format!("dense-{kv}"), cache));
+    }
     out
 }
 
@@ -165,10 +176,21 @@ pub fn dynakv(
     storage: KvStorage,
     device: &Device,
 ) -> DynaKvCache {
+    dynakv_with(placement, policy, storage, Precision::default(), device)
+}
+
+/// [`dynakv`] with latents stored at `precision`.
+pub fn dynakv_with(
+    placement: RopePlacement,
+    policy: Arc<dyn RankPolicy>,
+    storage: KvStorage,
+    precision: Precision,
+    device: &Device,
+) -> DynaKvCache {
     let bases = Arc::new(
         DynaKvBases::with_storage(&artifact(placement), GEOMETRY, device, storage).expect("bases"),
     );
-    DynaKvCache::new(GEOMETRY, rope(device), bases, policy).expect("cache")
+    DynaKvCache::with_precision(GEOMETRY, rope(device), bases, policy, precision).expect("cache")
 }
 
 /// The caches every attention bench compares: dense, then DynaKV for both key

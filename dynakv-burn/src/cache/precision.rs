@@ -83,7 +83,7 @@ impl Precision {
     /// Checks the parts against each other.
     pub fn validate(&self) -> Result<(), CacheError> {
         if self.scales == LatentScales::Channel
-            && matches!(self.latent, LatentDtype::F32 | LatentDtype::F16)
+            && !matches!(self.latent, LatentDtype::Int8 | LatentDtype::Int4)
         {
             return Err(CacheError::Config(format!(
                 "scales=channel needs integer latents (latent=int8 or int4), not {}",
@@ -219,7 +219,14 @@ mod tests {
             assert_eq!(p.to_string(), good);
         }
         assert!("kv=f32".parse::<Precision>().unwrap().is_default());
-        for bad in ["", "kv", "kv=q3", "latent=f16,scales=channel", "dtype=f16"] {
+        for bad in [
+            "",
+            "kv",
+            "kv=q3",
+            "latent=f16,scales=channel",
+            "latent=mixed,scales=channel",
+            "dtype=f16",
+        ] {
             assert!(bad.parse::<Precision>().is_err(), "{bad}");
         }
     }
