@@ -147,7 +147,7 @@ fn cache(
 ) -> CacheArgs {
     let (kv, latent) = match store {
         Store::Kv(k, v) => ((k, v), LatentDtype::F32),
-        Store::Latent(l) => ((KvDtype::F32, KvDtype::F32), l),
+        Store::Latent(l, _) => ((KvDtype::F32, KvDtype::F32), l),
     };
     CacheArgs {
         cache: kind,
@@ -179,17 +179,24 @@ fn cache(
 #[derive(Debug, Clone, Copy)]
 enum Store {
     Kv(KvDtype, KvDtype),
-    Latent(LatentDtype),
+    Latent(LatentDtype, LatentScales),
 }
 
 impl Store {
     /// `""` for f32, else `/kv=q8_0`, `/k=q8_0,v=q4_0`, `/latent=int4`.
     fn suffix(self) -> String {
         match self {
-            Self::Kv(KvDtype::F32, KvDtype::F32) | Self::Latent(LatentDtype::F32) => String::new(),
+            Self::Kv(KvDtype::F32, KvDtype::F32) | Self::Latent(LatentDtype::F32, _) => {
+                String::new()
+            }
             Self::Kv(k, v) if k == v => format!("/kv={k}"),
             Self::Kv(k, v) => format!("/k={k},v={v}"),
-            Self::Latent(l) => format!("/latent={l}"),
+            Self::Latent(l, LatentScales::Channel)
+                if matches!(l, LatentDtype::Int8 | LatentDtype::Int4) =>
+            {
+                format!("/latent={l},scales=channel")
+            }
+            Self::Latent(l, _) => format!("/latent={l}"),
         }
     }
 }
@@ -217,7 +224,7 @@ fn cells(a: &SweepArgs) -> Result<Vec<(String, String, CacheArgs)>> {
         .collect();
     let latents: Vec<Store> = parse_list::<LatentDtype>(&a.latent_dtypes, "latent dtype")?
         .into_iter()
-        .map(Store::Latent)
+        .map(|l| Store::Latent(l, a.latent_scales))
         .collect();
     for &st in &kvs {
         let sfx = st.suffix();
@@ -340,6 +347,8 @@ pub fn run(a: SweepArgs) -> Result<()> {
             "kv_bytes_per_token": p.report.bytes.kv_bytes_per_token,
             "bytes_f16_dense": p.report.bytes.bytes_f16_dense,
             "kv_fraction_f16": p.report.bytes.kv_fraction_f16,
+            "kv_fraction_f16_prefill": p.report.kv_fraction_f16_prefill,
+            "kv_bytes_per_token_prefill": p.report.kv_bytes_per_token_prefill,
             "bytes_full": p.report.bytes.bytes_full,
             "ctx": a.ctx,
             "windows": a.windows,
@@ -398,8 +407,14 @@ pub fn run(a: SweepArgs) -> Result<()> {
             .or(v["retained"].as_f64())
             .unwrap_or(f64::NAN)
     };
-    // Plots: quality against KV bytes per token, as a fraction of f16 dense.
-    let x = |v: &Value| v["kv_fraction_f16"].as_f64().unwrap_or(f64::NAN);
+    // Plots: quality against KV bytes per token, as a fraction of f16 dense,
+    // at the compression point (the end of prefill) when there is one.
+    let x = |v: &Value| {
+        v["kv_fraction_f16_prefill"]
+            .as_f64()
+            .or(v["kv_fraction_f16"].as_f64())
+            .unwrap_or(f64::NAN)
+    };
     let series_of = |metric: &dyn Fn(&Value) -> Option<f64>| -> Vec<Series> {
         let mut out: Vec<Series> = Vec::new();
         for v in done.iter().filter(|v| v["label"] != "full") {

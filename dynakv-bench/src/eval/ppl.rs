@@ -9,6 +9,7 @@
 //! last logit).
 
 use burn::tensor::Tensor;
+use dynakv_burn::dynakv_core::budget::CacheFootprint;
 use dynakv_burn::AttentionCache;
 use dynakv_models::{LlamaModel, ModelError};
 use serde::Serialize;
@@ -35,10 +36,14 @@ pub struct PplReport {
     pub score_last: Option<usize>,
     /// Mean retained fraction right after that prefill (the compression point).
     pub retained_prefill: Option<f64>,
+    /// KV bytes per token there, and as a fraction of an f16 dense cache:
+    /// what a cache that compresses at the end of prefill (SnapKV) costs.
+    pub kv_bytes_per_token_prefill: Option<f64>,
+    pub kv_fraction_f16_prefill: Option<f64>,
 }
 
 /// Logits that predict a window's scored tokens, the index of the first scored
-/// token, and the retained fraction at the compression point (with
+/// token, and the cache's footprint at the compression point (with
 /// `score_last`).
 ///
 /// Without `score_last` the whole window is one forward pass and tokens
@@ -53,7 +58,7 @@ pub fn window_logits(
     w: &[u32],
     score_last: Option<usize>,
     cache: &mut dyn AttentionCache,
-) -> Result<(Tensor<2>, usize, Option<f64>), ModelError> {
+) -> Result<(Tensor<2>, usize, Option<CacheFootprint>), ModelError> {
     let t = w.len();
     match score_last {
         None => Ok((model.forward(w, 0, cache)?.narrow(0, 0, t - 1), 1, None)),
@@ -65,7 +70,7 @@ pub fn window_logits(
             }
             let split = t - n;
             let first = model.forward_last(&w[..split], 0, cache)?;
-            let prefill = cache.footprint().retained();
+            let prefill = cache.footprint();
             let rest = model.forward(&w[split..], split, cache)?;
             let logits = Tensor::cat(vec![first.unsqueeze::<2>(), rest.narrow(0, 0, n - 1)], 0);
             Ok((logits, split, Some(prefill)))
@@ -139,13 +144,17 @@ pub fn perplexity(
     let wins = checked_windows(model, ids, ctx, max_windows, score_last)?;
     let (mut sum, mut n) = (0f64, 0usize);
     let (mut bytes, mut retained, mut at_prefill) = (ByteAccumulator::default(), 0f64, 0f64);
+    let mut bytes_prefill = ByteAccumulator::default();
     let mut all_nll = Vec::new();
     let mut all_top1 = Vec::new();
     for (i, w) in wins.iter().enumerate() {
         let _span = tracing::info_span!("window", i).entered();
         let mut cache = make_cache()?;
         let (logits, first_target, prefill) = window_logits(model, w, score_last, cache.as_mut())?;
-        at_prefill += prefill.unwrap_or(0.0);
+        if let Some(f) = &prefill {
+            at_prefill += f.retained();
+            bytes_prefill.add(f);
+        }
         let (nll, top1) = dynakv_models::llama::nll_and_top1(logits, &w[first_target..]);
         let f = cache.footprint();
         bytes.add(&f);
@@ -170,6 +179,8 @@ pub fn perplexity(
             retained: retained / k,
             score_last,
             retained_prefill: score_last.map(|_| at_prefill / k),
+            kv_bytes_per_token_prefill: score_last.map(|_| bytes_prefill.mean().kv_bytes_per_token),
+            kv_fraction_f16_prefill: score_last.map(|_| bytes_prefill.mean().kv_fraction_f16),
         },
         nll: all_nll,
         top1: all_top1,
