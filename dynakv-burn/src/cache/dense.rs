@@ -130,8 +130,9 @@ impl Kv {
 enum NewKv {
     /// `[H_kv * T * D]` rows each, rotated where the precision says.
     Host(Vec<f32>, Vec<f32>),
-    /// `[B, H_kv, T, D]` each, the values the format keeps.
-    Device(Tensor<4>, Tensor<4>),
+    /// `[B, H_kv, T, D]` each, the values the format keeps (boxed: tensor
+    /// handles outweigh two `Vec`s).
+    Device(Box<(Tensor<4>, Tensor<4>)>),
 }
 
 /// One layer's stored tokens.
@@ -390,7 +391,10 @@ impl AttentionCache for DenseCache {
             }
             NewKv::Host(self.host_rows_stored(&k, 0)?, self.host_rows_stored(&v, 1)?)
         } else {
-            NewKv::Device(self.device_stored(k, 0)?, self.device_stored(v, 1)?)
+            NewKv::Device(Box::new((
+                self.device_stored(k, 0)?,
+                self.device_stored(v, 1)?,
+            )))
         };
         let codecs = self.codecs.clone();
         let store = &mut self.layers[layer];
@@ -409,12 +413,12 @@ impl AttentionCache for DenseCache {
                 }
                 Kv::Host { k: ks, v: vs }
             }
-            NewKv::Device(k, v) => match store.kv.take() {
-                Some(Kv::Device { k: old_k, v: old_v }) => Kv::Device {
+            NewKv::Device(kv) => match (store.kv.take(), *kv) {
+                (Some(Kv::Device { k: old_k, v: old_v }), (k, v)) => Kv::Device {
                     k: Box::new(Tensor::cat(vec![*old_k, k], 2)),
                     v: Box::new(Tensor::cat(vec![*old_v, v], 2)),
                 },
-                _ => Kv::Device {
+                (_, (k, v)) => Kv::Device {
                     k: Box::new(k),
                     v: Box::new(v),
                 },
