@@ -48,6 +48,8 @@ pub mod device;
 mod error;
 mod factory;
 mod host;
+#[cfg(feature = "snapkv")]
+pub mod preset;
 pub mod rope;
 #[cfg(feature = "train")]
 pub mod router;
@@ -59,7 +61,7 @@ pub mod train;
 pub use cache::SnapKvCache;
 pub use cache::{
     AttentionCache, CacheGeometry, CacheWrapper, DenseCache, DynaKvBases, DynaKvCache,
-    KeepPositions, KvStorage, PrunableCache, Recorded, RecordingCache,
+    KeepPositions, KvStorage, Precision, PrunableCache, Recorded, RecordingCache,
 };
 pub use calibrate::{calibrate, CalibrationConfig, CalibrationTarget};
 pub use dynakv_core;
@@ -67,5 +69,7 @@ pub use dynakv_core;
 pub use dynakv_snapkv;
 pub use error::CacheError;
 pub use factory::CacheFactory;
+#[cfg(feature = "snapkv")]
+pub use preset::{Preset, PRESETS};
 pub use rope::{Rope, RopeStyle};
 pub use spec::CacheSpec;

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use dynakv_burn::cache::Precision;
 use dynakv_burn::dynakv_snapkv::{GqaScores, KeepBudget, SnapKvPreset, SnapKvSpec};
-use dynakv_burn::{AttentionCache, CacheFactory, CacheSpec};
+use dynakv_burn::{AttentionCache, CacheFactory, CacheSpec, PRESETS};
 use dynakv_core::artifact::Artifact;
 use dynakv_core::policy::{EnergyRule, PolicyKind, PolicySpec};
 use dynakv_core::quant::{KvDtype, LatentDtype, LatentScales};
@@ -21,8 +21,36 @@ pub enum CacheKind {
     Dynakv,
 }
 
+/// The cache flags a preset replaces.
+const PRESET_REPLACES: &[&str] = &[
+    "cache",
+    "policy",
+    "budget",
+    "recent_full",
+    "snapkv",
+    "snapkv_capacity",
+    "snapkv_preset",
+    "snapkv_per_layer",
+    "snapkv_layer_max",
+    "kv_dtype",
+    "k_dtype",
+    "v_dtype",
+    "latent_dtype",
+    "latent_scales",
+    "no_kv_rotation",
+];
+
 #[derive(Args, Debug, Clone)]
 pub struct CacheArgs {
+    /// A named configuration, the best measured at a byte level
+    /// (docs/results.md, "The bytes frontier"): bytes-25, bytes-12, bytes-6,
+    /// bytes-3 (KV bytes per token as a percentage of an f16 dense cache).
+    #[arg(
+        long,
+        conflicts_with_all = PRESET_REPLACES,
+        value_parser = clap::builder::PossibleValuesParser::new(PRESETS.iter().map(|p| p.name)),
+    )]
+    pub preset: Option<String>,
     #[arg(long, value_enum, default_value_t = CacheKind::Full)]
     pub cache: CacheKind,
     /// Calibration artifact from `dynakv calibrate` (for --cache dynakv).
@@ -99,6 +127,9 @@ pub struct CacheMaker {
 
 impl CacheArgs {
     pub fn label(&self) -> String {
+        if let Some(p) = &self.preset {
+            return format!("preset/{p}");
+        }
         let base = match self.cache {
             CacheKind::Full => "full".into(),
             CacheKind::Dynakv => match self.recent_full {
@@ -138,7 +169,8 @@ impl CacheArgs {
 
     /// The uncompressed cache, without SnapKV.
     pub fn is_full(&self) -> bool {
-        self.cache == CacheKind::Full
+        self.preset.is_none()
+            && self.cache == CacheKind::Full
             && self.snapkv.is_none()
             && self.snapkv_capacity.is_none()
             && self.precision().is_default()
@@ -146,6 +178,9 @@ impl CacheArgs {
 
     /// What the flags ask for, validated (before any model is loaded).
     pub fn spec(&self) -> Result<CacheSpec> {
+        if let Some(p) = &self.preset {
+            return Ok(CacheSpec::preset(p)?);
+        }
         let dynakv = match self.cache {
             CacheKind::Full => None,
             CacheKind::Dynakv => Some(PolicySpec {
@@ -187,11 +222,11 @@ impl CacheArgs {
     /// artifact given exactly when DynaKV needs one.
     pub fn check(&self) -> Result<CacheSpec> {
         let spec = self.spec()?;
-        match (self.cache, &self.artifact) {
-            (CacheKind::Dynakv, None) => {
-                bail!("--cache dynakv needs --artifact FILE (from `dynakv calibrate`)")
+        match (spec.dynakv.is_some(), &self.artifact) {
+            (true, None) => {
+                bail!("DynaKV (--cache dynakv or its preset) needs --artifact FILE (from `dynakv calibrate`)")
             }
-            (CacheKind::Full, Some(_)) => bail!("--artifact applies to --cache dynakv only"),
+            (false, Some(_)) => bail!("--artifact applies to DynaKV caches only"),
             (_, Some(p)) if !p.is_file() => bail!("--artifact {}: no such file", p.display()),
             _ => Ok(spec),
         }

@@ -150,6 +150,7 @@ fn cache(
         Store::Latent(l, _) => ((KvDtype::F32, KvDtype::F32), l),
     };
     CacheArgs {
+        preset: None,
         cache: kind,
         artifact: artifact.map(Path::to_path_buf),
         policy,
