@@ -21,23 +21,27 @@ pub struct Preset {
 pub const PRESETS: &[Preset] = &[
     Preset {
         name: "bytes-25",
-        spec: "dense+snapkv:recall@0.5+store:kv=q8_0",
-        about: "SnapKV recall keeping half the prompt, q8_0 storage: 27% of f16 bytes, PPL x1.010",
+        spec: "dynakv:energy@0.7+store:latent=mixed",
+        about: "DynaKV energy 0.70, latents 8-bit then 4-bit: 24.3% of f16 bytes, PPL x1.025 \
+                (llama.cpp's q4_0 cache: 28.1%, x1.042)",
     },
     Preset {
         name: "bytes-12",
-        spec: "dense+snapkv:recall@0.75+store:kv=q8_0",
-        about: "SnapKV recall keeping a quarter of the prompt, q8_0 storage: 14% of f16 bytes, PPL x1.028",
+        spec: "dynakv:energy@0.7,recent=32+snapkv:recall@0.75,gqa=layer-max+store:latent=mixed",
+        about: "SnapKV recall 0.75 + DynaKV energy 0.70, mixed latents: 6.8% of f16 bytes, \
+                PPL x1.054 (SnapKV recall 0.875 with q8_0: 6.8%, x1.055)",
     },
     Preset {
         name: "bytes-6",
-        spec: "dense+snapkv:recall@0.875+store:kv=q8_0",
-        about: "SnapKV recall keeping an eighth of the prompt, q8_0 storage: 6.8% of f16 bytes, PPL x1.055",
+        spec: "dynakv:energy@0.7,recent=32+snapkv:recall@0.875,gqa=layer-max+store:latent=mixed",
+        about: "SnapKV recall 0.875 + DynaKV energy 0.70, mixed latents: 3.8% of f16 bytes, \
+                PPL x1.079 (SnapKV recall 0.875 with q4_0: 3.7%, x1.089)",
     },
     Preset {
         name: "bytes-3",
-        spec: "dense+snapkv:recall@0.875+store:kv=q4_0",
-        about: "SnapKV recall keeping an eighth of the prompt, q4_0 storage: 3.7% of f16 bytes, PPL x1.089",
+        spec: "dynakv:energy@0.47,recent=32+snapkv:recall@0.875,gqa=layer-max+store:latent=int4",
+        about: "SnapKV recall 0.875 + DynaKV energy 0.47, int4 latents: 2.9% of f16 bytes, \
+                PPL x1.201 (nothing else measured under 3% does better than x2.17)",
     },
 ];
 
@@ -48,7 +52,7 @@ impl CacheSpec {
     /// use dynakv_burn::CacheSpec;
     ///
     /// let spec = CacheSpec::preset("bytes-6").unwrap();
-    /// assert!(spec.snapkv.is_some());
+    /// assert!(spec.snapkv.is_some() && spec.dynakv.is_some());
     /// assert!(CacheSpec::preset("bytes-0").is_err());
     /// ```
     pub fn preset(name: &str) -> Result<CacheSpec, CacheError> {
