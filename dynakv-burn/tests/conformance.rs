@@ -14,6 +14,7 @@ mod own_model;
 
 use burn::tensor::Tensor;
 use dynakv_burn::dynakv_core::artifact::{Artifact, RopePlacement};
+use dynakv_burn::dynakv_core::budget::CacheFootprint;
 use dynakv_burn::{AttentionCache, CacheFactory, CacheSpec, KvStorage};
 use own_model::{calibrated, synthetic_text, TinyModel, GEOMETRY};
 
@@ -188,9 +189,17 @@ fn every_cache_wrapper_and_policy_conforms() {
                 assert!(max_diff(&again, &out) <= 1e-6, "{ctx}: reset run differs");
                 outs.push(out);
             }
+            // Packed formats round: a 1e-6 difference between the two
+            // attention paths in one layer can move a value across a
+            // rounding boundary in the next one, so they get a step's slack.
             let diff = max_diff(&outs[0], &outs[1]);
+            let tol = if spec.precision.is_default() {
+                1e-4
+            } else {
+                5e-2
+            };
             assert!(
-                diff < 1e-4,
+                diff < tol,
                 "{name} placement {placement}: host vs device {diff}"
             );
         }
@@ -231,17 +240,21 @@ fn full_rank_equals_the_dense_cache_with_and_without_snapkv() {
     }
 }
 
+/// The decode outputs and footprint of a fresh cache of `name` (pre-RoPE
+/// artifact) after the standard run.
+fn run_spec(s: &Setup, name: &str, storage: KvStorage) -> (Tensor<2>, CacheFootprint) {
+    let mut c = factory(s, &name.parse().unwrap(), 0, storage)
+        .make()
+        .unwrap();
+    let out = run(s, c.as_mut());
+    (out, c.footprint())
+}
+
 #[test]
 fn compression_lowers_the_bytes_and_keeps_the_output_close() {
     let s = setup();
     let storage = KvStorage::for_device(&dynakv_burn::device::default_device());
-    let make = |name: &str| {
-        let mut c = factory(&s, &name.parse().unwrap(), 0, storage)
-            .make()
-            .unwrap();
-        let out = run(&s, c.as_mut());
-        (out, c.footprint())
-    };
+    let make = |name: &str| run_spec(&s, name, storage);
     let (dense, fd) = make("dense");
     let (half, fh) = make("dynakv:energy@0.5");
     assert!(fh.retained() < 0.75, "{}", fh.retained());
@@ -255,13 +268,7 @@ fn compression_lowers_the_bytes_and_keeps_the_output_close() {
 fn fewer_bits_cost_fewer_bytes_and_more_error_in_order() {
     let s = setup();
     let storage = KvStorage::for_device(&dynakv_burn::device::default_device());
-    let make = |name: &str| {
-        let mut c = factory(&s, &name.parse().unwrap(), 0, storage)
-            .make()
-            .unwrap();
-        let out = run(&s, c.as_mut());
-        (out, c.footprint())
-    };
+    let make = |name: &str| run_spec(&s, name, storage);
     // KIVI (2-bit) last, where the storage can hold it
     let kivi = match storage {
         KvStorage::Host => "dense+store:kv=kivi2",
