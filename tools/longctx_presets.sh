@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Long-context suite at 1k and 2k for the presets and the baselines at the same bytes.
 set -uo pipefail
-cd /work/main
+cd "$(dirname "$0")/.."
 D=target/release/dynakv
 A=${1:?usage: tools/longctx_presets.sh ARTIFACT [FULL_RESULTS_JSON]}
 C="eval longctx --lengths 1024,2048 --query-aware --full-results ${2:-longctx-full-1k2k.json} --json"
