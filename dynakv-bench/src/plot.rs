@@ -53,29 +53,6 @@ const COLORS: [RGBColor; 16] = [
     RGBColor(197, 176, 213),
 ];
 
-/// A quality figure against the retained fraction (x from 0 to 1).
-///
-/// `caption` goes above the chart (the exact command); `log_y` for ratios
-/// that span orders of magnitude.
-pub fn quality_plot(
-    path: &Path,
-    title: &str,
-    y_label: &str,
-    caption: &str,
-    series: &[Series],
-    log_y: bool,
-) -> Result<(), String> {
-    line_plot(
-        path,
-        title,
-        ("retained fraction of the KV cache", 0.0, 1.02),
-        y_label,
-        caption,
-        series,
-        log_y,
-    )
-}
-
 /// Quality against KV bytes per token as a fraction of an f16 dense cache's,
 /// on a log axis (the frontier spans 3% to 200%).
 pub fn bytes_plot(
@@ -86,16 +63,7 @@ pub fn bytes_plot(
     series: &[Series],
     log_y: bool,
 ) -> Result<(), String> {
-    let xs = series
-        .iter()
-        .flat_map(|s| s.points.iter().map(|p| p.0))
-        .filter(|x| x.is_finite() && *x > 0.0);
-    let (lo, hi) = xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
-        (a.min(x), b.max(x))
-    });
-    if !lo.is_finite() {
-        return Err("nothing to plot".into());
-    }
+    let (lo, hi) = range(series, |p| p.0).ok_or("nothing to plot")?;
     draw_plot(
         path,
         title,
@@ -127,6 +95,19 @@ pub fn line_plot(
     draw_plot(path, title, x, y_label, caption, series, (false, log_y))
 }
 
+/// Smallest and largest finite coordinate (`pick`: x or y) over every
+/// point; `None` when there is none.
+fn range(series: &[Series], pick: fn(&(f64, f64)) -> f64) -> Option<(f64, f64)> {
+    series
+        .iter()
+        .flat_map(|s| s.points.iter().map(pick))
+        .filter(|v| v.is_finite())
+        .fold(None, |r, v| match r {
+            None => Some((v, v)),
+            Some((lo, hi)) => Some((f64::min(lo, v), f64::max(hi, v))),
+        })
+}
+
 /// [`line_plot`] with a choice of log axes `(x, y)`.
 fn draw_plot(
     path: &Path,
@@ -138,19 +119,7 @@ fn draw_plot(
     (log_x, log_y): (bool, bool),
 ) -> Result<(), String> {
     let (x_label, x_lo, x_hi) = x;
-    let ys: Vec<f64> = series
-        .iter()
-        .flat_map(|s| s.points.iter().map(|p| p.1))
-        .filter(|y| y.is_finite())
-        .collect();
-    if ys.is_empty() {
-        return Err("nothing to plot".into());
-    }
-    let (lo, hi) = ys
-        .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &y| {
-            (a.min(y), b.max(y))
-        });
+    let (lo, hi) = range(series, |p| p.1).ok_or("nothing to plot")?;
     let (lo, hi) = if log_y {
         (lo.max(1e-6) * 0.9, hi * 1.1)
     } else {
@@ -309,9 +278,11 @@ mod tests {
                 points: vec![(0.47, 1.4), (0.3, 2.4)],
             },
         ];
-        quality_plot(
+        let x = ("retained fraction of the KV cache", 0.0, 1.02);
+        line_plot(
             &path,
             "PPL",
+            x,
             "PPL ratio",
             "dynakv eval sweep --x",
             &series,
@@ -327,7 +298,7 @@ mod tests {
         assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
         // text was drawn: the caption's strip is not blank
         assert!(png.len() > 10_000, "{} bytes", png.len());
-        assert!(quality_plot(&path, "t", "y", "c", &[], false).is_err());
+        assert!(line_plot(&path, "t", x, "y", "c", &[], false).is_err());
         let bytes = dir.join("b.svg");
         bytes_plot(&bytes, "PPL", "PPL ratio", "c", &series, false).unwrap();
         assert!(std::fs::read_to_string(&bytes)

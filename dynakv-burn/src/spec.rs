@@ -86,20 +86,7 @@ impl CacheSpec {
         if let Some(p) = &self.dynakv {
             p.validate()?;
         }
-        self.precision.validate()?;
-        match (&self.dynakv, self.precision) {
-            (None, p) if p.sets_latents() => {
-                return Err(CacheError::Config(format!(
-                "store:{p}: latent formats need dynakv:POLICY; the dense cache takes k=, v= or kv="
-            )))
-            }
-            (Some(_), p) if p.sets_dense() => {
-                return Err(CacheError::Config(format!(
-                    "store:{p}: DynaKV stores latents (latent=, scales=), not k / v rows"
-                )))
-            }
-            _ => {}
-        }
+        self.precision.check_for(self.dynakv.is_some())?;
         #[cfg(feature = "snapkv")]
         if let Some(s) = &self.snapkv {
             s.config(self.dynakv.is_some())?;

@@ -13,6 +13,7 @@ use dynakv_bench::eval::longctx_suite::{kept_cells, summarize, SuiteSpec};
 use dynakv_bench::eval::ppl::perplexity;
 use dynakv_bench::plot::{bytes_plot, Series};
 use dynakv_bench::text::{brown_docs, document_tokens};
+use dynakv_burn::cache::Precision;
 use dynakv_burn::dynakv_snapkv::SnapKvPreset;
 use dynakv_core::artifact::Artifact;
 use dynakv_core::policy::{EnergyRule, PolicyKind};
@@ -60,7 +61,8 @@ pub struct SweepArgs {
     /// JSON lines, one per cell.
     #[arg(long)]
     pub out: PathBuf,
-    /// Plot PPL ratio (and KL with --fidelity) against retained fraction here (SVG).
+    /// Plot PPL ratio (and KL with --fidelity) against KV bytes per token, as
+    /// a fraction of an f16 dense cache (log), here (SVG and PNG).
     #[arg(long)]
     pub plot: Option<PathBuf>,
     /// Skip cells already in --out.
@@ -98,7 +100,7 @@ pub struct SweepArgs {
     /// always the reference cell.
     #[arg(long, default_value = "f32")]
     pub kv_dtypes: String,
-    /// Storage of DynaKV cells' latents (f32, f16, int8, int4).
+    /// Storage of DynaKV cells' latents (f32, f16, int8, int4, mixed).
     #[arg(long, default_value = "f32")]
     pub latent_dtypes: String,
     /// Scales of integer latents.
@@ -143,12 +145,8 @@ fn cache(
     policy: PolicyKind,
     budget: f64,
     snapkv: Option<f64>,
-    store: Store,
+    precision: Precision,
 ) -> CacheArgs {
-    let (kv, latent) = match store {
-        Store::Kv(k, v) => ((k, v), LatentDtype::F32),
-        Store::Latent(l, _) => ((KvDtype::F32, KvDtype::F32), l),
-    };
     CacheArgs {
         preset: None,
         cache: kind,
@@ -164,48 +162,28 @@ fn cache(
         snapkv_preset: a.snapkv_preset,
         snapkv_per_layer: false,
         snapkv_layer_max: a.snapkv_layer_max,
-        kv_dtype: kv.0,
+        kv_dtype: precision.k,
         k_dtype: None,
-        v_dtype: Some(kv.1),
-        latent_dtype: latent,
-        latent_scales: match latent {
-            LatentDtype::Int8 | LatentDtype::Int4 => a.latent_scales,
-            _ => LatentScales::Token,
-        },
-        no_kv_rotation: false,
+        v_dtype: Some(precision.v),
+        latent_dtype: precision.latent,
+        latent_scales: precision.scales,
+        no_kv_rotation: !precision.rotate,
     }
 }
 
-/// A cell's storage: dense K/V dtypes or DynaKV's latent dtype.
-#[derive(Debug, Clone, Copy)]
-enum Store {
-    Kv(KvDtype, KvDtype),
-    Latent(LatentDtype, LatentScales),
-}
-
-impl Store {
-    /// `""` for f32, else `/kv=q8_0`, `/k=q8_0,v=q4_0`, `/latent=int4`.
-    fn suffix(self) -> String {
-        match self {
-            Self::Kv(KvDtype::F32, KvDtype::F32) | Self::Latent(LatentDtype::F32, _) => {
-                String::new()
-            }
-            Self::Kv(k, v) if k == v => format!("/kv={k}"),
-            Self::Kv(k, v) => format!("/k={k},v={v}"),
-            Self::Latent(l, LatentScales::Channel)
-                if matches!(l, LatentDtype::Int8 | LatentDtype::Int4) =>
-            {
-                format!("/latent={l},scales=channel")
-            }
-            Self::Latent(l, _) => format!("/latent={l}"),
-        }
+/// A cell label's storage part: `""` for f32, else `/kv=q8_0`,
+/// `/k=q8_0,v=q4_0`, `/latent=int4` (the precision as a spec writes it).
+fn suffix(p: Precision) -> String {
+    if p.is_default() {
+        String::new()
+    } else {
+        format!("/{p}")
     }
 }
 
 /// `(label, plot family, cache)` of every cell, the full cache first.
 fn cells(a: &SweepArgs) -> Result<Vec<(String, String, CacheArgs)>> {
     let snaps: Vec<f64> = parse_list(&a.snapkv, "SnapKV ratio")?;
-    let f32s = Store::Kv(KvDtype::F32, KvDtype::F32);
     let mut out = vec![(
         "full".to_string(),
         "full".to_string(),
@@ -216,19 +194,31 @@ fn cells(a: &SweepArgs) -> Result<Vec<(String, String, CacheArgs)>> {
             PolicyKind::Energy,
             1.0,
             None,
-            f32s,
+            Precision::default(),
         ),
     )];
-    let kvs: Vec<Store> = kv_pairs(&a.kv_dtypes)?
+    let kvs: Vec<Precision> = kv_pairs(&a.kv_dtypes)?
         .into_iter()
-        .map(|(k, v)| Store::Kv(k, v))
+        .map(|(k, v)| Precision {
+            k,
+            v,
+            ..Precision::default()
+        })
         .collect();
-    let latents: Vec<Store> = parse_list::<LatentDtype>(&a.latent_dtypes, "latent dtype")?
+    // channel scales apply to integer latents only
+    let latents: Vec<Precision> = parse_list::<LatentDtype>(&a.latent_dtypes, "latent dtype")?
         .into_iter()
-        .map(|l| Store::Latent(l, a.latent_scales))
+        .map(|latent| Precision {
+            latent,
+            scales: match latent {
+                LatentDtype::Int8 | LatentDtype::Int4 => a.latent_scales,
+                _ => LatentScales::Token,
+            },
+            ..Precision::default()
+        })
         .collect();
     for &st in &kvs {
-        let sfx = st.suffix();
+        let sfx = suffix(st);
         if !sfx.is_empty() {
             out.push((
                 format!("full{sfx}"),
@@ -268,7 +258,7 @@ fn cells(a: &SweepArgs) -> Result<Vec<(String, String, CacheArgs)>> {
     }
     for (p, art, b) in dyna {
         for &st in &latents {
-            let sfx = st.suffix();
+            let sfx = suffix(st);
             out.push((
                 format!("{p}/{b}{sfx}"),
                 format!("{p}{sfx}"),

@@ -212,12 +212,7 @@ impl DenseCache {
     ) -> Result<Self, CacheError> {
         geometry.validate()?;
         geometry.check_rope(&rope)?;
-        precision.validate()?;
-        if precision.sets_latents() {
-            return Err(CacheError::Config(format!(
-                "`{precision}`: latent formats are DynaKV's, the dense cache takes k and v"
-            )));
-        }
+        precision.check_for(false)?;
         if storage == KvStorage::Device
             && (precision.k.is_token_blocked() || precision.v.is_token_blocked())
         {
@@ -396,7 +391,7 @@ impl AttentionCache for DenseCache {
                 self.device_stored(v, 1)?,
             )))
         };
-        let codecs = self.codecs.clone();
+        let codecs = &self.codecs;
         let store = &mut self.layers[layer];
         store.kv = Some(match new {
             NewKv::Host(k_rows, v_rows) => {

@@ -64,13 +64,32 @@ impl Precision {
     }
 
     /// Whether anything of DynaKV's is set (then the cache must be DynaKV).
-    pub fn sets_latents(&self) -> bool {
+    fn sets_latents(&self) -> bool {
         self.latent != LatentDtype::F32 || self.scales != LatentScales::Token
     }
 
     /// Whether anything of the dense cache's is set.
-    pub fn sets_dense(&self) -> bool {
+    fn sets_dense(&self) -> bool {
         self.k != KvDtype::F32 || self.v != KvDtype::F32
+    }
+
+    /// [`Precision::validate`], and that only the cache kind's own fields
+    /// are set: latents for DynaKV (`dynakv`), k / v rows for the dense
+    /// cache. One check for specs and for caches built directly.
+    pub fn check_for(&self, dynakv: bool) -> Result<(), CacheError> {
+        self.validate()?;
+        if !dynakv && self.sets_latents() {
+            return Err(CacheError::Config(format!(
+                "`{self}`: latent formats (latent=, scales=) are DynaKV's; \
+                 the dense cache takes k=, v= or kv="
+            )));
+        }
+        if dynakv && self.sets_dense() {
+            return Err(CacheError::Config(format!(
+                "`{self}`: DynaKV stores latents (latent=, scales=), not k / v rows"
+            )));
+        }
+        Ok(())
     }
 
     /// Whether keys and values are stored Hadamard-rotated: quantised, and

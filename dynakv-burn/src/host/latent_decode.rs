@@ -197,22 +197,15 @@ fn score_chunk_impl(job: &Job, b: &BucketView, first: usize, out: &mut [f32]) {
         None => vec![0f32; TILE * d],
         Some(_) => Vec::new(),
     };
-    let r = b.rank;
-    let mut latbuf = vec![0f32; TILE * r];
+    // a tile's latents decoded here when packed (f32 is read in place)
+    let mut latbuf = match b.lat.as_f32() {
+        Some(_) => Vec::new(),
+        None => vec![0f32; TILE * b.rank],
+    };
     let mut i = 0;
     while i < n {
         let m = (n - i).min(TILE);
-        let lat: &[f32] = match b.lat.as_f32() {
-            Some(all) => &all[(first + i) * r..(first + i + m) * r],
-            None => {
-                for k in 0..m {
-                    let row = &mut latbuf[k * r..(k + 1) * r];
-                    let got = b.lat.row(first + i + k, row);
-                    debug_assert_eq!(got.len(), r);
-                }
-                &latbuf[..m * r]
-            }
-        };
+        let lat = b.lat.rows(first + i, m, &mut latbuf);
         if job.q_lat.is_none() {
             // Pre-RoPE: reconstruct all KV heads of m tokens, then rotate.
             if m == TILE {

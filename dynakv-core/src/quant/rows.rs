@@ -133,6 +133,27 @@ impl PackedRows {
         self.rows += other.rows;
     }
 
+    /// Rows `first..first + m`, row-major: borrowed for `f32` storage, else
+    /// decoded into `buf` (`[m * dim]` at least; f16 in one conversion).
+    #[inline]
+    pub fn rows<'a>(&'a self, first: usize, m: usize, buf: &'a mut [f32]) -> &'a [f32] {
+        let d = self.dim;
+        match &self.data {
+            RowData::F32(v) => &v[first * d..(first + m) * d],
+            RowData::F16(v) => {
+                let out = &mut buf[..m * d];
+                v[first * d..(first + m) * d].convert_to_f32_slice(out);
+                out
+            }
+            _ => {
+                for k in 0..m {
+                    self.row(first + k, &mut buf[k * d..(k + 1) * d]);
+                }
+                &buf[..m * d]
+            }
+        }
+    }
+
     /// Row `i`: borrowed for `f32` storage, else decoded into `buf`
     /// (`[dim]` at least).
     #[inline]

@@ -123,7 +123,7 @@ impl DynaKvBases {
                 (storage == KvStorage::Device).then(|| Decoders::new(&host, geometry, device));
             // enc x2, dec x2, means x2, each held once (host or device)
             fixed += 4 * (4 * d * d + 2 * d);
-            let stddev = pair.clone().map(|b| {
+            let stddev = [&pair[0], &pair[1]].map(|b| {
                 b.eigenvalues
                     .iter()
                     .map(|e| e.max(0.0).sqrt() as f32)

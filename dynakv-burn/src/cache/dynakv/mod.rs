@@ -89,14 +89,9 @@ impl DynaKvCache {
     ) -> Result<Self, CacheError> {
         geometry.validate()?;
         geometry.check_rope(&rope)?;
-        precision.validate()?;
+        precision.check_for(true)?;
         if bases.layers.len() != geometry.n_layers || bases.d_kv != geometry.d_kv() {
             return Err(CacheError::Config("bases do not match the geometry".into()));
-        }
-        if precision.sets_dense() {
-            return Err(CacheError::Config(format!(
-                "`{precision}`: k and v dtypes are the dense cache's, DynaKV takes latent="
-            )));
         }
         if bases.levels.as_slice().len() > 255 {
             return Err(CacheError::Config(format!(
