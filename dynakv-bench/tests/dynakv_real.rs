@@ -10,7 +10,7 @@ use dynakv_burn::device::default_device;
 use dynakv_burn::{calibrate, AttentionCache, CacheFactory, CacheSpec, CalibrationConfig};
 use dynakv_core::artifact::{Artifact, RopePlacement};
 use dynakv_core::basis::BasisKind;
-use dynakv_core::policy::{EnergyRule, PolicyKind, PolicySpec};
+use dynakv_core::policy::{BudgetHold, EnergyRule, PolicyKind, PolicySpec};
 use dynakv_models::corpus::Split;
 use dynakv_models::gguf::GgufFile;
 use dynakv_models::{LlamaModel, ModelError, TextTokenizer};
@@ -63,6 +63,10 @@ fn setup() -> &'static Setup {
 }
 
 fn spec(policy: PolicyKind, budget: f64) -> CacheSpec {
+    held(policy, budget, BudgetHold::Open)
+}
+
+fn held(policy: PolicyKind, budget: f64, hold: BudgetHold) -> CacheSpec {
     CacheSpec::dynakv(PolicySpec {
         kind: policy,
         budget,
@@ -70,6 +74,7 @@ fn spec(policy: PolicyKind, budget: f64) -> CacheSpec {
         key_factor: 1.0,
         energy_rule: EnergyRule::Threshold,
         recent_full: 0,
+        hold,
     })
 }
 
@@ -150,6 +155,48 @@ fn step_by_step_decode_equals_prefill() {
     }
 }
 
+/// The budget promise on a text unlike the Brown calibration text: source
+/// code (this repository's own controller). The fitted point alone gives
+/// what it gives; `track` holds the budget at the prefill, `ceiling` never
+/// exceeds it, token by token too.
+#[test]
+fn the_budget_holds_on_code_as_on_prose() {
+    let s = setup();
+    let tok = {
+        let path = dynakv_models::assets::default_model().unwrap();
+        TextTokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap()
+    };
+    let code = tok
+        .encode(include_str!("../../dynakv-core/src/policy/controller.rs"))
+        .unwrap();
+    let (prompt, gen) = (&code[..384], &code[384..416]);
+    for (text, ids) in [("prose", &s.eval_ids[..384]), ("code", prompt)] {
+        let mut got = Vec::new();
+        for hold in [BudgetHold::Open, BudgetHold::Track, BudgetHold::Ceiling] {
+            let f = factory(s, &s.sha, &s.pre, &held(PolicyKind::Energy, 0.3, hold)).unwrap();
+            let mut cache = f.make().unwrap();
+            s.model.forward(ids, 0, cache.as_mut()).unwrap();
+            let r = cache.footprint().retained();
+            got.push(r);
+            match hold {
+                BudgetHold::Open => {}
+                BudgetHold::Track => assert!((r - 0.3).abs() <= 0.01, "{text} track: {r}"),
+                BudgetHold::Ceiling => {
+                    assert!(r <= 0.3 + 1e-9 && r >= 0.29, "{text} ceiling: {r}");
+                    for (i, &t) in gen.iter().enumerate() {
+                        s.model
+                            .forward(&[t], ids.len() + i, cache.as_mut())
+                            .unwrap();
+                        let r = cache.footprint().retained();
+                        assert!(r <= 0.3 + 1e-9, "{text} ceiling, decode step {i}: {r}");
+                    }
+                }
+            }
+        }
+        println!("{text}: retained open / track / ceiling = {got:?}");
+    }
+}
+
 #[test]
 fn bad_configurations_are_clear_errors() {
     let s = setup();
@@ -212,6 +259,22 @@ fn a_trained_router_round_trips_and_drives_the_cache() {
         .unwrap();
     let r = cache.footprint().retained();
     assert!(r > 0.0 && r < 1.0, "{r}");
+    // Training recorded each layer's share; a held router keeps the budget.
+    let info = back.header.router.as_ref().unwrap();
+    assert_eq!(info.shares.len(), back.bases.len());
+    let f = factory(
+        s,
+        &s.sha,
+        &back,
+        &held(PolicyKind::Router, 0.3, BudgetHold::Track),
+    )
+    .unwrap();
+    let mut cache = f.make().unwrap();
+    s.model
+        .forward(&s.eval_ids[..64], 0, cache.as_mut())
+        .unwrap();
+    let r = cache.footprint().retained();
+    assert!((r - 0.3).abs() <= 0.01, "held router: {r}");
     assert!(factory(s, &s.sha, &back, &spec(PolicyKind::Router, 0.5)).is_err());
     // One e2e step (whole-model KL) continues from the local artifact.
     let (e2e, summary) = train(

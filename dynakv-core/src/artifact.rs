@@ -137,6 +137,11 @@ pub struct RouterInfo {
     /// The budget multiplier at the end of training (a later stage starts there).
     #[serde(default)]
     pub lambda: f64,
+    /// `[layer] -> [key, value]` retained fraction on the held-out calib
+    /// tokens at `tau` (empty in artifacts trained before it was recorded):
+    /// the per-layer shares a budget controller keeps.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shares: Vec<[f64; 2]>,
 }
 
 /// Everything needed to build a DynaKV cache for one model.
@@ -359,6 +364,7 @@ mod tests {
                     trained_bases: true,
                     heldout_retained: 0.5,
                     lambda: 0.25,
+                    shares: vec![[0.25, 0.375]],
                 }),
             },
             bases: vec![[b.clone(), b.clone()]],

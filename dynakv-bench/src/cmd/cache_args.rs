@@ -9,7 +9,7 @@ use dynakv_burn::cache::Precision;
 use dynakv_burn::dynakv_snapkv::{GqaScores, KeepBudget, SnapKvPreset, SnapKvSpec};
 use dynakv_burn::{AttentionCache, CacheFactory, CacheSpec, PRESETS};
 use dynakv_core::artifact::Artifact;
-use dynakv_core::policy::{EnergyRule, PolicyKind, PolicySpec};
+use dynakv_core::policy::{BudgetHold, EnergyRule, PolicyKind, PolicySpec};
 use dynakv_core::quant::{KvDtype, LatentDtype, LatentScales};
 use dynakv_models::ModelError;
 
@@ -77,6 +77,16 @@ pub struct CacheArgs {
     /// window and decoded tokens stay whole (0: off).
     #[arg(long, default_value_t = 0)]
     pub recent_full: usize,
+    /// energy / router: hold the budget on the text the cache sees (track:
+    /// a running controller, exact at each prefill), never exceed it
+    /// (ceiling), or keep the calibration fit's point whatever it gives
+    /// (open). Also applies to a preset's DynaKV part.
+    #[arg(long, value_enum, default_value_t = BudgetHold::Track)]
+    pub budget_hold: BudgetHold,
+    /// Shorthand for --budget-hold ceiling: the retained fraction never
+    /// exceeds --budget, even over the recent tokens' full rank.
+    #[arg(long, conflicts_with = "budget_hold")]
+    pub budget_ceiling: bool,
     /// SnapKV at the end of prefill: fraction of prompt tokens removed, in
     /// [0, 1) (kvpress semantics). With --cache dynakv one token set per layer.
     #[arg(long, conflicts_with = "snapkv_capacity")]
@@ -128,13 +138,20 @@ pub struct CacheMaker {
 impl CacheArgs {
     pub fn label(&self) -> String {
         if let Some(p) = &self.preset {
-            return format!("preset/{p}");
+            return match self.hold() {
+                BudgetHold::Track => format!("preset/{p}"),
+                h => format!("preset/{p}/hold-{h}"),
+            };
         }
+        let hold = match self.hold() {
+            BudgetHold::Track => String::new(),
+            h => format!("/hold-{h}"),
+        };
         let base = match self.cache {
             CacheKind::Full => "full".into(),
             CacheKind::Dynakv => match self.recent_full {
-                0 => format!("dynakv/{}/{}", self.policy, self.budget),
-                n => format!("dynakv/{}/{}/recent{n}", self.policy, self.budget),
+                0 => format!("dynakv/{}/{}{hold}", self.policy, self.budget),
+                n => format!("dynakv/{}/{}/recent{n}{hold}", self.policy, self.budget),
             },
         };
         let layer = match (self.snapkv_layer_max, self.snapkv_per_layer) {
@@ -152,6 +169,15 @@ impl CacheArgs {
             label
         } else {
             format!("{label}+store:{p}")
+        }
+    }
+
+    /// The budget promise the flags ask for.
+    pub fn hold(&self) -> BudgetHold {
+        if self.budget_ceiling {
+            BudgetHold::Ceiling
+        } else {
+            self.budget_hold
         }
     }
 
@@ -179,7 +205,11 @@ impl CacheArgs {
     /// What the flags ask for, validated (before any model is loaded).
     pub fn spec(&self) -> Result<CacheSpec> {
         if let Some(p) = &self.preset {
-            return Ok(CacheSpec::preset(p)?);
+            let mut spec = CacheSpec::preset(p)?;
+            if let Some(d) = &mut spec.dynakv {
+                d.hold = self.hold();
+            }
+            return Ok(spec);
         }
         let dynakv = match self.cache {
             CacheKind::Full => None,
@@ -190,6 +220,7 @@ impl CacheArgs {
                 key_factor: self.key_factor,
                 energy_rule: self.energy_rule,
                 recent_full: self.recent_full,
+                hold: self.hold(),
             }),
         };
         let budget = match (self.snapkv, self.snapkv_capacity) {

@@ -8,6 +8,7 @@ use dynakv_bench::eval::fidelity::fidelity;
 use dynakv_bench::eval::ppl::perplexity;
 use dynakv_bench::text::{brown_docs, document_tokens};
 use dynakv_models::corpus::{Document, Split};
+use dynakv_models::texts::TextKind;
 
 use super::cache_args::CacheArgs;
 use super::common::{progress, ModelArgs};
@@ -28,9 +29,29 @@ pub enum EvalCommand {
     Ranks(super::ranks::RanksArgs),
 }
 
+/// Which text: Brown (split by `--split`), or a held-out text of another
+/// kind (`dynakv_models::texts`; never used for calibration, read whole).
 #[derive(ValueEnum, Debug, Clone, Copy)]
 pub enum Corpus {
     Brown,
+    /// Mailing-list mail (SpamAssassin easy-ham-1 bodies, npm).
+    Mail,
+    /// Source code (lodash.js 4.17.21, npm).
+    Code,
+    /// Shuffled sentences of many registers (nlp-corpus 4.4.0, npm).
+    Mixed,
+}
+
+impl Corpus {
+    /// The held-out text, for every corpus but Brown.
+    pub fn held_out(self) -> Option<TextKind> {
+        match self {
+            Corpus::Brown => None,
+            Corpus::Mail => Some(TextKind::Mail),
+            Corpus::Code => Some(TextKind::Code),
+            Corpus::Mixed => Some(TextKind::Mixed),
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -41,9 +62,10 @@ pub struct PplArgs {
     pub cache: CacheArgs,
     #[arg(long, value_enum, default_value_t = Corpus::Brown)]
     pub corpus: Corpus,
-    /// calib (odd-numbered documents) or eval (even-numbered).
-    #[arg(long, default_value = "eval")]
-    pub split: String,
+    /// Brown only: calib (odd-numbered documents) or eval (even-numbered,
+    /// the default).
+    #[arg(long)]
+    pub split: Option<String>,
     /// Score this text file instead of the corpus.
     #[arg(long)]
     pub text: Option<PathBuf>,
@@ -67,6 +89,21 @@ pub struct PplArgs {
     pub json: bool,
 }
 
+impl PplArgs {
+    /// The flags, checked before the model loads.
+    fn check(&self) -> Result<()> {
+        self.cache.check()?;
+        let other = self.text.is_some() || self.corpus.held_out().is_some();
+        if self.split.is_some() && other {
+            bail!("--split applies to --corpus brown only");
+        }
+        if self.text.is_some() && self.corpus.held_out().is_some() {
+            bail!("give --text or --corpus, not both");
+        }
+        Ok(())
+    }
+}
+
 pub fn run(cmd: EvalCommand) -> Result<()> {
     match cmd {
         EvalCommand::Ppl(a) => ppl(a),
@@ -84,11 +121,19 @@ fn window_ids(a: &PplArgs, loaded: &super::common::Loaded) -> Result<(Vec<u32>, 
             id: p.display().to_string(),
             text: std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
         }],
-        None => {
-            let split: Split = a.split.parse()?;
-            let Corpus::Brown = a.corpus;
-            brown_docs(split, a.docs)?
-        }
+        None => match a.corpus.held_out() {
+            Some(kind) => {
+                let mut docs = kind.documents()?;
+                if let Some(n) = a.docs {
+                    docs.truncate(n);
+                }
+                docs
+            }
+            None => brown_docs(
+                a.split.as_deref().unwrap_or("eval").parse::<Split>()?,
+                a.docs,
+            )?,
+        },
     };
     let ids = document_tokens(&loaded.tokenizer, &docs)?;
     let ids = ids.get(a.skip_windows * a.ctx..).unwrap_or(&[]).to_vec();
@@ -113,7 +158,7 @@ fn window_bar(a: &PplArgs, ids: &[u32], msg: &'static str) -> indicatif::Progres
 }
 
 fn fidelity_cmd(a: PplArgs) -> Result<()> {
-    a.cache.check()?;
+    a.check()?;
     let loaded = a.model.load()?;
     let (ids, n_docs) = window_ids(&a, &loaded)?;
     let bar = window_bar(&a, &ids, "fidelity");
@@ -152,7 +197,7 @@ fn fidelity_cmd(a: PplArgs) -> Result<()> {
 }
 
 fn ppl(a: PplArgs) -> Result<()> {
-    a.cache.check()?;
+    a.check()?;
     let loaded = a.model.load()?;
     let (ids, n_docs) = window_ids(&a, &loaded)?;
     let bar = window_bar(&a, &ids, "ppl");

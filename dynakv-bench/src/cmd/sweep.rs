@@ -16,7 +16,7 @@ use dynakv_bench::text::{brown_docs, document_tokens};
 use dynakv_burn::cache::Precision;
 use dynakv_burn::dynakv_snapkv::SnapKvPreset;
 use dynakv_core::artifact::Artifact;
-use dynakv_core::policy::{EnergyRule, PolicyKind};
+use dynakv_core::policy::{BudgetHold, EnergyRule, PolicyKind};
 use dynakv_core::quant::{KvDtype, LatentDtype, LatentScales};
 use dynakv_models::corpus::Split;
 use serde_json::{json, Value};
@@ -76,6 +76,9 @@ pub struct SweepArgs {
     /// DynaKV cells: the last N tokens of every append keep full rank.
     #[arg(long, default_value_t = 0)]
     pub recent_full: usize,
+    /// DynaKV cells: the budget promise (`dynakv eval ppl --help`).
+    #[arg(long, value_enum, default_value_t = BudgetHold::Track)]
+    pub budget_hold: BudgetHold,
     /// Also run the long-context suite (`dynakv eval longctx`) at these
     /// prompt lengths; every cell reports its score as a fraction of the
     /// full cache's over the cells the full cache passes.
@@ -157,6 +160,8 @@ fn cache(
         key_factor: 2.0,
         energy_rule: EnergyRule::Lagrange,
         recent_full: a.recent_full,
+        budget_hold: a.budget_hold,
+        budget_ceiling: false,
         snapkv,
         snapkv_capacity: None,
         snapkv_preset: a.snapkv_preset,

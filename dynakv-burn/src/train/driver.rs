@@ -193,6 +193,7 @@ pub fn train<W: AsRef<[u32]>, E: From<CacheError>>(
         trained_bases: !config.freeze_bases && config.bases_scale > 0.0,
         heldout_retained,
         lambda: trainer.lambda(),
+        shares: policy.shares_at(&lat, policy.tau),
     });
     Ok((
         out,

@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::profile::rank_for;
+use super::steer::{rank_at, Steerable};
 use super::{check_budget, EnergySample, KvKind, RankPolicy, TailProfile};
 use crate::error::CoreError;
 use crate::levels::RankLevels;
@@ -38,22 +38,38 @@ impl std::str::FromStr for EnergyRule {
     }
 }
 
-/// The rank a rule gives a profile row with parameter `t` (`tau` or `lambda`).
-fn rule_rank(rule: EnergyRule, rel: &[f32], t: f32, levels: &RankLevels) -> usize {
-    match rule {
-        EnergyRule::Threshold => rank_for(rel, t, levels),
-        EnergyRule::Lagrange => {
-            let lv = levels.as_slice();
-            let d = levels.full() as f32;
-            let mut best = (f32::INFINITY, levels.full());
-            for (i, &e) in rel.iter().enumerate().skip(1) {
-                let cost = e + t * lv[i] as f32 / d;
-                if cost < best.0 {
-                    best = (cost, lv[i]);
-                }
-            }
-            best.1
-        }
+/// The cuts of one token's profile row under a rule (see [`Steerable`]): the
+/// token keeps at least level `i + 1` while the parameter (`tau` or `lambda`)
+/// is below `cut[i]`.
+///
+/// `threshold`: the rank is the smallest non-zero level whose relative error
+/// is at most `tau`, so level `i + 1` is kept while every smaller non-zero
+/// level's error exceeds `tau`: `cut[i] = min(rel[1..=i])`.
+///
+/// `lagrange`: the rank minimises `rel[j] + lambda * lv[j] / d` (ties to the
+/// smaller level). The minimiser is at level `i` or above while some `j >= i`
+/// beats every `k < i`, and `j` beats `k` while
+/// `lambda < (rel[k] - rel[j]) * d / (lv[j] - lv[k])`, so
+/// `cut = max_j min_k` of that bound.
+fn profile_cuts(rule: EnergyRule, rel: &[f32], levels: &RankLevels, out: &mut Vec<f32>) {
+    let lv = levels.as_slice();
+    let m = lv.len() - 1;
+    let d = levels.full() as f32;
+    let mut prev = f32::INFINITY;
+    out.push(prev);
+    for i in 2..=m {
+        let c = match rule {
+            EnergyRule::Threshold => rel[i - 1],
+            EnergyRule::Lagrange => (i..=m)
+                .map(|j| {
+                    (1..i)
+                        .map(|k| (rel[k] - rel[j]) * d / (lv[j] - lv[k]) as f32)
+                        .fold(f32::INFINITY, f32::min)
+                })
+                .fold(f32::NEG_INFINITY, f32::max),
+        };
+        prev = prev.min(c);
+        out.push(prev);
     }
 }
 
@@ -65,6 +81,10 @@ pub struct EnergyPolicy {
     /// `[layer] -> [key, value]` mean in latent coordinates (from the bases).
     pub mean_latents: Vec<[Vec<f32>; 2]>,
     pub levels: RankLevels,
+    /// `[layer] -> [key, value]` retained fraction on the calibration sample
+    /// at the fitted thresholds (each layer's share of the budget).
+    #[serde(default)]
+    pub shares: Vec<[f64; 2]>,
 }
 
 impl EnergyPolicy {
@@ -95,20 +115,37 @@ impl EnergyPolicy {
             });
         }
         let layers = sample.rel.len();
+        let n = sample.n_tokens();
+        let m = levels.as_slice().len() - 1;
         let pair = |t: f32| match rule {
             EnergyRule::Threshold => [key_factor * t, t],
             EnergyRule::Lagrange => [t / key_factor, t],
         };
-        let retained = |t: f32| -> f64 {
-            let mut dims = 0usize;
-            for l in 0..layers {
-                for (k, &tk) in pair(t).iter().enumerate() {
-                    for i in 0..sample.n_tokens() {
-                        dims += rule_rank(rule, sample.row(l, k, i), tk, levels);
+        // Cuts of every sampled token, once: `[layer][kind] -> [n, m]`.
+        let cuts: Vec<[Vec<f32>; 2]> = (0..layers)
+            .map(|l| {
+                [0, 1].map(|k| {
+                    let mut c = Vec::with_capacity(n * m);
+                    for i in 0..n {
+                        profile_cuts(rule, sample.row(l, k, i), levels, &mut c);
                     }
-                }
-            }
-            dims as f64 / (2 * layers * sample.n_tokens() * levels.full()) as f64
+                    c
+                })
+            })
+            .collect();
+        let share = |l: usize, k: usize, t: f32| -> f64 {
+            let dims: usize = cuts[l][k]
+                .chunks_exact(m)
+                .map(|c| rank_at(c, t, levels))
+                .sum();
+            dims as f64 / (n * levels.full()) as f64
+        };
+        let retained = |t: f32| -> f64 {
+            let p = pair(t);
+            let s: f64 = (0..layers)
+                .map(|l| share(l, 0, p[0]) + share(l, 1, p[1]))
+                .sum();
+            s / (2 * layers) as f64
         };
         // retained falls as tau grows; search log tau.
         let (mut lo, mut hi) = (1e-9f64.ln(), 1e3f64.ln());
@@ -121,12 +158,28 @@ impl EnergyPolicy {
             }
         }
         let tau = hi.exp() as f32;
+        let p = pair(tau);
         Ok(Self {
             rule,
-            thresholds: vec![pair(tau); layers],
+            thresholds: vec![p; layers],
             mean_latents,
             levels: levels.clone(),
+            shares: (0..layers)
+                .map(|l| [share(l, 0, p[0]), share(l, 1, p[1])])
+                .collect(),
         })
+    }
+
+    /// Cuts of `n` tokens' latents, row-major `[n, levels - 1]`.
+    fn token_cuts(&self, layer: usize, kind: KvKind, latents: &[f32], n: usize) -> Vec<f32> {
+        let mean = &self.mean_latents[layer][kind.index()];
+        let d = mean.len();
+        let mut out = Vec::with_capacity(n * (self.levels.as_slice().len() - 1));
+        for l in latents.chunks_exact(d).take(n) {
+            let rel = TailProfile::new(l, mean, &self.levels).rel;
+            profile_cuts(self.rule, &rel, &self.levels, &mut out);
+        }
+        out
     }
 }
 
@@ -142,28 +195,94 @@ impl RankPolicy for EnergyPolicy {
         latents: &[f32],
         positions: &[usize],
     ) -> Vec<usize> {
-        let k = kind.index();
-        let mean = &self.mean_latents[layer][k];
-        let tau = self.thresholds[layer][k];
-        let d = mean.len();
-        latents
-            .chunks_exact(d)
-            .take(positions.len())
-            .map(|l| {
-                rule_rank(
-                    self.rule,
-                    &TailProfile::new(l, mean, &self.levels).rel,
-                    tau,
-                    &self.levels,
-                )
-            })
-            .collect()
+        let cuts = self.token_cuts(layer, kind, latents, positions.len());
+        super::ranks_at(&cuts, self.point(layer, kind), &self.levels)
+    }
+
+    fn steerable(&self) -> Option<&dyn Steerable> {
+        Some(self)
+    }
+}
+
+impl Steerable for EnergyPolicy {
+    fn levels(&self) -> &RankLevels {
+        &self.levels
+    }
+
+    fn point(&self, layer: usize, kind: KvKind) -> f32 {
+        self.thresholds[layer][kind.index()]
+    }
+
+    fn fitted_share(&self, layer: usize, kind: KvKind) -> Option<f64> {
+        self.shares.get(layer).map(|s| s[kind.index()])
+    }
+
+    fn cuts(&self, layer: usize, kind: KvKind, latents: &[f32], n: usize) -> Vec<f32> {
+        self.token_cuts(layer, kind, latents, n)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The rules as first written, one token at a time.
+    fn direct_rank(rule: EnergyRule, rel: &[f32], t: f32, levels: &RankLevels) -> usize {
+        let lv = levels.as_slice();
+        match rule {
+            EnergyRule::Threshold => (1..lv.len())
+                .find(|&i| rel[i] <= t)
+                .map_or(levels.full(), |i| lv[i]),
+            EnergyRule::Lagrange => {
+                let d = levels.full() as f32;
+                let mut best = (f32::INFINITY, levels.full());
+                for (i, &e) in rel.iter().enumerate().skip(1) {
+                    let cost = e + t * lv[i] as f32 / d;
+                    if cost < best.0 {
+                        best = (cost, lv[i]);
+                    }
+                }
+                best.1
+            }
+        }
+    }
+
+    #[test]
+    fn cuts_give_the_rules_ranks_at_every_point() {
+        let levels = RankLevels::multiples(8, 64).unwrap();
+        let mean = vec![0.5f32; 64];
+        let mut s = 12345u32;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            (s % 20_000) as f32 / 10_000.0 - 1.0
+        };
+        let (mut agree, mut total) = (0, 0);
+        for tok in 0..300 {
+            let lat: Vec<f32> = (0..64)
+                .map(|j| next() * 3.0 / (1.0 + (j as f32) * (tok % 7) as f32 * 0.1))
+                .collect();
+            let rel = TailProfile::new(&lat, &mean, &levels).rel;
+            for rule in [EnergyRule::Threshold, EnergyRule::Lagrange] {
+                let mut cuts = Vec::new();
+                profile_cuts(rule, &rel, &levels, &mut cuts);
+                assert!(cuts.windows(2).all(|w| w[0] >= w[1]), "{cuts:?}");
+                for t in [1e-4f32, 1e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0] {
+                    total += 1;
+                    let want = direct_rank(rule, &rel, t, &levels);
+                    let got = rank_at(&cuts, t, &levels);
+                    // Threshold cuts are the profile itself: exact. The
+                    // lagrange bound may round the other way at a tie.
+                    if rule == EnergyRule::Threshold {
+                        assert_eq!(got, want, "{rule:?} t={t}");
+                    }
+                    agree += usize::from(got == want);
+                }
+            }
+        }
+        assert!(agree as f64 >= 0.999 * total as f64, "{agree} of {total}");
+    }
 
     fn sample(levels: &RankLevels, latents: &[Vec<f32>], mean: &[f32]) -> EnergySample {
         let rows: Vec<f32> = latents

@@ -3,20 +3,24 @@
 //! fraction (the budget) when they are built; the learned router plugs in
 //! behind the same trait.
 
+mod controller;
 mod energy;
 mod per_layer;
 mod profile;
 mod recent;
 mod router;
 mod spec;
+mod steer;
 mod uniform;
 
+pub use controller::{BudgetController, WINDOW as CONTROLLER_WINDOW};
 pub use energy::{EnergyPolicy, EnergyRule};
 pub use per_layer::PerLayerPolicy;
 pub use profile::{EnergySample, TailProfile};
 pub use recent::RecentFull;
 pub use router::{RouterPolicy, RouterWeights};
 pub use spec::PolicySpec;
+pub use steer::{rank_at, ranks_at, BudgetHold, Held, Steerable};
 pub use uniform::UniformPolicy;
 
 use serde::{Deserialize, Serialize};
@@ -54,6 +58,24 @@ pub trait RankPolicy: Send + Sync + std::fmt::Debug {
     /// not copy them off the device).
     fn needs_latents(&self) -> bool {
         true
+    }
+
+    /// The policy's operating point, for a [`BudgetController`] to move
+    /// (`None`: ranks that do not follow one, as `uniform`'s).
+    fn steerable(&self) -> Option<&dyn Steerable> {
+        None
+    }
+
+    /// Tokens at the end of each append that keep full rank whatever the
+    /// operating point ([`RecentFull`]).
+    fn recent_full(&self) -> usize {
+        0
+    }
+
+    /// The promise a cache keeps for this policy, and its budget ([`Held`];
+    /// `None`: the ranks as they come).
+    fn hold(&self) -> Option<(BudgetHold, f64)> {
+        None
     }
 }
 

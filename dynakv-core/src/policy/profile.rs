@@ -39,19 +39,6 @@ impl TailProfile {
     }
 }
 
-/// The smallest non-zero level of a profile row whose relative error is at
-/// most `tau`. (Rank 0 would evict the token; dropping tokens is SnapKV's
-/// decision.)
-pub fn rank_for(rel: &[f32], tau: f32, levels: &RankLevels) -> usize {
-    let lv = levels.as_slice();
-    for (i, &e) in rel.iter().enumerate().skip(1) {
-        if e <= tau {
-            return lv[i];
-        }
-    }
-    levels.full()
-}
-
 /// Tail profiles of calibration tokens, per layer and per K/V, used to fit
 /// thresholds and per-layer ranks to a budget.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

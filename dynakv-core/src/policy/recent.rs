@@ -51,6 +51,18 @@ impl RankPolicy for RecentFull {
     fn needs_latents(&self) -> bool {
         self.inner.needs_latents()
     }
+
+    fn steerable(&self) -> Option<&dyn super::Steerable> {
+        self.inner.steerable()
+    }
+
+    fn recent_full(&self) -> usize {
+        self.recent.max(self.inner.recent_full())
+    }
+
+    fn hold(&self) -> Option<(super::BudgetHold, f64)> {
+        self.inner.hold()
+    }
 }
 
 #[cfg(test)]

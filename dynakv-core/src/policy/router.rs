@@ -11,6 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::steer::Steerable;
 use super::{KvKind, RankPolicy};
 use crate::error::CoreError;
 use crate::levels::RankLevels;
@@ -88,6 +89,24 @@ impl RouterWeights {
         let j = s.iter().rposition(|&x| x > tau).unwrap_or(0);
         lv[j.min(lv.len() - 1)]
     }
+
+    /// One token's cuts (see [`Steerable`]): the rank is at least level
+    /// `i + 1` while some survival from `i` on exceeds `tau`, so the cut is
+    /// the largest survival from `i` on (`+inf` for the smallest level, which
+    /// every stored token keeps).
+    pub fn cuts(&self, latent: &[f32], out: &mut Vec<f32>) {
+        let s = self.survival(latent);
+        let start = out.len();
+        let mut run = f32::NEG_INFINITY;
+        out.extend(s.iter().rev().map(|&x| {
+            run = run.max(x);
+            run
+        }));
+        out[start..].reverse();
+        if let Some(first) = out.get_mut(start) {
+            *first = f32::INFINITY;
+        }
+    }
 }
 
 /// Trained routers of every layer and the inference threshold.
@@ -97,6 +116,9 @@ pub struct RouterPolicy {
     pub routers: Vec<[RouterWeights; 2]>,
     pub levels: RankLevels,
     pub tau: f32,
+    /// `[layer] -> [key, value]` retained fraction at `tau` on the held-out
+    /// calibration latents, when the artifact recorded it.
+    pub shares: Option<Vec<[f64; 2]>>,
 }
 
 impl RouterPolicy {
@@ -130,7 +152,37 @@ impl RouterPolicy {
             routers,
             levels,
             tau,
+            shares: None,
         })
+    }
+
+    /// Per-layer retained fractions on the calibration text (from
+    /// [`RouterPolicy::shares_at`] at training), which a budget controller
+    /// keeps; ignored unless there is one pair per router.
+    pub fn with_shares(mut self, shares: Vec<[f64; 2]>) -> Self {
+        if shares.len() == self.routers.len() && !shares.is_empty() {
+            self.shares = Some(shares);
+        }
+        self
+    }
+
+    /// Retained fraction per layer and K/V on `latents` at `tau`.
+    pub fn shares_at(&self, latents: &[[Vec<f32>; 2]], tau: f32) -> Vec<[f64; 2]> {
+        let d = self.levels.full();
+        latents
+            .iter()
+            .zip(&self.routers)
+            .map(|(pair, routers)| {
+                [0, 1].map(|k| {
+                    let rows = pair[k].len() / d;
+                    let dims: usize = pair[k]
+                        .chunks_exact(d)
+                        .map(|row| routers[k].rank(row, tau, &self.levels))
+                        .sum();
+                    dims as f64 / (rows * d).max(1) as f64
+                })
+            })
+            .collect()
     }
 
     /// Mean retained fraction these routers give a set of latents at `tau`:
@@ -196,6 +248,40 @@ impl RankPolicy for RouterPolicy {
             .map(|row| r.rank(row, self.tau, &self.levels))
             .collect()
     }
+
+    fn steerable(&self) -> Option<&dyn Steerable> {
+        Some(self)
+    }
+}
+
+impl Steerable for RouterPolicy {
+    fn levels(&self) -> &RankLevels {
+        &self.levels
+    }
+
+    fn point(&self, _layer: usize, _kind: KvKind) -> f32 {
+        self.tau
+    }
+
+    fn fitted_share(&self, layer: usize, kind: KvKind) -> Option<f64> {
+        self.shares.as_ref()?.get(layer).map(|s| s[kind.index()])
+    }
+
+    fn cuts(&self, layer: usize, kind: KvKind, latents: &[f32], n: usize) -> Vec<f32> {
+        let d = self.levels.full();
+        let m = self.levels.as_slice().len() - 1;
+        let mut out = Vec::with_capacity(n * m);
+        match self.routers.get(layer) {
+            Some(pair) => {
+                for row in latents.chunks_exact(d).take(n) {
+                    pair[kind.index()].cuts(row, &mut out);
+                }
+            }
+            // No router: full rank at any point.
+            None => out.resize(n * m, f32::INFINITY),
+        }
+        out
+    }
 }
 
 #[cfg(test)]
@@ -230,6 +316,33 @@ mod tests {
         let mut sure = RouterWeights::zeros(8, 4);
         sure.b = vec![20.0, 0.0, 0.0, 0.0];
         assert_eq!(sure.rank(&x, 0.1, &levels()), 2);
+    }
+
+    #[test]
+    fn cuts_give_the_hard_ranks_at_every_tau() {
+        let mut r = RouterWeights::zeros(8, 4);
+        r.w[3] = 0.9;
+        r.w[14] = -1.3;
+        r.b = vec![0.2, -0.4, 0.8, 0.1];
+        let p = RouterPolicy::new(vec![[r.clone(), r.clone()]], levels(), 0.4).unwrap();
+        for i in 0..50 {
+            let x: Vec<f32> = (0..8)
+                .map(|j| ((i * 7 + j * 3) % 11) as f32 / 3.0 - 1.5)
+                .collect();
+            let cuts = p.cuts(0, KvKind::Key, &x, 1);
+            for tau in [0.0f32, 0.05, 0.2, 0.4, 0.6, 0.9, 0.99] {
+                assert_eq!(
+                    super::super::steer::rank_at(&cuts, tau, &levels()),
+                    r.rank(&x, tau, &levels()),
+                    "token {i} tau {tau}: {cuts:?}"
+                );
+            }
+        }
+        let lat = vec![[vec![0.5f32; 16], vec![-0.5f32; 16]]];
+        let shares = p.shares_at(&lat, 0.4);
+        assert_eq!(shares.len(), 1);
+        let p = p.with_shares(shares.clone());
+        assert_eq!(p.fitted_share(0, KvKind::Value), Some(shares[0][1]));
     }
 
     #[test]

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    check_budget, EnergyPolicy, EnergyRule, PerLayerPolicy, PolicyKind, RankPolicy, RecentFull,
-    RouterPolicy, UniformPolicy,
+    check_budget, BudgetController, BudgetHold, EnergyPolicy, EnergyRule, Held, PerLayerPolicy,
+    PolicyKind, RankPolicy, RecentFull, RouterPolicy, UniformPolicy,
 };
 use crate::artifact::Artifact;
 use crate::error::CoreError;
@@ -54,6 +54,10 @@ pub struct PolicySpec {
     /// The last N tokens of every append keep full rank (0: off); see
     /// [`RecentFull`].
     pub recent_full: usize,
+    /// `energy` and `router`: whether the budget is held on the text the
+    /// cache sees (`track`, the default), never exceeded (`ceiling`), or
+    /// left to the calibration fit (`open`); see [`BudgetController`].
+    pub hold: BudgetHold,
 }
 
 impl Default for PolicySpec {
@@ -65,6 +69,7 @@ impl Default for PolicySpec {
             key_factor: 2.0,
             energy_rule: EnergyRule::Lagrange,
             recent_full: 0,
+            hold: BudgetHold::Track,
         }
     }
 }
@@ -136,17 +141,24 @@ impl PolicySpec {
                         ),
                     });
                 }
-                Arc::new(RouterPolicy::new(
-                    routers.clone(),
-                    levels.clone(),
-                    info.tau,
-                )?)
+                Arc::new(
+                    RouterPolicy::new(routers.clone(), levels.clone(), info.tau)?
+                        .with_shares(info.shares.clone()),
+                )
             }
         };
-        Ok(match self.recent_full {
+        let recent: Arc<dyn RankPolicy> = match self.recent_full {
             0 => inner,
             n => Arc::new(RecentFull::new(inner, n, levels.full())),
-        })
+        };
+        let policy: Arc<dyn RankPolicy> = match self.hold {
+            BudgetHold::Open => recent,
+            hold => Arc::new(Held::new(recent, hold, self.budget)),
+        };
+        // What a cache will make of it, checked now (a budget below the
+        // smallest level cannot be held).
+        BudgetController::for_policy(&*policy, artifact.bases.len())?;
+        Ok(policy)
     }
 }
 
@@ -170,7 +182,7 @@ impl fmt::Display for EnergyRule {
     }
 }
 
-/// `KIND@BUDGET[,recent=N][,sink=N][,key-factor=F][,rule=lagrange|threshold]`;
+/// `KIND@BUDGET[,recent=N][,sink=N][,key-factor=F][,rule=lagrange|threshold][,hold=open|track|ceiling]`;
 /// options left out keep their defaults.
 impl fmt::Display for PolicySpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -187,6 +199,9 @@ impl fmt::Display for PolicySpec {
         }
         if self.energy_rule != d.energy_rule {
             write!(f, ",rule={}", self.energy_rule)?;
+        }
+        if self.hold != d.hold {
+            write!(f, ",hold={}", self.hold)?;
         }
         Ok(())
     }
@@ -220,11 +235,12 @@ impl FromStr for PolicySpec {
                 "sink" => spec.sink_tokens = parse_field("sink_tokens", value)?,
                 "key-factor" => spec.key_factor = parse_field("key_factor", value)?,
                 "rule" => spec.energy_rule = value.trim().parse()?,
+                "hold" => spec.hold = value.trim().parse()?,
                 o => {
                     return Err(CoreError::Invalid {
                         field: "policy",
                         message: format!(
-                            "unknown option `{o}` (expected recent, sink, key-factor or rule)"
+                            "unknown option `{o}` (expected recent, sink, key-factor, rule or hold)"
                         ),
                     })
                 }
@@ -251,9 +267,10 @@ mod tests {
 
     #[test]
     fn parses_every_option_and_round_trips() {
-        let s: PolicySpec = "uniform@0.3,recent=8,sink=4,key-factor=1.5,rule=threshold"
-            .parse()
-            .unwrap();
+        let s: PolicySpec =
+            "uniform@0.3,recent=8,sink=4,key-factor=1.5,rule=threshold,hold=ceiling"
+                .parse()
+                .unwrap();
         assert_eq!(
             s,
             PolicySpec {
@@ -263,6 +280,7 @@ mod tests {
                 key_factor: 1.5,
                 energy_rule: EnergyRule::Threshold,
                 recent_full: 8,
+                hold: BudgetHold::Ceiling,
             }
         );
         assert_eq!(s.to_string().parse::<PolicySpec>().unwrap(), s);
@@ -285,6 +303,7 @@ mod tests {
             ("energy@0.3,depth=3", "policy"),
             ("energy@0.3,key-factor=-1", "key_factor"),
             ("energy@0.3,rule=fast", "energy_rule"),
+            ("energy@0.3,hold=soft", "hold"),
         ] {
             match bad.parse::<PolicySpec>() {
                 Err(CoreError::Invalid { field: f, .. }) => assert_eq!(f, field, "{bad}"),

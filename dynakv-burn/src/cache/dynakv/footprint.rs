@@ -11,7 +11,10 @@ impl DynaKvCache {
     /// Numbers stored, metadata and fixed bytes, against the dense cache.
     pub(super) fn footprint_now(&self) -> CacheFootprint {
         let mut f = CacheFootprint {
-            fixed_bytes: self.bases.fixed_bytes as u64,
+            // the bases, and the budget controller's windows of cuts
+            fixed_bytes: (self.bases.fixed_bytes
+                + self.controller.as_ref().map_or(0, |c| c.bytes()))
+                as u64,
             ..Default::default()
         };
         for (li, l) in self.layers.iter().enumerate() {

@@ -33,7 +33,7 @@ use std::sync::Arc;
 use burn::tensor::{Tensor, TensorData};
 use dynakv_core::artifact::RopePlacement;
 use dynakv_core::budget::CacheFootprint;
-use dynakv_core::policy::{KvKind, RankPolicy};
+use dynakv_core::policy::{BudgetController, KvKind, RankPolicy};
 use dynakv_core::quant::RowCodec;
 
 use crate::cache::{
@@ -65,6 +65,9 @@ pub struct DynaKvCache {
     /// bucket uses the prefix).
     codecs: Vec<[RowCodec; 2]>,
     precision: Precision,
+    /// This sequence's budget promise (`None`: the policy's ranks as they
+    /// come); see [`BudgetController`].
+    controller: Option<BudgetController>,
 }
 
 impl DynaKvCache {
@@ -112,6 +115,7 @@ impl DynaKvCache {
             KvStorage::Host => Some(rope.host()?),
             KvStorage::Device => None,
         };
+        let controller = BudgetController::for_policy(&*policy, geometry.n_layers)?;
         Ok(Self {
             geometry,
             rope,
@@ -121,6 +125,7 @@ impl DynaKvCache {
             host_rope,
             codecs,
             precision,
+            controller,
         })
     }
 
@@ -179,8 +184,16 @@ impl AttentionCache for DynaKvCache {
         } else {
             (&[], &[])
         };
-        let rk = self.policy.ranks(layer, KvKind::Key, read_k, positions);
-        let mut rv = self.policy.ranks(layer, KvKind::Value, read_v, positions);
+        let (rk, mut rv) = match &mut self.controller {
+            Some(c) => (
+                c.ranks(&*self.policy, layer, KvKind::Key, read_k, positions),
+                c.ranks(&*self.policy, layer, KvKind::Value, read_v, positions),
+            ),
+            None => (
+                self.policy.ranks(layer, KvKind::Key, read_k, positions),
+                self.policy.ranks(layer, KvKind::Value, read_v, positions),
+            ),
+        };
         for r in rk.iter().chain(&rv) {
             if !self.bases.levels.contains(*r) {
                 return Err(CacheError::Config(format!(
