@@ -109,6 +109,14 @@ impl BudgetController {
         self.hold
     }
 
+    /// Forgets every token (the cache was emptied).
+    pub fn reset(&mut self) {
+        self.lanes
+            .iter_mut()
+            .flatten()
+            .for_each(|l| *l = Lane::default());
+    }
+
     /// The retained fraction a lane is held to.
     pub fn target(&self, layer: usize, kind: KvKind) -> Option<f64> {
         self.targets.get(layer).map(|t| t[kind.index()])
@@ -223,6 +231,83 @@ impl BudgetController {
         let excess = lane.window.len().saturating_sub(WINDOW * m);
         lane.window.drain(..excess);
         ranks
+    }
+}
+
+impl BudgetController {
+    /// After tokens were dropped (SnapKV prunes at the end of prefill): the
+    /// lane now holds `ranks`, one per stored token in token order, and is
+    /// synced to them. When they spend more than the lane's target (the
+    /// kept tokens are the ones that mattered, and had higher ranks), ranks
+    /// are lowered (never raised: truncated coordinates are gone) until the
+    /// lane is back at its target; the last `recent` tokens keep theirs
+    /// unless the ceiling needs them. Returns the new ranks, or `None` when
+    /// nothing changes.
+    ///
+    /// `latents` is row-major `[n, dim]`: the stored tokens' latents as
+    /// stored (zero beyond each token's rank).
+    pub fn after_prune(
+        &mut self,
+        policy: &dyn RankPolicy,
+        layer: usize,
+        kind: KvKind,
+        latents: &[f32],
+        ranks: &[usize],
+    ) -> Option<Vec<usize>> {
+        let steer = policy.steerable()?;
+        let target = self.targets.get(layer)?[kind.index()];
+        let levels = &self.levels;
+        let (lv, d) = (levels.as_slice(), levels.full());
+        let m = lv.len() - 1;
+        let n = ranks.len();
+        let lane = &mut self.lanes[layer][kind.index()];
+        let total: usize = ranks.iter().sum();
+        lane.kept = total as u64;
+        lane.tokens = n as u64;
+        let goal = target * (n * d) as f64;
+        let over = match self.hold {
+            BudgetHold::Open => return None,
+            // within half the promised tolerance: leave the stored rows be
+            BudgetHold::Track => total as f64 - goal > 0.005 * (n * d) as f64,
+            BudgetHold::Ceiling => total as f64 > (goal + 1e-6).floor(),
+        };
+        let mut cuts = steer.cuts(layer, kind, latents, n);
+        if !over || n == 0 || cuts.len() != n * m {
+            return None;
+        }
+        // A token can only go down: levels above its rank are out of reach.
+        for (row, &r) in cuts.chunks_exact_mut(m).zip(ranks) {
+            for (j, c) in row.iter_mut().enumerate() {
+                if lv[j + 1] > r {
+                    *c = f32::NEG_INFINITY;
+                }
+            }
+        }
+        let mode = match self.hold {
+            BudgetHold::Ceiling => Goal::AtMost,
+            _ => Goal::Nearest,
+        };
+        let goal = match mode {
+            Goal::AtMost => (goal + 1e-6).floor(),
+            Goal::Nearest => goal,
+        };
+        let n_f = policy.recent_full().min(n);
+        let n_u = n - n_f;
+        let fixed: usize = ranks[n_u..].iter().sum();
+        let mut new = ranks.to_vec();
+        let rows = if n_u > 0 && goal - fixed as f64 >= (n_u * lv[1]) as f64 {
+            n_u
+        } else {
+            // Nothing left to cut but the recent tokens.
+            n
+        };
+        let left = goal - ranks[rows..].iter().sum::<usize>() as f64;
+        let p = solve(&cuts[..rows * m], left, mode, levels);
+        for (r, c) in new.iter_mut().zip(cuts.chunks_exact(m)).take(rows) {
+            *r = rank_at(c, p, levels);
+        }
+        lane.kept = new.iter().sum::<usize>() as u64;
+        Some(new)
     }
 }
 
@@ -459,6 +544,36 @@ mod tests {
         let mut t = BudgetController::for_policy(&p, 1).unwrap().unwrap();
         t.ranks(&p, 0, KvKind::Key, &lat, &(0..100).collect::<Vec<_>>());
         assert_eq!(t.ranks(&p, 0, KvKind::Key, &lat[..8], &[100]), vec![8]);
+    }
+
+    #[test]
+    fn after_pruning_ranks_only_fall_back_to_the_target() {
+        let p = toy(BudgetHold::Track, 0.5);
+        let mut c = BudgetController::for_policy(&p, 1).unwrap().unwrap();
+        let lat = text(200, 1.0, 9);
+        let r = c.ranks(&p, 0, KvKind::Key, &lat, &(0..200).collect::<Vec<_>>());
+        // Keep the 50 tokens with the highest ranks (what pruning keeps).
+        let mut order: Vec<usize> = (0..200).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(r[i]));
+        let mut kept: Vec<usize> = order[..50].to_vec();
+        kept.sort();
+        let kept_lat: Vec<f32> = kept
+            .iter()
+            .flat_map(|&i| lat[i * 8..i * 8 + 8].to_vec())
+            .collect();
+        let kept_r: Vec<usize> = kept.iter().map(|&i| r[i]).collect();
+        assert!(retained(&kept_r, 8) > 0.6);
+        let new = c
+            .after_prune(&p, 0, KvKind::Key, &kept_lat, &kept_r)
+            .unwrap();
+        assert!(
+            (retained(&new, 8) - 0.5).abs() <= 0.01,
+            "{}",
+            retained(&new, 8)
+        );
+        assert!(new.iter().zip(&kept_r).all(|(a, b)| a <= b));
+        // At the target already: nothing to do.
+        assert!(c.after_prune(&p, 0, KvKind::Key, &kept_lat, &new).is_none());
     }
 
     #[test]

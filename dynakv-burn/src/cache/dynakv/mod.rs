@@ -285,6 +285,9 @@ impl AttentionCache for DynaKvCache {
 
     fn reset(&mut self) {
         self.layers = vec![LayerStore::default(); self.geometry.n_layers];
+        if let Some(c) = &mut self.controller {
+            c.reset();
+        }
     }
 
     fn footprint(&self) -> CacheFootprint {

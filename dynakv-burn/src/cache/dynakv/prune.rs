@@ -1,7 +1,12 @@
-//! Pruning a DynaKV cache: dropped tokens leave their rank buckets.
+//! Pruning a DynaKV cache: dropped tokens leave their rank buckets, and a
+//! held budget lowers the kept tokens' ranks back to it.
 
+use burn::tensor::{Tensor, TensorData};
+use dynakv_core::policy::KvKind;
+
+use super::buckets::padded_latents;
 use super::DynaKvCache;
-use crate::cache::{KeepPositions, PrunableCache};
+use crate::cache::{host_rows, KeepPositions, KvStorage, PrunableCache};
 use crate::error::CacheError;
 
 impl PrunableCache for DynaKvCache {
@@ -40,6 +45,72 @@ impl PrunableCache for DynaKvCache {
                 b.keep_rows(&rows);
             }
             store.buckets[k].retain(|b| b.len() > 0);
+        }
+        self.rerank_to_budget(layer)
+    }
+}
+
+impl DynaKvCache {
+    /// With a budget controller: the kept tokens (those attention needs most,
+    /// which the policy had given more dimensions) are lowered back to the
+    /// layer's target by truncating latents, exact for every rank is a
+    /// prefix of the basis; a kind already at its target is left as stored.
+    fn rerank_to_budget(&mut self, layer: usize) -> Result<(), CacheError> {
+        if self.controller.is_none() {
+            return Ok(());
+        }
+        let levels = self.bases.levels.clone();
+        let d = self.bases.d_kv;
+        let device = self.rope.device();
+        for kind in [KvKind::Key, KvKind::Value] {
+            let k = kind.index();
+            let store = &self.layers[layer];
+            let n_ids = store.next_id;
+            let ids: Vec<usize> = (0..n_ids).filter(|&id| store.codes[k][id] != 0).collect();
+            let ranks: Vec<usize> = ids
+                .iter()
+                .map(|&id| levels.as_slice()[store.codes[k][id] as usize - 1])
+                .collect();
+            let mut slot_of = vec![usize::MAX; n_ids];
+            for (j, &id) in ids.iter().enumerate() {
+                slot_of[id] = j;
+            }
+            let index = store.index(k, &levels);
+            let lat = padded_latents(&store.buckets[k], &index, &slot_of, ids.len(), d, &device);
+            let host = host_rows(&lat)?;
+            let Some(controller) = self.controller.as_mut() else {
+                return Ok(());
+            };
+            let Some(new) = controller.after_prune(&*self.policy, layer, kind, &host, &ranks)
+            else {
+                continue;
+            };
+            // Refile every token of this kind at its new rank (pruned ids
+            // stay empty: rank 0).
+            let mut all = vec![0f32; n_ids * d];
+            let mut all_ranks = vec![0usize; n_ids];
+            for (j, &id) in ids.iter().enumerate() {
+                all[id * d..(id + 1) * d].copy_from_slice(&host[j * d..(j + 1) * d]);
+                all_ranks[id] = new[j];
+            }
+            let store = &mut self.layers[layer];
+            store.buckets[k].clear();
+            store.codes[k].clear();
+            store.dims[k] = 0;
+            let host_storage = self.bases.storage == KvStorage::Host;
+            let lat_all = if host_storage {
+                // host storage files from `all`; the tensor only names the device
+                Tensor::<2>::zeros([1, d], &device)
+            } else {
+                Tensor::from_data(TensorData::new(all.clone(), [n_ids, d]), &device)
+            };
+            self.store(
+                layer,
+                kind,
+                lat_all,
+                host_storage.then_some(&all[..]),
+                &all_ranks,
+            )?;
         }
         Ok(())
     }

@@ -256,3 +256,81 @@ fn a_rank_that_is_not_a_level_is_an_error() {
     };
     assert!(DynaKvBases::new(&artifact(RopePlacement::Pre), other, &device).is_err());
 }
+
+/// Ranks given per position (K, V), for rebuilding a cache as another left it.
+#[derive(Debug)]
+struct ByPosition(std::collections::HashMap<usize, [usize; 2]>);
+impl RankPolicy for ByPosition {
+    fn name(&self) -> &'static str {
+        "by-position"
+    }
+    fn needs_latents(&self) -> bool {
+        false
+    }
+    fn ranks(&self, _l: usize, kind: KvKind, _lat: &[f32], positions: &[usize]) -> Vec<usize> {
+        positions.iter().map(|p| self.0[p][kind.index()]).collect()
+    }
+}
+
+#[test]
+fn pruning_under_a_held_budget_lowers_the_kept_ranks_to_it() {
+    use dynakv_core::policy::{BudgetHold, EnergyPolicy, EnergyRule, Held};
+    let device = default_device();
+    let rope = rope();
+    let art = artifact(RopePlacement::Pre);
+    let bases = Arc::new(DynaKvBases::new(&art, G, &device).unwrap());
+    let levels = art.header.levels.clone();
+    let energy = EnergyPolicy {
+        rule: EnergyRule::Threshold,
+        thresholds: vec![[0.05, 0.05]; 2],
+        mean_latents: art.mean_latents(),
+        levels: levels.clone(),
+        shares: vec![],
+    };
+    let policy = Arc::new(Held::new(Arc::new(energy), BudgetHold::Track, 0.5));
+    let mut c = DynaKvCache::new(G, rope.clone(), bases.clone(), policy).unwrap();
+    let n = 60;
+    let (q, k, v) = (
+        rand4([1, 4, 1, 4]),
+        rand4([1, 2, n, 4]),
+        rand4([1, 2, n, 4]),
+    );
+    let pos: Vec<usize> = (0..n).collect();
+    c.append(0, k.clone(), v.clone(), &pos).unwrap();
+    let before = c.ranks(0, KvKind::Key);
+    let dims = |r: &[(usize, usize)]| r.iter().map(|x| x.1).sum::<usize>() as f64;
+    assert!((dims(&before) / (n * 8) as f64 - 0.5).abs() <= 0.01);
+    // Keep the 20 tokens with the highest key ranks, as attention-based
+    // pruning tends to.
+    let mut order: Vec<(usize, usize)> = before.clone();
+    order.sort_by_key(|&(id, r)| (std::cmp::Reverse(r), id));
+    let mut keep: Vec<usize> = order[..20].iter().map(|x| x.0).collect();
+    keep.sort();
+    let was: Vec<usize> = keep.iter().map(|&p| before[p].1).collect();
+    c.retain(0, &KeepPositions::Layer(keep.clone())).unwrap();
+    let after_k = c.ranks(0, KvKind::Key);
+    let after_v = c.ranks(0, KvKind::Value);
+    assert_eq!(after_k.iter().map(|x| x.0).collect::<Vec<_>>(), keep);
+    let frac = dims(&after_k) / (20 * 8) as f64;
+    assert!((frac - 0.5).abs() <= 0.02, "keys after pruning: {frac}");
+    assert!(after_k.iter().zip(&was).all(|(a, &b)| a.1 <= b));
+    // The refiled cache attends as one that stored those tokens at those
+    // ranks in the first place.
+    let map = keep
+        .iter()
+        .zip(after_k.iter().zip(&after_v))
+        .map(|(&p, (a, b))| (p, [a.1, b.1]))
+        .collect();
+    let mut fresh = DynaKvCache::new(G, rope, bases, Arc::new(ByPosition(map))).unwrap();
+    let idx = Tensor::<1, Int>::from_data(
+        TensorData::new(keep.iter().map(|&p| p as i64).collect::<Vec<_>>(), [20]),
+        &device,
+    );
+    fresh
+        .append(0, k.select(2, idx.clone()), v.select(2, idx), &keep)
+        .unwrap();
+    let got = c.attend(0, q.clone(), &[n]).unwrap();
+    let want = fresh.attend(0, q, &[n]).unwrap();
+    let diff: f32 = (got - want).abs().max().into_scalar();
+    assert!(diff < 1e-4, "{diff}");
+}
