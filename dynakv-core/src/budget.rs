@@ -19,6 +19,11 @@ pub struct CacheFootprint {
     pub values: u64,
     /// Key and value numbers the dense cache would store for the same tokens.
     pub values_full: u64,
+    /// Key and value numbers a dense cache would store for the tokens this
+    /// cache still holds (after pruning): DynaKV's own retained fraction is
+    /// `values` over this ([`CacheFootprint::retained_kept`]).
+    #[serde(default)]
+    pub values_kept_full: u64,
     /// Bytes of the stored numbers in their storage format (f16: 2 per
     /// number; q8_0: 34 per 32, scales included).
     pub value_bytes: u64,
@@ -42,6 +47,7 @@ impl CacheFootprint {
         Self {
             values,
             values_full: values,
+            values_kept_full: values,
             value_bytes,
             held_value_bytes: value_bytes,
             metadata_bytes: 0,
@@ -56,6 +62,16 @@ impl CacheFootprint {
             return 0.0;
         }
         self.values as f64 / self.values_full as f64
+    }
+
+    /// Stored numbers over what a dense cache stores for the tokens kept: a
+    /// rank policy's fraction, apart from what pruning dropped (the
+    /// retained fraction when nothing was pruned).
+    pub fn retained_kept(&self) -> f64 {
+        if self.values_kept_full == 0 {
+            return self.retained();
+        }
+        self.values as f64 / self.values_kept_full as f64
     }
 
     /// All bytes: values at their real width, metadata and fixed overheads.
@@ -103,6 +119,7 @@ impl std::ops::Add for CacheFootprint {
         Self {
             values: self.values + o.values,
             values_full: self.values_full + o.values_full,
+            values_kept_full: self.values_kept_full + o.values_kept_full,
             value_bytes: self.value_bytes + o.value_bytes,
             held_value_bytes: self.held_value_bytes + o.held_value_bytes,
             metadata_bytes: self.metadata_bytes + o.metadata_bytes,

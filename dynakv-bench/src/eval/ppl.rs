@@ -36,6 +36,11 @@ pub struct PplReport {
     pub score_last: Option<usize>,
     /// Mean retained fraction right after that prefill (the compression point).
     pub retained_prefill: Option<f64>,
+    /// Stored numbers over a dense cache of the tokens kept (DynaKV's own
+    /// fraction under SnapKV; `retained` when nothing is pruned), at the end
+    /// of a window and right after the prefill.
+    pub retained_kept: f64,
+    pub retained_kept_prefill: Option<f64>,
     /// KV bytes per token there, and as a fraction of an f16 dense cache:
     /// what a cache that compresses at the end of prefill (SnapKV) costs.
     pub kv_bytes_per_token_prefill: Option<f64>,
@@ -144,6 +149,7 @@ pub fn perplexity(
     let wins = checked_windows(model, ids, ctx, max_windows, score_last)?;
     let (mut sum, mut n) = (0f64, 0usize);
     let (mut bytes, mut retained, mut at_prefill) = (ByteAccumulator::default(), 0f64, 0f64);
+    let (mut kept, mut kept_prefill) = (0f64, 0f64);
     let mut bytes_prefill = ByteAccumulator::default();
     let mut all_nll = Vec::new();
     let mut all_top1 = Vec::new();
@@ -153,12 +159,14 @@ pub fn perplexity(
         let (logits, first_target, prefill) = window_logits(model, w, score_last, cache.as_mut())?;
         if let Some(f) = &prefill {
             at_prefill += f.retained();
+            kept_prefill += f.retained_kept();
             bytes_prefill.add(f);
         }
         let (nll, top1) = dynakv_models::llama::nll_and_top1(logits, &w[first_target..]);
         let f = cache.footprint();
         bytes.add(&f);
         retained += f.retained();
+        kept += f.retained_kept();
         sum += nll.iter().map(|&x| x as f64).sum::<f64>();
         n += nll.len();
         all_nll.push(nll);
@@ -179,6 +187,8 @@ pub fn perplexity(
             retained: retained / k,
             score_last,
             retained_prefill: score_last.map(|_| at_prefill / k),
+            retained_kept: kept / k,
+            retained_kept_prefill: score_last.map(|_| kept_prefill / k),
             kv_bytes_per_token_prefill: score_last.map(|_| bytes_prefill.mean().kv_bytes_per_token),
             kv_fraction_f16_prefill: score_last.map(|_| bytes_prefill.mean().kv_fraction_f16),
         },

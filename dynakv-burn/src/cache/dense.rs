@@ -515,6 +515,8 @@ impl AttentionCache for DenseCache {
         CacheFootprint {
             values: values as u64,
             values_full: (2 * seen * self.geometry.d_kv()) as u64,
+            // every kept row is whole
+            values_kept_full: values as u64,
             value_bytes: value_bytes as u64,
             held_value_bytes: held_value_bytes as u64,
             // A pruned cache must remember which positions it kept.

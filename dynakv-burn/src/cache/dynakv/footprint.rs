@@ -21,6 +21,8 @@ impl DynaKvCache {
             let n = l.next_id as u64;
             f.values += (l.dims[0] + l.dims[1]) as u64;
             f.values_full += 2 * n * self.geometry.d_kv() as u64;
+            // a token is kept while its key is (a value without a key is not)
+            f.values_kept_full += 2 * l.stored(0) as u64 * self.geometry.d_kv() as u64;
             f.tokens = f.tokens.max(n);
             for (k, buckets) in l.buckets.iter().enumerate() {
                 for b in buckets {
