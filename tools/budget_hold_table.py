@@ -9,6 +9,27 @@ import json
 import sys
 
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+
+
+def presets_table(rows):
+    """tools/budget_hold_presets.sh's output: the composed presets."""
+    texts = list(dict.fromkeys(r["text"] for r in rows))
+    full = {r["text"]: r["ppl"] for r in rows if r["hold"] == "full"}
+    print("| text | preset | hold | DynaKV of kept (prefill) | budget | KV bytes / f16 (prefill) | PPL ratio |")
+    print("|---|---|---|---|---|---|---|")
+    budgets = {"bytes-25": 0.7, "bytes-12": 0.7, "bytes-6": 0.7, "bytes-3": 0.47}
+    for t in texts:
+        for r in rows:
+            if r["text"] != t or r["hold"] == "full":
+                continue
+            print(f"| {t} | {r['preset']} | {r['hold']} | {r['retained_kept_prefill']:.3f} | "
+                  f"{budgets.get(r['preset'], float('nan'))} | "
+                  f"{100 * r['kv_fraction_f16_prefill']:.2f}% | ×{r['ppl'] / full[t]:.3f} |")
+
+
+if rows and "preset" in rows[0]:
+    presets_table(rows)
+    sys.exit(0)
 texts = []
 for r in rows:
     if r["text"] not in texts:

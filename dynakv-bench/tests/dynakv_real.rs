@@ -182,7 +182,7 @@ fn the_budget_holds_on_code_as_on_prose() {
                 BudgetHold::Open => {}
                 BudgetHold::Track => assert!((r - 0.3).abs() <= 0.01, "{text} track: {r}"),
                 BudgetHold::Ceiling => {
-                    assert!(r <= 0.3 + 1e-9 && r >= 0.29, "{text} ceiling: {r}");
+                    assert!((0.29..=0.3 + 1e-9).contains(&r), "{text} ceiling: {r}");
                     for (i, &t) in gen.iter().enumerate() {
                         s.model
                             .forward(&[t], ids.len() + i, cache.as_mut())

@@ -47,29 +47,53 @@ impl std::str::FromStr for EnergyRule {
 /// level's error exceeds `tau`: `cut[i] = min(rel[1..=i])`.
 ///
 /// `lagrange`: the rank minimises `rel[j] + lambda * lv[j] / d` (ties to the
-/// smaller level). The minimiser is at level `i` or above while some `j >= i`
-/// beats every `k < i`, and `j` beats `k` while
-/// `lambda < (rel[k] - rel[j]) * d / (lv[j] - lv[k])`, so
-/// `cut = max_j min_k` of that bound.
+/// smaller level). As `lambda` grows the minimiser walks down the lower
+/// convex hull of the points `(lv[j], rel[j])`, leaving hull vertex `b` for
+/// the previous vertex `a` where their costs cross,
+/// `lambda = (rel[a] - rel[b]) * d / (lv[b] - lv[a])`; every level between
+/// `a` (exclusive) and `b` (inclusive) has that cut. O(levels) per token.
 fn profile_cuts(rule: EnergyRule, rel: &[f32], levels: &RankLevels, out: &mut Vec<f32>) {
     let lv = levels.as_slice();
     let m = lv.len() - 1;
-    let d = levels.full() as f32;
-    let mut prev = f32::INFINITY;
-    out.push(prev);
-    for i in 2..=m {
-        let c = match rule {
-            EnergyRule::Threshold => rel[i - 1],
-            EnergyRule::Lagrange => (i..=m)
-                .map(|j| {
-                    (1..i)
-                        .map(|k| (rel[k] - rel[j]) * d / (lv[j] - lv[k]) as f32)
-                        .fold(f32::INFINITY, f32::min)
-                })
-                .fold(f32::NEG_INFINITY, f32::max),
-        };
-        prev = prev.min(c);
-        out.push(prev);
+    let start = out.len();
+    out.push(f32::INFINITY);
+    match rule {
+        EnergyRule::Threshold => {
+            let mut prev = f32::INFINITY;
+            for &r in &rel[1..m] {
+                prev = prev.min(r);
+                out.push(prev);
+            }
+        }
+        EnergyRule::Lagrange => {
+            let d = levels.full() as f64;
+            let pt = |j: usize| (lv[j] as f64, rel[j] as f64);
+            // lower hull of levels 1..=m, by ascending level
+            let mut hull: Vec<usize> = Vec::with_capacity(m);
+            for j in 1..=m {
+                while hull.len() >= 2 {
+                    let (o, a, b) = (pt(hull[hull.len() - 2]), pt(hull[hull.len() - 1]), pt(j));
+                    if (a.0 - o.0) * (b.1 - o.1) - (a.1 - o.1) * (b.0 - o.0) <= 0.0 {
+                        hull.pop();
+                    } else {
+                        break;
+                    }
+                }
+                hull.push(j);
+            }
+            for w in hull.windows(2) {
+                let (a, b) = (pt(w[0]), pt(w[1]));
+                let cut = ((a.1 - b.1) * d / (b.0 - a.0)) as f32;
+                // levels w[0]+1 ..= w[1]; out[i - 1] is level index i
+                out.extend(std::iter::repeat_n(cut, w[1] - w[0]));
+            }
+            // non-increasing, as a hull's crossings are (rounding aside)
+            let mut prev = f32::INFINITY;
+            for c in &mut out[start..] {
+                prev = prev.min(*c);
+                *c = prev;
+            }
+        }
     }
 }
 
