@@ -17,3 +17,8 @@ $D eval sweep $COMMON --kv-dtypes f16 --latent-dtypes mixed,int4 --policies ener
 $D eval sweep $COMMON --kv-dtypes f16 --latent-dtypes mixed,int4 --policies energy \
   --budgets 0.85,0.70,0.47 --snapkv 0.75,0.875 --snapkv-preset recall --snapkv-layer-max \
   --recent-full 32
+# the learned router (ROUTER: an artifact from `dynakv train`, at its target)
+if [ -n "${ROUTER:-}" ]; then
+  $D eval sweep $COMMON --kv-dtypes f16 --latent-dtypes f16,int8,int4,mixed \
+    --budgets "" --router "$ROUTER" --snapkv ""
+fi
