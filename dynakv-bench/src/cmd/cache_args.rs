@@ -204,12 +204,19 @@ impl CacheArgs {
 
     /// What the flags ask for, validated (before any model is loaded).
     pub fn spec(&self) -> Result<CacheSpec> {
+        let held = self.budget_ceiling || self.budget_hold != BudgetHold::Track;
         if let Some(p) = &self.preset {
             let mut spec = CacheSpec::preset(p)?;
+            if held && spec.dynakv.is_none() {
+                bail!("--budget-hold/--budget-ceiling apply to DynaKV; preset {p} has none");
+            }
             if let Some(d) = &mut spec.dynakv {
                 d.hold = self.hold();
             }
             return Ok(spec);
+        }
+        if held && self.cache == CacheKind::Full {
+            bail!("--budget-hold/--budget-ceiling apply to --cache dynakv");
         }
         let dynakv = match self.cache {
             CacheKind::Full => None,
@@ -282,5 +289,53 @@ impl CacheArgs {
 impl CacheMaker {
     pub fn make(&self) -> Result<Box<dyn AttentionCache>, ModelError> {
         Ok(self.factory.make()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        cache: CacheArgs,
+    }
+
+    fn spec(args: &[&str]) -> Result<CacheSpec> {
+        Cli::try_parse_from(std::iter::once("dynakv").chain(args.iter().copied()))?
+            .cache
+            .spec()
+    }
+
+    #[test]
+    fn the_budget_promise_flags_apply_to_dynakv_only() {
+        let hold = |args: &[&str]| spec(args).unwrap().dynakv.unwrap().hold;
+        assert_eq!(hold(&["--cache", "dynakv"]), BudgetHold::Track);
+        assert_eq!(
+            hold(&["--cache", "dynakv", "--budget-ceiling"]),
+            BudgetHold::Ceiling
+        );
+        assert_eq!(
+            hold(&["--preset", "bytes-6", "--budget-hold", "open"]),
+            BudgetHold::Open
+        );
+        assert_eq!(hold(&["--preset", "bytes-6"]), BudgetHold::Track);
+        for bad in [
+            &["--budget-ceiling"][..],
+            &["--budget-hold", "open"],
+            &[
+                "--cache",
+                "dynakv",
+                "--budget-ceiling",
+                "--budget-hold",
+                "track",
+            ],
+            &["--cache", "dynakv", "--budget-hold", "loose"],
+        ] {
+            assert!(spec(bad).is_err(), "{bad:?}");
+        }
+        assert!(spec(&[]).unwrap().dynakv.is_none());
     }
 }

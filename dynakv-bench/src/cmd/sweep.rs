@@ -160,7 +160,11 @@ fn cache(
         key_factor: 2.0,
         energy_rule: EnergyRule::Lagrange,
         recent_full: a.recent_full,
-        budget_hold: a.budget_hold,
+        // the promise is DynaKV's; other cells take the default
+        budget_hold: match kind {
+            CacheKind::Dynakv => a.budget_hold,
+            CacheKind::Full => BudgetHold::Track,
+        },
         budget_ceiling: false,
         snapkv,
         snapkv_capacity: None,
