@@ -19,7 +19,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Download the default model and corpus into $DYNAKV_HOME (~/.cache/dynakv).
-    Fetch,
+    Fetch(cmd::fetch::FetchArgs),
     /// Calibrate DynaKV bases on Brown `calib` text and write an artifact.
     Calibrate(cmd::calibrate::CalibrateArgs),
     /// Train DynaKV's router (and bases) on Brown `calib`, model frozen.
@@ -45,7 +45,7 @@ fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Fetch => cmd::fetch::run(),
+        Command::Fetch(a) => cmd::fetch::run(a),
         Command::Calibrate(a) => cmd::calibrate::run(a),
         Command::Train(a) => cmd::train::run(a),
         Command::Generate(a) => cmd::generate::run(a),
