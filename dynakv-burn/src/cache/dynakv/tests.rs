@@ -314,8 +314,12 @@ fn pruning_under_a_held_budget_lowers_the_kept_ranks_to_it() {
     let frac = dims(&after_k) / (20 * 8) as f64;
     assert!((frac - 0.5).abs() <= 0.02, "keys after pruning: {frac}");
     assert!(after_k.iter().zip(&was).all(|(a, &b)| a.1 <= b));
+    // Values were not chosen for their ranks: lowered where above the
+    // target, never raised, so keys and values together are not above it.
     let f = c.footprint();
-    assert!((f.retained_kept() - 0.5).abs() <= 0.02, "{f:?}");
+    assert!(f.retained_kept() <= 0.5 + 0.02, "{f:?}");
+    let v_frac = dims(&after_v) / (20 * 8) as f64;
+    assert!(v_frac <= 0.5 + 0.02, "values after pruning: {v_frac}");
     assert!(f.retained() < 0.2, "pruning dropped two thirds: {f:?}");
     // The refiled cache attends as one that stored those tokens at those
     // ranks in the first place.
