@@ -26,8 +26,11 @@ pub const WINDOW: usize = 256;
 /// Below this many tokens of evidence the fitted point is used as it is.
 const MIN_SAMPLE: usize = 32;
 /// Single-token appends re-solve the point every this many tokens (solving
-/// sorts the window's cuts; in between the lane's last point is reused).
+/// sorts the window's cuts; in between the lane's last point is reused)...
 const RESOLVE_EVERY: u64 = 16;
+/// ...or sooner, once the lane is this far from its target (as a fraction
+/// of what a dense cache would hold; the promise is 0.01).
+const DRIFT: f64 = 0.004;
 
 /// One layer's keys or values.
 #[derive(Debug, Clone, Default)]
@@ -162,15 +165,22 @@ impl BudgetController {
         // The point for the unforced tokens.
         let window_rows = lane.window.len() / m;
         let err = lane.kept as f64 - target * lane.tokens as f64 * d as f64;
-        let resolve = n > 1 || lane.point.is_none() || lane.since_solve >= RESOLVE_EVERY;
+        // Drift beyond a fraction of the tolerance forces a solve even
+        // between the periodic ones.
+        let drifting = err.abs() > DRIFT * (lane.tokens * d as u64) as f64;
+        let resolve =
+            n > 1 || lane.point.is_none() || lane.since_solve >= RESOLVE_EVERY || drifting;
         let point = if n_u == 0 || !resolve {
             lane.point.unwrap_or_else(|| steer.point(layer, kind))
         } else if window_rows + n_u < MIN_SAMPLE {
             steer.point(layer, kind)
         } else {
             // Excess carried from earlier appends is paid back in full by a
-            // long append and over the window by short ones.
-            let payback = (n as f64 / WINDOW as f64).min(1.0);
+            // long append and over a horizon by short ones: an eighth of the
+            // sequence so far (a short sequence must correct fast to stay
+            // within the tolerance), at most the window.
+            let horizon = (lane.tokens as usize / 8).clamp(1, WINDOW);
+            let payback = (n as f64 / horizon as f64).min(1.0);
             let goal_new = target * (n * d) as f64 - err * payback - (n_f * d) as f64;
             let per_token = goal_new / n_u as f64;
             let mode = match self.hold {
@@ -201,6 +211,14 @@ impl BudgetController {
             .map(|c| rank_at(c, point, levels))
             .chain(std::iter::repeat_n(d, n_f))
             .collect();
+        // A decoded token unlike the window it was steered by can leave a
+        // short sequence off its target faster than solves catch up: while
+        // drifting, a single token takes the level that lands the lane
+        // nearest its target.
+        if drifting && n == 1 && n_u == 1 && window_rows + n_u >= MIN_SAMPLE {
+            let want = target * ((lane.tokens + 1) * d as u64) as f64 - lane.kept as f64;
+            ranks[0] = levels.nearest(want.clamp(lv[1] as f64, d as f64));
+        }
 
         if self.hold == BudgetHold::Ceiling {
             let cap = ((target * ((lane.tokens + n as u64) * d as u64) as f64 + 1e-6).floor()
@@ -517,6 +535,27 @@ mod tests {
             }
             let end = retained(&kept, 8);
             assert!((end - 0.4).abs() <= 0.01, "{hold}: {end}");
+        }
+    }
+
+    #[test]
+    fn a_short_prompt_and_a_short_answer_stay_within_a_hundredth() {
+        let p = toy(BudgetHold::Track, 0.47);
+        let mut c = BudgetController::for_policy(&p, 1).unwrap().unwrap();
+        let prompt = text(34, 1.0, 21);
+        let mut kept = c.ranks(&p, 0, KvKind::Key, &prompt, &(0..34).collect::<Vec<_>>());
+        // Generated tokens unlike the prompt (smaller: fewer dimensions at
+        // the prompt's point).
+        let gen = text(40, 0.4, 8);
+        for (i, row) in gen.chunks_exact(8).enumerate() {
+            kept.extend(c.ranks(&p, 0, KvKind::Key, row, &[34 + i]));
+            if i >= 8 {
+                let now = retained(&kept, 8);
+                assert!(
+                    (now - 0.47).abs() <= 0.01 + 2.0 / (8.0 * kept.len() as f64),
+                    "step {i}: {now}"
+                );
+            }
         }
     }
 
