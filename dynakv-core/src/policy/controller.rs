@@ -22,7 +22,7 @@ use crate::error::CoreError;
 use crate::levels::RankLevels;
 
 /// Tokens of recent history a short append is steered against.
-pub const WINDOW: usize = 256;
+const WINDOW: usize = 256;
 /// Below this many tokens of evidence the fitted point is used as it is.
 const MIN_SAMPLE: usize = 32;
 /// Single-token appends re-solve the point every this many tokens (solving
@@ -106,10 +106,6 @@ impl BudgetController {
             lanes: vec![Default::default(); n_layers],
             levels,
         }))
-    }
-
-    pub fn hold(&self) -> BudgetHold {
-        self.hold
     }
 
     /// Forgets every token (the cache was emptied).
@@ -262,18 +258,23 @@ impl BudgetController {
     /// unless the ceiling needs them. Returns the new ranks, or `None` when
     /// nothing changes.
     ///
-    /// `latents` is row-major `[n, dim]`: the stored tokens' latents as
-    /// stored (zero beyond each token's rank).
-    pub fn after_prune(
+    /// `latents` gives the stored tokens' latents as stored, row-major
+    /// `[n, dim]` (zero beyond each token's rank); it is called only when
+    /// ranks must come down.
+    pub fn after_prune<'l, E>(
         &mut self,
         policy: &dyn RankPolicy,
         layer: usize,
         kind: KvKind,
-        latents: &[f32],
         ranks: &[usize],
-    ) -> Option<Vec<usize>> {
-        let steer = policy.steerable()?;
-        let target = self.targets.get(layer)?[kind.index()];
+        latents: impl FnOnce() -> Result<&'l [f32], E>,
+    ) -> Result<Option<Vec<usize>>, E> {
+        let (Some(steer), Some(target)) = (
+            policy.steerable(),
+            self.targets.get(layer).map(|t| t[kind.index()]),
+        ) else {
+            return Ok(None);
+        };
         let levels = &self.levels;
         let (lv, d) = (levels.as_slice(), levels.full());
         let m = lv.len() - 1;
@@ -284,14 +285,17 @@ impl BudgetController {
         lane.tokens = n as u64;
         let goal = target * (n * d) as f64;
         let over = match self.hold {
-            BudgetHold::Open => return None,
+            BudgetHold::Open => return Ok(None),
             // within half the promised tolerance: leave the stored rows be
             BudgetHold::Track => total as f64 - goal > 0.005 * (n * d) as f64,
             BudgetHold::Ceiling => total as f64 > (goal + 1e-6).floor(),
         };
-        let mut cuts = steer.cuts(layer, kind, latents, n);
-        if !over || n == 0 || cuts.len() != n * m {
-            return None;
+        if !over || n == 0 {
+            return Ok(None);
+        }
+        let mut cuts = steer.cuts(layer, kind, latents()?, n);
+        if cuts.len() != n * m {
+            return Ok(None);
         }
         // A token can only go down: levels above its rank are out of reach.
         for (row, &r) in cuts.chunks_exact_mut(m).zip(ranks) {
@@ -325,7 +329,7 @@ impl BudgetController {
             *r = rank_at(c, p, levels);
         }
         lane.kept = new.iter().sum::<usize>() as u64;
-        Some(new)
+        Ok(Some(new))
     }
 }
 
@@ -602,8 +606,10 @@ mod tests {
             .collect();
         let kept_r: Vec<usize> = kept.iter().map(|&i| r[i]).collect();
         assert!(retained(&kept_r, 8) > 0.6);
+        let kept_rows = || Ok::<_, ()>(&kept_lat[..]);
         let new = c
-            .after_prune(&p, 0, KvKind::Key, &kept_lat, &kept_r)
+            .after_prune(&p, 0, KvKind::Key, &kept_r, kept_rows)
+            .unwrap()
             .unwrap();
         assert!(
             (retained(&new, 8) - 0.5).abs() <= 0.01,
@@ -612,7 +618,10 @@ mod tests {
         );
         assert!(new.iter().zip(&kept_r).all(|(a, b)| a <= b));
         // At the target already: nothing to do.
-        assert!(c.after_prune(&p, 0, KvKind::Key, &kept_lat, &new).is_none());
+        assert!(c
+            .after_prune(&p, 0, KvKind::Key, &new, kept_rows)
+            .unwrap()
+            .is_none());
     }
 
     #[test]

@@ -13,7 +13,7 @@ mod spec;
 mod steer;
 mod uniform;
 
-pub use controller::{BudgetController, WINDOW as CONTROLLER_WINDOW};
+pub use controller::BudgetController;
 pub use energy::{EnergyPolicy, EnergyRule};
 pub use per_layer::PerLayerPolicy;
 pub use profile::{EnergySample, TailProfile};

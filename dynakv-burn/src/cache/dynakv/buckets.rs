@@ -172,6 +172,34 @@ impl LayerStore {
     }
 }
 
+/// [`padded_latents`] as host rows, row-major `[slots, d]`, when every
+/// bucket is on the host (`None` otherwise).
+pub(super) fn padded_host_rows(
+    buckets: &[Bucket],
+    index: &[BucketIndex],
+    slot_of: &[usize],
+    slots: usize,
+    d: usize,
+) -> Option<Vec<f32>> {
+    if buckets.iter().any(|b| matches!(b.lat, Latents::Device(_))) {
+        return None;
+    }
+    let mut out = vec![0f32; slots * d];
+    let mut buf = vec![0f32; d];
+    for (b, ix) in buckets.iter().zip(index) {
+        let Latents::Host(lat) = &b.lat else {
+            return None;
+        };
+        for (i, &id) in ix.ids.iter().enumerate() {
+            let j = slot_of[id];
+            if j != usize::MAX {
+                out[j * d..j * d + b.rank].copy_from_slice(lat.row(i, &mut buf));
+            }
+        }
+    }
+    Some(out)
+}
+
 /// One kind's stored latents zero-padded to `d` columns, one row per key
 /// slot: `slot_of[id]` is the slot of token `id` (`usize::MAX`: none). A slot
 /// whose token stores nothing of this kind (a key without a value) gets a zero
@@ -187,25 +215,7 @@ pub(super) fn padded_latents(
     d: usize,
     device: &Device,
 ) -> Tensor<2> {
-    let host: Vec<(&Bucket, &BucketIndex, &PackedRows)> = buckets
-        .iter()
-        .zip(index)
-        .filter_map(|(b, ix)| match &b.lat {
-            Latents::Host(lat) => Some((b, ix, lat)),
-            Latents::Device(_) => None,
-        })
-        .collect();
-    if host.len() == buckets.len() {
-        let mut out = vec![0f32; slots * d];
-        let mut buf = vec![0f32; d];
-        for (b, ix, lat) in host {
-            for (i, &id) in ix.ids.iter().enumerate() {
-                let j = slot_of[id];
-                if j != usize::MAX {
-                    out[j * d..j * d + b.rank].copy_from_slice(lat.row(i, &mut buf));
-                }
-            }
-        }
+    if let Some(out) = padded_host_rows(buckets, index, slot_of, slots, d) {
         // moved, not copied: this matrix is the size of the cache
         return Tensor::from_data(TensorData::new(out, [slots, d]), device);
     }

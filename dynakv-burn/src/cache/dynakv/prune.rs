@@ -4,7 +4,7 @@
 use burn::tensor::{Tensor, TensorData};
 use dynakv_core::policy::KvKind;
 
-use super::buckets::padded_latents;
+use super::buckets::{padded_host_rows, padded_latents};
 use super::DynaKvCache;
 use crate::cache::{host_rows, KeepPositions, KvStorage, PrunableCache};
 use crate::error::CacheError;
@@ -76,12 +76,22 @@ impl DynaKvCache {
                 slot_of[id] = j;
             }
             let index = store.index(k, &levels);
-            let lat = padded_latents(&store.buckets[k], &index, &slot_of, ids.len(), d, &device);
-            let host = host_rows(&lat)?;
             let Some(controller) = self.controller.as_mut() else {
                 return Ok(());
             };
-            let Some(new) = controller.after_prune(&*self.policy, layer, kind, &host, &ranks)
+            // The stored latents, decoded only when ranks must come down.
+            let mut host = Vec::new();
+            let (filled, buckets, n) = (&mut host, &store.buckets[k], ids.len());
+            let (index, slot_of, dev) = (&index, &slot_of, &device);
+            let latents = move || -> Result<&[f32], CacheError> {
+                let rows = filled;
+                *rows = match padded_host_rows(buckets, index, slot_of, n, d) {
+                    Some(rows) => rows,
+                    None => host_rows(&padded_latents(buckets, index, slot_of, n, d, dev))?,
+                };
+                Ok(rows)
+            };
+            let Some(new) = controller.after_prune(&*self.policy, layer, kind, &ranks, latents)?
             else {
                 continue;
             };
@@ -97,20 +107,15 @@ impl DynaKvCache {
             store.buckets[k].clear();
             store.codes[k].clear();
             store.dims[k] = 0;
-            let host_storage = self.bases.storage == KvStorage::Host;
-            let lat_all = if host_storage {
+            let (lat_all, host_all) = match self.bases.storage {
                 // host storage files from `all`; the tensor only names the device
-                Tensor::<2>::zeros([1, d], &device)
-            } else {
-                Tensor::from_data(TensorData::new(all.clone(), [n_ids, d]), &device)
+                KvStorage::Host => (Tensor::<2>::zeros([1, d], &device), Some(all)),
+                KvStorage::Device => (
+                    Tensor::from_data(TensorData::new(all, [n_ids, d]), &device),
+                    None,
+                ),
             };
-            self.store(
-                layer,
-                kind,
-                lat_all,
-                host_storage.then_some(&all[..]),
-                &all_ranks,
-            )?;
+            self.store(layer, kind, lat_all, host_all.as_deref(), &all_ranks)?;
         }
         Ok(())
     }
