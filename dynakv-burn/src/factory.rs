@@ -112,7 +112,13 @@ impl CacheFactory {
             (None, None) => None,
             (Some(policy), Some(artifact)) => {
                 check_artifact_geometry(artifact, geometry)?;
-                let bases = DynaKvBases::with_storage(artifact, geometry, device, storage)?;
+                let bases = DynaKvBases::with_dtype(
+                    artifact,
+                    geometry,
+                    device,
+                    storage,
+                    spec.precision.basis,
+                )?;
                 Some((Arc::new(bases), policy.build(artifact)?))
             }
         };

@@ -1,9 +1,10 @@
 //! `dynakv bench`: prefill and decode throughput on Brown `eval` text.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Args;
 use dynakv_bench::eval::speed::{decode, decode_paired, prefill, SpeedReport};
 use dynakv_bench::text::{brown_docs, document_tokens};
+use dynakv_burn::CacheSpec;
 use dynakv_models::corpus::Split;
 
 use super::cache_args::CacheArgs;
@@ -31,10 +32,21 @@ pub struct BenchArgs {
     /// chosen cache, and report the speed ratio (robust to a noisy machine).
     #[arg(long)]
     pub paired: bool,
+    /// The cache the paired run measures against (a cache spec, e.g.
+    /// `dynakv:energy@0.3+store:basis=f32`; DynaKV ones take --artifact);
+    /// implies --paired. Default: the dense f32 cache.
+    #[arg(long)]
+    pub paired_base: Option<CacheSpec>,
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
     a.cache.check()?;
+    if let Some(base) = &a.paired_base {
+        base.validate()?;
+        if base.dynakv.is_some() && a.cache.artifact.is_none() {
+            bail!("--paired-base `{base}` is a DynaKV cache: it needs --artifact FILE");
+        }
+    }
     let loaded = a.model.load()?;
     let model = &loaded.model;
     eprintln!("cache: {}", a.cache.label());
@@ -65,15 +77,22 @@ pub fn run(a: BenchArgs) -> Result<()> {
         a.reps,
         &mut make,
     )?);
-    let paired = if a.paired {
-        let mut dense = loaded.model.dense_cache()?;
+    let base_label = a
+        .paired_base
+        .as_ref()
+        .map_or("dense".to_string(), |b| b.to_string());
+    let paired = if a.paired || a.paired_base.is_some() {
+        let mut dense: Box<dyn dynakv_burn::AttentionCache> = match &a.paired_base {
+            Some(spec) => a.cache.maker_for(&loaded, spec)?.make()?,
+            None => Box::new(loaded.model.dense_cache()?),
+        };
         let mut other = make()?;
         Some(decode_paired(
             model,
             &ids,
             a.decode_ctx,
             a.decode_steps,
-            &mut dense,
+            dense.as_mut(),
             other.as_mut(),
         )?)
     } else {
@@ -81,7 +100,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     };
     if a.json {
         let out = match &paired {
-            Some(p) => serde_json::json!({"runs": reports, "paired": p}),
+            Some(p) => serde_json::json!({"runs": reports, "paired": p, "paired_base": base_label}),
             None => serde_json::to_value(&reports)?,
         };
         println!("{}", serde_json::to_string(&out)?);
@@ -94,7 +113,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
         if let Some(p) = &paired {
             println!(
-                "paired decode at context {} ({} steps each, in turn): dense {:.2} ms, {} {:.2} ms, dense / {} = {:.3} (median of per-step ratios)",
+                "paired decode at context {} ({} steps each, in turn): {base_label} {:.2} ms, {} {:.2} ms, {base_label} / {} = {:.3} (median of per-step ratios)",
                 p.context,
                 p.steps,
                 1e3 * p.base_median_s,
@@ -106,4 +125,35 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    fn run_with(args: &[&str]) -> Result<()> {
+        run(Cli::try_parse_from(std::iter::once("dynakv").chain(args.iter().copied()))?.bench)
+    }
+
+    #[test]
+    fn a_paired_base_is_checked_before_the_model_loads() {
+        // a model path that does not exist: these must fail before loading it
+        let model = ["--model", "/nonexistent/model.gguf"];
+        let err = |extra: &[&str]| {
+            let args: Vec<&str> = model.iter().chain(extra).copied().collect();
+            run_with(&args).unwrap_err().to_string()
+        };
+        let e = err(&["--paired-base", "dynakv:energy@0.3"]);
+        assert!(e.contains("--artifact"), "{e}");
+        let e = err(&["--paired-base", "dynakv:energy@7"]);
+        assert!(e.contains("budget") || e.contains("0.3"), "{e}");
+        assert!(Cli::try_parse_from(["dynakv", "--paired-base", "densest"]).is_err());
+    }
 }

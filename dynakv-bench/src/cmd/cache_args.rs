@@ -10,7 +10,7 @@ use dynakv_burn::dynakv_snapkv::{GqaScores, KeepBudget, SnapKvPreset, SnapKvSpec
 use dynakv_burn::{AttentionCache, CacheFactory, CacheSpec, PRESETS};
 use dynakv_core::artifact::Artifact;
 use dynakv_core::policy::{BudgetHold, EnergyRule, PolicyKind, PolicySpec};
-use dynakv_core::quant::{KvDtype, LatentDtype, LatentScales};
+use dynakv_core::quant::{BasisDtype, KvDtype, LatentDtype, LatentScales};
 use dynakv_models::ModelError;
 
 use super::common::Loaded;
@@ -37,6 +37,7 @@ const PRESET_REPLACES: &[&str] = &[
     "v_dtype",
     "latent_dtype",
     "latent_scales",
+    "basis_dtype",
     "no_kv_rotation",
 ];
 
@@ -124,6 +125,10 @@ pub struct CacheArgs {
     /// per coordinate from calibration (channel).
     #[arg(long, value_enum, default_value_t = LatentScales::Token)]
     pub latent_scales: LatentScales,
+    /// DynaKV: bases (encoders and decoders, fixed bytes) held in f16 (half
+    /// the bytes, the same PPL) or f32 (exactly as calibrated).
+    #[arg(long, value_enum, default_value_t = BasisDtype::F16)]
+    pub basis_dtype: BasisDtype,
     /// Full cache in q8_0 / q4_0: store keys and values without the Hadamard
     /// rotation llama.cpp applies by default (its LLAMA_ATTN_ROT_DISABLE=1).
     #[arg(long)]
@@ -190,6 +195,7 @@ impl CacheArgs {
             latent: self.latent_dtype,
             scales: self.latent_scales,
             rotate: !self.no_kv_rotation,
+            basis: self.basis_dtype,
         }
     }
 
@@ -251,7 +257,7 @@ impl CacheArgs {
             precision: self.precision(),
         };
         spec.validate().map_err(|e| {
-            anyhow::anyhow!("{e} (--kv-dtype/--k-dtype/--v-dtype apply to --cache full, --latent-dtype/--latent-scales to --cache dynakv)")
+            anyhow::anyhow!("{e} (--kv-dtype/--k-dtype/--v-dtype apply to --cache full, --latent-dtype/--latent-scales/--basis-dtype to --cache dynakv)")
         })?;
         Ok(spec)
     }
@@ -272,6 +278,15 @@ impl CacheArgs {
 
     pub fn maker(&self, loaded: &Loaded) -> Result<CacheMaker> {
         let spec = self.check()?;
+        self.maker_for(loaded, &spec)
+    }
+
+    /// Caches of another `spec`, with these flags' artifact (a DynaKV spec
+    /// without `--artifact` is refused).
+    pub fn maker_for(&self, loaded: &Loaded, spec: &CacheSpec) -> Result<CacheMaker> {
+        if spec.dynakv.is_some() && self.artifact.is_none() {
+            bail!("`{spec}` is a DynaKV cache: it needs --artifact FILE");
+        }
         let artifact = match &self.artifact {
             Some(path) => {
                 let artifact =
@@ -281,7 +296,8 @@ impl CacheArgs {
             }
             None => None,
         };
-        let factory = loaded.model.cache_factory(artifact.as_ref(), &spec)?;
+        let artifact = artifact.filter(|_| spec.dynakv.is_some());
+        let factory = loaded.model.cache_factory(artifact.as_ref(), spec)?;
         Ok(CacheMaker { factory })
     }
 }
@@ -337,5 +353,19 @@ mod tests {
             assert!(spec(bad).is_err(), "{bad:?}");
         }
         assert!(spec(&[]).unwrap().dynakv.is_none());
+    }
+
+    #[test]
+    fn bases_are_f16_by_default_and_the_flag_is_dynakvs() {
+        let basis = |args: &[&str]| spec(args).unwrap().precision.basis;
+        assert_eq!(basis(&["--cache", "dynakv"]), BasisDtype::F16);
+        assert_eq!(basis(&["--preset", "bytes-6"]), BasisDtype::F16);
+        assert_eq!(
+            basis(&["--cache", "dynakv", "--basis-dtype", "f32"]),
+            BasisDtype::F32
+        );
+        assert!(spec(&["--basis-dtype", "f32"]).is_err());
+        assert!(spec(&["--preset", "bytes-6", "--basis-dtype", "f32"]).is_err());
+        assert!(spec(&["--cache", "dynakv", "--basis-dtype", "bf16"]).is_err());
     }
 }

@@ -17,7 +17,7 @@ use dynakv_burn::cache::Precision;
 use dynakv_burn::dynakv_snapkv::SnapKvPreset;
 use dynakv_core::artifact::Artifact;
 use dynakv_core::policy::{BudgetHold, EnergyRule, PolicyKind};
-use dynakv_core::quant::{KvDtype, LatentDtype, LatentScales};
+use dynakv_core::quant::{BasisDtype, KvDtype, LatentDtype, LatentScales};
 use dynakv_models::corpus::Split;
 use serde_json::{json, Value};
 
@@ -109,6 +109,9 @@ pub struct SweepArgs {
     /// Scales of integer latents.
     #[arg(long, value_enum, default_value_t = LatentScales::Token)]
     pub latent_scales: LatentScales,
+    /// How DynaKV cells hold their bases.
+    #[arg(long, value_enum, default_value_t = BasisDtype::F16)]
+    pub basis_dtype: BasisDtype,
 }
 
 /// `K` or `K/V` dtypes.
@@ -176,6 +179,7 @@ fn cache(
         v_dtype: Some(precision.v),
         latent_dtype: precision.latent,
         latent_scales: precision.scales,
+        basis_dtype: precision.basis,
         no_kv_rotation: !precision.rotate,
     }
 }
@@ -223,6 +227,7 @@ fn cells(a: &SweepArgs) -> Result<Vec<(String, String, CacheArgs)>> {
                 LatentDtype::Int8 | LatentDtype::Int4 => a.latent_scales,
                 _ => LatentScales::Token,
             },
+            basis: a.basis_dtype,
             ..Precision::default()
         })
         .collect();

@@ -5,15 +5,16 @@ use std::fmt;
 use std::str::FromStr;
 
 use burn::tensor::{Tensor, TensorData};
-use dynakv_core::quant::{hadamard_rows, KvDtype, LatentDtype, LatentScales, RowCodec};
+use dynakv_core::quant::{hadamard_rows, BasisDtype, KvDtype, LatentDtype, LatentScales, RowCodec};
 use serde::{Deserialize, Serialize};
 
 use super::host_rows;
 use crate::error::CacheError;
 
-/// Storage precisions of a cache; the default stores everything in f32 (the
-/// exact reference). Written `k=q8_0,v=q4_0` (or `kv=q8_0` for both) for the
-/// dense cache and `latent=int4[,scales=channel]` for DynaKV.
+/// Storage precisions of a cache; the default stores keys, values and
+/// latents in f32 (the exact reference) and DynaKV's bases in f16 (fixed
+/// bytes halved; PPL unchanged, docs/results.md). Written `k=q8_0,v=q4_0` (or `kv=q8_0` for both) for the
+/// dense cache and `latent=int4[,scales=channel][,basis=f16]` for DynaKV.
 ///
 /// Quantised dense keys and values (q8_0, q4_0) are rotated by a Hadamard
 /// transform along the head dimension before they are stored, queries and
@@ -44,6 +45,9 @@ pub struct Precision {
     pub scales: LatentScales,
     /// Hadamard-rotate quantised dense keys and values (llama.cpp's default).
     pub rotate: bool,
+    /// How DynaKV's bases (fixed bytes) are held: f16 by default, `basis=f32`
+    /// for the bases exactly as calibrated.
+    pub basis: BasisDtype,
 }
 
 impl Default for Precision {
@@ -54,6 +58,8 @@ impl Default for Precision {
             latent: LatentDtype::F32,
             scales: LatentScales::Token,
             rotate: true,
+            // measured equal in PPL at half the fixed bytes (docs/results.md)
+            basis: BasisDtype::F16,
         }
     }
 }
@@ -65,7 +71,9 @@ impl Precision {
 
     /// Whether anything of DynaKV's is set (then the cache must be DynaKV).
     fn sets_latents(&self) -> bool {
-        self.latent != LatentDtype::F32 || self.scales != LatentScales::Token
+        self.latent != LatentDtype::F32
+            || self.scales != LatentScales::Token
+            || self.basis != BasisDtype::F16
     }
 
     /// Whether anything of the dense cache's is set.
@@ -80,7 +88,7 @@ impl Precision {
         self.validate()?;
         if !dynakv && self.sets_latents() {
             return Err(CacheError::Config(format!(
-                "`{self}`: latent formats (latent=, scales=) are DynaKV's; \
+                "`{self}`: latent formats (latent=, scales=, basis=) are DynaKV's; \
                  the dense cache takes k=, v= or kv="
             )));
         }
@@ -135,6 +143,9 @@ impl fmt::Display for Precision {
         if !self.rotate {
             parts.push("rotate=off".into());
         }
+        if self.basis != BasisDtype::F16 {
+            parts.push(format!("basis={}", self.basis));
+        }
         if parts.is_empty() {
             parts.push("kv=f32".into());
         }
@@ -149,7 +160,7 @@ impl FromStr for Precision {
         for item in s.split(',').map(str::trim) {
             let Some((key, value)) = item.split_once('=') else {
                 return Err(CacheError::Config(format!(
-                    "`{item}` in `{s}`: expected KEY=VALUE (k, v, kv, latent, scales)"
+                    "`{item}` in `{s}`: expected KEY=VALUE (k, v, kv, latent, scales, basis, rotate)"
                 )));
             };
             match key {
@@ -161,6 +172,7 @@ impl FromStr for Precision {
                 }
                 "latent" => p.latent = value.parse()?,
                 "scales" => p.scales = value.parse()?,
+                "basis" => p.basis = value.parse()?,
                 "rotate" => {
                     p.rotate = match value {
                         "on" => true,
@@ -174,7 +186,7 @@ impl FromStr for Precision {
                 }
                 o => {
                     return Err(CacheError::Config(format!(
-                        "`{o}` in `{s}`: expected k, v, kv, latent, scales or rotate"
+                        "`{o}` in `{s}`: expected k, v, kv, latent, scales, basis or rotate"
                     )))
                 }
             }
@@ -233,11 +245,14 @@ mod tests {
             "latent=int4",
             "latent=int8,scales=channel",
             "kv=q4_0,rotate=off",
+            "latent=mixed,basis=f32",
+            "basis=f32",
         ] {
             let p: Precision = good.parse().unwrap();
             assert_eq!(p.to_string(), good);
         }
         assert!("kv=f32".parse::<Precision>().unwrap().is_default());
+        assert!("basis=f16".parse::<Precision>().unwrap().is_default());
         for bad in [
             "",
             "kv",
@@ -245,6 +260,7 @@ mod tests {
             "latent=f16,scales=channel",
             "latent=mixed,scales=channel",
             "dtype=f16",
+            "basis=int8",
         ] {
             assert!(bad.parse::<Precision>().is_err(), "{bad}");
         }

@@ -28,7 +28,7 @@ mod kivi;
 mod rows;
 
 pub use codec::RowCodec;
-pub use dtype::{channel_clip, KvDtype, LatentDtype, LatentScales};
+pub use dtype::{channel_clip, BasisDtype, KvDtype, LatentDtype, LatentScales};
 pub use hadamard::hadamard_rows;
 pub use rows::PackedRows;
 

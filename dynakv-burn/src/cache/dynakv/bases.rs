@@ -1,9 +1,16 @@
 //! DynaKV's per-layer bases: encoders and means on the device, decoders on
-//! the device or the host, shared by every cache of a model.
+//! the device or the host, shared by every cache of a model. With host
+//! storage they can be held in f16 ([`BasisDtype::F16`]): half the fixed
+//! bytes, widened a layer at a time where they are read.
+
+use std::borrow::Cow;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use dynakv_core::artifact::{Artifact, RopePlacement};
 use dynakv_core::levels::RankLevels;
+use dynakv_core::quant::BasisDtype;
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use crate::cache::{mat, CacheGeometry, KvStorage};
 use crate::error::CacheError;
@@ -42,20 +49,79 @@ impl Decoders {
     }
 }
 
+/// One layer's encoders, as held.
+#[derive(Debug, Clone)]
+enum Encoders {
+    /// `[d, d]` tensors for keys and values.
+    Tensors([Tensor<2>; 2]),
+    /// `[d, d]` row-major f16 for keys and values, made into a tensor per use.
+    F16([Vec<f16>; 2]),
+}
+
+/// One layer's host decoders and means, as held.
+#[derive(Debug, Clone)]
+enum HostDecoders {
+    F32(HostBasis),
+    /// Decoders in f16 (`[d, d]` row-major, keys then values), means in f32.
+    F16 {
+        dec: [Vec<f16>; 2],
+        mean: [Vec<f32>; 2],
+    },
+}
+
 /// One layer's basis: encoders and means on the device, decoders on the
 /// device ([`KvStorage::Device`]) or on the host ([`KvStorage::Host`],
 /// read by the host kernel and uploaded for a prefill's tensor path).
 #[derive(Debug, Clone)]
 pub(super) struct LayerBasis {
-    /// `[d, d]` for keys and values
-    pub(super) enc: [Tensor<2>; 2],
+    enc: Encoders,
     /// `[d]`
     pub(super) mean: [Tensor<1>; 2],
     pub(super) decoders: Option<Decoders>,
-    pub(super) host: HostBasis,
+    host: HostDecoders,
     /// Standard deviation of each latent coordinate (square roots of the
     /// eigenvalues), for keys and values: per-coordinate latent scales.
     pub(super) stddev: [Vec<f32>; 2],
+}
+
+impl LayerBasis {
+    /// The encoder of keys (`kind` 0) or values (1), `[d, d]`, on `device`.
+    pub(super) fn encoder(&self, kind: usize, device: &Device) -> Tensor<2> {
+        match &self.enc {
+            Encoders::Tensors(t) => t[kind].clone(),
+            Encoders::F16(h) => {
+                let d = self.host_dim();
+                mat(&widen(&h[kind]), d, d, device)
+            }
+        }
+    }
+
+    /// The host decoders and means in f32: borrowed when held in f32,
+    /// widened from f16 otherwise (one layer, `2 d^2` numbers).
+    pub(super) fn host(&self) -> Cow<'_, HostBasis> {
+        match &self.host {
+            HostDecoders::F32(h) => Cow::Borrowed(h),
+            HostDecoders::F16 { dec, mean } => Cow::Owned(HostBasis {
+                dec_k: widen(&dec[0]),
+                mean_k: mean[0].clone(),
+                dec_v: widen(&dec[1]),
+                mean_v: mean[1].clone(),
+            }),
+        }
+    }
+
+    fn host_dim(&self) -> usize {
+        match &self.host {
+            HostDecoders::F32(h) => h.mean_k.len(),
+            HostDecoders::F16 { mean, .. } => mean[0].len(),
+        }
+    }
+}
+
+fn widen(x: &[f16]) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    x.convert_to_f32_slice(&mut out);
+    out
 }
 
 /// Bases of every layer, uploaded once and shared by many caches.
@@ -68,6 +134,7 @@ pub struct DynaKvBases {
     pub(super) fixed_bytes: usize,
     pub(super) storage: KvStorage,
     pub(super) geometry: CacheGeometry,
+    dtype: BasisDtype,
 }
 
 impl DynaKvBases {
@@ -88,6 +155,23 @@ impl DynaKvBases {
         device: &Device,
         storage: KvStorage,
     ) -> Result<Self, CacheError> {
+        Self::with_dtype(artifact, geometry, device, storage, BasisDtype::F32)
+    }
+
+    /// As [`DynaKvBases::with_storage`], the bases held in `dtype`.
+    ///
+    /// f16 bases are the artifact's rounded to nearest (means stay f32). On
+    /// host storage they are held as f16 and widened where read; on device
+    /// storage, where backends differ in f16 support, the rounded values
+    /// are held in f32 tensors and counted at 4 bytes (the fixed bytes say
+    /// what is held, not what was asked).
+    pub fn with_dtype(
+        artifact: &Artifact,
+        geometry: CacheGeometry,
+        device: &Device,
+        storage: KvStorage,
+        dtype: BasisDtype,
+    ) -> Result<Self, CacheError> {
         geometry.validate()?;
         let d = geometry.d_kv();
         if artifact.bases.len() != geometry.n_layers {
@@ -105,24 +189,40 @@ impl DynaKvBases {
                     "basis dim differs from d_kv {d}"
                 )));
             }
-            let enc = [
-                mat(&pair[0].enc, d, d, device),
-                mat(&pair[1].enc, d, d, device),
-            ];
+            let rounded = |x: &[f32]| x.iter().map(|&v| dtype.round(v)).collect::<Vec<f32>>();
+            let halves = |x: &[f32]| x.iter().map(|&v| f16::from_f32(v)).collect::<Vec<f16>>();
+            let held_f16 = dtype == BasisDtype::F16 && storage == KvStorage::Host;
+            let enc = if held_f16 {
+                Encoders::F16([halves(&pair[0].enc), halves(&pair[1].enc)])
+            } else {
+                Encoders::Tensors([
+                    mat(&rounded(&pair[0].enc), d, d, device),
+                    mat(&rounded(&pair[1].enc), d, d, device),
+                ])
+            };
             let mean = [
                 Tensor::from_data(TensorData::new(pair[0].mean.clone(), [d]), device),
                 Tensor::from_data(TensorData::new(pair[1].mean.clone(), [d]), device),
             ];
             let host = HostBasis {
-                dec_k: pair[0].dec.clone(),
+                dec_k: rounded(&pair[0].dec),
                 mean_k: pair[0].mean.clone(),
-                dec_v: pair[1].dec.clone(),
+                dec_v: rounded(&pair[1].dec),
                 mean_v: pair[1].mean.clone(),
             };
             let decoders =
                 (storage == KvStorage::Device).then(|| Decoders::new(&host, geometry, device));
-            // enc x2, dec x2, means x2, each held once (host or device)
-            fixed += 4 * (4 * d * d + 2 * d);
+            let host = if held_f16 {
+                HostDecoders::F16 {
+                    dec: [halves(&pair[0].dec), halves(&pair[1].dec)],
+                    mean: [host.mean_k, host.mean_v],
+                }
+            } else {
+                HostDecoders::F32(host)
+            };
+            // enc x2, dec x2 (each held once, host or device) and means x2 in f32
+            let width = if held_f16 { 2 } else { 4 };
+            fixed += width * 4 * d * d + 4 * 2 * d;
             let stddev = [&pair[0], &pair[1]].map(|b| {
                 b.eigenvalues
                     .iter()
@@ -145,7 +245,14 @@ impl DynaKvBases {
             fixed_bytes: fixed,
             storage,
             geometry,
+            dtype,
         })
+    }
+
+    /// How the bases were asked to be held (on device storage, f16 values
+    /// are held in f32: see [`DynaKvBases::with_dtype`]).
+    pub fn dtype(&self) -> BasisDtype {
+        self.dtype
     }
 
     pub fn storage(&self) -> KvStorage {
@@ -158,7 +265,7 @@ impl DynaKvBases {
         let b = &self.layers[layer];
         match &b.decoders {
             Some(d) => d.clone(),
-            None => Decoders::new(&b.host, self.geometry, device),
+            None => Decoders::new(&b.host(), self.geometry, device),
         }
     }
 

@@ -71,14 +71,18 @@ pub struct DynaKvCache {
 }
 
 impl DynaKvCache {
-    /// Latents in f32.
+    /// Latents in f32 (the bases as they are held).
     pub fn new(
         geometry: CacheGeometry,
         rope: Rope,
         bases: Arc<DynaKvBases>,
         policy: Arc<dyn RankPolicy>,
     ) -> Result<Self, CacheError> {
-        Self::with_precision(geometry, rope, bases, policy, Precision::default())
+        let precision = Precision {
+            basis: bases.dtype(),
+            ..Precision::default()
+        };
+        Self::with_precision(geometry, rope, bases, policy, precision)
     }
 
     /// Latents stored in `precision.latent` with `precision.scales` (its
@@ -93,6 +97,13 @@ impl DynaKvCache {
         geometry.validate()?;
         geometry.check_rope(&rope)?;
         precision.check_for(true)?;
+        if precision.basis != bases.dtype() {
+            return Err(CacheError::Config(format!(
+                "the precision asks for {} bases, the bases given are held as {}",
+                precision.basis,
+                bases.dtype()
+            )));
+        }
         if bases.layers.len() != geometry.n_layers || bases.d_kv != geometry.d_kv() {
             return Err(CacheError::Config("bases do not match the geometry".into()));
         }
@@ -169,8 +180,9 @@ impl AttentionCache for DynaKvCache {
             RopePlacement::Post => self.rope.apply(k_pre, positions)?,
         };
         let b = &self.bases.layers[layer];
-        let lat_k = (joint(k) - b.mean[0].clone().unsqueeze()).matmul(b.enc[0].clone());
-        let lat_v = (joint(v) - b.mean[1].clone().unsqueeze()).matmul(b.enc[1].clone());
+        let device = k.device();
+        let lat_k = (joint(k) - b.mean[0].clone().unsqueeze()).matmul(b.encoder(0, &device));
+        let lat_v = (joint(v) - b.mean[1].clone().unsqueeze()).matmul(b.encoder(1, &device));
         // Host copies: what host storage keeps and what a latent-reading policy reads.
         let need_host = self.bases.storage == KvStorage::Host || self.policy.needs_latents();
         let (host_k, host_v) = if need_host {
@@ -259,7 +271,7 @@ impl AttentionCache for DynaKvCache {
                     head_dim: dh,
                 },
                 self.bases.placement,
-                &b.host,
+                &b.host(),
                 rope,
                 &q_host,
                 positions,

@@ -1,8 +1,9 @@
 use std::sync::Arc;
 
 use burn::tensor::{Int, Tensor, TensorData};
-use dynakv_core::artifact::RopePlacement;
+use dynakv_core::artifact::{Artifact, RopePlacement};
 use dynakv_core::policy::{KvKind, RankPolicy};
+use dynakv_core::quant::BasisDtype;
 
 use super::*;
 use crate::cache::test_support::{artifact, rand4, rope, run, Cycle, Fixed, G};
@@ -340,4 +341,68 @@ fn pruning_under_a_held_budget_lowers_the_kept_ranks_to_it() {
     let want = fresh.attend(0, q, &[n]).unwrap();
     let diff: f32 = (got - want).abs().max().into_scalar();
     assert!(diff < 1e-4, "{diff}");
+}
+
+#[test]
+fn f16_bases_attend_as_f32_bases_rounded_to_f16_and_hold_half_the_bytes() {
+    let device = default_device();
+    let rope = rope();
+    let (q, k, v) = (
+        rand4([1, 4, 12, 4]),
+        rand4([1, 2, 12, 4]),
+        rand4([1, 2, 12, 4]),
+    );
+    let d = G.d_kv();
+    for placement in [RopePlacement::Pre, RopePlacement::Post] {
+        let art = artifact(placement);
+        // the same artifact with encoders and decoders rounded by hand
+        let mut rounded = art.clone();
+        for b in rounded.bases.iter_mut().flatten() {
+            for x in b.enc.iter_mut().chain(b.dec.iter_mut()) {
+                *x = half::f16::from_f32(*x).to_f32();
+            }
+        }
+        let make = |art: &Artifact, storage, dtype| {
+            let bases = Arc::new(DynaKvBases::with_dtype(art, G, &device, storage, dtype).unwrap());
+            DynaKvCache::new(G, rope.clone(), bases, Arc::new(Cycle)).unwrap()
+        };
+        let chunks = [5, 2, 1, 4];
+        let mut want = make(&rounded, KvStorage::Host, BasisDtype::F32);
+        let want_out = run(&mut want, &q, &k, &v, &chunks);
+        for storage in [KvStorage::Host, KvStorage::Device] {
+            let mut c = make(&art, storage, BasisDtype::F16);
+            let got = run(&mut c, &q, &k, &v, &chunks);
+            let diff: f32 = (got - want_out.clone()).abs().max().into_scalar();
+            assert!(diff < 1e-5, "{placement:?} {storage:?}: {diff}");
+            // f16 held on the host; f32 tensors (rounded values) on the device
+            let width = match storage {
+                KvStorage::Host => 2,
+                KvStorage::Device => 4,
+            };
+            let per_layer = width * 4 * d * d + 4 * 2 * d;
+            assert_eq!(
+                c.footprint().fixed_bytes,
+                (G.n_layers * per_layer) as u64,
+                "{storage:?}"
+            );
+        }
+        // and differs from the unrounded bases (the test can see rounding)
+        let mut exact = make(&art, KvStorage::Host, BasisDtype::F32);
+        let exact_out = run(&mut exact, &q, &k, &v, &chunks);
+        let diff: f32 = (exact_out - want_out).abs().max().into_scalar();
+        assert!(diff > 0.0, "{placement:?}: rounding changed nothing");
+    }
+    // a precision that disagrees with the bases is refused
+    let bases = Arc::new(
+        DynaKvBases::with_dtype(
+            &artifact(RopePlacement::Pre),
+            G,
+            &device,
+            KvStorage::Host,
+            BasisDtype::F32,
+        )
+        .unwrap(),
+    );
+    let err = DynaKvCache::with_precision(G, rope, bases, Arc::new(Cycle), Precision::default());
+    assert!(err.is_err());
 }
