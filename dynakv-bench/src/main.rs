@@ -35,7 +35,36 @@ enum Command {
     Bench(cmd::bench::BenchArgs),
 }
 
-fn main() -> Result<()> {
+/// Errors end the process with one line on stderr (`error: ` and the chain
+/// of causes joined by `: `) and exit code 1; `RUST_BACKTRACE=1` adds the
+/// backtrace below it.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0") {
+                eprintln!("{}", e.backtrace());
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line (control characters escaped, so a
+/// damaged file's bytes cannot break the line or the terminal).
+fn one_line(e: &anyhow::Error) -> String {
+    format!("{e:#}")
+        .chars()
+        .flat_map(|c| match c {
+            '\n' | '\r' | '\t' => vec![' '],
+            c if c.is_control() => c.escape_default().collect(),
+            c => vec![c],
+        })
+        .collect()
+}
+
+fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -1,5 +1,6 @@
 //! `dynakv bench`: prefill and decode throughput on Brown `eval` text.
 
+use super::values;
 use anyhow::{bail, Result};
 use clap::Args;
 use dynakv_bench::eval::speed::{decode, decode_paired, prefill, SpeedReport};
@@ -17,14 +18,14 @@ pub struct BenchArgs {
     #[command(flatten)]
     pub cache: CacheArgs,
     /// Prefill lengths.
-    #[arg(long, value_delimiter = ',', default_values_t = [512usize, 2048])]
+    #[arg(value_parser = values::at_least_one, long, value_delimiter = ',', default_values_t = [512usize, 2048])]
     pub prefill: Vec<usize>,
     /// Context for the decode measurement.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(value_parser = values::at_least_one, long, default_value_t = 1024)]
     pub decode_ctx: usize,
-    #[arg(long, default_value_t = 32)]
+    #[arg(value_parser = values::at_least_one, long, default_value_t = 32)]
     pub decode_steps: usize,
-    #[arg(long, default_value_t = 3)]
+    #[arg(value_parser = values::at_least_one, long, default_value_t = 3)]
     pub reps: usize,
     #[arg(long)]
     pub json: bool,

@@ -1,6 +1,7 @@
 //! `--cache full|dynakv` and its options, shared by eval and bench commands:
 //! the command line's spelling of a [`CacheSpec`].
 
+use super::values;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
@@ -60,7 +61,7 @@ pub struct CacheArgs {
     #[arg(long, value_enum, default_value_t = PolicyKind::Energy)]
     pub policy: PolicyKind,
     /// Target retained fraction in (0, 1].
-    #[arg(long, default_value_t = 0.47)]
+    #[arg(value_parser = values::fraction, long, default_value_t = 0.47)]
     pub budget: f64,
     /// uniform / per-layer: the first N tokens keep full rank (attention sinks).
     #[arg(long, default_value_t = 1)]
@@ -68,7 +69,7 @@ pub struct CacheArgs {
     /// energy: weight of key error against value error (lagrange rule), or key
     /// threshold as a multiple of the value threshold (threshold rule).
     /// Default tuned on Brown calib windows 40-41 (docs/results.md).
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(value_parser = values::positive_f32, long, default_value_t = 2.0)]
     pub key_factor: f32,
     /// energy: lagrange (water-filling: equal marginal error per dimension over
     /// tokens, layers, K and V) or threshold (equal relative error per token).
@@ -90,10 +91,10 @@ pub struct CacheArgs {
     pub budget_ceiling: bool,
     /// SnapKV at the end of prefill: fraction of prompt tokens removed, in
     /// [0, 1) (kvpress semantics). With --cache dynakv one token set per layer.
-    #[arg(long, conflicts_with = "snapkv_capacity")]
+    #[arg(value_parser = values::removed_fraction, long, conflicts_with = "snapkv_capacity")]
     pub snapkv: Option<f64>,
     /// SnapKV with a capacity: at most C prompt tokens kept (original semantics).
-    #[arg(long)]
+    #[arg(value_parser = values::at_least_one, long)]
     pub snapkv_capacity: Option<usize>,
     /// SnapKV preset: kvpress (window 64, kernel 5, avg pooling), paper
     /// (window 32, kernel 7, max pooling) or recall (ours: window 32, kernel
@@ -177,6 +178,48 @@ impl CacheArgs {
         }
     }
 
+    /// With `--cache full`, DynaKV's flags changed from their defaults are an
+    /// error, not silently ignored.
+    fn check_no_dynakv_flags(&self) -> Result<()> {
+        let d = Self::defaults();
+        let mut set = Vec::new();
+        if self.policy != d.policy {
+            set.push("--policy");
+        }
+        if self.budget != d.budget {
+            set.push("--budget");
+        }
+        if self.sink_tokens != d.sink_tokens {
+            set.push("--sink-tokens");
+        }
+        if self.key_factor != d.key_factor {
+            set.push("--key-factor");
+        }
+        if self.energy_rule != d.energy_rule {
+            set.push("--energy-rule");
+        }
+        if self.recent_full != d.recent_full {
+            set.push("--recent-full");
+        }
+        if !set.is_empty() {
+            bail!(
+                "{} apply to --cache dynakv, not the full cache",
+                set.join(", ")
+            );
+        }
+        Ok(())
+    }
+
+    /// The flags' defaults (what a command line without cache flags gives).
+    pub fn defaults() -> Self {
+        #[derive(clap::Parser)]
+        struct Only {
+            #[command(flatten)]
+            cache: CacheArgs,
+        }
+        <Only as clap::Parser>::parse_from(["dynakv"]).cache
+    }
+
     /// The budget promise the flags ask for.
     pub fn hold(&self) -> BudgetHold {
         if self.budget_ceiling {
@@ -223,6 +266,9 @@ impl CacheArgs {
         }
         if held && self.cache == CacheKind::Full {
             bail!("--budget-hold/--budget-ceiling apply to --cache dynakv");
+        }
+        if self.cache == CacheKind::Full {
+            self.check_no_dynakv_flags()?;
         }
         let dynakv = match self.cache {
             CacheKind::Full => None,
@@ -353,6 +399,34 @@ mod tests {
             assert!(spec(bad).is_err(), "{bad:?}");
         }
         assert!(spec(&[]).unwrap().dynakv.is_none());
+    }
+
+    #[test]
+    fn dynakv_flags_on_the_full_cache_are_errors() {
+        for (args, names) in [
+            (&["--budget", "0.3"][..], "--budget"),
+            (
+                &["--policy", "uniform", "--recent-full", "8"],
+                "--policy, --recent-full",
+            ),
+            (&["--key-factor", "1"], "--key-factor"),
+        ] {
+            let e = spec(args).unwrap_err().to_string();
+            assert!(e.contains(names) && e.contains("--cache dynakv"), "{e}");
+        }
+        // their defaults, given explicitly, change nothing
+        assert!(spec(&["--budget", "0.47"]).is_ok());
+        // out of range values are refused by the parser, naming the option
+        for (args, name) in [
+            (&["--budget", "7"][..], "--budget"),
+            (&["--budget", "NaN"], "--budget"),
+            (&["--snapkv", "1"], "--snapkv"),
+            (&["--snapkv-capacity", "0"], "--snapkv-capacity"),
+            (&["--key-factor=-1"], "--key-factor"),
+        ] {
+            let e = spec(args).unwrap_err().to_string();
+            assert!(e.contains(name), "{e}");
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! `dynakv calibrate`
 
+use super::values;
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
@@ -21,12 +22,12 @@ pub struct CalibrateArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Brown `calib` tokens whose statistics define the bases.
-    #[arg(long, default_value_t = 32768)]
+    #[arg(value_parser = values::at_least_one, long, default_value_t = 32768)]
     pub tokens: usize,
     /// Further held-out `calib` tokens on which rank policies are fitted.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(value_parser = values::at_least_one, long, default_value_t = 2048)]
     pub sample_tokens: usize,
-    #[arg(long, default_value_t = 1024)]
+    #[arg(value_parser = values::at_least_one, long, default_value_t = 1024)]
     pub ctx: usize,
     /// pca | query-aware (keys) | output-aware (values)
     #[arg(long, value_enum, default_value_t = BasisKind::Pca)]
@@ -35,7 +36,7 @@ pub struct CalibrateArgs {
     #[arg(long, value_enum, default_value_t = RopePlacement::Pre)]
     pub rope: RopePlacement,
     /// Rank levels are multiples of this.
-    #[arg(long, default_value_t = 8)]
+    #[arg(value_parser = values::at_least_one, long, default_value_t = 8)]
     pub level_step: usize,
 }
 

@@ -32,6 +32,14 @@ where
         .collect()
 }
 
+/// `list` itself, or an error naming `what` when it is empty.
+pub fn non_empty<T>(list: Vec<T>, what: &str) -> Result<Vec<T>> {
+    if list.is_empty() {
+        anyhow::bail!("no {what} given");
+    }
+    Ok(list)
+}
+
 /// `--model PATH`: any llama-family GGUF; the default model is fetched if absent.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {

@@ -1,5 +1,6 @@
 //! `dynakv eval ...`
 
+use super::values;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
@@ -69,20 +70,20 @@ pub struct PplArgs {
     /// Score this text file instead of the corpus.
     #[arg(long)]
     pub text: Option<PathBuf>,
-    #[arg(long, default_value_t = 1024)]
+    #[arg(value_parser = values::at_least_one, long, default_value_t = 1024)]
     pub ctx: usize,
     /// Use only the first N documents of the split.
-    #[arg(long)]
+    #[arg(value_parser = values::at_least_one, long)]
     pub docs: Option<usize>,
     /// Score at most N windows.
-    #[arg(long)]
+    #[arg(value_parser = values::at_least_one, long)]
     pub max_windows: Option<usize>,
     /// Skip the first N windows (e.g. the calib windows calibration used).
     #[arg(long, default_value_t = 0)]
     pub skip_windows: usize,
     /// Prefill each window's first ctx − N tokens, let the cache compress
     /// (SnapKV prunes here), then feed and score only the last N tokens.
-    #[arg(long)]
+    #[arg(value_parser = values::at_least_one, long)]
     pub score_last: Option<usize>,
     /// Print one JSON object on stdout.
     #[arg(long)]
@@ -99,6 +100,24 @@ impl PplArgs {
         }
         if self.text.is_some() && self.corpus.held_out().is_some() {
             bail!("give --text or --corpus, not both");
+        }
+        if self.ctx < 2 {
+            bail!("--ctx {}: a window needs at least 2 tokens", self.ctx);
+        }
+        if self.skip_windows.checked_mul(self.ctx).is_none() {
+            bail!(
+                "--skip-windows {} with --ctx {}: more tokens than can be counted",
+                self.skip_windows,
+                self.ctx
+            );
+        }
+        if let Some(n) = self.score_last {
+            if n >= self.ctx {
+                bail!(
+                    "--score-last {n} must be below --ctx {}: the rest is the prompt",
+                    self.ctx
+                );
+            }
         }
         Ok(())
     }
@@ -136,11 +155,13 @@ fn window_ids(a: &PplArgs, loaded: &super::common::Loaded) -> Result<(Vec<u32>, 
         },
     };
     let ids = document_tokens(&loaded.tokenizer, &docs)?;
-    let ids = ids.get(a.skip_windows * a.ctx..).unwrap_or(&[]).to_vec();
+    let total = ids.len();
+    let skip = a.skip_windows * a.ctx; // checked in `check`
+    let ids = ids.get(skip..).unwrap_or(&[]).to_vec();
     if ids.len() < a.ctx {
         bail!(
-            "the text has {} tokens, fewer than one window of --ctx {}",
-            ids.len(),
+            "the text has {total} tokens; after --skip-windows {} ({skip} tokens) fewer than one window of --ctx {} remain",
+            a.skip_windows,
             a.ctx
         );
     }

@@ -1,5 +1,6 @@
 //! `dynakv generate`
 
+use super::values;
 use std::io::Write;
 
 use anyhow::Context;
@@ -35,12 +36,12 @@ pub struct GenerateArgs {
     /// System message for --chat (default: the chat template's own, if any).
     #[arg(long)]
     pub system: Option<String>,
-    #[arg(long, default_value_t = 128)]
+    #[arg(value_parser = values::at_least_one, long, default_value_t = 128)]
     pub max_tokens: usize,
     /// 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(value_parser = values::non_negative_f32, long, default_value_t = 0.0)]
     pub temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(value_parser = values::fraction_f32, long, default_value_t = 1.0)]
     pub top_p: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,

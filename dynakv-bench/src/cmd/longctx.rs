@@ -1,5 +1,6 @@
 //! `dynakv eval longctx`, and the suite runs `eval sweep` shares.
 
+use super::values;
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
@@ -11,7 +12,7 @@ use dynakv_burn::AttentionCache;
 use dynakv_models::corpus::Split;
 
 use super::cache_args::CacheArgs;
-use super::common::{parse_list, progress, Loaded, ModelArgs};
+use super::common::{non_empty, parse_list, progress, Loaded, ModelArgs};
 
 #[derive(Args, Debug)]
 pub struct LongctxArgs {
@@ -38,7 +39,7 @@ pub struct LongctxArgs {
     #[arg(long)]
     pub full_results: Option<PathBuf>,
     /// Cells where the full cache scores below this are dropped.
-    #[arg(long, default_value_t = 0.6)]
+    #[arg(value_parser = values::unit, long, default_value_t = 0.6)]
     pub keep_threshold: f64,
     #[arg(long)]
     pub json: bool,
@@ -94,9 +95,9 @@ pub fn run_longctx(
 impl LongctxArgs {
     fn spec(&self) -> Result<SuiteSpec> {
         Ok(SuiteSpec {
-            tasks: parse_list(&self.tasks, "task")?,
-            lengths: parse_list(&self.lengths, "length")?,
-            depths: parse_list(&self.depths, "depth")?,
+            tasks: non_empty(parse_list(&self.tasks, "task")?, "task")?,
+            lengths: values::list(&self.lengths, "length", true, values::at_least_one)?,
+            depths: values::list(&self.depths, "depth", true, values::unit)?,
             seed: self.seed,
         })
     }
@@ -104,8 +105,9 @@ impl LongctxArgs {
 
 pub fn run(a: LongctxArgs) -> Result<()> {
     a.cache.check()?;
+    let spec = a.spec()?;
     let loaded = a.model.load()?;
-    let (suite, full) = longctx_reference(&loaded, &a.spec()?, a.full_results.as_deref())?;
+    let (suite, full) = longctx_reference(&loaded, &spec, a.full_results.as_deref())?;
     let (kept, _) = kept_cells(&full, a.keep_threshold);
     let which = suite.in_cells(&kept);
     let compressed = if a.cache.is_full() {

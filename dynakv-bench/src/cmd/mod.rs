@@ -11,3 +11,4 @@ pub mod longctx;
 pub mod ranks;
 pub mod sweep;
 pub mod train;
+pub mod values;

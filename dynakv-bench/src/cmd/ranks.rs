@@ -2,6 +2,7 @@
 //! one text: ranks per token (mean over layers) and mean rank per layer, for
 //! keys and values; optional SVG of the per-layer means.
 
+use super::values;
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
@@ -24,7 +25,7 @@ pub struct RanksArgs {
     /// One policy per artifact.
     #[arg(long, value_enum, num_args = 1.., required = true)]
     pub policies: Vec<PolicyKind>,
-    #[arg(long, default_value_t = 0.30)]
+    #[arg(value_parser = values::fraction, long, default_value_t = 0.30)]
     pub budget: f64,
     /// The text whose tokens are ranked (a BOS-like `<|im_start|>` is prepended).
     #[arg(long)]

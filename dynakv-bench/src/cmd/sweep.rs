@@ -2,6 +2,7 @@
 //! the long-context suite), one JSON line per cell, and quality-against-memory
 //! plots.
 
+use super::values;
 use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -22,7 +23,7 @@ use dynakv_models::corpus::Split;
 use serde_json::{json, Value};
 
 use super::cache_args::{CacheArgs, CacheKind};
-use super::common::{parse_list, progress, ModelArgs};
+use super::common::{non_empty, parse_list, progress, ModelArgs};
 use super::longctx::{longctx_reference, run_longctx};
 
 #[derive(Args, Debug)]
@@ -47,13 +48,13 @@ pub struct SweepArgs {
     /// Trained router artifacts (`dynakv train`), each at its own target.
     #[arg(long)]
     pub router: Vec<PathBuf>,
-    #[arg(long, default_value_t = 1024)]
+    #[arg(value_parser = values::at_least_one, long, default_value_t = 1024)]
     pub ctx: usize,
-    #[arg(long, default_value_t = 4)]
+    #[arg(value_parser = values::at_least_one, long, default_value_t = 4)]
     pub windows: usize,
     /// Score only the last N tokens of each window, after a compressing
     /// prefill (the SnapKV protocol, docs/protocol.md).
-    #[arg(long)]
+    #[arg(value_parser = values::at_least_one, long)]
     pub score_last: Option<usize>,
     /// Also measure KL(full ‖ cache) and top-1 agreement (doubles the time).
     #[arg(long)]
@@ -93,7 +94,7 @@ pub struct SweepArgs {
     /// The question inside the prefill, so SnapKV sees it.
     #[arg(long)]
     pub query_aware: bool,
-    #[arg(long, default_value_t = 0.6)]
+    #[arg(value_parser = values::unit, long, default_value_t = 0.6)]
     pub keep_threshold: f64,
     /// Full-cache long-context outcomes: read if present, else written.
     #[arg(long)]
@@ -131,14 +132,14 @@ fn kv_pairs(s: &str) -> Result<Vec<(KvDtype, KvDtype)>> {
 
 impl SweepArgs {
     fn longctx_spec(&self) -> Result<Option<SuiteSpec>> {
-        let lengths: Vec<usize> = parse_list(&self.longctx_lengths, "length")?;
+        let lengths = values::list(&self.longctx_lengths, "length", false, values::at_least_one)?;
         if lengths.is_empty() {
             return Ok(None);
         }
         Ok(Some(SuiteSpec {
-            tasks: parse_list(&self.longctx_tasks, "task")?,
+            tasks: non_empty(parse_list(&self.longctx_tasks, "task")?, "task")?,
             lengths,
-            depths: parse_list(&self.longctx_depths, "depth")?,
+            depths: values::list(&self.longctx_depths, "depth", true, values::unit)?,
             seed: self.longctx_seed,
         }))
     }
@@ -153,34 +154,29 @@ fn cache(
     snapkv: Option<f64>,
     precision: Precision,
 ) -> CacheArgs {
+    let d = CacheArgs::defaults();
+    let dynakv = kind == CacheKind::Dynakv;
     CacheArgs {
-        preset: None,
         cache: kind,
         artifact: artifact.map(Path::to_path_buf),
-        policy,
-        budget,
-        sink_tokens: 1,
+        // DynaKV's flags stay at their defaults on the full cache's cells
+        policy: if dynakv { policy } else { d.policy },
+        budget: if dynakv { budget } else { d.budget },
         key_factor: 2.0,
         energy_rule: EnergyRule::Lagrange,
-        recent_full: a.recent_full,
+        recent_full: if dynakv { a.recent_full } else { d.recent_full },
         // the promise is DynaKV's; other cells take the default
-        budget_hold: match kind {
-            CacheKind::Dynakv => a.budget_hold,
-            CacheKind::Full => BudgetHold::Track,
-        },
-        budget_ceiling: false,
+        budget_hold: if dynakv { a.budget_hold } else { d.budget_hold },
         snapkv,
-        snapkv_capacity: None,
         snapkv_preset: a.snapkv_preset,
-        snapkv_per_layer: false,
         snapkv_layer_max: a.snapkv_layer_max,
         kv_dtype: precision.k,
-        k_dtype: None,
         v_dtype: Some(precision.v),
         latent_dtype: precision.latent,
         latent_scales: precision.scales,
         basis_dtype: precision.basis,
         no_kv_rotation: !precision.rotate,
+        ..d
     }
 }
 
@@ -196,7 +192,7 @@ fn suffix(p: Precision) -> String {
 
 /// `(label, plot family, cache)` of every cell, the full cache first.
 fn cells(a: &SweepArgs) -> Result<Vec<(String, String, CacheArgs)>> {
-    let snaps: Vec<f64> = parse_list(&a.snapkv, "SnapKV ratio")?;
+    let snaps = values::list(&a.snapkv, "SnapKV ratio", false, values::removed_fraction)?;
     let mut out = vec![(
         "full".to_string(),
         "full".to_string(),
@@ -258,7 +254,7 @@ fn cells(a: &SweepArgs) -> Result<Vec<(String, String, CacheArgs)>> {
     }
     let mut dyna = Vec::new();
     for &p in &a.policies {
-        for b in parse_list::<f64>(&a.budgets, "budget")? {
+        for b in values::list(&a.budgets, "budget", false, values::fraction)? {
             dyna.push((p, a.artifact.clone(), b));
         }
     }
@@ -293,6 +289,7 @@ fn cells(a: &SweepArgs) -> Result<Vec<(String, String, CacheArgs)>> {
 pub fn run(a: SweepArgs) -> Result<()> {
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let cells = cells(&a)?;
+    a.longctx_spec()?;
     for (_, _, c) in &cells {
         c.check()?;
     }

@@ -1,5 +1,6 @@
 //! `dynakv train`
 
+use super::values;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -24,37 +25,37 @@ pub struct TrainArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Retained fraction to train and threshold for.
-    #[arg(long)]
+    #[arg(value_parser = values::fraction, long)]
     pub target: f64,
     /// local (per-layer attention-output loss on captured windows) or e2e
     /// (whole-model KL to the full cache; start it from a local artifact).
     #[arg(long, value_enum, default_value_t = Stage::Local)]
     pub stage: Stage,
     /// Brown `calib` tokens to train on (from the start of the split).
-    #[arg(long, default_value_t = 8192)]
+    #[arg(value_parser = values::at_least_one, long, default_value_t = 8192)]
     pub tokens: usize,
     /// Following `calib` tokens on which tau is fitted to hit the target.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(value_parser = values::at_least_one, long, default_value_t = 2048)]
     pub heldout_tokens: usize,
     /// Training window length.
-    #[arg(long, default_value_t = 256)]
+    #[arg(value_parser = values::at_least_one, long, default_value_t = 256)]
     pub ctx: usize,
-    #[arg(long, default_value_t = 300)]
+    #[arg(value_parser = values::at_least_one, long, default_value_t = 300)]
     pub steps: usize,
     /// Adam learning rate of the routers.
-    #[arg(long, default_value_t = 1e-2)]
+    #[arg(value_parser = values::positive, long, default_value_t = 1e-2)]
     pub lr: f64,
     /// Basis corrections move lr * this per step.
-    #[arg(long, default_value_t = 1e-2)]
+    #[arg(value_parser = values::non_negative, long, default_value_t = 1e-2)]
     pub bases_scale: f64,
     /// Keep the calibrated bases; train the routers only.
     #[arg(long)]
     pub freeze_bases: bool,
     /// Dual-ascent step of the budget multiplier.
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(value_parser = values::non_negative, long, default_value_t = 0.05)]
     pub dual_lr: f64,
     /// The paper's alpha in alpha * R^2.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(value_parser = values::non_negative, long, default_value_t = 0.0)]
     pub alpha: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
