@@ -53,7 +53,7 @@ impl Decoders {
 #[derive(Debug, Clone)]
 enum Encoders {
     /// `[d, d]` tensors for keys and values.
-    Tensors([Tensor<2>; 2]),
+    Tensors(Box<[Tensor<2>; 2]>),
     /// `[d, d]` row-major f16 for keys and values, made into a tensor per use.
     F16([Vec<f16>; 2]),
 }
@@ -195,10 +195,10 @@ impl DynaKvBases {
             let enc = if held_f16 {
                 Encoders::F16([halves(&pair[0].enc), halves(&pair[1].enc)])
             } else {
-                Encoders::Tensors([
+                Encoders::Tensors(Box::new([
                     mat(&rounded(&pair[0].enc), d, d, device),
                     mat(&rounded(&pair[1].enc), d, d, device),
-                ])
+                ]))
             };
             let mean = [
                 Tensor::from_data(TensorData::new(pair[0].mean.clone(), [d]), device),
