@@ -119,6 +119,94 @@ pub struct ArtifactHeader {
     pub router: Option<RouterInfo>,
 }
 
+/// Largest layer count, KV width and sample an artifact header may declare:
+/// far above any model this reads, far below an allocation that aborts.
+const MAX_LAYERS: usize = 4096;
+const MAX_D_KV: usize = 1 << 16;
+const MAX_SAMPLE: usize = 1 << 20;
+
+fn invalid(message: String) -> CoreError {
+    CoreError::Invalid {
+        field: "artifact",
+        message,
+    }
+}
+
+impl ArtifactHeader {
+    /// Checks every size and number in the header against sane limits and
+    /// each other, before anything is allocated from them: the layer count,
+    /// the KV width, rank levels (ascending, ending at the KV width), the
+    /// sample, and the router's record (finite, a target in (0, 1]).
+    pub fn validate(&self) -> Result<(), CoreError> {
+        let m = &self.model;
+        if m.n_layers == 0 || m.n_layers > MAX_LAYERS {
+            return Err(invalid(format!(
+                "n_layers = {} (expected 1..={MAX_LAYERS})",
+                m.n_layers
+            )));
+        }
+        let d = m
+            .n_kv_heads
+            .checked_mul(m.head_dim)
+            .filter(|&d| d > 0 && d <= MAX_D_KV)
+            .ok_or_else(|| {
+                invalid(format!(
+                    "n_kv_heads {} x head_dim {} is not a KV width in 1..={MAX_D_KV}",
+                    m.n_kv_heads, m.head_dim
+                ))
+            })?;
+        if m.n_heads == 0 || !m.n_heads.is_multiple_of(m.n_kv_heads) {
+            return Err(invalid(format!(
+                "n_heads = {} is not a multiple of n_kv_heads = {}",
+                m.n_heads, m.n_kv_heads
+            )));
+        }
+        let levels = self.levels.as_slice();
+        if RankLevels::new(levels.to_vec(), d).ok().as_ref() != Some(&self.levels) {
+            return Err(invalid(format!(
+                "rank levels {levels:?} must start at 0, ascend strictly and end at the KV width {d}"
+            )));
+        }
+        if self.sample_positions.len() > MAX_SAMPLE {
+            return Err(invalid(format!(
+                "{} sample positions (at most {MAX_SAMPLE})",
+                self.sample_positions.len()
+            )));
+        }
+        if let Some(r) = &self.router {
+            let finite = [
+                r.target,
+                r.seconds,
+                r.heldout_retained,
+                r.lambda,
+                r.tau as f64,
+            ]
+            .iter()
+            .all(|x| x.is_finite())
+                && r.shares.iter().flatten().all(|x| x.is_finite());
+            if !finite {
+                return Err(invalid(
+                    "the router record holds a number that is not finite".into(),
+                ));
+            }
+            if !(r.target > 0.0 && r.target <= 1.0) {
+                return Err(invalid(format!(
+                    "router target {} is not in (0, 1]",
+                    r.target
+                )));
+            }
+            if !r.shares.is_empty() && r.shares.len() != m.n_layers {
+                return Err(invalid(format!(
+                    "router shares for {} layers, the model has {}",
+                    r.shares.len(),
+                    m.n_layers
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Training record and inference threshold of a trained router.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RouterInfo {
@@ -175,8 +263,79 @@ fn io_err(path: &Path, e: impl std::fmt::Display) -> CoreError {
 }
 
 impl Artifact {
-    /// Atomically writes the artifact (temp file, then rename).
+    /// [`ArtifactHeader::validate`], that the tensors match the header's
+    /// sizes, and that every stored number is finite (a NaN in a basis or a
+    /// router would give NaN logits, or a shifted result, with no error).
+    pub fn validate(&self) -> Result<(), CoreError> {
+        self.header.validate()?;
+        let m = &self.header.model;
+        let d = m.n_kv_heads * m.head_dim;
+        let nl = self.header.levels.as_slice().len();
+        let n = self.header.sample_positions.len();
+        if self.bases.len() != m.n_layers || self.sample.rel.len() != m.n_layers {
+            return Err(invalid(format!(
+                "{} bases and {} sample layers for n_layers = {}",
+                self.bases.len(),
+                self.sample.rel.len(),
+                m.n_layers
+            )));
+        }
+        let bad = |what: String| invalid(format!("{what} is not finite or has the wrong size"));
+        let ok = |v: &[f32], len: usize| v.len() == len && v.iter().all(|x| x.is_finite());
+        for (l, pair) in self.bases.iter().enumerate() {
+            for (k, b) in pair.iter().enumerate() {
+                let name = format!("layer.{l}.{}", KINDS[k]);
+                let ev_ok = b.eigenvalues.len() == d && b.eigenvalues.iter().all(|x| x.is_finite());
+                if b.dim != d
+                    || !ok(&b.enc, d * d)
+                    || !ok(&b.dec, d * d)
+                    || !ok(&b.mean, d)
+                    || !ev_ok
+                {
+                    return Err(bad(format!("basis {name}")));
+                }
+                if !ok(&self.sample.rel[l][k], n * nl) {
+                    return Err(bad(format!("sample {name}")));
+                }
+            }
+        }
+        match (&self.routers, &self.header.router) {
+            (Some(rs), Some(_)) => {
+                if rs.len() != m.n_layers {
+                    return Err(invalid(format!(
+                        "{} router layers for n_layers = {}",
+                        rs.len(),
+                        m.n_layers
+                    )));
+                }
+                for (l, pair) in rs.iter().enumerate() {
+                    for (k, r) in pair.iter().enumerate() {
+                        let c = nl.saturating_sub(1);
+                        if r.dim != d || r.choices != c || !ok(&r.w, d * c) || !ok(&r.b, c) {
+                            return Err(bad(format!("router layer.{l}.{}", KINDS[k])));
+                        }
+                    }
+                }
+            }
+            (None, None) => {}
+            _ => {
+                return Err(invalid(
+                    "router weights and router record must come together".into(),
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// Atomically writes the artifact (temp file, then rename), after
+    /// [`Artifact::validate`]: an artifact that is not finite is refused,
+    /// not written.
     pub fn save(&self, path: &Path) -> Result<(), CoreError> {
+        self.validate().map_err(|e| io_err(path, e))?;
+        self.write(path)
+    }
+
+    fn write(&self, path: &Path) -> Result<(), CoreError> {
         let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
         for (l, pair) in self.bases.iter().enumerate() {
             for (k, b) in pair.iter().enumerate() {
@@ -240,6 +399,7 @@ impl Artifact {
                 ),
             ));
         }
+        header.validate().map_err(|e| io_err(path, e))?;
         let st = SafeTensors::deserialize(&bytes).map_err(|e| io_err(path, e))?;
         let get = |name: &str, len: usize| -> Result<Vec<f32>, CoreError> {
             let t = st
@@ -306,12 +466,14 @@ impl Artifact {
         } else {
             None
         };
-        Ok(Self {
+        let artifact = Self {
             header,
             bases,
             sample,
             routers,
-        })
+        };
+        artifact.validate().map_err(|e| io_err(path, e))?;
+        Ok(artifact)
     }
 
     /// Mean of each basis in its latent coordinates, `[layer] -> [key, value]`.
@@ -329,7 +491,64 @@ mod tests {
     use crate::stats::MomentAccumulator;
 
     #[test]
-    fn round_trip_and_identity_mismatch() {
+    fn bad_artifacts_are_refused_on_save_and_on_load() {
+        let (a, _, _) = tiny();
+        let dir = std::env::temp_dir().join(format!("dynakv-art-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a.safetensors");
+        // (what the error names, the damage); JSON has no NaN, so a NaN in
+        // the header is written as null and refused by the parser on load
+        let damaged: Vec<(&str, Box<dyn Fn(&mut Artifact)>)> = vec![
+            ("not finite", Box::new(|a| a.bases[0][1].dec[3] = f32::NAN)),
+            (
+                "not finite",
+                Box::new(|a| a.bases[0][0].mean[0] = f32::INFINITY),
+            ),
+            ("not finite", Box::new(|a| a.sample.rel[0][0][2] = f32::NAN)),
+            (
+                "not finite",
+                Box::new(|a| a.routers.as_mut().unwrap()[0][0].w[1] = f32::NAN),
+            ),
+            (
+                "router record",
+                Box::new(|a| a.header.router.as_mut().unwrap().tau = f32::NAN),
+            ),
+            (
+                "n_layers",
+                Box::new(|a| a.header.model.n_layers = 1_000_000_000_000),
+            ),
+            ("n_layers", Box::new(|a| a.header.model.n_layers = 0)),
+            (
+                "KV width",
+                Box::new(|a| a.header.model.head_dim = usize::MAX / 2 + 1),
+            ),
+            (
+                "rank levels",
+                Box::new(|a| a.header.levels = RankLevels::multiples(2, 8).unwrap()),
+            ),
+        ];
+        for (want, damage) in damaged {
+            let mut bad = a.clone();
+            damage(&mut bad);
+            let e = bad.save(&path).unwrap_err().to_string();
+            assert!(e.contains(want), "save: {e}");
+            assert!(!path.exists(), "nothing written");
+            // written anyway (as a damaged file would be), then loaded
+            bad.write(&path).unwrap();
+            let e = Artifact::load(&path).unwrap_err().to_string();
+            let want = if want == "router record" {
+                "null"
+            } else {
+                want
+            };
+            assert!(e.contains(want), "load: {e}");
+            std::fs::remove_file(&path).unwrap();
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A one-layer artifact with a router, its model and basis.
+    fn tiny() -> (Artifact, ModelIdentity, Basis) {
         let d = 4;
         let mut acc = MomentAccumulator::new(d);
         acc.add_rows(&[1.0, 2.0, 0.5, 3.0, 2.0, 1.0, 1.5, -1.0, 0.0, 0.5, 2.5, 1.0])
@@ -386,6 +605,12 @@ mod tests {
                 RouterWeights::zeros(4, 2),
             ]]),
         };
+        (a, model, b)
+    }
+
+    #[test]
+    fn round_trip_and_identity_mismatch() {
+        let (a, model, b) = tiny();
         let dir = std::env::temp_dir().join(format!("dynakv-art-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("a.safetensors");

@@ -31,6 +31,10 @@ pub enum ModelError {
     Tokenizer(String),
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// A computed result that is not a finite number (a NaN or an infinity
+    /// in the weights, an artifact or the arithmetic): reported, not written.
+    #[error("{0} is not finite: not reported as a result")]
+    NotFinite(String),
     #[error("asset `{name}`: {message}")]
     Asset { name: String, message: String },
     #[error(transparent)]

@@ -103,6 +103,9 @@ pub fn fidelity(
     }
     let k = wins.len() as f64;
     let n = kls.len();
+    if let Some(bad) = kls.iter().find(|x| !x.is_finite()) {
+        return Err(ModelError::NotFinite(format!("a KL divergence ({bad})")));
+    }
     Ok(FidelityReport {
         kl_mean: kls.iter().sum::<f64>() / n as f64,
         kl_p95: quantile(&kls, 0.95),

@@ -174,6 +174,11 @@ pub fn perplexity(
         on_window(i + 1, wins.len());
     }
     let mean = sum / n as f64;
+    if !mean.exp().is_finite() {
+        return Err(ModelError::NotFinite(format!(
+            "the perplexity (mean NLL {mean} over {n} tokens)"
+        )));
+    }
     let k = wins.len() as f64;
     Ok(PplDetail {
         report: PplReport {

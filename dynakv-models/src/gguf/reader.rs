@@ -257,7 +257,9 @@ impl GgufFile {
         &self.mmap[info.offset as usize..(info.offset + info.n_bytes) as usize]
     }
 
-    /// Dequantises a tensor to f32 in ggml order (`dims[0]` fastest).
+    /// Dequantises a tensor to f32 in ggml order (`dims[0]` fastest); a
+    /// value that is not finite (a damaged block scale) is an error naming
+    /// the tensor and the element.
     pub fn tensor_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<u64>), ModelError> {
         let info = self
             .tensor(name)
@@ -268,6 +270,12 @@ impl GgufFile {
             info.n_elements() as usize,
         )
         .map_err(|e| ModelError::Gguf(format!("tensor `{name}`: {e}")))?;
+        if let Some(i) = data.iter().position(|x| !x.is_finite()) {
+            return Err(ModelError::Gguf(format!(
+                "tensor `{name}`: element {i} is {} (a damaged block?)",
+                data[i]
+            )));
+        }
         Ok((data, info.dims.clone()))
     }
 
@@ -493,6 +501,19 @@ mod tests {
         let buf = tiny_file_with_type(99);
         let err = parse_header(&buf).unwrap_err().to_string();
         assert!(err.contains("`w`") && err.contains("99"), "{err}");
+    }
+
+    #[test]
+    fn a_tensor_value_that_is_not_finite_is_named() {
+        let mut buf = tiny_file();
+        let n = buf.len();
+        buf[n - 8..n - 4].copy_from_slice(&f32::NAN.to_le_bytes());
+        let path = std::env::temp_dir().join(format!("dynakv-nan-{}.gguf", std::process::id()));
+        std::fs::write(&path, &buf).unwrap();
+        let gguf = GgufFile::open(&path).unwrap();
+        let err = gguf.tensor_f32("w").unwrap_err().to_string();
+        std::fs::remove_file(&path).unwrap();
+        assert!(err.contains("`w`") && err.contains("element 2"), "{err}");
     }
 
     #[test]

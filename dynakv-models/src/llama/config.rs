@@ -24,6 +24,9 @@ pub struct LlamaConfig {
     pub vocab_size: usize,
 }
 
+/// Largest declared context accepted: RoPE tables are sized by it.
+const MAX_CONTEXT: usize = 1 << 20;
+
 /// Architectures whose GGUF layout this forward pass implements.
 const SUPPORTED: &[&str] = &["llama", "mistral"];
 
@@ -78,6 +81,36 @@ impl LlamaConfig {
         if n_layers == 0 || n_layers > 1024 || context_length == 0 {
             return Err(ModelError::Unsupported(format!(
                 "block_count {n_layers}, context_length {context_length}"
+            )));
+        }
+        if context_length > MAX_CONTEXT {
+            return Err(ModelError::Unsupported(format!(
+                "{arch}.context_length = {context_length} (at most {MAX_CONTEXT})"
+            )));
+        }
+        // the tensors must agree with block_count: every block present, none beyond
+        for l in [n_layers - 1, n_layers] {
+            let name = format!("blk.{l}.attn_q.weight");
+            if gguf.tensor(&name).is_some() != (l < n_layers) {
+                return Err(ModelError::Unsupported(format!(
+                    "{arch}.block_count = {n_layers}, but tensor `{name}` is {}",
+                    if l < n_layers { "missing" } else { "present" }
+                )));
+            }
+        }
+        if rope_dim == 0 || rope_dim > head_dim || !rope_dim.is_multiple_of(2) {
+            return Err(ModelError::Unsupported(format!(
+                "{arch}.rope.dimension_count = {rope_dim}: expected an even count in 2..={head_dim}"
+            )));
+        }
+        if !(rope_base.is_finite() && rope_base > 1.0) {
+            return Err(ModelError::Unsupported(format!(
+                "{arch}.rope.freq_base = {rope_base}: expected a finite base above 1"
+            )));
+        }
+        if !(rms_eps.is_finite() && rms_eps > 0.0 && rms_eps < 1.0) {
+            return Err(ModelError::Unsupported(format!(
+                "{arch}.attention.layer_norm_rms_epsilon = {rms_eps}: expected a finite value in (0, 1)"
             )));
         }
         Ok(Self {

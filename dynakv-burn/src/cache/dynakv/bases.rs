@@ -181,6 +181,14 @@ impl DynaKvBases {
                 geometry.n_layers
             )));
         }
+        // levels beyond the KV width would index past a latent
+        artifact.header.validate()?;
+        if artifact.header.levels.full() != d {
+            return Err(CacheError::Config(format!(
+                "the artifact's rank levels end at {}, the KV width is {d}",
+                artifact.header.levels.full()
+            )));
+        }
         let mut layers = Vec::new();
         let mut fixed = 0;
         for pair in &artifact.bases {
