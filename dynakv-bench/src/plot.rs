@@ -155,19 +155,19 @@ fn tick(v: f64) -> String {
     s.to_string()
 }
 
-/// Writes `path` through a temp file beside it, renamed on success.
+/// Writes `path` all or nothing ([`dynakv_core::io::write_atomically`]).
 fn write_atomic(path: &Path, draw: impl FnOnce(&Path) -> Result<(), String>) -> Result<(), String> {
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-    // the temp name keeps the real extension last: the bitmap encoder picks
-    // its format from it
-    let tmp = path.with_extension(format!("tmp.{ext}"));
-    if let Err(e) = draw(&tmp) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    std::fs::rename(&tmp, path).map_err(|x| {
-        let _ = std::fs::remove_file(&tmp);
-        format!("{}: {x}", path.display())
+    let mut failure = None;
+    dynakv_core::io::write_atomically(path, |tmp| {
+        draw(tmp).map_err(|e| {
+            failure = Some(e);
+            std::io::Error::other("drawing failed")
+        })
+    })
+    .map_err(|e| {
+        failure
+            .take()
+            .unwrap_or_else(|| format!("{}: {e}", path.display()))
     })
 }
 

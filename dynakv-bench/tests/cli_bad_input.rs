@@ -149,6 +149,51 @@ fn every_bad_option_is_named_before_anything_loads() {
             &["generate", "--prompt", "hi", "--max-tokens", "0"],
             "--max-tokens",
         ),
+        (
+            &[
+                "eval",
+                "sweep",
+                "--artifact",
+                "/nonexistent/a",
+                "--out",
+                "/nonexistent-dir/o.jsonl",
+            ],
+            "--out /nonexistent-dir/o.jsonl",
+        ),
+        (
+            &[
+                "eval",
+                "sweep",
+                "--artifact",
+                "/nonexistent/a",
+                "--out",
+                "/tmp",
+                "--resume",
+            ],
+            "--out /tmp",
+        ),
+        (&["calibrate", "--out", "/nonexistent-dir/a.st"], "--out"),
+        (
+            &[
+                "eval",
+                "longctx",
+                "--full-results",
+                "/nonexistent-dir/f.json",
+            ],
+            "--full-results",
+        ),
+        (
+            &[
+                "eval",
+                "sweep",
+                "--artifact",
+                "/nonexistent/a",
+                "--out",
+                "/tmp/o",
+                "--drop-damaged",
+            ],
+            "required arguments",
+        ),
     ];
     let train = |extra: &[&'static str]| -> Vec<&'static str> {
         let mut v = vec!["train", "--artifact", "/nonexistent/a", "--out", "/tmp/x"];
@@ -161,6 +206,19 @@ fn every_bad_option_is_named_before_anything_loads() {
         (train(&["--target", "0.3", "--ctx", "0"]), "--ctx"),
         (train(&["--target", "0.3", "--steps", "0"]), "--steps"),
         (train(&["--target", "0.3", "--alpha=-1"]), "--alpha"),
+        (
+            vec![
+                "train",
+                "--artifact",
+                "/nonexistent/a",
+                "--out",
+                "/nonexistent-dir/x",
+                "--target",
+                "0.3",
+            ],
+            "--out",
+        ),
+        (train(&["--target", "0.3"]), "--artifact /nonexistent/a"),
     ];
     let all = cases
         .iter()

@@ -373,12 +373,7 @@ impl Artifact {
         let header = serde_json::to_string(&self.header).map_err(|e| io_err(path, e))?;
         let meta: HashMap<String, String> = [("dynakv".to_string(), header)].into();
         let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| io_err(path, e))?;
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, bytes).map_err(|e| io_err(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            io_err(path, e)
-        })
+        crate::io::write_bytes_atomically(path, &bytes).map_err(|e| io_err(path, e))
     }
 
     pub fn load(path: &Path) -> Result<Self, CoreError> {

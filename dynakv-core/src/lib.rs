@@ -19,6 +19,7 @@ pub mod artifact;
 pub mod basis;
 pub mod budget;
 mod error;
+pub mod io;
 pub mod levels;
 pub mod policy;
 pub mod quant;

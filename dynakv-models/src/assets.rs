@@ -160,6 +160,7 @@ pub fn ensure_in(spec: &AssetSpec, home: &Path) -> Result<PathBuf, ModelError> {
         path: home.display().to_string(),
         source: e,
     })?;
+    remove_stale_fetches(home, spec.name);
     let tmp = home.join(format!(".{}.tmp-{}", spec.name, std::process::id()));
     let _ = fs::remove_dir_all(&tmp);
     let result = fetch_into(spec, &tmp).and_then(|()| {
@@ -183,6 +184,37 @@ pub fn ensure_in(spec: &AssetSpec, home: &Path) -> Result<PathBuf, ModelError> {
     result?;
     tracing::info!(asset = spec.name, path = %target.display(), "asset ready");
     Ok(target)
+}
+
+/// Removes the working directories of interrupted fetches of `name`
+/// (`.NAME.tmp-PID`): those whose process is gone (where `/proc` tells),
+/// else those untouched for a day. Best effort; a live fetch is left alone.
+fn remove_stale_fetches(home: &Path, name: &str) {
+    let prefix = format!(".{name}.tmp-");
+    let Ok(entries) = fs::read_dir(home) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file_name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = file_name.strip_prefix(&prefix) else {
+            continue;
+        };
+        let proc_dir = Path::new("/proc");
+        let gone = if proc_dir.is_dir() {
+            pid.parse::<u32>()
+                .is_ok_and(|p| p != std::process::id() && !proc_dir.join(p.to_string()).exists())
+        } else {
+            e.metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > std::time::Duration::from_secs(86_400))
+        };
+        if gone {
+            tracing::info!(path = %e.path().display(), "removing an interrupted fetch");
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 fn fetch_into(spec: &AssetSpec, tmp: &Path) -> Result<(), ModelError> {
@@ -299,5 +331,27 @@ mod tests {
         assert!(err.to_string().contains("nope"), "{err}");
         let left: Vec<_> = fs::read_dir(home.path()).unwrap().collect();
         assert!(left.is_empty(), "left behind: {left:?}");
+    }
+
+    #[test]
+    fn interrupted_fetches_of_dead_processes_are_removed() {
+        if !Path::new("/proc").is_dir() {
+            return; // the rule there is by age, a day
+        }
+        let home = tempfile::tempdir().unwrap();
+        // a process id that cannot be alive (above the kernel's pid_max),
+        // and this process's own (a fetch in progress)
+        let dead = home.path().join(".corpus.tmp-4294967295");
+        let live = home
+            .path()
+            .join(format!(".corpus.tmp-{}", std::process::id()));
+        let other = home.path().join(".model.tmp-4294967295");
+        for d in [&dead, &live, &other] {
+            fs::create_dir_all(d.join("download")).unwrap();
+        }
+        remove_stale_fetches(home.path(), "corpus");
+        assert!(!dead.exists(), "a dead process's fetch is removed");
+        assert!(live.exists(), "a live one stays");
+        assert!(other.exists(), "another asset's is not touched");
     }
 }

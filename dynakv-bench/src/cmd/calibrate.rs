@@ -44,6 +44,7 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
     if a.ctx == 0 {
         bail!("--ctx must be at least 1");
     }
+    super::common::check_writable("--out", &a.out)?;
     let cfg = CalibrationConfig {
         stats_windows: a.tokens.div_ceil(a.ctx).max(1),
         sample_windows: a.sample_tokens.div_ceil(a.ctx).max(1),

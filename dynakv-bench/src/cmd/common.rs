@@ -1,6 +1,6 @@
 //! Options and loading shared by commands.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -30,6 +30,13 @@ where
                 .map_err(|e| anyhow::anyhow!("bad {what} `{x}`: {e}"))
         })
         .collect()
+}
+
+/// Refuses an output the run could not write, before the run: `flag` names
+/// the option in the error.
+pub fn check_writable(flag: &str, path: &Path) -> Result<()> {
+    dynakv_core::io::check_writable(path)
+        .map_err(|e| anyhow::anyhow!("{flag} {}: cannot write there ({e})", path.display()))
 }
 
 /// `list` itself, or an error naming `what` when it is empty.

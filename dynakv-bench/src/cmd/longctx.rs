@@ -106,6 +106,9 @@ impl LongctxArgs {
 pub fn run(a: LongctxArgs) -> Result<()> {
     a.cache.check()?;
     let spec = a.spec()?;
+    if let Some(p) = &a.full_results {
+        super::common::check_writable("--full-results", p)?;
+    }
     let loaded = a.model.load()?;
     let (suite, full) = longctx_reference(&loaded, &spec, a.full_results.as_deref())?;
     let (kept, _) = kept_cells(&full, a.keep_threshold);

@@ -39,6 +39,9 @@ pub fn run(a: RanksArgs) -> Result<()> {
     if a.artifact.len() != a.policies.len() {
         bail!("give one --policies entry per --artifact");
     }
+    if let Some(p) = &a.plot {
+        super::common::check_writable("--plot", p)?;
+    }
     let loaded = a.model.load()?;
     let mut ids = loaded.tokenizer.encode("<|im_start|>")?;
     ids.extend(loaded.tokenizer.encode(&a.text)?);

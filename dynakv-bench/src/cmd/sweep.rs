@@ -2,9 +2,7 @@
 //! the long-context suite), one JSON line per cell, and quality-against-memory
 //! plots.
 
-use super::values;
-use std::collections::HashSet;
-use std::io::Write;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -12,6 +10,7 @@ use clap::Args;
 use dynakv_bench::eval::fidelity::fidelity;
 use dynakv_bench::eval::longctx_suite::{kept_cells, summarize, SuiteSpec};
 use dynakv_bench::eval::ppl::perplexity;
+use dynakv_bench::eval::records::Records;
 use dynakv_bench::plot::{bytes_plot, Series};
 use dynakv_bench::text::{brown_docs, document_tokens};
 use dynakv_burn::cache::Precision;
@@ -23,8 +22,9 @@ use dynakv_models::corpus::Split;
 use serde_json::{json, Value};
 
 use super::cache_args::{CacheArgs, CacheKind};
-use super::common::{non_empty, parse_list, progress, ModelArgs};
+use super::common::{check_writable, non_empty, parse_list, progress, ModelArgs};
 use super::longctx::{longctx_reference, run_longctx};
+use super::values;
 
 #[derive(Args, Debug)]
 pub struct SweepArgs {
@@ -66,9 +66,14 @@ pub struct SweepArgs {
     /// a fraction of an f16 dense cache (log), here (SVG and PNG).
     #[arg(long)]
     pub plot: Option<PathBuf>,
-    /// Skip cells already in --out.
+    /// Skip cells already in --out (measured under the same configuration:
+    /// a record of the same cell under another one is an error).
     #[arg(long)]
     pub resume: bool,
+    /// With --resume: drop a damaged last line of --out (an interrupted
+    /// write) instead of stopping at it.
+    #[arg(long, requires = "resume")]
+    pub drop_damaged: bool,
     /// SnapKV settings of every SnapKV cell (`dynakv eval ppl --help`).
     #[arg(long, value_enum, default_value_t = SnapKvPreset::Kvpress)]
     pub snapkv_preset: SnapKvPreset,
@@ -178,6 +183,52 @@ fn cache(
         no_kv_rotation: !precision.rotate,
         ..d
     }
+}
+
+/// Everything a cell's result depends on, recorded with it and compared on
+/// `--resume`: the cache spec, the model and artifact files (SHA-256), the
+/// text's length and the protocol's settings.
+fn cell_config(
+    a: &SweepArgs,
+    cell: &CacheArgs,
+    model_sha256: &str,
+    eval_tokens: usize,
+    hashes: &mut HashMap<PathBuf, String>,
+) -> Result<Value> {
+    let artifact = match &cell.artifact {
+        Some(p) if cell.spec()?.dynakv.is_some() => {
+            if !hashes.contains_key(p) {
+                let h = dynakv_models::assets::sha256_file(p)
+                    .with_context(|| format!("hashing {}", p.display()))?;
+                hashes.insert(p.clone(), h);
+            }
+            Value::from(hashes[p].clone())
+        }
+        _ => Value::Null,
+    };
+    let longctx = match a.longctx_spec()? {
+        Some(spec) => json!({
+            "tasks": format!("{:?}", spec.tasks),
+            "lengths": spec.lengths,
+            "depths": spec.depths,
+            "seed": spec.seed,
+            "query_aware": a.query_aware,
+            "keep_threshold": a.keep_threshold,
+        }),
+        None => Value::Null,
+    };
+    Ok(json!({
+        "spec": cell.spec()?.to_string(),
+        "model_sha256": model_sha256,
+        "artifact_sha256": artifact,
+        "text": "brown eval",
+        "text_tokens": eval_tokens,
+        "ctx": a.ctx,
+        "windows": a.windows,
+        "score_last": a.score_last,
+        "fidelity": a.fidelity,
+        "longctx": longctx,
+    }))
 }
 
 /// A cell label's storage part: `""` for f32, else `/kv=q8_0`,
@@ -290,24 +341,31 @@ pub fn run(a: SweepArgs) -> Result<()> {
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let cells = cells(&a)?;
     a.longctx_spec()?;
+    check_writable("--out", &a.out)?;
+    if let Some(p) = &a.plot {
+        check_writable("--plot", p)?;
+        check_writable("--plot", &p.with_extension("png"))?;
+    }
+    if let Some(p) = &a.longctx_full {
+        check_writable("--longctx-full", p)?;
+    }
     for (_, _, c) in &cells {
         c.check()?;
     }
     let loaded = a.model.load()?;
     let ids = document_tokens(&loaded.tokenizer, &brown_docs(Split::Eval, None)?)?;
-    let mut done: Vec<Value> = Vec::new();
-    if a.resume && a.out.exists() {
-        for line in std::fs::read_to_string(&a.out)?.lines() {
-            done.push(serde_json::from_str(line)?);
-        }
-    } else if a.out.exists() {
+    if a.out.exists() && !a.resume {
         anyhow::bail!("{} exists: pass --resume to continue it", a.out.display());
     }
-    let finished: HashSet<String> = done
-        .iter()
-        .filter_map(|v| v["label"].as_str().map(String::from))
-        .collect();
-    let todo: Vec<_> = cells.iter().filter(|c| !finished.contains(&c.0)).collect();
+    let mut records = Records::read(&a.out, a.drop_damaged)?;
+    let mut hashes = HashMap::new();
+    let mut todo = Vec::new();
+    for cell in &cells {
+        let config = cell_config(&a, &cell.2, &loaded.sha256, ids.len(), &mut hashes)?;
+        if !records.finished(&cell.0, &config)? {
+            todo.push((cell, config));
+        }
+    }
     let longctx = match a.longctx_spec()? {
         Some(spec) if !todo.is_empty() => Some(longctx_reference(
             &loaded,
@@ -320,11 +378,7 @@ pub fn run(a: SweepArgs) -> Result<()> {
         todo.len() as u64,
         "sweep [{bar:30}] {pos}/{len} cells, ETA {eta} {msg}",
     );
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&a.out)?;
-    for (label, family, args) in todo {
+    for ((label, family, args), config) in todo {
         bar.set_message(label.clone());
         let maker = args.maker(&loaded)?;
         let p = perplexity(
@@ -356,6 +410,7 @@ pub fn run(a: SweepArgs) -> Result<()> {
             "windows": a.windows,
             "score_last": a.score_last,
             "command": command,
+            "config": config,
         });
         if a.fidelity {
             let f = fidelity(
@@ -392,12 +447,11 @@ pub fn run(a: SweepArgs) -> Result<()> {
             v["longctx_relative"] = s.relative.into();
             v["longctx_retained"] = s.retained.into();
         }
-        writeln!(file, "{}", serde_json::to_string(&v)?)?;
-        file.flush()?;
-        done.push(v);
+        records.append(v)?;
         bar.inc(1);
     }
     bar.finish_and_clear();
+    let done: Vec<Value> = records.values().cloned().collect();
     let full = done
         .iter()
         .find(|v| v["label"] == "full")

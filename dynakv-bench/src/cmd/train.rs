@@ -69,6 +69,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
         bail!("--ctx must be at least 1");
     }
     let stage = a.stage;
+    super::common::check_writable("--out", &a.out)?;
+    if !a.artifact.is_file() {
+        bail!("--artifact {}: no such file", a.artifact.display());
+    }
     let loaded = a.model.load()?;
     let artifact = Artifact::load(&a.artifact)?;
     loaded.model.check_artifact(&artifact, &loaded.sha256)?;

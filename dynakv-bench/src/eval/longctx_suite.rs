@@ -159,13 +159,11 @@ impl Suite {
         Ok(Some(out))
     }
 
-    /// Writes the full-cache outcomes (a temporary file, then a rename).
+    /// Writes the full-cache outcomes, all or nothing.
     pub fn save_reference(&self, path: &Path, outcomes: &[Outcome]) -> Result<(), ModelError> {
         let v = serde_json::json!({"key": self.key, "outcomes": outcomes});
         let io = |e: std::io::Error| ModelError::InvalidInput(format!("{}: {e}", path.display()));
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, v.to_string()).map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
+        dynakv_core::io::write_bytes_atomically(path, v.to_string().as_bytes()).map_err(io)
     }
 }
 

@@ -5,4 +5,5 @@ pub mod fidelity;
 pub mod longctx;
 pub mod longctx_suite;
 pub mod ppl;
+pub mod records;
 pub mod speed;
