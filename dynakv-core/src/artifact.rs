@@ -493,7 +493,8 @@ mod tests {
         let path = dir.join("a.safetensors");
         // (what the error names, the damage); JSON has no NaN, so a NaN in
         // the header is written as null and refused by the parser on load
-        let damaged: Vec<(&str, Box<dyn Fn(&mut Artifact)>)> = vec![
+        type Damage = Box<dyn Fn(&mut Artifact)>;
+        let damaged: Vec<(&str, Damage)> = vec![
             ("not finite", Box::new(|a| a.bases[0][1].dec[3] = f32::NAN)),
             (
                 "not finite",

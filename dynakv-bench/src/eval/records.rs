@@ -28,17 +28,13 @@ pub enum RecordError {
         line: usize,
         message: String,
     },
-    #[error(
-        "{path}, line {line}: cell `{label}` was measured under another configuration \
-         ({field}: {theirs} there, {ours} now); write to another --out"
-    )]
+    /// A record of the same cell under another configuration; `detail`
+    /// names the cell and the first field that differs.
+    #[error("{path}, line {line}: {detail}; write to another --out")]
     Mismatch {
         path: PathBuf,
         line: usize,
-        label: String,
-        field: String,
-        theirs: String,
-        ours: String,
+        detail: Box<str>,
     },
 }
 
@@ -124,10 +120,11 @@ impl Records {
             return Err(RecordError::Mismatch {
                 path: self.path.clone(),
                 line: *line,
-                label: label.to_string(),
-                field,
-                theirs: t,
-                ours: o,
+                detail: format!(
+                    "cell `{label}` was measured under another configuration \
+                     ({field}: {t} there, {o} now)"
+                )
+                .into(),
             });
         }
         Ok(false)
