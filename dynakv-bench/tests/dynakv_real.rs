@@ -306,6 +306,22 @@ fn a_trained_router_round_trips_and_drives_the_cache() {
     .unwrap();
     assert_eq!(summary.steps, 1);
     assert_eq!(e2e.header.router.as_ref().unwrap().stage, "e2e");
+    // Stopped before the first step: an error, not a "trained" artifact.
+    let err = train(
+        &target,
+        &s.pre,
+        &windows(&ids[..256]),
+        &windows(&ids[256..]),
+        &config,
+        Stage::Local,
+        &AtomicBool::new(true),
+        forward,
+        |_| {},
+    )
+    .err()
+    .expect("stopped before any step")
+    .to_string();
+    assert!(err.contains("nothing trained"), "{err}");
     // An artifact without a router cannot serve `--policy router`.
     assert!(factory(s, &s.sha, &s.pre, &spec(PolicyKind::Router, 0.3)).is_err());
 }

@@ -25,6 +25,10 @@ pub enum CacheError {
     RopeStyle { model: RopeStyle, rope: RopeStyle },
     #[error("invalid cache configuration: {0}")]
     Config(String),
+    /// Training stopped (Ctrl-C) before its first step: there is nothing
+    /// trained to write, and an artifact saying otherwise would mislead.
+    #[error("training was stopped before its first step: nothing trained, nothing written")]
+    NothingTrained,
     #[error("reading a tensor back from the device: {0}")]
     Data(#[from] burn::tensor::DataError),
     #[error(transparent)]

@@ -94,11 +94,19 @@ pub fn run(a: TrainArgs) -> Result<()> {
         seed: a.seed,
         ..LocalConfig::default()
     };
-    // Ctrl-C stops training; the state so far is thresholded and saved.
+    // Ctrl-C stops training after the step in progress; the state so far is
+    // thresholded and saved (stopped before the first step, nothing is
+    // written). A second Ctrl-C quits at once, writing nothing.
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
-        ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed))?;
+        ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::Relaxed) {
+                eprintln!("\ninterrupted again: quitting, nothing written");
+                std::process::exit(130);
+            }
+            eprintln!("\nstopping after this step (Ctrl-C again to quit at once)");
+        })?;
     }
     let bar = progress(
         a.steps as u64,

@@ -165,6 +165,9 @@ pub fn train<W: AsRef<[u32]>, E: From<CacheError>>(
         on_step(&s);
         last = Some(s);
     }
+    if last.is_none() && config.steps > 0 {
+        return Err(CacheError::NothingTrained.into());
+    }
     let lat = trainer.latents(&heldout)?;
     let (policy, heldout_retained) = trainer.fitted_policy(&lat)?;
     let (routers, bases) = trainer.export()?;

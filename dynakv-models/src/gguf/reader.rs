@@ -190,6 +190,17 @@ fn min_value_size(type_id: u32) -> Option<usize> {
 impl GgufFile {
     /// Memory-maps and parses a GGUF file.
     pub fn open(path: &Path) -> Result<Self, ModelError> {
+        // a FIFO or a device would block or never end: only regular files
+        let meta = std::fs::metadata(path).map_err(|e| ModelError::Io {
+            path: path.display().to_string(),
+            source: e,
+        })?;
+        if !meta.is_file() {
+            return Err(ModelError::Gguf(format!(
+                "{}: not a regular file",
+                path.display()
+            )));
+        }
         let file = File::open(path).map_err(|e| ModelError::Io {
             path: path.display().to_string(),
             source: e,
@@ -501,6 +512,22 @@ mod tests {
         let buf = tiny_file_with_type(99);
         let err = parse_header(&buf).unwrap_err().to_string();
         assert!(err.contains("`w`") && err.contains("99"), "{err}");
+    }
+
+    #[test]
+    #[cfg(unix)]
+    fn a_fifo_or_a_directory_is_refused_without_blocking() {
+        let dir = std::env::temp_dir().join(format!("dynakv-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("model.gguf");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        if made.is_ok_and(|s| s.success()) {
+            let err = GgufFile::open(&fifo).err().unwrap().to_string();
+            assert!(err.contains("not a regular file"), "{err}");
+        }
+        let err = GgufFile::open(&dir).err().unwrap().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
