@@ -154,6 +154,15 @@ pub fn ensure_in(spec: &AssetSpec, home: &Path) -> Result<PathBuf, ModelError> {
     let final_dir = home.join(spec.name);
     let target = final_dir.join(spec.inner_path);
     if target.exists() {
+        // the cached copy is what was fetched (re-hashed when it changed)
+        if crate::stamp::check(&target, &stamp_path(spec, home), spec.name, false)?
+            == crate::stamp::Checked::Stamped
+        {
+            tracing::warn!(
+                asset = spec.name,
+                "no stamp (fetched by an earlier version): stamped as it is now"
+            );
+        }
         return Ok(target);
     }
     fs::create_dir_all(home).map_err(|e| ModelError::Io {
@@ -182,7 +191,22 @@ pub fn ensure_in(spec: &AssetSpec, home: &Path) -> Result<PathBuf, ModelError> {
     });
     let _ = fs::remove_dir_all(&tmp);
     result?;
+    crate::stamp::write(&stamp_path(spec, home), &crate::stamp::stamp(&target)?)?;
     tracing::info!(asset = spec.name, path = %target.display(), "asset ready");
+    Ok(target)
+}
+
+/// Where an asset's stamp lives (`.NAME.stamp.json` in the home directory).
+fn stamp_path(spec: &AssetSpec, home: &Path) -> PathBuf {
+    home.join(format!(".{}.stamp.json", spec.name))
+}
+
+/// Re-hashes a cached asset against its stamp, whatever its fingerprint
+/// says (`dynakv fetch --verify`); fetches it first if it is absent.
+pub fn verify(spec: &AssetSpec) -> Result<PathBuf, ModelError> {
+    let home = home();
+    let target = ensure_in(spec, &home)?;
+    crate::stamp::check(&target, &stamp_path(spec, &home), spec.name, true)?;
     Ok(target)
 }
 
@@ -331,6 +355,27 @@ mod tests {
         assert!(err.to_string().contains("nope"), "{err}");
         let left: Vec<_> = fs::read_dir(home.path()).unwrap().collect();
         assert!(left.is_empty(), "left behind: {left:?}");
+    }
+
+    #[test]
+    fn a_cached_asset_changed_after_its_stamp_is_refused() {
+        let home = tempfile::tempdir().unwrap();
+        let spec = AssetSpec {
+            name: "cached",
+            client: Client::Npm,
+            package: "never-fetched@0",
+            archive_sha256: "00",
+            inner_path: "package/doc.txt",
+        };
+        let file = home.path().join("cached/package/doc.txt");
+        fs::create_dir_all(file.parent().unwrap()).unwrap();
+        fs::write(&file, "the text").unwrap();
+        // first use stamps it (no network: it is present), then it is trusted
+        assert_eq!(ensure_in(&spec, home.path()).unwrap(), file);
+        assert_eq!(ensure_in(&spec, home.path()).unwrap(), file);
+        fs::write(&file, "the tExt, longer").unwrap();
+        let e = ensure_in(&spec, home.path()).unwrap_err().to_string();
+        assert!(e.contains("cached") && e.contains("changed"), "{e}");
     }
 
     #[test]

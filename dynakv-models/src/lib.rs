@@ -30,6 +30,7 @@ mod error;
 pub mod generate;
 pub mod gguf;
 pub mod llama;
+pub mod stamp;
 pub mod texts;
 pub mod tokenizer;
 

@@ -188,7 +188,14 @@ pub fn dynakv_with(
     device: &Device,
 ) -> DynaKvCache {
     let bases = Arc::new(
-        DynaKvBases::with_storage(&artifact(placement), GEOMETRY, device, storage).expect("bases"),
+        DynaKvBases::with_dtype(
+            &artifact(placement),
+            GEOMETRY,
+            device,
+            storage,
+            precision.basis,
+        )
+        .expect("bases"),
     );
     DynaKvCache::with_precision(GEOMETRY, rope(device), bases, policy, precision).expect("cache")
 }

@@ -11,18 +11,32 @@ pub struct FetchArgs {
     /// which are otherwise fetched on first use.
     #[arg(long)]
     pub texts: bool,
+    /// Re-hash every cached asset against the stamp written when it was
+    /// fetched (normally only a changed size or modification time does).
+    #[arg(long)]
+    pub verify: bool,
 }
 
 pub fn run(a: FetchArgs) -> Result<()> {
-    let model = assets::default_model()?;
-    let brown = assets::brown_dir()?;
+    let get = |spec: &assets::AssetSpec| {
+        if a.verify {
+            assets::verify(spec)
+        } else {
+            assets::ensure(spec)
+        }
+    };
+    let model = get(&assets::SMOLLM2)?;
+    let brown = get(&assets::BROWN)?;
     println!("model  {}", model.display());
     println!("corpus {}", brown.display());
     if a.texts {
         for kind in TextKind::ALL {
-            let path = assets::ensure(kind.asset())?;
+            let path = get(kind.asset())?;
             println!("{:<6} {}", kind.to_string(), path.display());
         }
+    }
+    if a.verify {
+        println!("verified: every asset above hashes as when it was fetched");
     }
     Ok(())
 }
