@@ -318,8 +318,7 @@ fn a_trained_router_round_trips_and_drives_the_cache() {
         forward,
         |_| {},
     )
-    .err()
-    .expect("stopped before any step")
+    .expect_err("stopped before any step")
     .to_string();
     assert!(err.contains("nothing trained"), "{err}");
     // An artifact without a router cannot serve `--policy router`.
