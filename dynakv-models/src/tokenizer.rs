@@ -79,12 +79,31 @@ impl TextTokenizer {
             .enumerate()
             .map(|(i, t)| (t.to_string(), i as u32))
             .collect();
+        if tokens.len() > u32::MAX as usize || types.len() != tokens.len() {
+            return Err(tok_err(format!(
+                "tokenizer.ggml.tokens holds {} tokens, tokenizer.ggml.token_type {} types",
+                tokens.len(),
+                types.len()
+            )));
+        }
+        // every merge must name two tokens of the vocabulary, and make one
+        // (checked here so a damaged file is named by merge, not by the BPE
+        // builder's message about an empty token)
         let merges = merges
             .iter()
-            .map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| tok_err(format!("merge `{m}` has no space")))
+            .enumerate()
+            .map(|(i, m)| {
+                let (a, b) = m.split_once(' ').ok_or_else(|| {
+                    tok_err(format!("tokenizer.ggml.merges[{i}] = {m:?} has no space"))
+                })?;
+                for part in [a, b, &format!("{a}{b}")] {
+                    if !vocab.contains_key(part) {
+                        return Err(tok_err(format!(
+                            "tokenizer.ggml.merges[{i}] = {m:?}: {part:?} is not in tokenizer.ggml.tokens (a damaged file?)"
+                        )));
+                    }
+                }
+                Ok((a.to_string(), b.to_string()))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let bpe = BPE::builder()

@@ -63,3 +63,55 @@ fn damaged_metadata_is_named_not_loaded() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A copy of the default model with the first element of the string array
+/// `key` damaged by `damage(length field, string bytes)`.
+fn damaged_first_string(
+    dir: &Path,
+    key: &str,
+    tag: &str,
+    damage: impl Fn(&mut [u8], &mut [u8]),
+) -> PathBuf {
+    let src = dynakv_models::assets::default_model().expect("fetch the default model");
+    let mut bytes = std::fs::read(src).unwrap();
+    let k = key.as_bytes();
+    let at = bytes.windows(k.len()).position(|w| w == k).unwrap() + k.len();
+    // type 9 (array), element type 8 (string), count u64, then the first string
+    assert_eq!(bytes[at..at + 8], [9, 0, 0, 0, 8, 0, 0, 0]);
+    let first = at + 16;
+    let len = u64::from_le_bytes(bytes[first..first + 8].try_into().unwrap()) as usize;
+    let (head, tail) = bytes.split_at_mut(first + 8);
+    damage(&mut head[first..], &mut tail[..len]);
+    let path = dir.join(format!("{tag}.gguf"));
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[test]
+fn damaged_token_arrays_are_named_by_element() {
+    let dir = std::env::temp_dir().join(format!("dynakv-gguf-tok-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // a string length beyond the file
+    let path = damaged_first_string(&dir, "tokenizer.ggml.tokens", "len", |len, _| {
+        len.copy_from_slice(&(1u64 << 40).to_le_bytes())
+    });
+    let err = GgufFile::open(&path).err().unwrap().to_string();
+    assert!(
+        err.contains("tokenizer.ggml.tokens[0]") && err.contains("string length"),
+        "{err}"
+    );
+    // a merge naming a token the vocabulary does not hold ("Ġ t" -> "q@ t")
+    let path = damaged_first_string(&dir, "tokenizer.ggml.merges", "merge", |_, s| {
+        s[..2].copy_from_slice(b"q@")
+    });
+    let gguf = GgufFile::open(&path).unwrap();
+    let err = dynakv_models::TextTokenizer::from_gguf(&gguf)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("tokenizer.ggml.merges[0]") && err.contains("q@"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -103,7 +103,7 @@ impl<'a> Cursor<'a> {
             .is_some_and(|b| b <= self.remaining() as u64);
         if !fits {
             return Err(ModelError::Gguf(format!(
-                "{what} = {n} is absurd: the {} bytes left in the file cannot hold it",
+                "{what} {n} does not fit in the {} bytes left in the file (a damaged file?)",
                 self.remaining()
             )));
         }
@@ -111,7 +111,7 @@ impl<'a> Cursor<'a> {
     }
 
     fn string(&mut self, version: u32, what: &str) -> Result<String, ModelError> {
-        let n = self.count(version, 1, what)?;
+        let n = self.count(version, 1, &format!("{what}: a string length of"))?;
         let bytes = self.take(n, what)?;
         String::from_utf8(bytes.to_vec())
             .map_err(|_| ModelError::Gguf(format!("{what} is not valid UTF-8")))
@@ -141,7 +141,7 @@ impl<'a> Cursor<'a> {
                     )))
                 }
             },
-            8 => MetaValue::String(self.string(version, key)?),
+            8 => MetaValue::String(self.string(version, &format!("metadata `{key}`"))?),
             9 => {
                 if depth >= MAX_ARRAY_DEPTH {
                     return Err(ModelError::Gguf(format!(
@@ -154,10 +154,14 @@ impl<'a> Cursor<'a> {
                         "metadata `{key}`: unknown array element type {elem}"
                     ))
                 })?;
-                let n = self.count(version, min, key)?;
+                let n = self.count(
+                    version,
+                    min,
+                    &format!("metadata `{key}`: an array length of"),
+                )?;
                 let mut items = Vec::with_capacity(n);
-                for _ in 0..n {
-                    items.push(self.value(version, elem, key, depth + 1)?);
+                for i in 0..n {
+                    items.push(self.value(version, elem, &format!("{key}[{i}]"), depth + 1)?);
                 }
                 MetaValue::Array(items)
             }
