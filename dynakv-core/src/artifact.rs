@@ -378,7 +378,13 @@ impl Artifact {
 
     pub fn load(path: &Path) -> Result<Self, CoreError> {
         let bytes = std::fs::read(path).map_err(|e| io_err(path, e))?;
-        let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| io_err(path, e))?;
+        Self::from_bytes(&bytes, path)
+    }
+
+    /// Parses and validates an artifact held in memory (`path` names it in
+    /// errors).
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self, CoreError> {
+        let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| io_err(path, e))?;
         let header: ArtifactHeader = meta
             .metadata()
             .as_ref()
@@ -395,7 +401,7 @@ impl Artifact {
             ));
         }
         header.validate().map_err(|e| io_err(path, e))?;
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| io_err(path, e))?;
+        let st = SafeTensors::deserialize(bytes).map_err(|e| io_err(path, e))?;
         let get = |name: &str, len: usize| -> Result<Vec<f32>, CoreError> {
             let t = st
                 .tensor(name)
@@ -541,6 +547,45 @@ mod tests {
             std::fs::remove_file(&path).unwrap();
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn saved_tiny() -> Vec<u8> {
+        let (a, _, _) = tiny();
+        let dir = std::env::temp_dir().join(format!("dynakv-art-fuzz-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a.safetensors");
+        a.save(&path).unwrap();
+        let seed = std::fs::read(&path).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        seed
+    }
+
+    /// Loading a damaged artifact gives one that passes validation or an
+    /// error, never a panic: 20,000 fixed inputs here, the random target
+    /// below for long runs.
+    fn load_damaged(b: &[u8]) {
+        if let Ok(back) = Artifact::from_bytes(b, Path::new("fuzz")) {
+            back.validate().expect("a loaded artifact is valid");
+        }
+    }
+
+    #[test]
+    fn fuzz_artifact_loader_fixed_inputs() {
+        let seed = saved_tiny();
+        for b in crate::fuzz::seeded(&seed, 20_000, 0x6172_7466) {
+            load_damaged(&b);
+        }
+    }
+
+    #[test]
+    #[ignore = "random fuzzing: BOLERO_RANDOM_ITERATIONS=N cargo test --release -- --ignored fuzz_"]
+    fn fuzz_artifact_loader() {
+        let seed = saved_tiny();
+        bolero::check!()
+            .with_type::<(Vec<(u16, u8)>, Vec<(u16, u64)>, Option<u16>)>()
+            .for_each(|(bytes, words, cut)| {
+                load_damaged(&crate::fuzz::mutate(&seed, bytes, words, *cut));
+            });
     }
 
     /// A one-layer artifact with a router, its model and basis.

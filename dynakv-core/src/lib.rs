@@ -19,6 +19,7 @@ pub mod artifact;
 pub mod basis;
 pub mod budget;
 mod error;
+pub mod fuzz;
 pub mod io;
 pub mod levels;
 pub mod policy;

@@ -62,6 +62,20 @@ impl Records {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
             Err(e) => return Err(io(e)),
         };
+        let (records, dropped) = Self::from_text(path, &text, drop_damaged_tail)?;
+        if dropped {
+            records.rewrite()?;
+        }
+        Ok(records)
+    }
+
+    /// [`Records::read`] of `text` (as if read from `path`), without
+    /// rewriting: also whether a damaged last line was dropped.
+    pub fn from_text(
+        path: &Path,
+        text: &str,
+        drop_damaged_tail: bool,
+    ) -> Result<(Self, bool), RecordError> {
         let raw: Vec<&str> = text.split_terminator('\n').collect();
         let mut lines = Vec::new();
         let mut kept = Vec::new();
@@ -98,10 +112,7 @@ impl Records {
             lines,
             text: kept,
         };
-        if dropped {
-            records.rewrite()?;
-        }
-        Ok(records)
+        Ok((records, dropped))
     }
 
     /// Whether the cell `label` measured under `config` is done. A record
@@ -224,6 +235,42 @@ mod tests {
         let p = dir.join(name);
         std::fs::write(&p, text).unwrap();
         p
+    }
+
+    const SEED: &str = "{\"label\":\"full\",\"config\":{\"ctx\":1024},\"ppl\":33.7}\n\
+                        {\"label\":\"dynakv/0.3\",\"config\":{\"ctx\":1024},\"ppl\":40.1}\n";
+
+    /// Reading a damaged results file returns records (each an object with
+    /// a label) or an error naming a line, never a panic.
+    fn read_damaged(b: &[u8], drop: bool) {
+        let text = String::from_utf8_lossy(b);
+        let config = serde_json::json!({"ctx": 1024});
+        if let Ok((r, _)) = Records::from_text(Path::new("fuzz.jsonl"), &text, drop) {
+            for v in r.values() {
+                let label = v["label"].as_str().expect("a record has a label");
+                let _ = r.finished(label, &config);
+            }
+        }
+    }
+
+    #[test]
+    fn fuzz_record_reader_fixed_inputs() {
+        for (i, b) in dynakv_core::fuzz::seeded(SEED.as_bytes(), 20_000, 0x7265_6373).enumerate() {
+            read_damaged(&b, i % 2 == 0);
+        }
+    }
+
+    #[test]
+    #[ignore = "random fuzzing: BOLERO_RANDOM_ITERATIONS=N cargo test --release -- --ignored fuzz_"]
+    fn fuzz_record_reader() {
+        bolero::check!()
+            .with_type::<(Vec<(u16, u8)>, Option<u16>, bool)>()
+            .for_each(|(bytes, cut, drop)| {
+                read_damaged(
+                    &dynakv_core::fuzz::mutate(SEED.as_bytes(), bytes, &[], *cut),
+                    *drop,
+                );
+            });
     }
 
     #[test]

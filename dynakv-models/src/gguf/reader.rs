@@ -455,6 +455,27 @@ mod tests {
         b
     }
 
+    /// A valid file damaged ([`dynakv_core::fuzz`]): the parser returns,
+    /// never panics or allocates what the file cannot hold. CI runs 20,000
+    /// fixed inputs; the random target below runs long (docs/architecture.md).
+    #[test]
+    fn fuzz_header_parser_fixed_inputs() {
+        for b in dynakv_core::fuzz::seeded(&tiny_file(), 20_000, 0x6767_7566) {
+            let _ = parse_header(&b);
+        }
+    }
+
+    #[test]
+    #[ignore = "random fuzzing: BOLERO_RANDOM_ITERATIONS=N cargo test --release -- --ignored fuzz_"]
+    fn fuzz_header_parser() {
+        let seed = tiny_file();
+        bolero::check!()
+            .with_type::<(Vec<(u16, u8)>, Vec<(u16, u64)>, Option<u16>)>()
+            .for_each(|(bytes, words, cut)| {
+                let _ = parse_header(&dynakv_core::fuzz::mutate(&seed, bytes, words, *cut));
+            });
+    }
+
     #[test]
     fn parses_a_valid_file() {
         let buf = tiny_file();
