@@ -127,9 +127,19 @@ impl TextTokenizer {
             .collect();
         inner.add_special_tokens(specials).map_err(tok_err)?;
 
-        let id_of = |key: &str| gguf.meta(key).and_then(|v| v.as_u64()).map(|v| v as u32);
-        let bos_id = id_of("tokenizer.ggml.bos_token_id");
-        let eos_id = id_of("tokenizer.ggml.eos_token_id");
+        // ids the model will embed must be tokens of the vocabulary
+        let id_of = |key: &str| -> Result<Option<u32>, ModelError> {
+            match gguf.meta(key).and_then(|v| v.as_u64()) {
+                Some(v) if v < tokens.len() as u64 => Ok(Some(v as u32)),
+                Some(v) => Err(tok_err(format!(
+                    "{key} = {v}, beyond the {} tokens",
+                    tokens.len()
+                ))),
+                None => Ok(None),
+            }
+        };
+        let bos_id = id_of("tokenizer.ggml.bos_token_id")?;
+        let eos_id = id_of("tokenizer.ggml.eos_token_id")?;
         let mut stop_ids: Vec<u32> = eos_id.into_iter().collect();
         if let Some(i) = tokens.iter().position(|t| *t == "<|im_end|>") {
             if !stop_ids.contains(&(i as u32)) {
@@ -202,6 +212,100 @@ pub fn chat_prompt(messages: &[(&str, &str)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A GGUF holding only a small tokenizer: the seed of the fuzz targets.
+    fn tokenizer_file() -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(b"GGUF");
+        b.extend_from_slice(&3u32.to_le_bytes());
+        b.extend_from_slice(&0u64.to_le_bytes()); // tensors
+        b.extend_from_slice(&7u64.to_le_bytes()); // kv
+        fn s(b: &mut Vec<u8>, x: &str) {
+            b.extend_from_slice(&(x.len() as u64).to_le_bytes());
+            b.extend_from_slice(x.as_bytes());
+        }
+        fn key(b: &mut Vec<u8>, k: &str, ty: u32) {
+            s(b, k);
+            b.extend_from_slice(&ty.to_le_bytes());
+        }
+        key(&mut b, "tokenizer.ggml.model", 8);
+        s(&mut b, "gpt2");
+        key(&mut b, "tokenizer.ggml.pre", 8);
+        s(&mut b, "smollm");
+        let tokens = [
+            "a",
+            "b",
+            "ab",
+            "\u{120}",
+            "\u{120}a",
+            "<|im_end|>",
+            "1",
+            "2",
+        ];
+        key(&mut b, "tokenizer.ggml.tokens", 9);
+        b.extend_from_slice(&8u32.to_le_bytes());
+        b.extend_from_slice(&(tokens.len() as u64).to_le_bytes());
+        for t in tokens {
+            s(&mut b, t);
+        }
+        key(&mut b, "tokenizer.ggml.merges", 9);
+        b.extend_from_slice(&8u32.to_le_bytes());
+        b.extend_from_slice(&2u64.to_le_bytes());
+        s(&mut b, "a b");
+        s(&mut b, "\u{120} a");
+        key(&mut b, "tokenizer.ggml.token_type", 9);
+        b.extend_from_slice(&5u32.to_le_bytes());
+        b.extend_from_slice(&(tokens.len() as u64).to_le_bytes());
+        for t in [1i32, 1, 1, 1, 1, 3, 1, 1] {
+            b.extend_from_slice(&t.to_le_bytes());
+        }
+        key(&mut b, "tokenizer.ggml.bos_token_id", 4);
+        b.extend_from_slice(&5u32.to_le_bytes());
+        key(&mut b, "tokenizer.ggml.eos_token_id", 4);
+        b.extend_from_slice(&5u32.to_le_bytes());
+        b
+    }
+
+    /// Builds the tokenizer from a (damaged) file and round-trips a text:
+    /// an error or a working tokenizer, never a panic.
+    fn tokenize_damaged(b: &[u8]) {
+        let Ok(gguf) = GgufFile::from_bytes(b) else {
+            return;
+        };
+        if let Ok(t) = TextTokenizer::from_gguf(&gguf) {
+            if let Ok(ids) = t.encode("ab a<|im_end|> 12") {
+                assert!(ids.iter().all(|&i| (i as usize) < t.vocab_size()));
+                let _ = t.decode(&ids);
+            }
+        }
+    }
+
+    #[test]
+    fn the_seed_tokenizer_works() {
+        let gguf = GgufFile::from_bytes(&tokenizer_file()).unwrap();
+        let t = TextTokenizer::from_gguf(&gguf).unwrap();
+        let ids = t.encode("ab a<|im_end|>").unwrap();
+        assert_eq!(t.decode(&ids).unwrap(), "ab a<|im_end|>");
+        assert_eq!(t.eos_id, Some(5));
+    }
+
+    #[test]
+    fn fuzz_tokenizer_from_metadata_fixed_inputs() {
+        for b in dynakv_core::fuzz::seeded(&tokenizer_file(), 20_000, 0x746f_6b65) {
+            tokenize_damaged(&b);
+        }
+    }
+
+    #[test]
+    #[ignore = "random fuzzing: BOLERO_RANDOM_ITERATIONS=N cargo test --release -- --ignored fuzz_"]
+    fn fuzz_tokenizer_from_metadata() {
+        let seed = tokenizer_file();
+        bolero::check!()
+            .with_type::<(Vec<(u16, u8)>, Vec<(u16, u64)>, Option<u16>)>()
+            .for_each(|(bytes, words, cut)| {
+                tokenize_damaged(&dynakv_core::fuzz::mutate(&seed, bytes, words, *cut));
+            });
+    }
 
     #[test]
     fn chat_format() {

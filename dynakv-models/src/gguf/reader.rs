@@ -218,6 +218,21 @@ impl GgufFile {
         Self::parse(mmap)
     }
 
+    /// Parses a GGUF file held in memory (copied into an anonymous map):
+    /// for tests and fuzz targets that build or damage files on the fly.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, ModelError> {
+        if bytes.is_empty() {
+            return Err(ModelError::Gguf("an empty file".into()));
+        }
+        let io = |e| ModelError::Io {
+            path: "(memory)".into(),
+            source: e,
+        };
+        let mut map = memmap2::MmapMut::map_anon(bytes.len()).map_err(io)?;
+        map.copy_from_slice(bytes);
+        Self::parse(map.make_read_only().map_err(io)?)
+    }
+
     fn parse(mmap: Mmap) -> Result<Self, ModelError> {
         let (version, metadata, metadata_keys, tensors) = parse_header(&mmap)?;
         let tensor_index = tensors
