@@ -53,6 +53,16 @@ pub fn write_atomically(
         .suffix(&format!(".tmp{ext}"))
         .tempfile_in(&dir)?;
     fill(tmp.path())?;
+    // a temporary file is private (0600); the result gets the permissions
+    // of the file it replaces, or those of a plain new file (0644)
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let perms = std::fs::metadata(path)
+            .map(|m| m.permissions())
+            .unwrap_or_else(|_| std::fs::Permissions::from_mode(0o644));
+        std::fs::set_permissions(tmp.path(), perms)?;
+    }
     tmp.persist(path).map_err(|e| e.error)?;
     Ok(())
 }
@@ -132,6 +142,15 @@ mod tests {
         std::fs::write(d.join("x.tmp"), "mine").unwrap();
         write_bytes_atomically(&target, b"1").unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), b"1");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode(&target), 0o644, "a new file is not private");
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+            write_bytes_atomically(&target, b"1").unwrap();
+            assert_eq!(mode(&target), 0o600, "a replaced file keeps its mode");
+        }
         assert_eq!(std::fs::read(d.join("x.tmp")).unwrap(), b"mine");
         // a failed fill leaves the old target and no temporary
         let err = write_atomically(&target, |_| Err(std::io::Error::other("boom")));

@@ -168,23 +168,19 @@ impl Records {
     }
 
     /// Writes the records to a temporary file beside the target, then
-    /// renames it over the target (all or nothing).
+    /// renames it over the target (all or nothing; `dynakv_core::io`).
     fn rewrite(&self) -> Result<(), RecordError> {
-        let io = |source| RecordError::Io {
-            path: self.path.clone(),
-            source,
-        };
-        let dir = self
-            .path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+        let mut text = String::new();
         for line in &self.text {
-            writeln!(tmp, "{line}").map_err(io)?;
+            text.push_str(line);
+            text.push('\n');
         }
-        tmp.persist(&self.path).map_err(|e| io(e.error))?;
-        Ok(())
+        dynakv_core::io::write_bytes_atomically(&self.path, text.as_bytes()).map_err(|source| {
+            RecordError::Io {
+                path: self.path.clone(),
+                source,
+            }
+        })
     }
 }
 
