@@ -1,6 +1,5 @@
 //! `dynakv bench`: prefill and decode throughput on Brown `eval` text.
 
-use super::values;
 use anyhow::{bail, Result};
 use clap::Args;
 use dynakv_bench::eval::speed::{decode, decode_paired, prefill, SpeedReport};
@@ -10,6 +9,7 @@ use dynakv_models::corpus::Split;
 
 use super::cache_args::CacheArgs;
 use super::common::ModelArgs;
+use super::values;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {

@@ -1,7 +1,6 @@
 //! `--cache full|dynakv` and its options, shared by eval and bench commands:
 //! the command line's spelling of a [`CacheSpec`].
 
-use super::values;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
@@ -15,6 +14,7 @@ use dynakv_core::quant::{BasisDtype, KvDtype, LatentDtype, LatentScales};
 use dynakv_models::ModelError;
 
 use super::common::Loaded;
+use super::values;
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheKind {

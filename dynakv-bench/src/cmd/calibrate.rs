@@ -1,9 +1,8 @@
 //! `dynakv calibrate`
 
-use super::values;
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Args;
 use dynakv_bench::text::{brown_docs, document_tokens};
 use dynakv_burn::{calibrate, CalibrationConfig};
@@ -13,6 +12,7 @@ use dynakv_models::corpus::Split;
 use dynakv_models::ModelError;
 
 use super::common::{progress, ModelArgs};
+use super::values;
 
 #[derive(Args, Debug)]
 pub struct CalibrateArgs {
@@ -41,9 +41,6 @@ pub struct CalibrateArgs {
 }
 
 pub fn run(a: CalibrateArgs) -> Result<()> {
-    if a.ctx == 0 {
-        bail!("--ctx must be at least 1");
-    }
     super::common::check_writable("--out", &a.out)?;
     let cfg = CalibrationConfig {
         stats_windows: a.tokens.div_ceil(a.ctx).max(1),

@@ -17,34 +17,11 @@ pub fn progress(len: u64, template: &str) -> indicatif::ProgressBar {
     )
 }
 
-/// A comma-separated list (empty items skipped), naming `what` on a bad item.
-pub fn parse_list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>>
-where
-    T::Err: std::fmt::Display,
-{
-    s.split(',')
-        .filter(|x| !x.trim().is_empty())
-        .map(|x| {
-            x.trim()
-                .parse::<T>()
-                .map_err(|e| anyhow::anyhow!("bad {what} `{x}`: {e}"))
-        })
-        .collect()
-}
-
 /// Refuses an output the run could not write, before the run: `flag` names
 /// the option in the error.
 pub fn check_writable(flag: &str, path: &Path) -> Result<()> {
     dynakv_core::io::check_writable(path)
         .map_err(|e| anyhow::anyhow!("{flag} {}: cannot write there ({e})", path.display()))
-}
-
-/// `list` itself, or an error naming `what` when it is empty.
-pub fn non_empty<T>(list: Vec<T>, what: &str) -> Result<Vec<T>> {
-    if list.is_empty() {
-        anyhow::bail!("no {what} given");
-    }
-    Ok(list)
 }
 
 /// `--model PATH`: any llama-family GGUF; the default model is fetched if absent.

@@ -1,6 +1,5 @@
 //! `dynakv eval ...`
 
-use super::values;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
@@ -13,6 +12,7 @@ use dynakv_models::texts::TextKind;
 
 use super::cache_args::CacheArgs;
 use super::common::{progress, ModelArgs};
+use super::values;
 
 #[derive(Subcommand, Debug)]
 pub enum EvalCommand {

@@ -1,6 +1,5 @@
 //! `dynakv generate`
 
-use super::values;
 use std::io::Write;
 
 use anyhow::Context;
@@ -12,6 +11,7 @@ use dynakv_models::tokenizer::chat_prompt;
 
 use super::cache_args::CacheArgs;
 use super::common::ModelArgs;
+use super::values;
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {

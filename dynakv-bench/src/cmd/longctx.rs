@@ -1,6 +1,5 @@
 //! `dynakv eval longctx`, and the suite runs `eval sweep` shares.
 
-use super::values;
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
@@ -12,7 +11,8 @@ use dynakv_burn::AttentionCache;
 use dynakv_models::corpus::Split;
 
 use super::cache_args::CacheArgs;
-use super::common::{non_empty, parse_list, progress, Loaded, ModelArgs};
+use super::common::{progress, Loaded, ModelArgs};
+use super::values;
 
 #[derive(Args, Debug)]
 pub struct LongctxArgs {
@@ -95,7 +95,7 @@ pub fn run_longctx(
 impl LongctxArgs {
     fn spec(&self) -> Result<SuiteSpec> {
         Ok(SuiteSpec {
-            tasks: non_empty(parse_list(&self.tasks, "task")?, "task")?,
+            tasks: values::list(&self.tasks, "task", true, values::parsed)?,
             lengths: values::list(&self.lengths, "length", true, values::at_least_one)?,
             depths: values::list(&self.depths, "depth", true, values::unit)?,
             seed: self.seed,

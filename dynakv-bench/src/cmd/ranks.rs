@@ -2,7 +2,6 @@
 //! one text: ranks per token (mean over layers) and mean rank per layer, for
 //! keys and values; optional SVG of the per-layer means.
 
-use super::values;
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
@@ -14,6 +13,7 @@ use dynakv_core::policy::{KvKind, PolicyKind, PolicySpec};
 use serde_json::json;
 
 use super::common::ModelArgs;
+use super::values;
 
 #[derive(Args, Debug)]
 pub struct RanksArgs {

@@ -22,7 +22,7 @@ use dynakv_models::corpus::Split;
 use serde_json::{json, Value};
 
 use super::cache_args::{CacheArgs, CacheKind};
-use super::common::{check_writable, non_empty, parse_list, progress, ModelArgs};
+use super::common::{check_writable, progress, ModelArgs};
 use super::longctx::{longctx_reference, run_longctx};
 use super::values;
 
@@ -142,7 +142,7 @@ impl SweepArgs {
             return Ok(None);
         }
         Ok(Some(SuiteSpec {
-            tasks: non_empty(parse_list(&self.longctx_tasks, "task")?, "task")?,
+            tasks: values::list(&self.longctx_tasks, "task", true, values::parsed)?,
             lengths,
             depths: values::list(&self.longctx_depths, "depth", true, values::unit)?,
             seed: self.longctx_seed,
@@ -185,27 +185,9 @@ fn cache(
     }
 }
 
-/// Everything a cell's result depends on, recorded with it and compared on
-/// `--resume`: the cache spec, the model and artifact files (SHA-256), the
-/// text's length and the protocol's settings.
-fn cell_config(
-    a: &SweepArgs,
-    cell: &CacheArgs,
-    model_sha256: &str,
-    eval_tokens: usize,
-    hashes: &mut HashMap<PathBuf, String>,
-) -> Result<Value> {
-    let artifact = match &cell.artifact {
-        Some(p) if cell.spec()?.dynakv.is_some() => {
-            if !hashes.contains_key(p) {
-                let h = dynakv_models::assets::sha256_file(p)
-                    .with_context(|| format!("hashing {}", p.display()))?;
-                hashes.insert(p.clone(), h);
-            }
-            Value::from(hashes[p].clone())
-        }
-        _ => Value::Null,
-    };
+/// What every cell of this run is measured under: the model file
+/// (SHA-256), the text's length and the protocol's settings.
+fn protocol(a: &SweepArgs, model_sha256: &str, eval_tokens: usize) -> Result<Value> {
     let longctx = match a.longctx_spec()? {
         Some(spec) => json!({
             "tasks": format!("{:?}", spec.tasks),
@@ -218,9 +200,7 @@ fn cell_config(
         None => Value::Null,
     };
     Ok(json!({
-        "spec": cell.spec()?.to_string(),
         "model_sha256": model_sha256,
-        "artifact_sha256": artifact,
         "text": "brown eval",
         "text_tokens": eval_tokens,
         "ctx": a.ctx,
@@ -229,6 +209,32 @@ fn cell_config(
         "fidelity": a.fidelity,
         "longctx": longctx,
     }))
+}
+
+/// Everything a cell's result depends on, recorded with it and compared on
+/// `--resume`: the run's [`protocol`], the cache spec and the artifact file
+/// (SHA-256, hashed once per file).
+fn cell_config(
+    protocol: &Value,
+    cell: &CacheArgs,
+    hashes: &mut HashMap<PathBuf, String>,
+) -> Result<Value> {
+    let spec = cell.spec()?;
+    let artifact = match &cell.artifact {
+        Some(p) if spec.dynakv.is_some() => {
+            if !hashes.contains_key(p) {
+                let h = dynakv_models::assets::sha256_file(p)
+                    .with_context(|| format!("hashing {}", p.display()))?;
+                hashes.insert(p.clone(), h);
+            }
+            Value::from(hashes[p].clone())
+        }
+        _ => Value::Null,
+    };
+    let mut config = protocol.clone();
+    config["spec"] = spec.to_string().into();
+    config["artifact_sha256"] = artifact;
+    Ok(config)
 }
 
 /// A cell label's storage part: `""` for f32, else `/kv=q8_0`,
@@ -266,18 +272,23 @@ fn cells(a: &SweepArgs) -> Result<Vec<(String, String, CacheArgs)>> {
         })
         .collect();
     // channel scales apply to integer latents only
-    let latents: Vec<Precision> = parse_list::<LatentDtype>(&a.latent_dtypes, "latent dtype")?
-        .into_iter()
-        .map(|latent| Precision {
-            latent,
-            scales: match latent {
-                LatentDtype::Int8 | LatentDtype::Int4 => a.latent_scales,
-                _ => LatentScales::Token,
-            },
-            basis: a.basis_dtype,
-            ..Precision::default()
-        })
-        .collect();
+    let latents: Vec<Precision> = values::list(
+        &a.latent_dtypes,
+        "latent dtype",
+        false,
+        values::parsed::<LatentDtype>,
+    )?
+    .into_iter()
+    .map(|latent| Precision {
+        latent,
+        scales: match latent {
+            LatentDtype::Int8 | LatentDtype::Int4 => a.latent_scales,
+            _ => LatentScales::Token,
+        },
+        basis: a.basis_dtype,
+        ..Precision::default()
+    })
+    .collect();
     for &st in &kvs {
         let sfx = suffix(st);
         if !sfx.is_empty() {
@@ -358,10 +369,11 @@ pub fn run(a: SweepArgs) -> Result<()> {
         anyhow::bail!("{} exists: pass --resume to continue it", a.out.display());
     }
     let mut records = Records::read(&a.out, a.drop_damaged)?;
+    let protocol = protocol(&a, &loaded.sha256, ids.len())?;
     let mut hashes = HashMap::new();
     let mut todo = Vec::new();
     for cell in &cells {
-        let config = cell_config(&a, &cell.2, &loaded.sha256, ids.len(), &mut hashes)?;
+        let config = cell_config(&protocol, &cell.2, &mut hashes)?;
         if !records.finished(&cell.0, &config)? {
             todo.push((cell, config));
         }

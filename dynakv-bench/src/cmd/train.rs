@@ -1,6 +1,5 @@
 //! `dynakv train`
 
-use super::values;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -13,6 +12,7 @@ use dynakv_core::artifact::Artifact;
 use dynakv_models::corpus::Split;
 
 use super::common::{progress, ModelArgs};
+use super::values;
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
@@ -65,9 +65,6 @@ pub struct TrainArgs {
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
-    if a.ctx == 0 {
-        bail!("--ctx must be at least 1");
-    }
     let stage = a.stage;
     super::common::check_writable("--out", &a.out)?;
     if !a.artifact.is_file() {

@@ -97,6 +97,14 @@ fn narrow(x: f64) -> Result<f32, String> {
     Ok(y)
 }
 
+/// Any `FromStr` value, its error as text (for [`list`] of enums).
+pub fn parsed<T: std::str::FromStr>(s: &str) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    s.parse().map_err(|e: T::Err| e.to_string())
+}
+
 /// A comma-separated list whose entries each pass `one`; empty entries are
 /// skipped, and a list with none is refused when `non_empty`.
 pub fn list<T>(
