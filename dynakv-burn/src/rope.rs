@@ -11,7 +11,7 @@
 //! [`CacheGeometry`](crate::CacheGeometry), and caches refuse a [`Rope`] of
 //! another style.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, RwLock};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
@@ -49,26 +49,48 @@ impl RopeStyle {
     }
 }
 
-/// Precomputed cos/sin tables for positions `0..max_positions`.
+/// The smallest table built: short prompts do not rebuild it on every token.
+const MIN_TABLE_POSITIONS: usize = 512;
+
+/// cos/sin tables for positions `0..len`, built for the positions used so
+/// far and grown (to the next power of two, at most the limit) when a later
+/// position needs it.
+///
+/// Why by use: a GGUF declares its context (32k for Gemma 3, up to 2^20 here),
+/// and tables sized by the declaration cost memory for positions most runs
+/// never reach (2^20 positions of a 64-wide head are 512 MB on each of the
+/// device and the host).
 #[derive(Debug, Clone)]
 pub struct Rope {
-    /// `[max_positions, head_dim]`, each pair's value at both its coordinates.
-    cos: Tensor<2>,
-    /// `[max_positions, head_dim]`, signed so that `x*cos + swap(x)*sin` rotates.
-    sin: Tensor<2>,
     head_dim: usize,
     n_rot: usize,
     style: RopeStyle,
+    base: f64,
+    /// Positions beyond this are errors ([`CacheError::PositionOutOfRange`]).
     max_positions: usize,
-    /// The same tables on the host, built on first use and shared by clones
-    /// (every cache of a model holds a clone).
-    host: Arc<OnceLock<Arc<HostRope>>>,
+    device: Device,
+    /// The tables built so far, shared by clones (every cache of a model holds
+    /// a clone), replaced by longer ones on growth.
+    tables: Arc<RwLock<Option<Arc<RopeTables>>>>,
+}
+
+/// One build of the tables.
+#[derive(Debug)]
+struct RopeTables {
+    /// `[len, head_dim]`, each pair's value at both its coordinates.
+    cos: Tensor<2>,
+    /// `[len, head_dim]`, signed so that `x*cos + swap(x)*sin` rotates.
+    sin: Tensor<2>,
+    /// Positions covered.
+    len: usize,
+    /// The same tables on the host, for kernels that rotate row by row.
+    host: Arc<HostRope>,
 }
 
 impl Rope {
     /// The device of the tables.
     pub fn device(&self) -> Device {
-        self.cos.device()
+        self.device.clone()
     }
 
     /// Which coordinates are rotated together.
@@ -76,7 +98,9 @@ impl Rope {
         self.style
     }
 
-    /// Builds the tables; `n_rot` must be even and at most `head_dim`.
+    /// Checks the geometry; `n_rot` must be even and at most `head_dim`,
+    /// `max_positions` is the limit on positions (the model's context). No
+    /// table is built until a position is used.
     pub fn new(
         style: RopeStyle,
         head_dim: usize,
@@ -99,9 +123,75 @@ impl Rope {
                 "RoPE base must be finite and > 0, got {base}"
             )));
         }
-        let mut cos = vec![1f32; max_positions * head_dim];
-        let mut sin = vec![0f32; max_positions * head_dim];
-        for p in 0..max_positions {
+        Ok(Self {
+            head_dim,
+            n_rot,
+            style,
+            base,
+            max_positions,
+            device: device.clone(),
+            tables: Arc::default(),
+        })
+    }
+
+    /// The limit on positions.
+    pub fn max_positions(&self) -> usize {
+        self.max_positions
+    }
+
+    /// Positions the tables cover now (grows with use, never beyond
+    /// [`Rope::max_positions`]).
+    pub fn built_positions(&self) -> usize {
+        self.current().map_or(0, |t| t.len)
+    }
+
+    fn current(&self) -> Option<Arc<RopeTables>> {
+        // a poisoned lock still holds complete tables: they are replaced whole
+        self.tables
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Tables covering positions `0..end`, grown if needed.
+    fn covering(&self, end: usize) -> Result<Arc<RopeTables>, CacheError> {
+        if end > self.max_positions {
+            return Err(CacheError::PositionOutOfRange {
+                pos: end - 1,
+                max: self.max_positions,
+            });
+        }
+        if let Some(now) = self.current().filter(|t| t.len >= end) {
+            return Ok(now);
+        }
+        let mut slot = self.tables.write().unwrap_or_else(|e| e.into_inner());
+        match &*slot {
+            Some(t) if t.len >= end => Ok(t.clone()),
+            _ => {
+                let len = end
+                    .max(MIN_TABLE_POSITIONS)
+                    .next_power_of_two()
+                    .min(self.max_positions);
+                let built = Arc::new(self.build(len));
+                *slot = Some(built.clone());
+                Ok(built)
+            }
+        }
+    }
+
+    /// Makes the tables cover every position below `end`; an error if `end`
+    /// passes the limit. Caches call it for positions they store without
+    /// rotating, so that later host kernels find them in the tables.
+    pub fn reserve(&self, end: usize) -> Result<(), CacheError> {
+        self.covering(end).map(|_| ())
+    }
+
+    /// Builds the tables for positions `0..len`.
+    fn build(&self, len: usize) -> RopeTables {
+        let (head_dim, n_rot, style) = (self.head_dim, self.n_rot, self.style);
+        let mut cos = vec![1f32; len * head_dim];
+        let mut sin = vec![0f32; len * head_dim];
+        for p in 0..len {
             for j in 0..n_rot {
                 let (partner, first) = style.partner(j, n_rot);
                 let i = if first { j } else { partner };
@@ -110,42 +200,25 @@ impl Rope {
                     RopeStyle::Interleaved => i / 2,
                     RopeStyle::SplitHalves => i,
                 };
-                let theta = p as f64 * base.powf(-(2.0 * pair as f64) / n_rot as f64);
+                let theta = p as f64 * self.base.powf(-(2.0 * pair as f64) / n_rot as f64);
                 let (s, c) = theta.sin_cos();
                 cos[p * head_dim + j] = c as f32;
                 sin[p * head_dim + j] = s as f32;
             }
         }
-        let shape = [max_positions, head_dim];
-        Ok(Self {
-            cos: Tensor::from_data(TensorData::new(cos, shape), device),
-            sin: Tensor::from_data(TensorData::new(sin, shape), device),
-            head_dim,
-            n_rot,
-            style,
-            max_positions,
-            host: Arc::default(),
-        })
-    }
-
-    pub fn max_positions(&self) -> usize {
-        self.max_positions
-    }
-
-    /// The tables on the host (copied from the device once per model).
-    pub(crate) fn host(&self) -> Result<Arc<HostRope>, CacheError> {
-        if let Some(h) = self.host.get() {
-            return Ok(h.clone());
+        let shape = [len, head_dim];
+        RopeTables {
+            cos: Tensor::from_data(TensorData::new(cos.clone(), shape), &self.device),
+            sin: Tensor::from_data(TensorData::new(sin.clone(), shape), &self.device),
+            len,
+            host: Arc::new(HostRope::new(cos, sin, head_dim, n_rot, style)),
         }
-        let host = |t: &Tensor<2>| t.to_data().try_to_vec::<f32>().map_err(CacheError::from);
-        let tables = Arc::new(HostRope::new(
-            host(&self.cos)?,
-            host(&self.sin)?,
-            self.head_dim,
-            self.n_rot,
-            self.style,
-        ));
-        Ok(self.host.get_or_init(|| tables).clone())
+    }
+
+    /// The tables on the host, covering at least every position used so far
+    /// (through [`Rope::tables`], [`Rope::apply`] or [`Rope::reserve`]).
+    pub(crate) fn host(&self) -> Result<Arc<HostRope>, CacheError> {
+        Ok(self.covering(1)?.host.clone())
     }
 
     /// The cos and sin rows of some positions.
@@ -153,27 +226,23 @@ impl Rope {
     /// # Shapes
     /// returns two `[1, 1, T, head_dim]` tensors for `T = positions.len()`.
     pub fn tables(&self, positions: &[usize]) -> Result<(Tensor<4>, Tensor<4>), CacheError> {
-        if let Some(&p) = positions.iter().find(|&&p| p >= self.max_positions) {
-            return Err(CacheError::PositionOutOfRange {
-                pos: p,
-                max: self.max_positions,
-            });
-        }
-        let device = self.cos.device();
+        let end = positions.iter().max().map_or(1, |&p| p.saturating_add(1));
+        let built = self.covering(end)?;
+        let (cos_all, sin_all) = (&built.cos, &built.sin);
         let t = positions.len();
         let contiguous = positions.windows(2).all(|w| w[1] == w[0] + 1);
         let (cos, sin) = if contiguous && t > 0 {
             let r = positions[0]..positions[0] + t;
             (
-                self.cos.clone().slice([r.clone()]),
-                self.sin.clone().slice([r]),
+                cos_all.clone().slice([r.clone()]),
+                sin_all.clone().slice([r]),
             )
         } else {
             let idx: Vec<i64> = positions.iter().map(|&p| p as i64).collect();
-            let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [t]), &device);
+            let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [t]), &self.device);
             (
-                self.cos.clone().select(0, idx.clone()),
-                self.sin.clone().select(0, idx),
+                cos_all.clone().select(0, idx.clone()),
+                sin_all.clone().select(0, idx),
             )
         };
         Ok((
@@ -284,6 +353,46 @@ mod tests {
         ));
         assert!(Rope::new(RopeStyle::Interleaved, 4, 3, 1.0, 4, &device).is_err());
         assert!(Rope::new(RopeStyle::SplitHalves, 4, 4, f64::NAN, 4, &device).is_err());
+    }
+
+    #[test]
+    fn tables_grow_with_use_up_to_the_limit() {
+        let device = default_device();
+        // a declared context of 2^20 positions allocates nothing up front
+        let rope = Rope::new(RopeStyle::Interleaved, 4, 4, 100.0, 1 << 20, &device).unwrap();
+        assert_eq!(rope.built_positions(), 0);
+        let x = Tensor::<4>::from_data(
+            TensorData::new(vec![1f32, 0.0, 1.0, 0.0], [1, 1, 1, 4]),
+            &device,
+        );
+        rope.apply(x.clone(), &[3]).unwrap();
+        assert_eq!(rope.built_positions(), MIN_TABLE_POSITIONS);
+        // a later position grows the shared tables (clones see it) to the
+        // next power of two, and the angle is the one a fresh table gives
+        let clone = rope.clone();
+        let y: Vec<f32> = clone
+            .apply(x.clone(), &[1000])
+            .unwrap()
+            .into_data()
+            .try_into_vec::<f32>()
+            .unwrap();
+        assert_eq!(rope.built_positions(), 1024);
+        let (a, b) = (1000f64, 1000f64 * 0.1);
+        let expect = [a.cos(), a.sin(), b.cos(), b.sin()];
+        for (got, want) in y.iter().zip(expect) {
+            assert!((*got as f64 - want).abs() < 1e-5, "{y:?} vs {expect:?}");
+        }
+        let mut h = vec![1f32, 0.0, 1.0, 0.0];
+        rope.host().unwrap().rotate(&mut h, 1000);
+        assert_eq!(h, y);
+        // the limit holds, and a table never grows past it
+        let small = Rope::new(RopeStyle::Interleaved, 4, 4, 100.0, 600, &device).unwrap();
+        small.reserve(599 + 1).unwrap();
+        assert_eq!(small.built_positions(), 600);
+        assert!(matches!(
+            small.reserve(601),
+            Err(CacheError::PositionOutOfRange { pos: 600, max: 600 })
+        ));
     }
 
     #[test]

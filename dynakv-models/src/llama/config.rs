@@ -98,10 +98,23 @@ impl LlamaConfig {
                 )));
             }
         }
-        if rope_dim == 0 || rope_dim > head_dim || !rope_dim.is_multiple_of(2) {
+        // llama-architecture weights rotate the whole head (llama.cpp refuses
+        // any other n_rot for them): a partial count would run, and be wrong
+        if rope_dim != head_dim {
             return Err(ModelError::Unsupported(format!(
-                "{arch}.rope.dimension_count = {rope_dim}: expected an even count in 2..={head_dim}"
+                "{arch}.rope.dimension_count = {rope_dim}: a llama-architecture model rotates the whole head, {head_dim}"
             )));
+        }
+        // head sizes other than d_model / n_heads are another architecture
+        for k in ["attention.key_length", "attention.value_length"] {
+            if gguf.meta(&key(k)).is_some() {
+                let v = gguf.meta_u64(&key(k))?;
+                if v != head_dim as u64 {
+                    return Err(ModelError::Unsupported(format!(
+                        "{arch}.{k} = {v}: expected d_model / head_count = {head_dim}"
+                    )));
+                }
+            }
         }
         if !(rope_base.is_finite() && rope_base > 1.0) {
             return Err(ModelError::Unsupported(format!(

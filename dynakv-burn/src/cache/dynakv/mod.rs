@@ -41,7 +41,6 @@ use crate::cache::{
 };
 use crate::error::CacheError;
 use crate::host::latent_decode::{self, BucketView, Heads};
-use crate::host::HostRope;
 use crate::rope::Rope;
 use buckets::LayerStore;
 
@@ -59,8 +58,6 @@ pub struct DynaKvCache {
     bases: Arc<DynaKvBases>,
     policy: Arc<dyn RankPolicy>,
     layers: Vec<LayerStore>,
-    /// RoPE tables for the host kernel (host storage only).
-    host_rope: Option<Arc<HostRope>>,
     /// Latent row codecs per layer, keys and values (full width; a rank
     /// bucket uses the prefix).
     codecs: Vec<[RowCodec; 2]>,
@@ -122,10 +119,6 @@ impl DynaKvCache {
                 Ok([c(0)?, c(1)?])
             })
             .collect::<Result<Vec<_>, CacheError>>()?;
-        let host_rope = match bases.storage {
-            KvStorage::Host => Some(rope.host()?),
-            KvStorage::Device => None,
-        };
         let controller = BudgetController::for_policy(&*policy, geometry.n_layers)?;
         Ok(Self {
             geometry,
@@ -133,7 +126,6 @@ impl DynaKvCache {
             bases,
             policy,
             layers: vec![LayerStore::default(); geometry.n_layers],
-            host_rope,
             codecs,
             precision,
             controller,
@@ -176,7 +168,12 @@ impl AttentionCache for DynaKvCache {
             ));
         }
         let k = match self.bases.placement {
-            RopePlacement::Pre => k_pre,
+            RopePlacement::Pre => {
+                // rotated at attend: the tables must cover these positions
+                let end = positions.iter().max().map_or(0, |&p| p.saturating_add(1));
+                self.rope.reserve(end)?;
+                k_pre
+            }
             RopePlacement::Post => self.rope.apply(k_pre, positions)?,
         };
         let b = &self.bases.layers[layer];
@@ -254,7 +251,12 @@ impl AttentionCache for DynaKvCache {
                 "DynaKvCache supports batch size 1".into(),
             ));
         }
-        if let (Some(rope), true) = (&self.host_rope, t <= HOST_KERNEL_MAX_QUERIES) {
+        if self.bases.storage == KvStorage::Host && t <= HOST_KERNEL_MAX_QUERIES {
+            // covers every stored position (append reserved them) and, after
+            // this reserve, the queries'
+            let end = positions.iter().max().map_or(0, |&p| p.saturating_add(1));
+            self.rope.reserve(end)?;
+            let rope = self.rope.host()?;
             let index = [0, 1].map(|k| store.index(k, &self.bases.levels));
             let views = |k: usize| -> Vec<BucketView<'_>> {
                 store.buckets[k]
@@ -272,7 +274,7 @@ impl AttentionCache for DynaKvCache {
                 },
                 self.bases.placement,
                 &b.host(),
-                rope,
+                &rope,
                 &q_host,
                 positions,
                 &views(0),

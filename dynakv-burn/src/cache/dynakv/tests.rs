@@ -9,6 +9,7 @@ use super::*;
 use crate::cache::test_support::{artifact, rand4, rope, run, Cycle, Fixed, G};
 use crate::cache::{DenseCache, KeepPositions, PrunableCache};
 use crate::device::default_device;
+use crate::rope::{Rope, RopeStyle};
 
 #[test]
 fn full_rank_equals_dense_for_both_placements_and_any_chunking() {
@@ -36,6 +37,34 @@ fn full_rank_equals_dense_for_both_placements_and_any_chunking() {
 }
 
 #[test]
+fn host_kernel_decodes_past_a_rope_table_growth() {
+    // RoPE tables are built by use: the first chunk builds 512 positions, the
+    // long one grows them to 1024, and the host kernel's decode steps after
+    // it rotate stored pre-RoPE keys at positions beyond the first table.
+    let device = default_device();
+    let rope = Rope::new(RopeStyle::Interleaved, 4, 4, 10_000.0, 2048, &device).unwrap();
+    let n = 613;
+    let (q, k, v) = (
+        rand4([1, 4, n, 4]),
+        rand4([1, 2, n, 4]),
+        rand4([1, 2, n, 4]),
+    );
+    let chunks = [8, 1, 1, 600, 1, 1, 1];
+    let mut dense = DenseCache::new(G, rope.clone()).unwrap();
+    let want = run(&mut dense, &q, &k, &v, &chunks);
+    let fresh = Rope::new(RopeStyle::Interleaved, 4, 4, 10_000.0, 2048, &device).unwrap();
+    let bases = Arc::new(
+        DynaKvBases::with_storage(&artifact(RopePlacement::Pre), G, &device, KvStorage::Host)
+            .unwrap(),
+    );
+    let mut c = DynaKvCache::new(G, fresh.clone(), bases, Arc::new(Fixed(8))).unwrap();
+    let got = run(&mut c, &q, &k, &v, &chunks);
+    assert_eq!(fresh.built_positions(), 1024);
+    let diff: f32 = (got - want).abs().max().into_scalar();
+    assert!(diff < 1e-4, "{diff}");
+}
+
+#[test]
 fn the_host_kernel_equals_the_tensor_path_at_every_rank_mix() {
     let device = default_device();
     let rope = rope();
@@ -56,7 +85,7 @@ fn the_host_kernel_equals_the_tensor_path_at_every_rank_mix() {
         let chunks = [2, 4, 5, 1];
         let mut dev = make(KvStorage::Device);
         let mut host = make(KvStorage::Host);
-        assert!(host.host_rope.is_some() && dev.host_rope.is_none());
+        assert!(host.bases.storage == KvStorage::Host && dev.bases.storage == KvStorage::Device);
         let want = run(&mut dev, &q, &k, &v, &chunks);
         let got = run(&mut host, &q, &k, &v, &chunks);
         let diff: f32 = (got - want).abs().max().into_scalar();
