@@ -1,5 +1,17 @@
 //! `dynakv`: fetch assets, generate text, evaluate and benchmark caches.
 
+// Input never panics the library or the CLI (docs/architecture.md, "Where
+// input is validated"): outside tests these are errors, not warnings.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::unreachable
+    )
+)]
+
 mod cmd;
 
 use anyhow::Result;

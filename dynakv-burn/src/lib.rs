@@ -41,6 +41,18 @@
 //! (and with it burn's autodiff and optimisers); `clap` derives
 //! `clap::ValueEnum` on the enums a command line takes.
 
+// Input never panics the library or the CLI (docs/architecture.md, "Where
+// input is validated"): outside tests these are errors, not warnings.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::unreachable
+    )
+)]
+
 pub mod attention;
 pub mod cache;
 mod calibrate;

@@ -421,11 +421,9 @@ impl Artifact {
         let mut routers = Vec::new();
         let choices = nl.saturating_sub(1);
         for l in 0..m.n_layers {
-            let mut pair = Vec::new();
-            let mut rels = Vec::new();
-            for k in KINDS {
+            let mut kind = |k: &str| -> Result<(Basis, Vec<f32>), CoreError> {
                 let p = format!("layer.{l}.{k}");
-                pair.push(Basis {
+                let basis = Basis {
                     dim: d,
                     mean: get(&format!("{p}.mean"), d)?,
                     enc: get(&format!("{p}.enc"), d * d)?,
@@ -434,8 +432,7 @@ impl Artifact {
                         .into_iter()
                         .map(|v| v as f64)
                         .collect(),
-                });
-                rels.push(get(&format!("{p}.sample"), n * nl)?);
+                };
                 if header.router.is_some() {
                     routers.push(RouterWeights {
                         dim: d,
@@ -444,12 +441,11 @@ impl Artifact {
                         b: get(&format!("{p}.router.b"), choices)?,
                     });
                 }
-            }
-            let v = pair.pop().unwrap_or_else(|| unreachable!());
-            let k = pair.pop().unwrap_or_else(|| unreachable!());
-            bases.push([k, v]);
-            let rv = rels.pop().unwrap_or_default();
-            let rk = rels.pop().unwrap_or_default();
+                Ok((basis, get(&format!("{p}.sample"), n * nl)?))
+            };
+            let (kb, rk) = kind(KINDS[0])?;
+            let (vb, rv) = kind(KINDS[1])?;
+            bases.push([kb, vb]);
             rel.push([rk, rv]);
         }
         let sample = EnergySample {

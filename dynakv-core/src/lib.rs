@@ -15,6 +15,18 @@
 //! assert!(ranks[1..].iter().all(|&r| r == 32));
 //! ```
 
+// Input never panics the library or the CLI (docs/architecture.md, "Where
+// input is validated"): outside tests these are errors, not warnings.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::unreachable
+    )
+)]
+
 pub mod artifact;
 pub mod basis;
 pub mod budget;

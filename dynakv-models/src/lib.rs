@@ -24,6 +24,18 @@
 //! # }
 //! ```
 
+// Input never panics the library or the CLI (docs/architecture.md, "Where
+// input is validated"): outside tests these are errors, not warnings.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::unreachable
+    )
+)]
+
 pub mod assets;
 pub mod corpus;
 mod error;

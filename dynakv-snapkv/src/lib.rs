@@ -21,6 +21,18 @@
 //!
 //! `examples/select_tokens.rs` plants facts in random keys and shows they survive.
 
+// Input never panics the library or the CLI (docs/architecture.md, "Where
+// input is validated"): outside tests these are errors, not warnings.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::unreachable
+    )
+)]
+
 pub mod config;
 mod device;
 pub mod score;

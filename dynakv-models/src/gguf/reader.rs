@@ -81,14 +81,22 @@ impl<'a> Cursor<'a> {
     fn u8(&mut self, what: &str) -> Result<u8, ModelError> {
         Ok(self.take(1, what)?[0])
     }
+    /// The next `N` bytes as an array.
+    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N], ModelError> {
+        let mut out = [0u8; N];
+        for (o, b) in out.iter_mut().zip(self.take(N, what)?) {
+            *o = *b;
+        }
+        Ok(out)
+    }
     fn u16(&mut self, what: &str) -> Result<u16, ModelError> {
-        Ok(u16::from_le_bytes(self.take(2, what)?.try_into().unwrap()))
+        Ok(u16::from_le_bytes(self.array(what)?))
     }
     fn u32(&mut self, what: &str) -> Result<u32, ModelError> {
-        Ok(u32::from_le_bytes(self.take(4, what)?.try_into().unwrap()))
+        Ok(u32::from_le_bytes(self.array(what)?))
     }
     fn u64(&mut self, what: &str) -> Result<u64, ModelError> {
-        Ok(u64::from_le_bytes(self.take(8, what)?.try_into().unwrap()))
+        Ok(u64::from_le_bytes(self.array(what)?))
     }
 
     /// A count that must fit in the rest of the file at `min_size` bytes per item.
