@@ -42,6 +42,7 @@ mod error;
 pub mod generate;
 pub mod gguf;
 pub mod llama;
+pub mod qmatmul;
 pub mod stamp;
 pub mod texts;
 pub mod tokenizer;

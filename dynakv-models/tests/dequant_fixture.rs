@@ -23,6 +23,7 @@ fn every_format_matches_the_gguf_package() {
         ("Q8_0", GgmlType::Q8_0),
         ("Q4_K", GgmlType::Q4K),
         ("Q6_K", GgmlType::Q6K),
+        ("Q5_0", GgmlType::Q5_0),
     ];
     for (name, t) in types {
         let case = &fixture[name];

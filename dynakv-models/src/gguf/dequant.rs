@@ -8,6 +8,7 @@ use half::{bf16, f16};
 
 use super::types::GgmlType;
 
+#[inline(always)]
 fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
@@ -25,69 +26,107 @@ pub fn dequantize(t: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>, String
             data.len()
         ));
     }
-    let mut out = Vec::with_capacity(n);
-    let (_, bb) = t.block();
+    let mut out = vec![0f32; n];
+    dequantize_into(t, data, &mut out);
+    Ok(out)
+}
+
+/// Dequantises whole blocks of `data` into `out`, as many elements as both
+/// hold (the caller sizes them: `out.len()` elements need
+/// `t.bytes_for(out.len())` bytes). No allocation: the quantised matmul
+/// calls it per weight row into a buffer that stays in L1.
+#[inline(always)]
+pub fn dequantize_into(t: GgmlType, data: &[u8], out: &mut [f32]) {
+    let (be, bb) = t.block();
+    let blocks = data.chunks_exact(bb).zip(out.chunks_exact_mut(be));
     match t {
-        GgmlType::F32 => out.extend(
-            data.chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-        ),
-        GgmlType::F16 => out.extend(data.chunks_exact(2).map(|c| f16_at(c, 0))),
-        GgmlType::BF16 => out.extend(
-            data.chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()),
-        ),
+        GgmlType::F32 => {
+            for (c, o) in blocks {
+                o[0] = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        GgmlType::F16 => {
+            for (c, o) in blocks {
+                o[0] = f16_at(c, 0);
+            }
+        }
+        GgmlType::BF16 => {
+            for (c, o) in blocks {
+                o[0] = bf16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
         GgmlType::Q4_0 => {
-            for b in data.chunks_exact(bb) {
+            for (b, o) in blocks {
                 let d = f16_at(b, 0);
-                let qs = &b[2..18];
-                out.extend(qs.iter().map(|&q| ((q & 0xF) as i32 - 8) as f32 * d));
-                out.extend(qs.iter().map(|&q| ((q >> 4) as i32 - 8) as f32 * d));
+                let (lo, hi) = o.split_at_mut(16);
+                for ((&q, l), h) in b[2..18].iter().zip(lo).zip(hi) {
+                    *l = ((q & 0xF) as i32 - 8) as f32 * d;
+                    *h = ((q >> 4) as i32 - 8) as f32 * d;
+                }
             }
         }
         GgmlType::Q4_1 => {
-            for b in data.chunks_exact(bb) {
+            for (b, o) in blocks {
                 let d = f16_at(b, 0);
                 let m = f16_at(b, 2);
-                let qs = &b[4..20];
-                out.extend(qs.iter().map(|&q| (q & 0xF) as f32 * d + m));
-                out.extend(qs.iter().map(|&q| (q >> 4) as f32 * d + m));
+                let (lo, hi) = o.split_at_mut(16);
+                for ((&q, l), h) in b[4..20].iter().zip(lo).zip(hi) {
+                    *l = (q & 0xF) as f32 * d + m;
+                    *h = (q >> 4) as f32 * d + m;
+                }
+            }
+        }
+        GgmlType::Q5_0 => {
+            for (b, o) in blocks {
+                let d = f16_at(b, 0);
+                let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+                let (lo, hi) = o.split_at_mut(16);
+                for (j, ((&q, l), h)) in b[6..22].iter().zip(lo).zip(hi).enumerate() {
+                    let x0 = (q & 0xF) as u32 | (((qh >> j) & 1) << 4);
+                    let x1 = (q >> 4) as u32 | (((qh >> (j + 16)) & 1) << 4);
+                    *l = (x0 as i32 - 16) as f32 * d;
+                    *h = (x1 as i32 - 16) as f32 * d;
+                }
             }
         }
         GgmlType::Q8_0 => {
-            for b in data.chunks_exact(bb) {
+            for (b, o) in blocks {
                 let d = f16_at(b, 0);
-                out.extend(b[2..34].iter().map(|&q| (q as i8) as f32 * d));
+                for (&q, y) in b[2..34].iter().zip(o) {
+                    *y = (q as i8) as f32 * d;
+                }
             }
         }
         GgmlType::Q4K => {
-            for b in data.chunks_exact(bb) {
+            for (b, o) in blocks {
                 let d = f16_at(b, 0);
                 let dmin = f16_at(b, 2);
                 let scales = &b[4..16];
                 let qs = &b[16..144];
-                for j in 0..4 {
+                for (j, o) in o.chunks_exact_mut(64).enumerate() {
                     let (sc1, m1) = scale_min_k4(2 * j, scales);
                     let (sc2, m2) = scale_min_k4(2 * j + 1, scales);
                     let (d1, m1) = (d * sc1 as f32, dmin * m1 as f32);
                     let (d2, m2) = (d * sc2 as f32, dmin * m2 as f32);
                     let q = &qs[32 * j..32 * j + 32];
-                    out.extend(q.iter().map(|&v| d1 * (v & 0xF) as f32 - m1));
-                    out.extend(q.iter().map(|&v| d2 * (v >> 4) as f32 - m2));
+                    let (lo, hi) = o.split_at_mut(32);
+                    for ((&v, l), h) in q.iter().zip(lo).zip(hi) {
+                        *l = d1 * (v & 0xF) as f32 - m1;
+                        *h = d2 * (v >> 4) as f32 - m2;
+                    }
                 }
             }
         }
         GgmlType::Q6K => {
-            for b in data.chunks_exact(bb) {
+            for (b, o) in blocks {
                 let ql_all = &b[0..128];
                 let qh_all = &b[128..192];
                 let sc_all = &b[192..208];
                 let d = f16_at(b, 208);
-                for half in 0..2 {
+                for (half, y) in o.chunks_exact_mut(128).enumerate() {
                     let ql = &ql_all[64 * half..];
                     let qh = &qh_all[32 * half..];
                     let sc = &sc_all[8 * half..];
-                    let mut y = [0f32; 128];
                     for l in 0..32 {
                         let is = l / 16;
                         let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
@@ -99,16 +138,15 @@ pub fn dequantize(t: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>, String
                         y[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
                         y[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
                     }
-                    out.extend_from_slice(&y);
                 }
             }
         }
     }
-    Ok(out)
 }
 
 /// The 6-bit scale and min of sub-block `j` of a Q4_K super-block.
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+#[inline(always)]
+pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {

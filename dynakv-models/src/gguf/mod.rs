@@ -10,5 +10,6 @@ mod reader;
 mod types;
 
 pub use dequant::dequantize;
-pub use reader::{GgufFile, TensorInfo};
+pub(crate) use dequant::{dequantize_into, scale_min_k4};
+pub use reader::{GgufFile, TensorBytes, TensorInfo};
 pub use types::{GgmlType, MetaValue};

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::Path;
+use std::sync::Arc;
 
 use memmap2::Mmap;
 
@@ -34,9 +35,54 @@ impl TensorInfo {
     }
 }
 
+/// A tensor's bytes inside the mapped file, shared: weights kept in their
+/// block formats point into the map instead of copying it, so a loaded
+/// model holds the file once.
+#[derive(Clone)]
+pub struct TensorBytes {
+    map: Arc<Mmap>,
+    start: usize,
+    len: usize,
+}
+
+impl std::fmt::Debug for TensorBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TensorBytes({} bytes at {})", self.len, self.start)
+    }
+}
+
+impl TensorBytes {
+    /// Bytes held in memory (copied into an anonymous map): block data that
+    /// does not come from a GGUF file, and tests.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, ModelError> {
+        let io = |e| ModelError::Io {
+            path: "(memory)".into(),
+            source: e,
+        };
+        // a zero-length map is an error on some systems: keep one byte
+        let mut map = memmap2::MmapMut::map_anon(bytes.len().max(1)).map_err(io)?;
+        map[..bytes.len()].copy_from_slice(bytes);
+        Ok(Self {
+            map: Arc::new(map.make_read_only().map_err(io)?),
+            start: 0,
+            len: bytes.len(),
+        })
+    }
+}
+
+impl std::ops::Deref for TensorBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // in bounds: made only from a TensorInfo checked at parse time
+        self.map
+            .get(self.start..self.start + self.len)
+            .unwrap_or_default()
+    }
+}
+
 /// A memory-mapped GGUF file with its parsed header.
 pub struct GgufFile {
-    mmap: Mmap,
+    mmap: Arc<Mmap>,
     pub version: u32,
     pub metadata: HashMap<String, MetaValue>,
     /// Metadata keys in file order (for listing).
@@ -249,7 +295,7 @@ impl GgufFile {
             .map(|(i, t)| (t.name.clone(), i))
             .collect();
         Ok(Self {
-            mmap,
+            mmap: Arc::new(mmap),
             version,
             metadata,
             metadata_keys,
@@ -293,6 +339,15 @@ impl GgufFile {
     /// The raw bytes of a tensor (bounds were checked at parse time).
     pub fn tensor_bytes(&self, info: &TensorInfo) -> &[u8] {
         &self.mmap[info.offset as usize..(info.offset + info.n_bytes) as usize]
+    }
+
+    /// The raw bytes of a tensor, sharing the map (no copy).
+    pub fn tensor_shared(&self, info: &TensorInfo) -> TensorBytes {
+        TensorBytes {
+            map: self.mmap.clone(),
+            start: info.offset as usize,
+            len: info.n_bytes as usize,
+        }
     }
 
     /// Dequantises a tensor to f32 in ggml order (`dims[0]` fastest); a

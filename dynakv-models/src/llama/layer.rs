@@ -5,22 +5,22 @@ use burn::tensor::{Device, Tensor};
 use dynakv_burn::{AttentionCache, Rope};
 
 use super::config::LlamaConfig;
-use super::weights::{linear, vector};
+use super::weights::{vector, Projection, WeightMode};
 use crate::error::ModelError;
 use crate::gguf::GgufFile;
 
-/// Weights of one block, projections as `[in, out]`.
+/// Weights of one block.
 #[derive(Debug, Clone)]
 pub struct Block {
     attn_norm: Tensor<1>,
-    wq: Tensor<2>,
-    wk: Tensor<2>,
-    wv: Tensor<2>,
-    wo: Tensor<2>,
+    wq: Projection,
+    wk: Projection,
+    wv: Projection,
+    wo: Projection,
     ffn_norm: Tensor<1>,
-    w_gate: Tensor<2>,
-    w_up: Tensor<2>,
-    w_down: Tensor<2>,
+    w_gate: Projection,
+    w_up: Projection,
+    w_down: Projection,
 }
 
 /// RMSNorm: `x / sqrt(mean(x^2) + eps) * w`.
@@ -37,27 +37,49 @@ impl Block {
         gguf: &GgufFile,
         i: usize,
         c: &LlamaConfig,
+        mode: WeightMode,
         device: &Device,
     ) -> Result<Self, ModelError> {
         let n = |s: &str| format!("blk.{i}.{s}.weight");
         let (d, kv) = (c.d_model, c.n_kv_heads * c.head_dim);
         let q = c.n_heads * c.head_dim;
+        let p = |name: &str, d_in: usize, d_out: usize| {
+            Projection::load(gguf, &n(name), d_in, d_out, mode, device)
+        };
         Ok(Self {
             attn_norm: vector(gguf, &n("attn_norm"), d, device)?,
-            wq: linear(gguf, &n("attn_q"), d, q, device)?,
-            wk: linear(gguf, &n("attn_k"), d, kv, device)?,
-            wv: linear(gguf, &n("attn_v"), d, kv, device)?,
-            wo: linear(gguf, &n("attn_output"), q, d, device)?,
+            wq: p("attn_q", d, q)?,
+            wk: p("attn_k", d, kv)?,
+            wv: p("attn_v", d, kv)?,
+            wo: p("attn_output", q, d)?,
             ffn_norm: vector(gguf, &n("ffn_norm"), d, device)?,
-            w_gate: linear(gguf, &n("ffn_gate"), d, c.d_ff, device)?,
-            w_up: linear(gguf, &n("ffn_up"), d, c.d_ff, device)?,
-            w_down: linear(gguf, &n("ffn_down"), c.d_ff, d, device)?,
+            w_gate: p("ffn_gate", d, c.d_ff)?,
+            w_up: p("ffn_up", d, c.d_ff)?,
+            w_down: p("ffn_down", c.d_ff, d)?,
         })
     }
 
-    /// The output projection `[H*D, d_model]`, for output-aware value bases.
-    pub fn wo(&self) -> &Tensor<2> {
-        &self.wo
+    /// The output projection as a dense `[H*D, d_model]` tensor, for
+    /// output-aware value bases (dequantised when the weights are packed).
+    pub fn wo(&self, device: &Device) -> Tensor<2> {
+        self.wo.dense(device)
+    }
+
+    /// Bytes of this block's weights in memory.
+    pub fn bytes(&self) -> usize {
+        [
+            &self.wq,
+            &self.wk,
+            &self.wv,
+            &self.wo,
+            &self.w_gate,
+            &self.w_up,
+            &self.w_down,
+        ]
+        .iter()
+        .map(|p| p.bytes())
+        .sum::<usize>()
+            + (self.attn_norm.shape().num_elements() + self.ffn_norm.shape().num_elements()) * 4
     }
 
     /// Runs the block on the hidden states of new tokens.
@@ -77,16 +99,16 @@ impl Block {
         let t = h.dims()[0];
         let x = rms_norm(h.clone(), &self.attn_norm, c.rms_eps);
         let heads = |y: Tensor<2>, n: usize| y.reshape([1, t, n, c.head_dim]).swap_dims(1, 2);
-        let q = heads(x.clone().matmul(self.wq.clone()), c.n_heads);
-        let k = heads(x.clone().matmul(self.wk.clone()), c.n_kv_heads);
-        let v = heads(x.matmul(self.wv.clone()), c.n_kv_heads);
+        let q = heads(self.wq.forward(x.clone())?, c.n_heads);
+        let k = heads(self.wk.forward(x.clone())?, c.n_kv_heads);
+        let v = heads(self.wv.forward(x)?, c.n_kv_heads);
         let q = rope.apply(q, positions)?;
         let o = cache.forward(layer, q, k, v, positions)?;
         let o = o.swap_dims(1, 2).reshape([t, c.n_heads * c.head_dim]);
-        let h = h + o.matmul(self.wo.clone());
+        let h = h + self.wo.forward(o)?;
         let x = rms_norm(h.clone(), &self.ffn_norm, c.rms_eps);
-        let gate = silu(x.clone().matmul(self.w_gate.clone()));
-        let up = x.matmul(self.w_up.clone());
-        Ok(h + (gate * up).matmul(self.w_down.clone()))
+        let gate = silu(self.w_gate.forward(x.clone())?);
+        let up = self.w_up.forward(x)?;
+        Ok(h + self.w_down.forward(gate * up)?)
     }
 }

@@ -9,22 +9,32 @@ use dynakv_core::artifact::{Artifact, ModelIdentity};
 
 use super::config::LlamaConfig;
 use super::layer::{rms_norm, Block};
-use super::weights::{raw_rows, vector};
+use super::weights::{packed, raw_rows, vector, Projection, WeightMode};
 use crate::error::ModelError;
 use crate::gguf::GgufFile;
+use crate::qmatmul::QuantMatrix;
 
 /// A loaded model on one device.
 #[derive(Debug, Clone)]
 pub struct LlamaModel {
     pub config: LlamaConfig,
-    /// `[vocab, d_model]`
-    embed: Tensor<2>,
+    embed: Embedding,
     blocks: Vec<Block>,
     norm: Tensor<1>,
-    /// `[d_model, vocab]` (the transposed embedding when weights are tied)
-    output: Tensor<2>,
+    /// `d_model -> vocab` (the embedding when weights are tied)
+    output: Projection,
     rope: Rope,
     device: Device,
+    mode: WeightMode,
+}
+
+/// The token embedding table, dense or packed like the projections.
+#[derive(Debug, Clone)]
+enum Embedding {
+    /// `[vocab, d_model]`
+    Dense(Tensor<2>),
+    /// `vocab` rows of `d_model`, in the file's block format.
+    Packed(QuantMatrix),
 }
 
 fn transpose_rows(rows: &[f32], n_rows: usize, row_len: usize) -> Vec<f32> {
@@ -44,24 +54,56 @@ impl LlamaModel {
         Self::from_gguf(&gguf, device)
     }
 
+    /// Loads a GGUF file's weights the default way for the device
+    /// ([`WeightMode::for_device`]: packed on CPU backends, dense on GPUs).
     pub fn from_gguf(gguf: &GgufFile, device: &Device) -> Result<Self, ModelError> {
+        Self::from_gguf_with(gguf, device, WeightMode::for_device(device))
+    }
+
+    /// Loads a GGUF file's weights in `mode`.
+    pub fn from_gguf_with(
+        gguf: &GgufFile,
+        device: &Device,
+        mode: WeightMode,
+    ) -> Result<Self, ModelError> {
         let _span = tracing::info_span!("load_model").entered();
         let c = LlamaConfig::from_gguf(gguf)?;
-        let emb_rows = raw_rows(gguf, "token_embd.weight", c.d_model, c.vocab_size)?;
-        let output_rows = match gguf.tensor("output.weight") {
-            Some(_) => Some(raw_rows(gguf, "output.weight", c.d_model, c.vocab_size)?),
-            None => None,
+        let out_name = match gguf.tensor("output.weight") {
+            Some(_) => "output.weight",
+            None => "token_embd.weight",
         };
-        let output_t = transpose_rows(
-            output_rows.as_deref().unwrap_or(&emb_rows),
-            c.vocab_size,
-            c.d_model,
-        );
-        let output =
-            Tensor::from_data(TensorData::new(output_t, [c.d_model, c.vocab_size]), device);
-        let embed = Tensor::from_data(TensorData::new(emb_rows, [c.vocab_size, c.d_model]), device);
+        let (embed, output) = match mode {
+            WeightMode::Dense => {
+                let emb_rows = raw_rows(gguf, "token_embd.weight", c.d_model, c.vocab_size)?;
+                let output_rows = match out_name {
+                    "output.weight" => Some(raw_rows(gguf, out_name, c.d_model, c.vocab_size)?),
+                    _ => None,
+                };
+                let output_t = transpose_rows(
+                    output_rows.as_deref().unwrap_or(&emb_rows),
+                    c.vocab_size,
+                    c.d_model,
+                );
+                let output =
+                    Tensor::from_data(TensorData::new(output_t, [c.d_model, c.vocab_size]), device);
+                let embed =
+                    Tensor::from_data(TensorData::new(emb_rows, [c.vocab_size, c.d_model]), device);
+                (Embedding::Dense(embed), Projection::Dense(output))
+            }
+            WeightMode::Packed(numerics) => {
+                let embed = packed(gguf, "token_embd.weight", c.d_model, c.vocab_size)?;
+                let output = match out_name {
+                    "output.weight" => packed(gguf, out_name, c.d_model, c.vocab_size)?,
+                    _ => embed.clone(),
+                };
+                (
+                    Embedding::Packed(embed),
+                    Projection::Packed(output, numerics),
+                )
+            }
+        };
         let blocks = (0..c.n_layers)
-            .map(|i| Block::load(gguf, i, &c, device))
+            .map(|i| Block::load(gguf, i, &c, mode, device))
             .collect::<Result<Vec<_>, _>>()?;
         let norm = vector(gguf, "output_norm.weight", c.d_model, device)?;
         let rope = Rope::new(
@@ -80,7 +122,31 @@ impl LlamaModel {
             output,
             rope,
             device: device.clone(),
+            mode,
         })
+    }
+
+    /// How the weights are held.
+    pub fn weight_mode(&self) -> WeightMode {
+        self.mode
+    }
+
+    /// Bytes the weights hold in memory (packed weights: the file's blocks,
+    /// counted once when the output head is the embedding).
+    pub fn weight_bytes(&self) -> usize {
+        let embed = match &self.embed {
+            Embedding::Dense(t) => t.shape().num_elements() * 4,
+            Embedding::Packed(m) => m.byte_len(),
+        };
+        let tied_packed = matches!(
+            (&self.embed, &self.output),
+            (Embedding::Packed(e), Projection::Packed(o, _)) if e.byte_len() == o.byte_len()
+        );
+        let output = if tied_packed { 0 } else { self.output.bytes() };
+        embed
+            + output
+            + self.blocks.iter().map(Block::bytes).sum::<usize>()
+            + self.norm.shape().num_elements() * 4
     }
 
     pub fn device(&self) -> &Device {
@@ -123,8 +189,7 @@ impl LlamaModel {
                 .blocks
                 .iter()
                 .map(|b| {
-                    b.wo()
-                        .clone()
+                    b.wo(&self.device)
                         .into_data()
                         .try_into_vec_as::<f32>()
                         .map_err(ModelError::from)
@@ -150,7 +215,7 @@ impl LlamaModel {
             geometry: self.config.geometry(),
             rope: &self.rope,
             device: &self.device,
-            output_proj: self.blocks.iter().map(|b| b.wo().clone()).collect(),
+            output_proj: self.blocks.iter().map(|b| b.wo(&self.device)).collect(),
         }
     }
 
@@ -205,9 +270,22 @@ impl LlamaModel {
             )));
         }
         let positions: Vec<usize> = (start_pos..end).collect();
-        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
-        let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [tokens.len()]), &self.device);
-        let mut h = self.embed.clone().select(0, ids);
+        let mut h = match &self.embed {
+            Embedding::Dense(table) => {
+                let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+                let ids =
+                    Tensor::<1, Int>::from_data(TensorData::new(ids, [tokens.len()]), &self.device);
+                table.clone().select(0, ids)
+            }
+            Embedding::Packed(m) => {
+                let d = self.config.d_model;
+                let mut rows = vec![0f32; tokens.len() * d];
+                for (&t, row) in tokens.iter().zip(rows.chunks_exact_mut(d)) {
+                    m.row_into(t as usize, row);
+                }
+                Tensor::from_data(TensorData::new(rows, [tokens.len(), d]), &self.device)
+            }
+        };
         for (i, block) in self.blocks.iter().enumerate() {
             h = block.forward(i, h, &positions, &self.config, &self.rope, cache)?;
         }
@@ -224,9 +302,7 @@ impl LlamaModel {
         start_pos: usize,
         cache: &mut dyn AttentionCache,
     ) -> Result<Tensor<2>, ModelError> {
-        Ok(self
-            .hidden(tokens, start_pos, cache)?
-            .matmul(self.output.clone()))
+        self.output.forward(self.hidden(tokens, start_pos, cache)?)
     }
 
     /// Logits of the last new token only (generation).
@@ -242,9 +318,7 @@ impl LlamaModel {
         let h = self.hidden(tokens, start_pos, cache)?;
         let t = h.dims()[0];
         let last = h.narrow(0, t - 1, 1);
-        Ok(last
-            .matmul(self.output.clone())
-            .reshape([self.config.vocab_size]))
+        Ok(self.output.forward(last)?.reshape([self.config.vocab_size]))
     }
 
     /// Negative log-likelihood of each next token and the model's top-1 guess.

@@ -1,9 +1,12 @@
 //! Loading GGUF tensors into burn tensors with the layouts the forward pass wants.
 
 use burn::tensor::{Device, Tensor, TensorData};
+use dynakv_burn::KvStorage;
+use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
 use crate::gguf::GgufFile;
+use crate::qmatmul::{Numerics, QuantMatrix};
 
 /// A 1-D tensor (norm weights) of an expected length.
 ///
@@ -65,4 +68,132 @@ pub fn raw_rows(
         });
     }
     Ok(data)
+}
+
+/// How a loaded model holds its projection weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WeightMode {
+    /// Dequantised to f32 tensors at load: what GPU backends run (their
+    /// matmuls are fast and their memory holds it).
+    Dense,
+    /// Kept in the file's block formats, multiplied by the CPU kernels of
+    /// [`crate::qmatmul`] in the given numerics: the default on CPU
+    /// backends (a decode step reads the file's bytes, not 5x more).
+    Packed(Numerics),
+}
+
+impl WeightMode {
+    /// Packed f32 on a host (CPU) device, dense elsewhere.
+    pub fn for_device(device: &Device) -> Self {
+        match KvStorage::for_device(device) {
+            KvStorage::Host => Self::Packed(Numerics::F32),
+            KvStorage::Device => Self::Dense,
+        }
+    }
+}
+
+/// From this many tokens on, an f32-numerics product against packed weights
+/// dequantises the matrix and runs burn's matmul (a blocked GEMM) instead of
+/// the row kernels; measured on SmolLM2 (docs/architecture.md, "Quantised
+/// weights").
+pub const PACKED_GEMM_MIN_TOKENS: usize = 16;
+
+/// A projection `x -> x W^T`, dense or packed.
+#[derive(Debug, Clone)]
+pub enum Projection {
+    /// `[in, out]`, so that `x.matmul(w)` computes `x W^T`.
+    Dense(Tensor<2>),
+    /// `out` rows of `in` inputs, in the file's block format.
+    Packed(QuantMatrix, Numerics),
+}
+
+impl Projection {
+    /// Loads a GGUF matrix of `d_out` rows of `d_in` values in `mode`.
+    pub fn load(
+        gguf: &GgufFile,
+        name: &str,
+        d_in: usize,
+        d_out: usize,
+        mode: WeightMode,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        match mode {
+            WeightMode::Dense => Ok(Self::Dense(linear(gguf, name, d_in, d_out, device)?)),
+            WeightMode::Packed(numerics) => {
+                Ok(Self::Packed(packed(gguf, name, d_in, d_out)?, numerics))
+            }
+        }
+    }
+
+    /// `x W^T`.
+    ///
+    /// # Shapes
+    /// - `x`: `[T, in]`; returns `[T, out]`
+    pub fn forward(&self, x: Tensor<2>) -> Result<Tensor<2>, ModelError> {
+        match self {
+            Self::Dense(w) => Ok(x.matmul(w.clone())),
+            Self::Packed(m, numerics) => {
+                let [t, _] = x.dims();
+                let device = x.device();
+                if *numerics == Numerics::F32 && t >= PACKED_GEMM_MIN_TOKENS {
+                    let w = Tensor::<2>::from_data(
+                        TensorData::new(m.dequantize(), [m.rows(), m.cols()]),
+                        &device,
+                    );
+                    return Ok(x.matmul(w.transpose()));
+                }
+                let xs = x.into_data().try_into_vec::<f32>()?;
+                let y = m.matmul(&xs, *numerics)?;
+                Ok(Tensor::from_data(
+                    TensorData::new(y, [t, m.rows()]),
+                    &device,
+                ))
+            }
+        }
+    }
+
+    /// The weights as a dense `[in, out]` tensor (dequantised when packed):
+    /// calibration and training read `W_o` this way.
+    ///
+    /// # Shapes
+    /// returns `[in, out]`
+    pub fn dense(&self, device: &Device) -> Tensor<2> {
+        match self {
+            Self::Dense(w) => w.clone(),
+            Self::Packed(m, _) => Tensor::<2>::from_data(
+                TensorData::new(m.dequantize(), [m.rows(), m.cols()]),
+                device,
+            )
+            .transpose(),
+        }
+    }
+
+    /// Bytes the weights hold in memory (packed: shared with the file's map).
+    pub fn bytes(&self) -> usize {
+        match self {
+            Self::Dense(w) => w.shape().num_elements() * 4,
+            Self::Packed(m, _) => m.byte_len(),
+        }
+    }
+}
+
+/// A GGUF matrix of `d_out` rows of `d_in` values, kept packed.
+pub fn packed(
+    gguf: &GgufFile,
+    name: &str,
+    d_in: usize,
+    d_out: usize,
+) -> Result<QuantMatrix, ModelError> {
+    let info = gguf
+        .tensor(name)
+        .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+    if info.dims != [d_in as u64, d_out as u64] {
+        return Err(ModelError::TensorShape {
+            name: name.into(),
+            got: info.dims.clone(),
+            expected: vec![d_in as u64, d_out as u64],
+        });
+    }
+    QuantMatrix::new(name, info.ggml_type, d_out, d_in, gguf.tensor_shared(info))
 }

@@ -1,0 +1,230 @@
+//! Matrix products against weights kept in their GGUF block formats.
+//!
+//! Why: a decode step reads every weight once. Dequantised to f32 at load,
+//! SmolLM2's Q4_1 weights are about 540 MB per step; kept as blocks they are
+//! about 98 MB, the file's size, and the step is bound by that read. So on
+//! CPU backends the model keeps each projection as a [`QuantMatrix`] (bytes
+//! shared with the file's map) and multiplies against the blocks: each weight
+//! row is dequantised into a buffer that stays in L1 and dotted with the
+//! activations ([`Numerics::F32`], the default, as accurate as the f32 model),
+//! or the activations are quantised to 8 bits per block and dotted in
+//! integers as llama.cpp does ([`Numerics::Q8`], which reproduces llama.cpp's
+//! logits on the quantised file). Rows are split over rayon's threads.
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+mod kernel;
+mod q8;
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::error::ModelError;
+use crate::gguf::{dequantize_into, GgmlType, TensorBytes};
+use kernel::Activations;
+
+/// How activations meet quantised weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Numerics {
+    /// f32 activations against dequantised weight rows: the f32 model's
+    /// numbers (up to summation order).
+    #[default]
+    F32,
+    /// Activations quantised to 8 bits per block (Q8_0 / Q8_1 / Q8_K by the
+    /// weight type) and integer block products, as llama.cpp's CPU backend.
+    Q8,
+}
+
+impl std::str::FromStr for Numerics {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "q8" => Ok(Self::Q8),
+            other => Err(format!("unknown matmul numerics `{other}` (f32 or q8)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Numerics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::Q8 => "q8",
+        })
+    }
+}
+
+/// Rows per parallel task: enough work per task to hide scheduling, enough
+/// tasks to balance two to sixteen threads on 192..49,152-row matrices.
+const ROWS_PER_TASK: usize = 32;
+
+/// A weight matrix of `rows` outputs by `cols` inputs, each row the GGUF
+/// blocks of one output (the file's layout: `[out][in]`).
+#[derive(Debug, Clone)]
+pub struct QuantMatrix {
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+    bytes: TensorBytes,
+}
+
+impl QuantMatrix {
+    /// Wraps a tensor's bytes; checks the row length against the block size,
+    /// the byte count against the shape, and that every block scale is finite
+    /// (a damaged scale is an error naming the row, as the dequantised load's
+    /// check names the element).
+    pub fn new(
+        name: &str,
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        bytes: TensorBytes,
+    ) -> Result<Self, ModelError> {
+        let bad = |why: String| ModelError::Gguf(format!("tensor `{name}`: {why}"));
+        let row_bytes = ty
+            .bytes_for(cols as u64)
+            .ok_or_else(|| bad(format!("rows of {cols} are not whole {ty:?} blocks")))?
+            as usize;
+        if rows.checked_mul(row_bytes) != Some(bytes.len()) {
+            return Err(bad(format!(
+                "{} bytes for {rows} rows of {row_bytes}",
+                bytes.len()
+            )));
+        }
+        let m = Self {
+            ty,
+            rows,
+            cols,
+            row_bytes,
+            bytes,
+        };
+        m.check_finite(name)?;
+        Ok(m)
+    }
+
+    fn check_finite(&self, name: &str) -> Result<(), ModelError> {
+        let bad_row = (0..self.rows).into_par_iter().find_first(|&r| {
+            let mut w = vec![0f32; self.cols];
+            self.row_into(r, &mut w);
+            w.iter().any(|v| !v.is_finite())
+        });
+        match bad_row {
+            Some(r) => Err(ModelError::Gguf(format!(
+                "tensor `{name}`: row {r} holds a value that is not finite (a damaged block?)"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    pub fn ggml_type(&self) -> GgmlType {
+        self.ty
+    }
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    /// Bytes of the blocks (shared with the file's map).
+    pub fn byte_len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// One row dequantised into `out` (`out.len() == cols`): an embedding
+    /// lookup.
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        let start = r * self.row_bytes;
+        if let Some(b) = self.bytes.get(start..start + self.row_bytes) {
+            dequantize_into(self.ty, b, out);
+        }
+    }
+
+    /// Every row dequantised, `[rows, cols]` row-major (GPU backends and
+    /// long prefills hand this to a dense matmul).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        out.par_chunks_mut(self.cols.max(1) * ROWS_PER_TASK)
+            .zip(self.bytes.par_chunks(self.row_bytes.max(1) * ROWS_PER_TASK))
+            .for_each(|(o, b)| dequantize_into(self.ty, b, o));
+        out
+    }
+
+    /// `y = x W^T`: every activation row against every weight row.
+    ///
+    /// # Shapes
+    /// - `x`: `[T, cols]` row-major
+    /// - returns `[T, rows]` row-major
+    pub fn matmul(&self, x: &[f32], numerics: Numerics) -> Result<Vec<f32>, ModelError> {
+        self.matmul_with(x, numerics, false)
+    }
+
+    /// [`QuantMatrix::matmul`], optionally forcing the portable kernel.
+    fn matmul_with(
+        &self,
+        x: &[f32],
+        numerics: Numerics,
+        portable: bool,
+    ) -> Result<Vec<f32>, ModelError> {
+        if self.cols == 0 || !x.len().is_multiple_of(self.cols) || x.is_empty() {
+            return Err(ModelError::InvalidInput(format!(
+                "{} activations are not rows of {}",
+                x.len(),
+                self.cols
+            )));
+        }
+        let t = x.len() / self.cols;
+        let (quantised, sums);
+        let acts = match (
+            kernel::effective(numerics, self.ty),
+            q8::Q8Kind::for_weights(self.ty),
+        ) {
+            (Numerics::Q8, Some(kind)) => {
+                quantised = x
+                    .chunks_exact(self.cols)
+                    .map(|r| q8::quantize(kind, r))
+                    .collect::<Vec<_>>();
+                Activations::Q8(&quantised)
+            }
+            _ => {
+                sums = kernel::block_sums(x, self.cols);
+                Activations::F32 { x, xsum: &sums }
+            }
+        };
+        // [rows, T], then transposed to [T, rows] (T is small where this runs)
+        let mut by_row = vec![0f32; self.rows * t];
+        by_row
+            .par_chunks_mut(ROWS_PER_TASK * t)
+            .zip(self.bytes.par_chunks(ROWS_PER_TASK * self.row_bytes))
+            .for_each_init(
+                || vec![0f32; self.cols],
+                |scratch, (out, w)| {
+                    kernel::rows(
+                        self.ty,
+                        self.cols,
+                        self.row_bytes,
+                        w,
+                        &acts,
+                        out,
+                        scratch,
+                        portable,
+                    )
+                },
+            );
+        if t == 1 {
+            return Ok(by_row);
+        }
+        let mut y = vec![0f32; t * self.rows];
+        for (r, row) in by_row.chunks_exact(t).enumerate() {
+            for (k, &v) in row.iter().enumerate() {
+                y[k * self.rows + r] = v;
+            }
+        }
+        Ok(y)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,195 @@
+use half::f16;
+
+use super::*;
+use crate::gguf::dequantize;
+
+/// Every block format the kernels take, with the byte offsets of its f16
+/// scales (set to finite values; the rest of each block is random).
+const TYPES: [(GgmlType, &[usize]); 7] = [
+    (GgmlType::Q4_0, &[0]),
+    (GgmlType::Q4_1, &[0, 2]),
+    (GgmlType::Q5_0, &[0]),
+    (GgmlType::Q8_0, &[0]),
+    (GgmlType::Q4K, &[0, 2]),
+    (GgmlType::Q6K, &[208]),
+    (GgmlType::F16, &[]),
+];
+
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+    fn unit(&mut self) -> f32 {
+        (self.next() % 20_001) as f32 / 10_000.0 - 1.0
+    }
+}
+
+/// Random blocks for a `rows x cols` matrix of type `t`.
+fn random_matrix(t: GgmlType, scales: &[usize], rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+    let mut rng = Lcg(seed);
+    let (be, bb) = t.block();
+    let n_blocks = rows * cols / be;
+    let mut b: Vec<u8> = (0..n_blocks * bb).map(|_| rng.next() as u8).collect();
+    for blk in b.chunks_exact_mut(bb) {
+        if t == GgmlType::F16 {
+            let v = f16::from_f32(rng.unit());
+            blk.copy_from_slice(&v.to_le_bytes());
+        }
+        for &o in scales {
+            let v = f16::from_f32(rng.unit() * 0.05);
+            blk[o..o + 2].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+    b
+}
+
+fn matrix(
+    t: GgmlType,
+    scales: &[usize],
+    rows: usize,
+    cols: usize,
+    seed: u64,
+) -> (QuantMatrix, Vec<f32>) {
+    let bytes = random_matrix(t, scales, rows, cols, seed);
+    let dense = dequantize(t, &bytes, rows * cols).unwrap();
+    let m = QuantMatrix::new("w", t, rows, cols, TensorBytes::from_bytes(&bytes).unwrap()).unwrap();
+    (m, dense)
+}
+
+fn activations(t: usize, cols: usize, seed: u64) -> Vec<f32> {
+    let mut rng = Lcg(seed);
+    (0..t * cols).map(|_| rng.unit()).collect()
+}
+
+/// `x W^T` in f64 from dense rows.
+fn reference(dense: &[f32], x: &[f32], rows: usize, cols: usize) -> Vec<f64> {
+    let t = x.len() / cols;
+    let mut y = vec![0f64; t * rows];
+    for k in 0..t {
+        for r in 0..rows {
+            y[k * rows + r] = (0..cols)
+                .map(|i| dense[r * cols + i] as f64 * x[k * cols + i] as f64)
+                .sum();
+        }
+    }
+    y
+}
+
+fn max_rel(got: &[f32], want: &[f64]) -> f64 {
+    let scale = want.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
+    got.iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w).abs() / scale)
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn f32_numerics_equal_the_dequantised_product_in_both_kernel_copies() {
+    let (rows, cols) = (70, 512);
+    for (i, (t, scales)) in TYPES.into_iter().enumerate() {
+        let (m, dense) = matrix(t, scales, rows, cols, 11 + i as u64);
+        for n_tok in [1, 3] {
+            let x = activations(n_tok, cols, 5);
+            let want = reference(&dense, &x, rows, cols);
+            for portable in [false, true] {
+                let got = m.matmul_with(&x, Numerics::F32, portable).unwrap();
+                let err = max_rel(&got, &want);
+                assert!(err < 1e-5, "{t:?} T={n_tok} portable={portable}: {err}");
+            }
+        }
+    }
+}
+
+/// The q8 product by its definition: activations rounded as llama.cpp
+/// rounds them, then multiplied in f64 with the dequantised weights.
+fn q8_reference(t: GgmlType, dense: &[f32], x: &[f32], rows: usize, cols: usize) -> Vec<f64> {
+    let kind = q8::Q8Kind::for_weights(t).unwrap();
+    let blk = if kind == q8::Q8Kind::Q8K { 256 } else { 32 };
+    let xq: Vec<f32> = x
+        .chunks_exact(cols)
+        .flat_map(|r| {
+            let q = q8::quantize(kind, r);
+            q.qs.iter()
+                .enumerate()
+                .map(|(i, &c)| c as f32 * q.d[i / blk])
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    reference(dense, &xq, rows, cols)
+}
+
+#[test]
+fn q8_numerics_are_integer_products_of_rounded_activations() {
+    let (rows, cols) = (70, 512);
+    for (i, (t, scales)) in TYPES.into_iter().enumerate() {
+        if q8::Q8Kind::for_weights(t).is_none() {
+            continue;
+        }
+        let (m, dense) = matrix(t, scales, rows, cols, 31 + i as u64);
+        let x = activations(2, cols, 9);
+        let want = q8_reference(t, &dense, &x, rows, cols);
+        let fast = m.matmul_with(&x, Numerics::Q8, false).unwrap();
+        let portable = m.matmul_with(&x, Numerics::Q8, true).unwrap();
+        // Q4_1's min term uses the f16-rounded code sum, as llama.cpp does
+        let tol = if t == GgmlType::Q4_1 { 2e-3 } else { 1e-5 };
+        let err = max_rel(&fast, &want);
+        assert!(err < tol, "{t:?}: {err}");
+        assert_eq!(fast, portable, "{t:?}: the two copies differ");
+        // and q8 stays close to the f32 product (8-bit activations)
+        let exact = reference(&dense, &x, rows, cols);
+        let err = max_rel(&fast, &exact);
+        assert!(err < 3e-2, "{t:?} against f32: {err}");
+    }
+}
+
+#[test]
+fn float_weights_take_f32_activations_in_q8_numerics() {
+    let (m, _) = matrix(GgmlType::F16, &[], 8, 64, 3);
+    let x = activations(1, 64, 4);
+    assert_eq!(
+        m.matmul(&x, Numerics::Q8).unwrap(),
+        m.matmul(&x, Numerics::F32).unwrap()
+    );
+}
+
+#[test]
+fn bad_shapes_and_damaged_scales_are_errors() {
+    let bytes = random_matrix(GgmlType::Q4_1, &[0, 2], 4, 64, 1);
+    let tb = TensorBytes::from_bytes(&bytes).unwrap();
+    // rows of 48 are not whole blocks; the byte count must match the shape
+    assert!(QuantMatrix::new("w", GgmlType::Q4_1, 4, 48, tb.clone()).is_err());
+    assert!(QuantMatrix::new("w", GgmlType::Q4_1, 5, 64, tb.clone()).is_err());
+    let m = QuantMatrix::new("w", GgmlType::Q4_1, 4, 64, tb).unwrap();
+    assert!(m.matmul(&[0.0; 63], Numerics::F32).is_err());
+    assert!(m.matmul(&[], Numerics::F32).is_err());
+    // an Inf scale in row 2 (blocks 4 and 5)
+    let mut damaged = bytes.clone();
+    damaged[4 * 20..4 * 20 + 2].copy_from_slice(&f16::INFINITY.to_le_bytes());
+    let err = QuantMatrix::new(
+        "blk.0.attn_q.weight",
+        GgmlType::Q4_1,
+        4,
+        64,
+        TensorBytes::from_bytes(&damaged).unwrap(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("blk.0.attn_q.weight") && err.contains("row 2"),
+        "{err}"
+    );
+}
+
+#[test]
+fn rows_and_full_dequantisation_match_the_reader() {
+    let (m, dense) = matrix(GgmlType::Q4K, &[0, 2], 40, 256, 8);
+    assert_eq!(m.dequantize(), dense);
+    let mut row = vec![0f32; 256];
+    m.row_into(17, &mut row);
+    assert_eq!(row, dense[17 * 256..18 * 256]);
+}
