@@ -62,7 +62,7 @@ pub(crate) fn host_rows<const N: usize>(x: &Tensor<N>) -> Result<Vec<f32>, Cache
 /// The model calls [`AttentionCache::forward`] once per layer per step with the
 /// new tokens' RoPE'd queries and **pre-RoPE** keys and values; positions are
 /// absolute token positions (what RoPE uses), one per new token.
-pub trait AttentionCache {
+pub trait AttentionCache: Send {
     /// Stores new keys and values of one layer.
     ///
     /// # Shapes

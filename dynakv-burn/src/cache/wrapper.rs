@@ -45,7 +45,7 @@ use crate::error::CacheError;
 ///     }
 /// }
 /// ```
-pub trait CacheWrapper {
+pub trait CacheWrapper: Send {
     type Inner: AttentionCache;
 
     fn inner(&self) -> &Self::Inner;

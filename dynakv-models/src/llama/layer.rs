@@ -99,16 +99,22 @@ impl Block {
         let t = h.dims()[0];
         let x = rms_norm(h.clone(), &self.attn_norm, c.rms_eps);
         let heads = |y: Tensor<2>, n: usize| y.reshape([1, t, n, c.head_dim]).swap_dims(1, 2);
-        let q = heads(self.wq.forward(x.clone())?, c.n_heads);
-        let k = heads(self.wk.forward(x.clone())?, c.n_kv_heads);
-        let v = heads(self.wv.forward(x)?, c.n_kv_heads);
+        let [q, k, v]: [Tensor<2>; 3] =
+            Projection::forward_group(&[&self.wq, &self.wk, &self.wv], x)?
+                .try_into()
+                .map_err(|_| ModelError::InvalidInput("q, k, v: three products".into()))?;
+        let q = heads(q, c.n_heads);
+        let k = heads(k, c.n_kv_heads);
+        let v = heads(v, c.n_kv_heads);
         let q = rope.apply(q, positions)?;
         let o = cache.forward(layer, q, k, v, positions)?;
         let o = o.swap_dims(1, 2).reshape([t, c.n_heads * c.head_dim]);
         let h = h + self.wo.forward(o)?;
         let x = rms_norm(h.clone(), &self.ffn_norm, c.rms_eps);
-        let gate = silu(self.w_gate.forward(x.clone())?);
-        let up = self.w_up.forward(x)?;
+        let [gate, up]: [Tensor<2>; 2] = Projection::forward_group(&[&self.w_gate, &self.w_up], x)?
+            .try_into()
+            .map_err(|_| ModelError::InvalidInput("gate, up: two products".into()))?;
+        let gate = silu(gate);
         Ok(h + self.w_down.forward(gate * up)?)
     }
 }

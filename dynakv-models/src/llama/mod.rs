@@ -3,7 +3,8 @@
 mod config;
 mod layer;
 mod model;
-mod weights;
+pub mod weights;
 
 pub use config::LlamaConfig;
 pub use model::{nll_and_top1, LlamaModel};
+pub use weights::{Projection, WeightMode, PACKED_GEMM_MIN_TOKENS};

@@ -153,6 +153,40 @@ impl Projection {
         }
     }
 
+    /// Several projections of the same input: packed ones that the row
+    /// kernels would run one by one run as one group
+    /// ([`crate::qmatmul::matmul_group`]: the threads wake once).
+    ///
+    /// # Shapes
+    /// - `x`: `[T, in]`; returns one `[T, out_i]` per projection
+    pub fn forward_group(ps: &[&Self], x: Tensor<2>) -> Result<Vec<Tensor<2>>, ModelError> {
+        let [t, _] = x.dims();
+        let packed: Option<Vec<(&QuantMatrix, Numerics)>> = ps
+            .iter()
+            .map(|p| match p {
+                Self::Packed(m, n) => Some((m, *n)),
+                Self::Dense(_) => None,
+            })
+            .collect();
+        let rows_kernel = |n: Numerics| n == Numerics::Q8 || t < PACKED_GEMM_MIN_TOKENS;
+        match packed {
+            Some(ms)
+                if ms.len() > 1 && ms.iter().all(|(_, n)| *n == ms[0].1 && rows_kernel(*n)) =>
+            {
+                let device = x.device();
+                let xs = x.into_data().try_into_vec::<f32>()?;
+                let mats: Vec<&QuantMatrix> = ms.iter().map(|(m, _)| *m).collect();
+                let ys = crate::qmatmul::matmul_group(&mats, &xs, ms[0].1)?;
+                Ok(ys
+                    .into_iter()
+                    .zip(&mats)
+                    .map(|(y, m)| Tensor::from_data(TensorData::new(y, [t, m.rows()]), &device))
+                    .collect())
+            }
+            _ => ps.iter().map(|p| p.forward(x.clone())).collect(),
+        }
+    }
+
     /// The weights as a dense `[in, out]` tensor (dequantised when packed):
     /// calibration and training read `W_o` this way.
     ///

@@ -43,49 +43,101 @@ unsafe fn bytes16_dot(q: __m128i, x: *const f32) -> __m256 {
     )
 }
 
+/// One Q4_0 / Q4_1 block's `sum(q * x)` over its 32 codes.
+#[inline(always)]
+unsafe fn q4_block(p: *const u8, qoff: usize, xb: *const f32) -> __m256 {
+    let mask = _mm_set1_epi8(0x0F);
+    let qs = _mm_loadu_si128(p.add(qoff) as *const __m128i);
+    let lo = _mm_and_si128(qs, mask);
+    let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
+    _mm256_add_ps(bytes16_dot(lo, xb), bytes16_dot(hi, xb.add(16)))
+}
+
 /// Q4_0 / Q4_1 row: `d * q + m` (Q4_0: `m = -8 d`) against `x`; `xsum[b]`
-/// is the sum of block `b` of `x`.
+/// is the sum of block `b` of `x`. Two blocks per iteration into separate
+/// accumulators, so the loop is not bound by one chain of dependent adds.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn dot_q4(row: &[u8], x: &[f32], xsum: &[f32], with_min: bool) -> f32 {
     let bb = if with_min { 20 } else { 18 };
     let qoff = bb - 16;
     let nb = (row.len() / bb).min(x.len() / 32).min(xsum.len());
-    let mask = _mm_set1_epi8(0x0F);
-    let mut acc = _mm256_setzero_ps();
-    let mut mins = 0f32;
-    for b in 0..nb {
-        let p = row.as_ptr().add(b * bb);
-        let (d, m) = f16x2(p);
-        let m = if with_min { m } else { -8.0 * d };
-        let qs = _mm_loadu_si128(p.add(qoff) as *const __m128i);
-        let lo = _mm_and_si128(qs, mask);
-        let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
-        let xb = x.as_ptr().add(b * 32);
-        let s = _mm256_add_ps(bytes16_dot(lo, xb), bytes16_dot(hi, xb.add(16)));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc);
-        mins += m * xsum[b];
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let (mut min0, mut min1) = (0f32, 0f32);
+    let scales = |b: usize| {
+        let (d, m) = f16x2(row.as_ptr().add(b * bb));
+        (d, if with_min { m } else { -8.0 * d })
+    };
+    let mut b = 0;
+    while b + 2 <= nb {
+        let (d0, m0) = scales(b);
+        let (d1, m1) = scales(b + 1);
+        let s0 = q4_block(row.as_ptr().add(b * bb), qoff, x.as_ptr().add(b * 32));
+        let s1 = q4_block(
+            row.as_ptr().add((b + 1) * bb),
+            qoff,
+            x.as_ptr().add(b * 32 + 32),
+        );
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0), s0, acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d1), s1, acc1);
+        min0 += m0 * xsum[b];
+        min1 += m1 * xsum[b + 1];
+        b += 2;
     }
-    hsum(acc) + mins
+    if b < nb {
+        let (d0, m0) = scales(b);
+        let s0 = q4_block(row.as_ptr().add(b * bb), qoff, x.as_ptr().add(b * 32));
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0), s0, acc0);
+        min0 += m0 * xsum[b];
+    }
+    hsum(_mm256_add_ps(acc0, acc1)) + (min0 + min1)
 }
 
-/// Q8_0 row against `x`.
+/// One Q8_0 block's `sum(q * x)`.
+#[inline(always)]
+unsafe fn q8_block(p: *const u8, xb: *const f32) -> __m256 {
+    let f = |k: usize| {
+        let q = _mm_loadl_epi64(p.add(2 + 8 * k) as *const __m128i);
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q))
+    };
+    let a = _mm256_fmadd_ps(
+        f(1),
+        _mm256_loadu_ps(xb.add(8)),
+        _mm256_mul_ps(f(0), _mm256_loadu_ps(xb)),
+    );
+    let b = _mm256_fmadd_ps(
+        f(3),
+        _mm256_loadu_ps(xb.add(24)),
+        _mm256_mul_ps(f(2), _mm256_loadu_ps(xb.add(16))),
+    );
+    _mm256_add_ps(a, b)
+}
+
+/// Q8_0 row against `x`, two blocks per iteration.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn dot_q8_0(row: &[u8], x: &[f32]) -> f32 {
     let nb = (row.len() / 34).min(x.len() / 32);
-    let mut acc = _mm256_setzero_ps();
-    for b in 0..nb {
-        let p = row.as_ptr().add(b * 34);
-        let (d, _) = f16x2(p);
-        let xb = x.as_ptr().add(b * 32);
-        let mut s = _mm256_setzero_ps();
-        for k in 0..4 {
-            let q = _mm_loadl_epi64(p.add(2 + 8 * k) as *const __m128i);
-            let f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
-            s = _mm256_fmadd_ps(f, _mm256_loadu_ps(xb.add(8 * k)), s);
-        }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc);
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut b = 0;
+    while b + 2 <= nb {
+        let (p0, p1) = (row.as_ptr().add(b * 34), row.as_ptr().add(b * 34 + 34));
+        let (d0, _) = f16x2(p0);
+        let (d1, _) = f16x2(p1);
+        let s0 = q8_block(p0, x.as_ptr().add(b * 32));
+        let s1 = q8_block(p1, x.as_ptr().add(b * 32 + 32));
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0), s0, acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d1), s1, acc1);
+        b += 2;
     }
-    hsum(acc)
+    if b < nb {
+        let p0 = row.as_ptr().add(b * 34);
+        let (d0, _) = f16x2(p0);
+        acc0 = _mm256_fmadd_ps(
+            _mm256_set1_ps(d0),
+            q8_block(p0, x.as_ptr().add(b * 32)),
+            acc0,
+        );
+    }
+    hsum(_mm256_add_ps(acc0, acc1))
 }
 
 /// `sum(a[i] * b[i])` in four eight-lane accumulators.

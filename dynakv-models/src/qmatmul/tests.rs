@@ -88,10 +88,19 @@ fn max_rel(got: &[f32], want: &[f64]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// Rows of an odd number of blocks where the format allows (17 blocks of
+/// 32: the kernels' two-block loops end on a single block).
+fn cols_for(t: GgmlType) -> usize {
+    match t.block().0 {
+        256 => 512,
+        _ => 544,
+    }
+}
+
 #[test]
 fn f32_numerics_equal_the_dequantised_product_in_both_kernel_copies() {
-    let (rows, cols) = (70, 512);
     for (i, (t, scales)) in TYPES.into_iter().enumerate() {
+        let (rows, cols) = (70, cols_for(t));
         let (m, dense) = matrix(t, scales, rows, cols, 11 + i as u64);
         for n_tok in [1, 3] {
             let x = activations(n_tok, cols, 5);
@@ -125,11 +134,11 @@ fn q8_reference(t: GgmlType, dense: &[f32], x: &[f32], rows: usize, cols: usize)
 
 #[test]
 fn q8_numerics_are_integer_products_of_rounded_activations() {
-    let (rows, cols) = (70, 512);
     for (i, (t, scales)) in TYPES.into_iter().enumerate() {
         if q8::Q8Kind::for_weights(t).is_none() {
             continue;
         }
+        let (rows, cols) = (70, cols_for(t));
         let (m, dense) = matrix(t, scales, rows, cols, 31 + i as u64);
         let x = activations(2, cols, 9);
         let want = q8_reference(t, &dense, &x, rows, cols);
@@ -192,4 +201,30 @@ fn rows_and_full_dequantisation_match_the_reader() {
     let mut row = vec![0f32; 256];
     m.row_into(17, &mut row);
     assert_eq!(row, dense[17 * 256..18 * 256]);
+}
+
+#[test]
+fn a_group_equals_its_products_one_by_one() {
+    let cols = 512;
+    let ms: Vec<QuantMatrix> = [
+        (GgmlType::Q4_1, &[0usize, 2][..], 40),
+        (GgmlType::Q8_0, &[0][..], 33),
+        (GgmlType::Q4K, &[0, 2][..], 7),
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(i, (t, sc, rows))| matrix(t, sc, rows, cols, 50 + i as u64).0)
+    .collect();
+    let refs: Vec<&QuantMatrix> = ms.iter().collect();
+    for numerics in [Numerics::F32, Numerics::Q8] {
+        for n_tok in [1, 3] {
+            let x = activations(n_tok, cols, 77);
+            let group = matmul_group(&refs, &x, numerics).unwrap();
+            for (m, g) in ms.iter().zip(&group) {
+                assert_eq!(&m.matmul(&x, numerics).unwrap(), g, "{numerics} T={n_tok}");
+            }
+        }
+    }
+    let (other, _) = matrix(GgmlType::Q8_0, &[0], 4, 256, 1);
+    assert!(matmul_group(&[&ms[0], &other], &activations(1, cols, 1), Numerics::F32).is_err());
 }
