@@ -36,13 +36,19 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
 
 /// Our per-position top-1 and NLL on the fixture's windows.
 fn ours(fixture: &serde_json::Value) -> (Vec<u32>, Vec<f32>) {
-    let r = common::real();
+    ours_with(&common::real().model, fixture)
+}
+
+fn ours_with(
+    model: &dynakv_models::LlamaModel,
+    fixture: &serde_json::Value,
+) -> (Vec<u32>, Vec<f32>) {
     let ctx = fixture["ctx"].as_u64().unwrap() as usize;
     let tokens = ids(&fixture["tokens"]);
     let (mut all_top1, mut all_nll) = (Vec::new(), Vec::new());
     for win in tokens.chunks_exact(ctx) {
-        let mut cache = r.model.dense_cache().unwrap();
-        let logits = r.model.forward(&win[..ctx - 1], 0, &mut cache).unwrap();
+        let mut cache = model.dense_cache().unwrap();
+        let logits = model.forward(&win[..ctx - 1], 0, &mut cache).unwrap();
         let (nll, top1) = nll_and_top1(logits, &win[1..]);
         all_top1.extend(top1);
         all_nll.extend(nll);
@@ -93,6 +99,32 @@ fn parity_with_llama_cpp() {
         agree_q4 >= 0.95,
         "top-1 agreement with Q4_1 llama.cpp {agree_q4}"
     );
+}
+
+/// q8 numerics (activations quantised to 8 bits per block before each
+/// product, following llama.cpp's x86 `quantize_row_q8_1` and
+/// `ggml_vec_dot_q4_1_q8_1`) on the real model. They equal a NumPy emulation
+/// of that code to 1.1e-5 at position 0 (`tools/q8_emulation.py`), but
+/// llama.cpp's own run on the Q4_1 file differs from both by 0.37 there, and
+/// top-1 agreement with it stays at 96.7% (issue 13's 99.5% is missed; see
+/// docs/results.md). Held here: PPL within 1% of that run and top-1 >= 95%,
+/// so a regression shows.
+#[test]
+fn q8_numerics_reproduce_llama_cpp_on_the_quantised_file() {
+    let fixture: serde_json::Value =
+        serde_json::from_str(include_str!("fixtures/parity.json")).unwrap();
+    let (top1, nll) = ours_with(common::real_q8(), &fixture);
+    let (agree_q4, ppl, ppl_q4) = compare(&top1, &nll, &fixture["q4_1"]);
+    let (agree_f32, _, _) = compare(&top1, &nll, &fixture["f32"]);
+    eprintln!(
+        "q8 parity: {} positions; ours PPL {ppl:.4}; llama.cpp Q4_1 file: PPL {ppl_q4:.4}, top-1 agreement {agree_q4:.4}; with llama.cpp f32 weights {agree_f32:.4}",
+        nll.len()
+    );
+    assert!(
+        agree_q4 >= 0.95,
+        "top-1 agreement with Q4_1 llama.cpp {agree_q4}"
+    );
+    assert!((ppl / ppl_q4 - 1.0).abs() <= 0.01, "PPL {ppl} vs {ppl_q4}");
 }
 
 #[test]
