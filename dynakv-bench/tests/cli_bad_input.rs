@@ -31,6 +31,12 @@ fn every_bad_option_is_named_before_anything_loads() {
     let cases: &[(&[&str], &str)] = &[
         (&["eval", "ppl", "--ctx", "0"], "--ctx"),
         (&["eval", "ppl", "--ctx", "1"], "--ctx"),
+        (&["eval", "ppl", "--matmul", "q4"], "--matmul"),
+        (
+            &["eval", "ppl", "--weights", "dense", "--matmul", "q8"],
+            "--matmul",
+        ),
+        (&["eval", "ppl", "--weights", "f16"], "--weights"),
         (&["eval", "fidelity", "--ctx", "0"], "--ctx"),
         (&["eval", "ppl", "--max-windows", "0"], "--max-windows"),
         (&["eval", "ppl", "--docs", "0"], "--docs"),

@@ -2,10 +2,12 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use dynakv_burn::device::default_device;
 use dynakv_models::gguf::GgufFile;
+use dynakv_models::llama::WeightMode;
+use dynakv_models::qmatmul::Numerics;
 use dynakv_models::{LlamaModel, TextTokenizer};
 
 /// A progress bar with the CLI's style (`template` as indicatif's, with
@@ -30,6 +32,23 @@ pub struct ModelArgs {
     /// A llama-family GGUF file (default: SmolLM2-135M-Instruct Q4_1, fetched on first use).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// How the projection weights are held: packed (the file's block
+    /// formats, multiplied by CPU kernels; the default on CPU backends) or
+    /// dense (dequantised to f32 at load; the default on GPU backends).
+    #[arg(long, value_enum)]
+    pub weights: Option<WeightsArg>,
+    /// Activations against packed weights: f32 (as accurate as the f32
+    /// model) or q8 (quantised to 8 bits per block, as llama.cpp's CPU
+    /// backend does).
+    #[arg(long, default_value = "f32", value_parser = super::values::parsed::<Numerics>)]
+    pub matmul: Numerics,
+}
+
+/// `--weights`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightsArg {
+    Packed,
+    Dense,
 }
 
 /// A loaded model with its tokenizer.
@@ -61,11 +80,29 @@ impl ModelArgs {
         }
     }
 
+    /// The weight mode these flags ask for on `device`; `--matmul q8` needs
+    /// packed weights.
+    pub fn weight_mode(&self, device: &burn::tensor::Device) -> Result<WeightMode> {
+        let packed = match self.weights {
+            Some(WeightsArg::Packed) => true,
+            Some(WeightsArg::Dense) => false,
+            None => matches!(WeightMode::for_device(device), WeightMode::Packed(_)),
+        };
+        match (packed, self.matmul) {
+            (true, n) => Ok(WeightMode::Packed(n)),
+            (false, Numerics::F32) => Ok(WeightMode::Dense),
+            (false, Numerics::Q8) => {
+                bail!("--matmul q8 needs packed weights (--weights packed, on a CPU backend)")
+            }
+        }
+    }
+
     pub fn load(&self) -> Result<Loaded> {
+        let mode = self.weight_mode(&default_device())?;
         let path = self.path()?;
         let gguf = GgufFile::open(&path).with_context(|| format!("opening {}", path.display()))?;
         let tokenizer = TextTokenizer::from_gguf(&gguf)?;
-        let model = LlamaModel::from_gguf(&gguf, &default_device())?;
+        let model = LlamaModel::from_gguf_with(&gguf, &default_device(), mode)?;
         let default_system = gguf
             .meta("tokenizer.chat_template")
             .and_then(|v| v.as_str())

@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""The speed table of tools/speed_vs_llamacpp.sh: llama-bench and dynakv bench
+side by side (tokens/s, ratio dynakv / llama.cpp), then the paired decode-step
+ratios of DynaKV against the dense f16 cache.
+
+Usage: python3 tools/speed_table.py OUT_DIR
+"""
+import json
+import os
+import sys
+
+out = sys.argv[1]
+
+
+def jsonl(name):
+    path = os.path.join(out, name)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# llama-bench: one object per test (n_prompt, n_gen, n_depth, avg_ts)
+llama = {}
+for r in jsonl("llama-bench.jsonl"):
+    if r.get("n_gen", 0) > 0:
+        llama[("decode", r.get("n_depth", 0))] = r["avg_ts"]
+    else:
+        llama[("prefill", r["n_prompt"])] = r["avg_ts"]
+
+ours = {}
+for line in jsonl("dynakv.jsonl"):
+    for r in line if isinstance(line, list) else line.get("runs", []):
+        if r["what"] == "prefill" and r["tokens"] > 1:
+            ours[("prefill", r["tokens"])] = r["tokens_per_s"]
+        elif r["what"] == "decode":
+            depth = 0 if r["context"] <= 1 else r["context"]
+            ours[("decode", depth)] = r["tokens_per_s"]
+
+print("| measurement | dynakv tok/s | llama.cpp tok/s | ratio |")
+print("|---|---|---|---|")
+for key in sorted(set(llama) | set(ours), key=lambda k: (k[0] != "prefill", k[1])):
+    what, n = key
+    label = f"prefill {n:,}" if what == "prefill" else f"decode at depth {n:,}"
+    a, b = ours.get(key), llama.get(key)
+    ratio = f"{a / b:.2f}x" if a and b else "-"
+    fa = f"{a:.1f}" if a else "-"
+    fb = f"{b:.1f}" if b else "-"
+    print(f"| {label} | {fa} | {fb} | {ratio} |")
+
+paired = jsonl("paired.jsonl")
+if paired:
+    print()
+    print("| decode step at depth | DynaKV policy at 0.30 | speed ratio (dense f16 step time / DynaKV step time; above 1: DynaKV faster) |")
+    print("|---|---|---|")
+    head = None
+    for r in paired:
+        if "policy" in r:
+            head = r
+            continue
+        p = r.get("paired", {})
+        print(f"| {head['depth']:,} | {head['policy']} | {p['speed_ratio']:.3f} |")

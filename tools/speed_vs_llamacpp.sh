@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Speed side by side on one machine: llama.cpp's `llama-bench` (built here from
+# the llama.cpp vendored in PyPI llama-cpp-python) against `dynakv bench`, same
+# GGUF file, same thread count. Then the whole-model decode step at 4k and 8k
+# with the dense cache against DynaKV (energy 0.30, and a trained router if
+# given) as paired ratios (`dynakv bench --paired`).
+#
+# Usage: tools/speed_vs_llamacpp.sh OUT_DIR [ARTIFACT [ROUTER_ARTIFACT]]
+#   THREADS (default 2), REPS (default 3), MATMUL (f32 or q8, default f32),
+#   LLAMACPP_DIR (default ~/.cache/dynakv/llama.cpp-0.3.36) may be set.
+# Needs python3 with pip (cmake and ninja are installed from PyPI into a
+# virtual environment beside the build) and a C++ compiler.
+# Writes OUT_DIR/llama-bench.jsonl, OUT_DIR/dynakv.jsonl, OUT_DIR/paired.jsonl
+# and prints the table (tools/speed_table.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+out=${1:?usage: tools/speed_vs_llamacpp.sh OUT_DIR [ARTIFACT [ROUTER_ARTIFACT]]}
+artifact=${2:-}
+router=${3:-}
+threads=${THREADS:-2}
+reps=${REPS:-3}
+matmul=${MATMUL:-f32}
+ver=0.3.36
+dir=${LLAMACPP_DIR:-$HOME/.cache/dynakv/llama.cpp-$ver}
+bench="$dir/build/bin/llama-bench"
+mkdir -p "$out"
+
+if [ ! -x "$bench" ]; then
+  echo "building llama-bench from llama-cpp-python $ver's llama.cpp in $dir" >&2
+  mkdir -p "$dir"
+  [ -x "$dir/venv/bin/cmake" ] || {
+    python3 -m venv "$dir/venv"
+    "$dir/venv/bin/python" -m pip install -q cmake ninja
+  }
+  if [ ! -d "$dir/src" ]; then
+    tmp=$(mktemp -d)
+    "$dir/venv/bin/python" -m pip download -q --no-binary :all: --no-deps \
+      "llama-cpp-python==$ver" -d "$tmp"
+    tar -xzf "$tmp/llama_cpp_python-$ver.tar.gz" -C "$tmp"
+    mv "$tmp/llama_cpp_python-$ver/vendor/llama.cpp" "$dir/src.partial"
+    mv "$dir/src.partial" "$dir/src"
+    rm -rf "$tmp"
+  fi
+  PATH="$dir/venv/bin:$PATH" cmake -S "$dir/src" -B "$dir/build" -G Ninja \
+    -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >&2
+  PATH="$dir/venv/bin:$PATH" cmake --build "$dir/build" --target llama-bench -j "$threads" >&2
+fi
+
+cargo build --release -p dynakv-bench >&2
+dynakv=target/release/dynakv
+model=$(python3 -c 'import sys; sys.path.insert(0, "tools"); from brown_text import model_path; print(model_path())')
+# depths: the model's context is 8,192 tokens, so "8k" is 8,064 (+128 decoded);
+# dynakv's depth 0 is one prompt token (its decode measurement needs a context)
+depths=(0 1024 4096 8064)
+
+# llama.cpp: prefill 512 / 2,048 from empty, decode 128 tokens at each depth
+: > "$out/llama-bench.jsonl"
+"$bench" -m "$model" -t "$threads" -r "$reps" -p 512,2048 -n 0 -o jsonl >> "$out/llama-bench.jsonl"
+"$bench" -m "$model" -t "$threads" -r "$reps" -p 0 -n 128 \
+  -d "$(IFS=,; echo "${depths[*]}")" -o jsonl >> "$out/llama-bench.jsonl"
+
+# dynakv: the same sizes (prefill 512 / 2,048 with the first depth)
+: > "$out/dynakv.jsonl"
+export RAYON_NUM_THREADS=$threads
+for d in "${depths[@]}"; do
+  prefill=(--prefill 1)
+  [ "$d" = 0 ] && prefill=(--prefill 512,2048)
+  $dynakv bench --matmul "$matmul" --kv-dtype f16 "${prefill[@]}" --decode-ctx "$((d > 0 ? d : 1))" \
+    --decode-steps 128 --reps "$reps" --json >> "$out/dynakv.jsonl"
+done
+
+# whole-model decode step, dense f16 cache against DynaKV, step for step
+: > "$out/paired.jsonl"
+if [ -n "$artifact" ]; then
+  for d in 4096 8064; do
+    for spec in "energy $artifact" ${router:+"router $router"}; do
+      set -- $spec
+      echo "{\"policy\": \"$1\", \"depth\": $d}" >> "$out/paired.jsonl"
+      $dynakv bench --matmul "$matmul" --cache dynakv --artifact "$2" --policy "$1" \
+        --budget 0.30 --prefill 1 --decode-ctx "$d" --decode-steps 64 --reps 1 \
+        --paired-base "dense+store:kv=f16" --json >> "$out/paired.jsonl"
+    done
+  done
+fi
+python3 tools/speed_table.py "$out"
