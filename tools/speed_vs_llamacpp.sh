@@ -35,7 +35,7 @@ if [ ! -x "$bench" ]; then
   }
   if [ ! -d "$dir/src" ]; then
     tmp=$(mktemp -d)
-    "$dir/venv/bin/python" -m pip download -q --no-binary :all: --no-deps \
+    "$dir/venv/bin/python" -m pip download -q --no-binary llama-cpp-python --no-deps \
       "llama-cpp-python==$ver" -d "$tmp"
     tar -xzf "$tmp/llama_cpp_python-$ver.tar.gz" -C "$tmp"
     mv "$tmp/llama_cpp_python-$ver/vendor/llama.cpp" "$dir/src.partial"

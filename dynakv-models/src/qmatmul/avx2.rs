@@ -175,3 +175,69 @@ pub(crate) unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
         _mm256_add_ps(acc[2], acc[3]),
     )) + tail
 }
+
+/// Sum of products of 32 unsigned bytes `x` with 32 signed bytes `y`, as
+/// eight f32 lanes (maddubs then madd: no overflow for codes below 64).
+#[inline(always)]
+unsafe fn mul_sum_u8_i8(x: __m256i, y: __m256i) -> __m256 {
+    let dot16 = _mm256_maddubs_epi16(x, y);
+    _mm256_cvtepi32_ps(_mm256_madd_epi16(dot16, _mm256_set1_epi16(1)))
+}
+
+/// The same for two signed byte vectors (the sign moved onto `y`).
+#[inline(always)]
+unsafe fn mul_sum_i8_i8(x: __m256i, y: __m256i) -> __m256 {
+    mul_sum_u8_i8(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x))
+}
+
+/// 16 bytes of nibbles as 32 codes: low nibbles first, then high nibbles.
+#[inline(always)]
+unsafe fn nibbles32(p: *const u8) -> __m256i {
+    let qs = _mm_loadu_si128(p as *const __m128i);
+    let mask = _mm_set1_epi8(0x0F);
+    let lo = _mm_and_si128(qs, mask);
+    let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
+    _mm256_set_m128i(hi, lo)
+}
+
+/// q8 numerics, Q4_0 / Q4_1 row against 8-bit activations (`d`, `s`: per
+/// block scale and, for Q4_1, scaled code sum; `qs`: codes), in llama.cpp's
+/// order: eight-lane accumulator of `d_x d_y sum(q_x q_y)`, the min terms
+/// summed apart.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_q4_q8(row: &[u8], d: &[f32], s: &[f32], qs: &[i8], with_min: bool) -> f32 {
+    let bb = if with_min { 20 } else { 18 };
+    let nb = (row.len() / bb).min(d.len()).min(qs.len() / 32);
+    let nb = if with_min { nb.min(s.len()) } else { nb };
+    let mut acc = _mm256_setzero_ps();
+    let mut summs = 0f32;
+    for b in 0..nb {
+        let p = row.as_ptr().add(b * bb);
+        let (dx, m) = f16x2(p);
+        let qy = _mm256_loadu_si256(qs.as_ptr().add(32 * b) as *const __m256i);
+        let qx = nibbles32(p.add(bb - 16));
+        let xy = if with_min {
+            summs += m * s[b];
+            mul_sum_u8_i8(qx, qy)
+        } else {
+            mul_sum_i8_i8(_mm256_sub_epi8(qx, _mm256_set1_epi8(8)), qy)
+        };
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(dx * d[b]), xy, acc);
+    }
+    hsum(acc) + summs
+}
+
+/// q8 numerics, Q8_0 row against 8-bit activations.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_q8_0_q8(row: &[u8], d: &[f32], qs: &[i8]) -> f32 {
+    let nb = (row.len() / 34).min(d.len()).min(qs.len() / 32);
+    let mut acc = _mm256_setzero_ps();
+    for b in 0..nb {
+        let p = row.as_ptr().add(b * 34);
+        let (dx, _) = f16x2(p);
+        let qx = _mm256_loadu_si256(p.add(2) as *const __m256i);
+        let qy = _mm256_loadu_si256(qs.as_ptr().add(32 * b) as *const __m256i);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(dx * d[b]), mul_sum_i8_i8(qx, qy), acc);
+    }
+    hsum(acc)
+}

@@ -153,7 +153,15 @@ fn fast(
             }
             Activations::Q8(rows) => {
                 for (y, xq) in o.iter_mut().zip(rows.iter()) {
-                    *y = q8::dot(t, row, xq);
+                    // SAFETY: as above
+                    *y = unsafe {
+                        match t {
+                            GgmlType::Q4_0 => avx2::dot_q4_q8(row, &xq.d, &xq.s, &xq.qs, false),
+                            GgmlType::Q4_1 => avx2::dot_q4_q8(row, &xq.d, &xq.s, &xq.qs, true),
+                            GgmlType::Q8_0 => avx2::dot_q8_0_q8(row, &xq.d, &xq.qs),
+                            _ => q8::dot(t, row, xq),
+                        }
+                    };
                 }
             }
         }

@@ -148,7 +148,12 @@ fn q8_numerics_are_integer_products_of_rounded_activations() {
         let tol = if t == GgmlType::Q4_1 { 2e-3 } else { 1e-5 };
         let err = max_rel(&fast, &want);
         assert!(err < tol, "{t:?}: {err}");
-        assert_eq!(fast, portable, "{t:?}: the two copies differ");
+        // the same integer sums, floats summed in another order
+        let err = max_rel(
+            &fast,
+            &portable.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+        );
+        assert!(err < 1e-6, "{t:?}: the two kernels differ by {err}");
         // and q8 stays close to the f32 product (8-bit activations)
         let exact = reference(&dense, &x, rows, cols);
         let err = max_rel(&fast, &exact);
