@@ -136,7 +136,11 @@ impl Projection {
             Self::Packed(m, numerics) => {
                 let [t, _] = x.dims();
                 let device = x.device();
-                if *numerics == Numerics::F32 && t >= PACKED_GEMM_MIN_TOKENS {
+                // through burn's matmul when gradients must flow through `x`
+                // (e2e training: the kernels work on host copies)
+                let tensor_path = device.is_autodiff()
+                    || (*numerics == Numerics::F32 && t >= PACKED_GEMM_MIN_TOKENS);
+                if tensor_path {
                     let w = Tensor::<2>::from_data(
                         TensorData::new(m.dequantize(), [m.rows(), m.cols()]),
                         &device,
@@ -168,7 +172,9 @@ impl Projection {
                 Self::Dense(_) => None,
             })
             .collect();
-        let rows_kernel = |n: Numerics| n == Numerics::Q8 || t < PACKED_GEMM_MIN_TOKENS;
+        let autodiff = x.device().is_autodiff();
+        let rows_kernel =
+            |n: Numerics| !autodiff && (n == Numerics::Q8 || t < PACKED_GEMM_MIN_TOKENS);
         match packed {
             Some(ms)
                 if ms.len() > 1 && ms.iter().all(|(_, n)| *n == ms[0].1 && rows_kernel(*n)) =>
@@ -230,4 +236,44 @@ pub fn packed(
         });
     }
     QuantMatrix::new(name, info.ggml_type, d_out, d_in, gguf.tensor_shared(info))
+}
+
+#[cfg(all(test, feature = "train"))]
+mod tests {
+    use super::*;
+    use crate::gguf::TensorBytes;
+    use half::f16;
+
+    /// Packed products on an autodiff device go through burn's matmul, so
+    /// e2e training's gradients reach the activations (the row kernels run
+    /// on host copies and would cut them).
+    #[test]
+    fn packed_products_keep_gradients_on_autodiff_devices() {
+        let (rows, cols) = (4, 32);
+        let mut block = vec![0u8; 34];
+        block[0..2].copy_from_slice(&f16::from_f32(0.5).to_le_bytes());
+        for (i, q) in block[2..].iter_mut().enumerate() {
+            *q = (i as i8 - 16) as u8;
+        }
+        let bytes: Vec<u8> = (0..rows).flat_map(|_| block.clone()).collect();
+        let m = QuantMatrix::new(
+            "w",
+            crate::gguf::GgmlType::Q8_0,
+            rows,
+            cols,
+            TensorBytes::from_bytes(&bytes).unwrap(),
+        )
+        .unwrap();
+        let device = dynakv_burn::device::default_device().autodiff();
+        for numerics in [Numerics::F32, Numerics::Q8] {
+            let p = Projection::Packed(m.clone(), numerics);
+            let x = Tensor::<2>::ones([1, cols], &device).require_grad();
+            let grads = p.forward(x.clone()).unwrap().sum().backward();
+            let g: Vec<f32> = x.grad(&grads).unwrap().into_data().try_into_vec().unwrap();
+            // d(sum_r w_r . x)/dx_i = sum_r w_ri = 4 * 0.5 * (i - 16)
+            for (i, v) in g.iter().enumerate() {
+                assert_eq!(*v, 2.0 * (i as f32 - 16.0), "{numerics}");
+            }
+        }
+    }
 }
