@@ -232,12 +232,12 @@ pub(crate) unsafe fn dot_q4_q8(row: &[u8], d: &[f32], s: &[f32], qs: &[i8], with
 pub(crate) unsafe fn dot_q8_0_q8(row: &[u8], d: &[f32], qs: &[i8]) -> f32 {
     let nb = (row.len() / 34).min(d.len()).min(qs.len() / 32);
     let mut acc = _mm256_setzero_ps();
-    for b in 0..nb {
+    for (b, &dy) in d.iter().enumerate().take(nb) {
         let p = row.as_ptr().add(b * 34);
         let (dx, _) = f16x2(p);
         let qx = _mm256_loadu_si256(p.add(2) as *const __m256i);
         let qy = _mm256_loadu_si256(qs.as_ptr().add(32 * b) as *const __m256i);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(dx * d[b]), mul_sum_i8_i8(qx, qy), acc);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(dx * dy), mul_sum_i8_i8(qx, qy), acc);
     }
     hsum(acc)
 }
