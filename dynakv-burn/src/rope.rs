@@ -221,6 +221,26 @@ impl Rope {
         Ok(self.covering(1)?.host.clone())
     }
 
+    /// Rotates, on the host, every head of one token at `pos` in place: a
+    /// model's one-token decode step on host vectors (no tensor per head).
+    ///
+    /// # Shapes
+    /// - `x`: `[n_heads * head_dim]`, head after head
+    pub fn rotate_host(&self, x: &mut [f32], pos: usize) -> Result<(), CacheError> {
+        if !x.len().is_multiple_of(self.head_dim) {
+            return Err(CacheError::Shape {
+                what: "RoPE host input",
+                got: vec![x.len()],
+                expected: vec![self.head_dim],
+            });
+        }
+        let tables = self.covering(pos.saturating_add(1))?;
+        for head in x.chunks_exact_mut(self.head_dim) {
+            tables.host.rotate(head, pos);
+        }
+        Ok(())
+    }
+
     /// The cos and sin rows of some positions.
     ///
     /// # Shapes
@@ -385,6 +405,12 @@ mod tests {
         let mut h = vec![1f32, 0.0, 1.0, 0.0];
         rope.host().unwrap().rotate(&mut h, 1000);
         assert_eq!(h, y);
+        // the public host rotation: every head of a token, the same numbers
+        let mut x2 = vec![1f32, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0];
+        rope.rotate_host(&mut x2, 1000).unwrap();
+        assert_eq!(x2, [y.clone(), y.clone()].concat());
+        assert!(rope.rotate_host(&mut [0.0; 3], 0).is_err());
+        assert!(rope.rotate_host(&mut x2, 1 << 20).is_err());
         // the limit holds, and a table never grows past it
         let small = Rope::new(RopeStyle::Interleaved, 4, 4, 100.0, 600, &device).unwrap();
         small.reserve(599 + 1).unwrap();

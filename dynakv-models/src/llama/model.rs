@@ -8,7 +8,7 @@ use dynakv_burn::{AttentionCache, CacheFactory, CacheSpec, CalibrationTarget, De
 use dynakv_core::artifact::{Artifact, ModelIdentity};
 
 use super::config::LlamaConfig;
-use super::layer::{rms_norm, Block};
+use super::layer::{rms_norm, rms_norm_host, Block};
 use super::weights::{packed, raw_rows, vector, Projection, WeightMode};
 use crate::error::ModelError;
 use crate::gguf::GgufFile;
@@ -21,6 +21,8 @@ pub struct LlamaModel {
     embed: Embedding,
     blocks: Vec<Block>,
     norm: Tensor<1>,
+    /// The final norm's weights on the host (the one-token host path).
+    norm_host: Vec<f32>,
     /// `d_model -> vocab` (the embedding when weights are tied)
     output: Projection,
     rope: Rope,
@@ -106,6 +108,7 @@ impl LlamaModel {
             .map(|i| Block::load(gguf, i, &c, mode, device))
             .collect::<Result<Vec<_>, _>>()?;
         let norm = vector(gguf, "output_norm.weight", c.d_model, device)?;
+        let norm_host = gguf.tensor_f32("output_norm.weight")?.0;
         let rope = Rope::new(
             c.rope_style(),
             c.head_dim,
@@ -119,6 +122,7 @@ impl LlamaModel {
             embed,
             blocks,
             norm,
+            norm_host,
             output,
             rope,
             device: device.clone(),
@@ -269,6 +273,12 @@ impl LlamaModel {
                 self.config.context_length
             )));
         }
+        if let (Embedding::Packed(table), [token]) = (&self.embed, tokens) {
+            let host = !self.device.is_autodiff() && self.blocks.iter().all(Block::runs_on_host);
+            if host {
+                return self.hidden_host(table, *token, start_pos, cache);
+            }
+        }
         let positions: Vec<usize> = (start_pos..end).collect();
         let mut h = match &self.embed {
             Embedding::Dense(table) => {
@@ -291,6 +301,33 @@ impl LlamaModel {
                 h = block.forward(i, h, &positions, &self.config, &self.rope, cache)?;
             }
             Ok(rms_norm(h, &self.norm, self.config.rms_eps))
+        })
+    }
+
+    /// [`LlamaModel::hidden`] of one token on host vectors (packed weights
+    /// on a host device; see [`Block::forward_host`]).
+    ///
+    /// # Shapes
+    /// returns `[1, d_model]`
+    fn hidden_host(
+        &self,
+        table: &QuantMatrix,
+        token: u32,
+        pos: usize,
+        cache: &mut dyn AttentionCache,
+    ) -> Result<Tensor<2>, ModelError> {
+        let d = self.config.d_model;
+        let mut h = vec![0f32; d];
+        table.row_into(token as usize, &mut h);
+        on_worker(|| {
+            for (i, block) in self.blocks.iter().enumerate() {
+                block.forward_host(i, &mut h, pos, &self.config, &self.rope, cache)?;
+            }
+            let out = rms_norm_host(&h, &self.norm_host, self.config.rms_eps);
+            Ok(Tensor::from_data(
+                TensorData::new(out, [1, d]),
+                &self.device,
+            ))
         })
     }
 
