@@ -84,6 +84,9 @@ impl QuantMatrix {
         bytes: TensorBytes,
     ) -> Result<Self, ModelError> {
         let bad = |why: String| ModelError::Gguf(format!("tensor `{name}`: {why}"));
+        if rows == 0 || cols == 0 {
+            return Err(bad(format!("an empty matrix ({rows} x {cols})")));
+        }
         let row_bytes = ty
             .bytes_for(cols as u64)
             .ok_or_else(|| bad(format!("rows of {cols} are not whole {ty:?} blocks")))?

@@ -178,6 +178,9 @@ fn bad_shapes_and_damaged_scales_are_errors() {
     // rows of 48 are not whole blocks; the byte count must match the shape
     assert!(QuantMatrix::new("w", GgmlType::Q4_1, 4, 48, tb.clone()).is_err());
     assert!(QuantMatrix::new("w", GgmlType::Q4_1, 5, 64, tb.clone()).is_err());
+    let empty = TensorBytes::from_bytes(&[]).unwrap();
+    assert!(QuantMatrix::new("w", GgmlType::Q4_1, 0, 64, empty.clone()).is_err());
+    assert!(QuantMatrix::new("w", GgmlType::Q4_1, 4, 0, empty).is_err());
     let m = QuantMatrix::new("w", GgmlType::Q4_1, 4, 64, tb).unwrap();
     assert!(m.matmul(&[0.0; 63], Numerics::F32).is_err());
     assert!(m.matmul(&[], Numerics::F32).is_err());
