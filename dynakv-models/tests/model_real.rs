@@ -141,3 +141,16 @@ fn brown_eval_tokens_match_the_fixture() {
     let want = ids(&fixture["tokens"]);
     assert_eq!(&tokens[..want.len()], &want[..]);
 }
+
+/// On the CPU the weights stay in the file's blocks: the model holds about
+/// the file's size (the norms in f32 on top), not the 5x of f32 copies.
+#[test]
+fn packed_weights_hold_about_the_file() {
+    let path = dynakv_models::assets::default_model().unwrap();
+    let file = std::fs::metadata(&path).unwrap().len() as f64;
+    let held = common::real().model.weight_bytes() as f64;
+    assert!(
+        held <= 1.01 * file && held >= 0.9 * file,
+        "{held} bytes of weights for a {file}-byte file"
+    );
+}

@@ -28,6 +28,8 @@ pub struct LlamaModel {
     rope: Rope,
     device: Device,
     mode: WeightMode,
+    /// The output head is the embedding table (no `output.weight`).
+    tied: bool,
 }
 
 /// The token embedding table, dense or packed like the projections.
@@ -127,6 +129,7 @@ impl LlamaModel {
             rope,
             device: device.clone(),
             mode,
+            tied: out_name == "token_embd.weight",
         })
     }
 
@@ -142,11 +145,9 @@ impl LlamaModel {
             Embedding::Dense(t) => t.shape().num_elements() * 4,
             Embedding::Packed(m) => m.byte_len(),
         };
-        let tied_packed = matches!(
-            (&self.embed, &self.output),
-            (Embedding::Packed(e), Projection::Packed(o, _)) if e.byte_len() == o.byte_len()
-        );
-        let output = if tied_packed { 0 } else { self.output.bytes() };
+        // packed and tied: the head is the embedding's blocks, held once
+        let shared = self.tied && matches!(self.embed, Embedding::Packed(_));
+        let output = if shared { 0 } else { self.output.bytes() };
         embed
             + output
             + self.blocks.iter().map(Block::bytes).sum::<usize>()
