@@ -215,10 +215,11 @@ impl Rope {
         }
     }
 
-    /// The tables on the host, covering at least every position used so far
-    /// (through [`Rope::tables`], [`Rope::apply`] or [`Rope::reserve`]).
-    pub(crate) fn host(&self) -> Result<Arc<HostRope>, CacheError> {
-        Ok(self.covering(1)?.host.clone())
+    /// The tables on the host, covering every position below `end` and
+    /// every position used so far (through [`Rope::tables`], [`Rope::apply`]
+    /// or [`Rope::reserve`]).
+    pub(crate) fn host(&self, end: usize) -> Result<Arc<HostRope>, CacheError> {
+        Ok(self.covering(end.max(1))?.host.clone())
     }
 
     /// Rotates, on the host, every head of one token at `pos` in place: a
@@ -403,7 +404,7 @@ mod tests {
             assert!((*got as f64 - want).abs() < 1e-5, "{y:?} vs {expect:?}");
         }
         let mut h = vec![1f32, 0.0, 1.0, 0.0];
-        rope.host().unwrap().rotate(&mut h, 1000);
+        rope.host(1001).unwrap().rotate(&mut h, 1000);
         assert_eq!(h, y);
         // the public host rotation: every head of a token, the same numbers
         let mut x2 = vec![1f32, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0];
@@ -459,7 +460,7 @@ mod tests {
                 .try_into_vec::<f32>()
                 .unwrap();
             let mut h = x.clone();
-            rope.host().unwrap().rotate(&mut h, 5);
+            rope.host(6).unwrap().rotate(&mut h, 5);
             for (a, b) in t.iter().zip(&h) {
                 assert!((a - b).abs() < 1e-6, "{style:?}: {t:?} vs {h:?}");
             }

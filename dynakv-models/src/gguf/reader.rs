@@ -55,19 +55,24 @@ impl TensorBytes {
     /// Bytes held in memory (copied into an anonymous map): block data that
     /// does not come from a GGUF file, and tests.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, ModelError> {
-        let io = |e| ModelError::Io {
-            path: "(memory)".into(),
-            source: e,
-        };
-        // a zero-length map is an error on some systems: keep one byte
-        let mut map = memmap2::MmapMut::map_anon(bytes.len().max(1)).map_err(io)?;
-        map[..bytes.len()].copy_from_slice(bytes);
         Ok(Self {
-            map: Arc::new(map.make_read_only().map_err(io)?),
+            map: Arc::new(map_copy(bytes)?),
             start: 0,
             len: bytes.len(),
         })
     }
+}
+
+/// A read-only anonymous map holding a copy of `bytes` (at least one byte
+/// long: a zero-length map is an error on some systems).
+fn map_copy(bytes: &[u8]) -> Result<Mmap, ModelError> {
+    let io = |e| ModelError::Io {
+        path: "(memory)".into(),
+        source: e,
+    };
+    let mut map = memmap2::MmapMut::map_anon(bytes.len().max(1)).map_err(io)?;
+    map[..bytes.len()].copy_from_slice(bytes);
+    map.make_read_only().map_err(io)
 }
 
 impl std::ops::Deref for TensorBytes {
@@ -278,13 +283,7 @@ impl GgufFile {
         if bytes.is_empty() {
             return Err(ModelError::Gguf("an empty file".into()));
         }
-        let io = |e| ModelError::Io {
-            path: "(memory)".into(),
-            source: e,
-        };
-        let mut map = memmap2::MmapMut::map_anon(bytes.len()).map_err(io)?;
-        map.copy_from_slice(bytes);
-        Self::parse(map.make_read_only().map_err(io)?)
+        Self::parse(map_copy(bytes)?)
     }
 
     fn parse(mmap: Mmap) -> Result<Self, ModelError> {

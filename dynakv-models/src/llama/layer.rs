@@ -117,11 +117,6 @@ impl Block {
         ])
     }
 
-    /// Whether [`Block::forward_host`] can run this block.
-    pub fn runs_on_host(&self) -> bool {
-        self.packed().is_some()
-    }
-
     /// One token through the block on host vectors: the packed products,
     /// the norms, RoPE and SwiGLU without a tensor each, the cache through
     /// its tensor interface (three tensors in, one out).

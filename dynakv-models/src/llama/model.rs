@@ -275,8 +275,8 @@ impl LlamaModel {
             )));
         }
         if let (Embedding::Packed(table), [token]) = (&self.embed, tokens) {
-            let host = !self.device.is_autodiff() && self.blocks.iter().all(Block::runs_on_host);
-            if host {
+            // packed weights on a host device: every block runs on host vectors
+            if !self.device.is_autodiff() && matches!(self.mode, WeightMode::Packed(_)) {
                 return self.hidden_host(table, *token, start_pos, cache);
             }
         }
@@ -288,14 +288,13 @@ impl LlamaModel {
                     Tensor::<1, Int>::from_data(TensorData::new(ids, [tokens.len()]), &self.device);
                 table.clone().select(0, ids)
             }
-            Embedding::Packed(m) => {
-                let d = self.config.d_model;
-                let mut rows = vec![0f32; tokens.len() * d];
-                for (&t, row) in tokens.iter().zip(rows.chunks_exact_mut(d)) {
-                    m.row_into(t as usize, row);
-                }
-                Tensor::from_data(TensorData::new(rows, [tokens.len(), d]), &self.device)
-            }
+            Embedding::Packed(m) => Tensor::from_data(
+                TensorData::new(
+                    packed_rows(m, tokens, self.config.d_model),
+                    [tokens.len(), self.config.d_model],
+                ),
+                &self.device,
+            ),
         };
         on_worker(|| {
             for (i, block) in self.blocks.iter().enumerate() {
@@ -318,8 +317,7 @@ impl LlamaModel {
         cache: &mut dyn AttentionCache,
     ) -> Result<Tensor<2>, ModelError> {
         let d = self.config.d_model;
-        let mut h = vec![0f32; d];
-        table.row_into(token as usize, &mut h);
+        let mut h = packed_rows(table, &[token], d);
         on_worker(|| {
             for (i, block) in self.blocks.iter().enumerate() {
                 block.forward_host(i, &mut h, pos, &self.config, &self.rope, cache)?;
@@ -377,6 +375,19 @@ impl LlamaModel {
         let logits = self.forward(&tokens[..tokens.len() - 1], 0, cache)?;
         Ok(nll_and_top1(logits, &tokens[1..]))
     }
+}
+
+/// The embedding rows of `tokens` from a packed table (ids checked by the
+/// caller against the vocabulary).
+///
+/// # Shapes
+/// returns `[tokens.len(), d]` row-major
+fn packed_rows(table: &QuantMatrix, tokens: &[u32], d: usize) -> Vec<f32> {
+    let mut rows = vec![0f32; tokens.len() * d];
+    for (&t, row) in tokens.iter().zip(rows.chunks_exact_mut(d)) {
+        table.row_into(t as usize, row);
+    }
+    rows
 }
 
 /// Runs `f` on a thread of rayon's global pool, the caller waiting.

@@ -135,27 +135,14 @@ impl Projection {
     /// - `x`: `[T, in]`; returns `[T, out]`
     pub fn forward(&self, x: Tensor<2>) -> Result<Tensor<2>, ModelError> {
         match self {
-            Self::Dense(w) => Ok(x.matmul(w.clone())),
-            Self::Packed(m, numerics) => {
-                let [t, _] = x.dims();
+            Self::Packed(m, n) if row_kernels(*n, &x) => {
+                let mut y = packed_products(&[m], *n, x)?;
+                y.pop()
+                    .ok_or_else(|| ModelError::InvalidInput("one product".into()))
+            }
+            _ => {
                 let device = x.device();
-                // through burn's matmul when gradients must flow through `x`
-                // (e2e training: the kernels work on host copies)
-                let tensor_path = device.is_autodiff()
-                    || (*numerics == Numerics::F32 && t >= PACKED_GEMM_MIN_TOKENS);
-                if tensor_path {
-                    let w = Tensor::<2>::from_data(
-                        TensorData::new(m.dequantize(), [m.rows(), m.cols()]),
-                        &device,
-                    );
-                    return Ok(x.matmul(w.transpose()));
-                }
-                let xs = x.into_data().try_into_vec::<f32>()?;
-                let y = m.matmul(&xs, *numerics)?;
-                Ok(Tensor::from_data(
-                    TensorData::new(y, [t, m.rows()]),
-                    &device,
-                ))
+                Ok(x.matmul(self.dense(&device)))
             }
         }
     }
@@ -167,7 +154,6 @@ impl Projection {
     /// # Shapes
     /// - `x`: `[T, in]`; returns one `[T, out_i]` per projection
     pub fn forward_group(ps: &[&Self], x: Tensor<2>) -> Result<Vec<Tensor<2>>, ModelError> {
-        let [t, _] = x.dims();
         let packed: Option<Vec<(&QuantMatrix, Numerics)>> = ps
             .iter()
             .map(|p| match p {
@@ -175,22 +161,10 @@ impl Projection {
                 Self::Dense(_) => None,
             })
             .collect();
-        let autodiff = x.device().is_autodiff();
-        let rows_kernel =
-            |n: Numerics| !autodiff && (n == Numerics::Q8 || t < PACKED_GEMM_MIN_TOKENS);
         match packed {
-            Some(ms)
-                if ms.len() > 1 && ms.iter().all(|(_, n)| *n == ms[0].1 && rows_kernel(*n)) =>
-            {
-                let device = x.device();
-                let xs = x.into_data().try_into_vec::<f32>()?;
+            Some(ms) if ms.iter().all(|(_, n)| *n == ms[0].1 && row_kernels(*n, &x)) => {
                 let mats: Vec<&QuantMatrix> = ms.iter().map(|(m, _)| *m).collect();
-                let ys = crate::qmatmul::matmul_group(&mats, &xs, ms[0].1)?;
-                Ok(ys
-                    .into_iter()
-                    .zip(&mats)
-                    .map(|(y, m)| Tensor::from_data(TensorData::new(y, [t, m.rows()]), &device))
-                    .collect())
+                packed_products(&mats, ms[0].1, x)
             }
             _ => ps.iter().map(|p| p.forward(x.clone())).collect(),
         }
@@ -219,6 +193,35 @@ impl Projection {
             Self::Packed(m, _) => m.byte_len(),
         }
     }
+}
+
+/// Whether a product against packed weights runs in the row kernels: q8
+/// numerics always, f32 below [`PACKED_GEMM_MIN_TOKENS`] tokens; never on an
+/// autodiff device, where gradients must flow through `x` (e2e training; the
+/// kernels work on host copies) and burn's matmul takes the dequantised
+/// matrix instead.
+fn row_kernels(numerics: Numerics, x: &Tensor<2>) -> bool {
+    !x.device().is_autodiff() && (numerics == Numerics::Q8 || x.dims()[0] < PACKED_GEMM_MIN_TOKENS)
+}
+
+/// Packed matrices against `x` in the row kernels, one tensor per matrix.
+///
+/// # Shapes
+/// - `x`: `[T, in]`; returns one `[T, rows_i]` per matrix
+fn packed_products(
+    mats: &[&QuantMatrix],
+    numerics: Numerics,
+    x: Tensor<2>,
+) -> Result<Vec<Tensor<2>>, ModelError> {
+    let [t, _] = x.dims();
+    let device = x.device();
+    let xs = x.into_data().try_into_vec::<f32>()?;
+    let ys = crate::qmatmul::matmul_group(mats, &xs, numerics)?;
+    Ok(ys
+        .into_iter()
+        .zip(mats)
+        .map(|(y, m)| Tensor::from_data(TensorData::new(y, [t, m.rows()]), &device))
+        .collect())
 }
 
 /// A GGUF matrix of `d_out` rows of `d_in` values, kept packed.

@@ -6,7 +6,6 @@
 //! and the portable code otherwise; tests run both on every format.
 
 use super::q8::{self, Q8Row};
-use super::Numerics;
 use crate::gguf::{dequantize_into, GgmlType};
 
 /// Partial sums of the portable dot product.
@@ -56,14 +55,19 @@ pub(crate) fn block_sums(x: &[f32], cols: usize) -> Vec<f32> {
     x.chunks_exact(32).map(|b| b.iter().sum()).collect()
 }
 
-/// Products of weight rows with every activation row.
+/// Products of weight rows with every activation row: one body for both
+/// kernels. `AVX2` is true only in [`fast`], the copy compiled for AVX2, FMA
+/// and F16C, where the products go to `avx2.rs`: fused kernels for Q4_0,
+/// Q4_1 and Q8_0 rows, a dequantised row and an AVX2 dot for the other
+/// formats, integer products for q8; the portable copy dequantises each row
+/// and dots it, and takes q8 in `q8.rs`.
 ///
 /// # Shapes
 /// - `weights`: consecutive rows of `row_bytes` bytes (`cols` elements each)
 /// - `out`: `[rows, T]` row-major (one row's `T` products together)
 /// - `scratch`: at least `cols` floats (one dequantised row)
 #[inline(always)]
-fn portable(
+fn body<const AVX2: bool>(
     t: GgmlType,
     cols: usize,
     row_bytes: usize,
@@ -72,38 +76,97 @@ fn portable(
     out: &mut [f32],
     scratch: &mut [f32],
 ) {
-    let n_tok = n_tokens(x, cols);
+    let n_tok = match x {
+        Activations::F32 { x, .. } => x.len() / cols.max(1),
+        Activations::Q8(rows) => rows.len(),
+    };
     let w = &mut scratch[..cols];
+    let nb = cols / 32;
+    let fused = AVX2
+        && matches!(t, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+        && matches!(x, Activations::F32 { xsum, .. } if nb > 0 && xsum.len() == nb * n_tok);
     for (row, o) in weights
         .chunks_exact(row_bytes)
         .zip(out.chunks_exact_mut(n_tok.max(1)))
     {
         match x {
+            Activations::F32 { x, xsum } if fused => {
+                let sums = xsum.chunks_exact(nb);
+                for ((y, xt), xs) in o.iter_mut().zip(x.chunks_exact(cols)).zip(sums) {
+                    *y = fused_f32(t, row, xt, xs);
+                }
+            }
             Activations::F32 { x, .. } => {
                 dequantize_into(t, row, w);
                 for (y, xt) in o.iter_mut().zip(x.chunks_exact(cols)) {
-                    *y = dot_f32(w, xt);
+                    *y = dot::<AVX2>(w, xt);
                 }
             }
             Activations::Q8(rows) => {
                 for (y, xq) in o.iter_mut().zip(rows.iter()) {
-                    *y = q8::dot(t, row, xq);
+                    *y = q8_product::<AVX2>(t, row, xq);
                 }
             }
         }
     }
 }
 
-fn n_tokens(x: &Activations<'_>, cols: usize) -> usize {
-    match x {
-        Activations::F32 { x, .. } => x.len() / cols.max(1),
-        Activations::Q8(rows) => rows.len(),
+/// A fused f32-numerics row product (Q4_0, Q4_1, Q8_0); reached only from
+/// [`fast`] (`fused` needs `AVX2`).
+#[inline(always)]
+fn fused_f32(t: GgmlType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::avx2;
+        // SAFETY: only the AVX2 copy of `body` sets `fused`, and it runs only
+        // where the CPU has AVX2, FMA and F16C; the slices bound every access.
+        unsafe {
+            match t {
+                GgmlType::Q4_0 => avx2::dot_q4(row, x, xsum, false),
+                GgmlType::Q4_1 => avx2::dot_q4(row, x, xsum, true),
+                _ => avx2::dot_q8_0(row, x),
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (t, row, x, xsum);
+        f32::NAN
     }
 }
 
-/// [`portable`] with AVX2: fused kernels for Q4_0, Q4_1 and Q8_0 rows, a
-/// dequantised row and an AVX2 dot for the other formats, the same integer
-/// code (compiled for AVX2) for q8.
+/// The dot product of a dequantised row with activations.
+#[inline(always)]
+fn dot<const AVX2: bool>(w: &[f32], x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if AVX2 {
+        // SAFETY: `AVX2` only in the copy that runs where the CPU has it
+        return unsafe { super::avx2::dot_f32(w, x) };
+    }
+    dot_f32(w, x)
+}
+
+/// A q8-numerics row product: AVX2 integer kernels for the 32-element
+/// formats in the AVX2 copy, `q8::dot` otherwise.
+#[inline(always)]
+fn q8_product<const AVX2: bool>(t: GgmlType, row: &[u8], xq: &Q8Row) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if AVX2 {
+        use super::avx2;
+        // SAFETY: `AVX2` only in the copy that runs where the CPU has it
+        unsafe {
+            match t {
+                GgmlType::Q4_0 => return avx2::dot_q4_q8(row, &xq.d, &xq.s, &xq.qs, false),
+                GgmlType::Q4_1 => return avx2::dot_q4_q8(row, &xq.d, &xq.s, &xq.qs, true),
+                GgmlType::Q8_0 => return avx2::dot_q8_0_q8(row, &xq.d, &xq.qs),
+                _ => {}
+            }
+        }
+    }
+    q8::dot(t, row, xq)
+}
+
+/// [`body`] compiled for AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn fast(
@@ -115,57 +178,7 @@ fn fast(
     out: &mut [f32],
     scratch: &mut [f32],
 ) {
-    use super::avx2;
-    let n_tok = n_tokens(x, cols);
-    let w = &mut scratch[..cols];
-    let nb = cols / 32;
-    for (row, o) in weights
-        .chunks_exact(row_bytes)
-        .zip(out.chunks_exact_mut(n_tok.max(1)))
-    {
-        match x {
-            Activations::F32 { x, xsum } => {
-                let fused = nb > 0 && xsum.len() == nb * n_tok;
-                match t {
-                    GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 if fused => {
-                        let sums = xsum.chunks_exact(nb);
-                        for ((y, xt), xs) in o.iter_mut().zip(x.chunks_exact(cols)).zip(sums) {
-                            // SAFETY: this function runs only where the CPU
-                            // has AVX2, FMA and F16C; the slices bound every
-                            // access.
-                            *y = unsafe {
-                                match t {
-                                    GgmlType::Q4_0 => avx2::dot_q4(row, xt, xs, false),
-                                    GgmlType::Q4_1 => avx2::dot_q4(row, xt, xs, true),
-                                    _ => avx2::dot_q8_0(row, xt),
-                                }
-                            };
-                        }
-                    }
-                    _ => {
-                        dequantize_into(t, row, w);
-                        for (y, xt) in o.iter_mut().zip(x.chunks_exact(cols)) {
-                            // SAFETY: as above
-                            *y = unsafe { avx2::dot_f32(w, xt) };
-                        }
-                    }
-                }
-            }
-            Activations::Q8(rows) => {
-                for (y, xq) in o.iter_mut().zip(rows.iter()) {
-                    // SAFETY: as above
-                    *y = unsafe {
-                        match t {
-                            GgmlType::Q4_0 => avx2::dot_q4_q8(row, &xq.d, &xq.s, &xq.qs, false),
-                            GgmlType::Q4_1 => avx2::dot_q4_q8(row, &xq.d, &xq.s, &xq.qs, true),
-                            GgmlType::Q8_0 => avx2::dot_q8_0_q8(row, &xq.d, &xq.qs),
-                            _ => q8::dot(t, row, xq),
-                        }
-                    };
-                }
-            }
-        }
-    }
+    body::<true>(t, cols, row_bytes, weights, x, out, scratch)
 }
 
 /// Whether the AVX2 copy runs on this CPU.
@@ -186,7 +199,7 @@ pub(crate) fn has_avx2() -> bool {
 /// one, for tests that compare the two).
 ///
 /// # Shapes
-/// as [`portable`]
+/// as [`body`]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn rows(
     t: GgmlType,
@@ -205,14 +218,5 @@ pub(crate) fn rows(
         return;
     }
     let _ = force_portable;
-    portable(t, cols, row_bytes, weights, x, out, scratch)
-}
-
-/// The numerics a product runs in, for a weight type: q8 only where the
-/// weights are quantised (float weights take f32 activations in llama.cpp too).
-pub(crate) fn effective(numerics: Numerics, t: GgmlType) -> Numerics {
-    match q8::Q8Kind::for_weights(t) {
-        Some(_) => numerics,
-        None => Numerics::F32,
-    }
+    body::<false>(t, cols, row_bytes, weights, x, out, scratch)
 }

@@ -213,33 +213,35 @@ fn matmul_group_with(
         )));
     }
     let t = x.len() / cols;
-    // activations in each form a matrix of the group needs, made once
-    let sums = kernel::block_sums(x, cols);
+    // activations in each form a matrix of the group needs, made once: q8
+    // rows of the weight type's kind in q8 numerics (float weights take f32
+    // in either numerics, as in llama.cpp), f32 with block sums otherwise
+    let kind_of = |m: &QuantMatrix| match numerics {
+        Numerics::Q8 => q8::Q8Kind::for_weights(m.ty),
+        Numerics::F32 => None,
+    };
     let mut quantised: Vec<(q8::Q8Kind, Vec<q8::Q8Row>)> = Vec::new();
-    if numerics == Numerics::Q8 {
-        for m in ms {
-            if let Some(kind) = q8::Q8Kind::for_weights(m.ty) {
-                if !quantised.iter().any(|(k, _)| *k == kind) {
-                    let rows = x
-                        .chunks_exact(cols)
-                        .map(|r| q8::quantize(kind, r))
-                        .collect();
-                    quantised.push((kind, rows));
-                }
-            }
+    for kind in ms.iter().filter_map(|m| kind_of(m)) {
+        if !quantised.iter().any(|(k, _)| *k == kind) {
+            let rows = x
+                .chunks_exact(cols)
+                .map(|r| q8::quantize(kind, r))
+                .collect();
+            quantised.push((kind, rows));
         }
     }
+    let sums = if ms.iter().any(|m| kind_of(m).is_none()) {
+        kernel::block_sums(x, cols)
+    } else {
+        Vec::new()
+    };
     let acts: Vec<Activations<'_>> = ms
         .iter()
         .map(|m| {
-            let kind = q8::Q8Kind::for_weights(m.ty);
-            match (kernel::effective(numerics, m.ty), kind) {
-                (Numerics::Q8, Some(kind)) => quantised
-                    .iter()
-                    .find(|(k, _)| *k == kind)
-                    .map(|(_, rows)| Activations::Q8(rows))
-                    .unwrap_or(Activations::F32 { x, xsum: &sums }),
-                _ => Activations::F32 { x, xsum: &sums },
+            let rows = kind_of(m).and_then(|kind| quantised.iter().find(|(k, _)| *k == kind));
+            match rows {
+                Some((_, rows)) => Activations::Q8(rows),
+                None => Activations::F32 { x, xsum: &sums },
             }
         })
         .collect();

@@ -1,4 +1,6 @@
 use half::f16;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 use super::*;
 use crate::gguf::dequantize;
@@ -15,33 +17,19 @@ const TYPES: [(GgmlType, &[usize]); 7] = [
     (GgmlType::F16, &[]),
 ];
 
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.0 >> 33
-    }
-    fn unit(&mut self) -> f32 {
-        (self.next() % 20_001) as f32 / 10_000.0 - 1.0
-    }
-}
-
 /// Random blocks for a `rows x cols` matrix of type `t`.
 fn random_matrix(t: GgmlType, scales: &[usize], rows: usize, cols: usize, seed: u64) -> Vec<u8> {
-    let mut rng = Lcg(seed);
+    let mut rng = StdRng::seed_from_u64(seed);
     let (be, bb) = t.block();
     let n_blocks = rows * cols / be;
-    let mut b: Vec<u8> = (0..n_blocks * bb).map(|_| rng.next() as u8).collect();
+    let mut b: Vec<u8> = (0..n_blocks * bb).map(|_| rng.random()).collect();
     for blk in b.chunks_exact_mut(bb) {
         if t == GgmlType::F16 {
-            let v = f16::from_f32(rng.unit());
+            let v = f16::from_f32(rng.random_range(-1.0..1.0));
             blk.copy_from_slice(&v.to_le_bytes());
         }
         for &o in scales {
-            let v = f16::from_f32(rng.unit() * 0.05);
+            let v = f16::from_f32(rng.random_range(-0.05..0.05));
             blk[o..o + 2].copy_from_slice(&v.to_le_bytes());
         }
     }
@@ -62,8 +50,8 @@ fn matrix(
 }
 
 fn activations(t: usize, cols: usize, seed: u64) -> Vec<f32> {
-    let mut rng = Lcg(seed);
-    (0..t * cols).map(|_| rng.unit()).collect()
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..t * cols).map(|_| rng.random_range(-1.0..1.0)).collect()
 }
 
 /// `x W^T` in f64 from dense rows.

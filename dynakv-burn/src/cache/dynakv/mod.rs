@@ -252,11 +252,10 @@ impl AttentionCache for DynaKvCache {
             ));
         }
         if self.bases.storage == KvStorage::Host && t <= HOST_KERNEL_MAX_QUERIES {
-            // covers every stored position (append reserved them) and, after
-            // this reserve, the queries'
+            // covers every stored position (append reserved them) and the
+            // queries'
             let end = positions.iter().max().map_or(0, |&p| p.saturating_add(1));
-            self.rope.reserve(end)?;
-            let rope = self.rope.host()?;
+            let rope = self.rope.host(end)?;
             let index = [0, 1].map(|k| store.index(k, &self.bases.levels));
             let views = |k: usize| -> Vec<BucketView<'_>> {
                 store.buckets[k]
