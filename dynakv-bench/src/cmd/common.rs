@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use dynakv_burn::device::default_device;
+use dynakv_models::assets::KnownModel;
 use dynakv_models::gguf::GgufFile;
 use dynakv_models::llama::WeightMode;
 use dynakv_models::qmatmul::Numerics;
@@ -29,7 +30,10 @@ pub fn check_writable(flag: &str, path: &Path) -> Result<()> {
 /// `--model PATH`: any llama-family GGUF; the default model is fetched if absent.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// A llama-family GGUF file (default: SmolLM2-135M-Instruct Q4_1, fetched on first use).
+    /// A model by name, fetched on first use (`smollm2-135m`, the default:
+    /// SmolLM2-135M-Instruct Q4_1; `gemma3-270m`: Gemma 3 270M Q4_K_M), or
+    /// the path of a GGUF file of a supported architecture (llama, mistral,
+    /// gemma3; `./NAME` for a file that has a model's name).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// How the projection weights are held: packed (the file's block
@@ -74,10 +78,16 @@ impl Loaded {
 
 impl ModelArgs {
     pub fn path(&self) -> Result<PathBuf> {
-        match &self.model {
-            Some(p) => Ok(p.clone()),
-            None => dynakv_models::assets::default_model().context("fetching the default model"),
-        }
+        let known = match &self.model {
+            None => KnownModel::Smollm2,
+            Some(p) => match p.to_str().and_then(KnownModel::from_name) {
+                Some(m) => m,
+                None => return Ok(p.clone()),
+            },
+        };
+        known
+            .ensure()
+            .with_context(|| format!("fetching the model {}", known.name()))
     }
 
     /// The weight mode these flags ask for on `device`; `--matmul q8` needs
