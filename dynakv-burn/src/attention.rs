@@ -4,7 +4,9 @@
 //! repeating each KV head G = H / H_kv times, the G query heads that share a KV
 //! head are folded into the query length: `[B, H, T, D] -> [B, H_kv, G*T, D]`.
 //! Causality is by position (`key_pos <= query_pos`), so it works for any set of
-//! stored positions, including pruned ones.
+//! stored positions, including pruned ones. A sliding window (a query at `p`
+//! sees keys at `p - window < k <= p`, llama.cpp's standard SWA) is one more
+//! condition on positions.
 
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
@@ -22,15 +24,37 @@ pub fn causal_mask(
     groups: usize,
     device: &Device,
 ) -> Option<Tensor<4, Bool>> {
+    window_mask(q_pos, k_pos, groups, None, device)
+}
+
+/// Whether a query at `q` does not see a key at `k`: a later key, or one a
+/// window of `window` positions has left behind.
+pub fn hidden(q: usize, k: usize, window: Option<usize>) -> bool {
+    k > q || window.is_some_and(|w| q - k >= w)
+}
+
+/// [`causal_mask`] with an optional sliding window ([`hidden`]).
+///
+/// # Shapes
+/// returns `[1, 1, G*T, S]` expanded by the caller.
+pub fn window_mask(
+    q_pos: &[usize],
+    k_pos: &[usize],
+    groups: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Option<Tensor<4, Bool>> {
     let q_min = q_pos.iter().copied().min()?;
+    let q_max = q_pos.iter().copied().max()?;
+    let k_min = k_pos.iter().copied().min()?;
     let k_max = k_pos.iter().copied().max()?;
-    if k_max <= q_min {
+    if k_max <= q_min && !hidden(q_max, k_min, window) {
         return None;
     }
     let (t, s) = (q_pos.len(), k_pos.len());
     let mut rows = Vec::with_capacity(t * s);
     for &qp in q_pos {
-        rows.extend(k_pos.iter().map(|&kp| kp > qp));
+        rows.extend(k_pos.iter().map(|&kp| hidden(qp, kp, window)));
     }
     let mut data = Vec::with_capacity(groups * t * s);
     for _ in 0..groups {
@@ -64,26 +88,48 @@ pub fn causal_attention(
     q_pos: &[usize],
     k_pos: &[usize],
 ) -> Tensor<4> {
+    windowed_attention(q, k, v, q_pos, k_pos, None)
+}
+
+/// [`causal_attention`] with an optional sliding window: a block of
+/// queries reads only the keys from its first query's window start to its
+/// last query, so a windowed layer's prefill costs O(T * window), not
+/// O(T * S). With a window, short chunks (a decode step) are blocked too.
+///
+/// # Shapes
+/// as [`causal_attention`]
+pub fn windowed_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    q_pos: &[usize],
+    k_pos: &[usize],
+    window: Option<usize>,
+) -> Tensor<4> {
     let [_, h, t, _] = q.dims();
     let groups = h / k.dims()[1];
     let device = q.device();
     let ascending = |p: &[usize]| p.windows(2).all(|w| w[0] <= w[1]);
-    if t < 2 * CAUSAL_BLOCK || !ascending(q_pos) || !ascending(k_pos) {
-        let mask = causal_mask(q_pos, k_pos, groups, &device);
+    let short = t < 2 * CAUSAL_BLOCK && window.is_none();
+    if short || !ascending(q_pos) || !ascending(k_pos) {
+        let mask = window_mask(q_pos, k_pos, groups, window, &device);
         return gqa_attention(q, k, v, mask);
     }
     let mut outs = Vec::new();
     for start in (0..t).step_by(CAUSAL_BLOCK) {
         let n = CAUSAL_BLOCK.min(t - start);
         let block_pos = &q_pos[start..start + n];
-        let last = block_pos[n - 1];
+        let (first, last) = (block_pos[0], block_pos[n - 1]);
         // No visible key at all stays fully masked, as in one masked call.
-        let visible = k_pos.partition_point(|&p| p <= last).max(1);
-        let mask = causal_mask(block_pos, &k_pos[..visible], groups, &device);
+        let end = k_pos.partition_point(|&p| p <= last).max(1);
+        let begin = window.map_or(0, |w| k_pos.partition_point(|&p| p + w <= first));
+        let begin = begin.min(end - 1);
+        let keys = &k_pos[begin..end];
+        let mask = window_mask(block_pos, keys, groups, window, &device);
         outs.push(gqa_attention(
             q.clone().narrow(2, start, n),
-            k.clone().narrow(2, 0, visible),
-            v.clone().narrow(2, 0, visible),
+            k.clone().narrow(2, begin, end - begin),
+            v.clone().narrow(2, begin, end - begin),
             mask,
         ));
     }
@@ -127,6 +173,17 @@ mod tests {
         q_pos: &[usize],
         k_pos: &[usize],
     ) -> Tensor<4> {
+        reference_windowed(q, k, v, q_pos, k_pos, None)
+    }
+
+    fn reference_windowed(
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        q_pos: &[usize],
+        k_pos: &[usize],
+        window: Option<usize>,
+    ) -> Tensor<4> {
         let [b, h, t, d] = q.dims();
         let [_, h_kv, s, _] = k.dims();
         let g = h / h_kv;
@@ -142,7 +199,7 @@ mod tests {
         let mut bias = vec![0f32; t * s];
         for (i, &qp) in q_pos.iter().enumerate() {
             for (j, &kp) in k_pos.iter().enumerate() {
-                if kp > qp {
+                if hidden(qp, kp, window) {
                     bias[i * s + j] = f32::NEG_INFINITY;
                 }
             }
@@ -204,6 +261,50 @@ mod tests {
             let diff: f32 = (got - want).abs().max().into_scalar();
             assert!(diff < 1e-5, "diff {diff}");
         }
+    }
+
+    #[test]
+    fn windowed_attention_equals_explicit_masked_softmax() {
+        let device = default_device();
+        let (h, h_kv, d) = (4, 2, 8);
+        let rand = |heads, n| {
+            Tensor::<4>::random(
+                [1, heads, n, d],
+                burn::tensor::Distribution::Default,
+                &device,
+            )
+        };
+        // a long prefill (blocked), a decode step far past the window, a
+        // short chunk, and keys that skip positions
+        let long = CAUSAL_BLOCK + 300;
+        let cases: Vec<(Vec<usize>, Vec<usize>)> = vec![
+            ((0..long).collect(), (0..long).collect()),
+            (vec![900], (0..901).collect()),
+            ((40..45).collect(), (0..45).collect()),
+            (
+                (60..63).collect(),
+                (0..60).step_by(2).chain(60..63).collect(),
+            ),
+        ];
+        for window in [1usize, 7, 100] {
+            for (q_pos, k_pos) in &cases {
+                let (q, k, v) = (
+                    rand(h, q_pos.len()),
+                    rand(h_kv, k_pos.len()),
+                    rand(h_kv, k_pos.len()),
+                );
+                let want =
+                    reference_windowed(q.clone(), k.clone(), v.clone(), q_pos, k_pos, Some(window));
+                let got = windowed_attention(q, k, v, q_pos, k_pos, Some(window));
+                let diff: f32 = (got - want).abs().max().into_scalar();
+                assert!(
+                    diff < 1e-5,
+                    "window {window}, {} queries: diff {diff}",
+                    q_pos.len()
+                );
+            }
+        }
+        assert!(hidden(10, 3, Some(7)) && !hidden(10, 4, Some(7)) && hidden(3, 4, None));
     }
 
     #[test]

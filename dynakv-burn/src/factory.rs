@@ -11,11 +11,13 @@ use dynakv_core::policy::RankPolicy;
 use dynakv_snapkv::SnapKvConfig;
 
 use crate::cache::{
-    AttentionCache, CacheGeometry, DenseCache, DynaKvBases, DynaKvCache, KvStorage,
+    AttentionCache, CacheGeometry, DenseCache, DynaKvBases, DynaKvCache, KvStorage, LayeredCache,
+    Precision,
 };
 #[cfg(feature = "snapkv")]
 use crate::cache::{PrunableCache, SnapKvCache};
 use crate::error::CacheError;
+use crate::layer_plan::{LayerPlan, PlanSplit};
 use crate::rope::Rope;
 use crate::spec::CacheSpec;
 
@@ -52,6 +54,9 @@ pub struct CacheFactory {
     #[cfg(feature = "snapkv")]
     snapkv: Option<SnapKvConfig>,
     spec: CacheSpec,
+    /// For a model whose layers differ ([`CacheFactory::for_plan`]): the
+    /// global layers (this factory's geometry) and the windowed groups.
+    plan: Option<(PlanSplit, usize)>,
 }
 
 impl CacheFactory {
@@ -134,11 +139,83 @@ impl CacheFactory {
                 .transpose()?,
             dynakv,
             spec: spec.clone(),
+            plan: None,
         })
+    }
+
+    /// A factory for a model whose layers attend differently (`plan`, one
+    /// entry per layer of `geometry`): the spec's cache holds the global
+    /// layers (so an artifact is calibrated for them: [`CacheFactory::geometry`]
+    /// is theirs), and each group of windowed layers a dense cache bounded
+    /// by its window, in the spec's dense precision. A uniform plan is the
+    /// plain factory ([`CacheFactory::with_storage`]).
+    pub fn for_plan(
+        plan: &LayerPlan,
+        geometry: CacheGeometry,
+        device: &Device,
+        artifact: Option<&Artifact>,
+        spec: &CacheSpec,
+        storage: KvStorage,
+    ) -> Result<Self, CacheError> {
+        if plan.layers.len() != geometry.n_layers {
+            return Err(CacheError::Config(format!(
+                "a layer plan of {} layers for a model of {}",
+                plan.layers.len(),
+                geometry.n_layers
+            )));
+        }
+        let split = plan.split()?;
+        let global = CacheGeometry {
+            n_layers: split.global.len(),
+            ..geometry
+        };
+        let mut factory =
+            Self::with_storage(global, split.rope.clone(), device, artifact, spec, storage)?;
+        if plan.is_uniform() {
+            return Ok(factory);
+        }
+        for g in &split.windows {
+            geometry.check_rope(&g.rope)?;
+            if g.rope.device() != *device {
+                return Err(CacheError::Config(format!(
+                    "the RoPE tables of layers {:?} are on {:?}, the caches would be on {device:?}",
+                    g.layers,
+                    g.rope.device()
+                )));
+            }
+        }
+        factory.plan = Some((split, geometry.n_layers));
+        Ok(factory)
     }
 
     /// A fresh, empty cache.
     pub fn make(&self) -> Result<Box<dyn AttentionCache>, CacheError> {
+        let main = self.make_global()?;
+        let Some((split, n_layers)) = &self.plan else {
+            return Ok(main);
+        };
+        let precision = Precision {
+            k: self.spec.precision.k,
+            v: self.spec.precision.v,
+            rotate: self.spec.precision.rotate,
+            ..Precision::default()
+        };
+        let mut parts = vec![main];
+        for g in &split.windows {
+            let geometry = CacheGeometry {
+                n_layers: g.layers.len(),
+                ..self.geometry
+            };
+            let dense =
+                DenseCache::with_precision(geometry, g.rope.clone(), self.storage, precision)?
+                    .with_window(g.window)?;
+            parts.push(Box::new(dense));
+        }
+        Ok(Box::new(LayeredCache::new(parts, split.route(*n_layers))?))
+    }
+
+    /// The spec's cache for the global layers (every layer, without a plan).
+    fn make_global(&self) -> Result<Box<dyn AttentionCache>, CacheError> {
         match &self.dynakv {
             None => {
                 let dense = DenseCache::with_precision(
@@ -179,6 +256,12 @@ impl CacheFactory {
         let Some(shared) = &self.dynakv else {
             return Err(CacheError::Config("the spec is the dense cache".into()));
         };
+        if self.plan.is_some() {
+            return Err(CacheError::Config(
+                "make_dynakv builds one cache for every layer; this model has windowed layers (use make)"
+                    .into(),
+            ));
+        }
         self.new_dynakv(shared)
     }
 
@@ -210,6 +293,8 @@ impl CacheFactory {
         &self.spec
     }
 
+    /// The geometry of the spec's cache: the model's, or its global
+    /// layers' for a factory built [`CacheFactory::for_plan`].
     pub fn geometry(&self) -> CacheGeometry {
         self.geometry
     }

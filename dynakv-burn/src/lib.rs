@@ -60,6 +60,7 @@ pub mod device;
 mod error;
 mod factory;
 mod host;
+mod layer_plan;
 #[cfg(feature = "snapkv")]
 pub mod preset;
 pub mod rope;
@@ -73,7 +74,7 @@ pub mod train;
 pub use cache::SnapKvCache;
 pub use cache::{
     AttentionCache, CacheGeometry, CacheWrapper, DenseCache, DynaKvBases, DynaKvCache,
-    KeepPositions, KvStorage, Precision, PrunableCache, Recorded, RecordingCache,
+    KeepPositions, KvStorage, LayeredCache, Precision, PrunableCache, Recorded, RecordingCache,
 };
 pub use calibrate::{calibrate, CalibrationConfig, CalibrationTarget};
 pub use dynakv_core;
@@ -81,6 +82,7 @@ pub use dynakv_core;
 pub use dynakv_snapkv;
 pub use error::CacheError;
 pub use factory::CacheFactory;
+pub use layer_plan::{LayerAttention, LayerPlan};
 #[cfg(feature = "snapkv")]
 pub use preset::{Preset, PRESETS};
 pub use rope::{Rope, RopeStyle};

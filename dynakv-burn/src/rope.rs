@@ -134,6 +134,11 @@ impl Rope {
         })
     }
 
+    /// The frequency base.
+    pub fn base(&self) -> f64 {
+        self.base
+    }
+
     /// The limit on positions.
     pub fn max_positions(&self) -> usize {
         self.max_positions

@@ -9,7 +9,7 @@ use super::{
     host_rows, AttentionCache, CacheGeometry, KeepPositions, KvStorage, Precision, PrunableCache,
     HOST_KERNEL_MAX_QUERIES,
 };
-use crate::attention::{causal_attention, causal_mask, gqa_attention};
+use crate::attention::{gqa_attention, window_mask, windowed_attention};
 use crate::error::CacheError;
 use crate::host::dense_decode::{self, HeadView};
 use crate::host::math::Heads;
@@ -48,13 +48,19 @@ impl StoredPositions {
     ///
     /// # Shapes
     /// returns `[1, 1, G*T, S]` (shared) or `[1, H_kv, G*T, S]` (per head).
-    fn mask(&self, q_pos: &[usize], groups: usize, device: &Device) -> Option<Tensor<4, Bool>> {
+    fn mask(
+        &self,
+        q_pos: &[usize],
+        groups: usize,
+        window: Option<usize>,
+        device: &Device,
+    ) -> Option<Tensor<4, Bool>> {
         match self {
-            Self::Shared(p) => causal_mask(q_pos, p, groups, device),
+            Self::Shared(p) => window_mask(q_pos, p, groups, window, device),
             Self::PerHead(heads) => {
                 let masks: Vec<Option<Tensor<4, Bool>>> = heads
                     .iter()
-                    .map(|p| causal_mask(q_pos, p, groups, device))
+                    .map(|p| window_mask(q_pos, p, groups, window, device))
                     .collect();
                 if masks.iter().all(Option::is_none) {
                     return None;
@@ -166,6 +172,9 @@ pub struct DenseCache {
     /// Keys, values stored Hadamard-rotated ([`Precision::rotates`]).
     rotate: [bool; 2],
     layers: Vec<LayerStore>,
+    /// A sliding window: a query at `p` sees keys at `p - window < k <= p`,
+    /// and keys no later query can see are dropped ([`DenseCache::with_window`]).
+    window: Option<usize>,
 }
 
 impl DenseCache {
@@ -231,7 +240,51 @@ impl DenseCache {
             ],
             rotate: precision.rotates(),
             layers: vec![LayerStore::default(); geometry.n_layers],
+            window: None,
         })
+    }
+
+    /// The same cache over a sliding window of `window` positions (the
+    /// local layers of Gemma 3, Mistral's SWA): a query at `p` sees keys at
+    /// `p - window < k <= p`. Memory stays O(window): once a layer holds
+    /// half a window more than it needs, the keys no later query can see
+    /// are dropped (llama.cpp's SWA cache likewise holds the window plus a
+    /// batch). Its footprint counts what it holds as its own dense
+    /// reference: a windowed layer is never compressed, and the dense cache
+    /// a user compares with is windowed too.
+    pub fn with_window(mut self, window: usize) -> Result<Self, CacheError> {
+        if window == 0 {
+            return Err(CacheError::Config("a sliding window of 0 positions".into()));
+        }
+        self.window = Some(window);
+        Ok(self)
+    }
+
+    /// The sliding window, if any.
+    pub fn window(&self) -> Option<usize> {
+        self.window
+    }
+
+    /// Drops a windowed layer's keys that no query after `last` can see,
+    /// once they are half a window more than needed (amortised: a copy of
+    /// the kept window every `window / 2` steps).
+    fn evict(&mut self, layer: usize, last: usize) -> Result<(), CacheError> {
+        let Some(w) = self.window else {
+            return Ok(());
+        };
+        let StoredPositions::Shared(stored) = &self.layers[layer].positions else {
+            // per-head token sets (after a pruning) are left as they are
+            return Ok(());
+        };
+        if stored.len() <= w + w.div_ceil(2) {
+            return Ok(());
+        }
+        // a later query at q > last sees keys k > q - w >= last + 1 - w
+        let keep: Vec<usize> = stored.iter().copied().filter(|&p| p + w > last).collect();
+        if keep.len() == stored.len() || keep.is_empty() {
+            return Ok(());
+        }
+        self.retain(layer, &KeepPositions::Layer(keep))
     }
 
     pub fn geometry(&self) -> CacheGeometry {
@@ -356,6 +409,16 @@ impl PrunableCache for DenseCache {
     }
 }
 
+impl DenseCache {
+    /// [`DenseCache::evict`] after queries at `positions` attended.
+    fn evict_after(&mut self, layer: usize, positions: &[usize]) -> Result<(), CacheError> {
+        match positions.iter().max() {
+            Some(&last) => self.evict(layer, last),
+            None => Ok(()),
+        }
+    }
+}
+
 impl AttentionCache for DenseCache {
     fn append(
         &mut self,
@@ -467,21 +530,26 @@ impl AttentionCache for DenseCache {
                 n_kv_heads: g.n_kv_heads,
                 head_dim: dh,
             };
-            let mut out = dense_decode::attend(heads, &q, positions, &views);
+            let mut out = dense_decode::attend(heads, &q, positions, &views, self.window);
             if self.rotate[1] {
                 hadamard_rows(&mut out, dh);
             }
-            return Ok(Tensor::from_data(
-                TensorData::new(out, [1, h, t, dh]),
-                &device,
-            ));
+            let out = Tensor::from_data(TensorData::new(out, [1, h, t, dh]), &device);
+            self.evict_after(layer, positions)?;
+            return Ok(out);
         }
         let (k, v) = kv.tensors(dh, self.rotate, &q_rot.device());
-        if let StoredPositions::Shared(k_pos) = &store.positions {
-            return Ok(causal_attention(q_rot, k, v, positions, k_pos));
-        }
-        let mask = store.positions.mask(positions, g.groups(), &q_rot.device());
-        Ok(gqa_attention(q_rot, k, v, mask))
+        let out = match &store.positions {
+            StoredPositions::Shared(k_pos) => {
+                windowed_attention(q_rot, k, v, positions, k_pos, self.window)
+            }
+            per_head => {
+                let mask = per_head.mask(positions, g.groups(), self.window, &q_rot.device());
+                gqa_attention(q_rot, k, v, mask)
+            }
+        };
+        self.evict_after(layer, positions)?;
+        Ok(out)
     }
 
     fn len(&self, layer: usize) -> usize {
@@ -506,8 +574,19 @@ impl AttentionCache for DenseCache {
                 }
             };
         }
-        let seen: usize = self.layers.iter().map(|l| l.seen).sum();
-        let pruned = self.layers.iter().any(|l| l.positions.len() < l.seen);
+        // a windowed cache is its own dense reference (see `with_window`)
+        let seen: usize = match self.window {
+            None => self.layers.iter().map(|l| l.seen).sum(),
+            Some(_) => values / (2 * self.geometry.d_kv()).max(1),
+        };
+        let pruned = match self.window {
+            None => self.layers.iter().any(|l| l.positions.len() < l.seen),
+            // a window's positions are a run; only a per-head pruning needs them
+            Some(_) => self
+                .layers
+                .iter()
+                .any(|l| matches!(l.positions, StoredPositions::PerHead(_))),
+        };
         let held_value_bytes = match self.storage {
             KvStorage::Host => value_bytes,
             KvStorage::Device => values * dynakv_core::budget::BYTES_PER_VALUE,
@@ -580,6 +659,56 @@ mod tests {
         // one token set per layer after a per-head pruning is an error on both
         let layer = KeepPositions::Layer(vec![15]);
         assert!(dev.retain(0, &layer).is_err() && host.retain(0, &layer).is_err());
+    }
+
+    #[test]
+    fn a_windowed_cache_equals_windowed_attention_over_every_key_and_stays_bounded() {
+        let n = 40;
+        let (q, k, v) = (
+            rand4([1, 4, n, 4]),
+            rand4([1, 2, n, 4]),
+            rand4([1, 2, n, 4]),
+        );
+        let pos: Vec<usize> = (0..n).collect();
+        let rope = rope();
+        let window = 6;
+        // the reference: every key kept, the window only in the mask
+        let want = crate::attention::windowed_attention(
+            q.clone(),
+            rope.apply(k.clone(), &pos).unwrap(),
+            v.clone(),
+            &pos,
+            &pos,
+            Some(window),
+        );
+        // a prefill longer than the window, decode steps (host kernel),
+        // short chunks of 2-3 queries (host kernel with masks), a long chunk
+        let chunks = [9, 1, 1, 1, 3, 1, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 13];
+        assert_eq!(chunks.iter().sum::<usize>(), n);
+        for storage in [KvStorage::Host, KvStorage::Device] {
+            let mut c = DenseCache::with_storage(G, rope.clone(), storage)
+                .unwrap()
+                .with_window(window)
+                .unwrap();
+            let got = run(&mut c, &q, &k, &v, &chunks);
+            assert!(max_diff(got, want.clone()) < 1e-5, "{storage:?}");
+            // never more than the window and a half, plus the last chunk
+            assert!(c.len(0) <= window + window.div_ceil(2) + 13, "{}", c.len(0));
+            let f = c.footprint();
+            assert_eq!(f.values, f.values_full);
+            assert_eq!(f.values as usize, c.len(0) * 2 * G.d_kv());
+        }
+        // decode alone keeps it within a window and a half
+        let mut c = DenseCache::with_storage(G, rope, KvStorage::Host)
+            .unwrap()
+            .with_window(window)
+            .unwrap();
+        run(&mut c, &q, &k, &v, &[1; 40]);
+        assert!(c.len(0) <= window + window.div_ceil(2), "{}", c.len(0));
+        assert!(DenseCache::new(G, crate::cache::test_support::rope())
+            .unwrap()
+            .with_window(0)
+            .is_err());
     }
 
     #[test]

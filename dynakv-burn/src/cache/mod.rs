@@ -3,6 +3,7 @@
 mod dense;
 mod dynakv;
 mod geometry;
+mod layered;
 mod precision;
 mod recording;
 #[cfg(feature = "snapkv")]
@@ -15,6 +16,7 @@ mod wrapper;
 pub use dense::DenseCache;
 pub use dynakv::{DynaKvBases, DynaKvCache};
 pub use geometry::CacheGeometry;
+pub use layered::LayeredCache;
 pub use precision::Precision;
 pub use recording::{Recorded, RecordingCache};
 #[cfg(feature = "snapkv")]

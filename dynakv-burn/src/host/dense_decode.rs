@@ -17,6 +17,8 @@
 use dynakv_core::quant::PackedRows;
 use rayon::prelude::*;
 
+use crate::attention::hidden;
+
 use super::math::{avx2_dispatch, axpy, dot, softmax_columns, Heads, CHUNK};
 
 /// One KV head's stored tokens as the kernel reads them.
@@ -37,9 +39,16 @@ pub(crate) struct HeadView<'a> {
 ///   (their positions may differ: a per-head pruning keeps equal counts)
 /// - returns `[H, T, head_dim]`
 ///
-/// A query sees keys at positions `<=` its own. Every query must see at least
-/// one key of every head (a decode step follows its own append).
-pub(crate) fn attend(heads: Heads, q: &[f32], q_pos: &[usize], kv: &[HeadView]) -> Vec<f32> {
+/// A query sees keys at positions `<=` its own, and within `window` of it
+/// when there is one ([`crate::attention::hidden`]). Every query must see at
+/// least one key of every head (a decode step follows its own append).
+pub(crate) fn attend(
+    heads: Heads,
+    q: &[f32],
+    q_pos: &[usize],
+    kv: &[HeadView],
+    window: Option<usize>,
+) -> Vec<f32> {
     let (h, dh, t) = (heads.n_heads, heads.head_dim, q_pos.len());
     let ht = h * t;
     let n = kv.first().map_or(0, |v| v.positions.len());
@@ -55,6 +64,7 @@ pub(crate) fn attend(heads: Heads, q: &[f32], q_pos: &[usize], kv: &[HeadView]) 
         gt: ht / kv.len().max(1),
         t,
         dh,
+        window,
         scale: 1.0 / (dh as f32).sqrt(),
     };
     scores
@@ -89,6 +99,7 @@ struct ScoreJob<'a> {
     gt: usize,
     t: usize,
     dh: usize,
+    window: Option<usize>,
     scale: f32,
 }
 
@@ -111,7 +122,7 @@ fn score_chunk_impl(job: &ScoreJob, first: usize, rows: &mut [f32]) {
             let pos = view.positions[s];
             for (i, out) in cols.iter_mut().enumerate() {
                 let r = g * gt + i;
-                *out = if pos > job.q_pos[r % t] {
+                *out = if hidden(job.q_pos[r % t], pos, job.window) {
                     f32::NEG_INFINITY
                 } else {
                     dot(&job.q[r * dh..(r + 1) * dh], key) * job.scale
@@ -152,7 +163,13 @@ mod tests {
     use dynakv_core::quant::{KvDtype, RowCodec};
 
     /// Head by head, query by query, with explicit loops: the reference.
-    fn reference(heads: Heads, q: &[f32], q_pos: &[usize], kv: &[HeadView]) -> Vec<f32> {
+    fn reference(
+        heads: Heads,
+        q: &[f32],
+        q_pos: &[usize],
+        kv: &[HeadView],
+        window: Option<usize>,
+    ) -> Vec<f32> {
         let (h, dh, t) = (heads.n_heads, heads.head_dim, q_pos.len());
         let groups = h / heads.n_kv_heads;
         let mut out = vec![0f32; h * t * dh];
@@ -163,7 +180,7 @@ mod tests {
                 let qr = &q[(qh * t + ti) * dh..(qh * t + ti + 1) * dh];
                 let s: Vec<f32> = (0..view.positions.len())
                     .map(|j| {
-                        if view.positions[j] > q_pos[ti] {
+                        if hidden(q_pos[ti], view.positions[j], window) {
                             f32::NEG_INFINITY
                         } else {
                             let k = &kf[j * dh..(j + 1) * dh];
@@ -241,13 +258,16 @@ mod tests {
         let dh = heads.head_dim;
         let q_pos = [450, 598];
         let q = numbers(heads.n_heads * q_pos.len() * dh, 5);
-        let got = attend(heads, &q, &q_pos, kv);
-        let want = reference(heads, &q, &q_pos, kv);
-        let diff = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        assert!(diff < 1e-5, "{diff}");
+        // causal, and a sliding window that hides the older keys
+        for window in [None, Some(200)] {
+            let got = attend(heads, &q, &q_pos, kv, window);
+            let want = reference(heads, &q, &q_pos, kv, window);
+            let diff = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(diff < 1e-5, "{window:?}: {diff}");
+        }
     }
 }

@@ -1,0 +1,248 @@
+//! Per-layer attention of a model whose layers differ: a sliding window on
+//! some layers, a RoPE base per layer (Gemma 3: five local layers of 512
+//! positions at base 10,000 for every global one at base 1,000,000).
+
+use crate::error::CacheError;
+use crate::rope::Rope;
+
+/// How one layer attends.
+#[derive(Debug, Clone)]
+pub struct LayerAttention {
+    /// A sliding window of this many positions, or `None` (a global layer).
+    pub window: Option<usize>,
+    /// The layer's RoPE tables (its base); caches rotate keys with them.
+    pub rope: Rope,
+}
+
+/// Every layer's attention, in layer order.
+///
+/// A [`crate::CacheFactory`] built for a plan gives the spec's cache (DynaKV,
+/// SnapKV, a quantised dense cache) the global layers, and each group of
+/// windowed layers a dense cache bounded by its window
+/// ([`crate::DenseCache::with_window`]): the windowed layers' caches are
+/// already O(window), the global layers' are what grows.
+#[derive(Debug, Clone)]
+pub struct LayerPlan {
+    pub layers: Vec<LayerAttention>,
+}
+
+/// Windowed layers that share a window and a RoPE base: one dense cache.
+#[derive(Debug, Clone)]
+pub(crate) struct WindowGroup {
+    pub window: usize,
+    pub rope: Rope,
+    /// Model layers, in order.
+    pub layers: Vec<usize>,
+}
+
+/// A plan split into the spec's layers and the windowed groups.
+#[derive(Debug, Clone)]
+pub(crate) struct PlanSplit {
+    /// Global layers, in order: layer `i` of the spec's cache is `global[i]`.
+    pub global: Vec<usize>,
+    /// Their RoPE tables (one base for all of them).
+    pub rope: Rope,
+    pub windows: Vec<WindowGroup>,
+}
+
+impl PlanSplit {
+    /// Per model layer: (part, layer within the part), part 0 being the
+    /// spec's cache and part `1 + g` window group `g`.
+    pub fn route(&self, n_layers: usize) -> Vec<(usize, usize)> {
+        let mut route = vec![(0, 0); n_layers];
+        for (i, &l) in self.global.iter().enumerate() {
+            route[l] = (0, i);
+        }
+        for (g, group) in self.windows.iter().enumerate() {
+            for (i, &l) in group.layers.iter().enumerate() {
+                route[l] = (1 + g, i);
+            }
+        }
+        route
+    }
+}
+
+impl LayerPlan {
+    /// Whether every layer attends alike (no window, one RoPE base): such a
+    /// model needs no plan.
+    pub fn is_uniform(&self) -> bool {
+        let Some(first) = self.layers.first() else {
+            return true;
+        };
+        self.layers
+            .iter()
+            .all(|l| l.window.is_none() && l.rope.base() == first.rope.base())
+    }
+
+    /// The global layers and the windowed groups; the global layers must
+    /// share one RoPE base (a cache rotates with one table).
+    pub(crate) fn split(&self) -> Result<PlanSplit, CacheError> {
+        let global: Vec<usize> = (0..self.layers.len())
+            .filter(|&l| self.layers[l].window.is_none())
+            .collect();
+        let Some(&first) = global.first() else {
+            return Err(CacheError::Config(
+                "every layer has a sliding window: there is no global layer for the cache".into(),
+            ));
+        };
+        let rope = self.layers[first].rope.clone();
+        if let Some(&l) = global
+            .iter()
+            .find(|&&l| self.layers[l].rope.base() != rope.base())
+        {
+            return Err(CacheError::Config(format!(
+                "global layers {first} and {l} have RoPE bases {} and {}: one cache rotates with one",
+                rope.base(),
+                self.layers[l].rope.base()
+            )));
+        }
+        let mut windows: Vec<WindowGroup> = Vec::new();
+        for (l, layer) in self.layers.iter().enumerate() {
+            let Some(window) = layer.window else {
+                continue;
+            };
+            if window == 0 {
+                return Err(CacheError::Config(format!(
+                    "layer {l} has a sliding window of 0 positions"
+                )));
+            }
+            match windows
+                .iter_mut()
+                .find(|g| g.window == window && g.rope.base() == layer.rope.base())
+            {
+                Some(g) => g.layers.push(l),
+                None => windows.push(WindowGroup {
+                    window,
+                    rope: layer.rope.clone(),
+                    layers: vec![l],
+                }),
+            }
+        }
+        Ok(PlanSplit {
+            global,
+            rope,
+            windows,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::default_device;
+    use crate::rope::RopeStyle;
+    use burn::tensor::Tensor;
+
+    fn rope(base: f64) -> Rope {
+        Rope::new(RopeStyle::SplitHalves, 4, 4, base, 64, &default_device()).unwrap()
+    }
+
+    #[test]
+    fn gemma_like_plans_split_into_global_and_windowed_groups() {
+        // layers 0, 1, 3 local (window 8, base 10k), 2 and 4 global (1e6)
+        let plan = LayerPlan {
+            layers: [Some(8), Some(8), None, Some(8), None]
+                .into_iter()
+                .map(|window| LayerAttention {
+                    window,
+                    rope: rope(if window.is_some() { 1e4 } else { 1e6 }),
+                })
+                .collect(),
+        };
+        assert!(!plan.is_uniform());
+        let s = plan.split().unwrap();
+        assert_eq!(s.global, vec![2, 4]);
+        assert_eq!(s.rope.base(), 1e6);
+        assert_eq!(s.windows.len(), 1);
+        assert_eq!(s.windows[0].layers, vec![0, 1, 3]);
+        assert_eq!(s.route(5), vec![(1, 0), (1, 1), (0, 0), (1, 2), (0, 1)]);
+        // global layers with two bases, or none at all, are refused
+        let mut two = plan.clone();
+        two.layers[2].rope = rope(5e5);
+        assert!(two.split().is_err());
+        let mut none = plan;
+        none.layers.iter_mut().for_each(|l| l.window = Some(8));
+        assert!(none.split().is_err());
+    }
+
+    /// A factory built for a plan whose windows cover the whole sequence
+    /// gives the dense cache's attention on every layer; a short window
+    /// changes the windowed layers only.
+    #[test]
+    fn a_planned_cache_with_windows_wider_than_the_text_equals_the_dense_cache() {
+        use crate::cache::test_support::{rand4, G};
+        use crate::{CacheFactory, CacheGeometry, CacheSpec, KvStorage};
+        let device = default_device();
+        let g = CacheGeometry {
+            n_layers: 3,
+            rope_style: RopeStyle::SplitHalves,
+            ..G
+        };
+        let plan = |window| LayerPlan {
+            layers: [Some(window), None, Some(window)]
+                .into_iter()
+                .map(|window| LayerAttention {
+                    window,
+                    rope: rope(1e4),
+                })
+                .collect(),
+        };
+        let dense = CacheSpec::dense();
+        let mk = |p: &LayerPlan| {
+            CacheFactory::for_plan(p, g, &device, None, &dense, KvStorage::Host)
+                .unwrap()
+                .make()
+                .unwrap()
+        };
+        let mut plain = CacheFactory::new(g, rope(1e4), &device, None, &dense)
+            .unwrap()
+            .make()
+            .unwrap();
+        let (mut wide, mut narrow) = (mk(&plan(64)), mk(&plan(3)));
+        let n = 12;
+        let (q, k, v) = (
+            rand4([1, 4, n, 4]),
+            rand4([1, 2, n, 4]),
+            rand4([1, 2, n, 4]),
+        );
+        let mut diffs = [[0f32; 3]; 2];
+        for start in 0..n {
+            let (len, pos) = if start == 0 {
+                (6, (0..6).collect::<Vec<_>>())
+            } else if start < 6 {
+                continue;
+            } else {
+                (1, vec![start])
+            };
+            let s0 = pos[0];
+            for layer in 0..3 {
+                let args = || {
+                    (
+                        q.clone().narrow(2, s0, len),
+                        k.clone().narrow(2, s0, len),
+                        v.clone().narrow(2, s0, len),
+                    )
+                };
+                let (a, b, c) = args();
+                let want = plain.forward(layer, a, b, c, &pos).unwrap();
+                let (a, b, c) = args();
+                let got_wide = wide.forward(layer, a, b, c, &pos).unwrap();
+                let (a, b, c) = args();
+                let got_narrow = narrow.forward(layer, a, b, c, &pos).unwrap();
+                let d = |x: Tensor<4>, y: &Tensor<4>| -> f32 {
+                    (x - y.clone()).abs().max().into_scalar()
+                };
+                diffs[0][layer] = diffs[0][layer].max(d(got_wide, &want));
+                diffs[1][layer] = diffs[1][layer].max(d(got_narrow, &want));
+            }
+        }
+        assert!(diffs[0].iter().all(|&d| d < 1e-5), "{diffs:?}");
+        // the window changes layers 0 and 2, not the global layer 1
+        assert!(
+            diffs[1][1] < 1e-5 && diffs[1][0] > 1e-3 && diffs[1][2] > 1e-3,
+            "{diffs:?}"
+        );
+        assert_eq!(wide.footprint(), plain.footprint());
+        assert!(narrow.footprint().values < plain.footprint().values);
+    }
+}
