@@ -36,7 +36,7 @@ fn main() -> Result<()> {
     )?;
     let mut cache = model.dense_cache()?;
     let logits: Vec<f32> = model
-        .forward(&ids, 0, &mut cache)?
+        .forward(&ids, 0, cache.as_mut())?
         .into_data()
         .try_into_vec()
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;

@@ -106,7 +106,7 @@ fn max_rel(a: Tensor<2>, b: Tensor<2>) -> f32 {
 fn full_rank_matches_the_dense_cache_for_both_placements() {
     let s = setup();
     let ids = &s.eval_ids[..96];
-    let want = logits(s, &mut s.model.dense_cache().unwrap(), ids);
+    let want = logits(s, s.model.dense_cache().unwrap().as_mut(), ids);
     // f32 bases: the same attention up to float rounding; f16 bases (the
     // default): each basis entry within 2^-11 relative, measured 4.8e-4 here
     for (basis, tol) in [(BasisDtype::F32, 1e-4), (BasisDtype::F16, 2e-3)] {
@@ -132,7 +132,7 @@ fn full_rank_matches_the_dense_cache_for_both_placements() {
 fn error_does_not_grow_with_the_budget() {
     let s = setup();
     let ids = &s.eval_ids[..128];
-    let want = logits(s, &mut s.model.dense_cache().unwrap(), ids);
+    let want = logits(s, s.model.dense_cache().unwrap().as_mut(), ids);
     for policy in [
         PolicyKind::Uniform,
         PolicyKind::Energy,

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use dynakv_burn::device::default_device;
 use dynakv_burn::dynakv_snapkv::{SnapKvConfig, SnapKvPreset, SnapKvSpec};
-use dynakv_burn::{AttentionCache, CacheSpec, SnapKvCache};
+use dynakv_burn::{AttentionCache, CacheSpec, DenseCache, SnapKvCache};
 use dynakv_models::gguf::GgufFile;
 use dynakv_models::LlamaModel;
 use serde_json::Value;
@@ -44,7 +44,7 @@ fn kept_tokens_match_kvpress() {
     config.window = press["window_size"].as_u64().unwrap() as usize;
     config.kernel = press["kernel_size"].as_u64().unwrap() as usize;
     let model = model();
-    let dense = model.dense_cache().unwrap();
+    let dense = DenseCache::new(model.config.geometry(), model.rope().clone()).unwrap();
     let mut cache =
         SnapKvCache::new(dense, config, model.config.geometry(), model.rope().clone()).unwrap();
     model.forward_last(&tokens, 0, &mut cache).unwrap();
@@ -91,7 +91,7 @@ fn pruning_keeps_the_prefill_logits_and_shrinks_the_cache() {
         .iter()
         .map(|x| x.as_u64().unwrap() as u32)
         .collect();
-    let mut dense: Box<dyn AttentionCache> = Box::new(model.dense_cache().unwrap());
+    let mut dense: Box<dyn AttentionCache> = model.dense_cache().unwrap();
     let spec = CacheSpec::dense().with_snapkv(SnapKvSpec::ratio(SnapKvPreset::Kvpress, 0.75));
     let mut pruned = model.cache_factory(None, &spec).unwrap().make().unwrap();
     let a = model.forward_last(&tokens, 0, dense.as_mut()).unwrap();

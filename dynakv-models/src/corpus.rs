@@ -148,8 +148,42 @@ pub fn document_tokens(tok: &TextTokenizer, docs: &[Document]) -> Result<Vec<u32
     Ok(ids)
 }
 
+/// The token stream of the perplexity protocol (docs/protocol.md): for a
+/// model that expects BOS (`bos`), the text's tokens cut into runs of
+/// `ctx - 1`, each preceded by BOS, so that windows of `ctx` are BOS + run
+/// and every text token is scored (the first from BOS's logits); the last
+/// partial run is dropped. Without BOS, the tokens as they are (windows of
+/// `ctx` text tokens, the first one unscored).
+pub fn protocol_stream(ids: &[u32], ctx: usize, bos: Option<u32>) -> Vec<u32> {
+    match bos {
+        Some(b) if ctx >= 2 => {
+            let mut out = Vec::with_capacity(ids.len() + ids.len() / (ctx - 1));
+            for run in ids.chunks_exact(ctx - 1) {
+                out.push(b);
+                out.extend_from_slice(run);
+            }
+            out
+        }
+        _ => ids.to_vec(),
+    }
+}
+
+/// Text tokens per window of `ctx` under [`protocol_stream`].
+pub fn text_per_window(ctx: usize, bos: Option<u32>) -> usize {
+    ctx - usize::from(bos.is_some() && ctx >= 2)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn bos_windows_hold_runs_of_ctx_minus_one() {
+        let ids: Vec<u32> = (10..21).collect();
+        let s = super::protocol_stream(&ids, 4, Some(1));
+        assert_eq!(s, vec![1, 10, 11, 12, 1, 13, 14, 15, 1, 16, 17, 18]);
+        assert_eq!(super::protocol_stream(&ids, 4, None), ids);
+        assert_eq!(super::text_per_window(4, Some(1)), 3);
+    }
+
     use super::*;
 
     #[test]

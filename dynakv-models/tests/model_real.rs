@@ -14,11 +14,11 @@ fn step_by_step_decode_equals_prefill() {
         .encode("The quick brown fox jumps over the lazy dog. It was 1961 in Atlanta.")
         .unwrap();
     let mut cache = r.model.dense_cache().unwrap();
-    let prefill = r.model.forward(&ids, 0, &mut cache).unwrap();
+    let prefill = r.model.forward(&ids, 0, cache.as_mut()).unwrap();
     let mut cache = r.model.dense_cache().unwrap();
     let mut steps = Vec::new();
     for (i, &t) in ids.iter().enumerate() {
-        steps.push(r.model.forward(&[t], i, &mut cache).unwrap());
+        steps.push(r.model.forward(&[t], i, cache.as_mut()).unwrap());
     }
     let steps = Tensor::cat(steps, 0);
     let scale: f32 = prefill.clone().abs().max().into_scalar();
@@ -48,7 +48,7 @@ fn ours_with(
     let (mut all_top1, mut all_nll) = (Vec::new(), Vec::new());
     for win in tokens.chunks_exact(ctx) {
         let mut cache = model.dense_cache().unwrap();
-        let logits = model.forward(&win[..ctx - 1], 0, &mut cache).unwrap();
+        let logits = model.forward(&win[..ctx - 1], 0, cache.as_mut()).unwrap();
         let (nll, top1) = nll_and_top1(logits, &win[1..]);
         all_top1.extend(top1);
         all_nll.extend(nll);

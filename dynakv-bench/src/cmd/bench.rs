@@ -85,7 +85,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let paired = if a.paired || a.paired_base.is_some() {
         let mut dense: Box<dyn dynakv_burn::AttentionCache> = match &a.paired_base {
             Some(spec) => a.cache.maker_for(&loaded, spec)?.make()?,
-            None => Box::new(loaded.model.dense_cache()?),
+            None => loaded.model.dense_cache()?,
         };
         let mut other = make()?;
         Some(decode_paired(

@@ -54,6 +54,7 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
     cfg.validate(model.config.geometry())?;
     let docs = brown_docs(Split::Calib, None)?;
     let ids = document_tokens(&loaded.tokenizer, &docs)?;
+    let ids = dynakv_models::corpus::protocol_stream(&ids, a.ctx, loaded.tokenizer.text_bos());
     let windows: Vec<&[u32]> = ids.chunks_exact(a.ctx).collect();
     let bar = progress(0, "calibrate [{bar:30}] {pos}/{len} windows, ETA {eta}");
     let t0 = std::time::Instant::now();

@@ -156,8 +156,10 @@ fn window_ids(a: &PplArgs, loaded: &super::common::Loaded) -> Result<(Vec<u32>, 
     };
     let ids = document_tokens(&loaded.tokenizer, &docs)?;
     let total = ids.len();
-    let skip = a.skip_windows * a.ctx; // checked in `check`
-    let ids = ids.get(skip..).unwrap_or(&[]).to_vec();
+    let bos = loaded.tokenizer.text_bos();
+    // checked in `check`
+    let skip = a.skip_windows * dynakv_models::corpus::text_per_window(a.ctx, bos);
+    let ids = dynakv_models::corpus::protocol_stream(ids.get(skip..).unwrap_or(&[]), a.ctx, bos);
     if ids.len() < a.ctx {
         bail!(
             "the text has {total} tokens; after --skip-windows {} ({skip} tokens) fewer than one window of --ctx {} remain",
@@ -190,7 +192,7 @@ fn fidelity_cmd(a: PplArgs) -> Result<()> {
         a.ctx,
         a.max_windows,
         a.score_last,
-        || Ok(Box::new(loaded.model.dense_cache()?) as Box<dyn dynakv_burn::AttentionCache>),
+        || Ok(loaded.model.dense_cache()?),
         || maker.make(),
         |done, _| bar.set_position(done as u64),
     )?;

@@ -65,7 +65,7 @@ pub fn longctx_reference(
     }
     let all: Vec<usize> = (0..suite.len()).collect();
     let full = run_longctx(&suite, runner, "full", &all, false, || {
-        Ok(Box::new(loaded.model.dense_cache()?) as Box<dyn AttentionCache>)
+        Ok(loaded.model.dense_cache()?)
     })?;
     if let Some(p) = reference {
         suite.save_reference(p, &full)?;

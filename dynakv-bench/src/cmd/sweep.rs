@@ -365,6 +365,7 @@ pub fn run(a: SweepArgs) -> Result<()> {
     }
     let loaded = a.model.load()?;
     let ids = document_tokens(&loaded.tokenizer, &brown_docs(Split::Eval, None)?)?;
+    let ids = dynakv_models::corpus::protocol_stream(&ids, a.ctx, loaded.tokenizer.text_bos());
     if a.out.exists() && !a.resume {
         anyhow::bail!("{} exists: pass --resume to continue it", a.out.display());
     }
@@ -431,7 +432,7 @@ pub fn run(a: SweepArgs) -> Result<()> {
                 a.ctx,
                 Some(a.windows),
                 a.score_last,
-                || Ok(Box::new(loaded.model.dense_cache()?) as Box<dyn dynakv_burn::AttentionCache>),
+                || Ok(loaded.model.dense_cache()?),
                 || maker.make(),
                 |_, _| {},
             )?;

@@ -1,6 +1,6 @@
-//! One transformer block: attention through the cache, then a SwiGLU MLP.
+//! One transformer block: attention through the cache, then a gated MLP
+//! (SwiGLU; Gemma 3: GeGLU, with QK-norm and norms after attention and MLP).
 
-use burn::tensor::activation::silu;
 use burn::tensor::{Device, Tensor, TensorData};
 use dynakv_burn::{AttentionCache, Rope};
 
@@ -10,21 +10,62 @@ use crate::error::ModelError;
 use crate::gguf::GgufFile;
 use crate::qmatmul::{matmul_group, Numerics, QuantMatrix};
 
+/// An RMSNorm's weights, as a tensor and on the host (the one-token path).
+#[derive(Debug, Clone)]
+struct Norm {
+    weights: Tensor<1>,
+    host: Vec<f32>,
+}
+
+impl Norm {
+    fn load(gguf: &GgufFile, name: &str, n: usize, device: &Device) -> Result<Self, ModelError> {
+        let weights = vector(gguf, name, n, device)?;
+        Ok(Self {
+            weights,
+            host: gguf.tensor_f32(name)?.0,
+        })
+    }
+
+    /// # Shapes
+    /// - `x`: `[T, d]`; returns `[T, d]`
+    fn apply(&self, x: Tensor<2>, eps: f64) -> Tensor<2> {
+        rms_norm(x, &self.weights, eps)
+    }
+
+    /// Each `d`-wide row of `x` normalised in place (one row: the whole
+    /// vector; several: QK-norm's heads).
+    fn apply_rows_host(&self, x: &mut [f32], eps: f64) {
+        let d = self.host.len();
+        for row in x.chunks_exact_mut(d) {
+            let y = rms_norm_host(row, &self.host, eps);
+            row.copy_from_slice(&y);
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.host.len() * 4
+    }
+}
+
 /// Weights of one block.
 #[derive(Debug, Clone)]
 pub struct Block {
-    attn_norm: Tensor<1>,
-    /// The norm weights on the host too, for the one-token host path.
-    attn_norm_host: Vec<f32>,
-    ffn_norm_host: Vec<f32>,
+    attn_norm: Norm,
     wq: Projection,
     wk: Projection,
     wv: Projection,
+    /// Per-head RMSNorm of queries and keys before RoPE (Gemma 3).
+    q_norm: Option<Norm>,
+    k_norm: Option<Norm>,
     wo: Projection,
-    ffn_norm: Tensor<1>,
+    /// RMSNorm of the attention output before the residual add (Gemma 3).
+    post_attn_norm: Option<Norm>,
+    ffn_norm: Norm,
     w_gate: Projection,
     w_up: Projection,
     w_down: Projection,
+    /// RMSNorm of the MLP output before the residual add (Gemma 3).
+    post_ffn_norm: Option<Norm>,
 }
 
 /// RMSNorm of one vector on the host (the one-token path).
@@ -57,20 +98,23 @@ impl Block {
         let p = |name: &str, d_in: usize, d_out: usize| {
             Projection::load(gguf, &n(name), d_in, d_out, mode, device)
         };
-        let host =
-            |name: &str| -> Result<Vec<f32>, ModelError> { Ok(gguf.tensor_f32(&n(name))?.0) };
+        let norm = |name: &str, len: usize| Norm::load(gguf, &n(name), len, device);
+        let optional = |on: bool, name: &str, len: usize| on.then(|| norm(name, len)).transpose();
+        let a = c.arch;
         Ok(Self {
-            attn_norm: vector(gguf, &n("attn_norm"), d, device)?,
-            attn_norm_host: host("attn_norm")?,
-            ffn_norm_host: host("ffn_norm")?,
+            attn_norm: norm("attn_norm", d)?,
             wq: p("attn_q", d, q)?,
             wk: p("attn_k", d, kv)?,
             wv: p("attn_v", d, kv)?,
+            q_norm: optional(a.qk_norm(), "attn_q_norm", c.head_dim)?,
+            k_norm: optional(a.qk_norm(), "attn_k_norm", c.head_dim)?,
             wo: p("attn_output", q, d)?,
-            ffn_norm: vector(gguf, &n("ffn_norm"), d, device)?,
+            post_attn_norm: optional(a.post_norms(), "post_attention_norm", d)?,
+            ffn_norm: norm("ffn_norm", d)?,
             w_gate: p("ffn_gate", d, c.d_ff)?,
             w_up: p("ffn_up", d, c.d_ff)?,
             w_down: p("ffn_down", c.d_ff, d)?,
+            post_ffn_norm: optional(a.post_norms(), "post_ffw_norm", d)?,
         })
     }
 
@@ -94,7 +138,18 @@ impl Block {
         .iter()
         .map(|p| p.bytes())
         .sum::<usize>()
-            + (self.attn_norm.shape().num_elements() + self.ffn_norm.shape().num_elements()) * 4
+            + [
+                Some(&self.attn_norm),
+                Some(&self.ffn_norm),
+                self.q_norm.as_ref(),
+                self.k_norm.as_ref(),
+                self.post_attn_norm.as_ref(),
+                self.post_ffn_norm.as_ref(),
+            ]
+            .into_iter()
+            .flatten()
+            .map(Norm::bytes)
+            .sum::<usize>()
     }
 
     /// The projections as packed matrices with their numerics, when every
@@ -142,11 +197,15 @@ impl Block {
         let [wq, wk, wv, wo, wg, wu, wd] = self
             .packed()
             .ok_or_else(|| ModelError::InvalidInput("the host path needs packed weights".into()))?;
-        let x = rms_norm_host(h, &self.attn_norm_host, c.rms_eps);
+        let x = rms_norm_host(h, &self.attn_norm.host, c.rms_eps);
         let mut qkv = matmul_group(&[wq.0, wk.0, wv.0], &x, wq.1)?.into_iter();
-        let (Some(mut q), Some(k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
+        let (Some(mut q), Some(mut k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
             return Err(ModelError::InvalidInput("q, k, v: three products".into()));
         };
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            qn.apply_rows_host(&mut q, c.rms_eps);
+            kn.apply_rows_host(&mut k, c.rms_eps);
+        }
         rope.rotate_host(&mut q, pos)?;
         let dh = c.head_dim;
         let t = |data: Vec<f32>, heads: usize| {
@@ -160,20 +219,25 @@ impl Block {
             &[pos],
         )?;
         let o = o.into_data().try_into_vec::<f32>()?;
-        for (a, b) in h.iter_mut().zip(wo.0.matmul(&o, wo.1)?) {
+        let mut attn = wo.0.matmul(&o, wo.1)?;
+        if let Some(n) = &self.post_attn_norm {
+            n.apply_rows_host(&mut attn, c.rms_eps);
+        }
+        for (a, b) in h.iter_mut().zip(attn) {
             *a += b;
         }
-        let x = rms_norm_host(h, &self.ffn_norm_host, c.rms_eps);
+        let x = rms_norm_host(h, &self.ffn_norm.host, c.rms_eps);
         let mut gu = matmul_group(&[wg.0, wu.0], &x, wg.1)?.into_iter();
         let (Some(g), Some(u)) = (gu.next(), gu.next()) else {
             return Err(ModelError::InvalidInput("gate, up: two products".into()));
         };
-        let a: Vec<f32> = g
-            .iter()
-            .zip(&u)
-            .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
-            .collect();
-        for (h, d) in h.iter_mut().zip(wd.0.matmul(&a, wd.1)?) {
+        let act = c.arch.activation();
+        let a: Vec<f32> = g.iter().zip(&u).map(|(&g, &u)| act.apply(g) * u).collect();
+        let mut down = wd.0.matmul(&a, wd.1)?;
+        if let Some(n) = &self.post_ffn_norm {
+            n.apply_rows_host(&mut down, c.rms_eps);
+        }
+        for (h, d) in h.iter_mut().zip(down) {
             *h += d;
         }
         Ok(())
@@ -194,24 +258,41 @@ impl Block {
         cache: &mut dyn AttentionCache,
     ) -> Result<Tensor<2>, ModelError> {
         let t = h.dims()[0];
-        let x = rms_norm(h.clone(), &self.attn_norm, c.rms_eps);
+        let x = self.attn_norm.apply(h.clone(), c.rms_eps);
         let heads = |y: Tensor<2>, n: usize| y.reshape([1, t, n, c.head_dim]).swap_dims(1, 2);
         let [q, k, v]: [Tensor<2>; 3] =
             Projection::forward_group(&[&self.wq, &self.wk, &self.wv], x)?
                 .try_into()
                 .map_err(|_| ModelError::InvalidInput("q, k, v: three products".into()))?;
+        // QK-norm: RMSNorm of each head's `head_dim` values
+        let per_head = |y: Tensor<2>, n: usize, norm: &Norm| {
+            norm.apply(y.reshape([t * n, c.head_dim]), c.rms_eps)
+                .reshape([t, n * c.head_dim])
+        };
+        let (q, k) = match (&self.q_norm, &self.k_norm) {
+            (Some(qn), Some(kn)) => (per_head(q, c.n_heads, qn), per_head(k, c.n_kv_heads, kn)),
+            _ => (q, k),
+        };
         let q = heads(q, c.n_heads);
         let k = heads(k, c.n_kv_heads);
         let v = heads(v, c.n_kv_heads);
         let q = rope.apply(q, positions)?;
         let o = cache.forward(layer, q, k, v, positions)?;
         let o = o.swap_dims(1, 2).reshape([t, c.n_heads * c.head_dim]);
-        let h = h + self.wo.forward(o)?;
-        let x = rms_norm(h.clone(), &self.ffn_norm, c.rms_eps);
+        let mut attn = self.wo.forward(o)?;
+        if let Some(n) = &self.post_attn_norm {
+            attn = n.apply(attn, c.rms_eps);
+        }
+        let h = h + attn;
+        let x = self.ffn_norm.apply(h.clone(), c.rms_eps);
         let [gate, up]: [Tensor<2>; 2] = Projection::forward_group(&[&self.w_gate, &self.w_up], x)?
             .try_into()
             .map_err(|_| ModelError::InvalidInput("gate, up: two products".into()))?;
-        let gate = silu(gate);
-        Ok(h + self.w_down.forward(gate * up)?)
+        let gate = c.arch.activation().apply_tensor(gate);
+        let mut down = self.w_down.forward(gate * up)?;
+        if let Some(n) = &self.post_ffn_norm {
+            down = n.apply(down, c.rms_eps);
+        }
+        Ok(h + down)
     }
 }

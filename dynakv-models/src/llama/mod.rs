@@ -1,10 +1,13 @@
-//! The Llama family (Llama, SmolLM, Mistral-style GQA) read from GGUF.
+//! Decoder transformers read from GGUF: the Llama family (Llama, SmolLM,
+//! Mistral-style GQA) and Gemma 3; what differs is in [`arch`].
 
+pub mod arch;
 mod config;
 mod layer;
 mod model;
 pub mod weights;
 
-pub use config::LlamaConfig;
+pub use arch::{Activation, Arch};
+pub use config::{LayerConfig, LlamaConfig};
 pub use model::{nll_and_top1, LlamaModel};
 pub use weights::{Projection, WeightMode, PACKED_GEMM_MIN_TOKENS};

@@ -4,7 +4,10 @@ use std::path::Path;
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use dynakv_burn::{AttentionCache, CacheFactory, CacheSpec, CalibrationTarget, DenseCache, Rope};
+use dynakv_burn::{
+    AttentionCache, CacheFactory, CacheSpec, CalibrationTarget, KvStorage, LayerAttention,
+    LayerPlan, Rope,
+};
 use dynakv_core::artifact::{Artifact, ModelIdentity};
 
 use super::config::LlamaConfig;
@@ -25,7 +28,10 @@ pub struct LlamaModel {
     norm_host: Vec<f32>,
     /// `d_model -> vocab` (the embedding when weights are tied)
     output: Projection,
+    /// The global layers' RoPE tables (every layer's, without local layers).
     rope: Rope,
+    /// Each layer's RoPE tables (clones share one table per base).
+    ropes: Vec<Rope>,
     device: Device,
     mode: WeightMode,
     /// The output head is the embedding table (no `output.weight`).
@@ -119,6 +125,25 @@ impl LlamaModel {
             c.context_length,
             device,
         )?;
+        let mut ropes: Vec<Rope> = Vec::with_capacity(c.n_layers);
+        for layer in &c.layers {
+            let same = ropes
+                .iter()
+                .chain([&rope])
+                .find(|r| r.base() == layer.rope_base)
+                .cloned();
+            ropes.push(match same {
+                Some(r) => r,
+                None => Rope::new(
+                    c.rope_style(),
+                    c.head_dim,
+                    c.rope_dim,
+                    layer.rope_base,
+                    c.context_length,
+                    device,
+                )?,
+            });
+        }
         Ok(Self {
             config: c,
             embed,
@@ -127,6 +152,7 @@ impl LlamaModel {
             norm_host,
             output,
             rope,
+            ropes,
             device: device.clone(),
             mode,
             tied: out_name == "token_embd.weight",
@@ -158,8 +184,26 @@ impl LlamaModel {
         &self.device
     }
 
+    /// The global layers' RoPE tables (every layer's for a model without
+    /// local layers).
     pub fn rope(&self) -> &Rope {
         &self.rope
+    }
+
+    /// How each layer attends: its window and RoPE tables.
+    pub fn layer_plan(&self) -> LayerPlan {
+        LayerPlan {
+            layers: self
+                .config
+                .layers
+                .iter()
+                .zip(&self.ropes)
+                .map(|(l, rope)| LayerAttention {
+                    window: l.window,
+                    rope: rope.clone(),
+                })
+                .collect(),
+        }
     }
 
     /// What this model is, as an artifact records and checks it:
@@ -189,6 +233,7 @@ impl LlamaModel {
         file_sha256: &str,
         with_output_proj: bool,
     ) -> Result<CalibrationTarget<'_>, ModelError> {
+        self.refuse_windows("calibration")?;
         let output_proj = if with_output_proj {
             let rows = self
                 .blocks
@@ -224,13 +269,36 @@ impl LlamaModel {
         }
     }
 
+    /// Refuses what is not built yet for models with local layers.
+    fn refuse_windows(&self, what: &str) -> Result<(), ModelError> {
+        if self.config.has_windows() {
+            return Err(ModelError::Unsupported(format!(
+                "{what} of a model with sliding-window layers ({}) is not implemented yet",
+                self.config.architecture
+            )));
+        }
+        Ok(())
+    }
+
     /// A factory of caches of one configuration for this model (storage
-    /// follows the model's device).
+    /// follows the model's device). With sliding-window layers, the spec's
+    /// cache holds the global layers and each local layer a dense cache
+    /// bounded by its window ([`CacheFactory::for_plan`]).
     pub fn cache_factory(
         &self,
         artifact: Option<&Artifact>,
         spec: &CacheSpec,
     ) -> Result<CacheFactory, ModelError> {
+        if self.config.has_windows() {
+            return Ok(CacheFactory::for_plan(
+                &self.layer_plan(),
+                self.config.geometry(),
+                &self.device,
+                artifact,
+                spec,
+                KvStorage::for_device(&self.device),
+            )?);
+        }
         Ok(CacheFactory::new(
             self.config.geometry(),
             self.rope.clone(),
@@ -240,9 +308,10 @@ impl LlamaModel {
         )?)
     }
 
-    /// A fresh dense cache for this model.
-    pub fn dense_cache(&self) -> Result<DenseCache, ModelError> {
-        Ok(DenseCache::new(self.config.geometry(), self.rope.clone())?)
+    /// A fresh full (uncompressed) cache for this model: f32 keys and values
+    /// on every layer, local layers bounded by their windows.
+    pub fn dense_cache(&self) -> Result<Box<dyn AttentionCache>, ModelError> {
+        Ok(self.cache_factory(None, &CacheSpec::dense())?.make()?)
     }
 
     /// Hidden states after the final norm for new tokens at `start_pos..`.
@@ -296,9 +365,12 @@ impl LlamaModel {
                 &self.device,
             ),
         };
+        if let Some(scale) = self.config.arch.embedding_scale(self.config.d_model) {
+            h = h * scale;
+        }
         on_worker(|| {
             for (i, block) in self.blocks.iter().enumerate() {
-                h = block.forward(i, h, &positions, &self.config, &self.rope, cache)?;
+                h = block.forward(i, h, &positions, &self.config, &self.ropes[i], cache)?;
             }
             Ok(rms_norm(h, &self.norm, self.config.rms_eps))
         })
@@ -318,9 +390,12 @@ impl LlamaModel {
     ) -> Result<Tensor<2>, ModelError> {
         let d = self.config.d_model;
         let mut h = packed_rows(table, &[token], d);
+        if let Some(scale) = self.config.arch.embedding_scale(d) {
+            h.iter_mut().for_each(|x| *x *= scale);
+        }
         on_worker(|| {
             for (i, block) in self.blocks.iter().enumerate() {
-                block.forward_host(i, &mut h, pos, &self.config, &self.rope, cache)?;
+                block.forward_host(i, &mut h, pos, &self.config, &self.ropes[i], cache)?;
             }
             let out = rms_norm_host(&h, &self.norm_host, self.config.rms_eps);
             Ok(Tensor::from_data(
@@ -340,7 +415,22 @@ impl LlamaModel {
         start_pos: usize,
         cache: &mut dyn AttentionCache,
     ) -> Result<Tensor<2>, ModelError> {
-        self.output.forward(self.hidden(tokens, start_pos, cache)?)
+        self.head(self.hidden(tokens, start_pos, cache)?)
+    }
+
+    /// Logits of hidden states ([`LlamaModel::hidden`]): the output head,
+    /// then the final soft-capping where the model has it. Running it on
+    /// slices of a long prefill's hidden states keeps the `[T, vocab]`
+    /// logits small (Gemma 3's vocabulary: 1 MB per token).
+    ///
+    /// # Shapes
+    /// - `h`: `[T, d_model]`; returns `[T, vocab]`
+    pub fn head(&self, h: Tensor<2>) -> Result<Tensor<2>, ModelError> {
+        let logits = self.output.forward(h)?;
+        Ok(match self.config.final_softcap {
+            Some(c) => (logits / c).tanh() * c,
+            None => logits,
+        })
     }
 
     /// Logits of the last new token only (generation).
@@ -356,7 +446,7 @@ impl LlamaModel {
         let h = self.hidden(tokens, start_pos, cache)?;
         let t = h.dims()[0];
         let last = h.narrow(0, t - 1, 1);
-        Ok(self.output.forward(last)?.reshape([self.config.vocab_size]))
+        Ok(self.head(last)?.reshape([self.config.vocab_size]))
     }
 
     /// Negative log-likelihood of each next token and the model's top-1 guess.

@@ -153,6 +153,12 @@ impl TextTokenizer {
         self.vocab_size
     }
 
+    /// BOS when the model expects it before a text, else `None` (the
+    /// perplexity protocol's windows: [`crate::corpus::protocol_stream`]).
+    pub fn text_bos(&self) -> Option<u32> {
+        self.bos_id.filter(|_| self.add_bos)
+    }
+
     /// The id of a token string, if it is in the vocabulary.
     pub fn token_id(&self, token: &str) -> Option<u32> {
         match &self.inner {
