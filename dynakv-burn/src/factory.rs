@@ -190,7 +190,19 @@ impl CacheFactory {
 
     /// A fresh, empty cache.
     pub fn make(&self) -> Result<Box<dyn AttentionCache>, CacheError> {
-        let main = self.make_global()?;
+        self.around(self.make_global()?)
+    }
+
+    /// The whole model's cache around a given cache for the global layers
+    /// (of [`CacheFactory::geometry`]): fresh windowed caches for the other
+    /// layers of a factory built [`CacheFactory::for_plan`]; `global`
+    /// itself otherwise. Calibration and training run a model over their
+    /// own recording caches this way ([`crate::Borrowed`]).
+    pub fn around<'a>(
+        &self,
+        global: Box<dyn AttentionCache + 'a>,
+    ) -> Result<Box<dyn AttentionCache + 'a>, CacheError> {
+        let main = global;
         let Some((split, n_layers)) = &self.plan else {
             return Ok(main);
         };
@@ -200,7 +212,7 @@ impl CacheFactory {
             rotate: self.spec.precision.rotate,
             ..Precision::default()
         };
-        let mut parts = vec![main];
+        let mut parts: Vec<Box<dyn AttentionCache + 'a>> = vec![main];
         for g in &split.windows {
             let geometry = CacheGeometry {
                 n_layers: g.layers.len(),
@@ -245,7 +257,8 @@ impl CacheFactory {
     }
 
     /// A fresh DynaKV cache as its own type (to read its ranks), for a
-    /// DynaKV spec without SnapKV.
+    /// DynaKV spec without SnapKV. With a plan it holds the global layers
+    /// only: run the model over [`CacheFactory::around`] it.
     pub fn make_dynakv(&self) -> Result<DynaKvCache, CacheError> {
         #[cfg(feature = "snapkv")]
         if self.snapkv.is_some() {
@@ -256,12 +269,6 @@ impl CacheFactory {
         let Some(shared) = &self.dynakv else {
             return Err(CacheError::Config("the spec is the dense cache".into()));
         };
-        if self.plan.is_some() {
-            return Err(CacheError::Config(
-                "make_dynakv builds one cache for every layer; this model has windowed layers (use make)"
-                    .into(),
-            ));
-        }
         self.new_dynakv(shared)
     }
 

@@ -73,7 +73,7 @@ pub mod train;
 #[cfg(feature = "snapkv")]
 pub use cache::SnapKvCache;
 pub use cache::{
-    AttentionCache, CacheGeometry, CacheWrapper, DenseCache, DynaKvBases, DynaKvCache,
+    AttentionCache, Borrowed, CacheGeometry, CacheWrapper, DenseCache, DynaKvBases, DynaKvCache,
     KeepPositions, KvStorage, LayeredCache, Precision, PrunableCache, Recorded, RecordingCache,
 };
 pub use calibrate::{calibrate, CalibrationConfig, CalibrationTarget};

@@ -24,6 +24,10 @@ fn every_format_matches_the_gguf_package() {
         ("Q4_K", GgmlType::Q4K),
         ("Q6_K", GgmlType::Q6K),
         ("Q5_0", GgmlType::Q5_0),
+        ("Q5_1", GgmlType::Q5_1),
+        ("Q2_K", GgmlType::Q2K),
+        ("Q3_K", GgmlType::Q3K),
+        ("Q5_K", GgmlType::Q5K),
     ];
     for (name, t) in types {
         let case = &fixture[name];

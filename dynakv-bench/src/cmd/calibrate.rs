@@ -51,7 +51,7 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
     };
     let loaded = a.model.load()?;
     let model = &loaded.model;
-    cfg.validate(model.config.geometry())?;
+    cfg.validate(model.cache_geometry())?;
     let docs = brown_docs(Split::Calib, None)?;
     let ids = document_tokens(&loaded.tokenizer, &docs)?;
     let ids = dynakv_models::corpus::protocol_stream(&ids, a.ctx, loaded.tokenizer.text_bos());
@@ -63,7 +63,13 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
         &target,
         &cfg,
         &windows,
-        |w: &&[u32], cache| model.hidden(w, 0, cache).map(|_| ()),
+        // the recording cache holds the layers an artifact covers; local
+        // layers (Gemma 3) get windowed caches around it
+        |w: &&[u32], cache| {
+            model
+                .hidden(w, 0, model.around(cache)?.as_mut())
+                .map(|_| ())
+        },
         |done, total| {
             bar.set_length(total as u64);
             bar.set_position(done as u64);

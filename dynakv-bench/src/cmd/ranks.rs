@@ -49,7 +49,7 @@ pub fn run(a: RanksArgs) -> Result<()> {
         .iter()
         .map(|&t| loaded.tokenizer.decode(&[t]).unwrap_or_default())
         .collect();
-    let geo = loaded.model.config.geometry();
+    let geo = loaded.model.cache_geometry();
     let mut reports = Vec::new();
     let mut series = Vec::new();
     for (path, policy) in a.artifact.iter().zip(&a.policies) {
@@ -58,7 +58,9 @@ pub fn run(a: RanksArgs) -> Result<()> {
         loaded.model.check_artifact(&artifact, &loaded.sha256)?;
         let f = loaded.model.cache_factory(Some(&artifact), &spec)?;
         let mut cache = f.make_dynakv()?;
-        loaded.model.forward_last(&ids, 0, &mut cache)?;
+        loaded
+            .model
+            .forward_last(&ids, 0, loaded.model.around(&mut cache)?.as_mut())?;
         let n = ids.len();
         let mut per_token = vec![[0f64; 2]; n];
         let mut per_layer = vec![[0f64; 2]; geo.n_layers];

@@ -122,7 +122,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         &config,
         stage,
         &stop,
-        |w: &&[u32], cache| model.forward(w, 0, cache),
+        |w: &&[u32], cache| model.forward(w, 0, model.around(cache)?.as_mut()),
         |s| {
             bar.set_position(s.step as u64);
             bar.set_message(format!(

@@ -13,13 +13,13 @@ use crate::error::CacheError;
 ///
 /// The footprint is the parts' sum: every layer is counted, so retained
 /// fractions and bytes are of the whole model's cache.
-pub struct LayeredCache {
-    parts: Vec<Box<dyn AttentionCache>>,
+pub struct LayeredCache<'a> {
+    parts: Vec<Box<dyn AttentionCache + 'a>>,
     /// Per model layer: (part, layer within the part).
     route: Vec<(usize, usize)>,
 }
 
-impl std::fmt::Debug for LayeredCache {
+impl std::fmt::Debug for LayeredCache<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LayeredCache")
             .field("parts", &self.parts.len())
@@ -28,11 +28,11 @@ impl std::fmt::Debug for LayeredCache {
     }
 }
 
-impl LayeredCache {
+impl<'a> LayeredCache<'a> {
     /// `route[l] = (p, i)`: model layer `l` is layer `i` of `parts[p]`;
     /// every part's layers `0..n` must each be routed to exactly once.
     pub fn new(
-        parts: Vec<Box<dyn AttentionCache>>,
+        parts: Vec<Box<dyn AttentionCache + 'a>>,
         route: Vec<(usize, usize)>,
     ) -> Result<Self, CacheError> {
         let mut seen: Vec<Vec<bool>> = vec![Vec::new(); parts.len()];
@@ -62,7 +62,10 @@ impl LayeredCache {
         Ok(Self { parts, route })
     }
 
-    fn part(&mut self, layer: usize) -> Result<(&mut dyn AttentionCache, usize), CacheError> {
+    fn part(
+        &mut self,
+        layer: usize,
+    ) -> Result<(&mut (dyn AttentionCache + 'a), usize), CacheError> {
         let &(p, i) = self.route.get(layer).ok_or(CacheError::LayerOutOfRange {
             layer,
             n_layers: self.route.len(),
@@ -71,7 +74,7 @@ impl LayeredCache {
     }
 }
 
-impl AttentionCache for LayeredCache {
+impl AttentionCache for LayeredCache<'_> {
     fn append(
         &mut self,
         layer: usize,
@@ -120,6 +123,62 @@ impl AttentionCache for LayeredCache {
             .iter()
             .map(|p| p.footprint())
             .fold(CacheFootprint::default(), |a, b| a + b)
+    }
+}
+
+/// A cache borrowed for a while: a part of a [`LayeredCache`] that the
+/// caller keeps (calibration's recording cache, a trainer's cache).
+pub struct Borrowed<'a>(pub &'a mut dyn AttentionCache);
+
+impl AttentionCache for Borrowed<'_> {
+    fn append(
+        &mut self,
+        layer: usize,
+        k_pre: Tensor<4>,
+        v: Tensor<4>,
+        positions: &[usize],
+    ) -> Result<(), CacheError> {
+        self.0.append(layer, k_pre, v, positions)
+    }
+
+    fn attend(
+        &mut self,
+        layer: usize,
+        q_rot: Tensor<4>,
+        positions: &[usize],
+    ) -> Result<Tensor<4>, CacheError> {
+        self.0.attend(layer, q_rot, positions)
+    }
+
+    fn forward(
+        &mut self,
+        layer: usize,
+        q_rot: Tensor<4>,
+        k_pre: Tensor<4>,
+        v: Tensor<4>,
+        positions: &[usize],
+    ) -> Result<Tensor<4>, CacheError> {
+        self.0.forward(layer, q_rot, k_pre, v, positions)
+    }
+
+    fn len(&self, layer: usize) -> usize {
+        self.0.len(layer)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn reset(&mut self) {
+        self.0.reset()
+    }
+
+    fn footprint(&self) -> CacheFootprint {
+        self.0.footprint()
+    }
+
+    fn bytes(&self) -> usize {
+        self.0.bytes()
     }
 }
 

@@ -16,7 +16,7 @@ mod wrapper;
 pub use dense::DenseCache;
 pub use dynakv::{DynaKvBases, DynaKvCache};
 pub use geometry::CacheGeometry;
-pub use layered::LayeredCache;
+pub use layered::{Borrowed, LayeredCache};
 pub use precision::Precision;
 pub use recording::{Recorded, RecordingCache};
 #[cfg(feature = "snapkv")]

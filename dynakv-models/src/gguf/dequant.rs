@@ -89,6 +89,84 @@ pub fn dequantize_into(t: GgmlType, data: &[u8], out: &mut [f32]) {
                 }
             }
         }
+        GgmlType::Q5_1 => {
+            for (b, o) in blocks {
+                let d = f16_at(b, 0);
+                let m = f16_at(b, 2);
+                let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+                let (lo, hi) = o.split_at_mut(16);
+                for (j, ((&q, l), h)) in b[8..24].iter().zip(lo).zip(hi).enumerate() {
+                    let x0 = (q & 0xF) as u32 | (((qh >> j) & 1) << 4);
+                    let x1 = (q >> 4) as u32 | (((qh >> (j + 16)) & 1) << 4);
+                    *l = x0 as f32 * d + m;
+                    *h = x1 as f32 * d + m;
+                }
+            }
+        }
+        GgmlType::Q2K => {
+            for (b, o) in blocks {
+                let (scales, qs) = (&b[0..16], &b[16..80]);
+                let d = f16_at(b, 80);
+                let dmin = f16_at(b, 82);
+                // two halves of 128: 32 bytes of 2-bit values, four shifts,
+                // 16 values per scale
+                for (half, y) in o.chunks_exact_mut(128).enumerate() {
+                    let q = &qs[32 * half..32 * half + 32];
+                    for (k, y) in y.chunks_exact_mut(16).enumerate() {
+                        let (shift, second) = (2 * (k / 2), k % 2);
+                        let sc = scales[8 * half + k];
+                        let (dl, ml) = (d * (sc & 0xF) as f32, dmin * (sc >> 4) as f32);
+                        for (l, y) in y.iter_mut().enumerate() {
+                            *y = dl * ((q[l + 16 * second] >> shift) & 3) as f32 - ml;
+                        }
+                    }
+                }
+            }
+        }
+        GgmlType::Q3K => {
+            for (b, o) in blocks {
+                let (hmask, qs) = (&b[0..32], &b[32..96]);
+                let scales = q3k_scales(&b[96..108]);
+                let d = f16_at(b, 108);
+                for (half, y) in o.chunks_exact_mut(128).enumerate() {
+                    let q = &qs[32 * half..32 * half + 32];
+                    for (k, y) in y.chunks_exact_mut(16).enumerate() {
+                        let (shift, second) = (2 * (k / 2), k % 2);
+                        // the high bit of sub-block pair k/2 of this half
+                        let m = 1u8 << (4 * half + k / 2);
+                        let dl = d * (scales[8 * half + k] as i32 - 32) as f32;
+                        for (l, y) in y.iter_mut().enumerate() {
+                            let i = l + 16 * second;
+                            let low = ((q[i] >> shift) & 3) as i32;
+                            let high = if hmask[i] & m != 0 { 0 } else { 4 };
+                            *y = dl * (low - high) as f32;
+                        }
+                    }
+                }
+            }
+        }
+        GgmlType::Q5K => {
+            for (b, o) in blocks {
+                let d = f16_at(b, 0);
+                let dmin = f16_at(b, 2);
+                let (scales, qh, qs) = (&b[4..16], &b[16..48], &b[48..176]);
+                for (j, o) in o.chunks_exact_mut(64).enumerate() {
+                    let (sc1, m1) = scale_min_k4(2 * j, scales);
+                    let (sc2, m2) = scale_min_k4(2 * j + 1, scales);
+                    let (d1, m1) = (d * sc1 as f32, dmin * m1 as f32);
+                    let (d2, m2) = (d * sc2 as f32, dmin * m2 as f32);
+                    let (u1, u2) = (1u8 << (2 * j), 2u8 << (2 * j));
+                    let q = &qs[32 * j..32 * j + 32];
+                    let (lo, hi) = o.split_at_mut(32);
+                    for (((&v, &h), l), hi) in q.iter().zip(qh).zip(lo).zip(hi) {
+                        let x0 = (v & 0xF) + if h & u1 != 0 { 16 } else { 0 };
+                        let x1 = (v >> 4) + if h & u2 != 0 { 16 } else { 0 };
+                        *l = d1 * x0 as f32 - m1;
+                        *hi = d2 * x1 as f32 - m2;
+                    }
+                }
+            }
+        }
         GgmlType::Q8_0 => {
             for (b, o) in blocks {
                 let d = f16_at(b, 0);
@@ -142,6 +220,32 @@ pub fn dequantize_into(t: GgmlType, data: &[u8], out: &mut [f32]) {
             }
         }
     }
+}
+
+/// The sixteen 6-bit scales of a Q3_K super-block (stored biased by 32),
+/// unpacked from its 12 bytes as ggml's `dequantize_row_q3_K` does.
+fn q3k_scales(packed: &[u8]) -> [u8; 16] {
+    let word = |i: usize| {
+        u32::from_le_bytes([
+            packed[4 * i],
+            packed[4 * i + 1],
+            packed[4 * i + 2],
+            packed[4 * i + 3],
+        ])
+    };
+    let (a0, a1, tmp) = (word(0), word(1), word(2));
+    let (k1, k2) = (0x0303_0303u32, 0x0f0f_0f0fu32);
+    let aux = [
+        (a0 & k2) | ((tmp & k1) << 4),
+        (a1 & k2) | (((tmp >> 2) & k1) << 4),
+        ((a0 >> 4) & k2) | (((tmp >> 4) & k1) << 4),
+        ((a1 >> 4) & k2) | (((tmp >> 6) & k1) << 4),
+    ];
+    let mut out = [0u8; 16];
+    for (o, a) in out.chunks_exact_mut(4).zip(aux) {
+        o.copy_from_slice(&a.to_le_bytes());
+    }
+    out
 }
 
 /// The 6-bit scale and min of sub-block `j` of a Q4_K super-block.

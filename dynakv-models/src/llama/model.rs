@@ -206,13 +206,47 @@ impl LlamaModel {
         }
     }
 
+    /// Model layers the spec's cache holds (and an artifact covers): every
+    /// layer, or the global ones of a model with sliding-window layers.
+    pub fn cache_layers(&self) -> Vec<usize> {
+        (0..self.config.n_layers)
+            .filter(|&l| self.config.layers[l].window.is_none())
+            .collect()
+    }
+
+    /// The geometry of the spec's cache ([`LlamaModel::cache_layers`]).
+    pub fn cache_geometry(&self) -> dynakv_burn::CacheGeometry {
+        dynakv_burn::CacheGeometry {
+            n_layers: self.cache_layers().len(),
+            ..self.config.geometry()
+        }
+    }
+
+    /// The whole model's cache around `global`, a cache of
+    /// [`LlamaModel::cache_geometry`] the caller keeps (calibration's
+    /// recording cache, a trainer's): fresh windowed caches for the local
+    /// layers; `global` alone for a model without them.
+    pub fn around<'a>(
+        &self,
+        global: &'a mut dyn AttentionCache,
+    ) -> Result<Box<dyn AttentionCache + 'a>, ModelError> {
+        let global = Box::new(dynakv_burn::Borrowed(global));
+        if !self.config.has_windows() {
+            return Ok(global);
+        }
+        Ok(self
+            .cache_factory(None, &CacheSpec::dense())?
+            .around(global)?)
+    }
+
     /// What this model is, as an artifact records and checks it:
-    /// architecture, attention geometry and the GGUF file's SHA-256.
+    /// architecture, the geometry of the layers an artifact covers
+    /// ([`LlamaModel::cache_geometry`]) and the GGUF file's SHA-256.
     pub fn identity(&self, file_sha256: &str) -> ModelIdentity {
         let c = &self.config;
         ModelIdentity {
             architecture: c.architecture.clone(),
-            n_layers: c.n_layers,
+            n_layers: self.cache_layers().len(),
             n_heads: c.n_heads,
             n_kv_heads: c.n_kv_heads,
             head_dim: c.head_dim,
@@ -233,12 +267,12 @@ impl LlamaModel {
         file_sha256: &str,
         with_output_proj: bool,
     ) -> Result<CalibrationTarget<'_>, ModelError> {
-        self.refuse_windows("calibration")?;
         let output_proj = if with_output_proj {
             let rows = self
-                .blocks
-                .iter()
-                .map(|b| {
+                .cache_layers()
+                .into_iter()
+                .map(|l| {
+                    let b = &self.blocks[l];
                     b.wo(&self.device)
                         .into_data()
                         .try_into_vec_as::<f32>()
@@ -250,7 +284,7 @@ impl LlamaModel {
             None
         };
         Ok(CalibrationTarget {
-            geometry: self.config.geometry(),
+            geometry: self.cache_geometry(),
             rope: &self.rope,
             identity: self.identity(file_sha256),
             output_proj,
@@ -262,22 +296,15 @@ impl LlamaModel {
     #[cfg(feature = "train")]
     pub fn train_target(&self) -> dynakv_burn::train::TrainTarget<'_> {
         dynakv_burn::train::TrainTarget {
-            geometry: self.config.geometry(),
+            geometry: self.cache_geometry(),
             rope: &self.rope,
             device: &self.device,
-            output_proj: self.blocks.iter().map(|b| b.wo(&self.device)).collect(),
+            output_proj: self
+                .cache_layers()
+                .into_iter()
+                .map(|l| self.blocks[l].wo(&self.device))
+                .collect(),
         }
-    }
-
-    /// Refuses what is not built yet for models with local layers.
-    fn refuse_windows(&self, what: &str) -> Result<(), ModelError> {
-        if self.config.has_windows() {
-            return Err(ModelError::Unsupported(format!(
-                "{what} of a model with sliding-window layers ({}) is not implemented yet",
-                self.config.architecture
-            )));
-        }
-        Ok(())
     }
 
     /// A factory of caches of one configuration for this model (storage

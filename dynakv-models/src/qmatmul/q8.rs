@@ -37,6 +37,8 @@ impl Q8Kind {
             GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => Some(Self::Q8_0),
             GgmlType::Q4_1 => Some(Self::Q8_1),
             GgmlType::Q4K | GgmlType::Q6K => Some(Self::Q8K),
+            // no integer kernel yet: f32 activations in either numerics
+            GgmlType::Q5_1 | GgmlType::Q2K | GgmlType::Q3K | GgmlType::Q5K => None,
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => None,
         }
     }
@@ -238,7 +240,14 @@ pub(crate) fn dot(t: GgmlType, row: &[u8], x: &Q8Row) -> f32 {
                 sum += dx * dy * sumi as f32 - min_term;
             }
         }
-        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {}
+        // these take f32 activations (`Q8Kind::for_weights` is `None`)
+        GgmlType::F32
+        | GgmlType::F16
+        | GgmlType::BF16
+        | GgmlType::Q5_1
+        | GgmlType::Q2K
+        | GgmlType::Q3K
+        | GgmlType::Q5K => {}
     }
     sum
 }

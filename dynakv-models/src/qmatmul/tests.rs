@@ -7,12 +7,16 @@ use crate::gguf::dequantize;
 
 /// Every block format the kernels take, with the byte offsets of its f16
 /// scales (set to finite values; the rest of each block is random).
-const TYPES: [(GgmlType, &[usize]); 7] = [
+const TYPES: [(GgmlType, &[usize]); 11] = [
     (GgmlType::Q4_0, &[0]),
     (GgmlType::Q4_1, &[0, 2]),
     (GgmlType::Q5_0, &[0]),
+    (GgmlType::Q5_1, &[0, 2]),
     (GgmlType::Q8_0, &[0]),
+    (GgmlType::Q2K, &[80, 82]),
+    (GgmlType::Q3K, &[108]),
     (GgmlType::Q4K, &[0, 2]),
+    (GgmlType::Q5K, &[0, 2]),
     (GgmlType::Q6K, &[208]),
     (GgmlType::F16, &[]),
 ];
