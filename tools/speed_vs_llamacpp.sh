@@ -7,6 +7,7 @@
 #
 # Usage: tools/speed_vs_llamacpp.sh OUT_DIR [ARTIFACT [ROUTER_ARTIFACT]]
 #   THREADS (default 2), REPS (default 3), MATMUL (f32 or q8, default f32),
+#   MODEL (smollm2-135m, the default, or gemma3-270m),
 #   LLAMACPP_DIR (default ~/.cache/dynakv/llama.cpp-0.3.36) may be set.
 # Needs python3 with pip (cmake and ninja are installed from PyPI into a
 # virtual environment beside the build) and a C++ compiler.
@@ -21,6 +22,7 @@ router=${3:-}
 threads=${THREADS:-2}
 reps=${REPS:-3}
 matmul=${MATMUL:-f32}
+model_name=${MODEL:-smollm2-135m}
 ver=0.3.36
 dir=${LLAMACPP_DIR:-$HOME/.cache/dynakv/llama.cpp-$ver}
 bench="$dir/build/bin/llama-bench"
@@ -50,8 +52,9 @@ fi
 
 cargo build --release -p dynakv-bench >&2
 dynakv=target/release/dynakv
-model=$(python3 -c 'import sys; sys.path.insert(0, "tools"); from brown_text import model_path; print(model_path())')
-# depths: the model's context is 8,192 tokens, so "8k" is 8,064 (+128 decoded);
+$dynakv fetch --model "$model_name" >&2
+model=$(python3 -c "import sys; sys.path.insert(0, 'tools'); from brown_text import model_path; print(model_path('$model_name'))")
+# depths: SmolLM2's context is 8,192 tokens, so "8k" is 8,064 (+128 decoded);
 # dynakv's depth 0 is one prompt token (its decode measurement needs a context)
 depths=(0 1024 4096 8064)
 
@@ -67,7 +70,7 @@ export RAYON_NUM_THREADS=$threads
 for d in "${depths[@]}"; do
   prefill=(--prefill 1)
   [ "$d" = 0 ] && prefill=(--prefill 512,2048)
-  $dynakv bench --matmul "$matmul" --kv-dtype f16 "${prefill[@]}" --decode-ctx "$((d > 0 ? d : 1))" \
+  $dynakv bench --model "$model_name" --matmul "$matmul" --kv-dtype f16 "${prefill[@]}" --decode-ctx "$((d > 0 ? d : 1))" \
     --decode-steps 128 --reps "$reps" --json >> "$out/dynakv.jsonl"
 done
 
@@ -78,7 +81,7 @@ if [ -n "$artifact" ]; then
     for spec in "energy $artifact" ${router:+"router $router"}; do
       set -- $spec
       echo "{\"policy\": \"$1\", \"depth\": $d}" >> "$out/paired.jsonl"
-      $dynakv bench --matmul "$matmul" --cache dynakv --artifact "$2" --policy "$1" \
+      $dynakv bench --model "$model_name" --matmul "$matmul" --cache dynakv --artifact "$2" --policy "$1" \
         --budget 0.30 --prefill 1 --decode-ctx "$d" --decode-steps 64 --reps 1 \
         --paired-base "dense+store:kv=f16" --json >> "$out/paired.jsonl"
     done
