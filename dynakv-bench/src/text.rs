@@ -19,21 +19,21 @@ pub fn brown_docs(split: Split, max_docs: Option<usize>) -> Result<Vec<Document>
 /// Token ids of a prompt, in one part, or in two split right after `context`
 /// (its first occurrence in `text`): a cache that compresses at the end of
 /// its prefill (SnapKV) then compresses the context without seeing what
-/// follows it (query-agnostic).
+/// follows it (query-agnostic). BOS first where the model takes one.
 pub fn prompt_parts(
     tokenizer: &TextTokenizer,
     text: &str,
     split_after: Option<&str>,
 ) -> Result<Vec<Vec<u32>>, ModelError> {
     let Some(context) = split_after else {
-        return Ok(vec![tokenizer.encode(text)?]);
+        return Ok(vec![tokenizer.encode_text(text)?]);
     };
     let cut = text
         .find(context)
         .map(|i| i + context.len())
         .ok_or_else(|| ModelError::InvalidInput("the context is not in the prompt".into()))?;
     Ok(vec![
-        tokenizer.encode(&text[..cut])?,
+        tokenizer.encode_text(&text[..cut])?,
         tokenizer.encode(&text[cut..])?,
     ])
 }

@@ -61,6 +61,9 @@ pub struct Loaded {
     pub tokenizer: TextTokenizer,
     /// The chat template's default system message, if it has one.
     pub default_system: Option<String>,
+    /// Whether the file has a chat template (an instruction-tuned model);
+    /// base models are prompted in the completion format.
+    pub chat: bool,
     /// SHA-256 of the GGUF file (artifacts record and check it).
     pub sha256: String,
 }
@@ -68,10 +71,16 @@ pub struct Loaded {
 impl Loaded {
     /// What the long-context suite needs to run a prompt.
     pub fn runner(&self) -> dynakv_bench::eval::longctx_suite::Runner<'_> {
+        use dynakv_bench::eval::longctx::PromptFormat;
         dynakv_bench::eval::longctx_suite::Runner {
             model: &self.model,
             tokenizer: &self.tokenizer,
-            system: self.default_system.as_deref(),
+            format: match self.chat {
+                true => PromptFormat::Chat {
+                    system: self.default_system.as_deref(),
+                },
+                false => PromptFormat::Completion,
+            },
         }
     }
 }
@@ -113,6 +122,7 @@ impl ModelArgs {
         let gguf = GgufFile::open(&path).with_context(|| format!("opening {}", path.display()))?;
         let tokenizer = TextTokenizer::from_gguf(&gguf)?;
         let model = LlamaModel::from_gguf_with(&gguf, &default_device(), mode)?;
+        let chat = gguf.meta("tokenizer.chat_template").is_some();
         let default_system = gguf
             .meta("tokenizer.chat_template")
             .and_then(|v| v.as_str())
@@ -122,6 +132,7 @@ impl ModelArgs {
             model,
             tokenizer,
             default_system,
+            chat,
             sha256,
         })
     }

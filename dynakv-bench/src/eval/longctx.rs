@@ -1,6 +1,9 @@
 //! Long-context retrieval on Brown `eval` haystacks: a fact stated once, asked
-//! at the end, in the model's chat format, greedy decoding, exact-match
-//! scoring. Deterministic from a seed.
+//! at the end, greedy decoding, exact-match scoring. Deterministic from a
+//! seed. An instruction-tuned model is asked in its chat format; a base
+//! model (no chat template, e.g. Gemma 3 270M) gets the haystack followed by
+//! the start of the sentence that states the fact ("The pass key is"), the
+//! completion format ([`PromptFormat`]).
 //!
 //! Tasks:
 //! - `passkey`: "The pass key is 48213. Remember it. 48213 is the pass key."
@@ -59,7 +62,28 @@ const WORDS: [&str; 16] = [
     "thistle", "anchor", "velvet", "orchid", "granite", "meadow", "pepper",
 ];
 
-/// One prompt: the context (haystack with needles), the question, the answer.
+/// How a prompt is put to the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PromptFormat<'a> {
+    /// An instruction-tuned model's chat turn (ChatML), with its default
+    /// system message: the haystack, then the question.
+    Chat { system: Option<&'a str> },
+    /// A base model: the haystack, a blank line, then the start of the
+    /// sentence that states the fact, for the model to complete.
+    Completion,
+}
+
+impl PromptFormat<'_> {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Chat { .. } => "chat",
+            Self::Completion => "completion",
+        }
+    }
+}
+
+/// One prompt: the context (haystack with needles), the question (chat) or
+/// the cue (completion), the answer.
 #[derive(Debug, Clone)]
 pub struct Sample {
     pub task: Task,
@@ -67,6 +91,7 @@ pub struct Sample {
     pub depth: f64,
     pub context: String,
     pub question: String,
+    pub cue: String,
     pub answer: String,
 }
 
@@ -132,7 +157,7 @@ pub fn prompt_budget(length: usize, context_length: usize) -> usize {
 #[allow(clippy::too_many_arguments)]
 pub fn build_samples(
     tokenizer: &TextTokenizer,
-    system: Option<&str>,
+    format: PromptFormat<'_>,
     stream: &[u32],
     task: Task,
     length: usize,
@@ -143,7 +168,7 @@ pub fn build_samples(
     let mut rng = Lcg(seed ^ (length as u64) << 8 ^ task as u64);
     let mut out = Vec::new();
     for &depth in depths {
-        let (needles, question, answer) = match task {
+        let (needles, question, cue, answer) = match task {
             Task::Passkey => {
                 let key = 10000 + rng.below(90000);
                 (
@@ -152,6 +177,7 @@ pub fn build_samples(
                         format!("The pass key is {key}. Remember it. {key} is the pass key."),
                     )],
                     "What is the pass key? Answer with the number only.".to_string(),
+                    "The pass key is".to_string(),
                     key.to_string(),
                 )
             }
@@ -181,6 +207,7 @@ pub fn build_samples(
                         "What is the special number for {}? Answer with the number only.",
                         words[0]
                     ),
+                    format!("The special number for {} is", words[0]),
                     numbers[0].to_string(),
                 )
             }
@@ -189,6 +216,7 @@ pub fn build_samples(
                 (
                     vec![(depth, format!("The secret code word is {w}. Remember it. {w} is the secret code word."))],
                     "What is the secret code word? Answer with one word.".to_string(),
+                    "The secret code word is".to_string(),
                     w.to_string(),
                 )
             }
@@ -199,8 +227,9 @@ pub fn build_samples(
             .map(|(_, n)| n.as_str())
             .collect::<Vec<_>>()
             .join(" ");
-        let probe = prompt_text(system, &skeleton, &question);
-        let overhead = tokenizer.encode(&probe)?.len() + 8;
+        let probe = prompt_text(format, &skeleton, &question, &cue);
+        // + BOS where the model takes one, + a margin for re-tokenisation
+        let overhead = tokenizer.encode_text(&probe)?.len() + 8;
         let hay_tokens = prompt_budget(length, context_length)
             .checked_sub(overhead)
             .ok_or_else(|| {
@@ -224,32 +253,39 @@ pub fn build_samples(
             depth,
             context,
             question,
+            cue,
             answer,
         });
     }
     Ok(out)
 }
 
-fn prompt_text(system: Option<&str>, context: &str, question: &str) -> String {
-    let user = format!("{context}\n\n{question}");
-    let mut msgs = Vec::new();
-    if let Some(s) = system {
-        msgs.push(("system", s));
+fn prompt_text(format: PromptFormat<'_>, context: &str, question: &str, cue: &str) -> String {
+    match format {
+        PromptFormat::Chat { system } => {
+            let user = format!("{context}\n\n{question}");
+            let mut msgs = Vec::new();
+            if let Some(s) = system {
+                msgs.push(("system", s));
+            }
+            msgs.push(("user", user.as_str()));
+            chat_prompt(&msgs)
+        }
+        PromptFormat::Completion => format!("{context}\n\n{cue}"),
     }
-    msgs.push(("user", user.as_str()));
-    chat_prompt(&msgs)
 }
 
 /// Token parts of a sample's prompt: one part (query-aware: the question is
 /// in the prefill, inside SnapKV's window) or two (context first, so a cache
-/// that compresses at the end of prefill never sees the question).
+/// that compresses at the end of prefill never sees the question); BOS
+/// first where the model takes one.
 pub fn prompt_parts(
     tokenizer: &TextTokenizer,
-    system: Option<&str>,
+    format: PromptFormat<'_>,
     s: &Sample,
     query_aware: bool,
 ) -> Result<Vec<Vec<u32>>, ModelError> {
-    let text = prompt_text(system, &s.context, &s.question);
+    let text = prompt_text(format, &s.context, &s.question, &s.cue);
     let split_after = (!query_aware).then_some(s.context.as_str());
     crate::text::prompt_parts(tokenizer, &text, split_after)
 }
@@ -271,12 +307,12 @@ pub struct Outcome {
 pub fn run_sample(
     model: &LlamaModel,
     tokenizer: &TextTokenizer,
-    system: Option<&str>,
+    format: PromptFormat<'_>,
     s: &Sample,
     query_aware: bool,
     cache: &mut dyn AttentionCache,
 ) -> Result<Outcome, ModelError> {
-    let parts = prompt_parts(tokenizer, system, s, query_aware)?;
+    let parts = prompt_parts(tokenizer, format, s, query_aware)?;
     let refs: Vec<&[u32]> = parts.iter().map(Vec::as_slice).collect();
     let config = SamplingConfig {
         temperature: 0.0,

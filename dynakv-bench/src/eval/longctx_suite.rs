@@ -10,7 +10,7 @@ use dynakv_burn::AttentionCache;
 use dynakv_models::{LlamaModel, ModelError, TextTokenizer};
 use serde::Serialize;
 
-use super::longctx::{build_samples, cells, run_sample, Cell, Outcome, Sample, Task};
+use super::longctx::{build_samples, cells, run_sample, Cell, Outcome, PromptFormat, Sample, Task};
 
 /// What a suite asks.
 #[derive(Debug, Clone)]
@@ -42,12 +42,12 @@ pub struct Suite {
     pub samples: Vec<Sample>,
 }
 
-/// The model, its tokenizer and its system prompt: what running a prompt needs.
+/// The model, its tokenizer and how it is prompted: what running a prompt needs.
 #[derive(Clone, Copy)]
 pub struct Runner<'a> {
     pub model: &'a LlamaModel,
     pub tokenizer: &'a TextTokenizer,
-    pub system: Option<&'a str>,
+    pub format: PromptFormat<'a>,
 }
 
 impl Suite {
@@ -65,7 +65,7 @@ impl Suite {
             for &length in &spec.lengths {
                 samples.extend(build_samples(
                     runner.tokenizer,
-                    runner.system,
+                    runner.format,
                     stream,
                     task,
                     length,
@@ -75,10 +75,14 @@ impl Suite {
                 )?);
             }
         }
-        Ok(Self {
-            key: spec.key(),
-            samples,
-        })
+        // the prompts depend on the model's tokenizer and format too
+        let key = format!(
+            "{} model={} format={}",
+            spec.key(),
+            runner.model.config.architecture,
+            runner.format.name()
+        );
+        Ok(Self { key, samples })
     }
 
     /// Runs the samples `which`, each with a fresh cache, calling `tick`
@@ -100,7 +104,7 @@ impl Suite {
             out.push(run_sample(
                 runner.model,
                 runner.tokenizer,
-                runner.system,
+                runner.format,
                 s,
                 query_aware,
                 cache.as_mut(),
