@@ -27,6 +27,7 @@ p.add_argument("--windows", type=int, default=4)
 p.add_argument("--split", default="eval")
 p.add_argument("--skip-windows", type=int, default=0)
 p.add_argument("--extra", default="", help="extra arguments for dynakv eval ppl")
+p.add_argument("--dynakv-extra", default="", help="extra arguments for the DynaKV cells only (e.g. --key-factor 16)")
 p.add_argument("--snapkv", default="", help="comma-separated SnapKV ratios")
 p.add_argument("--artifact-free", action="store_true", help="only the full cache (+ SnapKV)")
 p.add_argument("--bin", default="target/release/dynakv")
@@ -78,10 +79,11 @@ for art in ([] if a.artifact_free else a.artifacts):
     name = os.path.basename(art).replace(".safetensors", "")
     for pol in a.policies.split(","):
         for b in a.budgets.split(","):
-            args = ["--cache", "dynakv", "--artifact", art, "--policy", pol, "--budget", b]
+            args = ["--cache", "dynakv", "--artifact", art, "--policy", pol, "--budget", b] + a.dynakv_extra.split()
             for r in ["-"] + snap:
+                tag = f"{name} {pol} {b} {a.dynakv_extra}".strip()
                 if r == "-":
-                    res = run(f"{name} {pol} {b} {base}", args)
+                    res = run(f"{tag} {base}", args)
                 else:
-                    res = run(f"{name} {pol} {b} snapkv {r} {base}", args + ["--snapkv", r])
+                    res = run(f"{tag} snapkv {r} {base}", args + ["--snapkv", r])
                 row(name, pol, b, r, res)

@@ -97,7 +97,7 @@ pub fn fidelity(
         kls.extend(to_f64(kl_rows(p, q))?);
         let f = cache.footprint();
         retained += f.retained();
-        at_prefill += prefill.map_or(0.0, |f| f.retained());
+        at_prefill += prefill.map_or(0.0, |(f, _)| f.retained());
         bytes.add(&f);
         on_window(i + 1, wins.len());
     }

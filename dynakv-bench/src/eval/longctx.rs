@@ -301,6 +301,10 @@ pub struct Outcome {
     pub output: String,
     pub correct: bool,
     pub retained: f64,
+    /// `retained` of the spec's layers (a model's global layers when it has
+    /// sliding-window ones).
+    #[serde(default)]
+    pub retained_global: Option<f64>,
 }
 
 /// Runs one sample with a fresh cache.
@@ -330,6 +334,7 @@ pub fn run_sample(
         correct: exact_match(&g.text, &s.answer),
         output: g.text,
         retained: cache.footprint().retained(),
+        retained_global: Some(cache.spec_footprint().retained()),
     })
 }
 
@@ -385,6 +390,7 @@ pub(crate) mod tests {
             output: String::new(),
             correct,
             retained,
+            retained_global: None,
         }
     }
 

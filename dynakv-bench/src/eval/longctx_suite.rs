@@ -189,6 +189,9 @@ pub struct Summary {
     pub relative: f64,
     /// Mean retained fraction over the compressed runs.
     pub retained: f64,
+    /// The same, of the spec's layers (a model's global layers when it has
+    /// sliding-window ones).
+    pub retained_global: f64,
 }
 
 /// Splits the full cache's cells at `keep_threshold`.
@@ -220,6 +223,11 @@ pub fn summarize(full: &[Outcome], compressed: &[Outcome], keep_threshold: f64) 
         score,
         relative: score / score_full,
         retained: compressed.iter().map(|o| o.retained).sum::<f64>()
+            / compressed.len().max(1) as f64,
+        retained_global: compressed
+            .iter()
+            .map(|o| o.retained_global.unwrap_or(o.retained))
+            .sum::<f64>()
             / compressed.len().max(1) as f64,
     }
 }

@@ -41,6 +41,11 @@ pub struct PplReport {
     /// of a window and right after the prefill.
     pub retained_kept: f64,
     pub retained_kept_prefill: Option<f64>,
+    /// `retained` of the layers the spec's cache holds (a model's global
+    /// layers when it has sliding-window ones; `retained` otherwise), at the
+    /// end of a window and right after the prefill.
+    pub retained_global: f64,
+    pub retained_global_prefill: Option<f64>,
     /// KV bytes per token there, and as a fraction of an f16 dense cache:
     /// what a cache that compresses at the end of prefill (SnapKV) costs.
     pub kv_bytes_per_token_prefill: Option<f64>,
@@ -49,7 +54,7 @@ pub struct PplReport {
 
 /// Logits that predict a window's scored tokens, the index of the first scored
 /// token, and the cache's footprint at the compression point (with
-/// `score_last`).
+/// `score_last`; the whole cache's and the spec's layers').
 ///
 /// Without `score_last` the whole window is one forward pass and tokens
 /// `1..T` are scored; with `score_last = N` the first `T − N` tokens are a
@@ -63,7 +68,7 @@ pub fn window_logits(
     w: &[u32],
     score_last: Option<usize>,
     cache: &mut dyn AttentionCache,
-) -> Result<(Tensor<2>, usize, Option<CacheFootprint>), ModelError> {
+) -> Result<(Tensor<2>, usize, Option<(CacheFootprint, CacheFootprint)>), ModelError> {
     let t = w.len();
     match score_last {
         None => Ok((model.forward(w, 0, cache)?.narrow(0, 0, t - 1), 1, None)),
@@ -75,7 +80,7 @@ pub fn window_logits(
             }
             let split = t - n;
             let first = model.forward_last(&w[..split], 0, cache)?;
-            let prefill = cache.footprint();
+            let prefill = (cache.footprint(), cache.spec_footprint());
             let rest = model.forward(&w[split..], split, cache)?;
             let logits = Tensor::cat(vec![first.unsqueeze::<2>(), rest.narrow(0, 0, n - 1)], 0);
             Ok((logits, split, Some(prefill)))
@@ -150,6 +155,7 @@ pub fn perplexity(
     let (mut sum, mut n) = (0f64, 0usize);
     let (mut bytes, mut retained, mut at_prefill) = (ByteAccumulator::default(), 0f64, 0f64);
     let (mut kept, mut kept_prefill) = (0f64, 0f64);
+    let (mut global, mut global_prefill) = (0f64, 0f64);
     let mut bytes_prefill = ByteAccumulator::default();
     let mut all_nll = Vec::new();
     let mut all_top1 = Vec::new();
@@ -157,9 +163,10 @@ pub fn perplexity(
         let _span = tracing::info_span!("window", i).entered();
         let mut cache = make_cache()?;
         let (logits, first_target, prefill) = window_logits(model, w, score_last, cache.as_mut())?;
-        if let Some(f) = &prefill {
+        if let Some((f, g)) = &prefill {
             at_prefill += f.retained();
             kept_prefill += f.retained_kept();
+            global_prefill += g.retained();
             bytes_prefill.add(f);
         }
         let (nll, top1) = dynakv_models::llama::nll_and_top1(logits, &w[first_target..]);
@@ -167,6 +174,7 @@ pub fn perplexity(
         bytes.add(&f);
         retained += f.retained();
         kept += f.retained_kept();
+        global += cache.spec_footprint().retained();
         sum += nll.iter().map(|&x| x as f64).sum::<f64>();
         n += nll.len();
         all_nll.push(nll);
@@ -194,6 +202,8 @@ pub fn perplexity(
             retained_prefill: score_last.map(|_| at_prefill / k),
             retained_kept: kept / k,
             retained_kept_prefill: score_last.map(|_| kept_prefill / k),
+            retained_global: global / k,
+            retained_global_prefill: score_last.map(|_| global_prefill / k),
             kv_bytes_per_token_prefill: score_last.map(|_| bytes_prefill.mean().kv_bytes_per_token),
             kv_fraction_f16_prefill: score_last.map(|_| bytes_prefill.mean().kv_fraction_f16),
         },

@@ -124,6 +124,13 @@ impl AttentionCache for LayeredCache<'_> {
             .map(|p| p.footprint())
             .fold(CacheFootprint::default(), |a, b| a + b)
     }
+
+    /// Part 0, the spec's cache (a factory's global layers).
+    fn spec_footprint(&self) -> CacheFootprint {
+        self.parts
+            .first()
+            .map_or_else(CacheFootprint::default, |p| p.spec_footprint())
+    }
 }
 
 /// A cache borrowed for a while: a part of a [`LayeredCache`] that the
@@ -180,6 +187,10 @@ impl AttentionCache for Borrowed<'_> {
     fn bytes(&self) -> usize {
         self.0.bytes()
     }
+
+    fn spec_footprint(&self) -> CacheFootprint {
+        self.0.spec_footprint()
+    }
 }
 
 #[cfg(test)]
@@ -221,6 +232,11 @@ mod tests {
             assert!(diff < 1e-6);
         }
         assert_eq!(layered.footprint(), whole.footprint());
+        // part 0 holds model layer 1
+        assert_eq!(
+            layered.spec_footprint().values * 2,
+            whole.footprint().values
+        );
         assert_eq!(layered.len(1), 5);
         assert!(layered.forward(2, q, k, v, &pos).is_err());
         layered.reset();

@@ -126,6 +126,13 @@ pub trait AttentionCache: Send {
     fn bytes(&self) -> usize {
         self.footprint().bytes() as usize
     }
+
+    /// The footprint of the layers the spec's cache holds: the global
+    /// layers of a [`LayeredCache`] (its sliding-window layers are never
+    /// compressed), the whole cache otherwise.
+    fn spec_footprint(&self) -> CacheFootprint {
+        self.footprint()
+    }
 }
 
 /// Positions a pruning keeps in one layer.
