@@ -73,7 +73,7 @@ fn held(policy: PolicyKind, budget: f64, hold: BudgetHold) -> CacheSpec {
         kind: policy,
         budget,
         sink_tokens: 1,
-        key_factor: 1.0,
+        key_factor: Some(1.0),
         energy_rule: EnergyRule::Threshold,
         recent_full: 0,
         hold,

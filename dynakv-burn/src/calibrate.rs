@@ -227,6 +227,7 @@ where
             calib_tokens,
             sample_positions: raw.raw_positions,
             router: None,
+            key_factor: None,
         },
         bases,
         sample,

@@ -117,6 +117,11 @@ pub struct ArtifactHeader {
     /// How the router was trained, when the artifact holds one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub router: Option<RouterInfo>,
+    /// The energy rule's key factor chosen for this model at calibration
+    /// (`dynakv calibrate` scores several on held-out calib windows); an
+    /// energy policy without its own `key-factor=` uses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_factor: Option<f32>,
 }
 
 /// Largest layer count, KV width and sample an artifact header may declare:
@@ -172,6 +177,13 @@ impl ArtifactHeader {
                 "{} sample positions (at most {MAX_SAMPLE})",
                 self.sample_positions.len()
             )));
+        }
+        if let Some(k) = self.key_factor {
+            if !(k.is_finite() && k > 0.0) {
+                return Err(invalid(format!(
+                    "key factor {k}: expected a finite number above 0"
+                )));
+            }
         }
         if let Some(r) = &self.router {
             let finite = [
@@ -524,6 +536,7 @@ mod tests {
                 "rank levels",
                 Box::new(|a| a.header.levels = RankLevels::multiples(2, 8).unwrap()),
             ),
+            ("key factor", Box::new(|a| a.header.key_factor = Some(-1.0))),
         ];
         for (want, damage) in damaged {
             let mut bad = a.clone();
@@ -622,6 +635,7 @@ mod tests {
                     lambda: 0.25,
                     shares: vec![[0.25, 0.375]],
                 }),
+                key_factor: Some(16.0),
             },
             bases: vec![[b.clone(), b.clone()]],
             sample: EnergySample {

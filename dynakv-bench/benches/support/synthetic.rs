@@ -73,6 +73,7 @@ pub fn artifact(placement: RopePlacement) -> Artifact {
             calib_tokens: 2048,
             sample_positions: vec![],
             router: None,
+            key_factor: None,
         },
         bases: vec![[b.clone(), b]],
         sample: EnergySample::default(),

@@ -68,9 +68,11 @@ pub struct CacheArgs {
     pub sink_tokens: usize,
     /// energy: weight of key error against value error (lagrange rule), or key
     /// threshold as a multiple of the value threshold (threshold rule).
-    /// Default tuned on Brown calib windows 40-41 (docs/results.md).
-    #[arg(value_parser = values::positive_f32, long, default_value_t = 2.0)]
-    pub key_factor: f32,
+    /// Default: the artifact's, chosen by `dynakv calibrate` on held-out calib
+    /// windows; 2 for artifacts without one (chosen for SmolLM2 on Brown
+    /// calib windows 40-41, docs/results.md).
+    #[arg(value_parser = values::positive_f32, long)]
+    pub key_factor: Option<f32>,
     /// energy: lagrange (water-filling: equal marginal error per dimension over
     /// tokens, layers, K and V) or threshold (equal relative error per token).
     #[arg(long, value_enum, default_value_t = EnergyRule::Lagrange)]

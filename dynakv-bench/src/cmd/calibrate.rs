@@ -5,9 +5,10 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 use dynakv_bench::text::{brown_docs, document_tokens};
-use dynakv_burn::{calibrate, CalibrationConfig};
-use dynakv_core::artifact::RopePlacement;
+use dynakv_burn::{calibrate, CacheSpec, CalibrationConfig};
+use dynakv_core::artifact::{Artifact, RopePlacement};
 use dynakv_core::basis::BasisKind;
+use dynakv_core::policy::{PolicyKind, PolicySpec};
 use dynakv_models::corpus::Split;
 use dynakv_models::ModelError;
 
@@ -38,10 +39,30 @@ pub struct CalibrateArgs {
     /// Rank levels are multiples of this.
     #[arg(value_parser = values::at_least_one, long, default_value_t = 8)]
     pub level_step: usize,
+    /// Key factors of the energy rule to score on the held-out sample
+    /// windows (energy at --key-factor-budget, PPL of each); the best is
+    /// recorded in the artifact and becomes the default of `--policy
+    /// energy` with it. `none` skips the search (then the default is 2).
+    #[arg(long, default_value = "1,2,4,8,16,32")]
+    pub key_factors: String,
+    /// The budget at which the key factors are scored.
+    #[arg(value_parser = values::fraction, long, default_value_t = 0.30)]
+    pub key_factor_budget: f64,
+}
+
+impl CalibrateArgs {
+    /// `--key-factors`: empty for `none`.
+    fn key_factors(&self) -> Result<Vec<f32>> {
+        if self.key_factors.trim() == "none" {
+            return Ok(Vec::new());
+        }
+        values::list(&self.key_factors, "key factor", true, values::positive_f32)
+    }
 }
 
 pub fn run(a: CalibrateArgs) -> Result<()> {
     super::common::check_writable("--out", &a.out)?;
+    let key_factors = a.key_factors()?;
     let cfg = CalibrationConfig {
         stats_windows: a.tokens.div_ceil(a.ctx).max(1),
         sample_windows: a.sample_tokens.div_ceil(a.ctx).max(1),
@@ -77,6 +98,18 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
     )
     .map_err(|e: ModelError| anyhow::anyhow!(e))?;
     bar.finish_and_clear();
+    let mut artifact = artifact;
+    if !key_factors.is_empty() {
+        let first = cfg.stats_windows.min(windows.len());
+        let end = (first + cfg.sample_windows).min(windows.len());
+        artifact.header.key_factor = Some(choose_key_factor(
+            &loaded,
+            &artifact,
+            &windows[first..end],
+            &key_factors,
+            a.key_factor_budget,
+        )?);
+    }
     artifact.save(&a.out)?;
     eprintln!(
         "wrote {} ({} calib tokens, {} sample tokens, basis {:?}, rope {:?}) in {:.0}s",
@@ -88,4 +121,47 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The key factor of the energy rule with the lowest PPL on `windows` (the
+/// held-out calib windows the policies are fitted on) at `budget`.
+///
+/// Why: how much key error costs against value error depends on the model
+/// (Gemma 3's QK-normed keys need far more weight than SmolLM2's:
+/// docs/results.md), so the default of `--policy energy` is chosen per
+/// artifact, on calib text, not fixed.
+fn choose_key_factor(
+    loaded: &super::common::Loaded,
+    artifact: &Artifact,
+    windows: &[&[u32]],
+    factors: &[f32],
+    budget: f64,
+) -> Result<f32> {
+    let model = &loaded.model;
+    let mut best: Option<(f32, f64)> = None;
+    for &kf in factors {
+        let spec = CacheSpec::dynakv(PolicySpec {
+            key_factor: Some(kf),
+            ..PolicySpec::new(PolicyKind::Energy, budget)
+        });
+        let factory = model.cache_factory(Some(artifact), &spec)?;
+        let (mut nll, mut n) = (0f64, 0usize);
+        for w in windows {
+            let mut cache = factory.make()?;
+            let (x, _) = model.score(w, cache.as_mut())?;
+            nll += x.iter().map(|&v| v as f64).sum::<f64>();
+            n += x.len();
+        }
+        let ppl = (nll / n.max(1) as f64).exp();
+        if !ppl.is_finite() {
+            anyhow::bail!("key factor {kf}: the held-out PPL is not finite");
+        }
+        eprintln!("key factor {kf}: energy@{budget} PPL {ppl:.3} on {n} held-out calib tokens");
+        if best.is_none_or(|(_, b)| ppl < b) {
+            best = Some((kf, ppl));
+        }
+    }
+    let (kf, ppl) = best.ok_or_else(|| anyhow::anyhow!("no key factor to choose from"))?;
+    eprintln!("key factor {kf} chosen (PPL {ppl:.3}); recorded in the artifact");
+    Ok(kf)
 }

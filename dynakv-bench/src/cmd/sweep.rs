@@ -167,7 +167,7 @@ fn cache(
         // DynaKV's flags stay at their defaults on the full cache's cells
         policy: if dynakv { policy } else { d.policy },
         budget: if dynakv { budget } else { d.budget },
-        key_factor: 2.0,
+        key_factor: None,
         energy_rule: EnergyRule::Lagrange,
         recent_full: if dynakv { a.recent_full } else { d.recent_full },
         // the promise is DynaKV's; other cells take the default

@@ -66,6 +66,7 @@ pub(crate) fn artifact(placement: RopePlacement) -> Artifact {
             calib_tokens: 64,
             sample_positions: vec![],
             router: None,
+            key_factor: None,
         },
         bases: vec![[b.clone(), b.clone()], [b.clone(), b]],
         sample: EnergySample::default(),

@@ -19,7 +19,7 @@ pub use per_layer::PerLayerPolicy;
 pub use profile::{EnergySample, TailProfile};
 pub use recent::RecentFull;
 pub use router::{RouterPolicy, RouterWeights};
-pub use spec::PolicySpec;
+pub use spec::{PolicySpec, DEFAULT_KEY_FACTOR};
 pub use steer::{rank_at, ranks_at, BudgetHold, Held, Steerable};
 pub use uniform::UniformPolicy;
 

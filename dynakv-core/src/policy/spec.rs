@@ -47,7 +47,9 @@ pub struct PolicySpec {
     pub sink_tokens: usize,
     /// `energy`: weight of key error against value error (lagrange rule), or
     /// the key threshold as a multiple of the value threshold (threshold rule).
-    pub key_factor: f32,
+    /// `None`: the artifact's (chosen at calibration), else
+    /// [`DEFAULT_KEY_FACTOR`].
+    pub key_factor: Option<f32>,
     /// `energy`: lagrange (equal marginal error per dimension) or threshold
     /// (equal relative error per token).
     pub energy_rule: EnergyRule,
@@ -60,13 +62,18 @@ pub struct PolicySpec {
     pub hold: BudgetHold,
 }
 
+/// The energy rule's key factor when neither the spec nor the artifact
+/// names one: the value chosen for SmolLM2 on Brown calib windows 40-41
+/// (docs/results.md). Artifacts of `dynakv calibrate` carry their own.
+pub const DEFAULT_KEY_FACTOR: f32 = 2.0;
+
 impl Default for PolicySpec {
     fn default() -> Self {
         Self {
             kind: PolicyKind::Energy,
             budget: 0.47,
             sink_tokens: 1,
-            key_factor: 2.0,
+            key_factor: None,
             energy_rule: EnergyRule::Lagrange,
             recent_full: 0,
             hold: BudgetHold::Track,
@@ -87,13 +94,21 @@ impl PolicySpec {
     /// Checks every field on its own (what can be checked without an artifact).
     pub fn validate(&self) -> Result<(), CoreError> {
         check_budget(self.budget)?;
-        if !(self.key_factor.is_finite() && self.key_factor > 0.0) {
-            return Err(CoreError::Invalid {
-                field: "key_factor",
-                message: format!("must be finite and > 0, got {}", self.key_factor),
-            });
+        if let Some(k) = self.key_factor {
+            if !(k.is_finite() && k > 0.0) {
+                return Err(CoreError::Invalid {
+                    field: "key_factor",
+                    message: format!("must be finite and > 0, got {k}"),
+                });
+            }
         }
         Ok(())
+    }
+
+    /// The energy rule's key factor: the spec's, else the artifact's
+    /// (chosen at calibration), else [`DEFAULT_KEY_FACTOR`].
+    pub fn key_factor_with(&self, artifact: Option<f32>) -> f32 {
+        self.key_factor.or(artifact).unwrap_or(DEFAULT_KEY_FACTOR)
     }
 
     /// Fits the policy on an artifact's calibration sample (or reads its
@@ -118,7 +133,7 @@ impl PolicySpec {
                 artifact.mean_latents(),
                 levels,
                 self.budget,
-                self.key_factor,
+                self.key_factor_with(artifact.header.key_factor),
                 self.energy_rule,
             )?),
             PolicyKind::Router => {
@@ -194,8 +209,8 @@ impl fmt::Display for PolicySpec {
         if self.sink_tokens != d.sink_tokens {
             write!(f, ",sink={}", self.sink_tokens)?;
         }
-        if self.key_factor != d.key_factor {
-            write!(f, ",key-factor={}", self.key_factor)?;
+        if let Some(k) = self.key_factor {
+            write!(f, ",key-factor={k}")?;
         }
         if self.energy_rule != d.energy_rule {
             write!(f, ",rule={}", self.energy_rule)?;
@@ -233,7 +248,7 @@ impl FromStr for PolicySpec {
             match key.trim() {
                 "recent" => spec.recent_full = parse_field("recent_full", value)?,
                 "sink" => spec.sink_tokens = parse_field("sink_tokens", value)?,
-                "key-factor" => spec.key_factor = parse_field("key_factor", value)?,
+                "key-factor" => spec.key_factor = Some(parse_field("key_factor", value)?),
                 "rule" => spec.energy_rule = value.trim().parse()?,
                 "hold" => spec.hold = value.trim().parse()?,
                 o => {
@@ -277,7 +292,7 @@ mod tests {
                 kind: PolicyKind::Uniform,
                 budget: 0.3,
                 sink_tokens: 4,
-                key_factor: 1.5,
+                key_factor: Some(1.5),
                 energy_rule: EnergyRule::Threshold,
                 recent_full: 8,
                 hold: BudgetHold::Ceiling,
@@ -290,6 +305,17 @@ mod tests {
         );
         let json = serde_json::to_string(&s).unwrap();
         assert_eq!(serde_json::from_str::<PolicySpec>(&json).unwrap(), s);
+    }
+
+    #[test]
+    fn the_key_factor_is_the_specs_then_the_artifacts_then_the_default() {
+        let plain: PolicySpec = "energy@0.3".parse().unwrap();
+        assert_eq!(plain.key_factor, None);
+        assert!(!plain.to_string().contains("key-factor"));
+        assert_eq!(plain.key_factor_with(Some(16.0)), 16.0);
+        assert_eq!(plain.key_factor_with(None), DEFAULT_KEY_FACTOR);
+        let set: PolicySpec = "energy@0.3,key-factor=4".parse().unwrap();
+        assert_eq!(set.key_factor_with(Some(16.0)), 4.0);
     }
 
     #[test]
