@@ -192,7 +192,7 @@ fn fidelity_cmd(a: PplArgs) -> Result<()> {
         a.ctx,
         a.max_windows,
         a.score_last,
-        || Ok(loaded.model.dense_cache()?),
+        || loaded.model.dense_cache(),
         || maker.make(),
         |done, _| bar.set_position(done as u64),
     )?;

@@ -432,7 +432,7 @@ pub fn run(a: SweepArgs) -> Result<()> {
                 a.ctx,
                 Some(a.windows),
                 a.score_last,
-                || Ok(loaded.model.dense_cache()?),
+                || loaded.model.dense_cache(),
                 || maker.make(),
                 |_, _| {},
             )?;

@@ -52,6 +52,11 @@ pub struct PplReport {
     pub kv_fraction_f16_prefill: Option<f64>,
 }
 
+/// What [`window_logits`] returns: the logits `[scored, vocab]`, the index of
+/// the first scored token, and at the compression point (with `score_last`)
+/// the whole cache's footprint and the spec's layers'.
+pub type WindowLogits = (Tensor<2>, usize, Option<(CacheFootprint, CacheFootprint)>);
+
 /// Logits that predict a window's scored tokens, the index of the first scored
 /// token, and the cache's footprint at the compression point (with
 /// `score_last`; the whole cache's and the spec's layers').
@@ -68,7 +73,7 @@ pub fn window_logits(
     w: &[u32],
     score_last: Option<usize>,
     cache: &mut dyn AttentionCache,
-) -> Result<(Tensor<2>, usize, Option<(CacheFootprint, CacheFootprint)>), ModelError> {
+) -> Result<WindowLogits, ModelError> {
     let t = w.len();
     match score_last {
         None => Ok((model.forward(w, 0, cache)?.narrow(0, 0, t - 1), 1, None)),
