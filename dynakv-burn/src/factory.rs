@@ -202,9 +202,8 @@ impl CacheFactory {
         &self,
         global: Box<dyn AttentionCache + 'a>,
     ) -> Result<Box<dyn AttentionCache + 'a>, CacheError> {
-        let main = global;
         let Some((split, n_layers)) = &self.plan else {
-            return Ok(main);
+            return Ok(global);
         };
         let precision = Precision {
             k: self.spec.precision.k,
@@ -212,7 +211,7 @@ impl CacheFactory {
             rotate: self.spec.precision.rotate,
             ..Precision::default()
         };
-        let mut parts: Vec<Box<dyn AttentionCache + 'a>> = vec![main];
+        let mut parts: Vec<Box<dyn AttentionCache + 'a>> = vec![global];
         for g in &split.windows {
             let geometry = CacheGeometry {
                 n_layers: g.layers.len(),

@@ -380,6 +380,82 @@ mod tests {
         b
     }
 
+    /// A GGUF holding only a small SentencePiece tokenizer (scores, types
+    /// with byte pieces, a user-defined and a control token, add_bos): the
+    /// seed of the SentencePiece fuzz runs.
+    fn spm_tokenizer_file() -> Vec<u8> {
+        let mut pieces: Vec<(String, f32, i32)> = vec![
+            ("<unk>".into(), 0.0, 2),
+            ("<bos>".into(), 0.0, 3),
+            ("  ".into(), 0.0, 4),
+            ("a".into(), -1.0, 1),
+            ("b".into(), -1.0, 1),
+            ("ab".into(), -0.5, 1),
+            ("\u{2581}".into(), -2.0, 1),
+            ("\u{2581}a".into(), -0.7, 1),
+        ];
+        for b in [0x31u8, 0x32, 0xC3, 0xA9] {
+            pieces.push((format!("<0x{b:02X}>"), 0.0, 6));
+        }
+        let mut b = Vec::new();
+        b.extend_from_slice(b"GGUF");
+        b.extend_from_slice(&3u32.to_le_bytes());
+        b.extend_from_slice(&0u64.to_le_bytes()); // tensors
+        b.extend_from_slice(&6u64.to_le_bytes()); // kv
+        fn s(b: &mut Vec<u8>, x: &str) {
+            b.extend_from_slice(&(x.len() as u64).to_le_bytes());
+            b.extend_from_slice(x.as_bytes());
+        }
+        fn key(b: &mut Vec<u8>, k: &str, ty: u32) {
+            s(b, k);
+            b.extend_from_slice(&ty.to_le_bytes());
+        }
+        let n = pieces.len() as u64;
+        key(&mut b, "tokenizer.ggml.model", 8);
+        s(&mut b, "llama");
+        key(&mut b, "tokenizer.ggml.tokens", 9);
+        b.extend_from_slice(&8u32.to_le_bytes());
+        b.extend_from_slice(&n.to_le_bytes());
+        for (p, _, _) in &pieces {
+            s(&mut b, p);
+        }
+        key(&mut b, "tokenizer.ggml.scores", 9);
+        b.extend_from_slice(&6u32.to_le_bytes());
+        b.extend_from_slice(&n.to_le_bytes());
+        for (_, sc, _) in &pieces {
+            b.extend_from_slice(&sc.to_le_bytes());
+        }
+        key(&mut b, "tokenizer.ggml.token_type", 9);
+        b.extend_from_slice(&5u32.to_le_bytes());
+        b.extend_from_slice(&n.to_le_bytes());
+        for (_, _, t) in &pieces {
+            b.extend_from_slice(&t.to_le_bytes());
+        }
+        key(&mut b, "tokenizer.ggml.bos_token_id", 4);
+        b.extend_from_slice(&1u32.to_le_bytes());
+        key(&mut b, "tokenizer.ggml.add_space_prefix", 7);
+        b.push(0);
+        b
+    }
+
+    #[test]
+    fn the_sentencepiece_seed_tokenizer_works() {
+        let gguf = GgufFile::from_bytes(&spm_tokenizer_file()).unwrap();
+        let t = TextTokenizer::from_gguf(&gguf).unwrap();
+        assert!(t.add_bos, "SentencePiece files default to BOS");
+        assert_eq!(t.text_bos(), Some(1));
+        let ids = t.encode("ab a  b<bos>12é").unwrap();
+        assert_eq!(t.decode(&ids).unwrap(), "ab a  b<bos>12é");
+        assert_eq!(ids[..2], [5, 7]);
+    }
+
+    #[test]
+    fn fuzz_sentencepiece_from_metadata_fixed_inputs() {
+        for b in dynakv_core::fuzz::seeded(&spm_tokenizer_file(), 20_000, 0x73706d) {
+            tokenize_damaged(&b);
+        }
+    }
+
     /// Builds the tokenizer from a (damaged) file and round-trips a text:
     /// an error or a working tokenizer, never a panic.
     fn tokenize_damaged(b: &[u8]) {
@@ -387,7 +463,7 @@ mod tests {
             return;
         };
         if let Ok(t) = TextTokenizer::from_gguf(&gguf) {
-            if let Ok(ids) = t.encode("ab a<|im_end|> 12") {
+            if let Ok(ids) = t.encode("ab a<|im_end|> 12  é<bos>") {
                 assert!(ids.iter().all(|&i| (i as usize) < t.vocab_size()));
                 let _ = t.decode(&ids);
             }
