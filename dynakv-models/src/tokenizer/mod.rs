@@ -327,21 +327,31 @@ pub fn chat_prompt(messages: &[(&str, &str)]) -> String {
 mod tests {
     use super::*;
 
-    /// A GGUF holding only a small tokenizer: the seed of the fuzz targets.
-    fn tokenizer_file() -> Vec<u8> {
+    /// A GGUF v3 header of no tensors and `kv` metadata entries.
+    fn header(kv: u64) -> Vec<u8> {
         let mut b = Vec::new();
         b.extend_from_slice(b"GGUF");
         b.extend_from_slice(&3u32.to_le_bytes());
         b.extend_from_slice(&0u64.to_le_bytes()); // tensors
-        b.extend_from_slice(&7u64.to_le_bytes()); // kv
-        fn s(b: &mut Vec<u8>, x: &str) {
-            b.extend_from_slice(&(x.len() as u64).to_le_bytes());
-            b.extend_from_slice(x.as_bytes());
-        }
-        fn key(b: &mut Vec<u8>, k: &str, ty: u32) {
-            s(b, k);
-            b.extend_from_slice(&ty.to_le_bytes());
-        }
+        b.extend_from_slice(&kv.to_le_bytes());
+        b
+    }
+
+    /// A GGUF string.
+    fn s(b: &mut Vec<u8>, x: &str) {
+        b.extend_from_slice(&(x.len() as u64).to_le_bytes());
+        b.extend_from_slice(x.as_bytes());
+    }
+
+    /// A metadata key and its value type.
+    fn key(b: &mut Vec<u8>, k: &str, ty: u32) {
+        s(b, k);
+        b.extend_from_slice(&ty.to_le_bytes());
+    }
+
+    /// A GGUF holding only a small tokenizer: the seed of the fuzz targets.
+    fn tokenizer_file() -> Vec<u8> {
+        let mut b = header(7);
         key(&mut b, "tokenizer.ggml.model", 8);
         s(&mut b, "gpt2");
         key(&mut b, "tokenizer.ggml.pre", 8);
@@ -397,19 +407,7 @@ mod tests {
         for b in [0x31u8, 0x32, 0xC3, 0xA9] {
             pieces.push((format!("<0x{b:02X}>"), 0.0, 6));
         }
-        let mut b = Vec::new();
-        b.extend_from_slice(b"GGUF");
-        b.extend_from_slice(&3u32.to_le_bytes());
-        b.extend_from_slice(&0u64.to_le_bytes()); // tensors
-        b.extend_from_slice(&6u64.to_le_bytes()); // kv
-        fn s(b: &mut Vec<u8>, x: &str) {
-            b.extend_from_slice(&(x.len() as u64).to_le_bytes());
-            b.extend_from_slice(x.as_bytes());
-        }
-        fn key(b: &mut Vec<u8>, k: &str, ty: u32) {
-            s(b, k);
-            b.extend_from_slice(&ty.to_le_bytes());
-        }
+        let mut b = header(6);
         let n = pieces.len() as u64;
         key(&mut b, "tokenizer.ggml.model", 8);
         s(&mut b, "llama");
