@@ -17,7 +17,7 @@ use crate::cache::{
 #[cfg(feature = "snapkv")]
 use crate::cache::{PrunableCache, SnapKvCache};
 use crate::error::CacheError;
-use crate::layer_plan::{LayerPlan, PlanSplit};
+use crate::layer_plan::{LayerPlan, WindowGroup};
 use crate::rope::Rope;
 use crate::spec::CacheSpec;
 
@@ -54,9 +54,18 @@ pub struct CacheFactory {
     #[cfg(feature = "snapkv")]
     snapkv: Option<SnapKvConfig>,
     spec: CacheSpec,
-    /// For a model whose layers differ ([`CacheFactory::for_plan`]): the
-    /// global layers (this factory's geometry) and the windowed groups.
-    plan: Option<(PlanSplit, usize)>,
+    /// For a model whose layers differ ([`CacheFactory::for_plan`]).
+    plan: Option<Windowed>,
+}
+
+/// The layers of a planned factory beyond the spec's cache.
+#[derive(Debug, Clone)]
+struct Windowed {
+    /// One dense cache bounded by its window each.
+    groups: Vec<WindowGroup>,
+    /// Each model layer's (part, layer in the part), part 0 being the
+    /// spec's cache of the global layers.
+    route: Vec<(usize, usize)>,
 }
 
 impl CacheFactory {
@@ -184,7 +193,10 @@ impl CacheFactory {
                 )));
             }
         }
-        factory.plan = Some((split, geometry.n_layers));
+        factory.plan = Some(Windowed {
+            route: split.route(geometry.n_layers),
+            groups: split.windows,
+        });
         Ok(factory)
     }
 
@@ -202,7 +214,7 @@ impl CacheFactory {
         &self,
         global: Box<dyn AttentionCache + 'a>,
     ) -> Result<Box<dyn AttentionCache + 'a>, CacheError> {
-        let Some((split, n_layers)) = &self.plan else {
+        let Some(Windowed { groups, route }) = &self.plan else {
             return Ok(global);
         };
         let precision = Precision {
@@ -212,7 +224,7 @@ impl CacheFactory {
             ..Precision::default()
         };
         let mut parts: Vec<Box<dyn AttentionCache + 'a>> = vec![global];
-        for g in &split.windows {
+        for g in groups {
             let geometry = CacheGeometry {
                 n_layers: g.layers.len(),
                 ..self.geometry
@@ -222,7 +234,7 @@ impl CacheFactory {
                     .with_window(g.window)?;
             parts.push(Box::new(dense));
         }
-        Ok(Box::new(LayeredCache::new(parts, split.route(*n_layers))?))
+        Ok(Box::new(LayeredCache::new(parts, route.clone())?))
     }
 
     /// The spec's cache for the global layers (every layer, without a plan).

@@ -265,11 +265,15 @@ impl DenseCache {
         self.window
     }
 
-    /// Drops a windowed layer's keys that no query after `last` can see,
-    /// once they are half a window more than needed (amortised: a copy of
-    /// the kept window every `window / 2` steps).
-    fn evict(&mut self, layer: usize, last: usize) -> Result<(), CacheError> {
+    /// After queries at `positions` attended: drops a windowed layer's
+    /// keys that no later query can see, once they are half a window more
+    /// than needed (amortised: a copy of the kept window every `window / 2`
+    /// steps).
+    fn evict(&mut self, layer: usize, positions: &[usize]) -> Result<(), CacheError> {
         let Some(w) = self.window else {
+            return Ok(());
+        };
+        let Some(&last) = positions.iter().max() else {
             return Ok(());
         };
         let StoredPositions::Shared(stored) = &self.layers[layer].positions else {
@@ -409,16 +413,6 @@ impl PrunableCache for DenseCache {
     }
 }
 
-impl DenseCache {
-    /// [`DenseCache::evict`] after queries at `positions` attended.
-    fn evict_after(&mut self, layer: usize, positions: &[usize]) -> Result<(), CacheError> {
-        match positions.iter().max() {
-            Some(&last) => self.evict(layer, last),
-            None => Ok(()),
-        }
-    }
-}
-
 impl AttentionCache for DenseCache {
     fn append(
         &mut self,
@@ -535,7 +529,7 @@ impl AttentionCache for DenseCache {
                 hadamard_rows(&mut out, dh);
             }
             let out = Tensor::from_data(TensorData::new(out, [1, h, t, dh]), &device);
-            self.evict_after(layer, positions)?;
+            self.evict(layer, positions)?;
             return Ok(out);
         }
         let (k, v) = kv.tensors(dh, self.rotate, &q_rot.device());
@@ -548,7 +542,7 @@ impl AttentionCache for DenseCache {
                 gqa_attention(q_rot, k, v, mask)
             }
         };
-        self.evict_after(layer, positions)?;
+        self.evict(layer, positions)?;
         Ok(out)
     }
 
@@ -575,9 +569,9 @@ impl AttentionCache for DenseCache {
             };
         }
         // a windowed cache is its own dense reference (see `with_window`)
-        let seen: usize = match self.window {
-            None => self.layers.iter().map(|l| l.seen).sum(),
-            Some(_) => values / (2 * self.geometry.d_kv()).max(1),
+        let values_full = match self.window {
+            None => 2 * self.geometry.d_kv() * self.layers.iter().map(|l| l.seen).sum::<usize>(),
+            Some(_) => values,
         };
         let pruned = match self.window {
             None => self.layers.iter().any(|l| l.positions.len() < l.seen),
@@ -593,7 +587,7 @@ impl AttentionCache for DenseCache {
         };
         CacheFootprint {
             values: values as u64,
-            values_full: (2 * seen * self.geometry.d_kv()) as u64,
+            values_full: values_full as u64,
             // every kept row is whole
             values_kept_full: values as u64,
             value_bytes: value_bytes as u64,

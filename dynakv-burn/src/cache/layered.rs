@@ -3,7 +3,7 @@
 use burn::tensor::Tensor;
 use dynakv_core::budget::CacheFootprint;
 
-use super::AttentionCache;
+use super::{AttentionCache, CacheWrapper};
 use crate::error::CacheError;
 
 /// Routes each model layer to a part: a model whose layers attend
@@ -134,62 +134,19 @@ impl AttentionCache for LayeredCache<'_> {
 }
 
 /// A cache borrowed for a while: a part of a [`LayeredCache`] that the
-/// caller keeps (calibration's recording cache, a trainer's cache).
+/// caller keeps (calibration's recording cache, a trainer's). Everything is
+/// delegated ([`CacheWrapper`]).
 pub struct Borrowed<'a>(pub &'a mut dyn AttentionCache);
 
-impl AttentionCache for Borrowed<'_> {
-    fn append(
-        &mut self,
-        layer: usize,
-        k_pre: Tensor<4>,
-        v: Tensor<4>,
-        positions: &[usize],
-    ) -> Result<(), CacheError> {
-        self.0.append(layer, k_pre, v, positions)
+impl<'a> CacheWrapper for Borrowed<'a> {
+    type Inner = dyn AttentionCache + 'a;
+
+    fn inner(&self) -> &Self::Inner {
+        &*self.0
     }
 
-    fn attend(
-        &mut self,
-        layer: usize,
-        q_rot: Tensor<4>,
-        positions: &[usize],
-    ) -> Result<Tensor<4>, CacheError> {
-        self.0.attend(layer, q_rot, positions)
-    }
-
-    fn forward(
-        &mut self,
-        layer: usize,
-        q_rot: Tensor<4>,
-        k_pre: Tensor<4>,
-        v: Tensor<4>,
-        positions: &[usize],
-    ) -> Result<Tensor<4>, CacheError> {
-        self.0.forward(layer, q_rot, k_pre, v, positions)
-    }
-
-    fn len(&self, layer: usize) -> usize {
-        self.0.len(layer)
-    }
-
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    fn reset(&mut self) {
-        self.0.reset()
-    }
-
-    fn footprint(&self) -> CacheFootprint {
-        self.0.footprint()
-    }
-
-    fn bytes(&self) -> usize {
-        self.0.bytes()
-    }
-
-    fn spec_footprint(&self) -> CacheFootprint {
-        self.0.spec_footprint()
+    fn inner_mut(&mut self) -> &mut Self::Inner {
+        &mut *self.0
     }
 }
 

@@ -46,7 +46,7 @@ use crate::error::CacheError;
 /// }
 /// ```
 pub trait CacheWrapper: Send {
-    type Inner: AttentionCache;
+    type Inner: AttentionCache + ?Sized;
 
     fn inner(&self) -> &Self::Inner;
 
@@ -147,5 +147,9 @@ impl<W: CacheWrapper> AttentionCache for W {
 
     fn footprint(&self) -> CacheFootprint {
         self.inner().footprint()
+    }
+
+    fn spec_footprint(&self) -> CacheFootprint {
+        self.inner().spec_footprint()
     }
 }

@@ -5,44 +5,53 @@ use burn::tensor::{Device, Tensor, TensorData};
 use dynakv_burn::{AttentionCache, Rope};
 
 use super::config::LlamaConfig;
-use super::weights::{vector, Projection, WeightMode};
+use super::weights::{vector_host, Projection, WeightMode};
 use crate::error::ModelError;
 use crate::gguf::GgufFile;
 use crate::qmatmul::{matmul_group, Numerics, QuantMatrix};
 
 /// An RMSNorm's weights, as a tensor and on the host (the one-token path).
 #[derive(Debug, Clone)]
-struct Norm {
+pub(super) struct Norm {
     weights: Tensor<1>,
     host: Vec<f32>,
 }
 
 impl Norm {
-    fn load(gguf: &GgufFile, name: &str, n: usize, device: &Device) -> Result<Self, ModelError> {
-        let weights = vector(gguf, name, n, device)?;
-        Ok(Self {
-            weights,
-            host: gguf.tensor_f32(name)?.0,
-        })
+    pub(super) fn load(
+        gguf: &GgufFile,
+        name: &str,
+        n: usize,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let host = vector_host(gguf, name, n)?;
+        let weights = Tensor::from_data(TensorData::new(host.clone(), [n]), device);
+        Ok(Self { weights, host })
     }
 
     /// # Shapes
     /// - `x`: `[T, d]`; returns `[T, d]`
-    fn apply(&self, x: Tensor<2>, eps: f64) -> Tensor<2> {
+    pub(super) fn apply(&self, x: Tensor<2>, eps: f64) -> Tensor<2> {
         rms_norm(x, &self.weights, eps)
+    }
+
+    /// One vector on the host.
+    pub(super) fn apply_host(&self, x: &[f32], eps: f64) -> Vec<f32> {
+        rms_norm_host(x, &self.host, eps)
     }
 
     /// Each `d`-wide row of `x` normalised in place (one row: the whole
     /// vector; several: QK-norm's heads).
     fn apply_rows_host(&self, x: &mut [f32], eps: f64) {
-        let d = self.host.len();
-        for row in x.chunks_exact_mut(d) {
-            let y = rms_norm_host(row, &self.host, eps);
-            row.copy_from_slice(&y);
+        for row in x.chunks_exact_mut(self.host.len()) {
+            let scale = rms_scale(row, eps);
+            for (v, &g) in row.iter_mut().zip(&self.host) {
+                *v = *v * scale * g;
+            }
         }
     }
 
-    fn bytes(&self) -> usize {
+    pub(super) fn bytes(&self) -> usize {
         self.host.len() * 4
     }
 }
@@ -68,10 +77,15 @@ pub struct Block {
     post_ffn_norm: Option<Norm>,
 }
 
+/// `1 / sqrt(mean(x^2) + eps)`, summed in f64.
+fn rms_scale(x: &[f32], eps: f64) -> f32 {
+    let ms = x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / x.len().max(1) as f64;
+    (1.0 / (ms + eps).sqrt()) as f32
+}
+
 /// RMSNorm of one vector on the host (the one-token path).
 pub fn rms_norm_host(x: &[f32], w: &[f32], eps: f64) -> Vec<f32> {
-    let ms = x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / x.len().max(1) as f64;
-    let scale = (1.0 / (ms + eps).sqrt()) as f32;
+    let scale = rms_scale(x, eps);
     x.iter().zip(w).map(|(&v, &g)| v * scale * g).collect()
 }
 
@@ -197,7 +211,7 @@ impl Block {
         let [wq, wk, wv, wo, wg, wu, wd] = self
             .packed()
             .ok_or_else(|| ModelError::InvalidInput("the host path needs packed weights".into()))?;
-        let x = rms_norm_host(h, &self.attn_norm.host, c.rms_eps);
+        let x = self.attn_norm.apply_host(h, c.rms_eps);
         let mut qkv = matmul_group(&[wq.0, wk.0, wv.0], &x, wq.1)?.into_iter();
         let (Some(mut q), Some(mut k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
             return Err(ModelError::InvalidInput("q, k, v: three products".into()));
@@ -226,7 +240,7 @@ impl Block {
         for (a, b) in h.iter_mut().zip(attn) {
             *a += b;
         }
-        let x = rms_norm_host(h, &self.ffn_norm.host, c.rms_eps);
+        let x = self.ffn_norm.apply_host(h, c.rms_eps);
         let mut gu = matmul_group(&[wg.0, wu.0], &x, wg.1)?.into_iter();
         let (Some(g), Some(u)) = (gu.next(), gu.next()) else {
             return Err(ModelError::InvalidInput("gate, up: two products".into()));

@@ -11,8 +11,8 @@ use dynakv_burn::{
 use dynakv_core::artifact::{Artifact, ModelIdentity};
 
 use super::config::LlamaConfig;
-use super::layer::{rms_norm, rms_norm_host, Block};
-use super::weights::{packed, raw_rows, vector, Projection, WeightMode};
+use super::layer::{Block, Norm};
+use super::weights::{packed, raw_rows, Projection, WeightMode};
 use crate::error::ModelError;
 use crate::gguf::GgufFile;
 use crate::qmatmul::QuantMatrix;
@@ -23,9 +23,7 @@ pub struct LlamaModel {
     pub config: LlamaConfig,
     embed: Embedding,
     blocks: Vec<Block>,
-    norm: Tensor<1>,
-    /// The final norm's weights on the host (the one-token host path).
-    norm_host: Vec<f32>,
+    norm: Norm,
     /// `d_model -> vocab` (the embedding when weights are tied)
     output: Projection,
     /// The global layers' RoPE tables (every layer's, without local layers).
@@ -115,8 +113,7 @@ impl LlamaModel {
         let blocks = (0..c.n_layers)
             .map(|i| Block::load(gguf, i, &c, mode, device))
             .collect::<Result<Vec<_>, _>>()?;
-        let norm = vector(gguf, "output_norm.weight", c.d_model, device)?;
-        let norm_host = gguf.tensor_f32("output_norm.weight")?.0;
+        let norm = Norm::load(gguf, "output_norm.weight", c.d_model, device)?;
         let rope = Rope::new(
             c.rope_style(),
             c.head_dim,
@@ -149,7 +146,6 @@ impl LlamaModel {
             embed,
             blocks,
             norm,
-            norm_host,
             output,
             rope,
             ropes,
@@ -174,10 +170,7 @@ impl LlamaModel {
         // packed and tied: the head is the embedding's blocks, held once
         let shared = self.tied && matches!(self.embed, Embedding::Packed(_));
         let output = if shared { 0 } else { self.output.bytes() };
-        embed
-            + output
-            + self.blocks.iter().map(Block::bytes).sum::<usize>()
-            + self.norm.shape().num_elements() * 4
+        embed + output + self.blocks.iter().map(Block::bytes).sum::<usize>() + self.norm.bytes()
     }
 
     pub fn device(&self) -> &Device {
@@ -399,7 +392,7 @@ impl LlamaModel {
             for (i, block) in self.blocks.iter().enumerate() {
                 h = block.forward(i, h, &positions, &self.config, &self.ropes[i], cache)?;
             }
-            Ok(rms_norm(h, &self.norm, self.config.rms_eps))
+            Ok(self.norm.apply(h, self.config.rms_eps))
         })
     }
 
@@ -424,7 +417,7 @@ impl LlamaModel {
             for (i, block) in self.blocks.iter().enumerate() {
                 block.forward_host(i, &mut h, pos, &self.config, &self.ropes[i], cache)?;
             }
-            let out = rms_norm_host(&h, &self.norm_host, self.config.rms_eps);
+            let out = self.norm.apply_host(&h, self.config.rms_eps);
             Ok(Tensor::from_data(
                 TensorData::new(out, [1, d]),
                 &self.device,

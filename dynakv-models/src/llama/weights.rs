@@ -8,16 +8,8 @@ use crate::error::ModelError;
 use crate::gguf::GgufFile;
 use crate::qmatmul::{Numerics, QuantMatrix};
 
-/// A 1-D tensor (norm weights) of an expected length.
-///
-/// # Shapes
-/// returns `[n]`
-pub fn vector(
-    gguf: &GgufFile,
-    name: &str,
-    n: usize,
-    device: &Device,
-) -> Result<Tensor<1>, ModelError> {
+/// A 1-D tensor (norm weights) of an expected length, on the host.
+pub fn vector_host(gguf: &GgufFile, name: &str, n: usize) -> Result<Vec<f32>, ModelError> {
     let (data, dims) = gguf.tensor_f32(name)?;
     if dims != [n as u64] {
         return Err(ModelError::TensorShape {
@@ -26,7 +18,7 @@ pub fn vector(
             expected: vec![n as u64],
         });
     }
-    Ok(Tensor::from_data(TensorData::new(data, [n]), device))
+    Ok(data)
 }
 
 /// A projection matrix stored by GGUF as `out` rows of `in` values, returned as

@@ -112,14 +112,6 @@ impl Spm {
         })
     }
 
-    pub fn len(&self) -> usize {
-        self.pieces.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.pieces.is_empty()
-    }
-
     /// The id of a piece's text.
     pub fn id(&self, piece: &str) -> Option<u32> {
         self.ids.get(piece).copied()
