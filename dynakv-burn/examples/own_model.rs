@@ -123,6 +123,7 @@ pub fn calibrated(model: &TinyModel, placement: RopePlacement) -> Result<Artifac
             file_sha256: "synthetic weights, seed 7".into(),
         },
         output_proj: None,
+        window: None,
     };
     let config = CalibrationConfig {
         stats_windows: 6,

@@ -70,6 +70,31 @@ pub struct CalibrationTarget<'a> {
     /// head_dim, d_model]` (burn `Linear` layout): needed by the
     /// output-aware value basis only.
     pub output_proj: Option<Vec<Vec<f32>>>,
+    /// The layers' sliding window, when they have one (a model's windowed
+    /// layers calibrated as one part: [`crate::LayerPlan::parts`]).
+    pub window: Option<usize>,
+}
+
+impl CalibrationTarget<'_> {
+    /// A recording cache of these layers, over their window if any.
+    fn recording(
+        &self,
+        placement: RopePlacement,
+        raw_mode: bool,
+        recorded: Recorded,
+    ) -> Result<RecordingCache, CacheError> {
+        let cache = RecordingCache::new(
+            self.geometry,
+            self.rope.clone(),
+            placement,
+            raw_mode,
+            recorded,
+        )?;
+        match self.window {
+            Some(w) => cache.with_window(w),
+            None => Ok(cache),
+        }
+    }
 }
 
 /// Calibrates DynaKV bases and the policy sample.
@@ -101,7 +126,7 @@ pub struct CalibrationTarget<'a> {
 ///     head_dim: 8,
 ///     file_sha256: String::new(),
 /// };
-/// let target = CalibrationTarget { geometry, rope: &rope, identity, output_proj: None };
+/// let target = CalibrationTarget { geometry, rope: &rope, identity, output_proj: None, window: None };
 /// let config = CalibrationConfig { stats_windows: 3, sample_windows: 1, ..Default::default() };
 /// // A "model" whose one layer sees random queries, keys and values.
 /// let windows = [0u64, 1, 2, 3];
@@ -156,8 +181,7 @@ where
     let mut recorded = Recorded::new(geo);
     for (i, w) in windows[..n_stats].iter().enumerate() {
         let _span = tracing::info_span!("calibrate_window", i).entered();
-        let mut cache =
-            RecordingCache::new(geo, target.rope.clone(), config.rope, false, recorded)?;
+        let mut cache = target.recording(config.rope, false, recorded)?;
         forward(w, &mut cache)?;
         recorded = cache.into_recorded();
         progress(i + 1, total);
@@ -193,7 +217,7 @@ where
     // Held-out sample: raw vectors, then tail profiles in the new bases.
     let mut raw = Recorded::new(geo);
     for (i, w) in windows[n_stats..total].iter().enumerate() {
-        let mut cache = RecordingCache::new(geo, target.rope.clone(), config.rope, true, raw)?;
+        let mut cache = target.recording(config.rope, true, raw)?;
         forward(w, &mut cache)?;
         raw = cache.into_recorded();
         progress(n_stats + i + 1, total);

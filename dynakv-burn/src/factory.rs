@@ -17,7 +17,7 @@ use crate::cache::{
 #[cfg(feature = "snapkv")]
 use crate::cache::{PrunableCache, SnapKvCache};
 use crate::error::CacheError;
-use crate::layer_plan::{LayerPlan, WindowGroup};
+use crate::layer_plan::{LayerPlan, LayerScope};
 use crate::rope::Rope;
 use crate::spec::CacheSpec;
 
@@ -54,6 +54,9 @@ pub struct CacheFactory {
     #[cfg(feature = "snapkv")]
     snapkv: Option<SnapKvConfig>,
     spec: CacheSpec,
+    /// The caches made hold a sliding window of this many positions (a
+    /// group of a planned factory).
+    window: Option<usize>,
     /// For a model whose layers differ ([`CacheFactory::for_plan`]).
     plan: Option<Windowed>,
 }
@@ -61,8 +64,9 @@ pub struct CacheFactory {
 /// The layers of a planned factory beyond the spec's cache.
 #[derive(Debug, Clone)]
 struct Windowed {
-    /// One dense cache bounded by its window each.
-    groups: Vec<WindowGroup>,
+    /// One factory of windowed caches per group of windowed layers: the
+    /// dense cache, or the spec's with [`LayerScope::All`].
+    groups: Vec<CacheFactory>,
     /// Each model layer's (part, layer in the part), part 0 being the
     /// spec's cache of the global layers.
     route: Vec<(usize, usize)>,
@@ -148,16 +152,35 @@ impl CacheFactory {
                 .transpose()?,
             dynakv,
             spec: spec.clone(),
+            window: None,
             plan: None,
         })
     }
 
+    /// The same factory making caches over a sliding window of `window`
+    /// positions on every layer.
+    fn windowed(mut self, window: usize) -> Result<Self, CacheError> {
+        if window == 0 {
+            return Err(CacheError::Config("a sliding window of 0 positions".into()));
+        }
+        self.window = Some(window);
+        // refused now, not at the first cache made
+        self.make()?;
+        Ok(self)
+    }
+
     /// A factory for a model whose layers attend differently (`plan`, one
     /// entry per layer of `geometry`): the spec's cache holds the global
-    /// layers (so an artifact is calibrated for them: [`CacheFactory::geometry`]
-    /// is theirs), and each group of windowed layers a dense cache bounded
-    /// by its window, in the spec's dense precision. A uniform plan is the
-    /// plain factory ([`CacheFactory::with_storage`]).
+    /// layers ([`CacheFactory::geometry`] is theirs), and each group of
+    /// windowed layers a cache bounded by its window: the dense cache in
+    /// the spec's dense precision, or with [`LayerScope::All`] the spec's
+    /// own cache. A uniform plan is the plain factory
+    /// ([`CacheFactory::with_storage`]).
+    ///
+    /// The artifact covers the global layers, or every layer of the model
+    /// (`dynakv calibrate --layers all`); each part takes its own layers
+    /// of it ([`Artifact::select_layers`]). [`LayerScope::All`] needs the
+    /// latter.
     pub fn for_plan(
         plan: &LayerPlan,
         geometry: CacheGeometry,
@@ -178,24 +201,73 @@ impl CacheFactory {
             n_layers: split.global.len(),
             ..geometry
         };
-        let mut factory =
-            Self::with_storage(global, split.rope.clone(), device, artifact, spec, storage)?;
+        // an artifact of every layer, when it is one (on a model with
+        // windows: more layers than the global ones)
+        let every_layer = artifact.filter(|a| {
+            a.header.model.n_layers == geometry.n_layers && split.global.len() < geometry.n_layers
+        });
+        let global_artifact = match every_layer {
+            Some(a) => Some(a.select_layers(&split.global)?),
+            None => artifact.cloned(),
+        };
+        let mut factory = Self::with_storage(
+            global,
+            split.rope.clone(),
+            device,
+            global_artifact.as_ref(),
+            spec,
+            storage,
+        )?;
         if plan.is_uniform() {
             return Ok(factory);
         }
-        for g in &split.windows {
-            geometry.check_rope(&g.rope)?;
-            if g.rope.device() != *device {
-                return Err(CacheError::Config(format!(
-                    "the RoPE tables of layers {:?} are on {:?}, the caches would be on {device:?}",
-                    g.layers,
-                    g.rope.device()
-                )));
-            }
+        if spec.layers == LayerScope::All && artifact.is_some() && every_layer.is_none() {
+            return Err(CacheError::Config(format!(
+                "layers:all needs an artifact calibrated for every layer ({} here; this one \
+                 covers {}): `dynakv calibrate --layers all`",
+                geometry.n_layers,
+                artifact.map_or(0, |a| a.header.model.n_layers)
+            )));
         }
+        // the windowed layers of a global-layers spec: dense, in its dense
+        // precision
+        let local_dense = CacheSpec::dense().with_precision(Precision {
+            k: spec.precision.k,
+            v: spec.precision.v,
+            rotate: spec.precision.rotate,
+            ..Precision::default()
+        });
+        let groups = split
+            .windows
+            .iter()
+            .map(|g| {
+                let geometry = CacheGeometry {
+                    n_layers: g.layers.len(),
+                    ..geometry
+                };
+                let (spec, artifact) = match spec.layers {
+                    LayerScope::Global => (&local_dense, None),
+                    LayerScope::All => (
+                        spec,
+                        every_layer
+                            .map(|a| a.select_layers(&g.layers))
+                            .transpose()?,
+                    ),
+                };
+                Self::with_storage(
+                    geometry,
+                    g.rope.clone(),
+                    device,
+                    artifact.as_ref(),
+                    spec,
+                    storage,
+                )?
+                .windowed(g.window)
+            })
+            .collect::<Result<Vec<_>, CacheError>>()?;
         factory.plan = Some(Windowed {
             route: split.route(geometry.n_layers),
-            groups: split.windows,
+            groups,
         });
         Ok(factory)
     }
@@ -214,25 +286,40 @@ impl CacheFactory {
         &self,
         global: Box<dyn AttentionCache + 'a>,
     ) -> Result<Box<dyn AttentionCache + 'a>, CacheError> {
+        self.around_part(0, global)
+    }
+
+    /// [`CacheFactory::around`] for any part of a planned factory
+    /// ([`LayerPlan::parts`]' order: 0 the global layers, then each
+    /// windowed group): the given cache holds that part's layers, fresh
+    /// caches the others (calibrating the windowed layers' bases).
+    pub fn around_part<'a>(
+        &self,
+        part: usize,
+        cache: Box<dyn AttentionCache + 'a>,
+    ) -> Result<Box<dyn AttentionCache + 'a>, CacheError> {
         let Some(Windowed { groups, route }) = &self.plan else {
-            return Ok(global);
+            if part != 0 {
+                return Err(CacheError::Config(format!(
+                    "part {part} of a cache of one part"
+                )));
+            }
+            return Ok(cache);
         };
-        let precision = Precision {
-            k: self.spec.precision.k,
-            v: self.spec.precision.v,
-            rotate: self.spec.precision.rotate,
-            ..Precision::default()
-        };
-        let mut parts: Vec<Box<dyn AttentionCache + 'a>> = vec![global];
-        for g in groups {
-            let geometry = CacheGeometry {
-                n_layers: g.layers.len(),
-                ..self.geometry
-            };
-            let dense =
-                DenseCache::with_precision(geometry, g.rope.clone(), self.storage, precision)?
-                    .with_window(g.window)?;
-            parts.push(Box::new(dense));
+        if part > groups.len() {
+            return Err(CacheError::Config(format!(
+                "part {part} of a cache of {} parts",
+                groups.len() + 1
+            )));
+        }
+        let mut cache = Some(cache);
+        let mut parts: Vec<Box<dyn AttentionCache + 'a>> = Vec::with_capacity(groups.len() + 1);
+        for p in 0..=groups.len() {
+            parts.push(match (p == part).then(|| cache.take()).flatten() {
+                Some(given) => given,
+                None if p == 0 => self.make_global()?,
+                None => groups[p - 1].make()?,
+            });
         }
         Ok(Box::new(LayeredCache::new(parts, route.clone())?))
     }
@@ -247,9 +334,18 @@ impl CacheFactory {
                     self.storage,
                     self.spec.precision,
                 )?;
-                self.finish(dense)
+                match self.window {
+                    Some(w) => self.finish(dense.with_window(w)?),
+                    None => self.finish(dense),
+                }
             }
-            Some(shared) => self.finish(self.new_dynakv(shared)?),
+            Some(shared) => {
+                let dynakv = self.new_dynakv(shared)?;
+                match self.window {
+                    Some(w) => self.finish(dynakv.with_window(w)?),
+                    None => self.finish(dynakv),
+                }
+            }
         }
     }
 
@@ -290,12 +386,13 @@ impl CacheFactory {
     ) -> Result<Box<dyn AttentionCache>, CacheError> {
         Ok(match &self.snapkv {
             None => Box::new(cache),
-            Some(c) => Box::new(SnapKvCache::new(
-                cache,
-                c.clone(),
-                self.geometry,
-                self.rope.clone(),
-            )?),
+            Some(c) => {
+                let snap = SnapKvCache::new(cache, c.clone(), self.geometry, self.rope.clone())?;
+                match self.window {
+                    Some(w) => Box::new(snap.with_window(w)?),
+                    None => Box::new(snap),
+                }
+            }
         })
     }
 

@@ -2,8 +2,49 @@
 //! some layers, a RoPE base per layer (Gemma 3: five local layers of 512
 //! positions at base 10,000 for every global one at base 1,000,000).
 
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
 use crate::error::CacheError;
 use crate::rope::Rope;
+
+/// Which layers of a model with sliding-window layers a cache spec
+/// compresses. The global layers' caches are what grows with the context
+/// (the windowed layers' stay O(window)), so they are the default; `All`
+/// gives the windowed layers the spec's cache too, within their windows
+/// (an artifact calibrated for every layer: `dynakv calibrate --layers
+/// all`). On a model without windows both are every layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LayerScope {
+    #[default]
+    Global,
+    All,
+}
+
+impl fmt::Display for LayerScope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Global => "global",
+            Self::All => "all",
+        })
+    }
+}
+
+impl FromStr for LayerScope {
+    type Err = CacheError;
+    fn from_str(s: &str) -> Result<Self, CacheError> {
+        match s.trim() {
+            "global" => Ok(Self::Global),
+            "all" => Ok(Self::All),
+            other => Err(CacheError::Config(format!(
+                "layers:{other}: expected layers:global or layers:all"
+            ))),
+        }
+    }
+}
 
 /// How one layer attends.
 #[derive(Debug, Clone)]
@@ -24,6 +65,17 @@ pub struct LayerAttention {
 #[derive(Debug, Clone)]
 pub struct LayerPlan {
     pub layers: Vec<LayerAttention>,
+}
+
+/// Layers one cache of a planned model holds ([`LayerPlan::parts`]).
+#[derive(Debug, Clone)]
+pub struct PlanPart {
+    /// Model layers, in order: layer `i` of the part's cache is `layers[i]`.
+    pub layers: Vec<usize>,
+    /// Their RoPE tables (one base for the part).
+    pub rope: Rope,
+    /// Their sliding window (`None`: the global layers).
+    pub window: Option<usize>,
 }
 
 /// Windowed layers that share a window and a RoPE base: one dense cache.
@@ -72,6 +124,25 @@ impl LayerPlan {
         self.layers
             .iter()
             .all(|l| l.window.is_none() && l.rope.base() == first.rope.base())
+    }
+
+    /// The caches a planned model holds, in a [`crate::LayeredCache`]'s
+    /// part order: the global layers first, then each group of windowed
+    /// layers that share a window and a RoPE base.
+    pub fn parts(&self) -> Result<Vec<PlanPart>, CacheError> {
+        let split = self.split()?;
+        let global = PlanPart {
+            layers: split.global,
+            rope: split.rope,
+            window: None,
+        };
+        Ok(std::iter::once(global)
+            .chain(split.windows.into_iter().map(|g| PlanPart {
+                layers: g.layers,
+                rope: g.rope,
+                window: Some(g.window),
+            }))
+            .collect())
     }
 
     /// The global layers and the windowed groups; the global layers must
@@ -156,6 +227,17 @@ mod tests {
         assert_eq!(s.windows.len(), 1);
         assert_eq!(s.windows[0].layers, vec![0, 1, 3]);
         assert_eq!(s.route(5), vec![(1, 0), (1, 1), (0, 0), (1, 2), (0, 1)]);
+        let parts = plan.parts().unwrap();
+        assert_eq!(parts.len(), 2);
+        assert_eq!(
+            (parts[0].layers.clone(), parts[0].window),
+            (vec![2, 4], None)
+        );
+        assert_eq!(
+            (parts[1].layers.clone(), parts[1].window),
+            (vec![0, 1, 3], Some(8))
+        );
+        assert_eq!(parts[1].rope.base(), 1e4);
         // global layers with two bases, or none at all, are refused
         let mut two = plan.clone();
         two.layers[2].rope = rope(5e5);
@@ -239,5 +321,79 @@ mod tests {
         );
         assert_eq!(wide.footprint(), plain.footprint());
         assert!(narrow.footprint().values < plain.footprint().values);
+    }
+
+    /// `layers:all` gives the windowed layers the spec's cache within their
+    /// windows: at full rank it attends as the planned dense cache; below
+    /// it the windowed layers hold less than dense ones while the global
+    /// layer holds what it holds under the default scope. The artifact must
+    /// cover every layer; one of every layer also serves the default scope.
+    #[test]
+    fn all_layers_take_the_spec_within_their_windows() {
+        use crate::cache::test_support::{artifact, rand4, G};
+        use crate::{CacheFactory, CacheGeometry, CacheSpec, KvStorage};
+        use dynakv_core::artifact::{Artifact, RopePlacement};
+        let device = default_device();
+        let g = CacheGeometry {
+            n_layers: 3,
+            rope_style: RopeStyle::SplitHalves,
+            ..G
+        };
+        let plan = LayerPlan {
+            layers: [Some(5), None, Some(5)]
+                .into_iter()
+                .map(|window| LayerAttention {
+                    window,
+                    rope: rope(1e4),
+                })
+                .collect(),
+        };
+        let two = artifact(RopePlacement::Pre);
+        let one = two.select_layers(&[0]).unwrap();
+        let every = Artifact::join_layers(&[(&[0, 1], &two), (&[2], &one)], 3).unwrap();
+        let make = |artifact: Option<&Artifact>, spec: &str| {
+            let spec: CacheSpec = spec.parse().unwrap();
+            CacheFactory::for_plan(&plan, g, &device, artifact, &spec, KvStorage::Host)
+                .and_then(|f| f.make())
+        };
+        let mut dense = make(None, "dense").unwrap();
+        let mut full_rank =
+            make(Some(&every), "dynakv:uniform@1+layers:all+store:basis=f32").unwrap();
+        let mut all = make(Some(&every), "dynakv:uniform@0.5+layers:all").unwrap();
+        let mut global = make(Some(&every), "dynakv:uniform@0.5").unwrap();
+        let n = 14;
+        let (q, k, v) = (
+            rand4([1, 4, n, 4]),
+            rand4([1, 2, n, 4]),
+            rand4([1, 2, n, 4]),
+        );
+        let mut worst = 0f32;
+        for (s0, len) in [(0, 8), (8, 1), (9, 1), (10, 4)] {
+            let pos: Vec<usize> = (s0..s0 + len).collect();
+            for layer in 0..3 {
+                let mut run = |c: &mut Box<dyn crate::AttentionCache>| {
+                    let x = |t: &Tensor<4>| t.clone().narrow(2, s0, len);
+                    c.forward(layer, x(&q), x(&k), x(&v), &pos).unwrap()
+                };
+                let want = run(&mut dense);
+                let got = run(&mut full_rank);
+                worst = worst.max((got - want).abs().max().into_scalar());
+                run(&mut all);
+                run(&mut global);
+            }
+        }
+        assert!(worst < 1e-4, "{worst}");
+        assert_eq!(
+            full_rank.footprint().values_full,
+            dense.footprint().values_full
+        );
+        assert!(all.footprint().values < global.footprint().values);
+        assert_eq!(all.spec_footprint().values, global.spec_footprint().values);
+        // an artifact of the global layer alone serves the default scope only
+        assert!(make(Some(&one), "dynakv:uniform@0.5").is_ok());
+        let Err(err) = make(Some(&one), "dynakv:uniform@0.5+layers:all") else {
+            panic!("layers:all took an artifact of the global layer alone");
+        };
+        assert!(err.to_string().contains("every layer"), "{err}");
     }
 }

@@ -82,7 +82,7 @@ pub use dynakv_core;
 pub use dynakv_snapkv;
 pub use error::CacheError;
 pub use factory::CacheFactory;
-pub use layer_plan::{LayerAttention, LayerPlan};
+pub use layer_plan::{LayerAttention, LayerPlan, LayerScope, PlanPart};
 #[cfg(feature = "snapkv")]
 pub use preset::{Preset, PRESETS};
 pub use rope::{Rope, RopeStyle};

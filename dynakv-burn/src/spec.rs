@@ -11,14 +11,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::cache::Precision;
 use crate::error::CacheError;
+use crate::layer_plan::LayerScope;
 
 /// A cache configuration: serialisable, parsable, validated before anything
 /// is loaded. [`crate::CacheFactory`] builds it.
 ///
 /// The string form joins parts with `+`: `dense`, `dynakv:POLICY` (see
 /// [`PolicySpec`]), with the `snapkv` feature `snapkv:SPEC` (see
-/// `dynakv_snapkv::SnapKvSpec`), and last `store:PRECISION` (see
-/// [`Precision`]: `kv=q8_0` for the dense cache, `latent=int4` for DynaKV).
+/// `dynakv_snapkv::SnapKvSpec`), `layers:all` to compress a model's
+/// sliding-window layers too (see [`LayerScope`]), and last
+/// `store:PRECISION` (see [`Precision`]: `kv=q8_0` for the dense cache,
+/// `latent=int4` for DynaKV).
 ///
 /// ```
 /// use dynakv_burn::CacheSpec;
@@ -31,6 +34,8 @@ use crate::error::CacheError;
 /// let q4: CacheSpec = "dense+store:k=q8_0,v=q4_0".parse().unwrap();
 /// assert_eq!(q4.to_string(), "dense+store:k=q8_0,v=q4_0");
 /// assert!("dense+store:latent=int4".parse::<CacheSpec>().is_err());
+/// let all: CacheSpec = "dynakv:uniform@0.3+layers:all".parse().unwrap();
+/// assert_eq!(all.layers, dynakv_burn::LayerScope::All);
 /// ```
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -40,6 +45,9 @@ pub struct CacheSpec {
     /// SnapKV pruning at the end of prefill, over either cache.
     #[cfg(feature = "snapkv")]
     pub snapkv: Option<SnapKvSpec>,
+    /// Which layers of a model with sliding-window layers take this cache
+    /// (the global ones by default).
+    pub layers: LayerScope,
     /// How stored numbers are held (f32 by default).
     pub precision: Precision,
 }
@@ -80,6 +88,12 @@ impl CacheSpec {
         self.dynakv.is_none() && self.precision.is_default()
     }
 
+    /// The same cache on the layers of `scope`.
+    pub fn on_layers(mut self, scope: LayerScope) -> Self {
+        self.layers = scope;
+        self
+    }
+
     /// Checks every part on its own, including that SnapKV's granularity
     /// suits the inner cache (DynaKV keeps one token set per layer).
     pub fn validate(&self) -> Result<(), CacheError> {
@@ -105,6 +119,9 @@ impl fmt::Display for CacheSpec {
         if let Some(s) = &self.snapkv {
             write!(f, "+snapkv:{s}")?;
         }
+        if self.layers != LayerScope::default() {
+            write!(f, "+layers:{}", self.layers)?;
+        }
         if !self.precision.is_default() {
             write!(f, "+store:{}", self.precision)?;
         }
@@ -118,6 +135,7 @@ impl FromStr for CacheSpec {
         let mut spec = Self::default();
         let mut inner_seen = false;
         let mut store_seen = false;
+        let mut layers_seen = false;
         for part in s.split('+') {
             let (name, arg) = part.split_once(':').unwrap_or((part, ""));
             if store_seen {
@@ -133,13 +151,18 @@ impl FromStr for CacheSpec {
                 }
                 #[cfg(feature = "snapkv")]
                 ("snapkv", true) if spec.snapkv.is_none() => spec.snapkv = Some(arg.parse()?),
+                ("layers", true) if !layers_seen => {
+                    spec.layers = arg.parse()?;
+                    layers_seen = true;
+                }
                 ("store", true) => {
                     spec.precision = arg.parse()?;
                     store_seen = true;
                 }
                 _ => {
                     return Err(CacheError::Config(format!(
-                        "`{part}` in `{s}`: expected dense or dynakv:POLICY, then +snapkv:SPEC,                          then +store:PRECISION"
+                        "`{part}` in `{s}`: expected dense or dynakv:POLICY, then +snapkv:SPEC, \
+                         +layers:global|all, then +store:PRECISION"
                     )))
                 }
             }
@@ -167,6 +190,7 @@ mod tests {
             "dense+store:kv=q8_0",
             "dense+store:k=q8_0,v=q4_0",
             "dynakv:energy@0.3+store:latent=int4,scales=channel",
+            "dynakv:uniform@0.3+layers:all+store:latent=int8",
         ] {
             let spec: CacheSpec = good.parse().unwrap();
             assert_eq!(spec.to_string(), good);
@@ -182,6 +206,9 @@ mod tests {
             "dynakv:energy@0.3+store:kv=q8_0",
             "dense+store:kv=q8_0+store:kv=f16",
             "store:kv=q8_0",
+            "dense+layers:some",
+            "layers:all",
+            "dense+layers:all+layers:all",
         ] {
             assert!(bad.parse::<CacheSpec>().is_err(), "{bad}");
         }

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use dynakv_burn::cache::Precision;
 use dynakv_burn::dynakv_snapkv::{GqaScores, KeepBudget, SnapKvPreset, SnapKvSpec};
-use dynakv_burn::{AttentionCache, CacheFactory, CacheSpec, PRESETS};
+use dynakv_burn::{AttentionCache, CacheFactory, CacheSpec, LayerScope, PRESETS};
 use dynakv_core::artifact::Artifact;
 use dynakv_core::policy::{BudgetHold, EnergyRule, PolicyKind, PolicySpec};
 use dynakv_core::quant::{BasisDtype, KvDtype, LatentDtype, LatentScales};
@@ -136,6 +136,13 @@ pub struct CacheArgs {
     /// rotation llama.cpp applies by default (its LLAMA_ATTN_ROT_DISABLE=1).
     #[arg(long)]
     pub no_kv_rotation: bool,
+    /// Models with sliding-window layers (Gemma 3): the cache on the global
+    /// layers only (global, the default: theirs is what grows with the
+    /// context) or on every layer, the windowed ones within their windows
+    /// (all: DynaKV needs an artifact from `dynakv calibrate --layers all`,
+    /// SnapKV one token set per layer).
+    #[arg(long, default_value = "global", value_parser = values::parsed::<LayerScope>)]
+    pub layers: LayerScope,
 }
 
 /// Makes fresh caches of the requested kind.
@@ -171,6 +178,10 @@ impl CacheArgs {
             (Some(r), _) => format!("{base}+snapkv/{}{layer}/r{r}", self.snapkv_preset),
             (_, Some(c)) => format!("{base}+snapkv/{}{layer}/c{c}", self.snapkv_preset),
             _ => base,
+        };
+        let label = match self.layers {
+            LayerScope::Global => label,
+            LayerScope::All => format!("{label}+layers:all"),
         };
         let p = self.precision();
         if p.is_default() {
@@ -264,7 +275,7 @@ impl CacheArgs {
             if let Some(d) = &mut spec.dynakv {
                 d.hold = self.hold();
             }
-            return Ok(spec);
+            return Ok(spec.on_layers(self.layers));
         }
         if held && self.cache == CacheKind::Full {
             bail!("--budget-hold/--budget-ceiling apply to --cache dynakv");
@@ -302,6 +313,7 @@ impl CacheArgs {
                 budget,
                 gqa,
             }),
+            layers: self.layers,
             precision: self.precision(),
         };
         spec.validate().map_err(|e| {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 use dynakv_bench::text::{brown_docs, document_tokens};
-use dynakv_burn::{calibrate, CacheSpec, CalibrationConfig};
+use dynakv_burn::{calibrate, CacheSpec, CalibrationConfig, LayerScope};
 use dynakv_core::artifact::{Artifact, RopePlacement};
 use dynakv_core::basis::BasisKind;
 use dynakv_core::policy::{PolicyKind, PolicySpec};
@@ -48,6 +48,13 @@ pub struct CalibrateArgs {
     /// The budget at which the key factors are scored.
     #[arg(value_parser = values::fraction, long, default_value_t = 0.30)]
     pub key_factor_budget: f64,
+    /// Layers the artifact covers, on a model with sliding-window layers
+    /// (Gemma 3): the global ones (global, the default) or every layer
+    /// (all: each group of windowed layers is calibrated as well, over its
+    /// window and RoPE base, for caches run with `--layers all`; such an
+    /// artifact serves `--layers global` too).
+    #[arg(long, default_value = "global", value_parser = values::parsed::<LayerScope>)]
+    pub layers: LayerScope,
 }
 
 impl CalibrateArgs {
@@ -77,27 +84,54 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
     let ids = document_tokens(&loaded.tokenizer, &docs)?;
     let ids = dynakv_models::corpus::protocol_stream(&ids, a.ctx, loaded.tokenizer.text_bos());
     let windows: Vec<&[u32]> = ids.chunks_exact(a.ctx).collect();
-    let bar = progress(0, "calibrate [{bar:30}] {pos}/{len} windows, ETA {eta}");
     let t0 = std::time::Instant::now();
-    let target = model.calibration_target(&loaded.sha256, cfg.basis == BasisKind::OutputAware)?;
-    let artifact = calibrate(
-        &target,
-        &cfg,
-        &windows,
-        // the recording cache holds the layers an artifact covers; local
-        // layers (Gemma 3) get windowed caches around it
-        |w: &&[u32], cache| {
-            model
-                .hidden(w, 0, model.around(cache)?.as_mut())
-                .map(|_| ())
-        },
-        |done, total| {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-        },
-    )
-    .map_err(|e: ModelError| anyhow::anyhow!(e))?;
-    bar.finish_and_clear();
+    let mut parts = model.cache_parts()?;
+    if a.layers == LayerScope::Global {
+        parts.truncate(1);
+    }
+    let output_aware = cfg.basis == BasisKind::OutputAware;
+    let mut calibrated = Vec::with_capacity(parts.len());
+    for (p, part) in parts.iter().enumerate() {
+        let bar = progress(
+            0,
+            &format!(
+                "calibrate part {}/{} [{{bar:30}}] {{pos}}/{{len}} windows, ETA {{eta}}",
+                p + 1,
+                parts.len()
+            ),
+        );
+        let target = model.calibration_target_of(part, &loaded.sha256, output_aware)?;
+        let artifact = calibrate(
+            &target,
+            &cfg,
+            &windows,
+            // the recording cache holds the part's layers (the global ones
+            // by default); the other layers get fresh caches around it
+            |w: &&[u32], cache| {
+                model
+                    .hidden(w, 0, model.around_part(p, cache)?.as_mut())
+                    .map(|_| ())
+            },
+            |done, total| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            },
+        )
+        .map_err(|e: ModelError| anyhow::anyhow!(e))?;
+        bar.finish_and_clear();
+        calibrated.push(artifact);
+    }
+    let artifact = match calibrated.len() {
+        1 => calibrated.remove(0),
+        _ => {
+            let joined: Vec<(&[usize], &Artifact)> = parts
+                .iter()
+                .map(|p| p.layers.as_slice())
+                .zip(&calibrated)
+                .collect();
+            Artifact::join_layers(&joined, model.config.n_layers)?
+        }
+    };
     let mut artifact = artifact;
     if !key_factors.is_empty() {
         let first = cfg.stats_windows.min(windows.len());
@@ -108,12 +142,14 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
             &windows[first..end],
             &key_factors,
             a.key_factor_budget,
+            a.layers,
         )?);
     }
     artifact.save(&a.out)?;
     eprintln!(
-        "wrote {} ({} calib tokens, {} sample tokens, basis {:?}, rope {:?}) in {:.0}s",
+        "wrote {} ({} layers, {} calib tokens, {} sample tokens, basis {:?}, rope {:?}) in {:.0}s",
         a.out.display(),
+        artifact.header.model.n_layers,
         artifact.header.calib_tokens,
         artifact.header.sample_positions.len(),
         cfg.basis,
@@ -136,6 +172,7 @@ fn choose_key_factor(
     windows: &[&[u32]],
     factors: &[f32],
     budget: f64,
+    layers: LayerScope,
 ) -> Result<f32> {
     let model = &loaded.model;
     let mut best: Option<(f32, f64)> = None;
@@ -143,7 +180,8 @@ fn choose_key_factor(
         let spec = CacheSpec::dynakv(PolicySpec {
             key_factor: Some(kf),
             ..PolicySpec::new(PolicyKind::Energy, budget)
-        });
+        })
+        .on_layers(layers);
         let factory = model.cache_factory(Some(artifact), &spec)?;
         let (mut nll, mut n) = (0f64, 0usize);
         for w in windows {

@@ -148,6 +148,10 @@ struct LayerStore {
     positions: StoredPositions,
     /// Tokens ever appended (the dense cache on the same tokens stores them all).
     seen: usize,
+    /// A windowed layer's span `(first, end)` of positions: every position
+    /// appended since the window last moved (the windowed dense reference
+    /// holds one token per position; a pruning stores fewer).
+    span: Option<(usize, usize)>,
 }
 
 /// Bytes of one stored position (u32) per kept key of a pruned cache.
@@ -266,25 +270,35 @@ impl DenseCache {
     }
 
     /// After queries at `positions` attended: drops a windowed layer's
-    /// keys that no later query can see, once they are half a window more
-    /// than needed (amortised: a copy of the kept window every `window / 2`
-    /// steps).
+    /// keys that no later query can see, once its span of positions is half
+    /// a window more than needed (amortised: a copy of the kept window every
+    /// `window / 2` steps). The span, not the tokens stored, sets the
+    /// schedule, so a layer pruned by SnapKV moves its window as the
+    /// unpruned one does.
     fn evict(&mut self, layer: usize, positions: &[usize]) -> Result<(), CacheError> {
         let Some(w) = self.window else {
             return Ok(());
         };
-        let Some(&last) = positions.iter().max() else {
+        let (Some(&last), Some((first, end))) = (positions.iter().max(), self.layers[layer].span)
+        else {
             return Ok(());
         };
-        let StoredPositions::Shared(stored) = &self.layers[layer].positions else {
-            // per-head token sets (after a pruning) are left as they are
-            return Ok(());
-        };
-        if stored.len() <= w + w.div_ceil(2) {
+        if end - first <= w + w.div_ceil(2) {
             return Ok(());
         }
         // a later query at q > last sees keys k > q - w >= last + 1 - w
-        let keep: Vec<usize> = stored.iter().copied().filter(|&p| p + w > last).collect();
+        let cut = (last + 1).saturating_sub(w);
+        if cut <= first {
+            return Ok(());
+        }
+        self.layers[layer].span = Some((cut, end));
+        let StoredPositions::Shared(stored) = &self.layers[layer].positions else {
+            return Err(CacheError::Config(format!(
+                "layer {layer} has a sliding window and a token set per KV head: \
+                 a windowed layer takes one token set per layer"
+            )));
+        };
+        let keep: Vec<usize> = stored.iter().copied().filter(|&p| p >= cut).collect();
         if keep.len() == stored.len() || keep.is_empty() {
             return Ok(());
         }
@@ -478,6 +492,14 @@ impl AttentionCache for DenseCache {
         });
         store.positions.extend(positions);
         store.seen += positions.len();
+        if let (Some(_), Some(&lo), Some(&hi)) =
+            (self.window, positions.iter().min(), positions.iter().max())
+        {
+            store.span = Some(match store.span {
+                Some((first, end)) => (first.min(lo), end.max(hi + 1)),
+                None => (lo, hi + 1),
+            });
+        }
         Ok(())
     }
 
@@ -568,19 +590,19 @@ impl AttentionCache for DenseCache {
                 }
             };
         }
-        // a windowed cache is its own dense reference (see `with_window`)
-        let values_full = match self.window {
-            None => 2 * self.geometry.d_kv() * self.layers.iter().map(|l| l.seen).sum::<usize>(),
-            Some(_) => values,
+        // a windowed cache's reference is the windowed dense cache: one
+        // token per position of the span (see `with_window`)
+        let reference = |l: &LayerStore| match (self.window, l.span) {
+            (None, _) => l.seen,
+            (Some(_), Some((first, end))) => end - first,
+            (Some(_), None) => 0,
         };
-        let pruned = match self.window {
-            None => self.layers.iter().any(|l| l.positions.len() < l.seen),
-            // a window's positions are a run; only a per-head pruning needs them
-            Some(_) => self
-                .layers
-                .iter()
-                .any(|l| matches!(l.positions, StoredPositions::PerHead(_))),
-        };
+        let values_full =
+            2 * self.geometry.d_kv() * self.layers.iter().map(reference).sum::<usize>();
+        // a window's positions are a run unless a pruning thinned them
+        let pruned = self.layers.iter().any(|l| {
+            matches!(l.positions, StoredPositions::PerHead(_)) || l.positions.len() < reference(l)
+        });
         let held_value_bytes = match self.storage {
             KvStorage::Host => value_bytes,
             KvStorage::Device => values * dynakv_core::budget::BYTES_PER_VALUE,

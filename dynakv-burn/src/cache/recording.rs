@@ -75,6 +75,14 @@ impl RecordingCache {
         })
     }
 
+    /// The same recording over a sliding window of `window` positions
+    /// (calibrating a model's windowed layers: they attend as the model
+    /// does, and every appended token is recorded).
+    pub fn with_window(mut self, window: usize) -> Result<Self, CacheError> {
+        self.inner = self.inner.with_window(window)?;
+        Ok(self)
+    }
+
     /// Hands back what was recorded.
     pub fn into_recorded(self) -> Recorded {
         self.recorded

@@ -26,6 +26,8 @@ pub struct SnapKvCache<C> {
     pruned: Vec<bool>,
     /// Prompt tokens and tokens kept, per layer, of the last pruning.
     kept: Vec<(usize, usize)>,
+    /// The inner cache's sliding window ([`SnapKvCache::with_window`]).
+    window: Option<usize>,
 }
 
 impl<C: PrunableCache> SnapKvCache<C> {
@@ -58,7 +60,28 @@ impl<C: PrunableCache> SnapKvCache<C> {
             rope,
             pruned: vec![false; geometry.n_layers],
             kept: vec![(0, 0); geometry.n_layers],
+            window: None,
         })
+    }
+
+    /// Pruning for an inner cache over a sliding window of `window`
+    /// positions (a windowed [`crate::DenseCache`] or [`crate::DynaKvCache`]):
+    /// only the prompt's last `window` tokens, the ones a later query can
+    /// still see, are scored, and the ratio applies to them. One token set
+    /// per layer: the window moves over a layer's tokens as one run.
+    pub fn with_window(mut self, window: usize) -> Result<Self, CacheError> {
+        if window == 0 {
+            return Err(CacheError::Config("a sliding window of 0 positions".into()));
+        }
+        if !self.config.gqa.per_layer() {
+            return Err(CacheError::Config(
+                "snapkv on a sliding-window layer keeps one token set per layer: \
+                 use gqa = layer or layer-max"
+                    .into(),
+            ));
+        }
+        self.window = Some(window);
+        Ok(self)
     }
 
     pub fn inner(&self) -> &C {
@@ -116,6 +139,13 @@ impl<C: PrunableCache> CacheWrapper for SnapKvCache<C> {
             return Ok(out);
         }
         self.pruned[layer] = true;
+        // a windowed layer scores the tokens a later query can see: the
+        // prompt's last `window`
+        let tail = self.window.map_or(0, |w| positions.len().saturating_sub(w));
+        let (positions, k_pre) = (
+            &positions[tail..],
+            k_pre.narrow(2, tail, positions.len() - tail),
+        );
         let t = positions.len();
         if self.config.is_noop(t) {
             self.kept[layer] = (t, t);
@@ -124,7 +154,8 @@ impl<C: PrunableCache> CacheWrapper for SnapKvCache<C> {
         let w = self.config.window;
         let _span = tracing::debug_span!("snapkv", layer, t).entered();
         let keys = self.rope.apply(k_pre, positions)?;
-        let selection = snapkv(q_rot.narrow(2, t - w, w), keys, &self.config)?;
+        let q_obs = q_rot.clone().narrow(2, q_rot.dims()[2] - w, w);
+        let selection = snapkv(q_obs, keys, &self.config)?;
         let to_pos = |row: &Vec<usize>| row.iter().map(|&i| positions[i]).collect::<Vec<_>>();
         let keep = if self.config.gqa.per_layer() {
             KeepPositions::Layer(to_pos(&selection.kept[0]))
@@ -354,5 +385,102 @@ mod tests {
             SnapKvCache::new(dense.clone(), config(GqaScores::QueryHead, 0.5), G, rope()).is_err()
         );
         assert!(SnapKvCache::new(dense, config(GqaScores::Layer, 1.0), G, rope()).is_err());
+    }
+
+    /// On a sliding-window layer SnapKV scores the prompt's last `window`
+    /// tokens (the ones later queries see) and keeps its share of them;
+    /// decoding then attends over the kept tokens and the new ones within
+    /// the window; a full-rank DynaKV inner cache gives the dense one's
+    /// outputs; the footprint's reference is the windowed dense cache.
+    #[test]
+    fn a_windowed_layer_prunes_within_its_window() {
+        let device = default_device();
+        let (l, window, n) = (20, 8, 40);
+        let (q, k, v) = (
+            rand4([1, 4, n, 4]),
+            rand4([1, 2, n, 4]),
+            rand4([1, 2, n, 4]),
+        );
+        let pos: Vec<usize> = (0..n).collect();
+        let k_rot = rope().apply(k.clone(), &pos).unwrap();
+        let cfg = config(GqaScores::Layer, 0.5);
+        let dense = DenseCache::new(G, rope())
+            .unwrap()
+            .with_window(window)
+            .unwrap();
+        let bases = Arc::new(DynaKvBases::new(&artifact(RopePlacement::Pre), G, &device).unwrap());
+        let dynakv = DynaKvCache::new(G, rope(), bases, Arc::new(Fixed(8)))
+            .unwrap()
+            .with_window(window)
+            .unwrap();
+        let mut caches: Vec<Box<dyn AttentionCache>> = vec![
+            Box::new(
+                SnapKvCache::new(dense.clone(), cfg.clone(), G, rope())
+                    .unwrap()
+                    .with_window(window)
+                    .unwrap(),
+            ),
+            Box::new(
+                SnapKvCache::new(dynakv, cfg.clone(), G, rope())
+                    .unwrap()
+                    .with_window(window)
+                    .unwrap(),
+            ),
+        ];
+        // what SnapKV keeps of the last `window` prompt tokens
+        let sel = snapkv(
+            q.clone().narrow(2, l - cfg.window, cfg.window),
+            k_rot.clone().narrow(2, l - window, window),
+            &cfg,
+        )
+        .unwrap();
+        let mut kept: Vec<usize> = sel.kept[0].iter().map(|&i| l - window + i).collect();
+        assert_eq!(kept.len(), window / 2);
+        let mut outs = vec![Vec::new(); 2];
+        for (c, out) in caches.iter_mut().zip(&mut outs) {
+            c.forward(
+                0,
+                q.clone().narrow(2, 0, l),
+                k.clone().narrow(2, 0, l),
+                v.clone().narrow(2, 0, l),
+                &pos[..l],
+            )
+            .unwrap();
+            assert_eq!(c.len(0), window / 2);
+            // counted against the windowed dense cache's span
+            let f = c.footprint();
+            assert_eq!(f.values_full, (window * 2 * G.d_kv()) as u64);
+            assert_eq!(f.values * 2, f.values_full);
+            for p in l..n {
+                let step = |x: &Tensor<4>| x.clone().narrow(2, p, 1);
+                out.push(c.forward(0, step(&q), step(&k), step(&v), &[p]).unwrap());
+            }
+            // bounded by the window and a half; the pruned tokens have left it
+            assert!(c.len(0) <= window + window.div_ceil(2), "{}", c.len(0));
+            let f = c.footprint();
+            assert_eq!(f.values, f.values_full);
+            assert!(f.values_full <= ((window + window.div_ceil(2)) * 2 * G.d_kv()) as u64);
+        }
+        for (i, p) in (l..n).enumerate() {
+            kept.push(p);
+            let visible: Vec<usize> = kept.iter().copied().filter(|&k| k + window > p).collect();
+            let want = reference(
+                q.clone().narrow(2, p, 1),
+                k_rot.clone(),
+                v.clone(),
+                &[visible.clone(), visible],
+                &[p],
+            );
+            for (which, out) in outs.iter().enumerate() {
+                let diff = max_diff(out[i].clone(), want.clone());
+                assert!(diff < 1e-4, "cache {which} at {p}: {diff}");
+            }
+        }
+        // one token set per KV head cannot follow a window
+        let err = SnapKvCache::new(dense, config(GqaScores::KvHead, 0.5), G, rope())
+            .unwrap()
+            .with_window(window)
+            .unwrap_err();
+        assert!(err.to_string().contains("layer"), "{err}");
     }
 }

@@ -18,6 +18,8 @@ use rayon::prelude::*;
 use dynakv_core::artifact::RopePlacement;
 use dynakv_core::quant::PackedRows;
 
+use crate::attention::hidden;
+
 use super::math::{avx2_dispatch, axpy, dot, softmax_columns, CHUNK};
 use super::HostRope;
 
@@ -56,7 +58,8 @@ pub(crate) struct BucketView<'a> {
 /// - `n_ids`: one more than the largest token id stored
 /// - returns `[H, T, head_dim]`
 ///
-/// A query sees keys at positions `<=` its own. Every query must see at least
+/// A query sees keys at positions `<=` its own, and within `window` of it
+/// when given ([`crate::attention::hidden`]). Every query must see at least
 /// one key (the caller guarantees it: a decode step follows its own append).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attend(
@@ -69,6 +72,7 @@ pub(crate) fn attend(
     keys: &[BucketView],
     values: &[BucketView],
     n_ids: usize,
+    window: Option<usize>,
 ) -> Vec<f32> {
     let (h, hk, dh) = (heads.n_heads, heads.n_kv_heads, heads.head_dim);
     let (t, groups, d) = (q_pos.len(), h / hk, hk * dh);
@@ -90,6 +94,7 @@ pub(crate) fn attend(
         q_pos,
         q_lat: q_lat.as_ref(),
         scale,
+        window,
     };
     // One parallel region over every (bucket, chunk) pair: a token-wise policy
     // leaves up to `d / 8` small buckets, and a region per bucket would pay
@@ -173,6 +178,8 @@ struct Job<'a> {
     /// Post-RoPE only: projected queries `[H*T, d]` and offsets `[H*T]`.
     q_lat: Option<&'a (Vec<f32>, Vec<f32>)>,
     scale: f32,
+    /// A sliding window hides keys this far behind a query or more.
+    window: Option<usize>,
 }
 
 avx2_dispatch! {
@@ -228,7 +235,7 @@ fn score_chunk_impl(job: &Job, b: &BucketView, first: usize, out: &mut [f32]) {
             let row = &mut out[(i + k) * h * t..(i + k + 1) * h * t];
             let lat = &lat[k * b.rank..(k + 1) * b.rank];
             for (ti, &qp) in job.q_pos.iter().enumerate() {
-                if pos > qp {
+                if hidden(qp, pos, job.window) {
                     continue;
                 }
                 for qh in 0..h {

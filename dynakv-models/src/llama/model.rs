@@ -6,7 +6,7 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use dynakv_burn::{
     AttentionCache, CacheFactory, CacheSpec, CalibrationTarget, KvStorage, LayerAttention,
-    LayerPlan, Rope,
+    LayerPlan, PlanPart, Rope,
 };
 use dynakv_core::artifact::{Artifact, ModelIdentity};
 
@@ -223,23 +223,50 @@ impl LlamaModel {
         &self,
         global: &'a mut dyn AttentionCache,
     ) -> Result<Box<dyn AttentionCache + 'a>, ModelError> {
-        let global = Box::new(dynakv_burn::Borrowed(global));
-        if !self.config.has_windows() {
-            return Ok(global);
-        }
+        self.around_part(0, global)
+    }
+
+    /// [`LlamaModel::around`] for any of [`LlamaModel::cache_parts`]: the
+    /// given cache holds that part's layers, fresh dense caches the others.
+    pub fn around_part<'a>(
+        &self,
+        part: usize,
+        cache: &'a mut dyn AttentionCache,
+    ) -> Result<Box<dyn AttentionCache + 'a>, ModelError> {
+        let cache = Box::new(dynakv_burn::Borrowed(cache));
         Ok(self
             .cache_factory(None, &CacheSpec::dense())?
-            .around(global)?)
+            .around_part(part, cache)?)
+    }
+
+    /// The caches this model's layers are held in: the global layers, then
+    /// each group of sliding-window layers sharing a window and a RoPE base
+    /// ([`LayerPlan::parts`]); one part of every layer for a model without
+    /// windows.
+    pub fn cache_parts(&self) -> Result<Vec<PlanPart>, ModelError> {
+        if !self.config.has_windows() {
+            return Ok(vec![PlanPart {
+                layers: (0..self.config.n_layers).collect(),
+                rope: self.rope.clone(),
+                window: None,
+            }]);
+        }
+        Ok(self.layer_plan().parts()?)
     }
 
     /// What this model is, as an artifact records and checks it:
     /// architecture, the geometry of the layers an artifact covers
     /// ([`LlamaModel::cache_geometry`]) and the GGUF file's SHA-256.
     pub fn identity(&self, file_sha256: &str) -> ModelIdentity {
+        self.identity_of(self.cache_layers().len(), file_sha256)
+    }
+
+    /// [`LlamaModel::identity`] of an artifact covering `n_layers` layers.
+    fn identity_of(&self, n_layers: usize, file_sha256: &str) -> ModelIdentity {
         let c = &self.config;
         ModelIdentity {
             architecture: c.architecture.clone(),
-            n_layers: self.cache_layers().len(),
+            n_layers,
             n_heads: c.n_heads,
             n_kv_heads: c.n_kv_heads,
             head_dim: c.head_dim,
@@ -247,24 +274,68 @@ impl LlamaModel {
         }
     }
 
-    /// Checks an artifact was calibrated on this model file.
+    /// Checks an artifact was calibrated on this model file, for its
+    /// global layers or (`dynakv calibrate --layers all`) every layer.
     pub fn check_artifact(&self, artifact: &Artifact, file_sha256: &str) -> Result<(), ModelError> {
-        Ok(artifact.header.model.check(&self.identity(file_sha256))?)
+        let every = self.config.n_layers;
+        let n = match artifact.header.model.n_layers {
+            n if n == every => every,
+            _ => self.cache_layers().len(),
+        };
+        Ok(artifact
+            .header
+            .model
+            .check(&self.identity_of(n, file_sha256))?)
     }
 
     /// What [`dynakv_burn::calibrate()`] needs of this model besides its
-    /// forward pass (`W_o` of every layer is copied to the host only for
-    /// the output-aware basis).
+    /// forward pass, for the layers an artifact covers by default (the
+    /// global ones): `W_o` of every layer is copied to the host only for
+    /// the output-aware basis.
     pub fn calibration_target(
         &self,
         file_sha256: &str,
         with_output_proj: bool,
     ) -> Result<CalibrationTarget<'_>, ModelError> {
+        self.target_of(
+            &self.cache_layers(),
+            &self.rope,
+            None,
+            file_sha256,
+            with_output_proj,
+        )
+    }
+
+    /// [`LlamaModel::calibration_target`] of one of
+    /// [`LlamaModel::cache_parts`] (run the model over
+    /// [`LlamaModel::around_part`]).
+    pub fn calibration_target_of<'a>(
+        &'a self,
+        part: &'a PlanPart,
+        file_sha256: &str,
+        with_output_proj: bool,
+    ) -> Result<CalibrationTarget<'a>, ModelError> {
+        self.target_of(
+            &part.layers,
+            &part.rope,
+            part.window,
+            file_sha256,
+            with_output_proj,
+        )
+    }
+
+    fn target_of<'a>(
+        &'a self,
+        layers: &[usize],
+        rope: &'a Rope,
+        window: Option<usize>,
+        file_sha256: &str,
+        with_output_proj: bool,
+    ) -> Result<CalibrationTarget<'a>, ModelError> {
         let output_proj = if with_output_proj {
-            let rows = self
-                .cache_layers()
-                .into_iter()
-                .map(|l| {
+            let rows = layers
+                .iter()
+                .map(|&l| {
                     let b = &self.blocks[l];
                     b.wo(&self.device)
                         .into_data()
@@ -277,10 +348,14 @@ impl LlamaModel {
             None
         };
         Ok(CalibrationTarget {
-            geometry: self.cache_geometry(),
-            rope: &self.rope,
-            identity: self.identity(file_sha256),
+            geometry: dynakv_burn::CacheGeometry {
+                n_layers: layers.len(),
+                ..self.config.geometry()
+            },
+            rope,
+            identity: self.identity_of(layers.len(), file_sha256),
             output_proj,
+            window,
         })
     }
 

@@ -49,6 +49,19 @@ impl PositionRuns {
         }
     }
 
+    /// Forgets ids `0..n` and numbers the rest from 0.
+    pub(super) fn drop_first(&mut self, n: usize) {
+        let mut runs = Vec::with_capacity(self.runs.len());
+        for &(id0, p0, len) in &self.runs {
+            if id0 + len <= n {
+                continue;
+            }
+            let skip = n.saturating_sub(id0);
+            runs.push((id0 + skip - n, p0 + skip, len - skip));
+        }
+        self.runs = runs;
+    }
+
     /// The position of every id, in id order.
     pub(super) fn iter(&self) -> impl Iterator<Item = usize> + '_ {
         self.runs.iter().flat_map(|&(_, p0, n)| p0..p0 + n)

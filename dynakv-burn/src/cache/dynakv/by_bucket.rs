@@ -7,7 +7,7 @@ use dynakv_core::artifact::RopePlacement;
 
 use super::buckets::padded_latents;
 use super::DynaKvCache;
-use crate::attention::causal_mask;
+use crate::attention::window_mask;
 use crate::error::CacheError;
 
 impl DynaKvCache {
@@ -68,7 +68,7 @@ impl DynaKvCache {
         }
         let scores = Tensor::cat(scores, 3) / (dh as f64).sqrt();
         let s_len = k_pos.len();
-        let scores = match causal_mask(positions, &k_pos, groups, &device) {
+        let scores = match window_mask(positions, &k_pos, groups, self.window, &device) {
             Some(m) => scores.mask_fill(m.expand([bsz, hk, groups * t, s_len]), f32::NEG_INFINITY),
             None => scores,
         };

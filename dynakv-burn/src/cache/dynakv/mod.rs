@@ -25,6 +25,7 @@ mod prune;
 mod rebuilt;
 #[cfg(test)]
 mod tests;
+mod window;
 
 pub use bases::DynaKvBases;
 
@@ -65,6 +66,8 @@ pub struct DynaKvCache {
     /// This sequence's budget promise (`None`: the policy's ranks as they
     /// come); see [`BudgetController`].
     controller: Option<BudgetController>,
+    /// A sliding window ([`DynaKvCache::with_window`]).
+    window: Option<usize>,
 }
 
 impl DynaKvCache {
@@ -129,6 +132,7 @@ impl DynaKvCache {
             codecs,
             precision,
             controller,
+            window: None,
         })
     }
 
@@ -279,16 +283,19 @@ impl AttentionCache for DynaKvCache {
                 &views(0),
                 &views(1),
                 store.next_id,
+                self.window,
             );
-            return Ok(Tensor::from_data(
-                TensorData::new(out, [1, h, t, dh]),
-                &device,
-            ));
+            let out = Tensor::from_data(TensorData::new(out, [1, h, t, dh]), &device);
+            self.evict(layer, positions)?;
+            return Ok(out);
         }
-        if t >= REBUILD_MIN_QUERIES {
-            return self.attend_rebuilt(layer, q_rot, positions);
-        }
-        self.attend_by_bucket(layer, q_rot, positions)
+        let out = if t >= REBUILD_MIN_QUERIES {
+            self.attend_rebuilt(layer, q_rot, positions)?
+        } else {
+            self.attend_by_bucket(layer, q_rot, positions)?
+        };
+        self.evict(layer, positions)?;
+        Ok(out)
     }
 
     /// Tokens with a stored key (rank-0 and pruned tokens are not stored).

@@ -6,7 +6,7 @@ use dynakv_core::artifact::RopePlacement;
 
 use super::buckets::padded_latents;
 use super::DynaKvCache;
-use crate::attention::causal_attention;
+use crate::attention::windowed_attention;
 use crate::error::CacheError;
 
 impl DynaKvCache {
@@ -62,6 +62,13 @@ impl DynaKvCache {
             RopePlacement::Post => keys,
         };
         let values = rebuild(1, dec.dec_v);
-        Ok(causal_attention(q_rot, keys, values, positions, &k_pos))
+        Ok(windowed_attention(
+            q_rot,
+            keys,
+            values,
+            positions,
+            &k_pos,
+            self.window,
+        ))
     }
 }

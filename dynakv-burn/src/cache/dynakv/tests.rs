@@ -435,3 +435,70 @@ fn f16_bases_attend_as_f32_bases_rounded_to_f16_and_hold_half_the_bytes() {
     let err = DynaKvCache::with_precision(G, rope, bases, Arc::new(Cycle), Precision::default());
     assert!(err.is_err());
 }
+
+/// A windowed DynaKV cache at full rank attends as the windowed dense
+/// cache, on every path (rebuilt prefill, scoring by bucket, the host
+/// kernel), stays within a window and a half of tokens, and counts the
+/// windowed dense cache as its reference.
+#[test]
+fn a_windowed_cache_at_full_rank_equals_the_windowed_dense_cache() {
+    let device = default_device();
+    let rope = rope();
+    let n = 60;
+    let (q, k, v) = (
+        rand4([1, 4, n, 4]),
+        rand4([1, 2, n, 4]),
+        rand4([1, 2, n, 4]),
+    );
+    let window = 8;
+    // a rebuilt prefill past the window, then decode steps and short
+    // chunks; a short prefill, decode steps past eviction, then a rebuilt
+    // chunk over the kept tokens
+    let mut decode_then_long = vec![9, 1, 1, 1, 3];
+    decode_then_long.extend([1; 13]);
+    decode_then_long.push(32);
+    let mut long_then_decode = vec![33];
+    long_then_decode.extend([1; 10]);
+    long_then_decode.extend([3, 14]);
+    for (storage, chunks) in [KvStorage::Host, KvStorage::Device]
+        .into_iter()
+        .flat_map(|s| [(s, &decode_then_long), (s, &long_then_decode)])
+    {
+        assert_eq!(chunks.iter().sum::<usize>(), n);
+        let mut dense = DenseCache::with_storage(G, rope.clone(), storage)
+            .unwrap()
+            .with_window(window)
+            .unwrap();
+        let want = run(&mut dense, &q, &k, &v, chunks);
+        for placement in [RopePlacement::Pre, RopePlacement::Post] {
+            let bases = Arc::new(
+                DynaKvBases::with_storage(&artifact(placement), G, &device, storage).unwrap(),
+            );
+            let mut c = DynaKvCache::new(G, rope.clone(), bases, Arc::new(Fixed(8)))
+                .unwrap()
+                .with_window(window)
+                .unwrap();
+            let got = run(&mut c, &q, &k, &v, chunks);
+            let diff: f32 = (got - want.clone()).abs().max().into_scalar();
+            assert!(diff < 1e-4, "{storage:?} {placement:?}: {diff}");
+            assert_eq!(c.len(0), dense.len(0), "{storage:?} {placement:?}");
+            assert!(c.len(0) <= window + window.div_ceil(2) + 32);
+            let (f, fd) = (c.footprint(), dense.footprint());
+            assert_eq!(f.values_full, fd.values_full);
+            assert_eq!(f.values, fd.values);
+        }
+    }
+    let bases = Arc::new(DynaKvBases::new(&artifact(RopePlacement::Pre), G, &device).unwrap());
+    // decode steps alone stay within a window and a half, metadata too
+    let mut c = DynaKvCache::new(G, rope.clone(), bases.clone(), Arc::new(Fixed(4)))
+        .unwrap()
+        .with_window(window)
+        .unwrap();
+    run(&mut c, &q, &k, &v, &[1; 60]);
+    assert!(c.len(0) <= window + window.div_ceil(2), "{}", c.len(0));
+    assert!(c.layers[0].codes[0].len() <= window + window.div_ceil(2));
+    assert!(DynaKvCache::new(G, rope, bases, Arc::new(Fixed(4)))
+        .unwrap()
+        .with_window(0)
+        .is_err());
+}

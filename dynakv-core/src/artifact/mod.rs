@@ -17,6 +17,8 @@ use crate::error::CoreError;
 use crate::levels::RankLevels;
 use crate::policy::{EnergySample, RouterWeights};
 
+mod layers;
+
 pub const FORMAT_VERSION: u32 = 1;
 
 /// Where the key basis acts.
@@ -495,7 +497,7 @@ impl Artifact {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::stats::MomentAccumulator;
 
@@ -598,7 +600,7 @@ mod tests {
     }
 
     /// A one-layer artifact with a router, its model and basis.
-    fn tiny() -> (Artifact, ModelIdentity, Basis) {
+    pub(crate) fn tiny() -> (Artifact, ModelIdentity, Basis) {
         let d = 4;
         let mut acc = MomentAccumulator::new(d);
         acc.add_rows(&[1.0, 2.0, 0.5, 3.0, 2.0, 1.0, 1.5, -1.0, 0.0, 0.5, 2.5, 1.0])
