@@ -252,6 +252,7 @@ where
             sample_positions: raw.raw_positions,
             router: None,
             key_factor: None,
+            policy: None,
         },
         bases,
         sample,

@@ -74,6 +74,7 @@ pub fn artifact(placement: RopePlacement) -> Artifact {
             sample_positions: vec![],
             router: None,
             key_factor: None,
+            policy: None,
         },
         bases: vec![[b.clone(), b]],
         sample: EnergySample::default(),

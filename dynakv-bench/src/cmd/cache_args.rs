@@ -58,7 +58,10 @@ pub struct CacheArgs {
     /// Calibration artifact from `dynakv calibrate` (for --cache dynakv).
     #[arg(long)]
     pub artifact: Option<PathBuf>,
-    #[arg(long, value_enum, default_value_t = PolicyKind::Energy)]
+    /// auto (the default): the training-free policy `dynakv calibrate`
+    /// measured best for the model, recorded in the artifact (energy for
+    /// artifacts made before it was recorded).
+    #[arg(long, value_enum, default_value_t = PolicyKind::Auto)]
     pub policy: PolicyKind,
     /// Target retained fraction in (0, 1].
     #[arg(value_parser = values::fraction, long, default_value_t = 0.47)]

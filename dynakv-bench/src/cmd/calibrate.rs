@@ -5,14 +5,14 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 use dynakv_bench::text::{brown_docs, document_tokens};
-use dynakv_burn::{calibrate, CacheSpec, CalibrationConfig, LayerScope};
+use dynakv_burn::{calibrate, CalibrationConfig, LayerScope};
 use dynakv_core::artifact::{Artifact, RopePlacement};
 use dynakv_core::basis::BasisKind;
-use dynakv_core::policy::{PolicyKind, PolicySpec};
 use dynakv_models::corpus::Split;
 use dynakv_models::ModelError;
 
 use super::common::{progress, ModelArgs};
+use super::heldout_choice::{choose_key_factor, choose_policy};
 use super::values;
 
 #[derive(Args, Debug)]
@@ -48,6 +48,12 @@ pub struct CalibrateArgs {
     /// The budget at which the key factors are scored.
     #[arg(value_parser = values::fraction, long, default_value_t = 0.30)]
     pub key_factor_budget: f64,
+    /// Budgets at which uniform and energy (its chosen key factor) are
+    /// scored on the held-out sample windows; the policy with the lower
+    /// mean log PPL is recorded in the artifact and is what `--policy
+    /// auto` (the default) runs. `none` records none (then auto is energy).
+    #[arg(long, default_value = "0.47,0.3,0.2")]
+    pub policy_budgets: String,
     /// Layers the artifact covers, on a model with sliding-window layers
     /// (Gemma 3): the global ones (global, the default) or every layer
     /// (all: each group of windowed layers is calibrated as well, over its
@@ -58,6 +64,19 @@ pub struct CalibrateArgs {
 }
 
 impl CalibrateArgs {
+    /// `--policy-budgets`: empty for `none`.
+    fn policy_budgets(&self) -> Result<Vec<f64>> {
+        if self.policy_budgets.trim() == "none" {
+            return Ok(Vec::new());
+        }
+        values::list(
+            &self.policy_budgets,
+            "policy budget",
+            true,
+            values::fraction,
+        )
+    }
+
     /// `--key-factors`: empty for `none`.
     fn key_factors(&self) -> Result<Vec<f32>> {
         if self.key_factors.trim() == "none" {
@@ -70,6 +89,7 @@ impl CalibrateArgs {
 pub fn run(a: CalibrateArgs) -> Result<()> {
     super::common::check_writable("--out", &a.out)?;
     let key_factors = a.key_factors()?;
+    let policy_budgets = a.policy_budgets()?;
     let cfg = CalibrationConfig {
         stats_windows: a.tokens.div_ceil(a.ctx).max(1),
         sample_windows: a.sample_tokens.div_ceil(a.ctx).max(1),
@@ -133,15 +153,25 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
         }
     };
     let mut artifact = artifact;
+    // the held-out sample windows, on which policies are fitted
+    let first = cfg.stats_windows.min(windows.len());
+    let heldout = &windows[first..(first + cfg.sample_windows).min(windows.len())];
     if !key_factors.is_empty() {
-        let first = cfg.stats_windows.min(windows.len());
-        let end = (first + cfg.sample_windows).min(windows.len());
         artifact.header.key_factor = Some(choose_key_factor(
-            &loaded,
+            model,
             &artifact,
-            &windows[first..end],
+            heldout,
             &key_factors,
             a.key_factor_budget,
+            a.layers,
+        )?);
+    }
+    if !policy_budgets.is_empty() {
+        artifact.header.policy = Some(choose_policy(
+            model,
+            &artifact,
+            heldout,
+            &policy_budgets,
             a.layers,
         )?);
     }
@@ -157,49 +187,4 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
     Ok(())
-}
-
-/// The key factor of the energy rule with the lowest PPL on `windows` (the
-/// held-out calib windows the policies are fitted on) at `budget`.
-///
-/// Why: how much key error costs against value error depends on the model
-/// (Gemma 3's QK-normed keys need far more weight than SmolLM2's:
-/// docs/results.md), so the default of `--policy energy` is chosen per
-/// artifact, on calib text, not fixed.
-fn choose_key_factor(
-    loaded: &super::common::Loaded,
-    artifact: &Artifact,
-    windows: &[&[u32]],
-    factors: &[f32],
-    budget: f64,
-    layers: LayerScope,
-) -> Result<f32> {
-    let model = &loaded.model;
-    let mut best: Option<(f32, f64)> = None;
-    for &kf in factors {
-        let spec = CacheSpec::dynakv(PolicySpec {
-            key_factor: Some(kf),
-            ..PolicySpec::new(PolicyKind::Energy, budget)
-        })
-        .on_layers(layers);
-        let factory = model.cache_factory(Some(artifact), &spec)?;
-        let (mut nll, mut n) = (0f64, 0usize);
-        for w in windows {
-            let mut cache = factory.make()?;
-            let (x, _) = model.score(w, cache.as_mut())?;
-            nll += x.iter().map(|&v| v as f64).sum::<f64>();
-            n += x.len();
-        }
-        let ppl = (nll / n.max(1) as f64).exp();
-        if !ppl.is_finite() {
-            anyhow::bail!("key factor {kf}: the held-out PPL is not finite");
-        }
-        eprintln!("key factor {kf}: energy@{budget} PPL {ppl:.3} on {n} held-out calib tokens");
-        if best.is_none_or(|(_, b)| ppl < b) {
-            best = Some((kf, ppl));
-        }
-    }
-    let (kf, ppl) = best.ok_or_else(|| anyhow::anyhow!("no key factor to choose from"))?;
-    eprintln!("key factor {kf} chosen (PPL {ppl:.3}); recorded in the artifact");
-    Ok(kf)
 }

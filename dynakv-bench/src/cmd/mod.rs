@@ -7,6 +7,7 @@ pub mod common;
 pub mod eval;
 pub mod fetch;
 pub mod generate;
+mod heldout_choice;
 pub mod longctx;
 pub mod ranks;
 pub mod sweep;

@@ -67,6 +67,7 @@ pub(crate) fn artifact(placement: RopePlacement) -> Artifact {
             sample_positions: vec![],
             router: None,
             key_factor: None,
+            policy: None,
         },
         bases: vec![[b.clone(), b.clone()], [b.clone(), b]],
         sample: EnergySample::default(),

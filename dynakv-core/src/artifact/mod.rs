@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::basis::{Basis, BasisKind};
 use crate::error::CoreError;
 use crate::levels::RankLevels;
-use crate::policy::{EnergySample, RouterWeights};
+use crate::policy::{EnergySample, PolicyKind, RouterWeights};
 
 mod layers;
 
@@ -124,6 +124,11 @@ pub struct ArtifactHeader {
     /// energy policy without its own `key-factor=` uses it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_factor: Option<f32>,
+    /// The training-free policy `dynakv calibrate` measured best for this
+    /// model on held-out calib windows: what [`PolicyKind::Auto`] (the
+    /// default) runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyKind>,
 }
 
 /// Largest layer count, KV width and sample an artifact header may declare:
@@ -186,6 +191,11 @@ impl ArtifactHeader {
                     "key factor {k}: expected a finite number above 0"
                 )));
             }
+        }
+        if let Some(p @ (PolicyKind::Auto | PolicyKind::Router)) = self.policy {
+            return Err(invalid(format!(
+                "policy {p}: an artifact names a training-free policy (uniform, per-layer or energy)"
+            )));
         }
         if let Some(r) = &self.router {
             let finite = [
@@ -638,6 +648,7 @@ pub(crate) mod tests {
                     shares: vec![[0.25, 0.375]],
                 }),
                 key_factor: Some(16.0),
+                policy: Some(PolicyKind::Uniform),
             },
             bases: vec![[b.clone(), b.clone()]],
             sample: EnergySample {

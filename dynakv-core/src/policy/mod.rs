@@ -100,6 +100,10 @@ pub enum PolicyKind {
     Energy,
     /// The learned router stored in a trained artifact (`dynakv train`).
     Router,
+    /// The training-free policy `dynakv calibrate` measured best for the
+    /// artifact's model on held-out calib windows (its header's `policy`);
+    /// energy for an artifact without one.
+    Auto,
 }
 
 impl std::str::FromStr for PolicyKind {
@@ -110,9 +114,10 @@ impl std::str::FromStr for PolicyKind {
             "per-layer" => Ok(Self::PerLayer),
             "energy" => Ok(Self::Energy),
             "router" => Ok(Self::Router),
+            "auto" => Ok(Self::Auto),
             o => Err(CoreError::Invalid {
                 field: "policy",
-                message: format!("`{o}` (expected uniform, per-layer, energy or router)"),
+                message: format!("`{o}` (expected auto, uniform, per-layer, energy or router)"),
             }),
         }
     }

@@ -23,8 +23,9 @@ use crate::error::CoreError;
 /// How a DynaKV cache picks each token's rank.
 ///
 /// The default is the best measured training-free configuration
-/// (`docs/results.md`): the energy policy with the lagrange rule, key factor
-/// 2, at budget 0.47.
+/// (`docs/results.md`) at budget 0.47: [`PolicyKind::Auto`], the policy
+/// calibration found best for the model (energy with the lagrange rule on
+/// SmolLM2, uniform on Gemma 3), energy for older artifacts.
 ///
 /// ```
 /// use dynakv_core::policy::{PolicyKind, PolicySpec};
@@ -70,7 +71,7 @@ pub const DEFAULT_KEY_FACTOR: f32 = 2.0;
 impl Default for PolicySpec {
     fn default() -> Self {
         Self {
-            kind: PolicyKind::Energy,
+            kind: PolicyKind::Auto,
             budget: 0.47,
             sink_tokens: 1,
             key_factor: None,
@@ -105,6 +106,15 @@ impl PolicySpec {
         Ok(())
     }
 
+    /// The policy that runs with `artifact`: the spec's, or for
+    /// [`PolicyKind::Auto`] the artifact's choice (energy without one).
+    pub fn kind_for(&self, artifact: &Artifact) -> PolicyKind {
+        match self.kind {
+            PolicyKind::Auto => artifact.header.policy.unwrap_or(PolicyKind::Energy),
+            kind => kind,
+        }
+    }
+
     /// The energy rule's key factor: the spec's, else the artifact's
     /// (chosen at calibration), else [`DEFAULT_KEY_FACTOR`].
     pub fn key_factor_with(&self, artifact: Option<f32>) -> f32 {
@@ -116,7 +126,13 @@ impl PolicySpec {
     pub fn build(&self, artifact: &Artifact) -> Result<Arc<dyn RankPolicy>, CoreError> {
         self.validate()?;
         let levels = &artifact.header.levels;
-        let inner: Arc<dyn RankPolicy> = match self.kind {
+        let inner: Arc<dyn RankPolicy> = match self.kind_for(artifact) {
+            PolicyKind::Auto => {
+                return Err(CoreError::Invalid {
+                    field: "policy",
+                    message: "the artifact names `auto` as its policy".into(),
+                })
+            }
             PolicyKind::Uniform => Arc::new(UniformPolicy::for_budget(
                 self.budget,
                 levels,
@@ -184,6 +200,7 @@ impl fmt::Display for PolicyKind {
             Self::PerLayer => "per-layer",
             Self::Energy => "energy",
             Self::Router => "router",
+            Self::Auto => "auto",
         })
     }
 }
@@ -299,10 +316,7 @@ mod tests {
             }
         );
         assert_eq!(s.to_string().parse::<PolicySpec>().unwrap(), s);
-        assert_eq!(
-            "energy".parse::<PolicySpec>().unwrap(),
-            PolicySpec::default()
-        );
+        assert_eq!("auto".parse::<PolicySpec>().unwrap(), PolicySpec::default());
         let json = serde_json::to_string(&s).unwrap();
         assert_eq!(serde_json::from_str::<PolicySpec>(&json).unwrap(), s);
     }
@@ -316,6 +330,28 @@ mod tests {
         assert_eq!(plain.key_factor_with(None), DEFAULT_KEY_FACTOR);
         let set: PolicySpec = "energy@0.3,key-factor=4".parse().unwrap();
         assert_eq!(set.key_factor_with(Some(16.0)), 4.0);
+    }
+
+    /// `auto` (the default) runs the artifact's recorded policy, energy
+    /// without one; an artifact cannot name auto or the router.
+    #[test]
+    fn auto_runs_the_policy_the_artifact_names() {
+        let (mut artifact, _, _) = crate::artifact::tests::tiny();
+        let auto: PolicySpec = "auto@0.5".parse().unwrap();
+        assert_eq!(auto.to_string(), "auto@0.5");
+        assert_eq!(PolicySpec::default().kind, PolicyKind::Auto);
+        artifact.header.policy = Some(PolicyKind::Uniform);
+        assert_eq!(auto.kind_for(&artifact), PolicyKind::Uniform);
+        assert_eq!(auto.build(&artifact).unwrap().name(), "uniform");
+        artifact.header.policy = None;
+        assert_eq!(auto.kind_for(&artifact), PolicyKind::Energy);
+        let energy: PolicySpec = "energy@0.5".parse().unwrap();
+        artifact.header.policy = Some(PolicyKind::Uniform);
+        assert_eq!(energy.kind_for(&artifact), PolicyKind::Energy);
+        for bad in [PolicyKind::Auto, PolicyKind::Router] {
+            artifact.header.policy = Some(bad);
+            assert!(artifact.header.validate().is_err(), "{bad}");
+        }
     }
 
     #[test]
