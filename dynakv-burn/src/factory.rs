@@ -107,6 +107,20 @@ impl CacheFactory {
         spec: &CacheSpec,
         storage: KvStorage,
     ) -> Result<Self, CacheError> {
+        no_dense_layers_for(spec)?;
+        Self::build(geometry, rope, device, artifact, spec, storage)
+    }
+
+    /// [`CacheFactory::with_storage`] without the check that a DynaKV
+    /// spec's dense precision has dense layers to go to.
+    fn build(
+        geometry: CacheGeometry,
+        rope: Rope,
+        device: &Device,
+        artifact: Option<&Artifact>,
+        spec: &CacheSpec,
+        storage: KvStorage,
+    ) -> Result<Self, CacheError> {
         geometry.validate()?;
         geometry.check_rope(&rope)?;
         if rope.device() != *device {
@@ -210,7 +224,10 @@ impl CacheFactory {
             Some(a) => Some(a.select_layers(&split.global)?),
             None => artifact.cloned(),
         };
-        let mut factory = Self::with_storage(
+        if plan.is_uniform() || spec.layers == LayerScope::All {
+            no_dense_layers_for(spec)?;
+        }
+        let mut factory = Self::build(
             global,
             split.rope.clone(),
             device,
@@ -254,7 +271,7 @@ impl CacheFactory {
                             .transpose()?,
                     ),
                 };
-                Self::with_storage(
+                Self::build(
                     geometry,
                     g.rope.clone(),
                     device,
@@ -359,7 +376,7 @@ impl CacheFactory {
             self.rope.clone(),
             bases.clone(),
             policy.clone(),
-            self.spec.precision,
+            self.spec.precision.latents_only(),
         )
     }
 
@@ -422,6 +439,19 @@ impl CacheFactory {
     pub fn bases(&self) -> Option<&Arc<DynaKvBases>> {
         self.dynakv.as_ref().map(|(b, _)| b)
     }
+}
+
+/// A DynaKV spec's `k=` / `v=` name the dense caches of a model's
+/// sliding-window layers; where every layer takes DynaKV there are none.
+fn no_dense_layers_for(spec: &CacheSpec) -> Result<(), CacheError> {
+    if spec.dynakv.is_some() && spec.precision.sets_dense() {
+        return Err(CacheError::Config(format!(
+            "`{}`: with DynaKV, k= / v= set the dense caches of a model's sliding-window \
+             layers, and every layer of this cache takes DynaKV",
+            spec.precision
+        )));
+    }
+    Ok(())
 }
 
 /// The artifact's recorded model geometry against the model's.

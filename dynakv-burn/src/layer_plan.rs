@@ -389,6 +389,31 @@ mod tests {
         );
         assert!(all.footprint().values < global.footprint().values);
         assert_eq!(all.spec_footprint().values, global.spec_footprint().values);
+        // k= / v= of a DynaKV spec set the windowed layers' dense caches
+        // (global scope); with every layer DynaKV there are none to set
+        let prefill = |spec: &str| {
+            let mut c = make(Some(&every), spec).unwrap();
+            let pos: Vec<usize> = (0..8).collect();
+            let x = |t: &Tensor<4>| t.clone().narrow(2, 0, 8);
+            for layer in 0..3 {
+                c.forward(layer, x(&q), x(&k), x(&v), &pos).unwrap();
+            }
+            c
+        };
+        let f16 = prefill("dynakv:uniform@0.5+store:kv=f16");
+        let f32 = prefill("dynakv:uniform@0.5");
+        assert!(f16.footprint().value_bytes < f32.footprint().value_bytes);
+        assert_eq!(f16.spec_footprint(), f32.spec_footprint());
+        assert!(make(Some(&every), "dynakv:uniform@0.5+layers:all+store:kv=f16").is_err());
+        let spec: CacheSpec = "dynakv:uniform@0.5+store:kv=f16".parse().unwrap();
+        assert!(CacheFactory::new(
+            G,
+            crate::cache::test_support::rope(),
+            &device,
+            Some(&two),
+            &spec
+        )
+        .is_err());
         // an artifact of the global layer alone serves the default scope only
         assert!(make(Some(&one), "dynakv:uniform@0.5").is_ok());
         let Err(err) = make(Some(&one), "dynakv:uniform@0.5+layers:all") else {

@@ -48,7 +48,9 @@ pub struct CacheSpec {
     /// Which layers of a model with sliding-window layers take this cache
     /// (the global ones by default).
     pub layers: LayerScope,
-    /// How stored numbers are held (f32 by default).
+    /// How stored numbers are held (f32 by default). With DynaKV, `k=` /
+    /// `v=` / `kv=` set the dense caches of a model's sliding-window layers
+    /// (the default `layers:global`); a model without them refuses them.
     pub precision: Precision,
 }
 
@@ -100,7 +102,12 @@ impl CacheSpec {
         if let Some(p) = &self.dynakv {
             p.validate()?;
         }
-        self.precision.check_for(self.dynakv.is_some())?;
+        // with DynaKV, k= / v= name the dense caches of a model's
+        // sliding-window layers (checked against the model by the factory)
+        match self.dynakv {
+            Some(_) => self.precision.latents_only().check_for(true)?,
+            None => self.precision.check_for(false)?,
+        }
         #[cfg(feature = "snapkv")]
         if let Some(s) = &self.snapkv {
             s.config(self.dynakv.is_some())?;
@@ -191,6 +198,7 @@ mod tests {
             "dense+store:k=q8_0,v=q4_0",
             "dynakv:energy@0.3+store:latent=int4,scales=channel",
             "dynakv:uniform@0.3+layers:all+store:latent=int8",
+            "dynakv:uniform@0.3+store:kv=f16,latent=int8",
         ] {
             let spec: CacheSpec = good.parse().unwrap();
             assert_eq!(spec.to_string(), good);
@@ -203,7 +211,6 @@ mod tests {
             "fast",
             "dynakv",
             "dense+store:latent=int4",
-            "dynakv:energy@0.3+store:kv=q8_0",
             "dense+store:kv=q8_0+store:kv=f16",
             "store:kv=q8_0",
             "dense+layers:some",

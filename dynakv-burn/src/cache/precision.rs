@@ -77,8 +77,19 @@ impl Precision {
     }
 
     /// Whether anything of the dense cache's is set.
-    fn sets_dense(&self) -> bool {
+    pub(crate) fn sets_dense(&self) -> bool {
         self.k != KvDtype::F32 || self.v != KvDtype::F32
+    }
+
+    /// The latent fields alone (k / v rows back to f32): what a DynaKV
+    /// cache of a spec whose k= / v= name its model's windowed dense
+    /// layers is built with.
+    pub(crate) fn latents_only(&self) -> Self {
+        Self {
+            k: KvDtype::F32,
+            v: KvDtype::F32,
+            ..*self
+        }
     }
 
     /// [`Precision::validate`], and that only the cache kind's own fields
