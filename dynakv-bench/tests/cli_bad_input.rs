@@ -139,6 +139,12 @@ fn every_bad_option_is_named_before_anything_loads() {
         ),
         (&["calibrate", "--out", "x", "--ctx", "0"], "--ctx"),
         (&["calibrate", "--out", "x", "--tokens", "0"], "--tokens"),
+        (&["calibrate", "--out", "x", "--layers", "local"], "--layers"),
+        (
+            &["calibrate", "--out", "x", "--policy-budgets", "0.3,2"],
+            "policy budget",
+        ),
+        (&["eval", "ppl", "--layers", "most"], "--layers"),
         (&["bench", "--reps", "0"], "--reps"),
         (&["bench", "--decode-steps", "0"], "--decode-steps"),
         (&["bench", "--prefill", "512,0"], "--prefill"),
