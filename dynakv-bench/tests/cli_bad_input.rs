@@ -139,7 +139,10 @@ fn every_bad_option_is_named_before_anything_loads() {
         ),
         (&["calibrate", "--out", "x", "--ctx", "0"], "--ctx"),
         (&["calibrate", "--out", "x", "--tokens", "0"], "--tokens"),
-        (&["calibrate", "--out", "x", "--layers", "local"], "--layers"),
+        (
+            &["calibrate", "--out", "x", "--layers", "local"],
+            "--layers",
+        ),
         (
             &["calibrate", "--out", "x", "--policy-budgets", "0.3,2"],
             "policy budget",

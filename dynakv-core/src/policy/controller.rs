@@ -216,6 +216,15 @@ impl BudgetController {
             ranks[0] = levels.nearest(want.clamp(lv[1] as f64, d as f64));
         }
 
+        // attention sinks keep full rank (their cost is paid back like any
+        // excess)
+        let sinks = policy.sink_tokens();
+        for (r, &p) in ranks.iter_mut().zip(positions) {
+            if p < sinks {
+                *r = d;
+            }
+        }
+
         if self.hold == BudgetHold::Ceiling {
             let cap = ((target * ((lane.tokens + n as u64) * d as u64) as f64 + 1e-6).floor()
                 as i64

@@ -9,6 +9,7 @@ mod per_layer;
 mod profile;
 mod recent;
 mod router;
+mod sink;
 mod spec;
 mod steer;
 mod uniform;
@@ -19,6 +20,7 @@ pub use per_layer::PerLayerPolicy;
 pub use profile::{EnergySample, TailProfile};
 pub use recent::RecentFull;
 pub use router::{RouterPolicy, RouterWeights};
+pub use sink::SinkFull;
 pub use spec::{PolicySpec, DEFAULT_KEY_FACTOR};
 pub use steer::{rank_at, ranks_at, BudgetHold, Held, Steerable};
 pub use uniform::UniformPolicy;
@@ -69,6 +71,12 @@ pub trait RankPolicy: Send + Sync + std::fmt::Debug {
     /// Tokens at the end of each append that keep full rank whatever the
     /// operating point ([`RecentFull`]).
     fn recent_full(&self) -> usize {
+        0
+    }
+
+    /// Tokens at the start of a sequence (positions below this) that keep
+    /// full rank whatever the operating point ([`SinkFull`]).
+    fn sink_tokens(&self) -> usize {
         0
     }
 

@@ -60,6 +60,10 @@ impl RankPolicy for RecentFull {
         self.recent.max(self.inner.recent_full())
     }
 
+    fn sink_tokens(&self) -> usize {
+        self.inner.sink_tokens()
+    }
+
     fn hold(&self) -> Option<(super::BudgetHold, f64)> {
         self.inner.hold()
     }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     check_budget, BudgetController, BudgetHold, EnergyPolicy, EnergyRule, Held, PerLayerPolicy,
-    PolicyKind, RankPolicy, RecentFull, RouterPolicy, UniformPolicy,
+    PolicyKind, RankPolicy, RecentFull, RouterPolicy, SinkFull, UniformPolicy,
 };
 use crate::artifact::Artifact;
 use crate::error::CoreError;
@@ -43,8 +43,8 @@ pub struct PolicySpec {
     pub kind: PolicyKind,
     /// Target retained fraction of dimensions, in (0, 1].
     pub budget: f64,
-    /// `uniform` and `per-layer`: the first N tokens keep full rank
-    /// (attention sinks).
+    /// `uniform`, `per-layer` and `router`: the first N tokens keep full
+    /// rank (attention sinks; the energy rule keeps them by their error).
     pub sink_tokens: usize,
     /// `energy`: weight of key error against value error (lagrange rule), or
     /// the key threshold as a multiple of the value threshold (threshold rule).
@@ -172,10 +172,14 @@ impl PolicySpec {
                         ),
                     });
                 }
-                Arc::new(
+                let router = Arc::new(
                     RouterPolicy::new(routers.clone(), levels.clone(), info.tau)?
                         .with_shares(info.shares.clone()),
-                )
+                );
+                match self.sink_tokens {
+                    0 => router,
+                    n => Arc::new(SinkFull::new(router, n, levels.full())),
+                }
             }
         };
         let recent: Arc<dyn RankPolicy> = match self.recent_full {

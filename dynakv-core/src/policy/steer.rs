@@ -149,6 +149,9 @@ impl RankPolicy for Held {
         self.inner.recent_full()
     }
 
+    fn sink_tokens(&self) -> usize {
+        self.inner.sink_tokens()
+    }
     fn hold(&self) -> Option<(BudgetHold, f64)> {
         Some((self.hold, self.budget))
     }
