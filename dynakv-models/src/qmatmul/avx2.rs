@@ -92,6 +92,85 @@ pub(crate) unsafe fn dot_q4(row: &[u8], x: &[f32], xsum: &[f32], with_min: bool)
     hsum(_mm256_add_ps(acc0, acc1)) + (min0 + min1)
 }
 
+/// The fifth bits of 16 codes: byte `j` is `0x10` where bit `first + j` of
+/// `qh` is set (`first` 0 or 16).
+#[inline(always)]
+unsafe fn high_bits16(qh: u32, first: u32) -> __m128i {
+    // bytes 0-7 take qh's byte first/8, bytes 8-15 the next one
+    let b = (first / 8) as i8;
+    let spread = _mm_shuffle_epi8(
+        _mm_cvtsi32_si128(qh as i32),
+        _mm_set_epi8(
+            b + 1,
+            b + 1,
+            b + 1,
+            b + 1,
+            b + 1,
+            b + 1,
+            b + 1,
+            b + 1,
+            b,
+            b,
+            b,
+            b,
+            b,
+            b,
+            b,
+            b,
+        ),
+    );
+    let bit = _mm_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
+    let set = _mm_cmpeq_epi8(_mm_and_si128(spread, bit), bit);
+    _mm_and_si128(set, _mm_set1_epi8(0x10))
+}
+
+/// One Q5_0 / Q5_1 block's `sum(q * x)` over its 32 five-bit codes (low
+/// nibbles at `qoff`, high bits at `hoff`).
+#[inline(always)]
+unsafe fn q5_block(p: *const u8, hoff: usize, qoff: usize, xb: *const f32) -> __m256 {
+    let mask = _mm_set1_epi8(0x0F);
+    let qh = std::ptr::read_unaligned(p.add(hoff) as *const u32);
+    let qs = _mm_loadu_si128(p.add(qoff) as *const __m128i);
+    let lo = _mm_or_si128(_mm_and_si128(qs, mask), high_bits16(qh, 0));
+    let hi = _mm_or_si128(
+        _mm_and_si128(_mm_srli_epi16(qs, 4), mask),
+        high_bits16(qh, 16),
+    );
+    _mm256_add_ps(bytes16_dot(lo, xb), bytes16_dot(hi, xb.add(16)))
+}
+
+/// Q5_0 / Q5_1 row: `d * q + m` (Q5_0: `m = -16 d`) against `x`; `xsum[b]`
+/// is the sum of block `b` of `x`. As [`dot_q4`], two blocks per iteration.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_q5(row: &[u8], x: &[f32], xsum: &[f32], with_min: bool) -> f32 {
+    let (bb, hoff) = if with_min { (24, 4) } else { (22, 2) };
+    let qoff = hoff + 4;
+    let nb = (row.len() / bb).min(x.len() / 32).min(xsum.len());
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let (mut min0, mut min1) = (0f32, 0f32);
+    let scales = |b: usize| {
+        let (d, m) = f16x2(row.as_ptr().add(b * bb));
+        (d, if with_min { m } else { -16.0 * d })
+    };
+    let block = |b: usize| q5_block(row.as_ptr().add(b * bb), hoff, qoff, x.as_ptr().add(b * 32));
+    let mut b = 0;
+    while b + 2 <= nb {
+        let (d0, m0) = scales(b);
+        let (d1, m1) = scales(b + 1);
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0), block(b), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d1), block(b + 1), acc1);
+        min0 += m0 * xsum[b];
+        min1 += m1 * xsum[b + 1];
+        b += 2;
+    }
+    if b < nb {
+        let (d0, m0) = scales(b);
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0), block(b), acc0);
+        min0 += m0 * xsum[b];
+    }
+    hsum(_mm256_add_ps(acc0, acc1)) + (min0 + min1)
+}
+
 /// One Q8_0 block's `sum(q * x)`.
 #[inline(always)]
 unsafe fn q8_block(p: *const u8, xb: *const f32) -> __m256 {
