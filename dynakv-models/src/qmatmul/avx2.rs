@@ -171,6 +171,107 @@ pub(crate) unsafe fn dot_q5(row: &[u8], x: &[f32], xsum: &[f32], with_min: bool)
     hsum(_mm256_add_ps(acc0, acc1)) + (min0 + min1)
 }
 
+/// 16 signed codes times 16 activations.
+#[inline(always)]
+unsafe fn signed16_dot(q: __m128i, x: *const f32) -> __m256 {
+    let a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+    let b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8)));
+    _mm256_fmadd_ps(
+        b,
+        _mm256_loadu_ps(x.add(8)),
+        _mm256_mul_ps(a, _mm256_loadu_ps(x)),
+    )
+}
+
+/// Q4_K row (super-blocks of 256: eight sub-blocks of 32 with 6-bit scales
+/// and mins) against `x`: `d * sc * q - dmin * m` per sub-block, the mins
+/// taken through `xsum` (sums of 32-element blocks of `x`).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_q4_k(row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
+    let nb = (row.len() / 144).min(x.len() / 256).min(xsum.len() / 8);
+    let mask = _mm_set1_epi8(0x0F);
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut mins = 0f32;
+    for b in 0..nb {
+        let p = row.as_ptr().add(b * 144);
+        let (d, dmin) = f16x2(p);
+        let scales = std::slice::from_raw_parts(p.add(4), 12);
+        let xb = x.as_ptr().add(b * 256);
+        let xs = &xsum[b * 8..b * 8 + 8];
+        for j in 0..4 {
+            let (sc1, m1) = crate::gguf::scale_min_k4(2 * j, scales);
+            let (sc2, m2) = crate::gguf::scale_min_k4(2 * j + 1, scales);
+            let q0 = _mm_loadu_si128(p.add(16 + 32 * j) as *const __m128i);
+            let q1 = _mm_loadu_si128(p.add(16 + 32 * j + 16) as *const __m128i);
+            let x0 = xb.add(64 * j);
+            let lo = _mm256_add_ps(
+                bytes16_dot(_mm_and_si128(q0, mask), x0),
+                bytes16_dot(_mm_and_si128(q1, mask), x0.add(16)),
+            );
+            let hi = _mm256_add_ps(
+                bytes16_dot(_mm_and_si128(_mm_srli_epi16(q0, 4), mask), x0.add(32)),
+                bytes16_dot(_mm_and_si128(_mm_srli_epi16(q1, 4), mask), x0.add(48)),
+            );
+            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d * sc1 as f32), lo, acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d * sc2 as f32), hi, acc1);
+            mins += dmin * (m1 as f32 * xs[2 * j] + m2 as f32 * xs[2 * j + 1]);
+        }
+    }
+    hsum(_mm256_add_ps(acc0, acc1)) - mins
+}
+
+/// Q6_K row (super-blocks of 256: sixteen groups of 16 with signed 8-bit
+/// scales, codes of 4 low and 2 high bits biased by 32) against `x`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_q6_k(row: &[u8], x: &[f32]) -> f32 {
+    let nb = (row.len() / 210).min(x.len() / 256);
+    let (low4, high2, bias) = (_mm_set1_epi8(0x0F), _mm_set1_epi8(0x30), _mm_set1_epi8(32));
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for b in 0..nb {
+        let p = row.as_ptr().add(b * 210);
+        let d = f16x2(p.add(206)).1;
+        for half in 0..2 {
+            let (ql, qh) = (p.add(64 * half), p.add(128 + 32 * half));
+            let sc = p.add(192 + 8 * half) as *const i8;
+            let xh = x.as_ptr().add(b * 256 + 128 * half);
+            // l0: the first or second 16 of the 32 columns of a quarter
+            for (g, l0) in [0usize, 16].into_iter().enumerate() {
+                let a = _mm_loadu_si128(ql.add(l0) as *const __m128i);
+                let c = _mm_loadu_si128(ql.add(32 + l0) as *const __m128i);
+                let h = _mm_loadu_si128(qh.add(l0) as *const __m128i);
+                let codes = [
+                    _mm_or_si128(
+                        _mm_and_si128(a, low4),
+                        _mm_and_si128(_mm_slli_epi16(h, 4), high2),
+                    ),
+                    _mm_or_si128(
+                        _mm_and_si128(c, low4),
+                        _mm_and_si128(_mm_slli_epi16(h, 2), high2),
+                    ),
+                    _mm_or_si128(
+                        _mm_and_si128(_mm_srli_epi16(a, 4), low4),
+                        _mm_and_si128(h, high2),
+                    ),
+                    _mm_or_si128(
+                        _mm_and_si128(_mm_srli_epi16(c, 4), low4),
+                        _mm_and_si128(_mm_srli_epi16(h, 2), high2),
+                    ),
+                ];
+                for (k, q) in codes.into_iter().enumerate() {
+                    let s = d * *sc.add(g + 2 * k) as f32;
+                    let dot = signed16_dot(_mm_sub_epi8(q, bias), xh.add(32 * k + l0));
+                    if k % 2 == 0 {
+                        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(s), dot, acc0);
+                    } else {
+                        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(s), dot, acc1);
+                    }
+                }
+            }
+        }
+    }
+    hsum(_mm256_add_ps(acc0, acc1))
+}
+
 /// One Q8_0 block's `sum(q * x)`.
 #[inline(always)]
 unsafe fn q8_block(p: *const u8, xb: *const f32) -> __m256 {

@@ -58,7 +58,7 @@ pub(crate) fn block_sums(x: &[f32], cols: usize) -> Vec<f32> {
 /// Products of weight rows with every activation row: one body for both
 /// kernels. `AVX2` is true only in [`fast`], the copy compiled for AVX2, FMA
 /// and F16C, where the products go to `avx2.rs`: fused kernels for Q4_0,
-/// Q4_1, Q5_0, Q5_1 and Q8_0 rows, a dequantised row and an AVX2 dot for the other
+/// Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q6_K rows, a dequantised row and an AVX2 dot for the other
 /// formats, integer products for q8; the portable copy dequantises each row
 /// and dots it, and takes q8 in `q8.rs`.
 ///
@@ -85,7 +85,13 @@ fn body<const AVX2: bool>(
     let fused =
         AVX2 && matches!(
             t,
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0
+            GgmlType::Q4_0
+                | GgmlType::Q4_1
+                | GgmlType::Q5_0
+                | GgmlType::Q5_1
+                | GgmlType::Q8_0
+                | GgmlType::Q4K
+                | GgmlType::Q6K
         ) && matches!(x, Activations::F32 { xsum, .. } if nb > 0 && xsum.len() == nb * n_tok);
     for (row, o) in weights
         .chunks_exact(row_bytes)
@@ -113,7 +119,8 @@ fn body<const AVX2: bool>(
     }
 }
 
-/// A fused f32-numerics row product (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0); reached only from
+/// A fused f32-numerics row product (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K,
+/// Q6_K); reached only from
 /// [`fast`] (`fused` needs `AVX2`).
 #[inline(always)]
 fn fused_f32(t: GgmlType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
@@ -128,6 +135,8 @@ fn fused_f32(t: GgmlType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
                 GgmlType::Q4_1 => avx2::dot_q4(row, x, xsum, true),
                 GgmlType::Q5_0 => avx2::dot_q5(row, x, xsum, false),
                 GgmlType::Q5_1 => avx2::dot_q5(row, x, xsum, true),
+                GgmlType::Q4K => avx2::dot_q4_k(row, x, xsum),
+                GgmlType::Q6K => avx2::dot_q6_k(row, x),
                 _ => avx2::dot_q8_0(row, x),
             }
         }
