@@ -174,10 +174,7 @@ impl CacheFactory {
     /// The same factory making caches over a sliding window of `window`
     /// positions on every layer.
     fn windowed(mut self, window: usize) -> Result<Self, CacheError> {
-        if window == 0 {
-            return Err(CacheError::Config("a sliding window of 0 positions".into()));
-        }
-        self.window = Some(window);
+        self.window = Some(crate::cache::check_window(window)?);
         // refused now, not at the first cache made
         self.make()?;
         Ok(self)

@@ -66,24 +66,21 @@ pub struct CalibrateArgs {
 impl CalibrateArgs {
     /// `--policy-budgets`: empty for `none`.
     fn policy_budgets(&self) -> Result<Vec<f64>> {
-        if self.policy_budgets.trim() == "none" {
-            return Ok(Vec::new());
-        }
-        values::list(
-            &self.policy_budgets,
-            "policy budget",
-            true,
-            values::fraction,
-        )
+        none_or_list(&self.policy_budgets, "policy budget", values::fraction)
     }
 
     /// `--key-factors`: empty for `none`.
     fn key_factors(&self) -> Result<Vec<f32>> {
-        if self.key_factors.trim() == "none" {
-            return Ok(Vec::new());
-        }
-        values::list(&self.key_factors, "key factor", true, values::positive_f32)
+        none_or_list(&self.key_factors, "key factor", values::positive_f32)
     }
+}
+
+/// A comma-separated list of a search, or `none` (no search: empty).
+fn none_or_list<T>(s: &str, what: &str, one: impl Fn(&str) -> Result<T, String>) -> Result<Vec<T>> {
+    if s.trim() == "none" {
+        return Ok(Vec::new());
+    }
+    values::list(s, what, true, one)
 }
 
 pub fn run(a: CalibrateArgs) -> Result<()> {

@@ -257,10 +257,7 @@ impl DenseCache {
     /// reference: a windowed layer is never compressed, and the dense cache
     /// a user compares with is windowed too.
     pub fn with_window(mut self, window: usize) -> Result<Self, CacheError> {
-        if window == 0 {
-            return Err(CacheError::Config("a sliding window of 0 positions".into()));
-        }
-        self.window = Some(window);
+        self.window = Some(crate::cache::check_window(window)?);
         Ok(self)
     }
 

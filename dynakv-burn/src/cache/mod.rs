@@ -46,6 +46,14 @@ pub(crate) fn mat(v: &[f32], rows: usize, cols: usize, device: &Device) -> Tenso
     Tensor::from_data(TensorData::new(v.to_vec(), [rows, cols]), device)
 }
 
+/// A sliding window's size, refused when 0 (no key would be visible).
+pub(crate) fn check_window(window: usize) -> Result<usize, CacheError> {
+    if window == 0 {
+        return Err(CacheError::Config("a sliding window of 0 positions".into()));
+    }
+    Ok(window)
+}
+
 /// Decode steps with at most this many queries run a host kernel (with
 /// [`KvStorage::Host`]); longer prefill chunks are matrix products, where
 /// burn's GEMM wins.

@@ -70,9 +70,6 @@ impl<C: PrunableCache> SnapKvCache<C> {
     /// still see, are scored, and the ratio applies to them. One token set
     /// per layer: the window moves over a layer's tokens as one run.
     pub fn with_window(mut self, window: usize) -> Result<Self, CacheError> {
-        if window == 0 {
-            return Err(CacheError::Config("a sliding window of 0 positions".into()));
-        }
         if !self.config.gqa.per_layer() {
             return Err(CacheError::Config(
                 "snapkv on a sliding-window layer keeps one token set per layer: \
@@ -80,7 +77,7 @@ impl<C: PrunableCache> SnapKvCache<C> {
                     .into(),
             ));
         }
-        self.window = Some(window);
+        self.window = Some(crate::cache::check_window(window)?);
         Ok(self)
     }
 

@@ -14,10 +14,7 @@ impl DynaKvCache {
     /// memory and metadata stay O(window), and the footprint's dense
     /// reference is the windowed dense cache's.
     pub fn with_window(mut self, window: usize) -> Result<Self, CacheError> {
-        if window == 0 {
-            return Err(CacheError::Config("a sliding window of 0 positions".into()));
-        }
-        self.window = Some(window);
+        self.window = Some(crate::cache::check_window(window)?);
         Ok(self)
     }
 
