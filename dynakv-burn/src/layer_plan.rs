@@ -371,7 +371,7 @@ mod tests {
         for (s0, len) in [(0, 8), (8, 1), (9, 1), (10, 4)] {
             let pos: Vec<usize> = (s0..s0 + len).collect();
             for layer in 0..3 {
-                let mut run = |c: &mut Box<dyn crate::AttentionCache>| {
+                let run = |c: &mut Box<dyn crate::AttentionCache>| {
                     let x = |t: &Tensor<4>| t.clone().narrow(2, s0, len);
                     c.forward(layer, x(&q), x(&k), x(&v), &pos).unwrap()
                 };
