@@ -320,6 +320,32 @@ pub(crate) unsafe fn dot_q8_0(row: &[u8], x: &[f32]) -> f32 {
     hsum(_mm256_add_ps(acc0, acc1))
 }
 
+/// Two Q8_0 rows against one `x` (a decode step's single token): each
+/// activation load serves both rows, and the two rows' chains are
+/// independent.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_q8_0_pair(ra: &[u8], rb: &[u8], x: &[f32]) -> (f32, f32) {
+    let nb = (ra.len() / 34).min(rb.len() / 34).min(x.len() / 32);
+    let (mut acc_a, mut acc_b) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let f = |p: *const u8, k: usize| {
+        let q = _mm_loadl_epi64(p.add(2 + 8 * k) as *const __m128i);
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q))
+    };
+    for b in 0..nb {
+        let (pa, pb) = (ra.as_ptr().add(b * 34), rb.as_ptr().add(b * 34));
+        let xb = x.as_ptr().add(b * 32);
+        let (mut sa, mut sb) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for k in 0..4 {
+            let xv = _mm256_loadu_ps(xb.add(8 * k));
+            sa = _mm256_fmadd_ps(f(pa, k), xv, sa);
+            sb = _mm256_fmadd_ps(f(pb, k), xv, sb);
+        }
+        acc_a = _mm256_fmadd_ps(_mm256_set1_ps(f16x2(pa).0), sa, acc_a);
+        acc_b = _mm256_fmadd_ps(_mm256_set1_ps(f16x2(pb).0), sb, acc_b);
+    }
+    (hsum(acc_a), hsum(acc_b))
+}
+
 /// `sum(a[i] * b[i])` in four eight-lane accumulators.
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {

@@ -93,6 +93,22 @@ fn body<const AVX2: bool>(
                 | GgmlType::Q4K
                 | GgmlType::Q6K
         ) && matches!(x, Activations::F32 { xsum, .. } if nb > 0 && xsum.len() == nb * n_tok);
+    // a decode step's Q8_0 rows (the output head) two at a time
+    let mut weights = weights;
+    let mut out = out;
+    if fused && t == GgmlType::Q8_0 && n_tok == 1 {
+        if let Activations::F32 { x, .. } = x {
+            let pairs = weights.len() / (2 * row_bytes);
+            for (rows, o) in weights
+                .chunks_exact(2 * row_bytes)
+                .zip(out.chunks_exact_mut(2))
+            {
+                (o[0], o[1]) = q8_0_pair(&rows[..row_bytes], &rows[row_bytes..], x);
+            }
+            weights = &weights[pairs * 2 * row_bytes..];
+            out = &mut out[pairs * 2..];
+        }
+    }
     for (row, o) in weights
         .chunks_exact(row_bytes)
         .zip(out.chunks_exact_mut(n_tok.max(1)))
@@ -145,6 +161,22 @@ fn fused_f32(t: GgmlType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
     {
         let _ = (t, row, x, xsum);
         f32::NAN
+    }
+}
+
+/// Two Q8_0 rows against one activation row; reached only from [`fast`]
+/// (`fused` needs `AVX2`).
+#[inline(always)]
+fn q8_0_pair(ra: &[u8], rb: &[u8], x: &[f32]) -> (f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: as for `fused_f32`.
+        unsafe { super::avx2::dot_q8_0_pair(ra, rb, x) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (ra, rb, x);
+        (f32::NAN, f32::NAN)
     }
 }
 
