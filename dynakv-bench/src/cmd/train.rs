@@ -59,6 +59,10 @@ pub struct TrainArgs {
     pub alpha: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// The first N positions of every window keep full rank in training,
+    /// as `sink=N` keeps them at inference (the attention sink, BOS).
+    #[arg(long, default_value_t = 1)]
+    pub sink_tokens: usize,
     /// Print the summary as one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
@@ -88,6 +92,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         freeze_bases: a.freeze_bases,
         dual_lr: a.dual_lr,
         alpha: a.alpha,
+        sink_tokens: a.sink_tokens,
         seed: a.seed,
         ..LocalConfig::default()
     };
@@ -110,9 +115,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
         "train [{bar:30}] {pos}/{len} steps, ETA {eta} {msg}",
     );
     let model = &loaded.model;
+    // the perplexity protocol's windows (docs/protocol.md): BOS first where
+    // the model expects it, as every window it will be evaluated on
+    let bos = loaded.tokenizer.text_bos();
+    let train_stream = dynakv_models::corpus::protocol_stream(train_ids, a.ctx, bos);
+    let heldout_stream = dynakv_models::corpus::protocol_stream(heldout_ids, a.ctx, bos);
     let (train_windows, heldout_windows): (Vec<&[u32]>, Vec<&[u32]>) = (
-        train_ids.chunks_exact(a.ctx).collect(),
-        heldout_ids.chunks_exact(a.ctx).collect(),
+        train_stream.chunks_exact(a.ctx).collect(),
+        heldout_stream.chunks_exact(a.ctx).collect(),
     );
     let (trained, summary) = train(
         &model.train_target(),

@@ -14,7 +14,7 @@
 
 use burn::module::{Module, Param};
 use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Tensor, TensorData};
 use dynakv_core::artifact::Artifact;
 use dynakv_core::basis::Basis;
 use dynakv_core::levels::RankLevels;
@@ -45,6 +45,9 @@ pub struct LocalConfig {
     pub alpha: f64,
     /// Hard-mask threshold used for the retained fraction during training.
     pub tau: f32,
+    /// The first N positions of a window keep every coordinate (their mask
+    /// is 1), as the router's `sink=N` keeps them at inference.
+    pub sink_tokens: usize,
     pub seed: u64,
 }
 
@@ -59,6 +62,7 @@ impl Default for LocalConfig {
             dual_lr: 0.05,
             alpha: 0.0,
             tau: 0.1,
+            sink_tokens: 1,
             seed: 0,
         }
     }
@@ -272,6 +276,7 @@ impl LocalTrainer {
             let lat = (joint(raw) - c.mean[k].clone()).matmul(enc);
             let router = if k == 0 { &tr.router_k } else { &tr.router_v };
             let m = router.soft_mask(lat.clone().detach(), self.cutoffs.clone());
+            let m = self.with_sinks(m);
             // The mask is a non-increasing prefix: its entries above τ are
             // the hard rank's leading ones.
             hard.push(
@@ -298,6 +303,21 @@ impl LocalTrainer {
             (soft[0].clone() + soft[1].clone()) / 2.0,
             Tensor::cat(hard, 0).sum(),
         ))
+    }
+
+    /// `mask` with its first `sink_tokens` rows (positions) set to 1.
+    ///
+    /// # Shapes
+    /// - `mask`: `[T, d]`; returns `[T, d]`
+    fn with_sinks(&self, mask: Tensor<2>) -> Tensor<2> {
+        let [t, _] = mask.dims();
+        let n = self.config.sink_tokens.min(t);
+        if n == 0 {
+            return mask;
+        }
+        let rows: Vec<f32> = (0..t).map(|i| if i < n { 1.0 } else { 0.0 }).collect();
+        let sink = Tensor::<2>::from_data(TensorData::new(rows, [t, 1]), &mask.device());
+        mask * (sink.clone().neg() + 1.0) + sink
     }
 
     /// Loss terms of one layer on one window: relative output error, soft
@@ -497,6 +517,30 @@ mod tests {
             })
             .collect();
         (trainer, vec![window])
+    }
+
+    /// The first `sink_tokens` positions keep every coordinate in training,
+    /// as the router's `sink=N` keeps them at inference.
+    #[test]
+    fn sink_positions_keep_their_whole_mask() {
+        let device = default_device();
+        let half = Tensor::<2>::ones([4, 3], &device) * 0.5;
+        let (t, _) = setup(LocalConfig {
+            sink_tokens: 2,
+            ..LocalConfig::default()
+        });
+        let rows = t
+            .with_sinks(half.clone())
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        assert_eq!(rows, [[1.0; 3], [1.0; 3], [0.5; 3], [0.5; 3]].concat());
+        let (off, _) = setup(LocalConfig {
+            sink_tokens: 0,
+            ..LocalConfig::default()
+        });
+        let rows = off.with_sinks(half).into_data().to_vec::<f32>().unwrap();
+        assert_eq!(rows, vec![0.5; 12]);
     }
 
     #[test]
