@@ -157,6 +157,13 @@ impl BudgetController {
         let n_f = policy.recent_full().min(n);
         let n_u = n - n_f;
         let (new_u, _) = cuts.split_at(n_u * m);
+        // Attention sinks at the start of the append keep full rank: their
+        // cost is fixed, as the recent tokens' is, and the point is solved
+        // over the tokens after them.
+        let sinks = policy.sink_tokens();
+        let n_s = positions[..n_u].iter().take_while(|&&p| p < sinks).count();
+        let free = &new_u[n_s * m..];
+        let n_free = n_u - n_s;
 
         // The point for the unforced tokens.
         let window_rows = lane.window.len() / m;
@@ -166,9 +173,9 @@ impl BudgetController {
         let drifting = err.abs() > DRIFT * (lane.tokens * d as u64) as f64;
         let resolve =
             n > 1 || lane.point.is_none() || lane.since_solve >= RESOLVE_EVERY || drifting;
-        let point = if n_u == 0 || !resolve {
+        let point = if n_free == 0 || !resolve {
             lane.point.unwrap_or_else(|| steer.point(layer, kind))
-        } else if window_rows + n_u < MIN_SAMPLE {
+        } else if window_rows + n_free < MIN_SAMPLE {
             steer.point(layer, kind)
         } else {
             // Excess carried from earlier appends is paid back in full by a
@@ -177,20 +184,20 @@ impl BudgetController {
             // within the tolerance), at most the window.
             let horizon = (lane.tokens as usize / 8).clamp(1, WINDOW);
             let payback = (n as f64 / horizon as f64).min(1.0);
-            let goal_new = target * (n * d) as f64 - err * payback - (n_f * d) as f64;
-            let per_token = goal_new / n_u as f64;
+            let goal_new = target * (n * d) as f64 - err * payback - ((n_f + n_s) * d) as f64;
+            let per_token = goal_new / n_free as f64;
             let mode = match self.hold {
                 BudgetHold::Ceiling => Goal::AtMost,
                 _ => Goal::Nearest,
             };
-            if n_u >= WINDOW {
-                solve(new_u, per_token * n_u as f64, mode, levels)
+            if n_free >= WINDOW {
+                solve(free, per_token * n_free as f64, mode, levels)
             } else {
                 let (a, b) = lane.window.as_slices();
-                let sample: Vec<f32> = [a, b, new_u].concat();
+                let sample: Vec<f32> = [a, b, free].concat();
                 solve(
                     &sample,
-                    per_token * (window_rows + n_u) as f64,
+                    per_token * (window_rows + n_free) as f64,
                     mode,
                     levels,
                 )
@@ -216,14 +223,8 @@ impl BudgetController {
             ranks[0] = levels.nearest(want.clamp(lv[1] as f64, d as f64));
         }
 
-        // attention sinks keep full rank (their cost is paid back like any
-        // excess)
-        let sinks = policy.sink_tokens();
-        for (r, &p) in ranks.iter_mut().zip(positions) {
-            if p < sinks {
-                *r = d;
-            }
-        }
+        // attention sinks keep full rank (their cost is in the goal above)
+        ranks[..n_s].iter_mut().for_each(|r| *r = d);
 
         if self.hold == BudgetHold::Ceiling {
             let cap = ((target * ((lane.tokens + n as u64) * d as u64) as f64 + 1e-6).floor()
@@ -232,10 +233,10 @@ impl BudgetController {
                 .max(0);
             let total: usize = ranks.iter().sum();
             if total as i64 > cap {
-                let fixed = (n_f * d) as i64;
-                if n_u > 0 && cap - fixed >= (n_u * lv[1]) as i64 {
-                    let p = solve(new_u, (cap - fixed) as f64, Goal::AtMost, levels);
-                    for (r, c) in ranks.iter_mut().zip(new_u.chunks_exact(m)) {
+                let fixed = ((n_f + n_s) * d) as i64;
+                if n_free > 0 && cap - fixed >= (n_free * lv[1]) as i64 {
+                    let p = solve(free, (cap - fixed) as f64, Goal::AtMost, levels);
+                    for (r, c) in ranks[n_s..].iter_mut().zip(free.chunks_exact(m)) {
                         *r = rank_at(c, p, levels);
                     }
                 } else {
@@ -526,6 +527,25 @@ mod tests {
         }
         let open = toy(BudgetHold::Open, 0.5);
         assert!(BudgetController::for_policy(&open, 1).unwrap().is_none());
+    }
+
+    /// Sinks keep full rank and their cost is paid within the same prefill:
+    /// a short prompt still lands on the budget (and under the ceiling).
+    #[test]
+    fn sinks_keep_full_rank_within_the_budget() {
+        for hold in [BudgetHold::Track, BudgetHold::Ceiling] {
+            let p = crate::policy::SinkFull::new(std::sync::Arc::new(toy(hold, 0.3)), 2, 8);
+            let mut c = BudgetController::for_policy(&p, 1).unwrap().unwrap();
+            let lat = text(64, 1.0, 5);
+            let pos: Vec<usize> = (0..64).collect();
+            let r = c.ranks(&p, 0, KvKind::Key, &lat, &pos);
+            assert_eq!(&r[..2], &[8, 8], "{hold}");
+            let kept = retained(&r, 8);
+            assert!((kept - 0.3).abs() <= 0.01, "{hold}: {kept}");
+            if hold == BudgetHold::Ceiling {
+                assert!(kept <= 0.3 + 1e-9, "{kept}");
+            }
+        }
     }
 
     #[test]
