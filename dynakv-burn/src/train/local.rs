@@ -532,14 +532,18 @@ mod tests {
         let rows = t
             .with_sinks(half.clone())
             .into_data()
-            .to_vec::<f32>()
+            .try_into_vec_as::<f32>()
             .unwrap();
         assert_eq!(rows, [[1.0; 3], [1.0; 3], [0.5; 3], [0.5; 3]].concat());
         let (off, _) = setup(LocalConfig {
             sink_tokens: 0,
             ..LocalConfig::default()
         });
-        let rows = off.with_sinks(half).into_data().to_vec::<f32>().unwrap();
+        let rows = off
+            .with_sinks(half)
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .unwrap();
         assert_eq!(rows, vec![0.5; 12]);
     }
 
