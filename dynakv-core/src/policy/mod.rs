@@ -130,3 +130,21 @@ impl std::str::FromStr for PolicyKind {
         }
     }
 }
+
+/// Rank 2 for every token: the inner policy of the wrapper tests.
+#[cfg(test)]
+#[derive(Debug)]
+pub(crate) struct RankTwo;
+
+#[cfg(test)]
+impl RankPolicy for RankTwo {
+    fn name(&self) -> &'static str {
+        "two"
+    }
+    fn ranks(&self, _: usize, _: KvKind, _: &[f32], positions: &[usize]) -> Vec<usize> {
+        vec![2; positions.len()]
+    }
+    fn needs_latents(&self) -> bool {
+        false
+    }
+}

@@ -73,19 +73,7 @@ impl RankPolicy for RecentFull {
 mod tests {
     use super::*;
 
-    #[derive(Debug)]
-    struct Two;
-    impl RankPolicy for Two {
-        fn name(&self) -> &'static str {
-            "two"
-        }
-        fn ranks(&self, _: usize, _: KvKind, _: &[f32], positions: &[usize]) -> Vec<usize> {
-            vec![2; positions.len()]
-        }
-        fn needs_latents(&self) -> bool {
-            false
-        }
-    }
+    use crate::policy::RankTwo as Two;
 
     #[test]
     fn only_the_last_tokens_of_an_append_get_full_rank() {

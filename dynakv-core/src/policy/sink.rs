@@ -72,16 +72,7 @@ impl RankPolicy for SinkFull {
 mod tests {
     use super::*;
 
-    #[derive(Debug)]
-    struct Two;
-    impl RankPolicy for Two {
-        fn name(&self) -> &'static str {
-            "two"
-        }
-        fn ranks(&self, _: usize, _: KvKind, _: &[f32], positions: &[usize]) -> Vec<usize> {
-            vec![2; positions.len()]
-        }
-    }
+    use crate::policy::RankTwo as Two;
 
     #[test]
     fn only_the_first_positions_get_full_rank() {
