@@ -151,7 +151,8 @@ impl<C: PrunableCache> CacheWrapper for SnapKvCache<C> {
         let w = self.config.window;
         let _span = tracing::debug_span!("snapkv", layer, t).entered();
         let keys = self.rope.apply(k_pre, positions)?;
-        let q_obs = q_rot.clone().narrow(2, q_rot.dims()[2] - w, w);
+        let t_q = q_rot.dims()[2];
+        let q_obs = q_rot.narrow(2, t_q - w, w);
         let selection = snapkv(q_obs, keys, &self.config)?;
         let to_pos = |row: &Vec<usize>| row.iter().map(|&i| positions[i]).collect::<Vec<_>>();
         let keep = if self.config.gqa.per_layer() {
