@@ -217,9 +217,10 @@ impl CacheFactory {
         let every_layer = artifact.filter(|a| {
             a.header.model.n_layers == geometry.n_layers && split.global.len() < geometry.n_layers
         });
-        let global_artifact = match every_layer {
-            Some(a) => Some(a.select_layers(&split.global)?),
-            None => artifact.cloned(),
+        // borrowed unless the global layers must be taken out of it
+        let global_artifact: Option<std::borrow::Cow<'_, Artifact>> = match every_layer {
+            Some(a) => Some(std::borrow::Cow::Owned(a.select_layers(&split.global)?)),
+            None => artifact.map(std::borrow::Cow::Borrowed),
         };
         if plan.is_uniform() || spec.layers == LayerScope::All {
             no_dense_layers_for(spec)?;
@@ -228,7 +229,7 @@ impl CacheFactory {
             global,
             split.rope.clone(),
             device,
-            global_artifact.as_ref(),
+            global_artifact.as_deref(),
             spec,
             storage,
         )?;

@@ -234,6 +234,11 @@ impl LlamaModel {
         cache: &'a mut dyn AttentionCache,
     ) -> Result<Box<dyn AttentionCache + 'a>, ModelError> {
         let cache = Box::new(dynakv_burn::Borrowed(cache));
+        if part == 0 && !self.config.has_windows() {
+            // one part: nothing to build around it (every calibration
+            // window and training step comes through here)
+            return Ok(cache);
+        }
         Ok(self
             .cache_factory(None, &CacheSpec::dense())?
             .around_part(part, cache)?)
