@@ -402,7 +402,11 @@ impl CacheFactory {
         Ok(match &self.snapkv {
             None => Box::new(cache),
             Some(c) => {
-                let snap = SnapKvCache::new(cache, c.clone(), self.geometry, self.rope.clone())?;
+                let mut snap =
+                    SnapKvCache::new(cache, c.clone(), self.geometry, self.rope.clone())?;
+                if let Some(w) = self.spec.snapkv.as_ref().and_then(|s| s.whole) {
+                    snap = snap.with_whole(w)?;
+                }
                 match self.window {
                     Some(w) => Box::new(snap.with_window(w)?),
                     None => Box::new(snap),

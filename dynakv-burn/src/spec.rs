@@ -110,7 +110,15 @@ impl CacheSpec {
         }
         #[cfg(feature = "snapkv")]
         if let Some(s) = &self.snapkv {
+            s.validate()?;
             s.config(self.dynakv.is_some())?;
+            if s.whole.is_some() && self.dynakv.is_none() {
+                return Err(CacheError::Config(
+                    "snapkv whole=: the dense cache stores every token at full rank; \
+                     tiers apply to DynaKV (--cache dynakv)"
+                        .into(),
+                ));
+            }
         }
         Ok(())
     }
@@ -241,5 +249,12 @@ mod tests {
             .parse::<CacheSpec>()
             .is_err());
         assert!("snapkv:kvpress@0.5".parse::<CacheSpec>().is_err());
+        // tiers: DynaKV only
+        let tiered = "dynakv:uniform@0.47+snapkv:recall@0.875,gqa=layer,whole=0.25";
+        assert_eq!(tiered.parse::<CacheSpec>().unwrap().to_string(), tiered);
+        let err = "dense+snapkv:recall@0.875,whole=0.25"
+            .parse::<CacheSpec>()
+            .unwrap_err();
+        assert!(err.to_string().contains("whole"), "{err}");
     }
 }

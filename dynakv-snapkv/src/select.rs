@@ -13,6 +13,11 @@ pub struct Selection {
     /// Prompt length the selection was made from.
     pub total: usize,
     pub gqa: GqaScores,
+    /// The same kept indices per row in the order they matter: the window's
+    /// tokens from the last one back, then the prefix tokens by descending
+    /// score. A cache that stores tokens at reduced rank keeps the first of
+    /// them whole ([`Selection::first_by_priority`]).
+    pub priority: Vec<Vec<usize>>,
 }
 
 impl Selection {
@@ -22,7 +27,20 @@ impl Selection {
             kept: vec![(0..total).collect(); rows],
             total,
             gqa,
+            priority: vec![(0..total).rev().collect(); rows],
         }
+    }
+
+    /// The first `n` kept indices of a row by priority, ascending (all of
+    /// them when `n` is at least the kept count; none for a row out of range).
+    pub fn first_by_priority(&self, row: usize, n: usize) -> Vec<usize> {
+        let mut first: Vec<usize> = self
+            .priority
+            .get(row)
+            .map(|p| p.iter().take(n).copied().collect())
+            .unwrap_or_default();
+        first.sort_unstable();
+        first
     }
 
     /// Kept tokens per row (every row keeps the same number).
@@ -59,6 +77,7 @@ pub fn select_top(
     }
     let window = total.saturating_sub(p);
     let from_prefix = n_kept.saturating_sub(window).min(p);
+    let mut priority = Vec::with_capacity(scores.rows);
     let kept = (0..scores.rows)
         .map(|r| {
             let row = scores.row(r);
@@ -72,6 +91,7 @@ pub fn select_top(
                 }
             });
             let mut keep: Vec<usize> = order[..from_prefix].to_vec();
+            priority.push((p..total).rev().chain(keep.iter().copied()).collect());
             keep.sort_unstable();
             keep.extend(p..total);
             keep
@@ -81,6 +101,7 @@ pub fn select_top(
         kept,
         total,
         gqa: scores.gqa,
+        priority,
     })
 }
 
@@ -252,6 +273,18 @@ mod tests {
                 for i in (0..p).filter(|i| !prefix.contains(i)) {
                     prop_assert!(rows[r][i] <= min_kept);
                 }
+                // priority: the same tokens, the window's first (last token
+                // first), then the prefix by non-increasing score
+                let pr = &sel.priority[r];
+                let mut sorted = pr.clone();
+                sorted.sort_unstable();
+                prop_assert_eq!(&sorted, kept);
+                let want_window: Vec<usize> = (p..total).rev().collect();
+                prop_assert_eq!(&pr[..window], &want_window[..]);
+                prop_assert!(pr[window..].windows(2).all(|x| rows[r][x[0]] >= rows[r][x[1]]));
+                let top = sel.first_by_priority(r, window + 1);
+                prop_assert_eq!(top.len(), (window + 1).min(n_kept));
+                prop_assert!(top.iter().all(|i| kept.contains(i)));
             }
         }
     }

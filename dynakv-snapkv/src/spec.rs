@@ -111,6 +111,13 @@ pub struct SnapKvSpec {
     pub budget: KeepBudget,
     #[serde(default)]
     pub gqa: Option<GqaScores>,
+    /// For a cache that stores tokens at reduced rank (DynaKV): each layer's
+    /// prompt is held at full rank until it is pruned, then this fraction of
+    /// the kept tokens, first by [`crate::Selection::priority`] (the window,
+    /// then the highest scores), keeps full rank and the rest take the rank
+    /// policy's. `None`: the inner cache stores the prompt as it arrives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub whole: Option<f64>,
 }
 
 impl SnapKvSpec {
@@ -120,6 +127,7 @@ impl SnapKvSpec {
             preset,
             budget: KeepBudget::CompressionRatio(ratio),
             gqa: None,
+            whole: None,
         }
     }
 
@@ -148,11 +156,20 @@ impl SnapKvSpec {
 
     /// Checks the spec on its own (as for a cache that allows any granularity).
     pub fn validate(&self) -> Result<(), SnapKvError> {
+        if let Some(w) = self.whole {
+            if !(0.0..=1.0).contains(&w) {
+                return Err(SnapKvError::Invalid {
+                    field: "whole",
+                    message: format!("must be in [0, 1], got {w}"),
+                });
+            }
+        }
         self.config(false).map(|_| ())
     }
 }
 
-/// `PRESET@RATIO` or `PRESET@cCAPACITY`, then `,gqa=G` if not the default.
+/// `PRESET@RATIO` or `PRESET@cCAPACITY`, then `,gqa=G` and `,whole=F` if
+/// not the defaults.
 impl fmt::Display for SnapKvSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.budget {
@@ -161,6 +178,9 @@ impl fmt::Display for SnapKvSpec {
         }
         if let Some(g) = self.gqa {
             write!(f, ",gqa={g}")?;
+        }
+        if let Some(w) = self.whole {
+            write!(f, ",whole={w}")?;
         }
         Ok(())
     }
@@ -195,14 +215,22 @@ impl FromStr for SnapKvSpec {
             preset: preset.parse()?,
             budget,
             gqa: None,
+            whole: None,
         };
         for opt in parts {
             match opt.split_once('=') {
                 Some(("gqa", g)) => spec.gqa = Some(g.parse()?),
+                Some(("whole", w)) => {
+                    spec.whole = Some(
+                        w.trim()
+                            .parse()
+                            .map_err(|e| bad("whole", format!("`{w}`: {e}")))?,
+                    )
+                }
                 _ => {
                     return Err(bad(
                         "snapkv",
-                        format!("unknown option `{opt}` (expected gqa=G)"),
+                        format!("unknown option `{opt}` (expected gqa=G or whole=F)"),
                     ))
                 }
             }
@@ -219,7 +247,12 @@ mod tests {
 
     #[test]
     fn parses_round_trips_and_serialises() {
-        for s in ["kvpress@0.5", "paper@c1024", "recall@0.875,gqa=layer-max"] {
+        for s in [
+            "kvpress@0.5",
+            "paper@c1024",
+            "recall@0.875,gqa=layer-max",
+            "recall@0.875,gqa=layer,whole=0.25",
+        ] {
             let spec: SnapKvSpec = s.parse().unwrap();
             assert_eq!(spec.to_string(), s);
             let json = serde_json::to_string(&spec).unwrap();
@@ -254,6 +287,9 @@ mod tests {
             ("fast@0.5", "preset"),
             ("kvpress@0.5,gqa=row", "gqa"),
             ("kvpress@0.5,window=3", "snapkv"),
+            ("recall@0.5,whole=1.5", "whole"),
+            ("recall@0.5,whole=NaN", "whole"),
+            ("recall@0.5,whole=x", "whole"),
         ] {
             match bad.parse::<SnapKvSpec>() {
                 Err(SnapKvError::Invalid { field: f, .. }) => assert_eq!(f, field, "{bad}"),

@@ -33,6 +33,7 @@ const PRESET_REPLACES: &[&str] = &[
     "snapkv_preset",
     "snapkv_per_layer",
     "snapkv_layer_max",
+    "snapkv_whole",
     "kv_dtype",
     "k_dtype",
     "v_dtype",
@@ -114,6 +115,12 @@ pub struct CacheArgs {
     /// largest score over query heads (ours) instead of the mean.
     #[arg(long)]
     pub snapkv_layer_max: bool,
+    /// SnapKV over DynaKV (ours): each layer's prompt is held at full rank
+    /// until SnapKV prunes it; then this fraction of the kept tokens (the
+    /// window, then the highest-scored) keeps full rank and the rest take the
+    /// rank policy's ranks. Without it, the prompt is compressed as it arrives.
+    #[arg(long, value_parser = values::unit)]
+    pub snapkv_whole: Option<f64>,
     /// Full cache: keys and values stored as f32, f16, bf16, or llama.cpp's
     /// q8_0 / q4_0 blocks (32 values and an f16 scale).
     #[arg(long, value_enum, default_value_t = KvDtype::F32)]
@@ -177,9 +184,12 @@ impl CacheArgs {
             (false, true) => "/layer",
             _ => "",
         };
+        let whole = self
+            .snapkv_whole
+            .map_or(String::new(), |w| format!("/whole{w}"));
         let label = match (self.snapkv, self.snapkv_capacity) {
-            (Some(r), _) => format!("{base}+snapkv/{}{layer}/r{r}", self.snapkv_preset),
-            (_, Some(c)) => format!("{base}+snapkv/{}{layer}/c{c}", self.snapkv_preset),
+            (Some(r), _) => format!("{base}+snapkv/{}{layer}/r{r}{whole}", self.snapkv_preset),
+            (_, Some(c)) => format!("{base}+snapkv/{}{layer}/c{c}{whole}", self.snapkv_preset),
             _ => base,
         };
         let label = match self.layers {
@@ -304,6 +314,9 @@ impl CacheArgs {
             (None, Some(c)) => Some(KeepBudget::Capacity(c)),
             (Some(_), Some(_)) => bail!("give --snapkv or --snapkv-capacity, not both"),
         };
+        if self.snapkv_whole.is_some() && budget.is_none() {
+            bail!("--snapkv-whole tiers SnapKV's kept tokens: give --snapkv or --snapkv-capacity");
+        }
         let gqa = match (self.snapkv_layer_max, self.snapkv_per_layer) {
             (true, _) => Some(GqaScores::LayerMax),
             (false, true) => Some(GqaScores::Layer),
@@ -315,6 +328,7 @@ impl CacheArgs {
                 preset: self.snapkv_preset,
                 budget,
                 gqa,
+                whole: self.snapkv_whole,
             }),
             layers: self.layers,
             precision: self.precision(),

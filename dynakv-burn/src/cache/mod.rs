@@ -161,4 +161,28 @@ pub trait PrunableCache: AttentionCache {
     /// Keeps only the stored tokens at the given positions of one layer.
     /// Every listed position must be stored.
     fn retain(&mut self, layer: usize, keep: &KeepPositions) -> Result<(), CacheError>;
+
+    /// From now on, stores each layer's first append (the prompt) at full
+    /// precision until [`PrunableCache::retain_tiered`] ranks it. An error
+    /// for a cache that stores every token whole anyway (dense).
+    fn hold_prompt_whole(&mut self) -> Result<(), CacheError> {
+        Err(CacheError::Config(
+            "snapkv whole=: this cache stores every token at full rank; \
+             tiers apply to a DynaKV cache"
+                .into(),
+        ))
+    }
+
+    /// [`PrunableCache::retain`] for a prompt held whole: the kept tokens at
+    /// the positions in `whole` keep full rank, the others take the cache's
+    /// rank policy.
+    fn retain_tiered(
+        &mut self,
+        layer: usize,
+        keep: &KeepPositions,
+        whole: &[usize],
+    ) -> Result<(), CacheError> {
+        let _ = (layer, keep, whole);
+        self.hold_prompt_whole()
+    }
 }

@@ -28,6 +28,9 @@ pub struct SnapKvCache<C> {
     kept: Vec<(usize, usize)>,
     /// The inner cache's sliding window ([`SnapKvCache::with_window`]).
     window: Option<usize>,
+    /// Fraction of the kept tokens that keep full rank in a rank-reducing
+    /// inner cache ([`SnapKvCache::with_whole`]).
+    whole: Option<f64>,
 }
 
 impl<C: PrunableCache> SnapKvCache<C> {
@@ -61,7 +64,25 @@ impl<C: PrunableCache> SnapKvCache<C> {
             pruned: vec![false; geometry.n_layers],
             kept: vec![(0, 0); geometry.n_layers],
             window: None,
+            whole: None,
         })
+    }
+
+    /// Tiers for an inner cache that stores tokens at reduced rank (DynaKV):
+    /// it holds each layer's prompt at full rank until pruning; then the
+    /// first `fraction` of the kept tokens by the selection's priority (the
+    /// window, then the highest scores) keep full rank and the rest take its
+    /// rank policy's ranks. An error for an inner cache that stores every
+    /// token whole (dense) and for a fraction outside [0, 1].
+    pub fn with_whole(mut self, fraction: f64) -> Result<Self, CacheError> {
+        if !(0.0..=1.0).contains(&fraction) {
+            return Err(CacheError::Config(format!(
+                "snapkv whole= must be in [0, 1], got {fraction}"
+            )));
+        }
+        self.inner.hold_prompt_whole()?;
+        self.whole = Some(fraction);
+        Ok(self)
     }
 
     /// Pruning for an inner cache over a sliding window of `window`
@@ -144,8 +165,15 @@ impl<C: PrunableCache> CacheWrapper for SnapKvCache<C> {
             k_pre.narrow(2, tail, positions.len() - tail),
         );
         let t = positions.len();
+        let n_whole = |n: usize, f: f64| ((n as f64 * f).round() as usize).min(n);
         if self.config.is_noop(t) {
             self.kept[layer] = (t, t);
+            if let Some(f) = self.whole {
+                // nothing pruned: the last tokens keep full rank
+                let whole = &positions[t - n_whole(t, f)..];
+                let keep = KeepPositions::Layer(positions.to_vec());
+                self.inner.retain_tiered(layer, &keep, whole)?;
+            }
             return Ok(out);
         }
         let w = self.config.window;
@@ -160,7 +188,13 @@ impl<C: PrunableCache> CacheWrapper for SnapKvCache<C> {
         } else {
             KeepPositions::PerKvHead(selection.kept.iter().map(to_pos).collect())
         };
-        self.inner.retain(layer, &keep)?;
+        match self.whole {
+            Some(f) => {
+                let whole = to_pos(&selection.first_by_priority(0, n_whole(selection.n_kept(), f)));
+                self.inner.retain_tiered(layer, &keep, &whole)?;
+            }
+            None => self.inner.retain(layer, &keep)?,
+        }
         self.kept[layer] = (t, selection.n_kept());
         Ok(out)
     }
@@ -331,6 +365,113 @@ mod tests {
             let mut c = SnapKvCache::new(inner, cfg.clone(), G, rope()).unwrap();
             check_against_reference(&mut c, GqaScores::Layer, &cfg);
         }
+    }
+
+    /// SnapKV over a rank-2 DynaKV cache with tiers: the prompt is attended
+    /// at full rank (the dense prefill), the first kept tokens by priority
+    /// keep full rank and the others the policy's rank 2, decoded tokens take
+    /// rank 2, and a reset holds the next prompt again.
+    #[test]
+    fn tiers_hold_the_prompt_whole_then_rank_the_kept_tokens() {
+        use dynakv_core::policy::KvKind;
+        let device = default_device();
+        let (l, n) = (12, 13);
+        let (q, k, v) = (
+            rand4([1, 4, n, 4]),
+            rand4([1, 2, n, 4]),
+            rand4([1, 2, n, 4]),
+        );
+        let pos: Vec<usize> = (0..n).collect();
+        let k_rot = rope().apply(k.clone(), &pos).unwrap();
+        let cfg = config(GqaScores::Layer, 0.5);
+        let sel = snapkv(
+            q.clone().narrow(2, l - cfg.window, cfg.window),
+            k_rot.clone().narrow(2, 0, l),
+            &cfg,
+        )
+        .unwrap();
+        let bases = Arc::new(DynaKvBases::new(&artifact(RopePlacement::Pre), G, &device).unwrap());
+        let inner = DynaKvCache::new(G, rope(), bases, Arc::new(Fixed(2))).unwrap();
+        // 6 kept: round(6 * 0.8) = 5 whole, the window's 3 and the 2 best
+        let mut c = SnapKvCache::new(inner, cfg.clone(), G, rope())
+            .unwrap()
+            .with_whole(0.8)
+            .unwrap();
+        for round in 0..2 {
+            let prefill = |c: &mut SnapKvCache<DynaKvCache>| {
+                c.forward(
+                    0,
+                    q.clone().narrow(2, 0, l),
+                    k.clone().narrow(2, 0, l),
+                    v.clone().narrow(2, 0, l),
+                    &pos[..l],
+                )
+                .unwrap()
+            };
+            let out = prefill(&mut c);
+            let all = vec![(0..l).collect::<Vec<_>>(); 2];
+            let want = reference(
+                q.clone().narrow(2, 0, l),
+                k_rot.clone(),
+                v.clone(),
+                &all,
+                &pos[..l],
+            );
+            assert!(
+                max_diff(out, want) < 1e-5,
+                "round {round}: prefill not at full rank"
+            );
+            let whole = sel.first_by_priority(0, 5);
+            assert_eq!(whole.len(), 5);
+            assert!((l - 3..l).all(|p| whole.contains(&p)), "{whole:?}");
+            for kind in [KvKind::Key, KvKind::Value] {
+                let ranks = c.inner().ranks(0, kind);
+                let kept: Vec<usize> = ranks.iter().map(|&(id, _)| id).collect();
+                assert_eq!(kept, sel.kept[0], "round {round}");
+                for &(id, r) in &ranks {
+                    assert_eq!(r, if whole.contains(&id) { 8 } else { 2 }, "token {id}");
+                }
+            }
+            // a decoded token takes the policy's rank
+            c.forward(
+                0,
+                q.clone().narrow(2, l, 1),
+                k.clone().narrow(2, l, 1),
+                v.clone().narrow(2, l, 1),
+                &pos[l..l + 1],
+            )
+            .unwrap();
+            assert_eq!(c.inner().ranks(0, KvKind::Key).last(), Some(&(l, 2)));
+            c.reset();
+        }
+        // a prompt no longer than the window is not pruned, still tiered:
+        // round(3 * 0.8) = 2 last tokens whole
+        c.forward(
+            1,
+            q.clone().narrow(2, 0, 3),
+            k.clone().narrow(2, 0, 3),
+            v.clone().narrow(2, 0, 3),
+            &pos[..3],
+        )
+        .unwrap();
+        assert_eq!(
+            c.inner().ranks(1, KvKind::Key),
+            vec![(0, 2), (1, 8), (2, 8)]
+        );
+    }
+
+    #[test]
+    fn tiers_need_a_rank_reducing_cache_and_a_fraction() {
+        let dense = DenseCache::new(G, rope()).unwrap();
+        let snap = SnapKvCache::new(dense, config(GqaScores::Layer, 0.5), G, rope()).unwrap();
+        let err = snap.with_whole(0.5).unwrap_err();
+        assert!(err.to_string().contains("DynaKV"), "{err}");
+        let device = default_device();
+        let bases = Arc::new(DynaKvBases::new(&artifact(RopePlacement::Pre), G, &device).unwrap());
+        let inner = DynaKvCache::new(G, rope(), bases, Arc::new(Fixed(2))).unwrap();
+        let snap = SnapKvCache::new(inner, config(GqaScores::Layer, 0.5), G, rope()).unwrap();
+        assert!(snap.clone().with_whole(1.5).is_err());
+        assert!(snap.with_whole(f64::NAN).is_err());
     }
 
     #[test]

@@ -15,12 +15,14 @@
 //! Files: `bases` (the per-layer bases, shared by every cache of a model),
 //! `buckets` (rank-bucket storage), `rebuilt` and `by_bucket` (the two tensor
 //! attention paths; the host kernel is `crate::host::latent_decode`),
-//! `prune` (SnapKV's `retain`), `footprint` (accounting).
+//! `prune` (SnapKV's `retain`), `held` (a prompt held whole until SnapKV
+//! has pruned it, then ranked in tiers), `footprint` (accounting).
 
 mod bases;
 mod buckets;
 mod by_bucket;
 mod footprint;
+mod held;
 mod prune;
 mod rebuilt;
 #[cfg(test)]
@@ -44,6 +46,7 @@ use crate::error::CacheError;
 use crate::host::latent_decode::{self, BucketView, Heads};
 use crate::rope::Rope;
 use buckets::LayerStore;
+use held::PromptHold;
 
 /// Chunks with at least this many queries (prefill) rebuild every stored key
 /// and value once and run burn's fused attention, as the dense cache does:
@@ -68,6 +71,9 @@ pub struct DynaKvCache {
     controller: Option<BudgetController>,
     /// A sliding window ([`DynaKvCache::with_window`]).
     window: Option<usize>,
+    /// Per layer, where its prompt stands when prompts are held whole for
+    /// SnapKV's tiers (`held`); `None`: every append takes the policy's ranks.
+    holds: Option<Vec<PromptHold>>,
 }
 
 impl DynaKvCache {
@@ -133,6 +139,7 @@ impl DynaKvCache {
             precision,
             controller,
             window: None,
+            holds: None,
         })
     }
 
@@ -197,12 +204,14 @@ impl AttentionCache for DynaKvCache {
         } else {
             (&[], &[])
         };
-        let (rk, mut rv) = match &mut self.controller {
-            Some(c) => (
+        let held = self.held_ranks(layer, positions.len());
+        let (rk, mut rv) = match (&mut self.controller, held) {
+            (_, Some(full)) => (full.clone(), full),
+            (Some(c), None) => (
                 c.ranks(&*self.policy, layer, KvKind::Key, read_k, positions),
                 c.ranks(&*self.policy, layer, KvKind::Value, read_v, positions),
             ),
-            None => (
+            (None, None) => (
                 self.policy.ranks(layer, KvKind::Key, read_k, positions),
                 self.policy.ranks(layer, KvKind::Value, read_v, positions),
             ),
@@ -308,6 +317,7 @@ impl AttentionCache for DynaKvCache {
         if let Some(c) = &mut self.controller {
             c.reset();
         }
+        self.rewind_holds();
     }
 
     fn footprint(&self) -> CacheFootprint {

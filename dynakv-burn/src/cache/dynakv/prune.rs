@@ -17,6 +17,40 @@ impl PrunableCache for DynaKvCache {
     /// Drops every token not kept from the rank buckets of both K and V.
     fn retain(&mut self, layer: usize, keep: &KeepPositions) -> Result<(), CacheError> {
         self.geometry.check_layer(layer)?;
+        if self.holds_prompt(layer) {
+            return Err(CacheError::Config(
+                "this DynaKV cache holds its prompt whole until a tiered retain".into(),
+            ));
+        }
+        self.drop_unkept(layer, keep)?;
+        self.rerank_to_budget(layer)
+    }
+
+    fn hold_prompt_whole(&mut self) -> Result<(), CacheError> {
+        self.hold_prompts();
+        Ok(())
+    }
+
+    fn retain_tiered(
+        &mut self,
+        layer: usize,
+        keep: &KeepPositions,
+        whole: &[usize],
+    ) -> Result<(), CacheError> {
+        self.geometry.check_layer(layer)?;
+        self.drop_unkept(layer, keep)?;
+        self.rank_held_prompt(layer, whole)
+    }
+}
+
+impl DynaKvCache {
+    /// Drops every token of `layer` whose position is not kept from the
+    /// rank buckets of both K and V (their level codes become 0).
+    pub(super) fn drop_unkept(
+        &mut self,
+        layer: usize,
+        keep: &KeepPositions,
+    ) -> Result<(), CacheError> {
         let KeepPositions::Layer(keep) = keep else {
             return Err(CacheError::Config(
                 "DynaKvCache stores all KV heads of a token together (joint basis): \
@@ -46,11 +80,9 @@ impl PrunableCache for DynaKvCache {
             }
             store.buckets[k].retain(|b| b.len() > 0);
         }
-        self.rerank_to_budget(layer)
+        Ok(())
     }
-}
 
-impl DynaKvCache {
     /// With a budget controller: the kept tokens (those attention needs most,
     /// which the policy had given more dimensions) are lowered back to the
     /// layer's target by truncating latents, exact for every rank is a
@@ -103,20 +135,68 @@ impl DynaKvCache {
                 all[id * d..(id + 1) * d].copy_from_slice(&host[j * d..(j + 1) * d]);
                 all_ranks[id] = new[j];
             }
-            let store = &mut self.layers[layer];
-            store.buckets[k].clear();
-            store.codes[k].clear();
-            store.dims[k] = 0;
-            let (lat_all, host_all) = match self.bases.storage {
-                // host storage files from `all`; the tensor only names the device
-                KvStorage::Host => (Tensor::<2>::zeros([1, d], &device), Some(all)),
-                KvStorage::Device => (
-                    Tensor::from_data(TensorData::new(all, [n_ids, d]), &device),
-                    None,
-                ),
-            };
-            self.store(layer, kind, lat_all, host_all.as_deref(), &all_ranks)?;
+            self.refile(layer, kind, all, &all_ranks)?;
         }
         Ok(())
+    }
+
+    /// Files every token id of one layer and kind anew: `all` holds each
+    /// id's latent row (`[next_id, d]`, row-major), `ranks` its new rank (0:
+    /// nothing stored). Exact for ranks at or below the stored ones: every
+    /// rank is a prefix of the basis.
+    pub(super) fn refile(
+        &mut self,
+        layer: usize,
+        kind: KvKind,
+        all: Vec<f32>,
+        ranks: &[usize],
+    ) -> Result<(), CacheError> {
+        let (d, k) = (self.bases.d_kv, kind.index());
+        let device = self.rope.device();
+        let store = &mut self.layers[layer];
+        store.buckets[k].clear();
+        store.codes[k].clear();
+        store.dims[k] = 0;
+        let (lat_all, host_all) = match self.bases.storage {
+            // host storage files from `all`; the tensor only names the device
+            KvStorage::Host => (Tensor::<2>::zeros([1, d], &device), Some(all)),
+            KvStorage::Device => (
+                Tensor::from_data(TensorData::new(all, [ranks.len(), d]), &device),
+                None,
+            ),
+        };
+        self.store(layer, kind, lat_all, host_all.as_deref(), ranks)
+    }
+
+    /// Every stored token of one layer and kind: ids ascending, and their
+    /// latents zero-padded to full width (`[ids.len(), d]`, row-major).
+    pub(super) fn stored_rows(
+        &self,
+        layer: usize,
+        kind: KvKind,
+    ) -> Result<(Vec<usize>, Vec<f32>), CacheError> {
+        let k = kind.index();
+        let store = &self.layers[layer];
+        let d = self.bases.d_kv;
+        let ids: Vec<usize> = (0..store.next_id)
+            .filter(|&id| store.codes[k][id] != 0)
+            .collect();
+        let mut slot_of = vec![usize::MAX; store.next_id];
+        for (j, &id) in ids.iter().enumerate() {
+            slot_of[id] = j;
+        }
+        let index = store.index(k, &self.bases.levels);
+        let rows = match padded_host_rows(&store.buckets[k], &index, &slot_of, ids.len(), d) {
+            Some(rows) => rows,
+            None => host_rows(&padded_latents(
+                &store.buckets[k],
+                &index,
+                &slot_of,
+                ids.len(),
+                d,
+                &self.rope.device(),
+            ))?,
+        };
+        Ok((ids, rows))
     }
 }

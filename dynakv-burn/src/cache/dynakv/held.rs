@@ -1,0 +1,138 @@
+//! A prompt held whole until SnapKV has pruned it, then ranked in tiers.
+//!
+//! Why: composed with SnapKV, a prompt's tokens used to be compressed as
+//! they arrived, before SnapKV knew which of them the question reads; at a
+//! few percent of the cache the needle's keys were truncated with the rest
+//! (docs/results.md, long context). Held whole, the prompt is attended at
+//! full rank during prefill (as SnapKV over the dense cache is), SnapKV
+//! scores it, and only then do the kept tokens take their ranks: the first
+//! by SnapKV's priority (its window, then the highest scores) keep full
+//! rank, the others take the rank policy's. Memory during prefill is the
+//! full-rank prompt's, as for SnapKV over the dense cache.
+
+use dynakv_core::policy::KvKind;
+
+use super::DynaKvCache;
+use crate::error::CacheError;
+
+/// Where a layer's prompt stands when the cache holds prompts whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum PromptHold {
+    /// Nothing appended yet: the next append is the prompt.
+    Waiting,
+    /// The prompt is stored at full rank, waiting for its tiers.
+    Holding,
+    /// Ranked: later appends take the policy's ranks.
+    Ranked,
+}
+
+impl DynaKvCache {
+    /// From now on (and after every reset) each layer's first append is
+    /// stored at full rank until [`DynaKvCache::rank_held_prompt`].
+    pub(super) fn hold_prompts(&mut self) {
+        self.holds = Some(vec![PromptHold::Waiting; self.geometry.n_layers]);
+    }
+
+    /// Whether `layer` holds a prompt at full rank, waiting for its tiers.
+    pub(super) fn holds_prompt(&self, layer: usize) -> bool {
+        self.holds.as_ref().and_then(|h| h.get(layer)) == Some(&PromptHold::Holding)
+    }
+
+    /// Full ranks for `n` tokens when this append is a held prompt (the
+    /// layer moves to holding), `None` otherwise.
+    pub(super) fn held_ranks(&mut self, layer: usize, n: usize) -> Option<Vec<usize>> {
+        let hold = self.holds.as_mut()?.get_mut(layer)?;
+        match hold {
+            PromptHold::Waiting => {
+                *hold = PromptHold::Holding;
+                Some(vec![self.bases.levels.full(); n])
+            }
+            PromptHold::Holding => Some(vec![self.bases.levels.full(); n]),
+            PromptHold::Ranked => None,
+        }
+    }
+
+    /// Puts every layer back to waiting for its prompt (on reset).
+    pub(super) fn rewind_holds(&mut self) {
+        if let Some(h) = &mut self.holds {
+            h.iter_mut().for_each(|s| *s = PromptHold::Waiting);
+        }
+    }
+
+    /// Ranks a held prompt's stored tokens: those at the positions in
+    /// `whole` keep full rank, the others take the policy's ranks (through
+    /// the budget controller, as an append of them in order would); a token
+    /// whose key gets rank 0 stores no value.
+    pub(super) fn rank_held_prompt(
+        &mut self,
+        layer: usize,
+        whole: &[usize],
+    ) -> Result<(), CacheError> {
+        if !self.holds_prompt(layer) {
+            return Err(CacheError::Config(format!(
+                "layer {layer} holds no prompt to rank (the cache was not told to hold \
+                 prompts whole, or this layer's prompt is ranked already)"
+            )));
+        }
+        let whole: std::collections::HashSet<usize> = whole.iter().copied().collect();
+        let (d, full) = (self.bases.d_kv, self.bases.levels.full());
+        let positions: Vec<usize> = self.layers[layer].positions.iter().collect();
+        let n_ids = self.layers[layer].next_id;
+        let mut by_id: [(Vec<f32>, Vec<usize>); 2] = Default::default();
+        for kind in [KvKind::Key, KvKind::Value] {
+            let (ids, rows) = self.stored_rows(layer, kind)?;
+            // the tokens left to the policy, in id (arrival) order
+            let rest: Vec<usize> = (0..ids.len())
+                .filter(|&j| !whole.contains(&positions[ids[j]]))
+                .collect();
+            let mut rest_rows = Vec::with_capacity(rest.len() * d);
+            for &j in &rest {
+                rest_rows.extend_from_slice(&rows[j * d..(j + 1) * d]);
+            }
+            let rest_pos: Vec<usize> = rest.iter().map(|&j| positions[ids[j]]).collect();
+            let read: &[f32] = if self.policy.needs_latents() {
+                &rest_rows
+            } else {
+                &[]
+            };
+            let rest_ranks = if rest.is_empty() {
+                Vec::new()
+            } else {
+                match &mut self.controller {
+                    Some(c) => c.ranks(&*self.policy, layer, kind, read, &rest_pos),
+                    None => self.policy.ranks(layer, kind, read, &rest_pos),
+                }
+            };
+            if rest_ranks.len() != rest.len()
+                || rest_ranks.iter().any(|&r| !self.bases.levels.contains(r))
+            {
+                return Err(CacheError::Config(
+                    "the rank policy returned ranks that are not levels, or not one per token"
+                        .into(),
+                ));
+            }
+            let mut all = vec![0f32; n_ids * d];
+            let mut ranks = vec![0usize; n_ids];
+            for (j, &id) in ids.iter().enumerate() {
+                all[id * d..(id + 1) * d].copy_from_slice(&rows[j * d..(j + 1) * d]);
+                ranks[id] = full;
+            }
+            for (&j, &r) in rest.iter().zip(&rest_ranks) {
+                ranks[ids[j]] = r;
+            }
+            by_id[kind.index()] = (all, ranks);
+        }
+        let [(all_k, rk), (all_v, mut rv)] = by_id;
+        for (v, &k) in rv.iter_mut().zip(&rk) {
+            if k == 0 {
+                *v = 0;
+            }
+        }
+        self.refile(layer, KvKind::Key, all_k, &rk)?;
+        self.refile(layer, KvKind::Value, all_v, &rv)?;
+        if let Some(h) = self.holds.as_mut().and_then(|h| h.get_mut(layer)) {
+            *h = PromptHold::Ranked;
+        }
+        Ok(())
+    }
+}
