@@ -128,6 +128,72 @@ fn full_rank_matches_the_dense_cache_for_both_placements() {
     }
 }
 
+/// SnapKV over DynaKV with tiers (`whole=`): the prompt is held at full
+/// rank, so the prefill's last logits are the dense model's even at budget
+/// 0.30; after pruning, the first kept tokens by priority keep full rank and
+/// the rest rank 0.30, so the footprint holds kept x (F + (1 - F) x 0.30).
+#[test]
+fn snapkv_tiers_prefill_at_full_rank_then_keep_their_budget() {
+    use dynakv_burn::dynakv_snapkv::{GqaScores, SnapKvPreset, SnapKvSpec};
+    let s = setup();
+    let ids = &s.eval_ids[..160];
+    let want = s
+        .model
+        .forward_last(ids, 0, s.model.dense_cache().unwrap().as_mut())
+        .unwrap();
+    let tiered = |whole| SnapKvSpec {
+        gqa: Some(GqaScores::Layer),
+        whole,
+        ..SnapKvSpec::ratio(SnapKvPreset::Recall, 0.75)
+    };
+    let art = &s.pre;
+    // f32 bases: full-rank reconstruction up to float rounding
+    let f32_bases = Precision {
+        basis: BasisDtype::F32,
+        ..Precision::default()
+    };
+    // no sink: every kept token outside the whole ones takes rank 0.30
+    let base = CacheSpec::dynakv(PolicySpec {
+        kind: PolicyKind::Uniform,
+        budget: 0.30,
+        sink_tokens: 0,
+        key_factor: Some(1.0),
+        energy_rule: EnergyRule::Threshold,
+        recent_full: 0,
+        hold: BudgetHold::Open,
+    })
+    .with_precision(f32_bases);
+    let mut cache = factory(
+        s,
+        &s.sha,
+        art,
+        &base.clone().with_snapkv(tiered(Some(0.25))),
+    )
+    .unwrap()
+    .make()
+    .unwrap();
+    let got = s.model.forward_last(ids, 0, cache.as_mut()).unwrap();
+    let scale: f32 = want.clone().abs().max().into_scalar();
+    let e = (got - want.clone()).abs().max().into_scalar::<f32>() / scale;
+    assert!(e < 1e-4, "tiered prefill: max relative error {e}");
+    // 40 of 160 kept, 10 whole: (10 + 30 x 0.30 rounded to levels) / 160
+    let level = |r: f64| (r * 192.0 / 8.0).round() * 8.0 / 192.0;
+    let want_retained = (10.0 + 30.0 * level(0.30)) / 160.0;
+    let got_retained = cache.footprint().retained();
+    assert!(
+        (got_retained - want_retained).abs() < 1e-9,
+        "retained {got_retained}, want {want_retained}"
+    );
+    // without tiers the prompt is compressed as it arrives: other logits
+    let mut plain = factory(s, &s.sha, art, &base.with_snapkv(tiered(None)))
+        .unwrap()
+        .make()
+        .unwrap();
+    let other = s.model.forward_last(ids, 0, plain.as_mut()).unwrap();
+    let e = (other - want).abs().max().into_scalar::<f32>() / scale;
+    assert!(e > 1e-3, "the untiered composition should differ: {e}");
+}
+
 #[test]
 fn error_does_not_grow_with_the_budget() {
     let s = setup();
