@@ -5,6 +5,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use dynakv_burn::{AttentionCache, Rope};
 
 use super::config::LlamaConfig;
+use super::gate::gated_in_place;
 use super::weights::{vector_host, Projection, WeightMode};
 use crate::error::ModelError;
 use crate::gguf::GgufFile;
@@ -245,8 +246,8 @@ impl Block {
         let (Some(g), Some(u)) = (gu.next(), gu.next()) else {
             return Err(ModelError::InvalidInput("gate, up: two products".into()));
         };
-        let act = c.arch.activation();
-        let a: Vec<f32> = g.iter().zip(&u).map(|(&g, &u)| act.apply(g) * u).collect();
+        let mut a = g;
+        gated_in_place(c.arch.activation(), &mut a, &u);
         let mut down = wd.0.matmul(&a, wd.1)?;
         if let Some(n) = &self.post_ffn_norm {
             n.apply_rows_host(&mut down, c.rms_eps);
@@ -302,8 +303,18 @@ impl Block {
         let [gate, up]: [Tensor<2>; 2] = Projection::forward_group(&[&self.w_gate, &self.w_up], x)?
             .try_into()
             .map_err(|_| ModelError::InvalidInput("gate, up: two products".into()))?;
-        let gate = c.arch.activation().apply_tensor(gate);
-        let mut down = self.w_down.forward(gate * up)?;
+        let act = c.arch.activation();
+        let gated = if self.packed().is_some() && !gate.device().is_autodiff() {
+            // CPU weights: one vectorised pass on the host (`gate.rs`)
+            let shape = gate.dims();
+            let mut g = gate.into_data().try_into_vec::<f32>()?;
+            let u = up.into_data().try_into_vec::<f32>()?;
+            gated_in_place(act, &mut g, &u);
+            Tensor::from_data(TensorData::new(g, shape), &h.device())
+        } else {
+            act.apply_tensor(gate) * up
+        };
+        let mut down = self.w_down.forward(gated)?;
         if let Some(n) = &self.post_ffn_norm {
             down = n.apply(down, c.rms_eps);
         }

@@ -3,6 +3,7 @@
 
 pub mod arch;
 mod config;
+mod gate;
 mod layer;
 mod model;
 pub mod weights;
