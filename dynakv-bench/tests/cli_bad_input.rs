@@ -83,6 +83,12 @@ fn every_bad_option_is_named_before_anything_loads() {
             "--snapkv-capacity",
         ),
         (&["eval", "ppl", "--basis-dtype", "f32"], "--basis-dtype"),
+        (&["eval", "ppl", "--snapkv-whole", "0.5"], "--snapkv-whole"),
+        (&["eval", "ppl", "--snapkv-whole", "2"], "--snapkv-whole"),
+        (
+            &["eval", "ppl", "--snapkv", "0.5", "--snapkv-whole", "0.5"],
+            "--snapkv-whole",
+        ),
         (&["eval", "longctx", "--depths", "1.5"], "depth"),
         (&["eval", "longctx", "--depths", "NaN"], "depth"),
         (&["eval", "longctx", "--depths", ","], "depth"),

@@ -317,6 +317,11 @@ impl CacheArgs {
         if self.snapkv_whole.is_some() && budget.is_none() {
             bail!("--snapkv-whole tiers SnapKV's kept tokens: give --snapkv or --snapkv-capacity");
         }
+        if self.snapkv_whole.is_some() && self.cache == CacheKind::Full {
+            bail!(
+                "--snapkv-whole applies to --cache dynakv: the full cache stores every token whole"
+            );
+        }
         let gqa = match (self.snapkv_layer_max, self.snapkv_per_layer) {
             (true, _) => Some(GqaScores::LayerMax),
             (false, true) => Some(GqaScores::Layer),
