@@ -89,6 +89,10 @@ fn every_bad_option_is_named_before_anything_loads() {
             &["eval", "ppl", "--snapkv", "0.5", "--snapkv-whole", "0.5"],
             "--snapkv-whole",
         ),
+        (
+            &["eval", "ppl", "--snapkv-on-arrival"],
+            "--snapkv-on-arrival",
+        ),
         (&["eval", "longctx", "--depths", "1.5"], "depth"),
         (&["eval", "longctx", "--depths", "NaN"], "depth"),
         (&["eval", "longctx", "--depths", ","], "depth"),

@@ -141,9 +141,10 @@ fn snapkv_tiers_prefill_at_full_rank_then_keep_their_budget() {
         .model
         .forward_last(ids, 0, s.model.dense_cache().unwrap().as_mut())
         .unwrap();
-    let tiered = |whole| SnapKvSpec {
+    let tiered = |whole, on_arrival| SnapKvSpec {
         gqa: Some(GqaScores::Layer),
         whole,
+        on_arrival,
         ..SnapKvSpec::ratio(SnapKvPreset::Recall, 0.75)
     };
     let art = &s.pre;
@@ -167,7 +168,7 @@ fn snapkv_tiers_prefill_at_full_rank_then_keep_their_budget() {
         s,
         &s.sha,
         art,
-        &base.clone().with_snapkv(tiered(Some(0.25))),
+        &base.clone().with_snapkv(tiered(Some(0.25), false)),
     )
     .unwrap()
     .make()
@@ -184,14 +185,27 @@ fn snapkv_tiers_prefill_at_full_rank_then_keep_their_budget() {
         (got_retained - want_retained).abs() < 1e-9,
         "retained {got_retained}, want {want_retained}"
     );
-    // without tiers the prompt is compressed as it arrives: other logits
-    let mut plain = factory(s, &s.sha, art, &base.with_snapkv(tiered(None)))
+    // the default (whole unset) holds the prompt too: the same prefill
+    let mut held = factory(
+        s,
+        &s.sha,
+        art,
+        &base.clone().with_snapkv(tiered(None, false)),
+    )
+    .unwrap()
+    .make()
+    .unwrap();
+    let same = s.model.forward_last(ids, 0, held.as_mut()).unwrap();
+    let e = (same - want.clone()).abs().max().into_scalar::<f32>() / scale;
+    assert!(e < 1e-4, "held prefill: max relative error {e}");
+    // compressed on arrival, the prefill attends over truncated latents
+    let mut plain = factory(s, &s.sha, art, &base.with_snapkv(tiered(None, true)))
         .unwrap()
         .make()
         .unwrap();
     let other = s.model.forward_last(ids, 0, plain.as_mut()).unwrap();
     let e = (other - want).abs().max().into_scalar::<f32>() / scale;
-    assert!(e > 1e-3, "the untiered composition should differ: {e}");
+    assert!(e > 1e-3, "the composition on arrival should differ: {e}");
 }
 
 #[test]

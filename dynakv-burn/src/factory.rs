@@ -404,8 +404,11 @@ impl CacheFactory {
             Some(c) => {
                 let mut snap =
                     SnapKvCache::new(cache, c.clone(), self.geometry, self.rope.clone())?;
-                if let Some(w) = self.spec.snapkv.as_ref().and_then(|s| s.whole) {
-                    snap = snap.with_whole(w)?;
+                // over DynaKV the prompt is held until pruned (the paper's
+                // order) unless the spec asks for compression on arrival
+                let spec = self.spec.snapkv.as_ref();
+                if self.dynakv.is_some() && !spec.is_some_and(|s| s.on_arrival) {
+                    snap = snap.with_whole(spec.and_then(|s| s.whole).unwrap_or(0.0))?;
                 }
                 match self.window {
                     Some(w) => Box::new(snap.with_window(w)?),

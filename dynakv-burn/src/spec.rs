@@ -112,10 +112,10 @@ impl CacheSpec {
         if let Some(s) = &self.snapkv {
             s.validate()?;
             s.config(self.dynakv.is_some())?;
-            if s.whole.is_some() && self.dynakv.is_none() {
+            if (s.whole.is_some() || s.on_arrival) && self.dynakv.is_none() {
                 return Err(CacheError::Config(
-                    "snapkv whole=: the dense cache stores every token at full rank; \
-                     tiers apply to DynaKV (--cache dynakv)"
+                    "snapkv whole= / arrival: the dense cache stores every token at full \
+                     rank; they apply to DynaKV (--cache dynakv)"
                         .into(),
                 ));
             }

@@ -111,13 +111,19 @@ pub struct SnapKvSpec {
     pub budget: KeepBudget,
     #[serde(default)]
     pub gqa: Option<GqaScores>,
-    /// For a cache that stores tokens at reduced rank (DynaKV): each layer's
-    /// prompt is held at full rank until it is pruned, then this fraction of
-    /// the kept tokens, first by [`crate::Selection::priority`] (the window,
+    /// For a cache that stores tokens at reduced rank (DynaKV), which holds
+    /// each layer's prompt at full rank until it is pruned (the paper's
+    /// order: prune, then compress the kept tokens): this fraction of the
+    /// kept tokens, first by [`crate::Selection::priority`] (the window,
     /// then the highest scores), keeps full rank and the rest take the rank
-    /// policy's. `None`: the inner cache stores the prompt as it arrives.
+    /// policy's. `None`: 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub whole: Option<f64>,
+    /// For such a cache: compress the prompt as it arrives instead, before
+    /// SnapKV scores it (what every composition measured before 2026-11-30
+    /// did; the prefill then attends over compressed keys and values).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub on_arrival: bool,
 }
 
 impl SnapKvSpec {
@@ -128,6 +134,7 @@ impl SnapKvSpec {
             budget: KeepBudget::CompressionRatio(ratio),
             gqa: None,
             whole: None,
+            on_arrival: false,
         }
     }
 
@@ -163,13 +170,19 @@ impl SnapKvSpec {
                     message: format!("must be in [0, 1], got {w}"),
                 });
             }
+            if self.on_arrival {
+                return Err(SnapKvError::Invalid {
+                    field: "whole",
+                    message: "tiers need the prompt held until pruning; drop `arrival`".into(),
+                });
+            }
         }
         self.config(false).map(|_| ())
     }
 }
 
-/// `PRESET@RATIO` or `PRESET@cCAPACITY`, then `,gqa=G` and `,whole=F` if
-/// not the defaults.
+/// `PRESET@RATIO` or `PRESET@cCAPACITY`, then `,gqa=G`, `,whole=F` and
+/// `,arrival` if not the defaults.
 impl fmt::Display for SnapKvSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.budget {
@@ -181,6 +194,9 @@ impl fmt::Display for SnapKvSpec {
         }
         if let Some(w) = self.whole {
             write!(f, ",whole={w}")?;
+        }
+        if self.on_arrival {
+            write!(f, ",arrival")?;
         }
         Ok(())
     }
@@ -216,8 +232,13 @@ impl FromStr for SnapKvSpec {
             budget,
             gqa: None,
             whole: None,
+            on_arrival: false,
         };
         for opt in parts {
+            if opt.trim() == "arrival" {
+                spec.on_arrival = true;
+                continue;
+            }
             match opt.split_once('=') {
                 Some(("gqa", g)) => spec.gqa = Some(g.parse()?),
                 Some(("whole", w)) => {
@@ -230,7 +251,7 @@ impl FromStr for SnapKvSpec {
                 _ => {
                     return Err(bad(
                         "snapkv",
-                        format!("unknown option `{opt}` (expected gqa=G or whole=F)"),
+                        format!("unknown option `{opt}` (expected gqa=G, whole=F or arrival)"),
                     ))
                 }
             }
@@ -252,6 +273,7 @@ mod tests {
             "paper@c1024",
             "recall@0.875,gqa=layer-max",
             "recall@0.875,gqa=layer,whole=0.25",
+            "recall@0.875,gqa=layer,arrival",
         ] {
             let spec: SnapKvSpec = s.parse().unwrap();
             assert_eq!(spec.to_string(), s);
@@ -290,6 +312,7 @@ mod tests {
             ("recall@0.5,whole=1.5", "whole"),
             ("recall@0.5,whole=NaN", "whole"),
             ("recall@0.5,whole=x", "whole"),
+            ("recall@0.5,whole=0.5,arrival", "whole"),
         ] {
             match bad.parse::<SnapKvSpec>() {
                 Err(SnapKvError::Invalid { field: f, .. }) => assert_eq!(f, field, "{bad}"),

@@ -34,6 +34,7 @@ const PRESET_REPLACES: &[&str] = &[
     "snapkv_per_layer",
     "snapkv_layer_max",
     "snapkv_whole",
+    "snapkv_on_arrival",
     "kv_dtype",
     "k_dtype",
     "v_dtype",
@@ -115,12 +116,16 @@ pub struct CacheArgs {
     /// largest score over query heads (ours) instead of the mean.
     #[arg(long)]
     pub snapkv_layer_max: bool,
-    /// SnapKV over DynaKV (ours): each layer's prompt is held at full rank
-    /// until SnapKV prunes it; then this fraction of the kept tokens (the
-    /// window, then the highest-scored) keeps full rank and the rest take the
-    /// rank policy's ranks. Without it, the prompt is compressed as it arrives.
-    #[arg(long, value_parser = values::unit)]
+    /// SnapKV over DynaKV holds each layer's prompt at full rank until SnapKV
+    /// prunes it (the paper's order); then this fraction of the kept tokens
+    /// (the window, then the highest-scored) keeps full rank and the rest
+    /// take the rank policy's ranks (ours; default 0).
+    #[arg(long, value_parser = values::unit, conflicts_with = "snapkv_on_arrival")]
     pub snapkv_whole: Option<f64>,
+    /// SnapKV over DynaKV: compress the prompt as it arrives, before SnapKV
+    /// scores it (what the compositions measured before 2026-11-30 did).
+    #[arg(long)]
+    pub snapkv_on_arrival: bool,
     /// Full cache: keys and values stored as f32, f16, bf16, or llama.cpp's
     /// q8_0 / q4_0 blocks (32 values and an f16 scale).
     #[arg(long, value_enum, default_value_t = KvDtype::F32)]
@@ -184,9 +189,11 @@ impl CacheArgs {
             (false, true) => "/layer",
             _ => "",
         };
-        let whole = self
-            .snapkv_whole
-            .map_or(String::new(), |w| format!("/whole{w}"));
+        let whole = match (self.snapkv_whole, self.snapkv_on_arrival) {
+            (Some(w), _) => format!("/whole{w}"),
+            (None, true) => "/arrival".to_string(),
+            (None, false) => String::new(),
+        };
         let label = match (self.snapkv, self.snapkv_capacity) {
             (Some(r), _) => format!("{base}+snapkv/{}{layer}/r{r}{whole}", self.snapkv_preset),
             (_, Some(c)) => format!("{base}+snapkv/{}{layer}/c{c}{whole}", self.snapkv_preset),
@@ -314,13 +321,16 @@ impl CacheArgs {
             (None, Some(c)) => Some(KeepBudget::Capacity(c)),
             (Some(_), Some(_)) => bail!("give --snapkv or --snapkv-capacity, not both"),
         };
-        if self.snapkv_whole.is_some() && budget.is_none() {
-            bail!("--snapkv-whole tiers SnapKV's kept tokens: give --snapkv or --snapkv-capacity");
-        }
-        if self.snapkv_whole.is_some() && self.cache == CacheKind::Full {
-            bail!(
-                "--snapkv-whole applies to --cache dynakv: the full cache stores every token whole"
-            );
+        for (given, flag) in [
+            (self.snapkv_whole.is_some(), "--snapkv-whole"),
+            (self.snapkv_on_arrival, "--snapkv-on-arrival"),
+        ] {
+            if given && budget.is_none() {
+                bail!("{flag} says how SnapKV's kept tokens are ranked: give --snapkv or --snapkv-capacity");
+            }
+            if given && self.cache == CacheKind::Full {
+                bail!("{flag} applies to --cache dynakv: the full cache stores every token whole");
+            }
         }
         let gqa = match (self.snapkv_layer_max, self.snapkv_per_layer) {
             (true, _) => Some(GqaScores::LayerMax),
@@ -334,6 +344,7 @@ impl CacheArgs {
                 budget,
                 gqa,
                 whole: self.snapkv_whole,
+                on_arrival: self.snapkv_on_arrival,
             }),
             layers: self.layers,
             precision: self.precision(),

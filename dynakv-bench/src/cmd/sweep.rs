@@ -79,6 +79,10 @@ pub struct SweepArgs {
     pub snapkv_preset: SnapKvPreset,
     #[arg(long)]
     pub snapkv_layer_max: bool,
+    /// SnapKV cells over DynaKV compress the prompt as it arrives (as
+    /// measured before 2026-11-30) instead of holding it until pruning.
+    #[arg(long)]
+    pub snapkv_on_arrival: bool,
     /// DynaKV cells: the last N tokens of every append keep full rank.
     #[arg(long, default_value_t = 0)]
     pub recent_full: usize,
@@ -175,6 +179,7 @@ fn cache(
         snapkv,
         snapkv_preset: a.snapkv_preset,
         snapkv_layer_max: a.snapkv_layer_max,
+        snapkv_on_arrival: dynakv && snapkv.is_some() && a.snapkv_on_arrival,
         kv_dtype: precision.k,
         v_dtype: Some(precision.v),
         latent_dtype: precision.latent,
