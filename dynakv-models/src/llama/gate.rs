@@ -31,7 +31,7 @@ fn exp(x: f32) -> f32 {
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
-        + 5.000_000_1e-1;
+        + 0.5;
     let p = p * r * r + r + 1.0;
     // 2^n from n's bits: the low mantissa bits of `shifted` hold n + 2^22
     let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
@@ -52,7 +52,7 @@ pub(crate) fn activate(act: Activation, x: f32) -> f32 {
         Activation::Silu => times_sigmoid(x, x),
         Activation::GeluTanh => {
             // 2 * sqrt(2 / pi)
-            const TWO_C: f32 = 1.595_769_1;
+            const TWO_C: f32 = 1.595_769;
             times_sigmoid(x, TWO_C * (x + 0.044_715 * x * x * x))
         }
     }
