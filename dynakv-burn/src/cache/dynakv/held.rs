@@ -13,6 +13,7 @@
 use dynakv_core::policy::KvKind;
 
 use super::DynaKvCache;
+use crate::cache::KeepPositions;
 use crate::error::CacheError;
 
 /// Where a layer's prompt stands when the cache holds prompts whole.
@@ -59,13 +60,18 @@ impl DynaKvCache {
         }
     }
 
-    /// Ranks a held prompt's stored tokens: those at the positions in
-    /// `whole` keep full rank, the others take the policy's ranks (through
-    /// the budget controller, as an append of them in order would); a token
-    /// whose key gets rank 0 stores no value.
+    /// Prunes and ranks a held prompt: every held token is first ranked as
+    /// it would have been on arrival (through the budget controller, whose
+    /// window of cuts then holds the whole prompt, not only the kept tokens
+    /// SnapKV favours), then the tokens not in `keep` are dropped, the kept
+    /// ones at the positions in `whole` take full rank and the others their
+    /// planned rank, and, without whole tokens, the budget is restored as
+    /// after any pruning ([`DynaKvCache::rerank_to_budget`]). A token whose
+    /// key gets rank 0 stores no value.
     pub(super) fn rank_held_prompt(
         &mut self,
         layer: usize,
+        keep: &KeepPositions,
         whole: &[usize],
     ) -> Result<(), CacheError> {
         if !self.holds_prompt(layer) {
@@ -74,51 +80,50 @@ impl DynaKvCache {
                  prompts whole, or this layer's prompt is ranked already)"
             )));
         }
-        let whole: std::collections::HashSet<usize> = whole.iter().copied().collect();
-        let (d, full) = (self.bases.d_kv, self.bases.levels.full());
+        let full = self.bases.levels.full();
         let positions: Vec<usize> = self.layers[layer].positions.iter().collect();
         let n_ids = self.layers[layer].next_id;
-        let mut by_id: [(Vec<f32>, Vec<usize>); 2] = Default::default();
+        // 1. the ranks every held token would have taken on arrival
+        let mut planned = [vec![0usize; n_ids], vec![0usize; n_ids]];
         for kind in [KvKind::Key, KvKind::Value] {
             let (ids, rows) = self.stored_rows(layer, kind)?;
-            // the tokens left to the policy, in id (arrival) order
-            let rest: Vec<usize> = (0..ids.len())
-                .filter(|&j| !whole.contains(&positions[ids[j]]))
-                .collect();
-            let mut rest_rows = Vec::with_capacity(rest.len() * d);
-            for &j in &rest {
-                rest_rows.extend_from_slice(&rows[j * d..(j + 1) * d]);
-            }
-            let rest_pos: Vec<usize> = rest.iter().map(|&j| positions[ids[j]]).collect();
+            let pos: Vec<usize> = ids.iter().map(|&id| positions[id]).collect();
             let read: &[f32] = if self.policy.needs_latents() {
-                &rest_rows
+                &rows
             } else {
                 &[]
             };
-            let rest_ranks = if rest.is_empty() {
-                Vec::new()
-            } else {
-                match &mut self.controller {
-                    Some(c) => c.ranks(&*self.policy, layer, kind, read, &rest_pos),
-                    None => self.policy.ranks(layer, kind, read, &rest_pos),
-                }
+            let ranks = match &mut self.controller {
+                Some(c) => c.ranks(&*self.policy, layer, kind, read, &pos),
+                None => self.policy.ranks(layer, kind, read, &pos),
             };
-            if rest_ranks.len() != rest.len()
-                || rest_ranks.iter().any(|&r| !self.bases.levels.contains(r))
-            {
+            if ranks.len() != ids.len() || ranks.iter().any(|&r| !self.bases.levels.contains(r)) {
                 return Err(CacheError::Config(
                     "the rank policy returned ranks that are not levels, or not one per token"
                         .into(),
                 ));
             }
+            for (&id, r) in ids.iter().zip(ranks) {
+                planned[kind.index()][id] = r;
+            }
+        }
+        // 2. SnapKV's selection
+        self.drop_unkept(layer, keep)?;
+        // 3. the kept tokens at their ranks, the whole ones at full rank
+        let whole_set: std::collections::HashSet<usize> = whole.iter().copied().collect();
+        let d = self.bases.d_kv;
+        let mut by_id: [(Vec<f32>, Vec<usize>); 2] = Default::default();
+        for kind in [KvKind::Key, KvKind::Value] {
+            let (ids, rows) = self.stored_rows(layer, kind)?;
             let mut all = vec![0f32; n_ids * d];
             let mut ranks = vec![0usize; n_ids];
             for (j, &id) in ids.iter().enumerate() {
                 all[id * d..(id + 1) * d].copy_from_slice(&rows[j * d..(j + 1) * d]);
-                ranks[id] = full;
-            }
-            for (&j, &r) in rest.iter().zip(&rest_ranks) {
-                ranks[ids[j]] = r;
+                ranks[id] = if whole_set.contains(&positions[id]) {
+                    full
+                } else {
+                    planned[kind.index()][id]
+                };
             }
             by_id[kind.index()] = (all, ranks);
         }
@@ -132,6 +137,11 @@ impl DynaKvCache {
         self.refile(layer, KvKind::Value, all_v, &rv)?;
         if let Some(h) = self.holds.as_mut().and_then(|h| h.get_mut(layer)) {
             *h = PromptHold::Ranked;
+        }
+        // 4. a held budget, as after any pruning; whole tokens are on top of
+        // it, so with them the controller keeps the prompt's account
+        if whole.is_empty() {
+            self.rerank_to_budget(layer)?;
         }
         Ok(())
     }

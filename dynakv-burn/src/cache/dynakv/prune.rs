@@ -38,8 +38,7 @@ impl PrunableCache for DynaKvCache {
         whole: &[usize],
     ) -> Result<(), CacheError> {
         self.geometry.check_layer(layer)?;
-        self.drop_unkept(layer, keep)?;
-        self.rank_held_prompt(layer, whole)
+        self.rank_held_prompt(layer, keep, whole)
     }
 }
 
@@ -87,7 +86,7 @@ impl DynaKvCache {
     /// which the policy had given more dimensions) are lowered back to the
     /// layer's target by truncating latents, exact for every rank is a
     /// prefix of the basis; a kind already at its target is left as stored.
-    fn rerank_to_budget(&mut self, layer: usize) -> Result<(), CacheError> {
+    pub(super) fn rerank_to_budget(&mut self, layer: usize) -> Result<(), CacheError> {
         if self.controller.is_none() {
             return Ok(());
         }
