@@ -7,8 +7,9 @@
 //! full rank during prefill (as SnapKV over the dense cache is), SnapKV
 //! scores it, and only then do the kept tokens take their ranks: the first
 //! by SnapKV's priority (its window, then the highest scores) keep full
-//! rank, the others take the rank policy's. Memory during prefill is the
-//! full-rank prompt's, as for SnapKV over the dense cache.
+//! rank, the others the ranks the policy planned for them over the whole
+//! prompt. Memory during prefill is the full-rank prompt's, as for SnapKV
+//! over the dense cache.
 
 use dynakv_core::policy::KvKind;
 
