@@ -20,7 +20,9 @@ pub struct Preset {
 /// The presets, from most to fewest bytes. Measured with the budget held
 /// (`hold=track`, the default), so DynaKV keeps its budget of the tokens
 /// SnapKV keeps and a preset's bytes do not depend on the text. The SnapKV
-/// presets compress the prompt on arrival (`arrival`), as they were measured.
+/// presets' figures were measured with the prompt compressed on arrival;
+/// held until pruning (the default now, the same ranks after pruning) they
+/// measure within 0.003 of them (docs/results.md, "The bytes frontier").
 pub const PRESETS: &[Preset] = &[
     Preset {
         name: "bytes-25",
@@ -30,19 +32,19 @@ pub const PRESETS: &[Preset] = &[
     },
     Preset {
         name: "bytes-12",
-        spec: "dynakv:energy@0.85,recent=32+snapkv:recall@0.75,gqa=layer-max,arrival+store:latent=mixed",
+        spec: "dynakv:energy@0.85,recent=32+snapkv:recall@0.75,gqa=layer-max+store:latent=mixed",
         about: "SnapKV recall 0.75 + DynaKV energy 0.85, mixed latents: 7.3% of f16 bytes, \
                 PPL x1.040 (SnapKV recall 0.875 with q8_0: 6.8%, x1.055)",
     },
     Preset {
         name: "bytes-6",
-        spec: "dynakv:energy@0.85,recent=32+snapkv:recall@0.875,gqa=layer-max,arrival+store:latent=mixed",
+        spec: "dynakv:energy@0.85,recent=32+snapkv:recall@0.875,gqa=layer-max+store:latent=mixed",
         about: "SnapKV recall 0.875 + DynaKV energy 0.85, mixed latents: 3.8% of f16 bytes, \
                 PPL x1.067 (SnapKV recall 0.875 with q4_0: 3.7%, x1.089)",
     },
     Preset {
         name: "bytes-3",
-        spec: "dynakv:energy@0.7,recent=32+snapkv:recall@0.875,gqa=layer-max,arrival+store:latent=int4",
+        spec: "dynakv:energy@0.7,recent=32+snapkv:recall@0.875,gqa=layer-max+store:latent=int4",
         about: "SnapKV recall 0.875 + DynaKV energy 0.70, int4 latents: 2.7% of f16 bytes, \
                 PPL x1.125 (SnapKV recall 0.875 with KIVI 2-bit: 2.5%, x2.17)",
     },
