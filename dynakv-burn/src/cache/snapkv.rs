@@ -271,6 +271,22 @@ mod tests {
         Tensor::cat(outs, 1)
     }
 
+    /// Random queries, keys and values of `n` tokens at positions `0..n`,
+    /// and the keys RoPE'd.
+    ///
+    /// # Shapes
+    /// - `q`: `[1, 4, n, 4]`; `k`, `v`, `k_rot`: `[1, 2, n, 4]`
+    fn inputs(n: usize) -> (Tensor<4>, Tensor<4>, Tensor<4>, Vec<usize>, Tensor<4>) {
+        let (q, k, v) = (
+            rand4([1, 4, n, 4]),
+            rand4([1, 2, n, 4]),
+            rand4([1, 2, n, 4]),
+        );
+        let pos: Vec<usize> = (0..n).collect();
+        let k_rot = rope().apply(k.clone(), &pos).unwrap();
+        (q, k, v, pos, k_rot)
+    }
+
     fn max_diff(a: Tensor<4>, b: Tensor<4>) -> f32 {
         (a - b).abs().max().into_scalar()
     }
@@ -376,13 +392,7 @@ mod tests {
         use dynakv_core::policy::KvKind;
         let device = default_device();
         let (l, n) = (12, 13);
-        let (q, k, v) = (
-            rand4([1, 4, n, 4]),
-            rand4([1, 2, n, 4]),
-            rand4([1, 2, n, 4]),
-        );
-        let pos: Vec<usize> = (0..n).collect();
-        let k_rot = rope().apply(k.clone(), &pos).unwrap();
+        let (q, k, v, pos, k_rot) = inputs(n);
         let cfg = config(GqaScores::Layer, 0.5);
         let sel = snapkv(
             q.clone().narrow(2, l - cfg.window, cfg.window),
@@ -535,13 +545,7 @@ mod tests {
     fn a_windowed_layer_prunes_within_its_window() {
         let device = default_device();
         let (l, window, n) = (20, 8, 40);
-        let (q, k, v) = (
-            rand4([1, 4, n, 4]),
-            rand4([1, 2, n, 4]),
-            rand4([1, 2, n, 4]),
-        );
-        let pos: Vec<usize> = (0..n).collect();
-        let k_rot = rope().apply(k.clone(), &pos).unwrap();
+        let (q, k, v, pos, k_rot) = inputs(n);
         let cfg = config(GqaScores::Layer, 0.5);
         let dense = DenseCache::new(G, rope())
             .unwrap()
