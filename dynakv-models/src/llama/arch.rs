@@ -95,15 +95,9 @@ impl Arch {
 }
 
 impl Activation {
-    /// The activation of one number.
+    /// The activation of one number (the host paths' form, `gate.rs`).
     pub fn apply(self, x: f32) -> f32 {
-        match self {
-            Activation::Silu => x / (1.0 + (-x).exp()),
-            Activation::GeluTanh => {
-                const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-                0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
-            }
-        }
+        super::gate::activate(self, x)
     }
 
     /// The activation of a tensor.

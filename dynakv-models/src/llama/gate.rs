@@ -47,7 +47,7 @@ fn times_sigmoid(x: f32, ay: f32) -> f32 {
 /// One number through the activation (`sigmoid`-form GELU, see the module
 /// docs).
 #[inline(always)]
-fn activate(act: Activation, x: f32) -> f32 {
+pub(super) fn activate(act: Activation, x: f32) -> f32 {
     match act {
         Activation::Silu => times_sigmoid(x, x),
         Activation::GeluTanh => {

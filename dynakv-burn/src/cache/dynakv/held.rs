@@ -13,6 +13,7 @@
 
 use dynakv_core::policy::KvKind;
 
+use super::prune::layer_keep_set;
 use super::DynaKvCache;
 use crate::cache::KeepPositions;
 use crate::error::CacheError;
@@ -81,12 +82,14 @@ impl DynaKvCache {
                  prompts whole, or this layer's prompt is ranked already)"
             )));
         }
-        let full = self.bases.levels.full();
+        let (full, d) = (self.bases.levels.full(), self.bases.d_kv);
         let positions: Vec<usize> = self.layers[layer].positions.iter().collect();
         let n_ids = self.layers[layer].next_id;
-        // 1. the ranks every held token would have taken on arrival
-        let mut planned = [vec![0usize; n_ids], vec![0usize; n_ids]];
+        let kept = layer_keep_set(keep)?;
+        let whole: std::collections::HashSet<usize> = whole.iter().copied().collect();
+        let mut by_id: [(Vec<f32>, Vec<usize>); 2] = Default::default();
         for kind in [KvKind::Key, KvKind::Value] {
+            // the ranks every held token would have taken on arrival
             let (ids, rows) = self.stored_rows(layer, kind)?;
             let pos: Vec<usize> = ids.iter().map(|&id| positions[id]).collect();
             let read: &[f32] = if self.policy.needs_latents() {
@@ -94,37 +97,27 @@ impl DynaKvCache {
             } else {
                 &[]
             };
-            let ranks = match &mut self.controller {
+            let planned = match &mut self.controller {
                 Some(c) => c.ranks(&*self.policy, layer, kind, read, &pos),
                 None => self.policy.ranks(layer, kind, read, &pos),
             };
-            if ranks.len() != ids.len() || ranks.iter().any(|&r| !self.bases.levels.contains(r)) {
+            if planned.len() != ids.len() || planned.iter().any(|&r| !self.bases.levels.contains(r))
+            {
                 return Err(CacheError::Config(
                     "the rank policy returned ranks that are not levels, or not one per token"
                         .into(),
                 ));
             }
-            for (&id, r) in ids.iter().zip(ranks) {
-                planned[kind.index()][id] = r;
-            }
-        }
-        // 2. SnapKV's selection
-        self.drop_unkept(layer, keep)?;
-        // 3. the kept tokens at their ranks, the whole ones at full rank
-        let whole_set: std::collections::HashSet<usize> = whole.iter().copied().collect();
-        let d = self.bases.d_kv;
-        let mut by_id: [(Vec<f32>, Vec<usize>); 2] = Default::default();
-        for kind in [KvKind::Key, KvKind::Value] {
-            let (ids, rows) = self.stored_rows(layer, kind)?;
+            // SnapKV's selection: the kept tokens at their planned ranks,
+            // the whole ones at full rank, the others dropped (rank 0)
             let mut all = vec![0f32; n_ids * d];
             let mut ranks = vec![0usize; n_ids];
-            for (j, &id) in ids.iter().enumerate() {
-                all[id * d..(id + 1) * d].copy_from_slice(&rows[j * d..(j + 1) * d]);
-                ranks[id] = if whole_set.contains(&positions[id]) {
-                    full
-                } else {
-                    planned[kind.index()][id]
-                };
+            for (j, (&id, r)) in ids.iter().zip(planned).enumerate() {
+                let p = positions[id];
+                if kept.contains(&p) {
+                    all[id * d..(id + 1) * d].copy_from_slice(&rows[j * d..(j + 1) * d]);
+                    ranks[id] = if whole.contains(&p) { full } else { r };
+                }
             }
             by_id[kind.index()] = (all, ranks);
         }

@@ -191,20 +191,21 @@ impl AttentionCache for DynaKvCache {
         let device = k.device();
         let lat_k = (joint(k) - b.mean[0].clone().unsqueeze()).matmul(b.encoder(0, &device));
         let lat_v = (joint(v) - b.mean[1].clone().unsqueeze()).matmul(b.encoder(1, &device));
+        // a held prompt takes full rank: the policy is not asked
+        let held = self.held_ranks(layer, positions.len());
         // Host copies: what host storage keeps and what a latent-reading policy reads.
-        let need_host = self.bases.storage == KvStorage::Host || self.policy.needs_latents();
+        let reads = held.is_none() && self.policy.needs_latents();
+        let need_host = self.bases.storage == KvStorage::Host || reads;
         let (host_k, host_v) = if need_host {
             (host_rows(&lat_k)?, host_rows(&lat_v)?)
         } else {
             (Vec::new(), Vec::new())
         };
-        let reads = self.policy.needs_latents();
         let (read_k, read_v): (&[f32], &[f32]) = if reads {
             (&host_k, &host_v)
         } else {
             (&[], &[])
         };
-        let held = self.held_ranks(layer, positions.len());
         let (rk, mut rv) = match (&mut self.controller, held) {
             (_, Some(full)) => (full.clone(), full),
             (Some(c), None) => (

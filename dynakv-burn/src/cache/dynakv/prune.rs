@@ -42,6 +42,21 @@ impl PrunableCache for DynaKvCache {
     }
 }
 
+/// The positions a one-set-per-layer selection keeps (the joint basis has
+/// no per-head selection).
+pub(super) fn layer_keep_set(
+    keep: &KeepPositions,
+) -> Result<std::collections::HashSet<usize>, CacheError> {
+    match keep {
+        KeepPositions::Layer(keep) => Ok(keep.iter().copied().collect()),
+        KeepPositions::PerKvHead(_) => Err(CacheError::Config(
+            "DynaKvCache stores all KV heads of a token together (joint basis): \
+             it needs one token set per layer"
+                .into(),
+        )),
+    }
+}
+
 impl DynaKvCache {
     /// Drops every token of `layer` whose position is not kept from the
     /// rank buckets of both K and V (their level codes become 0).
@@ -50,14 +65,7 @@ impl DynaKvCache {
         layer: usize,
         keep: &KeepPositions,
     ) -> Result<(), CacheError> {
-        let KeepPositions::Layer(keep) = keep else {
-            return Err(CacheError::Config(
-                "DynaKvCache stores all KV heads of a token together (joint basis): \
-                 it needs one token set per layer"
-                    .into(),
-            ));
-        };
-        let keep: std::collections::HashSet<usize> = keep.iter().copied().collect();
+        let keep = layer_keep_set(keep)?;
         let levels = &self.bases.levels;
         let store = &mut self.layers[layer];
         for k in 0..2 {
