@@ -1,9 +1,11 @@
 //! The row kernels: for a run of weight rows, each row's products with `T`
 //! activation rows, in either numerics.
 //!
-//! [`rows`] runs the AVX2 + FMA + F16C kernels (`avx2.rs`) when the CPU has
-//! them (checked at run time, so one binary serves every x86-64 machine)
-//! and the portable code otherwise; tests run both on every format.
+//! [`rows`] runs the AVX-512 kernels (`avx512.rs`, for Q4_0 and Q4_1 rows
+//! in f32 numerics) beside the AVX2 + FMA + F16C ones (`avx2.rs`) when
+//! the CPU has them, the AVX2 copy where it has only those (checked at run
+//! time, so one binary serves every x86-64 machine) and the portable code
+//! otherwise; tests run every copy the CPU allows on every format.
 
 use super::q8::{self, Q8Row};
 use crate::gguf::{dequantize_into, GgmlType};
@@ -55,9 +57,10 @@ pub(crate) fn block_sums(x: &[f32], cols: usize) -> Vec<f32> {
     x.chunks_exact(32).map(|b| b.iter().sum()).collect()
 }
 
-/// Products of weight rows with every activation row: one body for both
-/// kernels. `AVX2` is true only in [`fast`], the copy compiled for AVX2, FMA
-/// and F16C, where the products go to `avx2.rs`: fused kernels for Q4_0,
+/// Products of weight rows with every activation row: one body for every
+/// copy. `AVX2` is true only in [`fast`] and [`fast512`], the copies compiled
+/// for AVX2, FMA and F16C (and AVX-512 in the second, where `AVX512` sends
+/// Q4_0 and Q4_1 rows to `avx512.rs`), where the products go to `avx2.rs`: fused kernels for Q4_0,
 /// Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q6_K rows, a dequantised row and an AVX2 dot for the other
 /// formats, integer products for q8; the portable copy dequantises each row
 /// and dots it, and takes q8 in `q8.rs`.
@@ -67,7 +70,7 @@ pub(crate) fn block_sums(x: &[f32], cols: usize) -> Vec<f32> {
 /// - `out`: `[rows, T]` row-major (one row's `T` products together)
 /// - `scratch`: at least `cols` floats (one dequantised row)
 #[inline(always)]
-fn body<const AVX2: bool>(
+fn body<const AVX2: bool, const AVX512: bool>(
     t: GgmlType,
     cols: usize,
     row_bytes: usize,
@@ -117,7 +120,7 @@ fn body<const AVX2: bool>(
             Activations::F32 { x, xsum } if fused => {
                 let sums = xsum.chunks_exact(nb);
                 for ((y, xt), xs) in o.iter_mut().zip(x.chunks_exact(cols)).zip(sums) {
-                    *y = fused_f32(t, row, xt, xs);
+                    *y = fused_f32::<AVX512>(t, row, xt, xs);
                 }
             }
             Activations::F32 { x, .. } => {
@@ -139,13 +142,22 @@ fn body<const AVX2: bool>(
 /// Q6_K); reached only from
 /// [`fast`] (`fused` needs `AVX2`).
 #[inline(always)]
-fn fused_f32(t: GgmlType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
+fn fused_f32<const AVX512: bool>(t: GgmlType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        use super::avx2;
-        // SAFETY: only the AVX2 copy of `body` sets `fused`, and it runs only
-        // where the CPU has AVX2, FMA and F16C; the slices bound every access.
+        use super::{avx2, avx512};
+        // SAFETY: only the AVX2 copies of `body` set `fused`, and they run
+        // only where the CPU has AVX2, FMA and F16C; `AVX512` only in the
+        // copy that runs where it also has AVX-512F/BW; the slices bound
+        // every access.
         unsafe {
+            if AVX512 {
+                match t {
+                    GgmlType::Q4_0 => return avx512::dot_q4(row, x, xsum, false),
+                    GgmlType::Q4_1 => return avx512::dot_q4(row, x, xsum, true),
+                    _ => {}
+                }
+            }
             match t {
                 GgmlType::Q4_0 => avx2::dot_q4(row, x, xsum, false),
                 GgmlType::Q4_1 => avx2::dot_q4(row, x, xsum, true),
@@ -223,7 +235,73 @@ fn fast(
     out: &mut [f32],
     scratch: &mut [f32],
 ) {
-    body::<true>(t, cols, row_bytes, weights, x, out, scratch)
+    body::<true, false>(t, cols, row_bytes, weights, x, out, scratch)
+}
+
+/// [`body`] compiled for AVX-512 (F and BW) besides AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+fn fast512(
+    t: GgmlType,
+    cols: usize,
+    row_bytes: usize,
+    weights: &[u8],
+    x: &Activations<'_>,
+    out: &mut [f32],
+    scratch: &mut [f32],
+) {
+    body::<true, true>(t, cols, row_bytes, weights, x, out, scratch)
+}
+
+/// Which copy of the kernels runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Isa {
+    /// The portable code (any CPU).
+    Portable,
+    /// AVX2 + FMA + F16C.
+    Avx2,
+    /// AVX-512F/BW besides those.
+    Avx512,
+}
+
+impl Isa {
+    /// The fastest copy this CPU runs.
+    pub(crate) fn best() -> Self {
+        if has_avx512() {
+            Self::Avx512
+        } else if has_avx2() {
+            Self::Avx2
+        } else {
+            Self::Portable
+        }
+    }
+
+    /// Every copy this CPU runs (tests compare them).
+    #[cfg(test)]
+    pub(crate) fn available() -> Vec<Self> {
+        [Self::Portable, Self::Avx2, Self::Avx512]
+            .into_iter()
+            .filter(|i| match i {
+                Self::Portable => true,
+                Self::Avx2 => has_avx2(),
+                Self::Avx512 => has_avx512(),
+            })
+            .collect()
+    }
+}
+
+/// Whether the AVX-512 copy runs on this CPU.
+pub(crate) fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        has_avx2()
+            && std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// Whether the AVX2 copy runs on this CPU.
@@ -240,8 +318,8 @@ pub(crate) fn has_avx2() -> bool {
     }
 }
 
-/// Runs the fastest kernel this CPU allows (`portable` forces the portable
-/// one, for tests that compare the two).
+/// Runs the copy `isa` (from [`Isa::best`], or [`Isa::available`] in tests;
+/// a copy the CPU lacks falls back to the portable code).
 ///
 /// # Shapes
 /// as [`body`]
@@ -254,14 +332,21 @@ pub(crate) fn rows(
     x: &Activations<'_>,
     out: &mut [f32],
     scratch: &mut [f32],
-    force_portable: bool,
+    isa: Isa,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if !force_portable && has_avx2() {
-        // SAFETY: the CPU has every feature the kernel was compiled for.
-        unsafe { fast(t, cols, row_bytes, weights, x, out, scratch) };
-        return;
+    match isa {
+        // SAFETY: the CPU has every feature the copy was compiled for.
+        Isa::Avx512 if has_avx512() => {
+            unsafe { fast512(t, cols, row_bytes, weights, x, out, scratch) };
+            return;
+        }
+        Isa::Avx2 if has_avx2() => {
+            unsafe { fast(t, cols, row_bytes, weights, x, out, scratch) };
+            return;
+        }
+        _ => {}
     }
-    let _ = force_portable;
-    body::<false>(t, cols, row_bytes, weights, x, out, scratch)
+    let _ = isa;
+    body::<false, false>(t, cols, row_bytes, weights, x, out, scratch)
 }

@@ -13,6 +13,8 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod kernel;
 mod q8;
 
@@ -21,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
 use crate::gguf::{dequantize_into, GgmlType, TensorBytes};
-use kernel::Activations;
+use kernel::{Activations, Isa};
 
 /// How activations meet quantised weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -161,17 +163,12 @@ impl QuantMatrix {
     /// - `x`: `[T, cols]` row-major
     /// - returns `[T, rows]` row-major
     pub fn matmul(&self, x: &[f32], numerics: Numerics) -> Result<Vec<f32>, ModelError> {
-        self.matmul_with(x, numerics, false)
+        self.matmul_with(x, numerics, Isa::best())
     }
 
-    /// [`QuantMatrix::matmul`], optionally forcing the portable kernel.
-    fn matmul_with(
-        &self,
-        x: &[f32],
-        numerics: Numerics,
-        portable: bool,
-    ) -> Result<Vec<f32>, ModelError> {
-        let mut out = matmul_group_with(&[self], x, numerics, portable)?;
+    /// [`QuantMatrix::matmul`] on a chosen copy of the kernels.
+    fn matmul_with(&self, x: &[f32], numerics: Numerics, isa: Isa) -> Result<Vec<f32>, ModelError> {
+        let mut out = matmul_group_with(&[self], x, numerics, isa)?;
         Ok(out.pop().unwrap_or_default())
     }
 }
@@ -189,14 +186,14 @@ pub fn matmul_group(
     x: &[f32],
     numerics: Numerics,
 ) -> Result<Vec<Vec<f32>>, ModelError> {
-    matmul_group_with(ms, x, numerics, false)
+    matmul_group_with(ms, x, numerics, Isa::best())
 }
 
 fn matmul_group_with(
     ms: &[&QuantMatrix],
     x: &[f32],
     numerics: Numerics,
-    portable: bool,
+    isa: Isa,
 ) -> Result<Vec<Vec<f32>>, ModelError> {
     let Some(cols) = ms.first().map(|m| m.cols) else {
         return Ok(Vec::new());
@@ -260,7 +257,7 @@ fn matmul_group_with(
         || vec![0f32; cols],
         |scratch, (i, w, out)| {
             let m = ms[i];
-            kernel::rows(m.ty, cols, m.row_bytes, w, &acts[i], out, scratch, portable)
+            kernel::rows(m.ty, cols, m.row_bytes, w, &acts[i], out, scratch, isa)
         },
     );
     if t == 1 {

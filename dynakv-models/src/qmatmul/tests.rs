@@ -90,17 +90,17 @@ fn cols_for(t: GgmlType) -> usize {
 }
 
 #[test]
-fn f32_numerics_equal_the_dequantised_product_in_both_kernel_copies() {
+fn f32_numerics_equal_the_dequantised_product_in_every_kernel_copy() {
     for (i, (t, scales)) in TYPES.into_iter().enumerate() {
         let (rows, cols) = (71, cols_for(t)); // odd: the Q8_0 pair kernel leaves a row
         let (m, dense) = matrix(t, scales, rows, cols, 11 + i as u64);
         for n_tok in [1, 3] {
             let x = activations(n_tok, cols, 5);
             let want = reference(&dense, &x, rows, cols);
-            for portable in [false, true] {
-                let got = m.matmul_with(&x, Numerics::F32, portable).unwrap();
+            for isa in kernel::Isa::available() {
+                let got = m.matmul_with(&x, Numerics::F32, isa).unwrap();
                 let err = max_rel(&got, &want);
-                assert!(err < 1e-5, "{t:?} T={n_tok} portable={portable}: {err}");
+                assert!(err < 1e-5, "{t:?} T={n_tok} {isa:?}: {err}");
             }
         }
     }
@@ -134,8 +134,10 @@ fn q8_numerics_are_integer_products_of_rounded_activations() {
         let (m, dense) = matrix(t, scales, rows, cols, 31 + i as u64);
         let x = activations(2, cols, 9);
         let want = q8_reference(t, &dense, &x, rows, cols);
-        let fast = m.matmul_with(&x, Numerics::Q8, false).unwrap();
-        let portable = m.matmul_with(&x, Numerics::Q8, true).unwrap();
+        let fast = m.matmul(&x, Numerics::Q8).unwrap();
+        let portable = m
+            .matmul_with(&x, Numerics::Q8, kernel::Isa::Portable)
+            .unwrap();
         // Q4_1's min term uses the f16-rounded code sum, as llama.cpp does
         let tol = if t == GgmlType::Q4_1 { 2e-3 } else { 1e-5 };
         let err = max_rel(&fast, &want);
