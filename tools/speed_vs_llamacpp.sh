@@ -8,7 +8,12 @@
 # Usage: tools/speed_vs_llamacpp.sh OUT_DIR [ARTIFACT [ROUTER_ARTIFACT]]
 #   THREADS (default 2), REPS (default 3), MATMUL (f32 or q8, default f32),
 #   MODEL (smollm2-135m, the default, or gemma3-270m),
-#   LLAMACPP_DIR (default ~/.cache/dynakv/llama.cpp-0.3.36) may be set.
+#   LLAMACPP_DIR (default ~/.cache/dynakv/llama.cpp-0.3.36) and REPACK
+#   (llama-bench's --repack, default 1 as llama-bench's own default) may be
+#   set. REPACK=0 where llama.cpp's repacked (AMX) weights trap: on the
+#   2026-11-30 VM kind the CPU reports AMX but its tile instructions raise
+#   "invalid opcode", so every prompt batch of llama-bench crashed while
+#   one-token decode (AVX512-VNNI) ran.
 # Needs python3 with pip (cmake and ninja are installed from PyPI into a
 # virtual environment beside the build) and a C++ compiler.
 # Writes OUT_DIR/llama-bench.jsonl, OUT_DIR/dynakv.jsonl, OUT_DIR/paired.jsonl
@@ -60,8 +65,9 @@ depths=(0 1024 4096 8064)
 
 # llama.cpp: prefill 512 / 2,048 from empty, decode 128 tokens at each depth
 : > "$out/llama-bench.jsonl"
-"$bench" -m "$model" -t "$threads" -r "$reps" -p 512,2048 -n 0 -o jsonl >> "$out/llama-bench.jsonl"
-"$bench" -m "$model" -t "$threads" -r "$reps" -p 0 -n 128 \
+repack=${REPACK:-1}
+"$bench" -m "$model" -t "$threads" -r "$reps" --repack "$repack" -p 512,2048 -n 0 -o jsonl >> "$out/llama-bench.jsonl"
+"$bench" -m "$model" -t "$threads" -r "$reps" --repack "$repack" -p 0 -n 128 \
   -d "$(IFS=,; echo "${depths[*]}")" -o jsonl >> "$out/llama-bench.jsonl"
 
 # dynakv: the same sizes (prefill 512 / 2,048 with the first depth)
