@@ -106,7 +106,7 @@ impl LlamaModel {
                 };
                 (
                     Embedding::Packed(embed),
-                    Projection::Packed(output, numerics),
+                    Projection::packed(output, numerics),
                 )
             }
         };

@@ -15,8 +15,11 @@
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod interleave;
 mod kernel;
 mod q8;
+
+use std::sync::Arc;
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -71,6 +74,9 @@ pub struct QuantMatrix {
     cols: usize,
     row_bytes: usize,
     bytes: TensorBytes,
+    /// The rows again in tiles of 16 for one-token q8 products
+    /// ([`QuantMatrix::with_tiles`]).
+    tiles: Option<Arc<interleave::Interleaved>>,
 }
 
 impl QuantMatrix {
@@ -105,6 +111,7 @@ impl QuantMatrix {
             cols,
             row_bytes,
             bytes,
+            tiles: None,
         };
         m.check_finite(name)?;
         Ok(m)
@@ -136,6 +143,24 @@ impl QuantMatrix {
     /// Bytes of the blocks (shared with the file's map).
     pub fn byte_len(&self) -> usize {
         self.bytes.len()
+    }
+
+    /// Adds a copy of the rows in tiles of 16 (`interleave.rs`) where the CPU
+    /// has AVX-512 VNNI and the format has a tile layout (Q4_1, Q8_0); a
+    /// one-token product in q8 numerics then runs on the tiles. The copy is
+    /// owned memory beside the file's map (about the matrix's size again),
+    /// so only q8 numerics ask for it.
+    pub fn with_tiles(mut self) -> Self {
+        if interleave::has_vnni512() {
+            self.tiles = interleave::Interleaved::new(self.ty, self.rows, self.cols, &self.bytes)
+                .map(Arc::new);
+        }
+        self
+    }
+
+    /// Bytes of the tiled copy (0 without one).
+    pub fn tile_bytes(&self) -> usize {
+        self.tiles.as_ref().map_or(0, |t| t.byte_len())
     }
 
     /// One row dequantised into `out` (`out.len() == cols`): an embedding
@@ -242,22 +267,43 @@ fn matmul_group_with(
             }
         })
         .collect();
+    // one token in q8 numerics: matrices with tiles take the tile kernel
+    let use_tiles =
+        t == 1 && numerics == Numerics::Q8 && isa == Isa::Avx512 && interleave::has_vnni512();
+    fn tiled(m: &QuantMatrix, on: bool) -> Option<&interleave::Interleaved> {
+        m.tiles.as_deref().filter(|_| on)
+    }
+    let offset = quantised
+        .iter()
+        .find(|(k, rows)| *k == q8::Q8Kind::Q8_0 && rows.len() == 1)
+        .filter(|_| ms.iter().any(|m| tiled(m, use_tiles).is_some()))
+        .map(|(_, rows)| interleave::offset_codes(&rows[0].qs))
+        .unwrap_or_default();
     // [rows_i, T] per matrix, split into tasks of ROWS_PER_TASK rows
     let mut outs: Vec<Vec<f32>> = ms.iter().map(|m| vec![0f32; m.rows * t]).collect();
     let mut tasks = Vec::new();
     for (i, (m, out)) in ms.iter().zip(outs.iter_mut()).enumerate() {
-        for (o, w) in out
-            .chunks_mut(ROWS_PER_TASK * t)
-            .zip(m.bytes.chunks(ROWS_PER_TASK * m.row_bytes))
-        {
-            tasks.push((i, w, o));
+        let (w_chunk, is_tiled, w) = match tiled(m, use_tiles) {
+            Some(it) => (
+                ROWS_PER_TASK / interleave::GROUP * it.data.len() / (m.rows / interleave::GROUP),
+                true,
+                &it.data[..],
+            ),
+            None => (ROWS_PER_TASK * m.row_bytes, false, &m.bytes[..]),
+        };
+        for (o, w) in out.chunks_mut(ROWS_PER_TASK * t).zip(w.chunks(w_chunk)) {
+            tasks.push((i, is_tiled, w, o));
         }
     }
     tasks.into_par_iter().for_each_init(
         || vec![0f32; cols],
-        |scratch, (i, w, out)| {
+        |scratch, (i, is_tiled, w, out)| {
             let m = ms[i];
-            kernel::rows(m.ty, cols, m.row_bytes, w, &acts[i], out, scratch, isa)
+            if is_tiled {
+                tile_rows(m, w, &acts[i], &offset, out);
+            } else {
+                kernel::rows(m.ty, cols, m.row_bytes, w, &acts[i], out, scratch, isa)
+            }
         },
     );
     if t == 1 {
@@ -276,6 +322,36 @@ fn matmul_group_with(
             y
         })
         .collect())
+}
+
+/// Groups of tiles against one quantised activation row (`acts` is
+/// [`Activations::Q8`] with one row; `offset` its codes plus 128 where a
+/// Q8_0 matrix needs them).
+///
+/// # Shapes
+/// - `tiles`: whole groups of `m`'s tiles; `out`: 16 outputs per group
+fn tile_rows(
+    m: &QuantMatrix,
+    tiles: &[u8],
+    acts: &Activations<'_>,
+    offset: &[u8],
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if let (Activations::Q8([x]), Some(tb)) = (acts, interleave::tile_bytes(m.ty)) {
+        let kb = m.cols / 32;
+        for (g, o) in tiles
+            .chunks_exact(kb * tb)
+            .zip(out.chunks_exact_mut(interleave::GROUP))
+        {
+            // SAFETY: tiles are made only where `has_vnni512` holds, and the
+            // caller checked it again; the kernel bounds every access by
+            // the slices.
+            unsafe { interleave::group_product(m.ty, kb, g, &x.qs, offset, &x.d, &x.s, o) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (m, tiles, acts, offset, out);
 }
 
 #[cfg(test)]

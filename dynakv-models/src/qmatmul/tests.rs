@@ -230,3 +230,37 @@ fn a_group_equals_its_products_one_by_one() {
     let (other, _) = matrix(GgmlType::Q8_0, &[0], 4, 256, 1);
     assert!(matmul_group(&[&ms[0], &other], &activations(1, cols, 1), Numerics::F32).is_err());
 }
+
+#[test]
+fn tiles_give_the_row_kernels_q8_products() {
+    // 48 rows: three groups of 16; 17 blocks a row
+    for (t, scales) in [
+        (GgmlType::Q4_1, &[0usize, 2][..]),
+        (GgmlType::Q8_0, &[0][..]),
+    ] {
+        let (m, _) = matrix(t, scales, 48, 544, 61);
+        let tiled = m.clone().with_tiles();
+        assert_eq!(tiled.tile_bytes() > 0, interleave::has_vnni512(), "{t:?}");
+        let x = activations(1, 544, 62);
+        let rows = m.matmul(&x, Numerics::Q8).unwrap();
+        let tiles = tiled.matmul(&x, Numerics::Q8).unwrap();
+        // the same integer sums, floats summed in another order
+        let err = max_rel(&tiles, &rows.iter().map(|&v| v as f64).collect::<Vec<_>>());
+        assert!(err < 1e-5, "{t:?}: {err}");
+        // f32 numerics and several tokens never take the tiles
+        assert_eq!(
+            tiled.matmul(&x, Numerics::F32).unwrap(),
+            m.matmul(&x, Numerics::F32).unwrap()
+        );
+        let x3 = activations(3, 544, 63);
+        assert_eq!(
+            tiled.matmul(&x3, Numerics::Q8).unwrap(),
+            m.matmul(&x3, Numerics::Q8).unwrap()
+        );
+    }
+    // rows that are not whole groups, and formats without tiles, keep none
+    let (m, _) = matrix(GgmlType::Q4_1, &[0, 2], 40, 64, 1);
+    assert_eq!(m.with_tiles().tile_bytes(), 0);
+    let (m, _) = matrix(GgmlType::Q4K, &[0, 2], 32, 256, 1);
+    assert_eq!(m.with_tiles().tile_bytes(), 0);
+}
