@@ -47,7 +47,7 @@ impl Interleaved {
     /// format without a tile layout or rows not whole groups.
     pub(crate) fn new(ty: GgmlType, rows: usize, cols: usize, bytes: &[u8]) -> Option<Self> {
         let tb = tile_bytes(ty)?;
-        if rows % GROUP != 0 || cols % 32 != 0 {
+        if !rows.is_multiple_of(GROUP) || !cols.is_multiple_of(32) {
             return None;
         }
         let kb = cols / 32;
@@ -118,9 +118,9 @@ pub(crate) fn has_vnni512() -> bool {
     }
 }
 
-/// One group's 16 products with one quantised activation row: `qs` the
-/// codes (`kb * 32`), `d` the block scales, `s` the Q8_1 sums (Q4_1), `xu`
-/// the codes plus 128 as bytes (Q8_0). Needs [`has_vnni512`].
+/// One group's 16 products with one quantised activation row `x` (Q8_1 for
+/// Q4_1 tiles: its codes, scales and sums; Q8_0 for Q8_0 tiles: its scales,
+/// with `xu` its codes plus 128 as bytes). Needs [`has_vnni512`].
 ///
 /// # Shapes
 /// - `tiles`: `kb` tiles of one group; `out`: 16 outputs
@@ -130,13 +130,12 @@ pub(crate) unsafe fn group_product(
     ty: GgmlType,
     kb: usize,
     tiles: &[u8],
-    qs: &[i8],
+    x: &super::q8::Q8Row,
     xu: &[u8],
-    d: &[f32],
-    s: &[f32],
     out: &mut [f32],
 ) {
     use std::arch::x86_64::*;
+    let (qs, d, s) = (&x.qs, &x.d, &x.s);
     let Some(tb) = tile_bytes(ty) else { return };
     let kb = kb.min(tiles.len() / tb).min(d.len());
     if out.len() < GROUP {
@@ -170,7 +169,7 @@ pub(crate) unsafe fn group_product(
         }
     } else {
         let kb = kb.min(xu.len() / 32);
-        for b in 0..kb {
+        for (b, &db) in d.iter().enumerate().take(kb) {
             let t = tiles.as_ptr().add(b * tb);
             let x = xu.as_ptr().add(b * 32) as *const i32;
             let mut sums = [_mm512_setzero_si512(); 4];
@@ -188,7 +187,7 @@ pub(crate) unsafe fn group_product(
                 comp,
             );
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(t.add(512) as *const __m256i));
-            let scale = _mm512_mul_ps(dw, _mm512_set1_ps(d[b]));
+            let scale = _mm512_mul_ps(dw, _mm512_set1_ps(db));
             acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc);
         }
     }

@@ -347,7 +347,7 @@ fn tile_rows(
             // SAFETY: tiles are made only where `has_vnni512` holds, and the
             // caller checked it again; the kernel bounds every access by
             // the slices.
-            unsafe { interleave::group_product(m.ty, kb, g, &x.qs, offset, &x.d, &x.s, o) };
+            unsafe { interleave::group_product(m.ty, kb, g, x, offset, o) };
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
