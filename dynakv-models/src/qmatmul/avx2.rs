@@ -24,9 +24,13 @@ unsafe fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
-/// Two f16 values at `p` (little-endian) as f32, through F16C.
+/// Two f16 values at `p` (little-endian) as f32, through F16C. One 32-bit
+/// move zeroes the register's other lanes; a 16-bit insert would merge into
+/// whatever register the compiler picks (in an AVX-512 kernel it picked an
+/// accumulator and chained every block's scale to the previous sum). Shared
+/// with `avx512.rs`.
 #[inline(always)]
-unsafe fn f16x2(p: *const u8) -> (f32, f32) {
+pub(super) unsafe fn f16x2(p: *const u8) -> (f32, f32) {
     let v = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)));
     (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
 }

@@ -23,16 +23,7 @@
 
 use std::arch::x86_64::*;
 
-/// The two f16 at `p` (little-endian) as f32, through F16C. Loaded as one
-/// 32-bit move, which zeroes the register's other lanes: a 16-bit insert
-/// would merge into a register the compiler picks, and it picked an
-/// accumulator, chaining every block's scale to the previous block's sum
-/// (measured: slower than the AVX2 kernel).
-#[inline(always)]
-unsafe fn f16x2(p: *const u8) -> (f32, f32) {
-    let v = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)));
-    (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
-}
+use super::avx2::f16x2;
 
 /// One Q4_0 / Q4_1 block's `sum(q * x)` over its 32 codes (16 bytes at `q`:
 /// code `j` in the low nibble of byte `j`, code `16 + j` in its high nibble).

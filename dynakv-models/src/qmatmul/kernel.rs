@@ -60,10 +60,11 @@ pub(crate) fn block_sums(x: &[f32], cols: usize) -> Vec<f32> {
 /// Products of weight rows with every activation row: one body for every
 /// copy. `AVX2` is true only in [`fast`] and [`fast512`], the copies compiled
 /// for AVX2, FMA and F16C (and AVX-512 in the second, where `AVX512` sends
-/// Q4_0 and Q4_1 rows to `avx512.rs`), where the products go to `avx2.rs`: fused kernels for Q4_0,
-/// Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q6_K rows, a dequantised row and an AVX2 dot for the other
-/// formats, integer products for q8; the portable copy dequantises each row
-/// and dots it, and takes q8 in `q8.rs`.
+/// Q4_0 and Q4_1 rows to `avx512.rs`), where the products go to `avx2.rs`:
+/// fused kernels for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q6_K rows, a
+/// dequantised row and an AVX2 dot for the other formats, integer products
+/// for q8; the portable copy dequantises each row and dots it, and takes q8
+/// in `q8.rs`.
 ///
 /// # Shapes
 /// - `weights`: consecutive rows of `row_bytes` bytes (`cols` elements each)
