@@ -8,12 +8,18 @@
 # Usage: tools/speed_vs_llamacpp.sh OUT_DIR [ARTIFACT [ROUTER_ARTIFACT]]
 #   THREADS (default 2), REPS (default 3), MATMUL (f32 or q8, default f32),
 #   MODEL (smollm2-135m, the default, or gemma3-270m),
-#   LLAMACPP_DIR (default ~/.cache/dynakv/llama.cpp-0.3.36) and REPACK
-#   (llama-bench's --repack, default 1 as llama-bench's own default) may be
-#   set. REPACK=0 where llama.cpp's repacked (AMX) weights trap: on the
-#   2026-11-30 VM kind the CPU reports AMX but its tile instructions raise
-#   "invalid opcode", so every prompt batch of llama-bench crashed while
-#   one-token decode (AVX512-VNNI) ran.
+#   LLAMACPP_DIR (default ~/.cache/dynakv/llama.cpp-0.3.36), REPACK
+#   (llama-bench's --repack, default 1 as llama-bench's own default),
+#   PREFILL_REPACK (--repack of the prefill rows, default REPACK), UBATCH
+#   (llama-bench's -ub for the decode rows, default its own) and FA (its
+#   --flash-attn values, default "0,1": the table keeps llama.cpp's faster
+#   setting per row and names it) may be set.
+#   Where llama.cpp's repacked (AMX) weights trap: on the 2026-11-30 VM kind
+#   the CPU reports AMX but its tile instructions raise "invalid opcode", so
+#   every prompt batch of more than one token crashes with repacking while
+#   one-token batches (AVX512-VNNI) run. There, PREFILL_REPACK=0 UBATCH=1
+#   measures decode with repacked weights (the depth is filled one token at
+#   a time, which is slow) and prefill without.
 # Needs python3 with pip (cmake and ninja are installed from PyPI into a
 # virtual environment beside the build) and a C++ compiler.
 # Writes OUT_DIR/llama-bench.jsonl, OUT_DIR/dynakv.jsonl, OUT_DIR/paired.jsonl
@@ -66,8 +72,13 @@ depths=(0 1024 4096 8064)
 # llama.cpp: prefill 512 / 2,048 from empty, decode 128 tokens at each depth
 : > "$out/llama-bench.jsonl"
 repack=${REPACK:-1}
-"$bench" -m "$model" -t "$threads" -r "$reps" --repack "$repack" -p 512,2048 -n 0 -o jsonl >> "$out/llama-bench.jsonl"
-"$bench" -m "$model" -t "$threads" -r "$reps" --repack "$repack" -p 0 -n 128 \
+prefill_repack=${PREFILL_REPACK:-$repack}
+fa=${FA:-0,1}
+ubatch=()
+[ -n "${UBATCH:-}" ] && ubatch=(-ub "$UBATCH")
+"$bench" -m "$model" -t "$threads" -r "$reps" --repack "$prefill_repack" -fa "$fa" -p 512,2048 -n 0 \
+  -o jsonl >> "$out/llama-bench.jsonl"
+"$bench" -m "$model" -t "$threads" -r "$reps" --repack "$repack" -fa "$fa" "${ubatch[@]}" -p 0 -n 128 \
   -d "$(IFS=,; echo "${depths[*]}")" -o jsonl >> "$out/llama-bench.jsonl"
 
 # dynakv: the same sizes (prefill 512 / 2,048 with the first depth)

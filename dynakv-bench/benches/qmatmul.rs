@@ -80,6 +80,12 @@ fn bench(c: &mut Criterion) {
                 |b, x| b.iter(|| m.matmul(x, numerics).expect("matmul")),
             );
         }
+        // what `--matmul q8` runs on CPUs with AVX-512 VNNI (elsewhere the
+        // same as packed-q8)
+        let tiled = m.clone().with_tiles();
+        g.bench_with_input(BenchmarkId::new("packed-q8-tiles", &id), &x, |b, x| {
+            b.iter(|| tiled.matmul(x, Numerics::Q8).expect("matmul"))
+        });
         let w = Tensor::<2>::from_data(
             TensorData::new(m.dequantize(), [m.rows(), m.cols()]),
             &device,
@@ -101,11 +107,16 @@ fn bench(c: &mut Criterion) {
     if !full_run() {
         g.sample_size(10);
     }
-    for numerics in [Numerics::F32, Numerics::Q8] {
-        g.bench_function(format!("packed-{numerics}"), |b| {
-            let xs: Vec<Vec<f32>> = s.all.iter().map(|m| activations(m.cols())).collect();
+    let tiled: Vec<QuantMatrix> = s.all.iter().map(|m| m.clone().with_tiles()).collect();
+    for (name, numerics, mats) in [
+        ("packed-f32", Numerics::F32, &s.all),
+        ("packed-q8", Numerics::Q8, &s.all),
+        ("packed-q8-tiles", Numerics::Q8, &tiled),
+    ] {
+        g.bench_function(name, |b| {
+            let xs: Vec<Vec<f32>> = mats.iter().map(|m| activations(m.cols())).collect();
             b.iter(|| {
-                for (m, x) in s.all.iter().zip(&xs) {
+                for (m, x) in mats.iter().zip(&xs) {
                     m.matmul(x, numerics).expect("matmul");
                 }
             })

@@ -10,9 +10,10 @@
 //! The dense cache is the baseline every compressed cache is measured
 //! against, so it gets the same care as DynaKV's kernel.
 //!
-//! Rows stored in a packed dtype (f16, q8_0, q4_0, ...) are decoded one at a
-//! time into a `head_dim` buffer that stays in L1; f32 rows are read in
-//! place.
+//! f32 and f16 rows are read in place by an AVX2 + F16C copy of the two
+//! passes where the CPU has those features ([`super::plain_rows`]); rows in
+//! a quantised dtype (q8_0, q4_0, ...), or any dtype elsewhere, are decoded
+//! one at a time into a `head_dim` buffer that stays in L1.
 
 use dynakv_core::quant::PackedRows;
 use rayon::prelude::*;
@@ -20,6 +21,7 @@ use rayon::prelude::*;
 use crate::attention::hidden;
 
 use super::math::{avx2_dispatch, axpy, dot, softmax_columns, Heads, CHUNK};
+use super::plain_rows::{self, PlainRows};
 
 /// One KV head's stored tokens as the kernel reads them.
 ///
@@ -49,6 +51,20 @@ pub(crate) fn attend(
     kv: &[HeadView],
     window: Option<usize>,
 ) -> Vec<f32> {
+    let fast = plain_rows::available(heads.head_dim);
+    attend_with(heads, q, q_pos, kv, window, fast)
+}
+
+/// [`attend`], on the plain-row kernels when `fast` and every row is f32 or
+/// f16, on the generic ones otherwise.
+fn attend_with(
+    heads: Heads,
+    q: &[f32],
+    q_pos: &[usize],
+    kv: &[HeadView],
+    window: Option<usize>,
+    fast: bool,
+) -> Vec<f32> {
     let (h, dh, t) = (heads.n_heads, heads.head_dim, q_pos.len());
     let ht = h * t;
     let n = kv.first().map_or(0, |v| v.positions.len());
@@ -67,6 +83,18 @@ pub(crate) fn attend(
         window,
         scale: 1.0 / (dh as f32).sqrt(),
     };
+    #[cfg(target_arch = "x86_64")]
+    if fast {
+        let plain: Option<Vec<[PlainRows; 2]>> = kv
+            .iter()
+            .map(|v| Some([PlainRows::of(v.k)?, PlainRows::of(v.v)?]))
+            .collect();
+        if let Some(rows) = plain {
+            return attend_plain(&job, &rows, n);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = fast;
     scores
         .par_chunks_mut(CHUNK * ht)
         .enumerate()
@@ -153,6 +181,171 @@ fn value_chunk_impl(job: &ScoreJob, probs: &[f32], toks: std::ops::Range<usize>,
                     axpy(&mut o[r * dh..(r + 1) * dh], p[r], value);
                 }
             }
+        }
+    }
+}
+
+/// [`attend`] over rows read in place, fused per chunk of tokens: each
+/// chunk scores its tokens, takes a softmax relative to its own maximum and
+/// sums its values with those weights; the chunks' parts are then merged
+/// with one rescaling each (the split used by flash-decoding). One parallel
+/// pass per layer instead of five, and the scores never leave the chunk.
+///
+/// # Shapes
+/// returns `[G*T*H_kv, head_dim]`, row `r` the query row `r` of `job.q`
+#[cfg(target_arch = "x86_64")]
+fn attend_plain(job: &ScoreJob, rows: &[[PlainRows; 2]], n: usize) -> Vec<f32> {
+    let (dh, ht) = (job.dh, job.gt * job.kv.len());
+    let parts: Vec<Part> = (0..n.div_ceil(CHUNK))
+        .into_par_iter()
+        .map(|c| {
+            let toks = c * CHUNK..((c + 1) * CHUNK).min(n);
+            // SAFETY: the caller checked AVX2, FMA and F16C and the head
+            // width (plain_rows::available).
+            unsafe { chunk_f16c(job, rows, toks) }
+        })
+        .collect();
+    let mut out = vec![0f32; ht * dh];
+    for (r, o) in out.chunks_exact_mut(dh).enumerate() {
+        let m = parts
+            .iter()
+            .map(|p| p.m[r])
+            .fold(f32::NEG_INFINITY, f32::max);
+        if m == f32::NEG_INFINITY {
+            continue;
+        }
+        let mut l = 0f32;
+        for p in parts.iter().filter(|p| p.m[r] > f32::NEG_INFINITY) {
+            let f = (p.m[r] - m).exp();
+            l += f * p.l[r];
+            axpy(o, f, &p.o[r * dh..(r + 1) * dh]);
+        }
+        o.iter_mut().for_each(|x| *x /= l);
+    }
+    out
+}
+
+/// One chunk's share of every query row's attention: its largest visible
+/// score `m` (`-inf` when it has none), the sum `l` of `exp(score - m)`, and
+/// the values summed with those weights.
+#[cfg(target_arch = "x86_64")]
+struct Part {
+    m: Vec<f32>,
+    l: Vec<f32>,
+    /// `[rows, head_dim]`
+    o: Vec<f32>,
+}
+
+/// Query rows taken together by the kernels (their accumulators fill the
+/// sixteen AVX2 registers).
+#[cfg(target_arch = "x86_64")]
+const ROWS: usize = 3;
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn chunk_f16c(
+    job: &ScoreJob,
+    rows: &[[PlainRows; 2]],
+    toks: std::ops::Range<usize>,
+) -> Part {
+    use plain_rows::x86::{exp_shifted_sum, max, weighted_rows};
+    let (dh, t, gt) = (job.dh, job.t, job.gt);
+    let lanes = dh / 8;
+    let ht = gt * job.kv.len();
+    let (first, len) = (toks.start, toks.len());
+    // scores, query-major: row r's weights are contiguous for the softmax
+    let mut s = vec![0f32; ht * len];
+    let mut part = Part {
+        m: vec![f32::NEG_INFINITY; ht],
+        l: vec![0f32; ht],
+        o: vec![0f32; ht * dh],
+    };
+    for (g, (view, &[k, v])) in job.kv.iter().zip(rows).enumerate() {
+        let group = g * gt..(g + 1) * gt;
+        let mut r = group.start;
+        while r < group.end {
+            let take = (group.end - r).min(ROWS);
+            let qs = &job.q[r * dh..(r + take) * dh];
+            let out = &mut s[r * len..(r + take) * len];
+            match take {
+                3 => scores::<3>(k, first, len, lanes, qs, job.scale, out),
+                2 => scores::<2>(k, first, len, lanes, qs, job.scale, out),
+                _ => scores::<1>(k, first, len, lanes, qs, job.scale, out),
+            }
+            r += take;
+        }
+        let positions = &view.positions[toks.clone()];
+        for r in group.clone() {
+            let row = &mut s[r * len..(r + 1) * len];
+            let qpos = job.q_pos[r % t];
+            for (x, &pos) in row.iter_mut().zip(positions) {
+                if hidden(qpos, pos, job.window) {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
+            let m = max(row);
+            if m == f32::NEG_INFINITY {
+                row.fill(0.0);
+            } else {
+                part.m[r] = m;
+                part.l[r] = exp_shifted_sum(row, m);
+            }
+        }
+        let mut r = group.start;
+        while r < group.end {
+            let take = (group.end - r).min(ROWS);
+            let ws = &s[r * len..(r + take) * len];
+            let out = &mut part.o[r * dh..(r + take) * dh];
+            let mut c0 = 0;
+            while c0 < lanes {
+                let wide = lanes - c0 >= 4;
+                match (take, wide) {
+                    (3, true) => weighted_rows::<3, 4>(v, first, len, lanes, c0, ws, out),
+                    (2, true) => weighted_rows::<2, 4>(v, first, len, lanes, c0, ws, out),
+                    (_, true) => weighted_rows::<1, 4>(v, first, len, lanes, c0, ws, out),
+                    (3, false) => weighted_rows::<3, 1>(v, first, len, lanes, c0, ws, out),
+                    (2, false) => weighted_rows::<2, 1>(v, first, len, lanes, c0, ws, out),
+                    (_, false) => weighted_rows::<1, 1>(v, first, len, lanes, c0, ws, out),
+                }
+                c0 += if wide { 4 } else { 1 };
+            }
+            r += take;
+        }
+    }
+    part
+}
+
+/// `R` query rows' scaled scores against rows `first..first + len` of `k`,
+/// four tokens at a time.
+///
+/// # Safety
+/// As [`plain_rows::x86::dots4`]; `out` holds `R * len` scores.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn scores<const R: usize>(
+    k: PlainRows,
+    first: usize,
+    len: usize,
+    lanes: usize,
+    qs: &[f32],
+    scale: f32,
+    out: &mut [f32],
+) {
+    use plain_rows::x86::{dot1, dots4};
+    let dh = 8 * lanes;
+    let mut j = 0;
+    while j + 4 <= len {
+        let d = dots4::<R>(k, first + j, lanes, qs);
+        for (r, d) in d.iter().enumerate() {
+            for (jj, v) in d.iter().enumerate() {
+                out[r * len + j + jj] = v * scale;
+            }
+        }
+        j += 4;
+    }
+    for j in j..len {
+        for r in 0..R {
+            out[r * len + j] = dot1(k, first + j, lanes, &qs[r * dh..]) * scale;
         }
     }
 }
@@ -259,15 +452,19 @@ mod tests {
         let q_pos = [450, 598];
         let q = numbers(heads.n_heads * q_pos.len() * dh, 5);
         // causal, and a sliding window that hides the older keys
+        // both copies of the kernel where the CPU runs the fast one
+        let copies = [false, plain_rows::available(dh)];
         for window in [None, Some(200)] {
-            let got = attend(heads, &q, &q_pos, kv, window);
             let want = reference(heads, &q, &q_pos, kv, window);
-            let diff = got
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            assert!(diff < 1e-5, "{window:?}: {diff}");
+            for fast in copies {
+                let got = attend_with(heads, &q, &q_pos, kv, window, fast);
+                let diff = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(diff < 1e-5, "{window:?}, fast {fast}: {diff}");
+            }
         }
     }
 }

@@ -10,6 +10,7 @@
 pub(crate) mod dense_decode;
 pub(crate) mod latent_decode;
 pub(crate) mod math;
+pub(crate) mod plain_rows;
 mod rope;
 
 pub(crate) use rope::HostRope;

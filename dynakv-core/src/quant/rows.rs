@@ -202,6 +202,15 @@ impl PackedRows {
         }
     }
 
+    /// The `f16` rows themselves, when stored as `f16`: kernels with F16C
+    /// read them in place instead of decoding row by row.
+    pub fn as_f16(&self) -> Option<&[f16]> {
+        match &self.data {
+            RowData::F16(v) => Some(v),
+            RowData::F32(_) | RowData::Bytes { .. } | RowData::Blocks { .. } => None,
+        }
+    }
+
     /// Every row decoded.
     ///
     /// # Shapes
