@@ -267,17 +267,22 @@ fn matmul_group_with(
             }
         })
         .collect();
-    // one token in q8 numerics: matrices with tiles take the tile kernel
-    let use_tiles =
-        t == 1 && numerics == Numerics::Q8 && isa == Isa::Avx512 && interleave::has_vnni512();
+    // q8 numerics: matrices with tiles take the tile kernel, one token at a
+    // time against each group's tiles while they sit in L1
+    let use_tiles = numerics == Numerics::Q8 && isa == Isa::Avx512 && interleave::has_vnni512();
     fn tiled(m: &QuantMatrix, on: bool) -> Option<&interleave::Interleaved> {
         m.tiles.as_deref().filter(|_| on)
     }
-    let offset = quantised
+    // each token's codes plus 128, where a tiled Q8_0 matrix needs them
+    let offsets: Vec<Vec<u8>> = quantised
         .iter()
-        .find(|(k, rows)| *k == q8::Q8Kind::Q8_0 && rows.len() == 1)
+        .find(|(k, _)| *k == q8::Q8Kind::Q8_0)
         .filter(|_| ms.iter().any(|m| tiled(m, use_tiles).is_some()))
-        .map(|(_, rows)| interleave::offset_codes(&rows[0].qs))
+        .map(|(_, rows)| {
+            rows.iter()
+                .map(|r| interleave::offset_codes(&r.qs))
+                .collect()
+        })
         .unwrap_or_default();
     // [rows_i, T] per matrix, split into tasks of ROWS_PER_TASK rows
     let mut outs: Vec<Vec<f32>> = ms.iter().map(|m| vec![0f32; m.rows * t]).collect();
@@ -300,7 +305,7 @@ fn matmul_group_with(
         |scratch, (i, is_tiled, w, out)| {
             let m = ms[i];
             if is_tiled {
-                tile_rows(m, w, &acts[i], &offset, out);
+                tile_rows(m, w, &acts[i], &offsets, out);
             } else {
                 kernel::rows(m.ty, cols, m.row_bytes, w, &acts[i], out, scratch, isa)
             }
@@ -324,34 +329,42 @@ fn matmul_group_with(
         .collect())
 }
 
-/// Groups of tiles against one quantised activation row (`acts` is
-/// [`Activations::Q8`] with one row; `offset` its codes plus 128 where a
-/// Q8_0 matrix needs them).
+/// Groups of tiles against quantised activation rows (`acts` is
+/// [`Activations::Q8`]; `offsets[k]` row k's codes plus 128 where a Q8_0
+/// matrix needs them): each group's tiles meet every token before the
+/// next group is read.
 ///
 /// # Shapes
-/// - `tiles`: whole groups of `m`'s tiles; `out`: 16 outputs per group
+/// - `tiles`: whole groups of `m`'s tiles; `out`: `[16 per group, T]`
 fn tile_rows(
     m: &QuantMatrix,
     tiles: &[u8],
     acts: &Activations<'_>,
-    offset: &[u8],
+    offsets: &[Vec<u8>],
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if let (Activations::Q8([x]), Some(tb)) = (acts, interleave::tile_bytes(m.ty)) {
-        let kb = m.cols / 32;
+    if let (Activations::Q8(xs), Some(tb)) = (acts, interleave::tile_bytes(m.ty)) {
+        let (kb, t) = (m.cols / 32, xs.len());
+        let mut y = [0f32; interleave::GROUP];
         for (g, o) in tiles
             .chunks_exact(kb * tb)
-            .zip(out.chunks_exact_mut(interleave::GROUP))
+            .zip(out.chunks_exact_mut(interleave::GROUP * t))
         {
-            // SAFETY: tiles are made only where `has_vnni512` holds, and the
-            // caller checked it again; the kernel bounds every access by
-            // the slices.
-            unsafe { interleave::group_product(m.ty, kb, g, x, offset, o) };
+            for (k, x) in xs.iter().enumerate() {
+                let offset = offsets.get(k).map_or(&[][..], |v| &v[..]);
+                // SAFETY: tiles are made only where `has_vnni512` holds, and
+                // the caller checked it again; the kernel bounds every
+                // access by the slices.
+                unsafe { interleave::group_product(m.ty, kb, g, x, offset, &mut y) };
+                for (r, &v) in y.iter().enumerate() {
+                    o[r * t + k] = v;
+                }
+            }
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (m, tiles, acts, offset, out);
+    let _ = (m, tiles, acts, offsets, out);
 }
 
 #[cfg(test)]

@@ -247,16 +247,17 @@ fn tiles_give_the_row_kernels_q8_products() {
         // the same integer sums, floats summed in another order
         let err = max_rel(&tiles, &rows.iter().map(|&v| v as f64).collect::<Vec<_>>());
         assert!(err < 1e-5, "{t:?}: {err}");
-        // f32 numerics and several tokens never take the tiles
+        // f32 numerics never take the tiles
         assert_eq!(
             tiled.matmul(&x, Numerics::F32).unwrap(),
             m.matmul(&x, Numerics::F32).unwrap()
         );
+        // several tokens (a prefill) do, each token's outputs in its row
         let x3 = activations(3, 544, 63);
-        assert_eq!(
-            tiled.matmul(&x3, Numerics::Q8).unwrap(),
-            m.matmul(&x3, Numerics::Q8).unwrap()
-        );
+        let rows = m.matmul(&x3, Numerics::Q8).unwrap();
+        let tiles = tiled.matmul(&x3, Numerics::Q8).unwrap();
+        let err = max_rel(&tiles, &rows.iter().map(|&v| v as f64).collect::<Vec<_>>());
+        assert!(err < 1e-5, "{t:?}, three tokens: {err}");
     }
     // rows that are not whole groups, and formats without tiles, keep none
     let (m, _) = matrix(GgmlType::Q4_1, &[0, 2], 40, 64, 1);
