@@ -10,10 +10,11 @@
 //! The dense cache is the baseline every compressed cache is measured
 //! against, so it gets the same care as DynaKV's kernel.
 //!
-//! f32 and f16 rows are read in place by an AVX2 + F16C copy of the two
-//! passes where the CPU has those features ([`super::plain_rows`]); rows in
-//! a quantised dtype (q8_0, q4_0, ...), or any dtype elsewhere, are decoded
-//! one at a time into a `head_dim` buffer that stays in L1.
+//! f32 and f16 rows are read in place by a fused AVX2 + F16C kernel where
+//! the CPU has those features (`attend_plain`, [`super::plain_rows`]); rows
+//! in a quantised dtype (q8_0, q4_0, ...), or any dtype elsewhere, take the
+//! generic passes, decoded one at a time into a `head_dim` buffer that stays
+//! in L1.
 
 use dynakv_core::quant::PackedRows;
 use rayon::prelude::*;
@@ -69,10 +70,6 @@ fn attend_with(
     let ht = h * t;
     let n = kv.first().map_or(0, |v| v.positions.len());
     debug_assert!(kv.iter().all(|v| v.positions.len() == n));
-    // Scores, slot-major `[n, H*T]` (column `qh * T + ti`, so the query rows
-    // of KV head g are the columns `g*G*T .. (g+1)*G*T`): token chunks write
-    // disjoint rows, and one softmax and one value pass serve every head.
-    let mut scores = vec![0f32; n * ht];
     let job = ScoreJob {
         q,
         q_pos,
@@ -95,6 +92,10 @@ fn attend_with(
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = fast;
+    // Scores, slot-major `[n, H*T]` (column `qh * T + ti`, so the query rows
+    // of KV head g are the columns `g*G*T .. (g+1)*G*T`): token chunks write
+    // disjoint rows, and one softmax and one value pass serve every head.
+    let mut scores = vec![0f32; n * ht];
     scores
         .par_chunks_mut(CHUNK * ht)
         .enumerate()
