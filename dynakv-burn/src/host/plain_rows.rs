@@ -5,8 +5,9 @@
 //! [`PackedRows::row`] (a call and a slice conversion per 64-value row) and
 //! dot it with one query at a time; at 1k tokens that made the dense cache's
 //! attention cost about as much as SmolLM2's whole weight read per decode
-//! step. Here a row is converted once into registers (one `vcvtph2ps` per
-//! eight values for f16) and serves every query head of its group. The
+//! step. Here a row is converted into registers once per three query heads
+//! of its group (one `vcvtph2ps` per eight values for f16), four rows' dots
+//! share one horizontal reduction, and value sums stay in registers. The
 //! quantised dtypes keep the generic path.
 
 use dynakv_core::quant::PackedRows;
