@@ -82,9 +82,14 @@ fn attend_with(
     };
     #[cfg(target_arch = "x86_64")]
     if fast {
+        // the kernels read rows by pointer: every head must hold its `n`
+        // rows (checked once here, not per row)
         let plain: Option<Vec<[PlainRows; 2]>> = kv
             .iter()
-            .map(|v| Some([PlainRows::of(v.k)?, PlainRows::of(v.v)?]))
+            .map(|v| {
+                let rows = [PlainRows::of(v.k)?, PlainRows::of(v.v)?];
+                rows.iter().all(|r| r.len() >= n * dh).then_some(rows)
+            })
             .collect();
         if let Some(rows) = plain {
             return attend_plain(&job, &rows, n);

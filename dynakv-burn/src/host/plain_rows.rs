@@ -29,13 +29,20 @@ impl<'a> PlainRows<'a> {
     }
 }
 
-/// Largest `head_dim / 8` a staged row holds (head dims up to 256).
-pub(crate) const MAX_LANES: usize = 32;
+impl PlainRows<'_> {
+    /// Values held (rows times width).
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Self::F32(v) => v.len(),
+            Self::F16(v) => v.len(),
+        }
+    }
+}
 
 /// Whether this CPU runs the fast kernels (AVX2, FMA and F16C), for rows of
-/// `head_dim` values.
+/// `head_dim` values (whole vectors of eight).
 pub(crate) fn available(head_dim: usize) -> bool {
-    let shape = head_dim > 0 && head_dim.is_multiple_of(8) && head_dim / 8 <= MAX_LANES;
+    let shape = head_dim > 0 && head_dim.is_multiple_of(8);
     #[cfg(target_arch = "x86_64")]
     {
         shape
