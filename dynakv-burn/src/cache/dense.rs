@@ -12,6 +12,7 @@ use super::{
 use crate::attention::{gqa_attention, window_mask, windowed_attention};
 use crate::error::CacheError;
 use crate::host::dense_decode::{self, HeadView};
+use crate::host::dense_prefill;
 use crate::host::math::Heads;
 use crate::rope::Rope;
 
@@ -516,40 +517,58 @@ impl AttentionCache for DenseCache {
             )));
         };
         let [bsz, h, t, dh] = q_rot.dims();
-        if let (Kv::Host { k, v }, true) = (kv, t <= HOST_KERNEL_MAX_QUERIES) {
-            if bsz != 1 {
+        if let Kv::Host { k, v } = kv {
+            // a decode step on the fused decode kernel; a longer chunk (a
+            // prefill) on the blocked one where the rows are plain, else
+            // on the tensor path below
+            let decode = t <= HOST_KERNEL_MAX_QUERIES;
+            if decode && bsz != 1 {
                 return Err(CacheError::Config(
                     "DenseCache with host storage supports batch size 1".into(),
                 ));
             }
-            let heads: Vec<&[usize]> = match &store.positions {
-                StoredPositions::Shared(p) => vec![p.as_slice(); g.n_kv_heads],
-                StoredPositions::PerHead(p) => p.iter().map(Vec::as_slice).collect(),
-            };
-            let views: Vec<HeadView> = (0..g.n_kv_heads)
-                .map(|i| HeadView {
-                    k: &k[i],
-                    v: &v[i],
-                    positions: heads[i],
-                })
-                .collect();
-            let device = q_rot.device();
-            let mut q = host_rows(&q_rot)?;
-            if self.rotate[0] {
-                hadamard_rows(&mut q, dh);
+            if bsz == 1 {
+                let heads: Vec<&[usize]> = match &store.positions {
+                    StoredPositions::Shared(p) => vec![p.as_slice(); g.n_kv_heads],
+                    StoredPositions::PerHead(p) => p.iter().map(Vec::as_slice).collect(),
+                };
+                let views: Vec<HeadView> = (0..g.n_kv_heads)
+                    .map(|i| HeadView {
+                        k: &k[i],
+                        v: &v[i],
+                        positions: heads[i],
+                    })
+                    .collect();
+                let device = q_rot.device();
+                let mut q = host_rows(&q_rot)?;
+                if self.rotate[0] {
+                    hadamard_rows(&mut q, dh);
+                }
+                let heads = Heads {
+                    n_heads: h,
+                    n_kv_heads: g.n_kv_heads,
+                    head_dim: dh,
+                };
+                let out = if decode {
+                    Some(dense_decode::attend(
+                        heads,
+                        &q,
+                        positions,
+                        &views,
+                        self.window,
+                    ))
+                } else {
+                    dense_prefill::attend(heads, &q, positions, &views, self.window)
+                };
+                if let Some(mut out) = out {
+                    if self.rotate[1] {
+                        hadamard_rows(&mut out, dh);
+                    }
+                    let out = Tensor::from_data(TensorData::new(out, [1, h, t, dh]), &device);
+                    self.evict(layer, positions)?;
+                    return Ok(out);
+                }
             }
-            let heads = Heads {
-                n_heads: h,
-                n_kv_heads: g.n_kv_heads,
-                head_dim: dh,
-            };
-            let mut out = dense_decode::attend(heads, &q, positions, &views, self.window);
-            if self.rotate[1] {
-                hadamard_rows(&mut out, dh);
-            }
-            let out = Tensor::from_data(TensorData::new(out, [1, h, t, dh]), &device);
-            self.evict(layer, positions)?;
-            return Ok(out);
         }
         let (k, v) = kv.tensors(dh, self.rotate, &q_rot.device());
         let out = match &store.positions {

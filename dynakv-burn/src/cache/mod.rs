@@ -54,9 +54,11 @@ pub(crate) fn check_window(window: usize) -> Result<usize, CacheError> {
     Ok(window)
 }
 
-/// Decode steps with at most this many queries run a host kernel (with
-/// [`KvStorage::Host`]); longer prefill chunks are matrix products, where
-/// burn's GEMM wins.
+/// Decode steps with at most this many queries run a host decode kernel
+/// (with [`KvStorage::Host`]); longer chunks (a prefill) take the dense
+/// cache's blocked host kernel where its rows are f32 / f16
+/// (`host::dense_prefill`), and burn's attention otherwise (DynaKV's
+/// prefill reconstructs keys as matrix products, where burn's GEMM wins).
 pub(crate) const HOST_KERNEL_MAX_QUERIES: usize = 4;
 
 /// A tensor's values on the host, row-major.

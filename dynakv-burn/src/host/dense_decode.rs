@@ -82,16 +82,7 @@ fn attend_with(
     };
     #[cfg(target_arch = "x86_64")]
     if fast {
-        // the kernels read rows by pointer: every head must hold its `n`
-        // rows (checked once here, not per row)
-        let plain: Option<Vec<[PlainRows; 2]>> = kv
-            .iter()
-            .map(|v| {
-                let rows = [PlainRows::of(v.k)?, PlainRows::of(v.v)?];
-                rows.iter().all(|r| r.len() >= n * dh).then_some(rows)
-            })
-            .collect();
-        if let Some(rows) = plain {
+        if let Some(rows) = plain_views(kv, n, dh) {
             return attend_plain(&job, &rows, n);
         }
     }
@@ -123,18 +114,35 @@ fn attend_with(
         )
 }
 
-/// What every token chunk reads.
-struct ScoreJob<'a> {
-    /// `[H*T, D]`
-    q: &'a [f32],
-    q_pos: &'a [usize],
-    kv: &'a [HeadView<'a>],
-    /// Query rows per KV head, `G * T`.
-    gt: usize,
-    t: usize,
+/// Every head's keys and values as plain f32 / f16 rows, or `None` when a
+/// head holds another dtype or fewer than `n` rows of `dh` (the plain-row
+/// kernels read rows by pointer, so this is checked once, not per row).
+#[cfg(target_arch = "x86_64")]
+pub(super) fn plain_views<'a>(
+    kv: &'a [HeadView],
+    n: usize,
     dh: usize,
-    window: Option<usize>,
-    scale: f32,
+) -> Option<Vec<[PlainRows<'a>; 2]>> {
+    kv.iter()
+        .map(|v| {
+            let rows = [PlainRows::of(v.k)?, PlainRows::of(v.v)?];
+            rows.iter().all(|r| r.len() >= n * dh).then_some(rows)
+        })
+        .collect()
+}
+
+/// What every token chunk reads.
+pub(super) struct ScoreJob<'a> {
+    /// `[H*T, D]`
+    pub q: &'a [f32],
+    pub q_pos: &'a [usize],
+    pub kv: &'a [HeadView<'a>],
+    /// Query rows per KV head, `G * T`.
+    pub gt: usize,
+    pub t: usize,
+    pub dh: usize,
+    pub window: Option<usize>,
+    pub scale: f32,
 }
 
 avx2_dispatch! {
@@ -235,11 +243,11 @@ fn attend_plain(job: &ScoreJob, rows: &[[PlainRows; 2]], n: usize) -> Vec<f32> {
 /// score `m` (`-inf` when it has none), the sum `l` of `exp(score - m)`, and
 /// the values summed with those weights.
 #[cfg(target_arch = "x86_64")]
-struct Part {
-    m: Vec<f32>,
-    l: Vec<f32>,
+pub(super) struct Part {
+    pub m: Vec<f32>,
+    pub l: Vec<f32>,
     /// `[rows, head_dim]`
-    o: Vec<f32>,
+    pub o: Vec<f32>,
 }
 
 /// Query rows taken together by the kernels (their accumulators fill the
@@ -247,9 +255,19 @@ struct Part {
 #[cfg(target_arch = "x86_64")]
 const ROWS: usize = 3;
 
+/// Tokens `toks`' [`Part`] of every query row of `job`: scores, a softmax
+/// relative to the chunk's own maximum, and the weighted values.
+///
+/// # Shapes
+/// returns parts of `job.gt * H_kv` rows
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C and the head width suits the plain-row
+/// kernels ([`plain_rows::available`]); `rows` came from [`plain_views`] for
+/// at least `toks.end` tokens.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn chunk_f16c(
+pub(super) unsafe fn chunk_f16c(
     job: &ScoreJob,
     rows: &[[PlainRows; 2]],
     toks: std::ops::Range<usize>,

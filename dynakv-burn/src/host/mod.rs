@@ -1,5 +1,6 @@
 //! Burn-free host kernels: the fused decode-step attention of the dense and
-//! DynaKV caches over host vectors, their shared arithmetic (AVX2 with a
+//! DynaKV caches over host vectors, the dense cache's blocked prefill
+//! attention, their shared arithmetic (AVX2 with a
 //! portable fallback), and RoPE on the host.
 //!
 //! Why on the host: a decode step on a CPU attends one query over thousands
@@ -8,6 +9,7 @@
 //! vectors in place and split the tokens over cores.
 
 pub(crate) mod dense_decode;
+pub(crate) mod dense_prefill;
 pub(crate) mod latent_decode;
 pub(crate) mod math;
 pub(crate) mod plain_rows;
