@@ -265,3 +265,17 @@ fn tiles_give_the_row_kernels_q8_products() {
     let (m, _) = matrix(GgmlType::Q4K, &[0, 2], 32, 256, 1);
     assert_eq!(m.with_tiles().tile_bytes(), 0);
 }
+
+#[test]
+fn the_tiled_transpose_moves_every_element() {
+    // whole and partial tiles both ways, and a single row or column
+    for (rows, cols) in [(70, 45), (32, 64), (1, 40), (40, 1), (3, 3)] {
+        let x: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+        let y = transposed(&x, rows, cols);
+        for r in 0..rows {
+            for c in 0..cols {
+                assert_eq!(y[c * rows + r], x[r * cols + c], "{rows}x{cols} at {r},{c}");
+            }
+        }
+    }
+}
