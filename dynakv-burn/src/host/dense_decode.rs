@@ -22,7 +22,7 @@ use rayon::prelude::*;
 use crate::attention::hidden;
 
 use super::math::{avx2_dispatch, axpy, dot, softmax_columns, Heads, CHUNK};
-use super::plain_rows::{self, PlainRows};
+use super::plain_rows::{self, KernelCopy, PlainRows};
 
 /// One KV head's stored tokens as the kernel reads them.
 ///
@@ -52,19 +52,19 @@ pub(crate) fn attend(
     kv: &[HeadView],
     window: Option<usize>,
 ) -> Vec<f32> {
-    let fast = plain_rows::available(heads.head_dim);
-    attend_with(heads, q, q_pos, kv, window, fast)
+    let copy = KernelCopy::best(heads.head_dim);
+    attend_with(heads, q, q_pos, kv, window, copy)
 }
 
-/// [`attend`], on the plain-row kernels when `fast` and every row is f32 or
-/// f16, on the generic ones otherwise.
+/// [`attend`] on the plain-row kernels' copy `copy` where every row is f32
+/// or f16, on the generic ones otherwise (or when `copy` is `Generic`).
 fn attend_with(
     heads: Heads,
     q: &[f32],
     q_pos: &[usize],
     kv: &[HeadView],
     window: Option<usize>,
-    fast: bool,
+    copy: KernelCopy,
 ) -> Vec<f32> {
     let (h, dh, t) = (heads.n_heads, heads.head_dim, q_pos.len());
     let ht = h * t;
@@ -81,13 +81,11 @@ fn attend_with(
         scale: 1.0 / (dh as f32).sqrt(),
     };
     #[cfg(target_arch = "x86_64")]
-    if fast {
+    if copy != KernelCopy::Generic {
         if let Some(rows) = plain_views(kv, n, dh) {
-            return attend_plain(&job, &rows, n);
+            return attend_plain(&job, &rows, n, copy);
         }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = fast;
     // Scores, slot-major `[n, H*T]` (column `qh * T + ti`, so the query rows
     // of KV head g are the columns `g*G*T .. (g+1)*G*T`): token chunks write
     // disjoint rows, and one softmax and one value pass serve every head.
@@ -208,15 +206,15 @@ fn value_chunk_impl(job: &ScoreJob, probs: &[f32], toks: std::ops::Range<usize>,
 /// # Shapes
 /// returns `[G*T*H_kv, head_dim]`, row `r` the query row `r` of `job.q`
 #[cfg(target_arch = "x86_64")]
-fn attend_plain(job: &ScoreJob, rows: &[[PlainRows; 2]], n: usize) -> Vec<f32> {
+fn attend_plain(job: &ScoreJob, rows: &[[PlainRows; 2]], n: usize, copy: KernelCopy) -> Vec<f32> {
     let (dh, ht) = (job.dh, job.gt * job.kv.len());
     let parts: Vec<Part> = (0..n.div_ceil(CHUNK))
         .into_par_iter()
         .map(|c| {
             let toks = c * CHUNK..((c + 1) * CHUNK).min(n);
-            // SAFETY: the caller checked AVX2, FMA and F16C and the head
-            // width (plain_rows::available).
-            unsafe { chunk_f16c(job, rows, toks) }
+            // SAFETY: `copy` is one this CPU runs for this head width
+            // (KernelCopy::best or ::available), not Generic
+            unsafe { chunk_f16c(job, rows, toks, copy) }
         })
         .collect();
     let mut out = vec![0f32; ht * dh];
@@ -255,6 +253,12 @@ pub(super) struct Part {
 #[cfg(target_arch = "x86_64")]
 const ROWS: usize = 3;
 
+/// [`ROWS`] with 32 vector registers: six query rows' accumulators against
+/// four tokens (scores) or four lanes (values) still fit, and each key or
+/// value load feeds twice as many products.
+#[cfg(target_arch = "x86_64")]
+const WIDE_ROWS: usize = 6;
+
 /// Tokens `toks`' [`Part`] of every query row of `job`: scores, a softmax
 /// relative to the chunk's own maximum, and the weighted values.
 ///
@@ -262,12 +266,53 @@ const ROWS: usize = 3;
 /// returns parts of `job.gt * H_kv` rows
 ///
 /// # Safety
-/// The CPU has AVX2, FMA and F16C and the head width suits the plain-row
-/// kernels ([`plain_rows::available`]); `rows` came from [`plain_views`] for
-/// at least `toks.end` tokens.
+/// `copy` is not `Generic` and is one this CPU runs for this head width
+/// ([`KernelCopy::best`]); `rows` came from [`plain_views`] for at least
+/// `toks.end` tokens.
+#[cfg(target_arch = "x86_64")]
+pub(super) unsafe fn chunk_f16c(
+    job: &ScoreJob,
+    rows: &[[PlainRows; 2]],
+    toks: std::ops::Range<usize>,
+    copy: KernelCopy,
+) -> Part {
+    if copy == KernelCopy::Avx2Wide {
+        chunk_wide(job, rows, toks)
+    } else {
+        chunk_narrow(job, rows, toks)
+    }
+}
+
+/// [`chunk_body`] for AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn chunk_f16c(
+unsafe fn chunk_narrow(
+    job: &ScoreJob,
+    rows: &[[PlainRows; 2]],
+    toks: std::ops::Range<usize>,
+) -> Part {
+    chunk_body::<ROWS>(job, rows, toks)
+}
+
+/// [`chunk_body`] where the CPU also has AVX-512F/VL: the same eight-lane
+/// code, but the compiler has 32 vector registers instead of 16, so it
+/// takes [`WIDE_ROWS`] query rows at a time without spilling accumulators
+/// to the stack (three rows spilled with 16).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
+unsafe fn chunk_wide(
+    job: &ScoreJob,
+    rows: &[[PlainRows; 2]],
+    toks: std::ops::Range<usize>,
+) -> Part {
+    chunk_body::<WIDE_ROWS>(job, rows, toks)
+}
+
+/// The body of [`chunk_f16c`], compiled inside each copy, `ROWS_N` query
+/// rows at a time (at most six).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn chunk_body<const ROWS_N: usize>(
     job: &ScoreJob,
     rows: &[[PlainRows; 2]],
     toks: std::ops::Range<usize>,
@@ -288,10 +333,13 @@ pub(super) unsafe fn chunk_f16c(
         let group = g * gt..(g + 1) * gt;
         let mut r = group.start;
         while r < group.end {
-            let take = (group.end - r).min(ROWS);
+            let take = (group.end - r).min(ROWS_N);
             let qs = &job.q[r * dh..(r + take) * dh];
             let out = &mut s[r * len..(r + take) * len];
             match take {
+                6 => scores::<6>(k, first, len, lanes, qs, job.scale, out),
+                5 => scores::<5>(k, first, len, lanes, qs, job.scale, out),
+                4 => scores::<4>(k, first, len, lanes, qs, job.scale, out),
                 3 => scores::<3>(k, first, len, lanes, qs, job.scale, out),
                 2 => scores::<2>(k, first, len, lanes, qs, job.scale, out),
                 _ => scores::<1>(k, first, len, lanes, qs, job.scale, out),
@@ -317,16 +365,22 @@ pub(super) unsafe fn chunk_f16c(
         }
         let mut r = group.start;
         while r < group.end {
-            let take = (group.end - r).min(ROWS);
+            let take = (group.end - r).min(ROWS_N);
             let ws = &s[r * len..(r + take) * len];
             let out = &mut part.o[r * dh..(r + take) * dh];
             let mut c0 = 0;
             while c0 < lanes {
                 let wide = lanes - c0 >= 4;
                 match (take, wide) {
+                    (6, true) => weighted_rows::<6, 4>(v, first, len, lanes, c0, ws, out),
+                    (5, true) => weighted_rows::<5, 4>(v, first, len, lanes, c0, ws, out),
+                    (4, true) => weighted_rows::<4, 4>(v, first, len, lanes, c0, ws, out),
                     (3, true) => weighted_rows::<3, 4>(v, first, len, lanes, c0, ws, out),
                     (2, true) => weighted_rows::<2, 4>(v, first, len, lanes, c0, ws, out),
                     (_, true) => weighted_rows::<1, 4>(v, first, len, lanes, c0, ws, out),
+                    (6, false) => weighted_rows::<6, 1>(v, first, len, lanes, c0, ws, out),
+                    (5, false) => weighted_rows::<5, 1>(v, first, len, lanes, c0, ws, out),
+                    (4, false) => weighted_rows::<4, 1>(v, first, len, lanes, c0, ws, out),
                     (3, false) => weighted_rows::<3, 1>(v, first, len, lanes, c0, ws, out),
                     (2, false) => weighted_rows::<2, 1>(v, first, len, lanes, c0, ws, out),
                     (_, false) => weighted_rows::<1, 1>(v, first, len, lanes, c0, ws, out),
@@ -476,18 +530,17 @@ mod tests {
         let q_pos = [450, 598];
         let q = numbers(heads.n_heads * q_pos.len() * dh, 5);
         // causal, and a sliding window that hides the older keys
-        // both copies of the kernel where the CPU runs the fast one
-        let copies = [false, plain_rows::available(dh)];
+        // every copy of the kernel this CPU runs
         for window in [None, Some(200)] {
             let want = reference(heads, &q, &q_pos, kv, window);
-            for fast in copies {
-                let got = attend_with(heads, &q, &q_pos, kv, window, fast);
+            for copy in KernelCopy::available(dh) {
+                let got = attend_with(heads, &q, &q_pos, kv, window, copy);
                 let diff = got
                     .iter()
                     .zip(&want)
                     .map(|(a, b)| (a - b).abs())
                     .fold(0f32, f32::max);
-                assert!(diff < 1e-5, "{window:?}, fast {fast}: {diff}");
+                assert!(diff < 1e-5, "{window:?}, {copy:?}: {diff}");
             }
         }
     }

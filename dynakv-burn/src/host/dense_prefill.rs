@@ -19,6 +19,7 @@ use rayon::prelude::*;
 
 use super::dense_decode::HeadView;
 use super::math::Heads;
+use super::plain_rows::KernelCopy;
 
 /// Queries per task: small enough that a 512-token prefill makes eight
 /// tasks for two to four cores and that a block wastes little of its last
@@ -45,9 +46,28 @@ pub(crate) fn attend(
     kv: &[HeadView],
     window: Option<usize>,
 ) -> Option<Vec<f32>> {
+    attend_with(
+        heads,
+        q,
+        q_pos,
+        kv,
+        window,
+        KernelCopy::best(heads.head_dim),
+    )
+}
+
+/// [`attend`] on the kernels' copy `copy` (`None` for `Generic`).
+fn attend_with(
+    heads: Heads,
+    q: &[f32],
+    q_pos: &[usize],
+    kv: &[HeadView],
+    window: Option<usize>,
+    copy: KernelCopy,
+) -> Option<Vec<f32>> {
     #[cfg(target_arch = "x86_64")]
     {
-        if !super::plain_rows::available(heads.head_dim) {
+        if copy == KernelCopy::Generic {
             return None;
         }
         let n = kv.first().map_or(0, |v| v.positions.len());
@@ -55,11 +75,11 @@ pub(crate) fn attend(
             return None;
         }
         let rows = super::dense_decode::plain_views(kv, n, heads.head_dim)?;
-        Some(blocked(heads, q, q_pos, kv, &rows, window))
+        Some(blocked(heads, q, q_pos, kv, &rows, window, copy))
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (heads, q, q_pos, kv, window);
+        let _ = (heads, q, q_pos, kv, window, copy);
         None
     }
 }
@@ -73,6 +93,7 @@ fn blocked(
     kv: &[HeadView],
     rows: &[[super::plain_rows::PlainRows; 2]],
     window: Option<usize>,
+    copy: KernelCopy,
 ) -> Vec<f32> {
     use super::math::CHUNK;
     let (h, dh, t) = (heads.n_heads, heads.head_dim, q_pos.len());
@@ -92,7 +113,10 @@ fn blocked(
         .into_par_iter()
         .map(|b| {
             let ts = b * QUERY_BLOCK..((b + 1) * QUERY_BLOCK).min(t);
-            (b, block(heads, q, q_pos, ts, kv, rows, &spans, window))
+            (
+                b,
+                block(heads, q, q_pos, ts, kv, rows, &spans, window, copy),
+            )
         })
         .collect();
     let mut out = vec![0f32; h * t * dh];
@@ -122,6 +146,7 @@ fn block(
     rows: &[[super::plain_rows::PlainRows; 2]],
     spans: &[(usize, usize)],
     window: Option<usize>,
+    copy: KernelCopy,
 ) -> Vec<f32> {
     use super::dense_decode::{chunk_f16c, ScoreJob};
     use super::math::{axpy, CHUNK};
@@ -158,10 +183,10 @@ fn block(
             continue;
         }
         let toks = c * CHUNK..((c + 1) * CHUNK).min(n);
-        // SAFETY: `attend` checked the CPU's features and the head width
-        // (plain_rows::available), and `rows` holds `n` tokens per head
+        // SAFETY: `copy` is one this CPU runs for this head width, not
+        // Generic (attend_with), and `rows` holds `n` tokens per head
         // (plain_views).
-        let part = unsafe { chunk_f16c(&job, rows, toks) };
+        let part = unsafe { chunk_f16c(&job, rows, toks, copy) };
         for r in 0..n_rows {
             let pm = part.m[r];
             if pm == f32::NEG_INFINITY {
@@ -259,11 +284,12 @@ mod tests {
             head_dim: 24,
         };
         let dh = heads.head_dim;
-        if !crate::host::plain_rows::available(dh) {
-            // another CPU: the caller takes the tensor path, tested there
-            assert!(attend(heads, &[], &[], &[], None).is_none());
-            return;
-        }
+        // the generic copy declines: the caller takes the tensor path
+        assert!(attend_with(heads, &[], &[], &[], None, KernelCopy::Generic).is_none());
+        let copies: Vec<KernelCopy> = KernelCopy::available(dh)
+            .into_iter()
+            .filter(|&c| c != KernelCopy::Generic)
+            .collect();
         // a prefill of 300 tokens after 65 cached ones: several query blocks
         // and key chunks, a diagonal that cuts chunks, chunks wholly after a
         // block. (a) every head holds positions 0..365: block 0's last
@@ -301,13 +327,16 @@ mod tests {
                 ];
                 for window in [None, Some(67), Some(1)] {
                     let want = reference(heads, &q, &q_pos, &kv, window);
-                    let got = attend(heads, &q, &q_pos, &kv, window).expect("plain rows");
-                    let diff = got
-                        .iter()
-                        .zip(&want)
-                        .map(|(a, b)| (a - b).abs())
-                        .fold(0f32, f32::max);
-                    assert!(diff < 2e-6, "{dtype:?} {window:?}: {diff}");
+                    for &copy in &copies {
+                        let got =
+                            attend_with(heads, &q, &q_pos, &kv, window, copy).expect("plain rows");
+                        let diff = got
+                            .iter()
+                            .zip(&want)
+                            .map(|(a, b)| (a - b).abs())
+                            .fold(0f32, f32::max);
+                        assert!(diff < 2e-6, "{dtype:?} {window:?} {copy:?}: {diff}");
+                    }
                 }
             }
         }
@@ -323,6 +352,8 @@ mod tests {
             n_kv_heads: 1,
             ..heads
         };
-        assert!(attend(one, &q, &q_pos, &kv, None).is_none());
+        for &copy in &copies {
+            assert!(attend_with(one, &q, &q_pos, &kv, None, copy).is_none());
+        }
     }
 }

@@ -57,6 +57,49 @@ pub(crate) fn available(head_dim: usize) -> bool {
     }
 }
 
+/// Which compiled copy of the kernels built on [`x86`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KernelCopy {
+    /// Portable code, rows decoded one at a time (any CPU, any dtype).
+    Generic,
+    /// AVX2 + FMA + F16C, sixteen vector registers.
+    Avx2,
+    /// The same eight-lane code where the CPU also has AVX-512F/VL: the
+    /// compiler then has 32 vector registers.
+    Avx2Wide,
+}
+
+impl KernelCopy {
+    /// The fastest copy this CPU runs for rows of `head_dim` values.
+    pub(crate) fn best(head_dim: usize) -> Self {
+        if !available(head_dim) {
+            return Self::Generic;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+        {
+            return Self::Avx2Wide;
+        }
+        Self::Avx2
+    }
+
+    /// Every copy this CPU runs for rows of `head_dim` values (tests run
+    /// them all).
+    #[cfg(test)]
+    pub(crate) fn available(head_dim: usize) -> Vec<Self> {
+        let best = Self::best(head_dim);
+        [Self::Generic, Self::Avx2, Self::Avx2Wide]
+            .into_iter()
+            .filter(|c| match c {
+                Self::Generic => true,
+                Self::Avx2 => best != Self::Generic,
+                Self::Avx2Wide => best == Self::Avx2Wide,
+            })
+            .collect()
+    }
+}
+
 /// Row operations on eight-lane vectors. Each is `#[inline(always)]` so it
 /// compiles inside its caller's `#[target_feature(enable = "avx2,fma,f16c")]`
 /// function; calling one elsewhere needs those features (see [`available`]).
