@@ -11,9 +11,12 @@
 #   LLAMACPP_DIR (default ~/.cache/dynakv/llama.cpp-0.3.36), REPACK
 #   (llama-bench's --repack, default 1 as llama-bench's own default),
 #   PREFILL_REPACK (--repack of the prefill rows, default REPACK), UBATCH
-#   (llama-bench's -ub for the decode rows, default its own) and FA (its
+#   (llama-bench's -ub for the decode rows, default its own), FA (its
 #   --flash-attn values, default "0,1": the table keeps llama.cpp's faster
-#   setting per row and names it) may be set.
+#   setting per row and names it) and DECODE_FA (the decode rows' values,
+#   default FA; with UBATCH=1 flash attention fills a deep context one
+#   token at a time very slowly here, so DECODE_FA=0 saves many minutes)
+#   may be set.
 #   Where llama.cpp's repacked (AMX) weights trap: on the 2026-11-30 VM kind
 #   the CPU reports AMX but its tile instructions raise "invalid opcode", so
 #   every prompt batch of more than one token crashes with repacking while
@@ -78,7 +81,7 @@ ubatch=()
 [ -n "${UBATCH:-}" ] && ubatch=(-ub "$UBATCH")
 "$bench" -m "$model" -t "$threads" -r "$reps" --repack "$prefill_repack" -fa "$fa" -p 512,2048 -n 0 \
   -o jsonl >> "$out/llama-bench.jsonl"
-"$bench" -m "$model" -t "$threads" -r "$reps" --repack "$repack" -fa "$fa" "${ubatch[@]}" -p 0 -n 128 \
+"$bench" -m "$model" -t "$threads" -r "$reps" --repack "$repack" -fa "${DECODE_FA:-$fa}" "${ubatch[@]}" -p 0 -n 128 \
   -d "$(IFS=,; echo "${depths[*]}")" -o jsonl >> "$out/llama-bench.jsonl"
 
 # dynakv: the same sizes (prefill 512 / 2,048 with the first depth)

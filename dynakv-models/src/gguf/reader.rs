@@ -43,6 +43,9 @@ pub struct TensorBytes {
     map: Arc<Mmap>,
     start: usize,
     len: usize,
+    /// The map is a file's (its pages can be given back and read again),
+    /// not an anonymous copy.
+    file_backed: bool,
 }
 
 impl std::fmt::Debug for TensorBytes {
@@ -59,7 +62,49 @@ impl TensorBytes {
             map: Arc::new(map_copy(bytes)?),
             start: 0,
             len: bytes.len(),
+            file_backed: false,
         })
+    }
+
+    /// Gives this process's resident pages of these bytes back to the
+    /// operating system; the next read faults them in again from the file.
+    /// Returns whether it did (bytes held in memory are left alone: their
+    /// pages have no file to come back from).
+    ///
+    /// Why: with q8 numerics every product reads a tiled copy of its matrix
+    /// made at load, and reading the rows to make it left the file's pages
+    /// resident for nothing: the process held the weights twice. Only whole
+    /// pages inside these bytes are given back, so a neighbour's are not.
+    pub fn release_pages(&self) -> bool {
+        if !self.file_backed {
+            return false;
+        }
+        let page = 4096;
+        let first = self.start.div_ceil(page) * page;
+        let end = (self.start + self.len) / page * page;
+        if end <= first {
+            return false;
+        }
+        // SAFETY: a read-only shared map of a regular file, never written
+        // through: MADV_DONTNEED only drops this process's page-table
+        // entries, and the next access reads the same file contents back,
+        // so no reference into the map sees a value change (a file changed
+        // underneath would break the map itself, the contract of
+        // `GgufFile::open`). The range lies inside the map and is
+        // page-aligned (the map starts on a page).
+        #[cfg(unix)]
+        {
+            unsafe {
+                self.map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    first,
+                    end - first,
+                )
+            }
+            .is_ok()
+        }
+        #[cfg(not(unix))]
+        false
     }
 }
 
@@ -88,6 +133,8 @@ impl std::ops::Deref for TensorBytes {
 /// A memory-mapped GGUF file with its parsed header.
 pub struct GgufFile {
     mmap: Arc<Mmap>,
+    /// `mmap` maps a file (not a copy held in memory).
+    file_backed: bool,
     pub version: u32,
     pub metadata: HashMap<String, MetaValue>,
     /// Metadata keys in file order (for listing).
@@ -274,7 +321,7 @@ impl GgufFile {
             path: path.display().to_string(),
             source: e,
         })?;
-        Self::parse(mmap)
+        Self::parse(mmap, true)
     }
 
     /// Parses a GGUF file held in memory (copied into an anonymous map):
@@ -283,10 +330,10 @@ impl GgufFile {
         if bytes.is_empty() {
             return Err(ModelError::Gguf("an empty file".into()));
         }
-        Self::parse(map_copy(bytes)?)
+        Self::parse(map_copy(bytes)?, false)
     }
 
-    fn parse(mmap: Mmap) -> Result<Self, ModelError> {
+    fn parse(mmap: Mmap, file_backed: bool) -> Result<Self, ModelError> {
         let (version, metadata, metadata_keys, tensors) = parse_header(&mmap)?;
         let tensor_index = tensors
             .iter()
@@ -295,6 +342,7 @@ impl GgufFile {
             .collect();
         Ok(Self {
             mmap: Arc::new(mmap),
+            file_backed,
             version,
             metadata,
             metadata_keys,
@@ -346,6 +394,7 @@ impl GgufFile {
             map: self.mmap.clone(),
             start: info.offset as usize,
             len: info.n_bytes as usize,
+            file_backed: self.file_backed,
         }
     }
 
@@ -497,6 +546,11 @@ mod tests {
 
     /// The same file with the tensor's type id replaced.
     fn tiny_file_with_type(type_id: u32) -> Vec<u8> {
+        file_of(type_id, &[1.0, 2.0, 3.0, 4.0])
+    }
+
+    /// A file of one tensor `w` holding `values` under type id `type_id`.
+    fn file_of(type_id: u32, values: &[f32]) -> Vec<u8> {
         let mut b = Vec::new();
         b.extend_from_slice(b"GGUF");
         b.extend_from_slice(&3u32.to_le_bytes());
@@ -520,13 +574,13 @@ mod tests {
         b.extend_from_slice(&1.5f64.to_le_bytes());
         key(&mut b, "w");
         b.extend_from_slice(&1u32.to_le_bytes());
-        b.extend_from_slice(&4u64.to_le_bytes());
+        b.extend_from_slice(&(values.len() as u64).to_le_bytes());
         b.extend_from_slice(&type_id.to_le_bytes());
         b.extend_from_slice(&0u64.to_le_bytes());
         while b.len() % 32 != 0 {
             b.push(0);
         }
-        for v in [1.0f32, 2.0, 3.0, 4.0] {
+        for v in values {
             b.extend_from_slice(&v.to_le_bytes());
         }
         b
@@ -643,6 +697,24 @@ mod tests {
         let err = gguf.tensor_f32("w").unwrap_err().to_string();
         std::fs::remove_file(&path).unwrap();
         assert!(err.contains("`w`") && err.contains("element 2"), "{err}");
+    }
+
+    #[test]
+    fn released_pages_read_back_the_same_bytes() {
+        // 20 KB of f32: whole pages inside the tensor
+        let values: Vec<f32> = (0..5000).map(|i| i as f32 * 0.5).collect();
+        let path = std::env::temp_dir().join(format!("dynakv-pages-{}.gguf", std::process::id()));
+        std::fs::write(&path, file_of(0, &values)).unwrap();
+        let gguf = GgufFile::open(&path).unwrap();
+        let bytes = gguf.tensor_shared(gguf.tensor("w").unwrap());
+        let before = bytes.to_vec();
+        assert_eq!(bytes.release_pages(), cfg!(unix));
+        assert_eq!(&bytes[..], &before[..]);
+        std::fs::remove_file(&path).unwrap();
+        // a copy held in memory keeps its pages (they have no file)
+        let held = TensorBytes::from_bytes(&before).unwrap();
+        assert!(!held.release_pages());
+        assert_eq!(&held[..], &before[..]);
     }
 
     #[test]

@@ -147,13 +147,18 @@ impl QuantMatrix {
 
     /// Adds a copy of the rows in tiles of 16 (`interleave.rs`) where the CPU
     /// has AVX-512 VNNI and the format has a tile layout (Q4_1, Q8_0); a
-    /// one-token product in q8 numerics then runs on the tiles. The copy is
-    /// owned memory beside the file's map (about the matrix's size again),
-    /// so only q8 numerics ask for it.
+    /// product in q8 numerics then runs on the tiles. The copy is owned
+    /// memory (about the matrix's size), so only q8 numerics ask for it;
+    /// the rows' pages of the file's map are then given back
+    /// ([`TensorBytes::release_pages`]): products no longer read them, and
+    /// an embedding lookup faults its row back in.
     pub fn with_tiles(mut self) -> Self {
         if interleave::has_vnni512() {
             self.tiles = interleave::Interleaved::new(self.ty, self.rows, self.cols, &self.bytes)
                 .map(Arc::new);
+            if self.tiles.is_some() {
+                self.bytes.release_pages();
+            }
         }
         self
     }
