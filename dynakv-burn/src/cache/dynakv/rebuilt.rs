@@ -1,18 +1,26 @@
 //! The prefill attention path: every stored key and value rebuilt once, then
-//! burn's fused attention.
+//! the dense cache's blocked host kernel (host storage on a CPU it serves)
+//! or burn's fused attention.
 
-use burn::tensor::Tensor;
+use burn::tensor::{Tensor, TensorData};
 use dynakv_core::artifact::RopePlacement;
+use dynakv_core::quant::{KvDtype, PackedRows, RowCodec};
 
 use super::buckets::padded_latents;
 use super::DynaKvCache;
 use crate::attention::windowed_attention;
+use crate::cache::{host_rows, KvStorage};
 use crate::error::CacheError;
+use crate::host::dense_decode::HeadView;
+use crate::host::dense_prefill;
+use crate::host::math::Heads;
+use crate::host::plain_rows::KernelCopy;
 
 impl DynaKvCache {
     /// Prefill path: every stored key and value rebuilt once in token order
-    /// (`padded latents · decoder + mean`, RoPE for `pre`), then burn's fused
-    /// attention, so a prefill chunk costs what the dense cache's does plus
+    /// (`padded latents · decoder + mean`, RoPE for `pre`), then the dense
+    /// cache's attention ([`Self::attend_on_host`], else burn's fused
+    /// attention), so a prefill chunk costs what the dense cache's does plus
     /// two `[S, d] x [d, d]` products.
     ///
     /// # Shapes
@@ -62,6 +70,9 @@ impl DynaKvCache {
             RopePlacement::Post => keys,
         };
         let values = rebuild(1, dec.dec_v);
+        if let Some(out) = self.attend_on_host(&q_rot, &keys, &values, positions, &k_pos)? {
+            return Ok(out);
+        }
         Ok(windowed_attention(
             q_rot,
             keys,
@@ -70,5 +81,60 @@ impl DynaKvCache {
             &k_pos,
             self.window,
         ))
+    }
+
+    /// The rebuilt keys and values through the dense cache's blocked prefill
+    /// kernel ([`dense_prefill`]: one task per query block, invisible key
+    /// chunks skipped), or `None` where it does not serve (device storage,
+    /// a batch, a CPU or head width without the plain-row kernels). burn's
+    /// attention stacks a group's query heads into one task per KV head
+    /// and scores every masked key.
+    ///
+    /// # Shapes
+    /// - `q_rot`: `[1, H, T, D]`; `keys`, `values`: `[1, H_kv, S, D]`
+    /// - returns `[1, H, T, D]`
+    fn attend_on_host(
+        &self,
+        q_rot: &Tensor<4>,
+        keys: &Tensor<4>,
+        values: &Tensor<4>,
+        positions: &[usize],
+        k_pos: &[usize],
+    ) -> Result<Option<Tensor<4>>, CacheError> {
+        let [bsz, h, t, dh] = q_rot.dims();
+        let hk = self.geometry.n_kv_heads;
+        if self.bases.storage != KvStorage::Host
+            || bsz != 1
+            || KernelCopy::best(dh) == KernelCopy::Generic
+        {
+            return Ok(None);
+        }
+        let (q, k, v) = (host_rows(q_rot)?, host_rows(keys)?, host_rows(values)?);
+        let s = k_pos.len();
+        let head_rows = |x: &[f32], i: usize| {
+            let mut r = PackedRows::new(RowCodec::Plain(KvDtype::F32), dh);
+            r.push(&x[i * s * dh..(i + 1) * s * dh]);
+            r
+        };
+        let ks: Vec<PackedRows> = (0..hk).map(|i| head_rows(&k, i)).collect();
+        let vs: Vec<PackedRows> = (0..hk).map(|i| head_rows(&v, i)).collect();
+        let views: Vec<HeadView> = ks
+            .iter()
+            .zip(&vs)
+            .map(|(k, v)| HeadView {
+                k,
+                v,
+                positions: k_pos,
+            })
+            .collect();
+        let heads = Heads {
+            n_heads: h,
+            n_kv_heads: hk,
+            head_dim: dh,
+        };
+        Ok(
+            dense_prefill::attend(heads, &q, positions, &views, self.window)
+                .map(|out| Tensor::from_data(TensorData::new(out, [1, h, t, dh]), &q_rot.device())),
+        )
     }
 }
