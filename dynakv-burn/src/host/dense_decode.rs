@@ -431,59 +431,8 @@ unsafe fn scores<const R: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host::attention_reference::{numbers, reference};
     use dynakv_core::quant::{KvDtype, RowCodec};
-
-    /// Head by head, query by query, with explicit loops: the reference.
-    fn reference(
-        heads: Heads,
-        q: &[f32],
-        q_pos: &[usize],
-        kv: &[HeadView],
-        window: Option<usize>,
-    ) -> Vec<f32> {
-        let (h, dh, t) = (heads.n_heads, heads.head_dim, q_pos.len());
-        let groups = h / heads.n_kv_heads;
-        let mut out = vec![0f32; h * t * dh];
-        for qh in 0..h {
-            let view = &kv[qh / groups];
-            let (kf, vf) = (view.k.to_f32(), view.v.to_f32());
-            for ti in 0..t {
-                let qr = &q[(qh * t + ti) * dh..(qh * t + ti + 1) * dh];
-                let s: Vec<f32> = (0..view.positions.len())
-                    .map(|j| {
-                        if hidden(q_pos[ti], view.positions[j], window) {
-                            f32::NEG_INFINITY
-                        } else {
-                            let k = &kf[j * dh..(j + 1) * dh];
-                            qr.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() / (dh as f32).sqrt()
-                        }
-                    })
-                    .collect();
-                let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let e: Vec<f32> = s.iter().map(|x| (x - m).exp()).collect();
-                let z: f32 = e.iter().sum();
-                let o = &mut out[(qh * t + ti) * dh..(qh * t + ti + 1) * dh];
-                for (j, w) in e.iter().enumerate() {
-                    for (i, x) in o.iter_mut().enumerate() {
-                        *x += w / z * vf[j * dh + i];
-                    }
-                }
-            }
-        }
-        out
-    }
-
-    fn numbers(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-            })
-            .collect()
-    }
 
     #[test]
     fn the_kernel_equals_explicit_attention_across_chunks_and_pruned_heads() {

@@ -8,6 +8,8 @@
 //! contiguous tensor per step, while these kernels read the caches' own
 //! vectors in place and split the tokens over cores.
 
+#[cfg(test)]
+mod attention_reference;
 pub(crate) mod dense_decode;
 pub(crate) mod dense_prefill;
 pub(crate) mod latent_decode;
