@@ -55,10 +55,10 @@ pub(crate) fn check_window(window: usize) -> Result<usize, CacheError> {
 }
 
 /// Decode steps with at most this many queries run a host decode kernel
-/// (with [`KvStorage::Host`]); longer chunks (a prefill) take the dense
-/// cache's blocked host kernel where its rows are f32 / f16
-/// (`host::dense_prefill`), and burn's attention otherwise (DynaKV's
-/// prefill reconstructs keys as matrix products, where burn's GEMM wins).
+/// (with [`KvStorage::Host`]); longer chunks (a prefill) attend on the
+/// blocked host kernel (`host::dense_prefill`) over f32 / f16 rows (DynaKV
+/// first rebuilds its keys and values with burn's GEMM), and through burn's
+/// attention otherwise.
 pub(crate) const HOST_KERNEL_MAX_QUERIES: usize = 4;
 
 /// A tensor's values on the host, row-major.

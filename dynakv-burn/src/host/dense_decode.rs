@@ -86,6 +86,8 @@ fn attend_with(
             return attend_plain(&job, &rows, n, copy);
         }
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = copy;
     // Scores, slot-major `[n, H*T]` (column `qh * T + ti`, so the query rows
     // of KV head g are the columns `g*G*T .. (g+1)*G*T`): token chunks write
     // disjoint rows, and one softmax and one value pass serve every head.

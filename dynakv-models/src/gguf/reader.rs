@@ -79,6 +79,8 @@ impl TensorBytes {
         if !self.file_backed {
             return false;
         }
+        // 4 KiB pages; where pages are larger the range is misaligned,
+        // madvise refuses it and the pages simply stay
         let page = 4096;
         let first = self.start.div_ceil(page) * page;
         let end = (self.start + self.len) / page * page;
