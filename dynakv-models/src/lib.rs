@@ -41,6 +41,7 @@ pub mod corpus;
 mod error;
 pub mod generate;
 pub mod gguf;
+mod huge_pages;
 pub mod llama;
 pub mod qmatmul;
 pub mod stamp;

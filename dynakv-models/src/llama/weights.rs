@@ -106,11 +106,17 @@ pub enum Projection {
 impl Projection {
     /// A packed projection in the given numerics; q8 adds the rows in tiles
     /// for one-token products where the CPU has AVX-512 VNNI
-    /// ([`QuantMatrix::with_tiles`]).
+    /// ([`QuantMatrix::with_tiles`]); rows that products read in the file's
+    /// layout are moved onto huge pages ([`QuantMatrix::on_huge_pages`]).
     pub fn packed(m: QuantMatrix, numerics: Numerics) -> Self {
-        match numerics {
-            Numerics::Q8 => Self::Packed(m.with_tiles(), numerics),
-            Numerics::F32 => Self::Packed(m, numerics),
+        let m = match numerics {
+            Numerics::Q8 => m.with_tiles(),
+            Numerics::F32 => m,
+        };
+        if m.tile_bytes() > 0 {
+            Self::Packed(m, numerics)
+        } else {
+            Self::Packed(m.on_huge_pages(), numerics)
         }
     }
 

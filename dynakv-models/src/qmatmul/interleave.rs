@@ -22,15 +22,16 @@
 //!   the offset): 608 bytes against 544.
 
 use crate::gguf::GgmlType;
+use crate::huge_pages::HugeBytes;
 
 /// Rows per group (the lanes of one 512-bit vector of i32).
 pub(crate) const GROUP: usize = 16;
 
 /// A matrix's rows in tiles (see the module's documentation).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct Interleaved {
     /// Groups one after another, each its row blocks' tiles in order.
-    pub(crate) data: Vec<u8>,
+    pub(crate) data: HugeBytes,
 }
 
 /// Bytes of one tile.
@@ -56,18 +57,21 @@ impl Interleaved {
         if bytes.len() != rows * row_bytes {
             return None;
         }
-        let mut data = vec![0u8; rows / GROUP * kb * tb];
-        for (g, group) in data.chunks_exact_mut(kb * tb).enumerate() {
-            for (b, tile) in group.chunks_exact_mut(tb).enumerate() {
-                for r in 0..GROUP {
-                    let blk = &bytes[(g * GROUP + r) * row_bytes + b * bb..][..bb];
-                    match ty {
-                        GgmlType::Q4_1 => fill_q4_1(tile, r, blk),
-                        _ => fill_q8_0(tile, r, blk),
+        // on huge pages: a decode step streams every tile once
+        let data = HugeBytes::filled(rows / GROUP * kb * tb, |data| {
+            for (g, group) in data.chunks_exact_mut(kb * tb).enumerate() {
+                for (b, tile) in group.chunks_exact_mut(tb).enumerate() {
+                    for r in 0..GROUP {
+                        let blk = &bytes[(g * GROUP + r) * row_bytes + b * bb..][..bb];
+                        match ty {
+                            GgmlType::Q4_1 => fill_q4_1(tile, r, blk),
+                            _ => fill_q8_0(tile, r, blk),
+                        }
                     }
                 }
             }
-        }
+        })
+        .ok()?;
         Some(Self { data })
     }
 

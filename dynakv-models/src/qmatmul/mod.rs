@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
 use crate::gguf::{dequantize_into, GgmlType, TensorBytes};
+use crate::huge_pages::HugeBytes;
 use kernel::{Activations, Isa};
 
 /// How activations meet quantised weights.
@@ -77,6 +78,9 @@ pub struct QuantMatrix {
     /// The rows again in tiles of 16 for one-token q8 products
     /// ([`QuantMatrix::with_tiles`]).
     tiles: Option<Arc<interleave::Interleaved>>,
+    /// The rows copied onto huge pages, read instead of `bytes`
+    /// ([`QuantMatrix::on_huge_pages`]).
+    huge: Option<Arc<HugeBytes>>,
 }
 
 impl QuantMatrix {
@@ -112,6 +116,7 @@ impl QuantMatrix {
             row_bytes,
             bytes,
             tiles: None,
+            huge: None,
         };
         m.check_finite(name)?;
         Ok(m)
@@ -163,6 +168,30 @@ impl QuantMatrix {
         self
     }
 
+    /// Moves the rows onto huge pages (`huge_pages.rs`: a decode step
+    /// streams every row once, and small matrices on 4 KiB pages stream at
+    /// a third of a large one's speed) and gives the file's pages back. A
+    /// no-op where the system refuses the memory.
+    pub fn on_huge_pages(mut self) -> Self {
+        if self.huge.is_none() {
+            self.huge = HugeBytes::filled(self.bytes.len(), |b| b.copy_from_slice(&self.bytes))
+                .ok()
+                .map(Arc::new);
+            if self.huge.is_some() {
+                self.bytes.release_pages();
+            }
+        }
+        self
+    }
+
+    /// The rows' bytes: the huge-page copy where there is one.
+    fn row_data(&self) -> &[u8] {
+        match &self.huge {
+            Some(h) => h,
+            None => &self.bytes,
+        }
+    }
+
     /// Bytes of the tiled copy (0 without one).
     pub fn tile_bytes(&self) -> usize {
         self.tiles.as_ref().map_or(0, |t| t.byte_len())
@@ -172,7 +201,7 @@ impl QuantMatrix {
     /// lookup.
     pub fn row_into(&self, r: usize, out: &mut [f32]) {
         let start = r * self.row_bytes;
-        if let Some(b) = self.bytes.get(start..start + self.row_bytes) {
+        if let Some(b) = self.row_data().get(start..start + self.row_bytes) {
             dequantize_into(self.ty, b, out);
         }
     }
@@ -182,7 +211,10 @@ impl QuantMatrix {
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
         out.par_chunks_mut(self.cols.max(1) * ROWS_PER_TASK)
-            .zip(self.bytes.par_chunks(self.row_bytes.max(1) * ROWS_PER_TASK))
+            .zip(
+                self.row_data()
+                    .par_chunks(self.row_bytes.max(1) * ROWS_PER_TASK),
+            )
             .for_each(|(o, b)| dequantize_into(self.ty, b, o));
         out
     }
@@ -299,7 +331,7 @@ fn matmul_group_with(
                 true,
                 &it.data[..],
             ),
-            None => (ROWS_PER_TASK * m.row_bytes, false, &m.bytes[..]),
+            None => (ROWS_PER_TASK * m.row_bytes, false, m.row_data()),
         };
         for (o, w) in out.chunks_mut(ROWS_PER_TASK * t).zip(w.chunks(w_chunk)) {
             tasks.push((i, is_tiled, w, o));

@@ -206,6 +206,32 @@ fn rows_and_full_dequantisation_match_the_reader() {
 }
 
 #[test]
+fn rows_on_huge_pages_give_the_same_rows_and_products() {
+    for (t, scales, rows, cols) in [
+        (GgmlType::Q4K, &[0usize, 2][..], 40, 256),
+        (GgmlType::Q4_1, &[0, 2][..], 48, 544),
+    ] {
+        let (m, dense) = matrix(t, scales, rows, cols, 9);
+        let moved = m.clone().on_huge_pages();
+        assert!(moved.huge.as_ref().is_some_and(|h| h.len() == m.byte_len()));
+        assert_eq!(moved.dequantize(), dense, "{t:?}");
+        let mut row = vec![0f32; cols];
+        moved.row_into(rows - 1, &mut row);
+        assert_eq!(row, dense[(rows - 1) * cols..], "{t:?}");
+        for numerics in [Numerics::F32, Numerics::Q8] {
+            for n_tok in [1, 3] {
+                let x = activations(n_tok, cols, 10);
+                assert_eq!(
+                    moved.matmul(&x, numerics).unwrap(),
+                    m.matmul(&x, numerics).unwrap(),
+                    "{t:?} {numerics} T={n_tok}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn a_group_equals_its_products_one_by_one() {
     let cols = 512;
     let ms: Vec<QuantMatrix> = [
