@@ -1,17 +1,19 @@
 //! Owned copies of weights on transparent huge pages, packed one after
 //! another in load order.
 //!
-//! Why: a decode step streams every weight once. With 4 KiB pages, each of
-//! SmolLM2's 210 small matrices (70 to 550 KB) costs a TLB miss every 4 KiB
-//! and restarts the hardware prefetcher at every page boundary: on one
-//! thread, the 33.6 MB output head's tiles streamed at about 22 GB/s and the
-//! blocks' tiles at about 7 GB/s, and the same binary decoded 13–20% faster
-//! with its heap on 2 MiB pages (docs/results.md, "Weights on huge pages").
+//! Why: a decode step streams every weight once, about 100 MB on SmolLM2,
+//! spread over 211 matrices of 70 to 550 KB. With the weights on 2 MiB
+//! pages, SmolLM2's q8 decode from an empty context ran 1.14x and 1.17x as
+//! fast (two runs of 8 and 10 back-to-back pairs, every pair faster;
+//! docs/results.md, "Weights on huge pages"); fewer TLB misses and fewer
+//! hardware-prefetch restarts at 4 KiB boundaries are the likely reasons
+//! (a criterion loop over the projections alone does not show the gain).
 //! Linux backs anonymous memory with huge pages on this kind of machine only
 //! where asked (THP "madvise"), and only for 2 MiB-aligned 2 MiB ranges of
 //! one mapping; small matrices therefore share large mappings (an arena)
-//! that are advised `MADV_HUGEPAGE`. Elsewhere the advice is skipped and the
-//! arena is plain memory.
+//! that are advised `MADV_HUGEPAGE`. Elsewhere, or with
+//! `DYNAKV_HUGE_PAGES=0`, the advice is skipped and the arena is plain
+//! memory.
 
 use std::ops::Deref;
 use std::sync::{Arc, Mutex};
@@ -65,7 +67,7 @@ impl Region {
         let addr = map.as_mut_ptr() as usize;
         let offset = addr.next_multiple_of(HUGE_PAGE) - addr;
         #[cfg(target_os = "linux")]
-        {
+        if advise_huge_pages() {
             // only advice: without it the region is ordinary memory
             let _ = map.advise_range(memmap2::Advice::HugePage, offset, cap);
         }
@@ -77,6 +79,13 @@ impl Region {
             cap,
         })
     }
+}
+
+/// Whether regions ask for huge pages: yes unless `DYNAKV_HUGE_PAGES=0`
+/// (for comparison, or where the kernel's huge-page work is unwelcome).
+#[cfg(target_os = "linux")]
+fn advise_huge_pages() -> bool {
+    std::env::var("DYNAKV_HUGE_PAGES").map_or(true, |v| v.trim() != "0")
 }
 
 /// The region small allocations are carved from, and how much of it is used.

@@ -169,9 +169,9 @@ impl QuantMatrix {
     }
 
     /// Moves the rows onto huge pages (`huge_pages.rs`: a decode step
-    /// streams every row once, and small matrices on 4 KiB pages stream at
-    /// a third of a large one's speed) and gives the file's pages back. A
-    /// no-op where the system refuses the memory.
+    /// streams every row once, and ran faster with the weights on 2 MiB
+    /// pages) and gives the file's pages back. A no-op where the system
+    /// refuses the memory.
     pub fn on_huge_pages(mut self) -> Self {
         if self.huge.is_none() {
             self.huge = HugeBytes::filled(self.bytes.len(), |b| b.copy_from_slice(&self.bytes))
