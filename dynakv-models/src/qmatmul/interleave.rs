@@ -20,6 +20,13 @@
 //!   is code `4 j + i` of row `r`), 16 f16 scales, 16 i32 `128 * sum(codes)`
 //!   (the product takes unsigned activations `q + 128`, and this removes
 //!   the offset): 608 bytes against 544.
+//! - Q5_0: the four low bits of each code as Q4_1's 256 bytes; then per
+//!   vector `j` two 64-bit masks, bit `r * 4 + i` the fifth bit of code
+//!   `8 j + i` (first mask) or `8 j + 4 + i` (second) of row `r`, which the
+//!   kernel adds back as 16 with one masked byte add; 16 f16 scales: 352
+//!   bytes, the same as 16 GGUF blocks. Codes are taken unsigned (0..31);
+//!   the kernel subtracts 16 times the activations' code sum, so the
+//!   integer sums are llama.cpp's exactly.
 
 use crate::gguf::GgmlType;
 use crate::huge_pages::HugeBytes;
@@ -39,6 +46,7 @@ pub(crate) fn tile_bytes(ty: GgmlType) -> Option<usize> {
     match ty {
         GgmlType::Q4_1 => Some(320),
         GgmlType::Q8_0 => Some(608),
+        GgmlType::Q5_0 => Some(352),
         _ => None,
     }
 }
@@ -65,6 +73,7 @@ impl Interleaved {
                         let blk = &bytes[(g * GROUP + r) * row_bytes + b * bb..][..bb];
                         match ty {
                             GgmlType::Q4_1 => fill_q4_1(tile, r, blk),
+                            GgmlType::Q5_0 => fill_q5_0(tile, r, blk),
                             _ => fill_q8_0(tile, r, blk),
                         }
                     }
@@ -92,6 +101,29 @@ fn fill_q4_1(tile: &mut [u8], r: usize, blk: &[u8]) {
     }
     tile[256 + 2 * r..258 + 2 * r].copy_from_slice(&blk[0..2]);
     tile[288 + 2 * r..290 + 2 * r].copy_from_slice(&blk[2..4]);
+}
+
+/// Row `r`'s Q5_0 block (`d`, 32 bits of fifth bits `qh`, 16 bytes of
+/// nibbles: code `k` is nibble `k` (low nibbles first) plus 16 times bit `k`
+/// of `qh`) into a tile.
+fn fill_q5_0(tile: &mut [u8], r: usize, blk: &[u8]) {
+    let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+    let nibble = |k: usize| (blk[6 + (k & 15)] >> (4 * (k >> 4))) & 0x0F;
+    let fifth = |k: usize| (qh >> k) & 1 == 1;
+    for j in 0..4 {
+        for i in 0..4 {
+            let (a, b) = (8 * j + i, 8 * j + 4 + i);
+            tile[j * 64 + r * 4 + i] = nibble(a) | (nibble(b) << 4);
+            let bit = r * 4 + i;
+            if fifth(a) {
+                tile[256 + 16 * j + bit / 8] |= 1 << (bit % 8);
+            }
+            if fifth(b) {
+                tile[264 + 16 * j + bit / 8] |= 1 << (bit % 8);
+            }
+        }
+    }
+    tile[320 + 2 * r..322 + 2 * r].copy_from_slice(&blk[0..2]);
 }
 
 /// Row `r`'s Q8_0 block (`d`, 32 signed codes) into a tile.
@@ -124,7 +156,8 @@ pub(crate) fn has_vnni512() -> bool {
 
 /// One group's 16 products with one quantised activation row `x` (Q8_1 for
 /// Q4_1 tiles: its codes, scales and sums; Q8_0 for Q8_0 tiles: its scales,
-/// with `xu` its codes plus 128 as bytes). Needs [`has_vnni512`].
+/// with `xu` its codes plus 128 as bytes; Q8_0 for Q5_0 tiles: its codes and
+/// scales, with `xsum` each block's code sum). Needs [`has_vnni512`].
 ///
 /// # Shapes
 /// - `tiles`: `kb` tiles of one group; `out`: 16 outputs
@@ -136,6 +169,7 @@ pub(crate) unsafe fn group_product(
     tiles: &[u8],
     x: &super::q8::Q8Row,
     xu: &[u8],
+    xsum: &[i32],
     out: &mut [f32],
 ) {
     use std::arch::x86_64::*;
@@ -170,6 +204,36 @@ pub(crate) unsafe fn group_product(
             // the mins in a chain of their own
             acc_min = _mm512_fmadd_ps(mw, _mm512_set1_ps(s[b]), acc_min);
         }
+    } else if ty == GgmlType::Q5_0 {
+        let kb = kb.min(qs.len() / 32).min(xsum.len());
+        let (low, sixteen) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(16));
+        for b in 0..kb {
+            let t = tiles.as_ptr().add(b * tb);
+            let x = qs.as_ptr().add(b * 32) as *const i32;
+            let (mut lo_sum, mut hi_sum) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+            for j in 0..4 {
+                let v = _mm512_loadu_si512(t.add(j * 64) as *const _);
+                let m_lo = std::ptr::read_unaligned(t.add(256 + 16 * j) as *const u64);
+                let m_hi = std::ptr::read_unaligned(t.add(264 + 16 * j) as *const u64);
+                let lo = _mm512_and_si512(v, low);
+                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+                // the fifth bit back as 16 where its mask bit is set
+                let lo = _mm512_mask_add_epi8(lo, m_lo, lo, sixteen);
+                let hi = _mm512_mask_add_epi8(hi, m_hi, hi, sixteen);
+                let xl = _mm512_set1_epi32(std::ptr::read_unaligned(x.add(2 * j)));
+                let xh = _mm512_set1_epi32(std::ptr::read_unaligned(x.add(2 * j + 1)));
+                lo_sum = _mm512_dpbusd_epi32(lo_sum, lo, xl);
+                hi_sum = _mm512_dpbusd_epi32(hi_sum, hi, xh);
+            }
+            // codes were taken as 0..31: remove 16 * sum(x codes)
+            let sum = _mm512_sub_epi32(
+                _mm512_add_epi32(lo_sum, hi_sum),
+                _mm512_set1_epi32(16 * xsum[b]),
+            );
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(t.add(320) as *const __m256i));
+            let scale = _mm512_mul_ps(dw, _mm512_set1_ps(d[b]));
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc);
+        }
     } else {
         let kb = kb.min(xu.len() / 32);
         for (b, &db) in d.iter().enumerate().take(kb) {
@@ -195,6 +259,13 @@ pub(crate) unsafe fn group_product(
         }
     }
     _mm512_storeu_ps(out.as_mut_ptr(), _mm512_add_ps(acc, acc_min));
+}
+
+/// Each block's code sum, as the Q5_0 tiles' correction.
+pub(crate) fn block_code_sums(qs: &[i8]) -> Vec<i32> {
+    qs.chunks_exact(32)
+        .map(|b| b.iter().map(|&q| i32::from(q)).sum())
+        .collect()
 }
 
 /// The codes plus 128, as the Q8_0 tiles' unsigned operand.

@@ -310,17 +310,33 @@ fn matmul_group_with(
     fn tiled(m: &QuantMatrix, on: bool) -> Option<&interleave::Interleaved> {
         m.tiles.as_deref().filter(|_| on)
     }
-    // each token's codes plus 128, where a tiled Q8_0 matrix needs them
-    let offsets: Vec<Vec<u8>> = quantised
+    // per token, from its Q8_0 codes, what tiled matrices of the group need
+    let q8_0_rows = quantised
         .iter()
         .find(|(k, _)| *k == q8::Q8Kind::Q8_0)
-        .filter(|_| ms.iter().any(|m| tiled(m, use_tiles).is_some()))
-        .map(|(_, rows)| {
-            rows.iter()
+        .map(|(_, rows)| rows);
+    let needs = |ty: GgmlType| {
+        ms.iter()
+            .any(|m| m.ty == ty && tiled(m, use_tiles).is_some())
+    };
+    let extras = TileExtras {
+        // codes plus 128 for Q8_0 tiles
+        offsets: match q8_0_rows.filter(|_| needs(GgmlType::Q8_0)) {
+            Some(rows) => rows
+                .iter()
                 .map(|r| interleave::offset_codes(&r.qs))
-                .collect()
-        })
-        .unwrap_or_default();
+                .collect(),
+            None => Vec::new(),
+        },
+        // block code sums for Q5_0 tiles
+        sums: match q8_0_rows.filter(|_| needs(GgmlType::Q5_0)) {
+            Some(rows) => rows
+                .iter()
+                .map(|r| interleave::block_code_sums(&r.qs))
+                .collect(),
+            None => Vec::new(),
+        },
+    };
     // [rows_i, T] per matrix, split into tasks of ROWS_PER_TASK rows
     let mut outs: Vec<Vec<f32>> = ms.iter().map(|m| vec![0f32; m.rows * t]).collect();
     let mut tasks = Vec::new();
@@ -342,7 +358,7 @@ fn matmul_group_with(
         |scratch, (i, is_tiled, w, out)| {
             let m = ms[i];
             if is_tiled {
-                tile_rows(m, w, &acts[i], &offsets, out);
+                tile_rows(m, w, &acts[i], &extras, out);
             } else {
                 kernel::rows(m.ty, cols, m.row_bytes, w, &acts[i], out, scratch, isa)
             }
@@ -392,9 +408,18 @@ fn transposed(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     y
 }
 
+/// What tiled matrices need of each token's Q8_0 activation codes beyond
+/// the codes: entry `k` is token k's (empty where no matrix of the group
+/// needs it).
+struct TileExtras {
+    /// Codes plus 128 (Q8_0 tiles).
+    offsets: Vec<Vec<u8>>,
+    /// Each block's code sum (Q5_0 tiles).
+    sums: Vec<Vec<i32>>,
+}
+
 /// Groups of tiles against quantised activation rows (`acts` is
-/// [`Activations::Q8`]; `offsets[k]` row k's codes plus 128 where a Q8_0
-/// matrix needs them): each group's tiles meet every token before the
+/// [`Activations::Q8`]): each group's tiles meet every token before the
 /// next group is read.
 ///
 /// # Shapes
@@ -403,7 +428,7 @@ fn tile_rows(
     m: &QuantMatrix,
     tiles: &[u8],
     acts: &Activations<'_>,
-    offsets: &[Vec<u8>],
+    extras: &TileExtras,
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
@@ -415,11 +440,12 @@ fn tile_rows(
             .zip(out.chunks_exact_mut(interleave::GROUP * t))
         {
             for (k, x) in xs.iter().enumerate() {
-                let offset = offsets.get(k).map_or(&[][..], |v| &v[..]);
+                let offset = extras.offsets.get(k).map_or(&[][..], |v| &v[..]);
+                let sums = extras.sums.get(k).map_or(&[][..], |v| &v[..]);
                 // SAFETY: tiles are made only where `has_vnni512` holds, and
                 // the caller checked it again; the kernel bounds every
                 // access by the slices.
-                unsafe { interleave::group_product(m.ty, kb, g, x, offset, &mut y) };
+                unsafe { interleave::group_product(m.ty, kb, g, x, offset, sums, &mut y) };
                 for (r, &v) in y.iter().enumerate() {
                     o[r * t + k] = v;
                 }
@@ -427,7 +453,7 @@ fn tile_rows(
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (m, tiles, acts, offsets, out);
+    let _ = (m, tiles, acts, extras, out);
 }
 
 #[cfg(test)]

@@ -263,6 +263,7 @@ fn tiles_give_the_row_kernels_q8_products() {
     for (t, scales) in [
         (GgmlType::Q4_1, &[0usize, 2][..]),
         (GgmlType::Q8_0, &[0][..]),
+        (GgmlType::Q5_0, &[0][..]),
     ] {
         let (m, _) = matrix(t, scales, 48, 544, 61);
         let tiled = m.clone().with_tiles();
