@@ -151,7 +151,8 @@ impl QuantMatrix {
     }
 
     /// Adds a copy of the rows in tiles of 16 (`interleave.rs`) where the CPU
-    /// has AVX-512 VNNI and the format has a tile layout (Q4_1, Q8_0); a
+    /// has AVX-512 VNNI and the format has a tile layout (Q4_1, Q5_0, Q8_0,
+    /// Q4_K, Q6_K); a
     /// product in q8 numerics then runs on the tiles. The copy is owned
     /// memory (about the matrix's size), so only q8 numerics ask for it;
     /// the rows' pages of the file's map are then given back
@@ -433,7 +434,7 @@ fn tile_rows(
 ) {
     #[cfg(target_arch = "x86_64")]
     if let (Activations::Q8(xs), Some(tb)) = (acts, interleave::tile_bytes(m.ty)) {
-        let (kb, t) = (m.cols / 32, xs.len());
+        let (kb, t) = (m.cols / m.ty.block().0, xs.len());
         let mut y = [0f32; interleave::GROUP];
         for (g, o) in tiles
             .chunks_exact(kb * tb)

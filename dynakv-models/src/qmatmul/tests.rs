@@ -259,16 +259,18 @@ fn a_group_equals_its_products_one_by_one() {
 
 #[test]
 fn tiles_give_the_row_kernels_q8_products() {
-    // 48 rows: three groups of 16; 17 blocks a row
-    for (t, scales) in [
-        (GgmlType::Q4_1, &[0usize, 2][..]),
-        (GgmlType::Q8_0, &[0][..]),
-        (GgmlType::Q5_0, &[0][..]),
+    // 48 rows: three groups of 16; 17 blocks a row (3 superblocks for Q6_K)
+    for (t, scales, cols) in [
+        (GgmlType::Q4_1, &[0usize, 2][..], 544),
+        (GgmlType::Q8_0, &[0][..], 544),
+        (GgmlType::Q5_0, &[0][..], 544),
+        (GgmlType::Q6K, &[208][..], 768),
+        (GgmlType::Q4K, &[0, 2][..], 768),
     ] {
-        let (m, _) = matrix(t, scales, 48, 544, 61);
+        let (m, _) = matrix(t, scales, 48, cols, 61);
         let tiled = m.clone().with_tiles();
         assert_eq!(tiled.tile_bytes() > 0, interleave::has_vnni512(), "{t:?}");
-        let x = activations(1, 544, 62);
+        let x = activations(1, cols, 62);
         let rows = m.matmul(&x, Numerics::Q8).unwrap();
         let tiles = tiled.matmul(&x, Numerics::Q8).unwrap();
         // the same integer sums, floats summed in another order
@@ -280,7 +282,7 @@ fn tiles_give_the_row_kernels_q8_products() {
             m.matmul(&x, Numerics::F32).unwrap()
         );
         // several tokens (a prefill) do, each token's outputs in its row
-        let x3 = activations(3, 544, 63);
+        let x3 = activations(3, cols, 63);
         let rows = m.matmul(&x3, Numerics::Q8).unwrap();
         let tiles = tiled.matmul(&x3, Numerics::Q8).unwrap();
         let err = max_rel(&tiles, &rows.iter().map(|&v| v as f64).collect::<Vec<_>>());
@@ -289,7 +291,7 @@ fn tiles_give_the_row_kernels_q8_products() {
     // rows that are not whole groups, and formats without tiles, keep none
     let (m, _) = matrix(GgmlType::Q4_1, &[0, 2], 40, 64, 1);
     assert_eq!(m.with_tiles().tile_bytes(), 0);
-    let (m, _) = matrix(GgmlType::Q4K, &[0, 2], 32, 256, 1);
+    let (m, _) = matrix(GgmlType::Q5K, &[0, 2], 32, 256, 1);
     assert_eq!(m.with_tiles().tile_bytes(), 0);
 }
 
