@@ -76,14 +76,23 @@ impl TensorBytes {
     /// resident for nothing: the process held the weights twice. Only whole
     /// pages inside these bytes are given back, so a neighbour's are not.
     pub fn release_pages(&self) -> bool {
-        if !self.file_backed {
+        self.release_range(0, self.len)
+    }
+
+    /// [`TensorBytes::release_pages`] for bytes `offset .. offset + len` of
+    /// these bytes only (clipped to them): a large matrix's rows can be
+    /// given back while its copy is made, so the process never holds both
+    /// whole.
+    pub fn release_range(&self, offset: usize, len: usize) -> bool {
+        if !self.file_backed || offset >= self.len {
             return false;
         }
+        let len = len.min(self.len - offset);
         // 4 KiB pages; where pages are larger the range is misaligned,
         // madvise refuses it and the pages simply stay
         let page = 4096;
-        let first = self.start.div_ceil(page) * page;
-        let end = (self.start + self.len) / page * page;
+        let first = (self.start + offset).div_ceil(page) * page;
+        let end = (self.start + offset + len) / page * page;
         if end <= first {
             return false;
         }
@@ -710,6 +719,12 @@ mod tests {
         let gguf = GgufFile::open(&path).unwrap();
         let bytes = gguf.tensor_shared(gguf.tensor("w").unwrap());
         let before = bytes.to_vec();
+        // a stretch with a whole page inside, then one too short for any,
+        // then one past the end
+        assert_eq!(bytes.release_range(3000, 9000), cfg!(unix));
+        assert!(!bytes.release_range(100, 200));
+        assert!(!bytes.release_range(20_000, 10));
+        assert_eq!(&bytes[..], &before[..]);
         assert_eq!(bytes.release_pages(), cfg!(unix));
         assert_eq!(&bytes[..], &before[..]);
         std::fs::remove_file(&path).unwrap();

@@ -100,14 +100,25 @@ impl LlamaModel {
             }
             WeightMode::Packed(numerics) => {
                 let embed = packed(gguf, "token_embd.weight", c.d_model, c.vocab_size)?;
-                let output = match out_name {
-                    "output.weight" => packed(gguf, out_name, c.d_model, c.vocab_size)?,
-                    _ => embed.clone(),
-                };
-                (
-                    Embedding::Packed(embed),
-                    Projection::packed(output, numerics),
-                )
+                match out_name {
+                    "output.weight" => (
+                        Embedding::Packed(embed),
+                        Projection::packed(
+                            packed(gguf, out_name, c.d_model, c.vocab_size)?,
+                            numerics,
+                        ),
+                    ),
+                    // tied: the table is the head's matrix after its copy
+                    // (tiles or huge pages), whose file pages are given back
+                    _ => {
+                        let output = Projection::packed(embed.clone(), numerics);
+                        let table = match &output {
+                            Projection::Packed(m, _) => m.clone(),
+                            Projection::Dense(_) => embed,
+                        };
+                        (Embedding::Packed(table), output)
+                    }
+                }
             }
         };
         let blocks = (0..c.n_layers)

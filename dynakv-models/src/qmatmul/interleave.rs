@@ -55,6 +55,9 @@ pub(crate) struct Interleaved {
     pub(crate) data: HugeBytes,
 }
 
+/// Groups tiled between two reports of rows done ([`Interleaved::new`]).
+const RELEASE_GROUPS: usize = 64;
+
 /// Bytes of one tile.
 pub(crate) fn tile_bytes(ty: GgmlType) -> Option<usize> {
     match ty {
@@ -69,8 +72,16 @@ pub(crate) fn tile_bytes(ty: GgmlType) -> Option<usize> {
 
 impl Interleaved {
     /// Regroups `rows` rows of GGUF blocks (`row_bytes` each); `None` for a
-    /// format without a tile layout or rows not whole groups.
-    pub(crate) fn new(ty: GgmlType, rows: usize, cols: usize, bytes: &[u8]) -> Option<Self> {
+    /// format without a tile layout or rows not whole groups. `done(start,
+    /// len)` is told each stretch of `bytes` once its rows are in tiles (a
+    /// few hundred KB at a time), so the caller can give its pages back.
+    pub(crate) fn new(
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        bytes: &[u8],
+        mut done: impl FnMut(usize, usize),
+    ) -> Option<Self> {
         let tb = tile_bytes(ty)?;
         let (be, bb) = ty.block();
         if !rows.is_multiple_of(GROUP) || !cols.is_multiple_of(be) {
@@ -82,6 +93,7 @@ impl Interleaved {
             return None;
         }
         // on huge pages: a decode step streams every tile once
+        let mut reported = 0;
         let data = HugeBytes::filled(rows / GROUP * kb * tb, |data| {
             for (g, group) in data.chunks_exact_mut(kb * tb).enumerate() {
                 for (b, tile) in group.chunks_exact_mut(tb).enumerate() {
@@ -96,6 +108,11 @@ impl Interleaved {
                         }
                     }
                 }
+                if g + 1 - reported == RELEASE_GROUPS || g + 1 == rows / GROUP {
+                    let group_bytes = GROUP * row_bytes;
+                    done(reported * group_bytes, (g + 1 - reported) * group_bytes);
+                    reported = g + 1;
+                }
             }
         })
         .ok()?;
@@ -105,6 +122,26 @@ impl Interleaved {
     /// Bytes held.
     pub(crate) fn byte_len(&self) -> usize {
         self.data.len()
+    }
+
+    /// Row `r` of a Q8_0 matrix of `cols` columns, back in GGUF blocks (an
+    /// embedding lookup on a tied table whose file pages were given back);
+    /// `None` for other formats or a row out of range.
+    pub(crate) fn q8_0_row(&self, ty: GgmlType, r: usize, cols: usize) -> Option<Vec<u8>> {
+        if ty != GgmlType::Q8_0 || !cols.is_multiple_of(32) {
+            return None;
+        }
+        let (kb, tb) = (cols / 32, 608);
+        let (g, lane) = (r / GROUP, r % GROUP);
+        let group = self.data.get(g * kb * tb..(g + 1) * kb * tb)?;
+        let mut out = Vec::with_capacity(kb * 34);
+        for tile in group.chunks_exact(tb) {
+            out.extend_from_slice(&tile[512 + 2 * lane..514 + 2 * lane]);
+            for j in 0..8 {
+                out.extend_from_slice(&tile[j * 64 + lane * 4..j * 64 + lane * 4 + 4]);
+            }
+        }
+        Some(out)
     }
 }
 

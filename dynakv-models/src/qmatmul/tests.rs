@@ -281,6 +281,20 @@ fn tiles_give_the_row_kernels_q8_products() {
             tiled.matmul(&x, Numerics::F32).unwrap(),
             m.matmul(&x, Numerics::F32).unwrap()
         );
+        // a Q8_0 table's rows read from its tiles are the file's rows
+        if t == GgmlType::Q8_0 && tiled.tile_bytes() > 0 {
+            let (mut want, mut got) = (vec![0f32; cols], vec![0f32; cols]);
+            for r in [0, 17, 47] {
+                m.row_into(r, &mut want);
+                tiled.row_into(r, &mut got);
+                assert_eq!(got, want, "row {r}");
+            }
+            let blocks = tiled.tiles.as_ref().and_then(|i| i.q8_0_row(t, 47, cols));
+            assert_eq!(
+                blocks.as_deref(),
+                m.bytes.get(47 * m.row_bytes..48 * m.row_bytes)
+            );
+        }
         // several tokens (a prefill) do, each token's outputs in its row
         let x3 = activations(3, cols, 63);
         let rows = m.matmul(&x3, Numerics::Q8).unwrap();
