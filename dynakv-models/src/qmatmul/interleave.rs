@@ -295,18 +295,7 @@ pub(crate) unsafe fn group_product(
         let (low, high) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0xF0u8 as i8));
         for b in 0..kb {
             let t = tiles.as_ptr().add(b * tb);
-            let x = qs.as_ptr().add(b * 32) as *const i32;
-            // high nibbles stay in place (16 x the code) and their sum is
-            // shifted down once: one instruction a vector instead of two
-            let (mut lo_sum, mut hi_sum) = (_mm512_setzero_si512(), _mm512_setzero_si512());
-            for j in 0..4 {
-                let v = _mm512_loadu_si512(t.add(j * 64) as *const _);
-                let xl = _mm512_set1_epi32(std::ptr::read_unaligned(x.add(2 * j)));
-                let xh = _mm512_set1_epi32(std::ptr::read_unaligned(x.add(2 * j + 1)));
-                lo_sum = _mm512_dpbusd_epi32(lo_sum, _mm512_and_si512(v, low), xl);
-                hi_sum = _mm512_dpbusd_epi32(hi_sum, _mm512_and_si512(v, high), xh);
-            }
-            let sum = _mm512_add_epi32(lo_sum, _mm512_srai_epi32::<4>(hi_sum));
+            let sum = nibble_sums(t, qs.as_ptr().add(b * 32) as *const i32, low, high);
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(t.add(256) as *const __m256i));
             let mw = _mm512_cvtph_ps(_mm256_loadu_si256(t.add(288) as *const __m256i));
             let scale = _mm512_mul_ps(dw, _mm512_set1_ps(d[b]));
@@ -317,22 +306,12 @@ pub(crate) unsafe fn group_product(
     } else if ty == GgmlType::Q4K {
         let kb = kb.min(qs.len() / 256).min(x.bsums.len() / 16);
         let (low, high) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0xF0u8 as i8));
-        for b in 0..kb {
+        for (b, &db) in d.iter().enumerate().take(kb) {
             let t = tiles.as_ptr().add(b * tb);
             let xq = qs.as_ptr().add(b * 256) as *const i32;
             let (mut isum, mut msum) = (_mm512_setzero_si512(), _mm512_setzero_si512());
             for sb in 0..8 {
-                let (mut lo_sum, mut hi_sum) = (_mm512_setzero_si512(), _mm512_setzero_si512());
-                for j in 0..4 {
-                    let v = _mm512_loadu_si512(t.add((4 * sb + j) * 64) as *const _);
-                    let xl = _mm512_set1_epi32(std::ptr::read_unaligned(xq.add(8 * sb + 2 * j)));
-                    let xh =
-                        _mm512_set1_epi32(std::ptr::read_unaligned(xq.add(8 * sb + 2 * j + 1)));
-                    lo_sum = _mm512_dpbusd_epi32(lo_sum, _mm512_and_si512(v, low), xl);
-                    hi_sum = _mm512_dpbusd_epi32(hi_sum, _mm512_and_si512(v, high), xh);
-                }
-                // high nibbles summed in place (16 x the code): exact shift
-                let sum = _mm512_add_epi32(lo_sum, _mm512_srai_epi32::<4>(hi_sum));
+                let sum = nibble_sums(t.add(4 * sb * 64), xq.add(8 * sb), low, high);
                 let sc =
                     _mm512_cvtepu8_epi32(_mm_loadu_si128(t.add(2048 + 16 * sb) as *const __m128i));
                 let mn =
@@ -343,7 +322,7 @@ pub(crate) unsafe fn group_product(
             }
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(t.add(2304) as *const __m256i));
             let mw = _mm512_cvtph_ps(_mm256_loadu_si256(t.add(2336) as *const __m256i));
-            let dy = _mm512_set1_ps(d[b]);
+            let dy = _mm512_set1_ps(db);
             acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, dy), acc);
             // the mins in a chain of their own, subtracted at the end
             acc_min = _mm512_fmadd_ps(_mm512_cvtepi32_ps(msum), _mm512_mul_ps(mw, dy), acc_min);
@@ -351,7 +330,7 @@ pub(crate) unsafe fn group_product(
         acc_min = _mm512_sub_ps(_mm512_setzero_ps(), acc_min);
     } else if ty == GgmlType::Q6K {
         let kb = kb.min(qs.len() / 256).min(x.bsums.len() / 16);
-        for b in 0..kb {
+        for (b, &db) in d.iter().enumerate().take(kb) {
             let t = tiles.as_ptr().add(b * tb);
             let xq = qs.as_ptr().add(b * 256) as *const i32;
             let mut isum = _mm512_setzero_si512();
@@ -371,7 +350,7 @@ pub(crate) unsafe fn group_product(
                 isum = _mm512_add_epi32(isum, _mm512_mullo_epi32(sums, sc));
             }
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(t.add(4352) as *const __m256i));
-            let scale = _mm512_mul_ps(dw, _mm512_set1_ps(d[b]));
+            let scale = _mm512_mul_ps(dw, _mm512_set1_ps(db));
             acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc);
         }
     } else if ty == GgmlType::Q5_0 {
@@ -436,6 +415,33 @@ pub(crate) fn block_code_sums(qs: &[i8]) -> Vec<i32> {
     qs.chunks_exact(32)
         .map(|b| b.iter().map(|&q| i32::from(q)).sum())
         .collect()
+}
+
+/// Sixteen rows' integer sums over 32 four-bit codes (four vectors at `t`,
+/// Q4_1's tile layout) against 32 activation codes at `x` (eight groups of
+/// four). High nibbles stay in place (16 x the code) and their sum is
+/// shifted down once, exactly: one instruction a vector instead of two.
+///
+/// # Safety
+/// AVX-512F/BW/VNNI; 256 bytes readable at `t`, 32 at `x`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn nibble_sums(
+    t: *const u8,
+    x: *const i32,
+    low: std::arch::x86_64::__m512i,
+    high: std::arch::x86_64::__m512i,
+) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    let (mut lo_sum, mut hi_sum) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+    for j in 0..4 {
+        let v = _mm512_loadu_si512(t.add(j * 64) as *const _);
+        let xl = _mm512_set1_epi32(std::ptr::read_unaligned(x.add(2 * j)));
+        let xh = _mm512_set1_epi32(std::ptr::read_unaligned(x.add(2 * j + 1)));
+        lo_sum = _mm512_dpbusd_epi32(lo_sum, _mm512_and_si512(v, low), xl);
+        hi_sum = _mm512_dpbusd_epi32(hi_sum, _mm512_and_si512(v, high), xh);
+    }
+    _mm512_add_epi32(lo_sum, _mm512_srai_epi32::<4>(hi_sum))
 }
 
 /// The codes plus 128, as the Q8_0 tiles' unsigned operand.

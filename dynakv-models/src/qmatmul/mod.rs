@@ -348,23 +348,20 @@ fn matmul_group_with(
         ms.iter()
             .any(|m| m.ty == ty && tiled(m, use_tiles).is_some())
     };
+    fn per_token<T>(rows: Option<&Vec<q8::Q8Row>>, f: fn(&[i8]) -> T) -> Vec<T> {
+        rows.map_or_else(Vec::new, |rows| rows.iter().map(|r| f(&r.qs)).collect())
+    }
     let extras = TileExtras {
         // codes plus 128 for Q8_0 tiles
-        offsets: match q8_0_rows.filter(|_| needs(GgmlType::Q8_0)) {
-            Some(rows) => rows
-                .iter()
-                .map(|r| interleave::offset_codes(&r.qs))
-                .collect(),
-            None => Vec::new(),
-        },
+        offsets: per_token(
+            q8_0_rows.filter(|_| needs(GgmlType::Q8_0)),
+            interleave::offset_codes,
+        ),
         // block code sums for Q5_0 tiles
-        sums: match q8_0_rows.filter(|_| needs(GgmlType::Q5_0)) {
-            Some(rows) => rows
-                .iter()
-                .map(|r| interleave::block_code_sums(&r.qs))
-                .collect(),
-            None => Vec::new(),
-        },
+        sums: per_token(
+            q8_0_rows.filter(|_| needs(GgmlType::Q5_0)),
+            interleave::block_code_sums,
+        ),
     };
     // [rows_i, T] per matrix, split into tasks of ROWS_PER_TASK rows
     let mut outs: Vec<Vec<f32>> = ms.iter().map(|m| vec![0f32; m.rows * t]).collect();
