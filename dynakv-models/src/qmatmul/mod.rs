@@ -155,9 +155,10 @@ impl QuantMatrix {
     /// Q4_K, Q6_K); a
     /// product in q8 numerics then runs on the tiles. The copy is owned
     /// memory (about the matrix's size), so only q8 numerics ask for it;
-    /// the rows' pages of the file's map are then given back
-    /// ([`TensorBytes::release_pages`]): products no longer read them, and
-    /// an embedding lookup faults its row back in.
+    /// the rows' pages of the file's map are given back as the tiles are
+    /// made ([`TensorBytes::release_range`]): products no longer read them;
+    /// an embedding lookup reads a Q8_0 row back from the tiles and faults
+    /// other formats' rows in from the file.
     pub fn with_tiles(mut self) -> Self {
         if interleave::has_vnni512() {
             // each stretch of rows is given back once tiled, so a large
