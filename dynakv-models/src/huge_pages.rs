@@ -16,7 +16,7 @@
 //! memory.
 
 use std::ops::Deref;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use memmap2::MmapMut;
 
@@ -88,14 +88,17 @@ fn advise_huge_pages() -> bool {
     std::env::var("DYNAKV_HUGE_PAGES").map_or(true, |v| v.trim() != "0")
 }
 
-/// The region small allocations are carved from, and how much of it is used.
+/// The region small allocations are carved from, and how much of it is
+/// used. Held weakly: a region is unmapped once its last allocation is
+/// dropped (a process that drops a model gets its memory back), and the
+/// next allocation opens a new one.
 struct Arena {
-    region: Option<Arc<Region>>,
+    region: Weak<Region>,
     used: usize,
 }
 
 static ARENA: Mutex<Arena> = Mutex::new(Arena {
-    region: None,
+    region: Weak::new(),
     used: 0,
 });
 
@@ -103,6 +106,15 @@ impl HugeBytes {
     /// `len` bytes, zeroed, then written by `fill`; an error only when the
     /// system refuses the memory.
     pub(crate) fn filled(len: usize, fill: impl FnOnce(&mut [u8])) -> std::io::Result<Self> {
+        Self::filled_in(&ARENA, len, fill)
+    }
+
+    /// [`HugeBytes::filled`] from a given arena (tests use their own).
+    fn filled_in(
+        arena: &Mutex<Arena>,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> std::io::Result<Self> {
         if len == 0 {
             fill(&mut []);
             return Ok(Self {
@@ -114,20 +126,21 @@ impl HugeBytes {
         let (region, start) = if len > REGION / 4 {
             (Arc::new(Region::new(len)?), 0)
         } else {
-            let mut a = ARENA.lock().unwrap_or_else(|e| e.into_inner());
-            let fits = a.region.as_ref().is_some_and(|r| a.used + len <= r.cap);
-            if !fits {
-                // the old region's tail is left unused (never touched, so
-                // never resident)
-                a.region = Some(Arc::new(Region::new(REGION)?));
-                a.used = 0;
-            }
+            let mut a = arena.lock().unwrap_or_else(|e| e.into_inner());
+            let region = match a.region.upgrade() {
+                Some(r) if a.used + len <= r.cap => r,
+                // none alive, or too full: the old region's tail is left
+                // unused (never touched, so never resident)
+                _ => {
+                    let r = Arc::new(Region::new(REGION)?);
+                    a.region = Arc::downgrade(&r);
+                    a.used = 0;
+                    r
+                }
+            };
             let start = a.used;
             a.used = (start + len).next_multiple_of(ALIGN);
-            match &a.region {
-                Some(r) => (Arc::clone(r), start),
-                None => return Err(std::io::Error::other("no arena region")),
-            }
+            (region, start)
         };
         // SAFETY: [start, start + len) lies inside the region (checked above
         // or the region was made for it) and was handed out only now, so
@@ -186,6 +199,29 @@ mod tests {
         }
         let empty = HugeBytes::filled(0, |b| assert!(b.is_empty())).unwrap();
         assert!(empty.is_empty());
+    }
+
+    #[test]
+    fn a_region_is_unmapped_with_its_last_allocation() {
+        let arena = Mutex::new(Arena {
+            region: Weak::new(),
+            used: 0,
+        });
+        let a = HugeBytes::filled_in(&arena, 1000, |b| b.fill(7)).unwrap();
+        let b = HugeBytes::filled_in(&arena, 1000, |b| b.fill(9)).unwrap();
+        let region = Arc::downgrade(a.region.as_ref().unwrap());
+        assert!(Arc::ptr_eq(
+            a.region.as_ref().unwrap(),
+            b.region.as_ref().unwrap()
+        ));
+        drop(a);
+        assert!(region.upgrade().is_some());
+        assert!(b.iter().all(|&x| x == 9));
+        drop(b);
+        assert!(region.upgrade().is_none());
+        // the next allocation opens a new region
+        let c = HugeBytes::filled_in(&arena, 10, |b| b.fill(1)).unwrap();
+        assert_eq!(&c[..], &[1u8; 10][..]);
     }
 
     #[test]
