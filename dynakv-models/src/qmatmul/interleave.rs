@@ -264,9 +264,9 @@ pub(crate) fn has_vnni512() -> bool {
 
 /// One group's 16 products with one quantised activation row `x` (Q8_1 for
 /// Q4_1 tiles: its codes, scales and sums; Q8_0 for Q8_0 tiles: its scales,
-/// with `xu` its codes plus 128 as bytes; Q8_0 for Q5_0 tiles: its codes and
-/// scales, with `xsum` each block's code sum; Q8_K for Q4_K and Q6_K tiles:
-/// its codes, scales and sums of 16). Needs [`has_vnni512`].
+/// with `xu` its codes plus 128 as bytes; Q8_0 for Q5_0 tiles: its codes,
+/// scales and block code sums; Q8_K for Q4_K and Q6_K tiles: its codes,
+/// scales and sums of 16). Needs [`has_vnni512`].
 ///
 /// # Shapes
 /// - `tiles`: `kb` tiles (blocks or superblocks) of one group; `out`: 16
@@ -279,7 +279,6 @@ pub(crate) unsafe fn group_product(
     tiles: &[u8],
     x: &super::q8::Q8Row,
     xu: &[u8],
-    xsum: &[i32],
     out: &mut [f32],
 ) {
     use std::arch::x86_64::*;
@@ -354,7 +353,8 @@ pub(crate) unsafe fn group_product(
             acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc);
         }
     } else if ty == GgmlType::Q5_0 {
-        let kb = kb.min(qs.len() / 32).min(xsum.len());
+        let sums = &x.bsums;
+        let kb = kb.min(qs.len() / 32).min(sums.len());
         let (low, sixteen) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(16));
         for b in 0..kb {
             let t = tiles.as_ptr().add(b * tb);
@@ -377,7 +377,7 @@ pub(crate) unsafe fn group_product(
             // codes were taken as 0..31: remove 16 * sum(x codes)
             let sum = _mm512_sub_epi32(
                 _mm512_add_epi32(lo_sum, hi_sum),
-                _mm512_set1_epi32(16 * xsum[b]),
+                _mm512_set1_epi32(16 * sums[b]),
             );
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(t.add(320) as *const __m256i));
             let scale = _mm512_mul_ps(dw, _mm512_set1_ps(d[b]));
@@ -408,13 +408,6 @@ pub(crate) unsafe fn group_product(
         }
     }
     _mm512_storeu_ps(out.as_mut_ptr(), _mm512_add_ps(acc, acc_min));
-}
-
-/// Each block's code sum, as the Q5_0 tiles' correction.
-pub(crate) fn block_code_sums(qs: &[i8]) -> Vec<i32> {
-    qs.chunks_exact(32)
-        .map(|b| b.iter().map(|&q| i32::from(q)).sum())
-        .collect()
 }
 
 /// Sixteen rows' integer sums over 32 four-bit codes (four vectors at `t`,

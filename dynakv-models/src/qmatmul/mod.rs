@@ -169,6 +169,7 @@ impl QuantMatrix {
                     bytes.release_range(at, len);
                 })
                 .map(Arc::new);
+            // and the pages that straddle two stretches
             if self.tiles.is_some() {
                 self.bytes.release_pages();
             }
@@ -194,6 +195,7 @@ impl QuantMatrix {
             })
             .ok()
             .map(Arc::new);
+            // and the pages that straddle two stretches
             if self.huge.is_some() {
                 self.bytes.release_pages();
             }
@@ -340,30 +342,20 @@ fn matmul_group_with(
     fn tiled(m: &QuantMatrix, on: bool) -> Option<&interleave::Interleaved> {
         m.tiles.as_deref().filter(|_| on)
     }
-    // per token, from its Q8_0 codes, what tiled matrices of the group need
-    let q8_0_rows = quantised
+    // each token's codes plus 128, where a tiled Q8_0 matrix needs them
+    let offsets: Vec<Vec<u8>> = quantised
         .iter()
         .find(|(k, _)| *k == q8::Q8Kind::Q8_0)
-        .map(|(_, rows)| rows);
-    let needs = |ty: GgmlType| {
-        ms.iter()
-            .any(|m| m.ty == ty && tiled(m, use_tiles).is_some())
-    };
-    fn per_token<T>(rows: Option<&Vec<q8::Q8Row>>, f: fn(&[i8]) -> T) -> Vec<T> {
-        rows.map_or_else(Vec::new, |rows| rows.iter().map(|r| f(&r.qs)).collect())
-    }
-    let extras = TileExtras {
-        // codes plus 128 for Q8_0 tiles
-        offsets: per_token(
-            q8_0_rows.filter(|_| needs(GgmlType::Q8_0)),
-            interleave::offset_codes,
-        ),
-        // block code sums for Q5_0 tiles
-        sums: per_token(
-            q8_0_rows.filter(|_| needs(GgmlType::Q5_0)),
-            interleave::block_code_sums,
-        ),
-    };
+        .filter(|_| {
+            ms.iter()
+                .any(|m| m.ty == GgmlType::Q8_0 && tiled(m, use_tiles).is_some())
+        })
+        .map(|(_, rows)| {
+            rows.iter()
+                .map(|r| interleave::offset_codes(&r.qs))
+                .collect()
+        })
+        .unwrap_or_default();
     // [rows_i, T] per matrix, split into tasks of ROWS_PER_TASK rows
     let mut outs: Vec<Vec<f32>> = ms.iter().map(|m| vec![0f32; m.rows * t]).collect();
     let mut tasks = Vec::new();
@@ -385,7 +377,7 @@ fn matmul_group_with(
         |scratch, (i, is_tiled, w, out)| {
             let m = ms[i];
             if is_tiled {
-                tile_rows(m, w, &acts[i], &extras, out);
+                tile_rows(m, w, &acts[i], &offsets, out);
             } else {
                 kernel::rows(m.ty, cols, m.row_bytes, w, &acts[i], out, scratch, isa)
             }
@@ -435,18 +427,9 @@ fn transposed(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     y
 }
 
-/// What tiled matrices need of each token's Q8_0 activation codes beyond
-/// the codes: entry `k` is token k's (empty where no matrix of the group
-/// needs it).
-struct TileExtras {
-    /// Codes plus 128 (Q8_0 tiles).
-    offsets: Vec<Vec<u8>>,
-    /// Each block's code sum (Q5_0 tiles).
-    sums: Vec<Vec<i32>>,
-}
-
 /// Groups of tiles against quantised activation rows (`acts` is
-/// [`Activations::Q8`]): each group's tiles meet every token before the
+/// [`Activations::Q8`]; `offsets[k]` row k's codes plus 128 where a Q8_0
+/// matrix needs them): each group's tiles meet every token before the
 /// next group is read.
 ///
 /// # Shapes
@@ -455,7 +438,7 @@ fn tile_rows(
     m: &QuantMatrix,
     tiles: &[u8],
     acts: &Activations<'_>,
-    extras: &TileExtras,
+    offsets: &[Vec<u8>],
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
@@ -467,12 +450,11 @@ fn tile_rows(
             .zip(out.chunks_exact_mut(interleave::GROUP * t))
         {
             for (k, x) in xs.iter().enumerate() {
-                let offset = extras.offsets.get(k).map_or(&[][..], |v| &v[..]);
-                let sums = extras.sums.get(k).map_or(&[][..], |v| &v[..]);
+                let offset = offsets.get(k).map_or(&[][..], |v| &v[..]);
                 // SAFETY: tiles are made only where `has_vnni512` holds, and
                 // the caller checked it again; the kernel bounds every
                 // access by the slices.
-                unsafe { interleave::group_product(m.ty, kb, g, x, offset, sums, &mut y) };
+                unsafe { interleave::group_product(m.ty, kb, g, x, offset, &mut y) };
                 for (r, &v) in y.iter().enumerate() {
                     o[r * t + k] = v;
                 }
@@ -480,7 +462,7 @@ fn tile_rows(
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (m, tiles, acts, extras, out);
+    let _ = (m, tiles, acts, offsets, out);
 }
 
 #[cfg(test)]

@@ -59,7 +59,8 @@ pub(crate) struct Q8Row {
     pub(crate) d: Vec<f32>,
     /// Q8_1: per block `d * sum(codes)` (f16-rounded); empty otherwise.
     pub(crate) s: Vec<f32>,
-    /// Q8_K: per 16 codes, their sum; empty otherwise.
+    /// Code sums: per 16 codes for Q8_K, per block of 32 for Q8_0 / Q8_1
+    /// (the Q5_0 tiles' correction).
     pub(crate) bsums: Vec<i32>,
     pub(crate) qs: Vec<i8>,
 }
@@ -104,6 +105,7 @@ pub(crate) fn quantize(kind: Q8Kind, x: &[f32]) -> Q8Row {
                 }
                 let d = amax / 127.0;
                 row.d.push(f16_round(d));
+                row.bsums.push(sum);
                 if kind == Q8Kind::Q8_1 {
                     row.s.push(f16_round(d * sum as f32));
                 }
