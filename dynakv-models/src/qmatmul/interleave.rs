@@ -124,24 +124,85 @@ impl Interleaved {
         self.data.len()
     }
 
-    /// Row `r` of a Q8_0 matrix of `cols` columns, back in GGUF blocks (an
-    /// embedding lookup on a tied table whose file pages were given back);
-    /// `None` for other formats or a row out of range.
-    pub(crate) fn q8_0_row(&self, ty: GgmlType, r: usize, cols: usize) -> Option<Vec<u8>> {
-        if ty != GgmlType::Q8_0 || !cols.is_multiple_of(32) {
-            return None;
+    /// Row `r` of a matrix of `cols` columns dequantised from the tiles into
+    /// `out` (`cols` values), as `dequantize_into` gives it from the file's
+    /// blocks: the file's pages were given back, and reading them would
+    /// bring the matrix into memory a second time (an embedding lookup on a
+    /// tied table reads one row, a long f32 prefill dequantises every
+    /// matrix for burn's GEMM). `false` (and `out` untouched) for a row out
+    /// of range or a format without tiles.
+    pub(crate) fn row_into(&self, ty: GgmlType, r: usize, cols: usize, out: &mut [f32]) -> bool {
+        let (Some(tb), (be, _)) = (tile_bytes(ty), ty.block()) else {
+            return false;
+        };
+        if !cols.is_multiple_of(be) || out.len() < cols {
+            return false;
         }
-        let (kb, tb) = (cols / 32, 608);
+        let kb = cols / be;
         let (g, lane) = (r / GROUP, r % GROUP);
-        let group = self.data.get(g * kb * tb..(g + 1) * kb * tb)?;
-        let mut out = Vec::with_capacity(kb * 34);
-        for tile in group.chunks_exact(tb) {
-            out.extend_from_slice(&tile[512 + 2 * lane..514 + 2 * lane]);
-            for j in 0..8 {
-                out.extend_from_slice(&tile[j * 64 + lane * 4..j * 64 + lane * 4 + 4]);
+        let Some(group) = self.data.get(g * kb * tb..(g + 1) * kb * tb) else {
+            return false;
+        };
+        let f16_at = |t: &[u8], i: usize| half::f16::from_le_bytes([t[i], t[i + 1]]).to_f32();
+        // the 32 four-bit codes of a block (Q4_1, Q5_0, Q4_K's sub-blocks):
+        // code `8 j + i` in the low nibble of byte `4 lane + i` of vector
+        // `j`, code `8 j + 4 + i` in its high nibble
+        let nibbles = |v: &[u8]| {
+            let mut c = [0u8; 32];
+            for j in 0..4 {
+                let b = &v[j * 64 + lane * 4..][..4];
+                for i in 0..4 {
+                    c[8 * j + i] = b[i] & 0x0F;
+                    c[8 * j + 4 + i] = b[i] >> 4;
+                }
+            }
+            c
+        };
+        for (tile, o) in group.chunks_exact(tb).zip(out.chunks_exact_mut(be)) {
+            match ty {
+                GgmlType::Q4_1 => {
+                    let (d, m) = (f16_at(tile, 256 + 2 * lane), f16_at(tile, 288 + 2 * lane));
+                    for (&c, y) in nibbles(tile).iter().zip(o) {
+                        *y = c as f32 * d + m;
+                    }
+                }
+                GgmlType::Q5_0 => {
+                    let d = f16_at(tile, 320 + 2 * lane);
+                    for (k, (&c, y)) in nibbles(tile).iter().zip(o).enumerate() {
+                        let mask = 256 + 16 * (k / 8) + 8 * (k % 8 / 4);
+                        let bit = lane * 4 + k % 4;
+                        let fifth = (tile[mask + bit / 8] >> (bit % 8)) & 1;
+                        *y = ((c | fifth << 4) as i32 - 16) as f32 * d;
+                    }
+                }
+                GgmlType::Q4K => {
+                    let (d, dmin) = (f16_at(tile, 2304 + 2 * lane), f16_at(tile, 2336 + 2 * lane));
+                    for (sb, o) in o.chunks_exact_mut(32).enumerate() {
+                        let codes = &tile[4 * sb * 64..];
+                        let dl = d * tile[2048 + 16 * sb + lane] as f32;
+                        let ml = dmin * tile[2176 + 16 * sb + lane] as f32;
+                        for (&c, y) in nibbles(codes).iter().zip(o) {
+                            *y = dl * c as f32 - ml;
+                        }
+                    }
+                }
+                GgmlType::Q6K => {
+                    let d = f16_at(tile, 4352 + 2 * lane);
+                    for (k, y) in o.iter_mut().enumerate() {
+                        let code = tile[(k / 4) * 64 + lane * 4 + k % 4] as i32 - 32;
+                        let sc = tile[4096 + 16 * (k / 16) + lane] as i8;
+                        *y = d * sc as f32 * code as f32;
+                    }
+                }
+                _ => {
+                    let d = f16_at(tile, 512 + 2 * lane);
+                    for (k, y) in o.iter_mut().enumerate() {
+                        *y = (tile[(k / 4) * 64 + lane * 4 + k % 4] as i8) as f32 * d;
+                    }
+                }
             }
         }
-        Some(out)
+        true
     }
 }
 

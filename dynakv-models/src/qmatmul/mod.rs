@@ -152,10 +152,9 @@ impl QuantMatrix {
 
     /// Adds a copy of the rows in tiles of 16 (`interleave.rs`) where the CPU
     /// has AVX-512 VNNI and the format has a tile layout (Q4_1, Q5_0, Q8_0,
-    /// Q4_K, Q6_K); a
-    /// product in q8 numerics then runs on the tiles. The copy is owned
-    /// memory (about the matrix's size), so only q8 numerics ask for it;
-    /// the rows' pages of the file's map are given back as the tiles are
+    /// Q4_K, Q6_K); products in either numerics then run on the tiles
+    /// (f32 numerics with the activations as digits). The copy is owned
+    /// memory (about the matrix's size); the rows' pages of the file's map are given back as the tiles are
     /// made ([`TensorBytes::release_range`]): products no longer read them;
     /// an embedding lookup reads a Q8_0 row back from the tiles and faults
     /// other formats' rows in from the file.
@@ -219,16 +218,11 @@ impl QuantMatrix {
     /// One row dequantised into `out` (`out.len() == cols`): an embedding
     /// lookup.
     pub fn row_into(&self, r: usize, out: &mut [f32]) {
-        // a tied Q8_0 table with tiles reads its row there: the file's
-        // pages were given back, and faulting them in again would bring the
-        // table back into memory a page (or a huge page) at a time
-        if self.huge.is_none() {
-            if let Some(b) = self
-                .tiles
-                .as_ref()
-                .and_then(|t| t.q8_0_row(self.ty, r, self.cols))
-            {
-                dequantize_into(self.ty, &b, out);
+        // a matrix with tiles reads its row there: the file's pages were
+        // given back, and faulting them in again would bring the matrix
+        // back into memory a page (or a huge page) at a time
+        if let Some(t) = &self.tiles {
+            if t.row_into(self.ty, r, self.cols, out) {
                 return;
             }
         }
@@ -239,10 +233,22 @@ impl QuantMatrix {
     }
 
     /// Every row dequantised, `[rows, cols]` row-major (GPU backends and
-    /// long prefills hand this to a dense matmul).
+    /// long f32 prefills hand this to a dense matmul); from the tiles where
+    /// there are some ([`QuantMatrix::row_into`]).
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
-        out.par_chunks_mut(self.cols.max(1) * ROWS_PER_TASK)
+        let cols = self.cols.max(1);
+        if self.tiles.is_some() {
+            out.par_chunks_mut(cols * ROWS_PER_TASK)
+                .enumerate()
+                .for_each(|(task, o)| {
+                    for (i, o) in o.chunks_exact_mut(cols).enumerate() {
+                        self.row_into(task * ROWS_PER_TASK + i, o);
+                    }
+                });
+            return out;
+        }
+        out.par_chunks_mut(cols * ROWS_PER_TASK)
             .zip(
                 self.row_data()
                     .par_chunks(self.row_bytes.max(1) * ROWS_PER_TASK),
@@ -304,20 +310,44 @@ fn matmul_group_with(
         )));
     }
     let t = x.len() / cols;
-    // activations in each form a matrix of the group needs, made once: q8
-    // rows of the weight type's kind in q8 numerics (float weights take f32
-    // in either numerics, as in llama.cpp), f32 with block sums otherwise
-    let kind_of = |m: &QuantMatrix| match numerics {
-        Numerics::Q8 => q8::Q8Kind::for_weights(m.ty),
-        Numerics::F32 => None,
+    // matrices with tiles take the tile kernel, one token at a time against
+    // each group's tiles while they sit in L1: in q8 numerics always, in
+    // f32 numerics with the activations as digits (`q8::digits`) unless one
+    // is not finite (the f32 kernels carry it into the products)
+    let use_tiles = isa == Isa::Avx512
+        && interleave::has_vnni512()
+        && (numerics == Numerics::Q8 || x.iter().all(|v| v.is_finite()));
+    fn tiled(m: &QuantMatrix, on: bool) -> Option<&interleave::Interleaved> {
+        m.tiles.as_deref().filter(|_| on)
+    }
+    // the quantised activations a matrix takes: q8 rows of the weight
+    // type's kind in q8 numerics (float weights take f32 in either
+    // numerics, as in llama.cpp), digits where f32 numerics run on tiles
+    let kind_of = |m: &QuantMatrix| {
+        let kind = q8::Q8Kind::for_weights(m.ty)?;
+        match numerics {
+            Numerics::Q8 => Some(kind),
+            Numerics::F32 => tiled(m, use_tiles).map(|_| kind),
+        }
     };
+    let digits = match numerics {
+        Numerics::Q8 => 1,
+        Numerics::F32 => q8::DIGITS,
+    };
+    // made once per kind: `digits` rows per token, token after token
     let mut quantised: Vec<(q8::Q8Kind, Vec<q8::Q8Row>)> = Vec::new();
     for kind in ms.iter().filter_map(|m| kind_of(m)) {
         if !quantised.iter().any(|(k, _)| *k == kind) {
-            let rows = x
-                .chunks_exact(cols)
-                .map(|r| q8::quantize(kind, r))
-                .collect();
+            let rows = match numerics {
+                Numerics::Q8 => x
+                    .chunks_exact(cols)
+                    .map(|r| q8::quantize(kind, r))
+                    .collect(),
+                Numerics::F32 => x
+                    .chunks_exact(cols)
+                    .flat_map(|r| q8::digits(kind, r))
+                    .collect(),
+            };
             quantised.push((kind, rows));
         }
     }
@@ -336,13 +366,8 @@ fn matmul_group_with(
             }
         })
         .collect();
-    // q8 numerics: matrices with tiles take the tile kernel, one token at a
-    // time against each group's tiles while they sit in L1
-    let use_tiles = numerics == Numerics::Q8 && isa == Isa::Avx512 && interleave::has_vnni512();
-    fn tiled(m: &QuantMatrix, on: bool) -> Option<&interleave::Interleaved> {
-        m.tiles.as_deref().filter(|_| on)
-    }
-    // each token's codes plus 128, where a tiled Q8_0 matrix needs them
+    // each quantised row's codes plus 128, where a tiled Q8_0 matrix needs
+    // them
     let offsets: Vec<Vec<u8>> = quantised
         .iter()
         .find(|(k, _)| *k == q8::Q8Kind::Q8_0)
@@ -377,7 +402,7 @@ fn matmul_group_with(
         |scratch, (i, is_tiled, w, out)| {
             let m = ms[i];
             if is_tiled {
-                tile_rows(m, w, &acts[i], &offsets, out);
+                tile_rows(m, w, &acts[i], digits, &offsets, out);
             } else {
                 kernel::rows(m.ty, cols, m.row_bytes, w, &acts[i], out, scratch, isa)
             }
@@ -428,9 +453,10 @@ fn transposed(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 }
 
 /// Groups of tiles against quantised activation rows (`acts` is
-/// [`Activations::Q8`]; `offsets[k]` row k's codes plus 128 where a Q8_0
-/// matrix needs them): each group's tiles meet every token before the
-/// next group is read.
+/// [`Activations::Q8`], `digits` rows per token whose products add up:
+/// one in q8 numerics, [`q8::DIGITS`] in f32; `offsets[k]` row k's codes
+/// plus 128 where a Q8_0 matrix needs them): each group's tiles meet every
+/// token before the next group is read.
 ///
 /// # Shapes
 /// - `tiles`: whole groups of `m`'s tiles; `out`: `[16 per group, T]`
@@ -438,31 +464,39 @@ fn tile_rows(
     m: &QuantMatrix,
     tiles: &[u8],
     acts: &Activations<'_>,
+    digits: usize,
     offsets: &[Vec<u8>],
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
     if let (Activations::Q8(xs), Some(tb)) = (acts, interleave::tile_bytes(m.ty)) {
-        let (kb, t) = (m.cols / m.ty.block().0, xs.len());
+        let (kb, t) = (m.cols / m.ty.block().0, xs.len() / digits.max(1));
         let mut y = [0f32; interleave::GROUP];
+        let mut sum = [0f32; interleave::GROUP];
         for (g, o) in tiles
             .chunks_exact(kb * tb)
             .zip(out.chunks_exact_mut(interleave::GROUP * t))
         {
-            for (k, x) in xs.iter().enumerate() {
-                let offset = offsets.get(k).map_or(&[][..], |v| &v[..]);
-                // SAFETY: tiles are made only where `has_vnni512` holds, and
-                // the caller checked it again; the kernel bounds every
-                // access by the slices.
-                unsafe { interleave::group_product(m.ty, kb, g, x, offset, &mut y) };
-                for (r, &v) in y.iter().enumerate() {
+            for k in 0..t {
+                sum.fill(0.0);
+                for j in k * digits..(k + 1) * digits {
+                    let offset = offsets.get(j).map_or(&[][..], |v| &v[..]);
+                    // SAFETY: tiles are made only where `has_vnni512`
+                    // holds, and the caller checked it again; the kernel
+                    // bounds every access by the slices.
+                    unsafe { interleave::group_product(m.ty, kb, g, &xs[j], offset, &mut y) };
+                    for (s, v) in sum.iter_mut().zip(y) {
+                        *s += v;
+                    }
+                }
+                for (r, &v) in sum.iter().enumerate() {
                     o[r * t + k] = v;
                 }
             }
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (m, tiles, acts, offsets, out);
+    let _ = (m, tiles, acts, digits, offsets, out);
 }
 
 #[cfg(test)]

@@ -81,9 +81,52 @@ fn f16_round(x: f32) -> f32 {
     f16::from_f32(x).to_f32()
 }
 
+/// Digits of an activation row in the f32 numerics on tiles ([`digits`]).
+pub(crate) const DIGITS: usize = 3;
+
+/// `x` as [`DIGITS`] quantised rows whose dequantised sum is `x` to about
+/// f32's precision: each row quantises what the rows before it left over,
+/// with its own per-block scale, so each digit adds about 8 bits (the
+/// residual after three is at most `amax / 254^3`, about `2^-24` of the
+/// block's largest activation, the size of f32's own rounding of it).
+/// Scales stay in f32: an f16 scale three digits down would be subnormal.
+///
+/// Why: the integer tile kernels are several times faster than the f32
+/// row kernels, and the products are linear in the activations, so three
+/// integer products give the f32 numerics' answer (`mod.rs`).
+pub(crate) fn digits(kind: Q8Kind, x: &[f32]) -> Vec<Q8Row> {
+    let blk = kind.block();
+    let mut rest = x.to_vec();
+    let mut rows = Vec::with_capacity(DIGITS);
+    for k in 0..DIGITS {
+        let row = quantize_with(kind, &rest, false);
+        if k + 1 < DIGITS {
+            for (b, (rb, qb)) in rest
+                .chunks_exact_mut(blk)
+                .zip(row.qs.chunks_exact(blk))
+                .enumerate()
+            {
+                let d = row.d[b];
+                for (r, &q) in rb.iter_mut().zip(qb) {
+                    *r -= d * q as f32;
+                }
+            }
+        }
+        rows.push(row);
+    }
+    rows
+}
+
 /// Quantises one activation row (`x.len()` a multiple of the block, checked
 /// by the caller against the weight's row length).
 pub(crate) fn quantize(kind: Q8Kind, x: &[f32]) -> Q8Row {
+    quantize_with(kind, x, true)
+}
+
+/// [`quantize`], with Q8_0 / Q8_1 scales and sums rounded to f16 as
+/// llama.cpp stores them (`f16_scales`) or kept in f32 ([`digits`]).
+fn quantize_with(kind: Q8Kind, x: &[f32], f16_scales: bool) -> Q8Row {
+    let round = |v: f32| if f16_scales { f16_round(v) } else { v };
     let blk = kind.block();
     let nb = x.len() / blk;
     let mut row = Q8Row {
@@ -104,10 +147,10 @@ pub(crate) fn quantize(kind: Q8Kind, x: &[f32]) -> Q8Row {
                     sum += c;
                 }
                 let d = amax / 127.0;
-                row.d.push(f16_round(d));
+                row.d.push(round(d));
                 row.bsums.push(sum);
                 if kind == Q8Kind::Q8_1 {
-                    row.s.push(f16_round(d * sum as f32));
+                    row.s.push(round(d * sum as f32));
                 }
             }
             Q8Kind::Q8K => {

@@ -258,7 +258,7 @@ fn a_group_equals_its_products_one_by_one() {
 }
 
 #[test]
-fn tiles_give_the_row_kernels_q8_products() {
+fn tiles_give_the_row_kernels_products_in_both_numerics() {
     // 48 rows: three groups of 16; 17 blocks a row (3 superblocks for Q6_K)
     for (t, scales, cols) in [
         (GgmlType::Q4_1, &[0usize, 2][..], 544),
@@ -267,7 +267,7 @@ fn tiles_give_the_row_kernels_q8_products() {
         (GgmlType::Q6K, &[208][..], 768),
         (GgmlType::Q4K, &[0, 2][..], 768),
     ] {
-        let (m, _) = matrix(t, scales, 48, cols, 61);
+        let (m, dense) = matrix(t, scales, 48, cols, 61);
         let tiled = m.clone().with_tiles();
         assert_eq!(tiled.tile_bytes() > 0, interleave::has_vnni512(), "{t:?}");
         let x = activations(1, cols, 62);
@@ -276,24 +276,35 @@ fn tiles_give_the_row_kernels_q8_products() {
         // the same integer sums, floats summed in another order
         let err = max_rel(&tiles, &rows.iter().map(|&v| v as f64).collect::<Vec<_>>());
         assert!(err < 1e-5, "{t:?}: {err}");
-        // f32 numerics never take the tiles
-        assert_eq!(
-            tiled.matmul(&x, Numerics::F32).unwrap(),
-            m.matmul(&x, Numerics::F32).unwrap()
-        );
-        // a Q8_0 table's rows read from its tiles are the file's rows
-        if t == GgmlType::Q8_0 && tiled.tile_bytes() > 0 {
-            let (mut want, mut got) = (vec![0f32; cols], vec![0f32; cols]);
-            for r in [0, 17, 47] {
-                m.row_into(r, &mut want);
-                tiled.row_into(r, &mut got);
-                assert_eq!(got, want, "row {r}");
-            }
-            let blocks = tiled.tiles.as_ref().and_then(|i| i.q8_0_row(t, 47, cols));
-            assert_eq!(
-                blocks.as_deref(),
-                m.bytes.get(47 * m.row_bytes..48 * m.row_bytes)
+        // f32 numerics on the tiles (three digits of activations) are the
+        // f32 product: as close to f64 as the f32 row kernels, where one
+        // digit (q8) is not
+        let want = reference(&dense, &x, 48, cols);
+        for (n_tok, x) in [(1, &x), (3, &activations(3, cols, 64))] {
+            let want = reference(&dense, x, 48, cols);
+            let digits = max_rel(&tiled.matmul(x, Numerics::F32).unwrap(), &want);
+            let f32_rows = max_rel(&m.matmul(x, Numerics::F32).unwrap(), &want);
+            // both about 1e-7 here; two digits would be about 1e-5
+            assert!(
+                digits < 5e-7 && digits < 3.0 * f32_rows.max(1e-7),
+                "{t:?} T={n_tok}: digits {digits}, f32 rows {f32_rows}"
             );
+        }
+        assert!(max_rel(&tiles, &want) > 1e-4, "{t:?}: one digit is q8");
+        // a value that is not finite reaches the products, as in the rows
+        let mut bad = x.clone();
+        bad[5] = f32::NAN;
+        let y = tiled.matmul(&bad, Numerics::F32).unwrap();
+        assert!(y.iter().all(|v| v.is_nan()), "{t:?}");
+        // rows and whole matrices read back from the tiles (the file's pages
+        // were given back) are the file's, to the bit
+        if tiled.tile_bytes() > 0 {
+            let mut got = vec![0f32; cols];
+            for r in [0, 17, 47] {
+                tiled.row_into(r, &mut got);
+                assert_eq!(got, dense[r * cols..(r + 1) * cols], "{t:?} row {r}");
+            }
+            assert_eq!(tiled.dequantize(), dense, "{t:?}");
         }
         // several tokens (a prefill) do, each token's outputs in its row
         let x3 = activations(3, cols, 63);
