@@ -323,6 +323,46 @@ pub(crate) fn has_vnni512() -> bool {
     }
 }
 
+/// One group's 16 products with quantised activation rows `xs` whose
+/// products add up: one row in q8 numerics, [`super::q8::DIGITS`] digits in
+/// f32 ([`super::q8::digits`]); `xu[k]` is row `k`'s codes plus 128 where
+/// the tiles are Q8_0's. Digits of Q4_1 and Q8_0 tiles (SmolLM2's
+/// projections, both models' output heads) share each tile load
+/// ([`fused_digits`]); other formats add up one product per digit.
+/// Needs [`has_vnni512`].
+///
+/// # Shapes
+/// - `tiles`: `kb` tiles (blocks or superblocks) of one group; `out`: 16
+///   outputs
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+pub(crate) unsafe fn group_product(
+    ty: GgmlType,
+    kb: usize,
+    tiles: &[u8],
+    xs: &[super::q8::Q8Row],
+    xu: &[Vec<u8>],
+    out: &mut [f32],
+) {
+    const D: usize = super::q8::DIGITS;
+    if xs.len() == D && matches!(ty, GgmlType::Q4_1 | GgmlType::Q8_0) {
+        fused_digits::<D>(ty, kb, tiles, xs, xu, out);
+        return;
+    }
+    let Some(out) = out.get_mut(..GROUP) else {
+        return;
+    };
+    let mut y = [0f32; GROUP];
+    out.fill(0.0);
+    for (k, x) in xs.iter().enumerate() {
+        let offsets = xu.get(k).map_or(&[][..], |v| &v[..]);
+        one_row_product(ty, kb, tiles, x, offsets, &mut y);
+        for (o, v) in out.iter_mut().zip(y) {
+            *o += v;
+        }
+    }
+}
+
 /// One group's 16 products with one quantised activation row `x` (Q8_1 for
 /// Q4_1 tiles: its codes, scales and sums; Q8_0 for Q8_0 tiles: its scales,
 /// with `xu` its codes plus 128 as bytes; Q8_0 for Q5_0 tiles: its codes,
@@ -334,7 +374,7 @@ pub(crate) fn has_vnni512() -> bool {
 ///   outputs
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-pub(crate) unsafe fn group_product(
+unsafe fn one_row_product(
     ty: GgmlType,
     kb: usize,
     tiles: &[u8],
@@ -466,6 +506,99 @@ pub(crate) unsafe fn group_product(
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(t.add(512) as *const __m256i));
             let scale = _mm512_mul_ps(dw, _mm512_set1_ps(db));
             acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc);
+        }
+    }
+    _mm512_storeu_ps(out.as_mut_ptr(), _mm512_add_ps(acc, acc_min));
+}
+
+/// [`group_product`] for `D` digits of Q4_1 or Q8_0 tiles: each vector of
+/// codes is loaded (and its nibbles split) once and meets every digit, the
+/// digits' integer sums are scaled and added in f32 (each sum is exact in
+/// f32: below 2^24), then scaled by the rows' `d` once.
+///
+/// # Shapes
+/// as [`group_product`], `xs` and (Q8_0) `xu` at least `D` rows
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn fused_digits<const D: usize>(
+    ty: GgmlType,
+    kb: usize,
+    tiles: &[u8],
+    xs: &[super::q8::Q8Row],
+    xu: &[Vec<u8>],
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let Some(tb) = tile_bytes(ty) else { return };
+    if xs.len() < D || out.len() < GROUP {
+        return;
+    }
+    let mut kb = kb.min(tiles.len() / tb);
+    for x in &xs[..D] {
+        kb = kb.min(x.d.len()).min(x.qs.len() / 32);
+    }
+    let (mut acc, mut acc_min) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    if ty == GgmlType::Q4_1 {
+        for x in &xs[..D] {
+            kb = kb.min(x.s.len());
+        }
+        let (low, high) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0xF0u8 as i8));
+        for b in 0..kb {
+            let t = tiles.as_ptr().add(b * tb);
+            let xp: [*const i32; D] =
+                std::array::from_fn(|k| xs[k].qs.as_ptr().add(b * 32) as *const i32);
+            let (mut lo, mut hi) = ([_mm512_setzero_si512(); D], [_mm512_setzero_si512(); D]);
+            for j in 0..4 {
+                let v = _mm512_loadu_si512(t.add(j * 64) as *const _);
+                let (vl, vh) = (_mm512_and_si512(v, low), _mm512_and_si512(v, high));
+                for k in 0..D {
+                    let xl = _mm512_set1_epi32(std::ptr::read_unaligned(xp[k].add(2 * j)));
+                    let xh = _mm512_set1_epi32(std::ptr::read_unaligned(xp[k].add(2 * j + 1)));
+                    lo[k] = _mm512_dpbusd_epi32(lo[k], vl, xl);
+                    hi[k] = _mm512_dpbusd_epi32(hi[k], vh, xh);
+                }
+            }
+            // high nibbles were 16 x the code: their sums shift down exactly
+            let (mut f, mut s) = (_mm512_setzero_ps(), 0f32);
+            for k in 0..D {
+                let sum = _mm512_add_epi32(lo[k], _mm512_srai_epi32::<4>(hi[k]));
+                f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(xs[k].d[b]), f);
+                s += xs[k].s[b];
+            }
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(t.add(256) as *const __m256i));
+            let mw = _mm512_cvtph_ps(_mm256_loadu_si256(t.add(288) as *const __m256i));
+            acc = _mm512_fmadd_ps(f, dw, acc);
+            // the mins in a chain of their own
+            acc_min = _mm512_fmadd_ps(mw, _mm512_set1_ps(s), acc_min);
+        }
+    } else {
+        if xu.len() < D {
+            return;
+        }
+        for u in &xu[..D] {
+            kb = kb.min(u.len() / 32);
+        }
+        for b in 0..kb {
+            let t = tiles.as_ptr().add(b * tb);
+            let xp: [*const i32; D] =
+                std::array::from_fn(|k| xu[k].as_ptr().add(b * 32) as *const i32);
+            let mut sums = [[_mm512_setzero_si512(); 2]; D];
+            for j in 0..8 {
+                let w = _mm512_loadu_si512(t.add(j * 64) as *const _);
+                for k in 0..D {
+                    let xb = _mm512_set1_epi32(std::ptr::read_unaligned(xp[k].add(j)));
+                    sums[k][j % 2] = _mm512_dpbusd_epi32(sums[k][j % 2], xb, w);
+                }
+            }
+            // each digit's activations were offset by 128: remove it
+            let comp = _mm512_loadu_si512(t.add(544) as *const _);
+            let mut f = _mm512_setzero_ps();
+            for k in 0..D {
+                let sum = _mm512_sub_epi32(_mm512_add_epi32(sums[k][0], sums[k][1]), comp);
+                f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(xs[k].d[b]), f);
+            }
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(t.add(512) as *const __m256i));
+            acc = _mm512_fmadd_ps(f, dw, acc);
         }
     }
     _mm512_storeu_ps(out.as_mut_ptr(), _mm512_add_ps(acc, acc_min));

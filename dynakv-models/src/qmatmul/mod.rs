@@ -472,24 +472,18 @@ fn tile_rows(
     if let (Activations::Q8(xs), Some(tb)) = (acts, interleave::tile_bytes(m.ty)) {
         let (kb, t) = (m.cols / m.ty.block().0, xs.len() / digits.max(1));
         let mut y = [0f32; interleave::GROUP];
-        let mut sum = [0f32; interleave::GROUP];
         for (g, o) in tiles
             .chunks_exact(kb * tb)
             .zip(out.chunks_exact_mut(interleave::GROUP * t))
         {
             for k in 0..t {
-                sum.fill(0.0);
-                for j in k * digits..(k + 1) * digits {
-                    let offset = offsets.get(j).map_or(&[][..], |v| &v[..]);
-                    // SAFETY: tiles are made only where `has_vnni512`
-                    // holds, and the caller checked it again; the kernel
-                    // bounds every access by the slices.
-                    unsafe { interleave::group_product(m.ty, kb, g, &xs[j], offset, &mut y) };
-                    for (s, v) in sum.iter_mut().zip(y) {
-                        *s += v;
-                    }
-                }
-                for (r, &v) in sum.iter().enumerate() {
+                let rows = k * digits..(k + 1) * digits;
+                let offset = offsets.get(rows.clone()).unwrap_or(&[]);
+                // SAFETY: tiles are made only where `has_vnni512` holds, and
+                // the caller checked it again; the kernel bounds every
+                // access by the slices.
+                unsafe { interleave::group_product(m.ty, kb, g, &xs[rows], offset, &mut y) };
+                for (r, &v) in y.iter().enumerate() {
                     o[r * t + k] = v;
                 }
             }
