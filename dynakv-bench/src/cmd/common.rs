@@ -43,9 +43,10 @@ pub struct ModelArgs {
     pub weights: Option<WeightsArg>,
     /// Activations against packed weights: f32 (as accurate as the f32
     /// model; the default) or q8 (quantised to 8 bits per block, as
-    /// llama.cpp's CPU backend does; on AVX-512 VNNI CPUs it decodes and
-    /// prefills faster, on a tiled copy of Q4_1/Q5_0/Q8_0/Q4_K/Q6_K weights
-    /// that replaces the file's rows in memory).
+    /// llama.cpp's CPU backend does: its logits, and faster). On AVX-512
+    /// VNNI CPUs both run integer kernels on a tiled copy of
+    /// Q4_1/Q5_0/Q8_0/Q4_K/Q6_K weights that replaces the file's rows in
+    /// memory, f32 with the activations as three 8-bit digits.
     #[arg(long, default_value = "f32", value_parser = super::values::parsed::<Numerics>)]
     pub matmul: Numerics,
 }

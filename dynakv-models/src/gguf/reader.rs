@@ -71,7 +71,7 @@ impl TensorBytes {
     /// Returns whether it did (bytes held in memory are left alone: their
     /// pages have no file to come back from).
     ///
-    /// Why: with q8 numerics every product reads a tiled copy of its matrix
+    /// Why: on AVX-512 VNNI CPUs every product reads a tiled copy of its matrix
     /// made at load, and reading the rows to make it left the file's pages
     /// resident for nothing: the process held the weights twice. Only whole
     /// pages inside these bytes are given back, so a neighbour's are not.

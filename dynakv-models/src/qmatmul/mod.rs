@@ -10,6 +10,13 @@
 //! or the activations are quantised to 8 bits per block and dotted in
 //! integers as llama.cpp does ([`Numerics::Q8`], which reproduces llama.cpp's
 //! logits on the quantised file). Rows are split over rayon's threads.
+//!
+//! On CPUs with AVX-512 VNNI the rows are held in tiles of 16
+//! (`interleave.rs`) and both numerics run integer kernels there: q8 with
+//! one quantised row per token, f32 with three (`q8::digits`: each
+//! quantises what the ones before it left over, so their products add up
+//! to the f32 product to within f32's rounding; 1.4x-2.2x the f32 row
+//! kernels' decode speed, docs/results.md).
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -34,7 +41,8 @@ use kernel::{Activations, Isa};
 #[serde(rename_all = "kebab-case")]
 pub enum Numerics {
     /// f32 activations against dequantised weight rows: the f32 model's
-    /// numbers (up to summation order).
+    /// numbers (up to summation order); on tiles, the activations as three
+    /// 8-bit digits per block, the same numbers up to f32's rounding.
     #[default]
     F32,
     /// Activations quantised to 8 bits per block (Q8_0 / Q8_1 / Q8_K by the
@@ -75,7 +83,7 @@ pub struct QuantMatrix {
     cols: usize,
     row_bytes: usize,
     bytes: TensorBytes,
-    /// The rows again in tiles of 16 for one-token q8 products
+    /// The rows again in tiles of 16 for the integer kernels (both numerics)
     /// ([`QuantMatrix::with_tiles`]).
     tiles: Option<Arc<interleave::Interleaved>>,
     /// The rows copied onto huge pages, read instead of `bytes`
