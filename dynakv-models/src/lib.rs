@@ -41,6 +41,7 @@ pub mod corpus;
 mod error;
 pub mod generate;
 pub mod gguf;
+pub mod heap;
 mod huge_pages;
 pub mod llama;
 pub mod qmatmul;

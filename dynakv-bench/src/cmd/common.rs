@@ -124,6 +124,9 @@ impl ModelArgs {
         let path = self.path()?;
         let gguf = GgufFile::open(&path).with_context(|| format!("opening {}", path.display()))?;
         let tokenizer = TextTokenizer::from_gguf(&gguf)?;
+        // before the weights' copies are made: what building the tokenizer
+        // freed goes back first (dynakv_models::heap)
+        dynakv_models::heap::release_free_heap();
         let model = LlamaModel::from_gguf_with(&gguf, &default_device(), mode)?;
         let chat = gguf.meta("tokenizer.chat_template").is_some();
         let default_system = gguf
@@ -131,6 +134,10 @@ impl ModelArgs {
             .and_then(|v| v.as_str())
             .and_then(default_system_message);
         let sha256 = dynakv_models::assets::sha256_file(&path)?;
+        // the parsed metadata and the load's transient buffers are freed:
+        // give their pages back (dynakv_models::heap)
+        drop(gguf);
+        dynakv_models::heap::release_free_heap();
         Ok(Loaded {
             model,
             tokenizer,

@@ -17,9 +17,10 @@
 //!   `8 j + 4 + i` in its high nibble), 16 f16 scales, 16 f16 mins: 320
 //!   bytes, the same as 16 GGUF blocks.
 //! - Q8_0: 512 bytes of codes (eight vectors: byte `r * 4 + i` of vector `j`
-//!   is code `4 j + i` of row `r`), 16 f16 scales, 16 i32 `128 * sum(codes)`
-//!   (the product takes unsigned activations `q + 128`, and this removes
-//!   the offset): 608 bytes against 544.
+//!   is code `4 j + i` of row `r`), 16 f16 scales, 16 i16 `sum(codes)` (the
+//!   product takes unsigned activations `q + 128`, and 128 times this
+//!   removes the offset; as i16 rather than the i32 product, 10 MB less on
+//!   Gemma 3's 178 MB head): 576 bytes against 544.
 //! - Q5_0: the four low bits of each code as Q4_1's 256 bytes; then per
 //!   vector `j` two 64-bit masks, bit `r * 4 + i` the fifth bit of code
 //!   `8 j + i` (first mask) or `8 j + 4 + i` (second) of row `r`, which the
@@ -62,7 +63,7 @@ const RELEASE_GROUPS: usize = 64;
 pub(crate) fn tile_bytes(ty: GgmlType) -> Option<usize> {
     match ty {
         GgmlType::Q4_1 => Some(320),
-        GgmlType::Q8_0 => Some(608),
+        GgmlType::Q8_0 => Some(576),
         GgmlType::Q5_0 => Some(352),
         GgmlType::Q4K => Some(2368),
         GgmlType::Q6K => Some(4384),
@@ -306,7 +307,8 @@ fn fill_q8_0(tile: &mut [u8], r: usize, blk: &[u8]) {
         }
     }
     tile[512 + 2 * r..514 + 2 * r].copy_from_slice(&blk[0..2]);
-    tile[544 + 4 * r..548 + 4 * r].copy_from_slice(&(128 * sum).to_le_bytes());
+    // 32 codes in -128..=127: the sum fits in an i16
+    tile[544 + 2 * r..546 + 2 * r].copy_from_slice(&(sum as i16).to_le_bytes());
 }
 
 /// Whether this CPU runs the tile kernels.
@@ -495,7 +497,7 @@ unsafe fn one_row_product(
                 let xb = _mm512_set1_epi32(std::ptr::read_unaligned(x.add(j)));
                 sums[j % 4] = _mm512_dpbusd_epi32(sums[j % 4], xb, w);
             }
-            let comp = _mm512_loadu_si512(t.add(544) as *const _);
+            let comp = offset_correction(t);
             let sum = _mm512_sub_epi32(
                 _mm512_add_epi32(
                     _mm512_add_epi32(sums[0], sums[1]),
@@ -591,7 +593,7 @@ unsafe fn fused_digits<const D: usize>(
                 }
             }
             // each digit's activations were offset by 128: remove it
-            let comp = _mm512_loadu_si512(t.add(544) as *const _);
+            let comp = offset_correction(t);
             let mut f = _mm512_setzero_ps();
             for k in 0..D {
                 let sum = _mm512_sub_epi32(_mm512_add_epi32(sums[k][0], sums[k][1]), comp);
@@ -602,6 +604,19 @@ unsafe fn fused_digits<const D: usize>(
         }
     }
     _mm512_storeu_ps(out.as_mut_ptr(), _mm512_add_ps(acc, acc_min));
+}
+
+/// A Q8_0 tile's 16 rows' `128 * sum(codes)` (stored as i16 sums at byte
+/// 544): what the activations' offset of 128 added to each row's sum.
+///
+/// # Safety
+/// AVX-512F/BW; a whole Q8_0 tile (576 bytes) readable at `t`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn offset_correction(t: *const u8) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    let sums = _mm512_cvtepi16_epi32(_mm256_loadu_si256(t.add(544) as *const __m256i));
+    _mm512_slli_epi32::<7>(sums)
 }
 
 /// Sixteen rows' integer sums over 32 four-bit codes (four vectors at `t`,

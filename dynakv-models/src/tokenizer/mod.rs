@@ -9,6 +9,7 @@
 //! - `llama`, SentencePiece with scores and byte fallback (Gemma 3): [`spm`],
 //!   llama.cpp's algorithm.
 
+mod pieces;
 pub mod spm;
 
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -192,12 +193,7 @@ fn spm_from_gguf(gguf: &GgufFile) -> Result<(spm::Spm, Vec<&str>), ModelError> {
             .ok_or_else(|| tok_err("tokenizer.ggml.add_space_prefix is not a boolean"))?,
         None => true,
     };
-    let spm = spm::Spm::new(
-        tokens.iter().map(|t| t.to_string()).collect(),
-        scores,
-        types,
-        add_space_prefix,
-    )?;
+    let spm = spm::Spm::new(&tokens, scores, types, add_space_prefix)?;
     Ok((spm, tokens))
 }
 

@@ -17,10 +17,11 @@
 //!    written as its UTF-8 bytes, `<0xXX>` pieces.
 
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{BinaryHeap, HashSet};
 
 use aho_corasick::AhoCorasick;
 
+use super::pieces::Pieces;
 use crate::error::ModelError;
 
 /// ggml token types (`tokenizer.ggml.token_type`).
@@ -31,11 +32,11 @@ const TYPE_BYTE: i64 = 6;
 
 /// A SentencePiece vocabulary and the rules above.
 pub struct Spm {
-    pieces: Vec<String>,
+    /// Piece texts by id and ids by text; for a text held twice, the later
+    /// id (as llama.cpp).
+    pieces: Pieces,
     scores: Vec<f32>,
     types: Vec<i64>,
-    /// Piece text to id; for a text held twice, the later id (as llama.cpp).
-    ids: HashMap<String, u32>,
     /// Control, user-defined and unknown tokens, longest text first (then
     /// by id): the order llama.cpp splits them out.
     specials: Vec<u32>,
@@ -56,7 +57,7 @@ enum Fragment<'a> {
 impl Spm {
     /// Builds the tokenizer from the pieces, their scores and types.
     pub fn new(
-        pieces: Vec<String>,
+        pieces: &[&str],
         scores: Vec<f32>,
         types: Vec<i64>,
         add_space_prefix: bool,
@@ -75,10 +76,6 @@ impl Spm {
                 scores[i]
             )));
         }
-        let mut ids = HashMap::with_capacity(n);
-        for (i, p) in pieces.iter().enumerate() {
-            ids.insert(p.clone(), i as u32);
-        }
         let mut specials: Vec<u32> = (0..n as u32)
             .filter(|&i| {
                 matches!(
@@ -88,23 +85,23 @@ impl Spm {
             })
             .collect();
         specials.sort_by_key(|&i| std::cmp::Reverse(pieces[i as usize].len()));
+        let table = Pieces::new(pieces.iter().copied())?;
         let special_finder = if specials.is_empty() {
             None
         } else {
             Some(
-                AhoCorasick::new(specials.iter().map(|&i| pieces[i as usize].as_str()))
+                AhoCorasick::new(specials.iter().map(|&i| pieces[i as usize]))
                     .map_err(|e| ModelError::Tokenizer(format!("special tokens: {e}")))?,
             )
         };
         let mut byte_ids = [None; 256];
         for (b, slot) in byte_ids.iter_mut().enumerate() {
-            *slot = ids.get(&format!("<0x{b:02X}>")).copied();
+            *slot = table.id(&format!("<0x{b:02X}>"));
         }
         Ok(Self {
-            pieces,
+            pieces: table,
             scores,
             types,
-            ids,
             specials,
             special_finder,
             byte_ids,
@@ -114,7 +111,7 @@ impl Spm {
 
     /// The id of a piece's text.
     pub fn id(&self, piece: &str) -> Option<u32> {
-        self.ids.get(piece).copied()
+        self.pieces.id(piece)
     }
 
     /// Token ids of `text` (no BOS); control tokens written in the text
@@ -170,7 +167,9 @@ impl Spm {
             if !parse_special && (ty == TYPE_CONTROL || ty == TYPE_UNKNOWN) {
                 continue;
             }
-            let piece = self.pieces[id as usize].as_str();
+            let Some(piece) = self.pieces.get(id) else {
+                continue;
+            };
             let mut next = Vec::with_capacity(fragments.len());
             for f in fragments {
                 let Fragment::Raw(raw) = f else {
@@ -222,7 +221,7 @@ impl Spm {
         let mut queue = BinaryHeap::new();
         let bigram = |syms: &[Sym], left: usize, right: usize| -> Option<Bigram> {
             let text = &s[syms[left].start..syms[left].start + syms[left].len + syms[right].len];
-            let id = *self.ids.get(text)?;
+            let id = self.pieces.id(text)?;
             Some(Bigram {
                 score: self.scores[id as usize],
                 left,
@@ -259,8 +258,8 @@ impl Spm {
         while let Some(k) = i {
             let sym = &syms[k];
             let text = &s[sym.start..sym.start + sym.len];
-            match self.ids.get(text) {
-                Some(&id) => out.push(id),
+            match self.pieces.id(text) {
+                Some(id) => out.push(id),
                 None => {
                     for &byte in text.as_bytes() {
                         let id = self.byte_ids[byte as usize].ok_or_else(|| {
@@ -282,7 +281,7 @@ impl Spm {
     pub fn decode(&self, ids: &[u32]) -> Result<String, ModelError> {
         let mut bytes = Vec::new();
         for &id in ids {
-            let piece = self.pieces.get(id as usize).ok_or_else(|| {
+            let piece = self.pieces.get(id).ok_or_else(|| {
                 ModelError::Tokenizer(format!("token id {id} is outside the vocabulary"))
             })?;
             if self.types[id as usize] == TYPE_BYTE {
@@ -339,7 +338,7 @@ mod tests {
 
     fn spm(pieces: &[(&str, f32, i64)], prefix: bool) -> Spm {
         Spm::new(
-            pieces.iter().map(|p| p.0.to_string()).collect(),
+            &pieces.iter().map(|p| p.0).collect::<Vec<_>>(),
             pieces.iter().map(|p| p.1).collect(),
             pieces.iter().map(|p| p.2).collect(),
             prefix,
@@ -404,8 +403,8 @@ mod tests {
 
     #[test]
     fn bad_vocabularies_are_errors() {
-        assert!(Spm::new(vec!["a".into()], vec![], vec![1], false).is_err());
-        assert!(Spm::new(vec!["a".into()], vec![f32::NAN], vec![1], false).is_err());
+        assert!(Spm::new(&["a"], vec![], vec![1], false).is_err());
+        assert!(Spm::new(&["a"], vec![f32::NAN], vec![1], false).is_err());
         // a character with neither a piece nor byte pieces
         let t = spm(&[("a", 0.0, 1)], false);
         assert!(t.encode("x", false).is_err());
