@@ -124,9 +124,6 @@ impl ModelArgs {
         let path = self.path()?;
         let gguf = GgufFile::open(&path).with_context(|| format!("opening {}", path.display()))?;
         let tokenizer = TextTokenizer::from_gguf(&gguf)?;
-        // before the weights' copies are made: what building the tokenizer
-        // freed goes back first (dynakv_models::heap)
-        dynakv_models::heap::release_free_heap();
         let model = LlamaModel::from_gguf_with(&gguf, &default_device(), mode)?;
         let chat = gguf.meta("tokenizer.chat_template").is_some();
         let default_system = gguf

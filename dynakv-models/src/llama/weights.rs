@@ -205,9 +205,9 @@ impl Projection {
 /// Whether a product against packed weights runs in the row kernels: q8
 /// numerics always, f32 below [`PACKED_GEMM_MIN_TOKENS`] tokens (also on
 /// tiles: burn's GEMM prefilled SmolLM2 faster, 800-850 against 455-475
-/// tokens/s for 512 tokens); never on an autodiff device, where gradients must flow through
-/// `x` (e2e training; the kernels work on host copies) and burn's matmul
-/// takes the dequantised matrix instead.
+/// tokens/s for 512 tokens); never on an autodiff device, where gradients
+/// must flow through `x` (e2e training; the kernels work on host copies)
+/// and burn's matmul takes the dequantised matrix instead.
 fn row_kernels(numerics: Numerics, x: &Tensor<2>) -> bool {
     !x.device().is_autodiff() && (numerics == Numerics::Q8 || x.dims()[0] < PACKED_GEMM_MIN_TOKENS)
 }

@@ -1,8 +1,9 @@
-//! Weight rows regrouped sixteen at a time for one-token products in q8
-//! numerics on CPUs with AVX-512 VNNI: each 512-bit load holds four codes of
-//! sixteen rows, and one `vpdpbusd` adds four products to each of sixteen
-//! row sums, so a block of 32 codes for 16 rows costs about 30 instructions
-//! where the row-major kernels spend about 12 per row.
+//! Weight rows regrouped sixteen at a time for integer products on CPUs
+//! with AVX-512 VNNI (q8 numerics with one quantised activation row, f32
+//! numerics with three digits, `q8::digits`): each 512-bit load holds four
+//! codes of sixteen rows, and one `vpdpbusd` adds four products to each of
+//! sixteen row sums, so a block of 32 codes for 16 rows costs about 30
+//! instructions where the row-major kernels spend about 12 per row.
 //!
 //! Why: llama.cpp's default on such CPUs repacks Q4_1/Q8_0 weights the same
 //! way at load (its AMX buffer type, decoded with AVX512-VNNI) and decodes

@@ -162,10 +162,11 @@ impl QuantMatrix {
     /// has AVX-512 VNNI and the format has a tile layout (Q4_1, Q5_0, Q8_0,
     /// Q4_K, Q6_K); products in either numerics then run on the tiles
     /// (f32 numerics with the activations as digits). The copy is owned
-    /// memory (about the matrix's size); the rows' pages of the file's map are given back as the tiles are
-    /// made ([`TensorBytes::release_range`]): products no longer read them;
-    /// an embedding lookup reads a Q8_0 row back from the tiles and faults
-    /// other formats' rows in from the file.
+    /// memory (about the matrix's size); the rows' pages of the file's map
+    /// are given back as the tiles are made
+    /// ([`TensorBytes::release_range`]): products no longer read them, and
+    /// rows (an embedding lookup) and whole matrices (a long f32 prefill's
+    /// GEMM) are read back from the tiles ([`QuantMatrix::row_into`]).
     pub fn with_tiles(mut self) -> Self {
         if interleave::has_vnni512() {
             // each stretch of rows is given back once tiled, so a large
