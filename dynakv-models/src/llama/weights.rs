@@ -94,6 +94,16 @@ impl WeightMode {
 /// tokens 0.248 s against 0.221 s, 64 tokens 0.491 s against 0.319 s.
 pub const PACKED_GEMM_MIN_TOKENS: usize = 32;
 
+/// [`PACKED_GEMM_MIN_TOKENS`] for a matrix with tiles (AVX-512 VNNI CPUs,
+/// f32 numerics as three digits): the tiles stay faster for longer.
+/// Measured on an AMD EPYC VM, 2 threads (`dynakv bench --prefill
+/// 32,...,256` with the GEMM from 32 tokens and never): SmolLM2 32 tokens
+/// 550-590 tok/s on the tiles against 367-390 through the GEMM, 64 tokens
+/// 580-610 against 606-618, 80 tokens 609-622 against 658-670; Gemma 3 32
+/// tokens 500-514 against 221-223, 64 tokens 545-556 against 388-405, 112
+/// tokens 525-566 against 617-620.
+pub const PACKED_TILES_GEMM_MIN_TOKENS: usize = 64;
+
 /// A projection `x -> x W^T`, dense or packed.
 #[derive(Debug, Clone)]
 pub enum Projection {
@@ -142,7 +152,7 @@ impl Projection {
     /// - `x`: `[T, in]`; returns `[T, out]`
     pub fn forward(&self, x: Tensor<2>) -> Result<Tensor<2>, ModelError> {
         match self {
-            Self::Packed(m, n) if row_kernels(*n, &x) => {
+            Self::Packed(m, n) if row_kernels(m, *n, &x) => {
                 let mut y = packed_products(&[m], *n, x)?;
                 y.pop()
                     .ok_or_else(|| ModelError::InvalidInput("one product".into()))
@@ -169,7 +179,11 @@ impl Projection {
             })
             .collect();
         match packed {
-            Some(ms) if ms.iter().all(|(_, n)| *n == ms[0].1 && row_kernels(*n, &x)) => {
+            Some(ms)
+                if ms
+                    .iter()
+                    .all(|(m, n)| *n == ms[0].1 && row_kernels(m, *n, &x)) =>
+            {
                 let mats: Vec<&QuantMatrix> = ms.iter().map(|(m, _)| *m).collect();
                 packed_products(&mats, ms[0].1, x)
             }
@@ -203,13 +217,18 @@ impl Projection {
 }
 
 /// Whether a product against packed weights runs in the row kernels: q8
-/// numerics always, f32 below [`PACKED_GEMM_MIN_TOKENS`] tokens (also on
-/// tiles: burn's GEMM prefilled SmolLM2 faster, 800-850 against 455-475
-/// tokens/s for 512 tokens); never on an autodiff device, where gradients
+/// numerics always, f32 below [`PACKED_GEMM_MIN_TOKENS`] tokens
+/// ([`PACKED_TILES_GEMM_MIN_TOKENS`] on tiles; longer f32 prefills run
+/// burn's GEMM, faster there: SmolLM2 512 tokens 800-850 tok/s against
+/// 455-475 on the tiles); never on an autodiff device, where gradients
 /// must flow through `x` (e2e training; the kernels work on host copies)
 /// and burn's matmul takes the dequantised matrix instead.
-fn row_kernels(numerics: Numerics, x: &Tensor<2>) -> bool {
-    !x.device().is_autodiff() && (numerics == Numerics::Q8 || x.dims()[0] < PACKED_GEMM_MIN_TOKENS)
+fn row_kernels(m: &QuantMatrix, numerics: Numerics, x: &Tensor<2>) -> bool {
+    let gemm_from = match m.tile_bytes() {
+        0 => PACKED_GEMM_MIN_TOKENS,
+        _ => PACKED_TILES_GEMM_MIN_TOKENS,
+    };
+    !x.device().is_autodiff() && (numerics == Numerics::Q8 || x.dims()[0] < gemm_from)
 }
 
 /// Packed matrices against `x` in the row kernels, one tensor per matrix.
