@@ -1,6 +1,7 @@
 //! Products against the default model's packed weights (one token, as a
 //! decode step runs them): each projection shape of a block and the output
-//! head, in f32 and q8 numerics, beside burn's matmul on the same weights
+//! head, in f32 and q8 numerics, on the file's rows and on the tiles the
+//! model uses on AVX-512 VNNI CPUs, beside burn's matmul on the same weights
 //! dequantised to f32; and every projection of the model in a row (the
 //! matrix work of one decode step).
 //!
@@ -80,12 +81,16 @@ fn bench(c: &mut Criterion) {
                 |b, x| b.iter(|| m.matmul(x, numerics).expect("matmul")),
             );
         }
-        // what `--matmul q8` runs on CPUs with AVX-512 VNNI (elsewhere the
-        // same as packed-q8)
+        // what the model runs on CPUs with AVX-512 VNNI, in both numerics
+        // (f32 as three digits; elsewhere the same as packed-f32 / -q8)
         let tiled = m.clone().with_tiles();
-        g.bench_with_input(BenchmarkId::new("packed-q8-tiles", &id), &x, |b, x| {
-            b.iter(|| tiled.matmul(x, Numerics::Q8).expect("matmul"))
-        });
+        for numerics in [Numerics::F32, Numerics::Q8] {
+            g.bench_with_input(
+                BenchmarkId::new(format!("packed-{numerics}-tiles"), &id),
+                &x,
+                |b, x| b.iter(|| tiled.matmul(x, numerics).expect("matmul")),
+            );
+        }
         let w = Tensor::<2>::from_data(
             TensorData::new(m.dequantize(), [m.rows(), m.cols()]),
             &device,
@@ -111,6 +116,7 @@ fn bench(c: &mut Criterion) {
     for (name, numerics, mats) in [
         ("packed-f32", Numerics::F32, &s.all),
         ("packed-q8", Numerics::Q8, &s.all),
+        ("packed-f32-tiles", Numerics::F32, &tiled),
         ("packed-q8-tiles", Numerics::Q8, &tiled),
     ] {
         g.bench_function(name, |b| {
