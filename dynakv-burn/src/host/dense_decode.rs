@@ -12,9 +12,12 @@
 //!
 //! f32 and f16 rows are read in place by a fused AVX2 + F16C kernel where
 //! the CPU has those features (`attend_plain`, [`super::plain_rows`]); rows
-//! in a quantised dtype (q8_0, q4_0, ...), or any dtype elsewhere, take the
-//! generic passes, decoded one at a time into a `head_dim` buffer that stays
-//! in L1.
+//! in a quantised dtype (q8_0, q4_0, ...) are decoded a chunk of tokens at
+//! a time into f32 and go through the same kernel (`attend_decoded`: with
+//! the generic passes, one row at a time, a q8_0 cache made SmolLM2's
+//! whole decode step at 8k tokens twice as slow as the f16 cache's); on
+//! other CPUs every dtype takes the generic passes, decoded one row at a
+//! time into a `head_dim` buffer that stays in L1.
 
 use dynakv_core::quant::PackedRows;
 use rayon::prelude::*;
@@ -82,9 +85,10 @@ fn attend_with(
     };
     #[cfg(target_arch = "x86_64")]
     if copy != KernelCopy::Generic {
-        if let Some(rows) = plain_views(kv, n, dh) {
-            return attend_plain(&job, &rows, n, copy);
-        }
+        return match plain_views(kv, n, dh) {
+            Some(rows) => attend_plain(&job, &rows, n, copy),
+            None => attend_decoded(&job, n, copy),
+        };
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = copy;
@@ -209,16 +213,65 @@ fn value_chunk_impl(job: &ScoreJob, probs: &[f32], toks: std::ops::Range<usize>,
 /// returns `[G*T*H_kv, head_dim]`, row `r` the query row `r` of `job.q`
 #[cfg(target_arch = "x86_64")]
 fn attend_plain(job: &ScoreJob, rows: &[[PlainRows; 2]], n: usize, copy: KernelCopy) -> Vec<f32> {
-    let (dh, ht) = (job.dh, job.gt * job.kv.len());
     let parts: Vec<Part> = (0..n.div_ceil(CHUNK))
         .into_par_iter()
         .map(|c| {
             let toks = c * CHUNK..((c + 1) * CHUNK).min(n);
             // SAFETY: `copy` is one this CPU runs for this head width
             // (KernelCopy::best or ::available), not Generic
-            unsafe { chunk_f16c(job, rows, toks, copy) }
+            unsafe { chunk_f16c(job, rows, toks, 0, copy) }
         })
         .collect();
+    merged(job, &parts)
+}
+
+/// [`attend`] over rows in a quantised dtype: each chunk of tokens decodes
+/// its keys and values to f32 (`PackedRows::rows`, once per row and step,
+/// as the generic passes do) and runs the fused kernel of
+/// [`attend_plain`] on them.
+///
+/// # Shapes
+/// returns `[G*T*H_kv, head_dim]`, row `r` the query row `r` of `job.q`
+#[cfg(target_arch = "x86_64")]
+fn attend_decoded(job: &ScoreJob, n: usize, copy: KernelCopy) -> Vec<f32> {
+    let dh = job.dh;
+    let parts: Vec<Part> = (0..n.div_ceil(CHUNK))
+        .into_par_iter()
+        .map(|c| {
+            let toks = c * CHUNK..((c + 1) * CHUNK).min(n);
+            let len = toks.len();
+            let mut bufs: Vec<[Vec<f32>; 2]> = job
+                .kv
+                .iter()
+                .map(|_| [vec![0f32; len * dh], vec![0f32; len * dh]])
+                .collect();
+            let rows: Vec<[PlainRows; 2]> = job
+                .kv
+                .iter()
+                .zip(bufs.iter_mut())
+                .map(|(view, [kb, vb])| {
+                    [
+                        PlainRows::F32(view.k.rows(toks.start, len, kb)),
+                        PlainRows::F32(view.v.rows(toks.start, len, vb)),
+                    ]
+                })
+                .collect();
+            // SAFETY: `copy` is one this CPU runs for this head width, not
+            // Generic; `rows` hold the chunk's tokens, from `toks.start`
+            unsafe { chunk_f16c(job, &rows, toks.clone(), toks.start, copy) }
+        })
+        .collect();
+    merged(job, &parts)
+}
+
+/// The chunks' [`Part`]s merged into every query row's attention output,
+/// one rescaling each (flash-decoding's merge).
+///
+/// # Shapes
+/// returns `[G*T*H_kv, head_dim]`
+#[cfg(target_arch = "x86_64")]
+fn merged(job: &ScoreJob, parts: &[Part]) -> Vec<f32> {
+    let (dh, ht) = (job.dh, job.gt * job.kv.len());
     let mut out = vec![0f32; ht * dh];
     for (r, o) in out.chunks_exact_mut(dh).enumerate() {
         let m = parts
@@ -262,26 +315,29 @@ const ROWS: usize = 3;
 const WIDE_ROWS: usize = 6;
 
 /// Tokens `toks`' [`Part`] of every query row of `job`: scores, a softmax
-/// relative to the chunk's own maximum, and the weighted values.
+/// relative to the chunk's own maximum, and the weighted values. Token `s`
+/// is row `s - row_base` of `rows` (0 for rows read in place; the chunk's
+/// first token for a chunk decoded on its own).
 ///
 /// # Shapes
 /// returns parts of `job.gt * H_kv` rows
 ///
 /// # Safety
 /// `copy` is not `Generic` and is one this CPU runs for this head width
-/// ([`KernelCopy::best`]); `rows` came from [`plain_views`] for at least
-/// `toks.end` tokens.
+/// ([`KernelCopy::best`]); `rows` hold at least `toks.end - row_base`
+/// tokens, `row_base <= toks.start`.
 #[cfg(target_arch = "x86_64")]
 pub(super) unsafe fn chunk_f16c(
     job: &ScoreJob,
     rows: &[[PlainRows; 2]],
     toks: std::ops::Range<usize>,
+    row_base: usize,
     copy: KernelCopy,
 ) -> Part {
     if copy == KernelCopy::Avx2Wide {
-        chunk_wide(job, rows, toks)
+        chunk_wide(job, rows, toks, row_base)
     } else {
-        chunk_narrow(job, rows, toks)
+        chunk_narrow(job, rows, toks, row_base)
     }
 }
 
@@ -292,8 +348,9 @@ unsafe fn chunk_narrow(
     job: &ScoreJob,
     rows: &[[PlainRows; 2]],
     toks: std::ops::Range<usize>,
+    row_base: usize,
 ) -> Part {
-    chunk_body::<ROWS>(job, rows, toks)
+    chunk_body::<ROWS>(job, rows, toks, row_base)
 }
 
 /// [`chunk_body`] where the CPU also has AVX-512F/VL: the same eight-lane
@@ -306,8 +363,9 @@ unsafe fn chunk_wide(
     job: &ScoreJob,
     rows: &[[PlainRows; 2]],
     toks: std::ops::Range<usize>,
+    row_base: usize,
 ) -> Part {
-    chunk_body::<WIDE_ROWS>(job, rows, toks)
+    chunk_body::<WIDE_ROWS>(job, rows, toks, row_base)
 }
 
 /// The body of [`chunk_f16c`], compiled inside each copy, `ROWS_N` query
@@ -318,12 +376,14 @@ unsafe fn chunk_body<const ROWS_N: usize>(
     job: &ScoreJob,
     rows: &[[PlainRows; 2]],
     toks: std::ops::Range<usize>,
+    row_base: usize,
 ) -> Part {
     use plain_rows::x86::{exp_shifted_sum, max, weighted_rows};
     let (dh, t, gt) = (job.dh, job.t, job.gt);
     let lanes = dh / 8;
     let ht = gt * job.kv.len();
-    let (first, len) = (toks.start, toks.len());
+    // `first` indexes `rows`; positions are indexed by `toks`
+    let (first, len) = (toks.start - row_base, toks.len());
     // scores, query-major: row r's weights are contiguous for the softmax
     let mut s = vec![0f32; ht * len];
     let mut part = Part {

@@ -186,7 +186,7 @@ fn block(
         // SAFETY: `copy` is one this CPU runs for this head width, not
         // Generic (attend_with), and `rows` holds `n` tokens per head
         // (plain_views).
-        let part = unsafe { chunk_f16c(&job, rows, toks, copy) };
+        let part = unsafe { chunk_f16c(&job, rows, toks, 0, copy) };
         for r in 0..n_rows {
             let pm = part.m[r];
             if pm == f32::NEG_INFINITY {
