@@ -235,16 +235,18 @@ fn attend_plain(job: &ScoreJob, rows: &[[PlainRows; 2]], n: usize, copy: KernelC
 #[cfg(target_arch = "x86_64")]
 fn attend_decoded(job: &ScoreJob, n: usize, copy: KernelCopy) -> Vec<f32> {
     let dh = job.dh;
+    // one chunk's decoded keys and values per head, reused across chunks
+    let buffers = || -> Vec<[Vec<f32>; 2]> {
+        job.kv
+            .iter()
+            .map(|_| [vec![0f32; CHUNK * dh], vec![0f32; CHUNK * dh]])
+            .collect()
+    };
     let parts: Vec<Part> = (0..n.div_ceil(CHUNK))
         .into_par_iter()
-        .map(|c| {
+        .map_init(buffers, |bufs, c| {
             let toks = c * CHUNK..((c + 1) * CHUNK).min(n);
             let len = toks.len();
-            let mut bufs: Vec<[Vec<f32>; 2]> = job
-                .kv
-                .iter()
-                .map(|_| [vec![0f32; len * dh], vec![0f32; len * dh]])
-                .collect();
             let rows: Vec<[PlainRows; 2]> = job
                 .kv
                 .iter()
