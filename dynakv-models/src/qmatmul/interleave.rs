@@ -398,7 +398,7 @@ unsafe fn one_row_product(
         let (low, high) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0xF0u8 as i8));
         for b in 0..kb {
             let t = tiles.as_ptr().add(b * tb);
-            let sum = nibble_sums(t, qs.as_ptr().add(b * 32) as *const i32, low, high);
+            let [sum] = nibble_sums(t, [qs.as_ptr().add(b * 32) as *const i32], low, high);
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(t.add(256) as *const __m256i));
             let mw = _mm512_cvtph_ps(_mm256_loadu_si256(t.add(288) as *const __m256i));
             let scale = _mm512_mul_ps(dw, _mm512_set1_ps(d[b]));
@@ -414,7 +414,7 @@ unsafe fn one_row_product(
             let xq = qs.as_ptr().add(b * 256) as *const i32;
             let (mut isum, mut msum) = (_mm512_setzero_si512(), _mm512_setzero_si512());
             for sb in 0..8 {
-                let sum = nibble_sums(t.add(4 * sb * 64), xq.add(8 * sb), low, high);
+                let [sum] = nibble_sums(t.add(4 * sb * 64), [xq.add(8 * sb)], low, high);
                 let sc =
                     _mm512_cvtepu8_epi32(_mm_loadu_si128(t.add(2048 + 16 * sb) as *const __m128i));
                 let mn =
@@ -550,22 +550,10 @@ unsafe fn fused_digits<const D: usize>(
             let t = tiles.as_ptr().add(b * tb);
             let xp: [*const i32; D] =
                 std::array::from_fn(|k| xs[k].qs.as_ptr().add(b * 32) as *const i32);
-            let (mut lo, mut hi) = ([_mm512_setzero_si512(); D], [_mm512_setzero_si512(); D]);
-            for j in 0..4 {
-                let v = _mm512_loadu_si512(t.add(j * 64) as *const _);
-                let (vl, vh) = (_mm512_and_si512(v, low), _mm512_and_si512(v, high));
-                for k in 0..D {
-                    let xl = _mm512_set1_epi32(std::ptr::read_unaligned(xp[k].add(2 * j)));
-                    let xh = _mm512_set1_epi32(std::ptr::read_unaligned(xp[k].add(2 * j + 1)));
-                    lo[k] = _mm512_dpbusd_epi32(lo[k], vl, xl);
-                    hi[k] = _mm512_dpbusd_epi32(hi[k], vh, xh);
-                }
-            }
-            // high nibbles were 16 x the code: their sums shift down exactly
+            let sums = nibble_sums::<D>(t, xp, low, high);
             let (mut f, mut s) = (_mm512_setzero_ps(), 0f32);
             for k in 0..D {
-                let sum = _mm512_add_epi32(lo[k], _mm512_srai_epi32::<4>(hi[k]));
-                f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(xs[k].d[b]), f);
+                f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[k]), _mm512_set1_ps(xs[k].d[b]), f);
                 s += xs[k].s[b];
             }
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(t.add(256) as *const __m256i));
@@ -621,30 +609,35 @@ unsafe fn offset_correction(t: *const u8) -> std::arch::x86_64::__m512i {
 }
 
 /// Sixteen rows' integer sums over 32 four-bit codes (four vectors at `t`,
-/// Q4_1's tile layout) against 32 activation codes at `x` (eight groups of
-/// four). High nibbles stay in place (16 x the code) and their sum is
-/// shifted down once, exactly: one instruction a vector instead of two.
+/// Q4_1's tile layout) against each of `N` rows of 32 activation codes
+/// (`x[k]`, eight groups of four: one token, or one token's digits), each
+/// vector loaded and split once for all of them. High nibbles stay in place
+/// (16 x the code) and their sum is shifted down once, exactly: one
+/// instruction a vector instead of two.
 ///
 /// # Safety
-/// AVX-512F/BW/VNNI; 256 bytes readable at `t`, 32 at `x`.
+/// AVX-512F/BW/VNNI; 256 bytes readable at `t`, 32 at each `x[k]`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn nibble_sums(
+unsafe fn nibble_sums<const N: usize>(
     t: *const u8,
-    x: *const i32,
+    x: [*const i32; N],
     low: std::arch::x86_64::__m512i,
     high: std::arch::x86_64::__m512i,
-) -> std::arch::x86_64::__m512i {
+) -> [std::arch::x86_64::__m512i; N] {
     use std::arch::x86_64::*;
-    let (mut lo_sum, mut hi_sum) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+    let (mut lo_sum, mut hi_sum) = ([_mm512_setzero_si512(); N], [_mm512_setzero_si512(); N]);
     for j in 0..4 {
         let v = _mm512_loadu_si512(t.add(j * 64) as *const _);
-        let xl = _mm512_set1_epi32(std::ptr::read_unaligned(x.add(2 * j)));
-        let xh = _mm512_set1_epi32(std::ptr::read_unaligned(x.add(2 * j + 1)));
-        lo_sum = _mm512_dpbusd_epi32(lo_sum, _mm512_and_si512(v, low), xl);
-        hi_sum = _mm512_dpbusd_epi32(hi_sum, _mm512_and_si512(v, high), xh);
+        let (vl, vh) = (_mm512_and_si512(v, low), _mm512_and_si512(v, high));
+        for k in 0..N {
+            let xl = _mm512_set1_epi32(std::ptr::read_unaligned(x[k].add(2 * j)));
+            let xh = _mm512_set1_epi32(std::ptr::read_unaligned(x[k].add(2 * j + 1)));
+            lo_sum[k] = _mm512_dpbusd_epi32(lo_sum[k], vl, xl);
+            hi_sum[k] = _mm512_dpbusd_epi32(hi_sum[k], vh, xh);
+        }
     }
-    _mm512_add_epi32(lo_sum, _mm512_srai_epi32::<4>(hi_sum))
+    std::array::from_fn(|k| _mm512_add_epi32(lo_sum[k], _mm512_srai_epi32::<4>(hi_sum[k])))
 }
 
 /// The codes plus 128, as the Q8_0 tiles' unsigned operand.
