@@ -20,6 +20,7 @@ use dynakv_core::quant::PackedRows;
 
 use crate::attention::hidden;
 
+use super::latent_wide;
 use super::math::{avx2_dispatch, axpy, dot, softmax_columns, CHUNK};
 use super::HostRope;
 
@@ -74,6 +75,28 @@ pub(crate) fn attend(
     n_ids: usize,
     window: Option<usize>,
 ) -> Vec<f32> {
+    attend_with(
+        heads, placement, basis, rope, q, q_pos, keys, values, n_ids, window, true,
+    )
+}
+
+/// [`attend`], with the AVX-512 token loops ([`latent_wide`]) where the CPU
+/// and shapes allow when `wide`, the portable ones only otherwise (tests
+/// hold the two together).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attend_with(
+    heads: Heads,
+    placement: RopePlacement,
+    basis: &HostBasis,
+    rope: &HostRope,
+    q: &[f32],
+    q_pos: &[usize],
+    keys: &[BucketView],
+    values: &[BucketView],
+    n_ids: usize,
+    window: Option<usize>,
+    wide: bool,
+) -> Vec<f32> {
     let (h, hk, dh) = (heads.n_heads, heads.n_kv_heads, heads.head_dim);
     let (t, groups, d) = (q_pos.len(), h / hk, hk * dh);
     let ht = h * t;
@@ -112,9 +135,19 @@ pub(crate) fn attend(
             first += CHUNK;
         }
     }
-    items
-        .into_par_iter()
-        .for_each(|(b, first, out)| score_chunk(&job, b, first, out));
+    // Pre-RoPE keys rebuilt with AVX-512 where the CPU and shapes allow.
+    let wide_keys =
+        wide && placement == RopePlacement::Pre && latent_wide::available(heads.head_dim, rope);
+    items.into_par_iter().for_each(|(b, first, out)| {
+        #[cfg(target_arch = "x86_64")]
+        if wide_keys {
+            // SAFETY: `available` checked the CPU and the shapes
+            unsafe { latent_wide::score_chunk(&job, b, first, out) };
+            return;
+        }
+        let _ = wide_keys;
+        score_chunk(&job, b, first, out)
+    });
     softmax_columns(&mut scores, ht);
     // Values: latent sums per query row, then one decode.
     let mut slot = vec![usize::MAX; n_ids];
@@ -131,6 +164,7 @@ pub(crate) fn attend(
         ht,
         d,
     };
+    let wide_values = wide && latent_wide::available_for_values();
     let z = values
         .par_iter()
         .flat_map(|b| {
@@ -141,6 +175,12 @@ pub(crate) fn attend(
         .map(|(b, c)| {
             let mut z = vec![0f32; ht * d];
             let end = ((c + 1) * CHUNK).min(b.positions.len());
+            #[cfg(target_arch = "x86_64")]
+            if wide_values {
+                // SAFETY: the CPU has AVX-512F (checked once above)
+                unsafe { latent_wide::value_chunk(&values_job, b, c * CHUNK..end, &mut z) };
+                return z;
+            }
             value_chunk(&values_job, b, c * CHUNK..end, &mut z);
             z
         })
@@ -169,17 +209,17 @@ pub(crate) fn attend(
 }
 
 /// What every key chunk reads.
-struct Job<'a> {
-    heads: Heads,
-    basis: &'a HostBasis,
-    rope: &'a HostRope,
-    q: &'a [f32],
-    q_pos: &'a [usize],
+pub(super) struct Job<'a> {
+    pub heads: Heads,
+    pub basis: &'a HostBasis,
+    pub rope: &'a HostRope,
+    pub q: &'a [f32],
+    pub q_pos: &'a [usize],
     /// Post-RoPE only: projected queries `[H*T, d]` and offsets `[H*T]`.
-    q_lat: Option<&'a (Vec<f32>, Vec<f32>)>,
-    scale: f32,
+    pub q_lat: Option<&'a (Vec<f32>, Vec<f32>)>,
+    pub scale: f32,
     /// A sliding window hides keys this far behind a query or more.
-    window: Option<usize>,
+    pub window: Option<usize>,
 }
 
 avx2_dispatch! {
@@ -302,13 +342,13 @@ fn reconstruct<const M: usize>(lat: &[f32], rank: usize, basis: &HostBasis, out:
 }
 
 /// What every value chunk reads.
-struct ValueJob<'a> {
+pub(super) struct ValueJob<'a> {
     /// Key slot of each token id (`usize::MAX`: no key stored).
-    slot: &'a [usize],
+    pub slot: &'a [usize],
     /// Attention weights, slot-major `[S, H*T]`.
-    probs: &'a [f32],
-    ht: usize,
-    d: usize,
+    pub probs: &'a [f32],
+    pub ht: usize,
+    pub d: usize,
 }
 
 avx2_dispatch! {

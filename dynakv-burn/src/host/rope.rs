@@ -36,6 +36,28 @@ impl HostRope {
         }
     }
 
+    /// The cos and sin rows of `pos` (`[head_dim]` each). The caller checks
+    /// `pos` against the table, as for [`Self::rotate`].
+    #[inline(always)]
+    pub(crate) fn row(&self, pos: usize) -> (&[f32], &[f32]) {
+        let row = pos * self.head_dim;
+        (
+            &self.cos[row..row + self.head_dim],
+            &self.sin[row..row + self.head_dim],
+        )
+    }
+
+    /// How pairs are laid out.
+    pub(crate) fn style(&self) -> RopeStyle {
+        self.style
+    }
+
+    /// Whether these tables are for heads of `head_dim` values and rotate
+    /// every coordinate (no partial rotary dimensions).
+    pub(crate) fn rotates_all(&self, head_dim: usize) -> bool {
+        self.head_dim == head_dim && self.n_rot == head_dim
+    }
+
     /// Rotates one head's vector in place. The caller checks `pos` against
     /// the table (the tensor path already rejected out-of-range positions on
     /// append).

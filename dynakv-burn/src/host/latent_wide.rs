@@ -1,0 +1,591 @@
+//! The latent decode kernel's two token loops with AVX-512: pre-RoPE keys
+//! of a DynaKV bucket rebuilt from their latents, rotated and scored, and
+//! the attention-weighted sums of value latents. These are the parts of a
+//! DynaKV decode step that grow with the context.
+//!
+//! Why: a pre-RoPE key has to be rebuilt before RoPE can turn it (rank x d
+//! multiply-adds a token: about 58 x 192 = 11k on SmolLM2 at budget 0.30,
+//! against 192 for reading a dense key), so this product is most of a
+//! DynaKV decode step at long context. The portable kernel in
+//! [`super::latent_decode`], compiled for AVX2, keeps four tokens by
+//! sixteen columns in registers and multiplies and adds separately (Rust
+//! does not contract `a * b + c`). Here sixteen lanes, fused multiply-adds
+//! and 32 registers hold [`TILE`] tokens by 64 columns in 24 accumulators
+//! while the rank loop streams the decoder, so each decoder vector loaded
+//! feeds [`TILE`] FMAs; RoPE and the query dots run on the same vectors.
+//!
+//! Values: each query row's latent sum `z += p * latent` was an axpy per
+//! token and row through memory; here up to six rows by four vectors of
+//! latent coordinates stay in registers across the chunk's tokens.
+//!
+//! Sums run in another order than the portable kernel's (and fused), so
+//! scores agree to rounding, not bit for bit; the test holds them to the
+//! portable kernel's.
+
+use super::latent_decode::{BucketView, HostBasis, Job, ValueJob};
+use super::HostRope;
+use crate::attention::hidden;
+use crate::rope::RopeStyle;
+
+/// Tokens rebuilt together: 6 tokens x 4 vectors of accumulators, 4 decoder
+/// vectors and a broadcast fill 29 of the 32 registers.
+const TILE: usize = 6;
+
+/// Whether this CPU runs [`score_chunk`] for keys of `d = H_kv * head_dim`
+/// values under `rope`: AVX-512F, whole 16-lane vectors per head (32 for
+/// split halves, whose halves are vectors too) and RoPE on every coordinate.
+pub(crate) fn available(head_dim: usize, rope: &HostRope) -> bool {
+    let shape = head_dim > 0
+        && head_dim.is_multiple_of(16)
+        && rope.rotates_all(head_dim)
+        && (rope.style() == RopeStyle::Interleaved || head_dim.is_multiple_of(32));
+    #[cfg(target_arch = "x86_64")]
+    {
+        shape && std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = shape;
+        false
+    }
+}
+
+/// Whether this CPU runs [`value_chunk`] (AVX-512F; any rank).
+pub(crate) fn available_for_values() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Scores of one chunk of a pre-RoPE key bucket's tokens, starting at token
+/// `first`, into `out` (`[chunk, H*T]`): the same contract as the portable
+/// `score_chunk` for [`RopePlacement::Pre`](dynakv_core::artifact::RopePlacement).
+///
+/// # Safety
+/// [`available`] returned true for this head width and rope.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn score_chunk(job: &Job, b: &BucketView, first: usize, out: &mut [f32]) {
+    let heads = job.heads;
+    let (h, hk, dh) = (heads.n_heads, heads.n_kv_heads, heads.head_dim);
+    let (t, groups, d) = (job.q_pos.len(), h / hk, hk * dh);
+    let n = out.len() / (h * t);
+    let mut kbuf = vec![0f32; TILE * d];
+    let mut latbuf = match b.lat.as_f32() {
+        Some(_) => Vec::new(),
+        None => vec![0f32; TILE * b.rank],
+    };
+    let mut i = 0;
+    while i < n {
+        let m = (n - i).min(TILE);
+        let lat = b.lat.rows(first + i, m, &mut latbuf);
+        rebuild(lat, m, b.rank, job.basis, &mut kbuf);
+        for k in 0..m {
+            let pos = b.positions[first + i + k];
+            for g in 0..hk {
+                rotate(
+                    job.rope,
+                    &mut kbuf[k * d + g * dh..k * d + (g + 1) * dh],
+                    pos,
+                );
+            }
+            let row = &mut out[(i + k) * h * t..(i + k + 1) * h * t];
+            for (ti, &qp) in job.q_pos.iter().enumerate() {
+                if hidden(qp, pos, job.window) {
+                    continue;
+                }
+                for qh in 0..h {
+                    let qi = qh * t + ti;
+                    let kv = (qh / groups) * dh;
+                    let key = &kbuf[k * d + kv..k * d + kv + dh];
+                    row[qi] = dot(&job.q[qi * dh..(qi + 1) * dh], key) * job.scale;
+                }
+            }
+        }
+        i += m;
+    }
+}
+
+/// Adds tokens `toks` of a value bucket, weighted by each query row's
+/// attention, into `z` (`[H*T, d]`): the same contract as the portable
+/// `value_chunk`.
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn value_chunk(
+    job: &ValueJob,
+    b: &BucketView,
+    toks: std::ops::Range<usize>,
+    z: &mut [f32],
+) {
+    let (ht, d, rank) = (job.ht, job.d, b.rank);
+    // (row of `lat`, slot) of the tokens that kept a key
+    let taken: Vec<(usize, usize)> = toks
+        .clone()
+        .enumerate()
+        .filter_map(|(r, tok)| {
+            let sl = job.slot[b.ids[tok]];
+            (sl != usize::MAX).then_some((r, sl))
+        })
+        .collect();
+    if taken.is_empty() || rank == 0 {
+        return;
+    }
+    let mut buf = Vec::new();
+    let lat = match b.lat.as_f32() {
+        Some(v) => &v[toks.start * rank..toks.end * rank],
+        None => {
+            buf.resize(toks.len() * rank, 0.0);
+            b.lat.rows(toks.start, toks.len(), &mut buf)
+        }
+    };
+    let mut c0 = 0;
+    while c0 < rank {
+        let mut r0 = 0;
+        while r0 < ht {
+            let take = (ht - r0).min(6);
+            let rows = (r0, take);
+            match take {
+                6 => weighted::<6>(job, &taken, lat, rank, c0, rows, d, z),
+                5 => weighted::<5>(job, &taken, lat, rank, c0, rows, d, z),
+                4 => weighted::<4>(job, &taken, lat, rank, c0, rows, d, z),
+                3 => weighted::<3>(job, &taken, lat, rank, c0, rows, d, z),
+                2 => weighted::<2>(job, &taken, lat, rank, c0, rows, d, z),
+                _ => weighted::<1>(job, &taken, lat, rank, c0, rows, d, z),
+            }
+            r0 += take;
+        }
+        c0 += 64;
+    }
+}
+
+/// Tokens ahead whose latents [`weighted`] asks the memory for.
+const PREFETCH: usize = 8;
+
+/// Latent coordinates `c0..c0 + 64` (fewer at the rank's end, masked) of
+/// query rows `r0..r0 + R` summed over `taken` tokens in registers.
+///
+/// # Shapes
+/// `lat`: `[tokens, rank]`; `z`: `[H*T, d]`, `rank <= d`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn weighted<const R: usize>(
+    job: &ValueJob,
+    taken: &[(usize, usize)],
+    lat: &[f32],
+    rank: usize,
+    c0: usize,
+    (r0, rows): (usize, usize),
+    d: usize,
+    z: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    assert!(rows == R && r0 + R <= job.ht && rank <= d && c0 < rank);
+    assert!(z.len() >= job.ht * d);
+    // lanes of each of the four vectors inside the rank
+    let masks: [__mmask16; 4] = std::array::from_fn(|v| {
+        let start = c0 + 16 * v;
+        let n = rank.saturating_sub(start).min(16);
+        ((1u32 << n) - 1) as __mmask16
+    });
+    let zrow = |r: usize, v: usize| (r0 + r) * d + c0 + 16 * v;
+    let mut acc = [[_mm512_setzero_ps(); 4]; R];
+    for (r, row) in acc.iter_mut().enumerate() {
+        for (v, a) in row.iter_mut().enumerate() {
+            if masks[v] != 0 {
+                // SAFETY: the vector starts inside row r0 + r's first rank <= d
+                // columns and its live lanes stay there
+                *a = unsafe { _mm512_maskz_loadu_ps(masks[v], z.as_ptr().add(zrow(r, v))) };
+            }
+        }
+    }
+    for (i, &(t, slot)) in taken.iter().enumerate() {
+        assert!((t + 1) * rank <= lat.len() && (slot + 1) * job.ht <= job.probs.len());
+        // The latents stream from memory once a step (too many for the
+        // caches at long context); the hardware prefetcher alone left the
+        // loads waiting.
+        if let Some(&(ahead, _)) = taken.get(i + PREFETCH) {
+            let row = lat[ahead * rank..].as_ptr();
+            for line in (0..rank.min(64)).step_by(16) {
+                // SAFETY: `line < rank`: inside token `ahead`'s row
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(row.add(line) as *const i8) };
+            }
+        }
+        let mut x = [_mm512_setzero_ps(); 4];
+        for (v, x) in x.iter_mut().enumerate() {
+            if masks[v] != 0 {
+                // SAFETY: the vector starts inside token t's row of rank values
+                // and its live lanes stay there
+                *x = unsafe {
+                    _mm512_maskz_loadu_ps(masks[v], lat.as_ptr().add(t * rank + c0 + 16 * v))
+                };
+            }
+        }
+        for (r, row) in acc.iter_mut().enumerate() {
+            // SAFETY: slot * ht + r0 + r < probs.len() (asserted)
+            let w = unsafe { *job.probs.get_unchecked(slot * job.ht + r0 + r) };
+            let w = _mm512_set1_ps(w);
+            for (a, &x) in row.iter_mut().zip(&x) {
+                *a = _mm512_fmadd_ps(w, x, *a);
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        for (v, a) in row.iter().enumerate() {
+            if masks[v] != 0 {
+                // SAFETY: as for the loads
+                unsafe { _mm512_mask_storeu_ps(z.as_mut_ptr().add(zrow(r, v)), masks[v], *a) };
+            }
+        }
+    }
+}
+
+/// `out[k] = mean_k + lat[k] · dec_k[..rank]` for `m <= TILE` tokens:
+/// column blocks of four vectors while they last, then single vectors.
+///
+/// # Shapes
+/// `lat`: `[m, rank]`; `out`: `[>= m, d]`, `d` a multiple of 16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn rebuild(lat: &[f32], m: usize, rank: usize, basis: &HostBasis, out: &mut [f32]) {
+    let d = basis.mean_k.len();
+    let mut c0 = 0;
+    while c0 + 64 <= d {
+        match m {
+            TILE => block::<TILE, 4>(lat, rank, basis, c0, out),
+            _ => (0..m)
+                .for_each(|k| block::<1, 4>(&lat[k * rank..], rank, basis, c0, &mut out[k * d..])),
+        }
+        c0 += 64;
+    }
+    while c0 < d {
+        match m {
+            TILE => block::<TILE, 1>(lat, rank, basis, c0, out),
+            _ => (0..m)
+                .for_each(|k| block::<1, 1>(&lat[k * rank..], rank, basis, c0, &mut out[k * d..])),
+        }
+        c0 += 16;
+    }
+}
+
+/// Columns `c0..c0 + 16 V` of `M` rebuilt keys, `M x V` accumulators kept
+/// in registers across the rank loop.
+///
+/// # Shapes
+/// `lat`: `[M, rank]` (row `k` at `k * rank`); `out`: `[M, d]`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn block<const M: usize, const V: usize>(
+    lat: &[f32],
+    rank: usize,
+    basis: &HostBasis,
+    c0: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let (dec, mean) = (&basis.dec_k, &basis.mean_k);
+    let d = mean.len();
+    assert!(lat.len() >= (M - 1) * rank + rank && out.len() >= (M - 1) * d + c0 + 16 * V);
+    assert!(dec.len() >= rank * d && c0 + 16 * V <= d);
+    let mut acc = [[_mm512_setzero_ps(); V]; M];
+    for row in acc.iter_mut() {
+        for (v, a) in row.iter_mut().enumerate() {
+            // SAFETY: c0 + 16 V <= d = mean.len() (asserted)
+            *a = unsafe { _mm512_loadu_ps(mean.as_ptr().add(c0 + 16 * v)) };
+        }
+    }
+    for j in 0..rank {
+        let mut u = [_mm512_setzero_ps(); V];
+        for (v, x) in u.iter_mut().enumerate() {
+            // SAFETY: j < rank, c0 + 16 V <= d, dec holds rank * d values
+            *x = unsafe { _mm512_loadu_ps(dec.as_ptr().add(j * d + c0 + 16 * v)) };
+        }
+        for (k, row) in acc.iter_mut().enumerate() {
+            // SAFETY: k < M, j < rank: inside lat (asserted)
+            let a = _mm512_set1_ps(unsafe { *lat.get_unchecked(k * rank + j) });
+            for (x, &y) in row.iter_mut().zip(&u) {
+                *x = _mm512_fmadd_ps(a, y, *x);
+            }
+        }
+    }
+    for (k, row) in acc.iter().enumerate() {
+        for (v, a) in row.iter().enumerate() {
+            // SAFETY: (M - 1) d + c0 + 16 V <= out.len() (asserted)
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(k * d + c0 + 16 * v), *a) };
+        }
+    }
+}
+
+/// RoPE on one head's vector at `pos`, sixteen lanes at a time: the
+/// tables hold each pair's cos and sin at both its coordinates, so an
+/// interleaved pair is `x * cos -/+ swap(x) * sin` (one `fmaddsub`), split
+/// halves two FMAs per half-vector pair.
+///
+/// # Shapes
+/// `x`: `[head_dim]`, a multiple of 16 (32 for split halves).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn rotate(rope: &HostRope, x: &mut [f32], pos: usize) {
+    use std::arch::x86_64::*;
+    let (c, s) = rope.row(pos);
+    let dh = x.len();
+    assert!(c.len() == dh && s.len() == dh && dh.is_multiple_of(16));
+    let (xp, cp, sp) = (x.as_mut_ptr(), c.as_ptr(), s.as_ptr());
+    match rope.style() {
+        RopeStyle::Interleaved => {
+            for i in (0..dh).step_by(16) {
+                // SAFETY: i + 16 <= dh, the length of x, c and s (asserted)
+                unsafe {
+                    let v = _mm512_loadu_ps(xp.add(i));
+                    let swapped = _mm512_permute_ps::<0b1011_0001>(v);
+                    let t = _mm512_mul_ps(swapped, _mm512_loadu_ps(sp.add(i)));
+                    let r = _mm512_fmaddsub_ps(v, _mm512_loadu_ps(cp.add(i)), t);
+                    _mm512_storeu_ps(xp.add(i), r);
+                }
+            }
+        }
+        RopeStyle::SplitHalves => {
+            let half = dh / 2;
+            assert!(half.is_multiple_of(16));
+            for i in (0..half).step_by(16) {
+                // SAFETY: i + half + 16 <= dh (asserted)
+                unsafe {
+                    let (lo, hi) = (
+                        _mm512_loadu_ps(xp.add(i)),
+                        _mm512_loadu_ps(xp.add(i + half)),
+                    );
+                    let lo_r = _mm512_fmsub_ps(
+                        lo,
+                        _mm512_loadu_ps(cp.add(i)),
+                        _mm512_mul_ps(hi, _mm512_loadu_ps(sp.add(i))),
+                    );
+                    let hi_r = _mm512_fmadd_ps(
+                        hi,
+                        _mm512_loadu_ps(cp.add(i + half)),
+                        _mm512_mul_ps(lo, _mm512_loadu_ps(sp.add(i + half))),
+                    );
+                    _mm512_storeu_ps(xp.add(i), lo_r);
+                    _mm512_storeu_ps(xp.add(i + half), hi_r);
+                }
+            }
+        }
+    }
+}
+
+/// `a · b` over whole 16-lane vectors.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    assert!(a.len() == b.len() && a.len().is_multiple_of(16));
+    let mut acc = _mm512_setzero_ps();
+    for i in (0..a.len()).step_by(16) {
+        // SAFETY: i + 16 <= len of both (asserted)
+        acc = unsafe {
+            _mm512_fmadd_ps(
+                _mm512_loadu_ps(a.as_ptr().add(i)),
+                _mm512_loadu_ps(b.as_ptr().add(i)),
+                acc,
+            )
+        };
+    }
+    _mm512_reduce_add_ps(acc)
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    /// The rotation, rebuild and dot against plain loops, for both RoPE
+    /// styles, a full tile and a short one, ranks that are not vector
+    /// multiples, and `d` with a single-vector column tail (80 = 64 + 16).
+    #[test]
+    fn rebuilt_rotated_keys_equal_the_plain_loops() {
+        let f = |i: usize| ((i * 7919) % 23) as f32 / 11.0 - 1.0;
+        for (style, dh, hk) in [
+            (RopeStyle::Interleaved, 16, 5),
+            (RopeStyle::Interleaved, 64, 3),
+            (RopeStyle::SplitHalves, 32, 2),
+            (RopeStyle::SplitHalves, 256, 1),
+        ] {
+            let d = dh * hk;
+            let rope = test_rope(style, dh, 40);
+            if !available(dh, &rope) {
+                eprintln!("no AVX-512F: skipped");
+                return;
+            }
+            let basis = HostBasis {
+                dec_k: (0..d * d).map(f).collect(),
+                mean_k: (0..d).map(|i| f(i + 3)).collect(),
+                dec_v: vec![],
+                mean_v: vec![],
+            };
+            for (m, rank) in [(TILE, 7), (TILE, d), (2, 5)] {
+                let lat: Vec<f32> = (0..m * rank).map(|i| f(i + 101)).collect();
+                let mut got = vec![0f32; TILE * d];
+                // SAFETY: available() said AVX-512F is here
+                unsafe { rebuild(&lat, m, rank, &basis, &mut got) };
+                for k in 0..m {
+                    let pos = 3 + 5 * k;
+                    let mut want: Vec<f32> = (0..d)
+                        .map(|c| {
+                            basis.mean_k[c]
+                                + (0..rank)
+                                    .map(|j| lat[k * rank + j] * basis.dec_k[j * d + c])
+                                    .sum::<f32>()
+                        })
+                        .collect();
+                    for g in 0..hk {
+                        rope.rotate(&mut want[g * dh..(g + 1) * dh], pos);
+                        // SAFETY: as above
+                        unsafe {
+                            rotate(&rope, &mut got[k * d + g * dh..k * d + (g + 1) * dh], pos)
+                        };
+                    }
+                    let tol = 1e-5 * (rank as f32).max(1.0);
+                    for (c, (a, w)) in got[k * d..(k + 1) * d].iter().zip(&want).enumerate() {
+                        assert!(
+                            (a - w).abs() < tol,
+                            "{style:?} m {m} rank {rank} [{k},{c}]: {a} vs {w}"
+                        );
+                    }
+                    let q: Vec<f32> = (0..dh).map(|i| f(i + 7)).collect();
+                    let plain: f32 = q.iter().zip(&want[..dh]).map(|(x, y)| x * y).sum();
+                    // SAFETY: as above
+                    let fast = unsafe { dot(&q, &got[k * d..k * d + dh]) };
+                    assert!((fast - plain).abs() < tol * dh as f32, "{fast} vs {plain}");
+                }
+            }
+        }
+    }
+
+    /// The whole latent attention with the wide loops against the portable
+    /// ones: pre-RoPE keys, two query positions (the earlier one hides the
+    /// last tokens), buckets of f32 and int8 latents with ranks that are
+    /// not vector multiples, a value bucket missing a token's key slot, a
+    /// sliding window; both RoPE styles.
+    #[test]
+    fn wide_attention_equals_the_portable_kernel() {
+        use super::super::latent_decode::{attend_with, Heads};
+        use dynakv_core::artifact::RopePlacement;
+        use dynakv_core::quant::{KvDtype, PackedRows, RowCodec};
+        let f = |i: usize| ((i * 7919) % 23) as f32 / 11.0 - 1.0;
+        for (style, h, hk, dh, window) in [
+            (RopeStyle::Interleaved, 6, 2, 32, None),
+            (RopeStyle::SplitHalves, 4, 1, 64, Some(9)),
+        ] {
+            let d = hk * dh;
+            let rope = test_rope(style, dh, 64);
+            if !available(dh, &rope) {
+                eprintln!("no AVX-512F: skipped");
+                return;
+            }
+            let basis = HostBasis {
+                dec_k: (0..d * d).map(|i| f(i) * 0.3).collect(),
+                mean_k: (0..d).map(|i| f(i + 3) * 0.1).collect(),
+                dec_v: (0..d * d).map(|i| f(i + 5)).collect(),
+                mean_v: (0..d).map(|i| f(i + 9)).collect(),
+            };
+            // ids 0..40 over three buckets; positions = ids
+            let split = [
+                (0..17, 7, KvDtype::F32),
+                (17..30, 40, KvDtype::Q8_0),
+                (30..40, d, KvDtype::F32),
+            ];
+            let lat: Vec<(PackedRows, Vec<usize>)> = split
+                .iter()
+                .map(|(ids, rank, dt)| {
+                    let mut rows = PackedRows::new(RowCodec::Plain(*dt), *rank);
+                    for id in ids.clone() {
+                        let x: Vec<f32> = (0..*rank).map(|j| f(id * 31 + j) * 0.5).collect();
+                        rows.push(&x);
+                    }
+                    (rows, ids.clone().collect())
+                })
+                .collect();
+            let keys: Vec<BucketView> = split
+                .iter()
+                .zip(&lat)
+                .map(|((_, rank, _), (rows, ids))| BucketView {
+                    rank: *rank,
+                    lat: rows,
+                    positions: ids,
+                    ids,
+                })
+                .collect();
+            // token 5 has no key: the values' slot lookup must skip it
+            let no5: Vec<usize> = (0..17).filter(|&i| i != 5).collect();
+            let mut k0 = PackedRows::new(RowCodec::Plain(KvDtype::F32), 7);
+            for &id in &no5 {
+                let x: Vec<f32> = (0..7).map(|j| f(id * 31 + j) * 0.5).collect();
+                k0.push(&x);
+            }
+            let mut keys_no5: Vec<BucketView> = keys.iter().map(|b| BucketView { ..*b }).collect();
+            keys_no5[0] = BucketView {
+                rank: 7,
+                lat: &k0,
+                positions: &no5,
+                ids: &no5,
+            };
+            let heads = Heads {
+                n_heads: h,
+                n_kv_heads: hk,
+                head_dim: dh,
+            };
+            let q_pos = [35, 39];
+            let q: Vec<f32> = (0..h * q_pos.len() * dh).map(|i| f(i + 77)).collect();
+            for ks in [&keys, &keys_no5] {
+                let run = |wide| {
+                    attend_with(
+                        heads,
+                        RopePlacement::Pre,
+                        &basis,
+                        &rope,
+                        &q,
+                        &q_pos,
+                        ks,
+                        &keys,
+                        40,
+                        window,
+                        wide,
+                    )
+                };
+                let (fast, plain) = (run(true), run(false));
+                let scale = plain.iter().fold(0f32, |m, x| m.max(x.abs()));
+                for (i, (a, b)) in fast.iter().zip(&plain).enumerate() {
+                    assert!((a - b).abs() <= 1e-5 * scale, "{style:?} [{i}]: {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    /// Tables as [`crate::Rope`] lays them out: each pair's angle at both of
+    /// its coordinates.
+    fn test_rope(style: RopeStyle, dh: usize, positions: usize) -> HostRope {
+        let (mut cos, mut sin) = (vec![0f32; positions * dh], vec![0f32; positions * dh]);
+        for p in 0..positions {
+            for i in 0..dh / 2 {
+                let angle = p as f32 * 10_000f32.powf(-2.0 * i as f32 / dh as f32);
+                let cols = match style {
+                    RopeStyle::Interleaved => [2 * i, 2 * i + 1],
+                    RopeStyle::SplitHalves => [i, i + dh / 2],
+                };
+                for c in cols {
+                    cos[p * dh + c] = angle.cos();
+                    sin[p * dh + c] = angle.sin();
+                }
+            }
+        }
+        HostRope::new(cos, sin, dh, dh, style)
+    }
+}
