@@ -21,7 +21,7 @@ use dynakv_core::quant::PackedRows;
 use crate::attention::hidden;
 
 use super::latent_wide;
-use super::math::{avx2_dispatch, axpy, dot, softmax_columns, CHUNK};
+use super::math::{avx2_dispatch, axpy, dot, softmax_rows, CHUNK};
 use super::HostRope;
 
 pub(crate) use super::math::Heads;
@@ -106,9 +106,10 @@ pub(super) fn attend_with(
         RopePlacement::Post => Some(project_queries(heads, basis, q, t)),
         RopePlacement::Pre => None,
     };
-    // Scores, slot-major `[S, H*T]` so that token chunks write disjoint rows.
+    // Scores, query-major `[H*T, S]`: each query row's softmax runs over one
+    // contiguous row; a token chunk writes its stretch of every row.
     let s_total: usize = keys.iter().map(|b| b.positions.len()).sum();
-    let mut scores = vec![f32::NEG_INFINITY; s_total * ht];
+    let mut scores = vec![f32::NEG_INFINITY; ht * s_total];
     let job = Job {
         heads,
         basis,
@@ -122,33 +123,41 @@ pub(super) fn attend_with(
     // One parallel region over every (bucket, chunk) pair: a token-wise policy
     // leaves up to `d / 8` small buckets, and a region per bucket would pay
     // its fork-join each time.
-    let mut items = Vec::new();
-    let mut rest = scores.as_mut_slice();
+    let mut spans = Vec::new();
     for b in keys {
-        let (mut rows, tail) = rest.split_at_mut(b.positions.len() * ht);
-        rest = tail;
-        let mut first = 0;
-        while !rows.is_empty() {
-            let (chunk, more) = rows.split_at_mut((CHUNK * ht).min(rows.len()));
-            items.push((b, first, chunk));
-            rows = more;
-            first += CHUNK;
+        let n = b.positions.len();
+        for first in (0..n).step_by(CHUNK) {
+            spans.push((b, first, CHUNK.min(n - first)));
+        }
+    }
+    let mut outs: Vec<Vec<&mut [f32]>> = spans.iter().map(|_| Vec::with_capacity(ht)).collect();
+    if s_total > 0 {
+        for row in scores.chunks_mut(s_total) {
+            let mut rest = row;
+            for (o, &(_, _, len)) in outs.iter_mut().zip(&spans) {
+                let (piece, tail) = std::mem::take(&mut rest).split_at_mut(len);
+                o.push(piece);
+                rest = tail;
+            }
         }
     }
     // Pre-RoPE keys rebuilt with AVX-512 where the CPU and shapes allow.
     let wide_keys =
         wide && placement == RopePlacement::Pre && latent_wide::available(heads.head_dim, rope);
-    items.into_par_iter().for_each(|(b, first, out)| {
-        #[cfg(target_arch = "x86_64")]
-        if wide_keys {
-            // SAFETY: `available` checked the CPU and the shapes
-            unsafe { latent_wide::score_chunk(&job, b, first, out) };
-            return;
-        }
-        let _ = wide_keys;
-        score_chunk(&job, b, first, out)
-    });
-    softmax_columns(&mut scores, ht);
+    spans
+        .into_par_iter()
+        .zip(outs)
+        .for_each(|((b, first, _), mut out)| {
+            #[cfg(target_arch = "x86_64")]
+            if wide_keys {
+                // SAFETY: `available` checked the CPU and the shapes
+                unsafe { latent_wide::score_chunk(&job, b, first, &mut out) };
+                return;
+            }
+            let _ = wide_keys;
+            score_chunk(&job, b, first, &mut out)
+        });
+    softmax_rows(&mut scores, s_total);
     // Values: latent sums per query row, then one decode.
     let mut slot = vec![usize::MAX; n_ids];
     let mut s = 0;
@@ -161,6 +170,7 @@ pub(super) fn attend_with(
     let values_job = ValueJob {
         slot: &slot,
         probs: &scores,
+        slots: s_total,
         ht,
         d,
     };
@@ -224,21 +234,21 @@ pub(super) struct Job<'a> {
 
 avx2_dispatch! {
     /// Scores of one chunk of a key bucket's tokens, starting at token `first`,
-    /// into `out` (`[chunk, H*T]`).
+    /// into `out` (`[H*T]` rows of the chunk's length).
     fn score_chunk / score_chunk_avx2 => score_chunk_impl(
-        job: &Job, b: &BucketView, first: usize, out: &mut [f32]
+        job: &Job, b: &BucketView, first: usize, out: &mut [&mut [f32]]
     )
 }
 
 #[inline(always)]
-fn score_chunk_impl(job: &Job, b: &BucketView, first: usize, out: &mut [f32]) {
+fn score_chunk_impl(job: &Job, b: &BucketView, first: usize, out: &mut [&mut [f32]]) {
     let Heads {
         n_heads: h,
         n_kv_heads: hk,
         head_dim: dh,
     } = job.heads;
     let (t, groups, d) = (job.q_pos.len(), h / hk, hk * dh);
-    let n = out.len() / (h * t);
+    let n = out.first().map_or(0, |r| r.len());
     // Reconstructed keys of a tile (pre-RoPE only; post-RoPE scores latents).
     let mut kbuf = match job.q_lat {
         None => vec![0f32; TILE * d],
@@ -272,7 +282,6 @@ fn score_chunk_impl(job: &Job, b: &BucketView, first: usize, out: &mut [f32]) {
         }
         for k in 0..m {
             let pos = b.positions[first + i + k];
-            let row = &mut out[(i + k) * h * t..(i + k + 1) * h * t];
             let lat = &lat[k * b.rank..(k + 1) * b.rank];
             for (ti, &qp) in job.q_pos.iter().enumerate() {
                 if hidden(qp, pos, job.window) {
@@ -288,7 +297,7 @@ fn score_chunk_impl(job: &Job, b: &BucketView, first: usize, out: &mut [f32]) {
                         }
                         Some((ql, off)) => dot(&ql[qi * d..qi * d + b.rank], lat) + off[qi],
                     };
-                    row[qi] = s * job.scale;
+                    out[qi][i + k] = s * job.scale;
                 }
             }
         }
@@ -345,8 +354,10 @@ fn reconstruct<const M: usize>(lat: &[f32], rank: usize, basis: &HostBasis, out:
 pub(super) struct ValueJob<'a> {
     /// Key slot of each token id (`usize::MAX`: no key stored).
     pub slot: &'a [usize],
-    /// Attention weights, slot-major `[S, H*T]`.
+    /// Attention weights, query-major `[H*T, S]`.
     pub probs: &'a [f32],
+    /// `S`, the key slots (the row length of `probs`).
+    pub slots: usize,
     pub ht: usize,
     pub d: usize,
 }
@@ -368,9 +379,9 @@ fn value_chunk_impl(job: &ValueJob, b: &BucketView, toks: std::ops::Range<usize>
         if sl == usize::MAX {
             continue;
         }
-        let w = &job.probs[sl * ht..(sl + 1) * ht];
         let lat = b.lat.row(tok, &mut buf);
-        for (qi, &wq) in w.iter().enumerate() {
+        for qi in 0..ht {
+            let wq = job.probs[qi * job.slots + sl];
             if wq != 0.0 {
                 axpy(&mut z[qi * d..qi * d + b.rank], wq, lat);
             }

@@ -63,18 +63,18 @@ pub(crate) fn available_for_values() -> bool {
 }
 
 /// Scores of one chunk of a pre-RoPE key bucket's tokens, starting at token
-/// `first`, into `out` (`[chunk, H*T]`): the same contract as the portable
+/// `first`, into `out` (`[H*T]` rows of the chunk's length): the same contract as the portable
 /// `score_chunk` for [`RopePlacement::Pre`](dynakv_core::artifact::RopePlacement).
 ///
 /// # Safety
 /// [`available`] returned true for this head width and rope.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn score_chunk(job: &Job, b: &BucketView, first: usize, out: &mut [f32]) {
+pub(crate) unsafe fn score_chunk(job: &Job, b: &BucketView, first: usize, out: &mut [&mut [f32]]) {
     let heads = job.heads;
     let (h, hk, dh) = (heads.n_heads, heads.n_kv_heads, heads.head_dim);
     let (t, groups, d) = (job.q_pos.len(), h / hk, hk * dh);
-    let n = out.len() / (h * t);
+    let n = out.first().map_or(0, |r| r.len());
     let mut kbuf = vec![0f32; TILE * d];
     let mut latbuf = match b.lat.as_f32() {
         Some(_) => Vec::new(),
@@ -94,7 +94,6 @@ pub(crate) unsafe fn score_chunk(job: &Job, b: &BucketView, first: usize, out: &
                     pos,
                 );
             }
-            let row = &mut out[(i + k) * h * t..(i + k + 1) * h * t];
             for (ti, &qp) in job.q_pos.iter().enumerate() {
                 if hidden(qp, pos, job.window) {
                     continue;
@@ -103,7 +102,7 @@ pub(crate) unsafe fn score_chunk(job: &Job, b: &BucketView, first: usize, out: &
                     let qi = qh * t + ti;
                     let kv = (qh / groups) * dh;
                     let key = &kbuf[k * d + kv..k * d + kv + dh];
-                    row[qi] = dot(&job.q[qi * dh..(qi + 1) * dh], key) * job.scale;
+                    out[qi][i + k] = dot(&job.q[qi * dh..(qi + 1) * dh], key) * job.scale;
                 }
             }
         }
@@ -190,7 +189,7 @@ unsafe fn weighted<const R: usize>(
 ) {
     use std::arch::x86_64::*;
     assert!(rows == R && r0 + R <= job.ht && rank <= d && c0 < rank);
-    assert!(z.len() >= job.ht * d);
+    assert!(z.len() >= job.ht * d && job.probs.len() >= job.ht * job.slots);
     // lanes of each of the four vectors inside the rank
     let masks: [__mmask16; 4] = std::array::from_fn(|v| {
         let start = c0 + 16 * v;
@@ -209,7 +208,7 @@ unsafe fn weighted<const R: usize>(
         }
     }
     for (i, &(t, slot)) in taken.iter().enumerate() {
-        assert!((t + 1) * rank <= lat.len() && (slot + 1) * job.ht <= job.probs.len());
+        assert!((t + 1) * rank <= lat.len() && slot < job.slots);
         // The latents stream from memory once a step (too many for the
         // caches at long context); the hardware prefetcher alone left the
         // loads waiting.
@@ -231,8 +230,8 @@ unsafe fn weighted<const R: usize>(
             }
         }
         for (r, row) in acc.iter_mut().enumerate() {
-            // SAFETY: slot * ht + r0 + r < probs.len() (asserted)
-            let w = unsafe { *job.probs.get_unchecked(slot * job.ht + r0 + r) };
+            // SAFETY: r0 + r < ht and slot < slots (asserted): inside probs
+            let w = unsafe { *job.probs.get_unchecked((r0 + r) * job.slots + slot) };
             let w = _mm512_set1_ps(w);
             for (a, &x) in row.iter_mut().zip(&x) {
                 *a = _mm512_fmadd_ps(w, x, *a);
