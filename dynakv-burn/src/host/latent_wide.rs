@@ -213,9 +213,9 @@ unsafe fn weighted<const R: usize>(
         // caches at long context); the hardware prefetcher alone left the
         // loads waiting.
         if let Some(&(ahead, _)) = taken.get(i + PREFETCH) {
-            let row = lat[ahead * rank..].as_ptr();
-            for line in (0..rank.min(64)).step_by(16) {
-                // SAFETY: `line < rank`: inside token `ahead`'s row
+            let row = lat[ahead * rank + c0..].as_ptr();
+            for line in (0..(rank - c0).min(64)).step_by(16) {
+                // SAFETY: `c0 + line < rank`: inside token `ahead`'s row
                 unsafe { _mm_prefetch::<_MM_HINT_T0>(row.add(line) as *const i8) };
             }
         }
