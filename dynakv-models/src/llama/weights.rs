@@ -157,6 +157,17 @@ impl Projection {
                 y.pop()
                     .ok_or_else(|| ModelError::InvalidInput("one product".into()))
             }
+            #[cfg(feature = "flex")]
+            Self::Packed(m, _) if host_gemm(&x) => {
+                let [t, _] = x.dims();
+                let device = x.device();
+                let xs = x.into_data().try_into_vec::<f32>()?;
+                let y = m.matmul_dequantised(&xs)?;
+                Ok(Tensor::from_data(
+                    TensorData::new(y, [t, m.rows()]),
+                    &device,
+                ))
+            }
             _ => {
                 let device = x.device();
                 Ok(x.matmul(self.dense(&device)))
@@ -229,6 +240,16 @@ fn row_kernels(m: &QuantMatrix, numerics: Numerics, x: &Tensor<2>) -> bool {
         _ => PACKED_TILES_GEMM_MIN_TOKENS,
     };
     !x.device().is_autodiff() && (numerics == Numerics::Q8 || x.dims()[0] < gemm_from)
+}
+
+/// Whether a product that the row kernels leave to a GEMM runs on the host
+/// ([`QuantMatrix::matmul_dequantised`]): burn's CPU backend, no autodiff
+/// (gradients need burn's matmul).
+#[cfg(feature = "flex")]
+fn host_gemm(x: &Tensor<2>) -> bool {
+    let device = x.device();
+    !device.is_autodiff()
+        && dynakv_burn::KvStorage::for_device(&device) == dynakv_burn::KvStorage::Host
 }
 
 /// Packed matrices against `x` in the row kernels, one tensor per matrix.

@@ -22,6 +22,8 @@
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(feature = "flex")]
+mod dense_gemm;
 mod interleave;
 mod kernel;
 mod q8;
@@ -246,7 +248,14 @@ impl QuantMatrix {
     /// there are some ([`QuantMatrix::row_into`]).
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
+        self.dequantize_into(&mut out);
+        out
+    }
+
+    /// [`Self::dequantize`] into `out` (`[rows, cols]`, every value written).
+    fn dequantize_into(&self, out: &mut [f32]) {
         let cols = self.cols.max(1);
+        let out = &mut out[..self.rows * self.cols];
         if self.tiles.is_some() {
             out.par_chunks_mut(cols * ROWS_PER_TASK)
                 .enumerate()
@@ -255,7 +264,7 @@ impl QuantMatrix {
                         self.row_into(task * ROWS_PER_TASK + i, o);
                     }
                 });
-            return out;
+            return;
         }
         out.par_chunks_mut(cols * ROWS_PER_TASK)
             .zip(
@@ -263,7 +272,6 @@ impl QuantMatrix {
                     .par_chunks(self.row_bytes.max(1) * ROWS_PER_TASK),
             )
             .for_each(|(o, b)| dequantize_into(self.ty, b, o));
-        out
     }
 
     /// `y = x W^T`: every activation row against every weight row.
