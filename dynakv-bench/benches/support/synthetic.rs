@@ -36,7 +36,7 @@ pub fn full_run() -> bool {
 }
 
 pub fn rope(device: &Device) -> Rope {
-    Rope::new(RopeStyle::Interleaved, 64, 64, 100_000.0, 8192, device).expect("rope")
+    Rope::new(RopeStyle::Interleaved, 64, 64, 100_000.0, 16_384, device).expect("rope")
 }
 
 /// A one-layer artifact whose basis is the PCA of synthetic vectors whose
