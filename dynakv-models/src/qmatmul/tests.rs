@@ -333,3 +333,27 @@ fn the_tiled_transpose_moves_every_element() {
         }
     }
 }
+
+/// The long-prefill GEMM on dequantised rows against the f64 product, for
+/// tiled and untiled formats, with the kept buffer reused across a larger
+/// and then a smaller matrix (a stale tail must not leak in), and a bad
+/// activation length as an error.
+#[cfg(feature = "flex")]
+#[test]
+fn the_dequantised_gemm_equals_the_product() {
+    let mut shapes = vec![(GgmlType::Q4_1, 97, 544), (GgmlType::Q6K, 40, 512)];
+    shapes.push((GgmlType::Q8_0, 33, 96));
+    for (i, (t, rows, cols)) in shapes.into_iter().enumerate() {
+        let scales = TYPES.iter().find(|(ty, _)| *ty == t).unwrap().1;
+        let (m, dense) = matrix(t, scales, rows, cols, 40 + i as u64);
+        let m = m.with_tiles();
+        for n_tok in [1, 70] {
+            let x = activations(n_tok, cols, 9);
+            let got = m.matmul_dequantised(&x).unwrap();
+            assert_eq!(got.len(), n_tok * rows);
+            let err = max_rel(&got, &reference(&dense, &x, rows, cols));
+            assert!(err < 1e-5, "{t:?} T={n_tok}: {err}");
+        }
+        assert!(m.matmul_dequantised(&activations(1, cols + 1, 9)).is_err());
+    }
+}
