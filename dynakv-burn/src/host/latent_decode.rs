@@ -191,6 +191,7 @@ pub(super) fn attend_with(
                 unsafe { latent_wide::value_chunk(&values_job, b, c * CHUNK..end, &mut z) };
                 return z;
             }
+            let _ = wide_values;
             value_chunk(&values_job, b, c * CHUNK..end, &mut z);
             z
         })

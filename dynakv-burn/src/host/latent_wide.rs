@@ -22,13 +22,16 @@
 //! scores agree to rounding, not bit for bit; the test holds them to the
 //! portable kernel's.
 
+#[cfg(target_arch = "x86_64")]
 use super::latent_decode::{BucketView, HostBasis, Job, ValueJob};
 use super::HostRope;
+#[cfg(target_arch = "x86_64")]
 use crate::attention::hidden;
 use crate::rope::RopeStyle;
 
 /// Tokens rebuilt together: 6 tokens x 4 vectors of accumulators, 4 decoder
 /// vectors and a broadcast fill 29 of the 32 registers.
+#[cfg(target_arch = "x86_64")]
 const TILE: usize = 6;
 
 /// Whether this CPU runs [`score_chunk`] for keys of `d = H_kv * head_dim`
@@ -166,6 +169,7 @@ pub(crate) unsafe fn value_chunk(
 }
 
 /// Tokens ahead whose latents [`weighted`] asks the memory for.
+#[cfg(target_arch = "x86_64")]
 const PREFETCH: usize = 8;
 
 /// Latent coordinates `c0..c0 + 64` (fewer at the rank's end, masked) of
