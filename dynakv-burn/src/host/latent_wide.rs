@@ -88,8 +88,8 @@ pub(crate) unsafe fn score_chunk(job: &Job, b: &BucketView, first: usize, out: &
         let m = (n - i).min(TILE);
         let lat = b.lat.rows(first + i, m, &mut latbuf);
         rebuild(lat, m, b.rank, job.basis, &mut kbuf);
-        for k in 0..m {
-            let pos = b.positions[first + i + k];
+        let positions = &b.positions[first + i..first + i + m];
+        for (k, &pos) in positions.iter().enumerate() {
             for g in 0..hk {
                 rotate(
                     job.rope,
@@ -97,6 +97,39 @@ pub(crate) unsafe fn score_chunk(job: &Job, b: &BucketView, first: usize, out: &
                     pos,
                 );
             }
+        }
+        if m == TILE {
+            // a whole tile: each query head's dots with the six keys of its
+            // group share their reductions
+            for (ti, &qp) in job.q_pos.iter().enumerate() {
+                for g in 0..hk {
+                    let mut j0 = 0;
+                    while j0 < groups {
+                        let take = (groups - j0).min(4);
+                        let q0 = ((g * groups + j0) * t + ti) * dh;
+                        let keys = (&kbuf[..], g * dh, d);
+                        let sums = match take {
+                            4 => tile_dots::<4>(&job.q[q0..], t * dh, keys, dh),
+                            3 => tile_dots::<3>(&job.q[q0..], t * dh, keys, dh),
+                            2 => tile_dots::<2>(&job.q[q0..], t * dh, keys, dh),
+                            _ => tile_dots::<1>(&job.q[q0..], t * dh, keys, dh),
+                        };
+                        for (jj, row) in sums.chunks_exact(TILE).take(take).enumerate() {
+                            let qi = (g * groups + j0 + jj) * t + ti;
+                            for (k, &sc) in row.iter().enumerate() {
+                                if !hidden(qp, positions[k], job.window) {
+                                    out[qi][i + k] = sc * job.scale;
+                                }
+                            }
+                        }
+                        j0 += take;
+                    }
+                }
+            }
+            i += m;
+            continue;
+        }
+        for (k, &pos) in positions.iter().enumerate() {
             for (ti, &qp) in job.q_pos.iter().enumerate() {
                 if hidden(qp, pos, job.window) {
                     continue;
@@ -385,6 +418,73 @@ unsafe fn rotate(rope: &HostRope, x: &mut [f32], pos: usize) {
     }
 }
 
+/// Dots of `J` query rows (row `j` at `q[j * q_stride..]`) with the
+/// [`TILE`] keys of one head in `kbuf` (key `k` at `k * d + off`), `head_dim`
+/// values each; returns them row-major `[J, TILE]` in the first `J * TILE`
+/// entries. The `J x TILE` accumulators stay in registers and are reduced
+/// eight at a time ([`hsum8`]) instead of one horizontal sum per dot.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn tile_dots<const J: usize>(
+    q: &[f32],
+    q_stride: usize,
+    (kbuf, off, d): (&[f32], usize, usize),
+    head_dim: usize,
+) -> [f32; 32] {
+    use std::arch::x86_64::*;
+    assert!(J <= 4 && head_dim.is_multiple_of(16));
+    assert!(q.len() >= (J - 1) * q_stride + head_dim);
+    assert!(kbuf.len() >= (TILE - 1) * d + off + head_dim);
+    let mut acc = [[_mm512_setzero_ps(); TILE]; J];
+    for v in (0..head_dim).step_by(16) {
+        // SAFETY: v + 16 <= head_dim: inside each key and query row (asserted)
+        let keys: [__m512; TILE] =
+            std::array::from_fn(|k| unsafe { _mm512_loadu_ps(kbuf.as_ptr().add(k * d + off + v)) });
+        for (j, row) in acc.iter_mut().enumerate() {
+            // SAFETY: as above
+            let qv = unsafe { _mm512_loadu_ps(q.as_ptr().add(j * q_stride + v)) };
+            for (a, &kv) in row.iter_mut().zip(&keys) {
+                *a = _mm512_fmadd_ps(qv, kv, *a);
+            }
+        }
+    }
+    let mut flat = [_mm512_setzero_ps(); 32];
+    for (j, row) in acc.iter().enumerate() {
+        flat[j * TILE..(j + 1) * TILE].copy_from_slice(row);
+    }
+    let mut sums = [0f32; 32];
+    for c in 0..(J * TILE).div_ceil(8) {
+        let block: &[__m512; 8] = flat[c * 8..c * 8 + 8].try_into().expect("eight vectors");
+        // SAFETY: c * 8 + 8 <= 32 = sums.len()
+        unsafe { _mm256_storeu_ps(sums.as_mut_ptr().add(c * 8), hsum8(block)) };
+    }
+    sums
+}
+
+/// The lane sums of eight vectors, in order: each folded to eight lanes,
+/// then three rounds of pairwise adds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn hsum8(v: &[std::arch::x86_64::__m512; 8]) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let fold = |x: __m512| {
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(x)));
+        _mm256_add_ps(_mm512_castps512_ps256(x), hi)
+    };
+    let a: [__m256; 8] = std::array::from_fn(|i| fold(v[i]));
+    let t0 = _mm256_hadd_ps(a[0], a[1]);
+    let t1 = _mm256_hadd_ps(a[2], a[3]);
+    let t2 = _mm256_hadd_ps(a[4], a[5]);
+    let t3 = _mm256_hadd_ps(a[6], a[7]);
+    // per 128-bit half: [s0, s1, s2, s3] of vectors 0-3 (u0), 4-7 (u1)
+    let u0 = _mm256_hadd_ps(t0, t1);
+    let u1 = _mm256_hadd_ps(t2, t3);
+    _mm256_add_ps(
+        _mm256_permute2f128_ps::<0x20>(u0, u1),
+        _mm256_permute2f128_ps::<0x31>(u0, u1),
+    )
+}
+
 /// `a · b` over whole 16-lane vectors.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
@@ -473,7 +573,8 @@ mod tests {
     }
 
     /// The whole latent attention with the wide loops against the portable
-    /// ones: pre-RoPE keys, two query positions (the earlier one hides the
+    /// ones: pre-RoPE keys, query heads sharing a KV head in groups of 3, 4
+    /// and 5, two query positions (the earlier one hides the
     /// last tokens), buckets of f32 and int8 latents with ranks that are
     /// not vector multiples, a value bucket missing a token's key slot, a
     /// sliding window; both RoPE styles.
@@ -483,9 +584,12 @@ mod tests {
         use dynakv_core::artifact::RopePlacement;
         use dynakv_core::quant::{KvDtype, PackedRows, RowCodec};
         let f = |i: usize| ((i * 7919) % 23) as f32 / 11.0 - 1.0;
+        // groups of 3, 4 and 5 query heads per KV head (5: a block of four
+        // and one more)
         for (style, h, hk, dh, window) in [
             (RopeStyle::Interleaved, 6, 2, 32, None),
             (RopeStyle::SplitHalves, 4, 1, 64, Some(9)),
+            (RopeStyle::Interleaved, 10, 2, 16, None),
         ] {
             let d = hk * dh;
             let rope = test_rope(style, dh, 64);
@@ -502,7 +606,7 @@ mod tests {
             // ids 0..40 over three buckets; positions = ids
             let split = [
                 (0..17, 7, KvDtype::F32),
-                (17..30, 40, KvDtype::Q8_0),
+                (17..30, 40.min(d - 3), KvDtype::Q8_0),
                 (30..40, d, KvDtype::F32),
             ];
             let lat: Vec<(PackedRows, Vec<usize>)> = split
