@@ -62,29 +62,12 @@ pub(crate) struct BucketView<'a> {
 /// A query sees keys at positions `<=` its own, and within `window` of it
 /// when given ([`crate::attention::hidden`]). Every query must see at least
 /// one key (the caller guarantees it: a decode step follows its own append).
+///
+/// `wide`: the AVX-512 token loops ([`latent_wide`]) where the CPU and
+/// shapes allow; `false` keeps the portable ones (tests hold the two
+/// together).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attend(
-    heads: Heads,
-    placement: RopePlacement,
-    basis: &HostBasis,
-    rope: &HostRope,
-    q: &[f32],
-    q_pos: &[usize],
-    keys: &[BucketView],
-    values: &[BucketView],
-    n_ids: usize,
-    window: Option<usize>,
-) -> Vec<f32> {
-    attend_with(
-        heads, placement, basis, rope, q, q_pos, keys, values, n_ids, window, true,
-    )
-}
-
-/// [`attend`], with the AVX-512 token loops ([`latent_wide`]) where the CPU
-/// and shapes allow when `wide`, the portable ones only otherwise (tests
-/// hold the two together).
-#[allow(clippy::too_many_arguments)]
-pub(super) fn attend_with(
     heads: Heads,
     placement: RopePlacement,
     basis: &HostBasis,
@@ -255,11 +238,7 @@ fn score_chunk_impl(job: &Job, b: &BucketView, first: usize, out: &mut [&mut [f3
         None => vec![0f32; TILE * d],
         Some(_) => Vec::new(),
     };
-    // a tile's latents decoded here when packed (f32 is read in place)
-    let mut latbuf = match b.lat.as_f32() {
-        Some(_) => Vec::new(),
-        None => vec![0f32; TILE * b.rank],
-    };
+    let mut latbuf = tile_buffer(b, TILE);
     let mut i = 0;
     while i < n {
         let m = (n - i).min(TILE);
@@ -303,6 +282,15 @@ fn score_chunk_impl(job: &Job, b: &BucketView, first: usize, out: &mut [&mut [f3
             }
         }
         i += m;
+    }
+}
+
+/// Where `tile` tokens' latents of `b` are decoded when packed (empty for
+/// f32 latents, which are read in place).
+pub(super) fn tile_buffer(b: &BucketView, tile: usize) -> Vec<f32> {
+    match b.lat.as_f32() {
+        Some(_) => Vec::new(),
+        None => vec![0f32; tile * b.rank],
     }
 }
 

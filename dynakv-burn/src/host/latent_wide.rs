@@ -23,7 +23,7 @@
 //! portable kernel's.
 
 #[cfg(target_arch = "x86_64")]
-use super::latent_decode::{BucketView, HostBasis, Job, ValueJob};
+use super::latent_decode::{tile_buffer, BucketView, HostBasis, Job, ValueJob};
 use super::HostRope;
 #[cfg(target_arch = "x86_64")]
 use crate::attention::hidden;
@@ -79,10 +79,7 @@ pub(crate) unsafe fn score_chunk(job: &Job, b: &BucketView, first: usize, out: &
     let (t, groups, d) = (job.q_pos.len(), h / hk, hk * dh);
     let n = out.first().map_or(0, |r| r.len());
     let mut kbuf = vec![0f32; TILE * d];
-    let mut latbuf = match b.lat.as_f32() {
-        Some(_) => Vec::new(),
-        None => vec![0f32; TILE * b.rank],
-    };
+    let mut latbuf = tile_buffer(b, TILE);
     let mut i = 0;
     while i < n {
         let m = (n - i).min(TILE);
@@ -454,9 +451,9 @@ unsafe fn tile_dots<const J: usize>(
     }
     let mut sums = [0f32; 32];
     for c in 0..(J * TILE).div_ceil(8) {
-        let block: &[__m512; 8] = flat[c * 8..c * 8 + 8].try_into().expect("eight vectors");
+        let block: [__m512; 8] = std::array::from_fn(|i| flat[c * 8 + i]);
         // SAFETY: c * 8 + 8 <= 32 = sums.len()
-        unsafe { _mm256_storeu_ps(sums.as_mut_ptr().add(c * 8), hsum8(block)) };
+        unsafe { _mm256_storeu_ps(sums.as_mut_ptr().add(c * 8), hsum8(&block)) };
     }
     sums
 }
@@ -580,7 +577,7 @@ mod tests {
     /// sliding window; both RoPE styles.
     #[test]
     fn wide_attention_equals_the_portable_kernel() {
-        use super::super::latent_decode::{attend_with, Heads};
+        use super::super::latent_decode::{attend, Heads};
         use dynakv_core::artifact::RopePlacement;
         use dynakv_core::quant::{KvDtype, PackedRows, RowCodec};
         let f = |i: usize| ((i * 7919) % 23) as f32 / 11.0 - 1.0;
@@ -653,7 +650,7 @@ mod tests {
             let q: Vec<f32> = (0..h * q_pos.len() * dh).map(|i| f(i + 77)).collect();
             for ks in [&keys, &keys_no5] {
                 let run = |wide| {
-                    attend_with(
+                    attend(
                         heads,
                         RopePlacement::Pre,
                         &basis,

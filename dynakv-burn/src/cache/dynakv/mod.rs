@@ -294,6 +294,7 @@ impl AttentionCache for DynaKvCache {
                 &views(1),
                 store.next_id,
                 self.window,
+                true,
             );
             let out = Tensor::from_data(TensorData::new(out, [1, h, t, dh]), &device);
             self.evict(layer, positions)?;
