@@ -229,11 +229,13 @@ impl Projection {
 
 /// Whether a product against packed weights runs in the row kernels: q8
 /// numerics always, f32 below [`PACKED_GEMM_MIN_TOKENS`] tokens
-/// ([`PACKED_TILES_GEMM_MIN_TOKENS`] on tiles; longer f32 prefills run
-/// burn's GEMM, faster there: SmolLM2 512 tokens 800-850 tok/s against
-/// 455-475 on the tiles); never on an autodiff device, where gradients
-/// must flow through `x` (e2e training; the kernels work on host copies)
-/// and burn's matmul takes the dequantised matrix instead.
+/// ([`PACKED_TILES_GEMM_MIN_TOKENS`] on tiles; longer f32 prefills run a
+/// GEMM on the dequantised matrix, faster there: SmolLM2 512 tokens 800-850
+/// tok/s through burn's GEMM against 455-475 on the tiles, and the direct
+/// [`QuantMatrix::matmul_dequantised`] of the CPU backend is faster again);
+/// never on an autodiff device, where gradients must flow through `x` (e2e
+/// training; the kernels work on host copies) and burn's matmul takes the
+/// dequantised matrix instead.
 fn row_kernels(m: &QuantMatrix, numerics: Numerics, x: &Tensor<2>) -> bool {
     let gemm_from = match m.tile_bytes() {
         0 => PACKED_GEMM_MIN_TOKENS,
