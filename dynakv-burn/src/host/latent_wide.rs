@@ -12,7 +12,9 @@
 //! does not contract `a * b + c`). Here sixteen lanes, fused multiply-adds
 //! and 32 registers hold [`TILE`] tokens by 64 columns in 24 accumulators
 //! while the rank loop streams the decoder, so each decoder vector loaded
-//! feeds [`TILE`] FMAs; RoPE and the query dots run on the same vectors.
+//! feeds [`TILE`] FMAs; RoPE and the query dots then run on the rebuilt
+//! tile while it sits in L1, each query head's dots with the tile's keys
+//! sharing their horizontal sums.
 //!
 //! Values: each query row's latent sum `z += p * latent` was an axpy per
 //! token and row through memory; here up to six rows by four vectors of
@@ -66,8 +68,9 @@ pub(crate) fn available_for_values() -> bool {
 }
 
 /// Scores of one chunk of a pre-RoPE key bucket's tokens, starting at token
-/// `first`, into `out` (`[H*T]` rows of the chunk's length): the same contract as the portable
-/// `score_chunk` for [`RopePlacement::Pre`](dynakv_core::artifact::RopePlacement).
+/// `first`, into `out` (`[H*T]` rows of the chunk's length): the same
+/// contract as the portable `score_chunk` for
+/// [`RopePlacement::Pre`](dynakv_core::artifact::RopePlacement).
 ///
 /// # Safety
 /// [`available`] returned true for this head width and rope.
