@@ -98,47 +98,31 @@ pub(crate) unsafe fn score_chunk(job: &Job, b: &BucketView, first: usize, out: &
                 );
             }
         }
-        if m == TILE {
-            // a whole tile: each query head's dots with the six keys of its
-            // group share their reductions
-            for (ti, &qp) in job.q_pos.iter().enumerate() {
-                for g in 0..hk {
-                    let mut j0 = 0;
-                    while j0 < groups {
-                        let take = (groups - j0).min(4);
-                        let q0 = ((g * groups + j0) * t + ti) * dh;
-                        let keys = (&kbuf[..], g * dh, d);
-                        let sums = match take {
-                            4 => tile_dots::<4>(&job.q[q0..], t * dh, keys, dh),
-                            3 => tile_dots::<3>(&job.q[q0..], t * dh, keys, dh),
-                            2 => tile_dots::<2>(&job.q[q0..], t * dh, keys, dh),
-                            _ => tile_dots::<1>(&job.q[q0..], t * dh, keys, dh),
-                        };
-                        for (jj, row) in sums.chunks_exact(TILE).take(take).enumerate() {
-                            let qi = (g * groups + j0 + jj) * t + ti;
-                            for (k, &sc) in row.iter().enumerate() {
-                                if !hidden(qp, positions[k], job.window) {
-                                    out[qi][i + k] = sc * job.scale;
-                                }
+        // each query head's dots with the tile's keys of its group share
+        // their reductions (a short tile's stale rows are dotted too, and
+        // their sums dropped)
+        for (ti, &qp) in job.q_pos.iter().enumerate() {
+            for g in 0..hk {
+                let mut j0 = 0;
+                while j0 < groups {
+                    let take = (groups - j0).min(4);
+                    let q0 = ((g * groups + j0) * t + ti) * dh;
+                    let keys = (&kbuf[..], g * dh, d);
+                    let sums = match take {
+                        4 => tile_dots::<4>(&job.q[q0..], t * dh, keys, dh),
+                        3 => tile_dots::<3>(&job.q[q0..], t * dh, keys, dh),
+                        2 => tile_dots::<2>(&job.q[q0..], t * dh, keys, dh),
+                        _ => tile_dots::<1>(&job.q[q0..], t * dh, keys, dh),
+                    };
+                    for (jj, row) in sums.chunks_exact(TILE).take(take).enumerate() {
+                        let qi = (g * groups + j0 + jj) * t + ti;
+                        for (k, (&sc, &pos)) in row.iter().zip(positions).enumerate() {
+                            if !hidden(qp, pos, job.window) {
+                                out[qi][i + k] = sc * job.scale;
                             }
                         }
-                        j0 += take;
                     }
-                }
-            }
-            i += m;
-            continue;
-        }
-        for (k, &pos) in positions.iter().enumerate() {
-            for (ti, &qp) in job.q_pos.iter().enumerate() {
-                if hidden(qp, pos, job.window) {
-                    continue;
-                }
-                for qh in 0..h {
-                    let qi = qh * t + ti;
-                    let kv = (qh / groups) * dh;
-                    let key = &kbuf[k * d + kv..k * d + kv + dh];
-                    out[qi][i + k] = dot(&job.q[qi * dh..(qi + 1) * dh], key) * job.scale;
+                    j0 += take;
                 }
             }
         }
@@ -485,26 +469,6 @@ unsafe fn hsum8(v: &[std::arch::x86_64::__m512; 8]) -> std::arch::x86_64::__m256
     )
 }
 
-/// `a · b` over whole 16-lane vectors.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    assert!(a.len() == b.len() && a.len().is_multiple_of(16));
-    let mut acc = _mm512_setzero_ps();
-    for i in (0..a.len()).step_by(16) {
-        // SAFETY: i + 16 <= len of both (asserted)
-        acc = unsafe {
-            _mm512_fmadd_ps(
-                _mm512_loadu_ps(a.as_ptr().add(i)),
-                _mm512_loadu_ps(b.as_ptr().add(i)),
-                acc,
-            )
-        };
-    }
-    _mm512_reduce_add_ps(acc)
-}
-
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
@@ -565,7 +529,7 @@ mod tests {
                     let q: Vec<f32> = (0..dh).map(|i| f(i + 7)).collect();
                     let plain: f32 = q.iter().zip(&want[..dh]).map(|(x, y)| x * y).sum();
                     // SAFETY: as above
-                    let fast = unsafe { dot(&q, &got[k * d..k * d + dh]) };
+                    let fast = unsafe { tile_dots::<1>(&q, dh, (&got, 0, d), dh)[k] };
                     assert!((fast - plain).abs() < tol * dh as f32, "{fast} vs {plain}");
                 }
             }

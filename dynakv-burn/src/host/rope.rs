@@ -63,11 +63,7 @@ impl HostRope {
     /// append).
     #[inline(always)]
     pub(crate) fn rotate(&self, x: &mut [f32], pos: usize) {
-        let row = pos * self.head_dim;
-        let (c, s) = (
-            &self.cos[row..row + self.head_dim],
-            &self.sin[row..row + self.head_dim],
-        );
+        let (c, s) = self.row(pos);
         match self.style {
             RopeStyle::Interleaved => {
                 for i in (0..self.n_rot).step_by(2) {
