@@ -20,6 +20,7 @@ use dynakv_core::quant::PackedRows;
 
 use crate::attention::hidden;
 
+use super::latent_codes::{self, KeyCodes};
 use super::latent_wide;
 use super::math::{avx2_dispatch, axpy, dot, softmax_rows, CHUNK};
 use super::HostRope;
@@ -65,7 +66,10 @@ pub(crate) struct BucketView<'a> {
 ///
 /// `wide`: the AVX-512 token loops ([`latent_wide`]) where the CPU and
 /// shapes allow; `false` keeps the portable ones (tests hold the two
-/// together).
+/// together). `key_codes`: the key decoder as 8-bit codes; with the wide
+/// loops and AVX-512 VNNI, pre-RoPE keys stored as blocks of integer codes
+/// (q8_0, q4_0, mixed) are rebuilt from them in integer arithmetic
+/// ([`latent_codes`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attend(
     heads: Heads,
@@ -79,6 +83,7 @@ pub(crate) fn attend(
     n_ids: usize,
     window: Option<usize>,
     wide: bool,
+    key_codes: Option<&KeyCodes>,
 ) -> Vec<f32> {
     let (h, hk, dh) = (heads.n_heads, heads.n_kv_heads, heads.head_dim);
     let (t, groups, d) = (q_pos.len(), h / hk, hk * dh);
@@ -93,6 +98,9 @@ pub(crate) fn attend(
     // contiguous row; a token chunk writes its stretch of every row.
     let s_total: usize = keys.iter().map(|b| b.positions.len()).sum();
     let mut scores = vec![f32::NEG_INFINITY; ht * s_total];
+    // Pre-RoPE keys rebuilt with AVX-512 where the CPU and shapes allow.
+    let wide_keys =
+        wide && placement == RopePlacement::Pre && latent_wide::available(heads.head_dim, rope);
     let job = Job {
         heads,
         basis,
@@ -102,6 +110,7 @@ pub(crate) fn attend(
         q_lat: q_lat.as_ref(),
         scale,
         window,
+        key_codes: key_codes.filter(|_| wide_keys && latent_codes::available(d)),
     };
     // One parallel region over every (bucket, chunk) pair: a token-wise policy
     // leaves up to `d / 8` small buckets, and a region per bucket would pay
@@ -124,9 +133,6 @@ pub(crate) fn attend(
             }
         }
     }
-    // Pre-RoPE keys rebuilt with AVX-512 where the CPU and shapes allow.
-    let wide_keys =
-        wide && placement == RopePlacement::Pre && latent_wide::available(heads.head_dim, rope);
     spans
         .into_par_iter()
         .zip(outs)
@@ -214,6 +220,8 @@ pub(super) struct Job<'a> {
     pub scale: f32,
     /// A sliding window hides keys this far behind a query or more.
     pub window: Option<usize>,
+    /// The key decoder as 8-bit codes, when the wide kernel may use them.
+    pub key_codes: Option<&'a KeyCodes>,
 }
 
 avx2_dispatch! {

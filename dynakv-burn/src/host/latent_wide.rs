@@ -25,6 +25,8 @@
 //! portable kernel's.
 
 #[cfg(target_arch = "x86_64")]
+use super::latent_codes::{self, CodeTile};
+#[cfg(target_arch = "x86_64")]
 use super::latent_decode::{tile_buffer, BucketView, HostBasis, Job, ValueJob};
 use super::HostRope;
 #[cfg(target_arch = "x86_64")]
@@ -32,9 +34,10 @@ use crate::attention::hidden;
 use crate::rope::RopeStyle;
 
 /// Tokens rebuilt together: 6 tokens x 4 vectors of accumulators, 4 decoder
-/// vectors and a broadcast fill 29 of the 32 registers.
+/// vectors and a broadcast fill 29 of the 32 registers (the integer
+/// rebuild's tile is the same).
 #[cfg(target_arch = "x86_64")]
-const TILE: usize = 6;
+const TILE: usize = latent_codes::TILE;
 
 /// Whether this CPU runs [`score_chunk`] for keys of `d = H_kv * head_dim`
 /// values under `rope`: AVX-512F, whole 16-lane vectors per head (32 for
@@ -83,11 +86,28 @@ pub(crate) unsafe fn score_chunk(job: &Job, b: &BucketView, first: usize, out: &
     let n = out.first().map_or(0, |r| r.len());
     let mut kbuf = vec![0f32; TILE * d];
     let mut latbuf = tile_buffer(b, TILE);
+    // latents stored as integer codes meet the decoder's codes
+    let mut codes = job
+        .key_codes
+        .filter(|_| b.lat.has_block_codes())
+        .map(|key| (key, CodeTile::new(b.rank)));
     let mut i = 0;
     while i < n {
         let m = (n - i).min(TILE);
-        let lat = b.lat.rows(first + i, m, &mut latbuf);
-        rebuild(lat, m, b.rank, job.basis, &mut kbuf);
+        let integer = match codes.as_mut() {
+            Some((key, tile)) => tile.load(b.lat, first + i, m).then_some((*key, &*tile)),
+            None => None,
+        };
+        match integer {
+            // SAFETY: `key_codes` is only set where latent_codes::available
+            Some((key, tile)) => unsafe {
+                latent_codes::rebuild(tile, key, &job.basis.mean_k, &mut kbuf)
+            },
+            None => {
+                let lat = b.lat.rows(first + i, m, &mut latbuf);
+                rebuild(lat, m, b.rank, job.basis, &mut kbuf);
+            }
+        }
         let positions = &b.positions[first + i..first + i + m];
         for (k, &pos) in positions.iter().enumerate() {
             for g in 0..hk {
@@ -629,6 +649,7 @@ mod tests {
                         40,
                         window,
                         wide,
+                        None,
                     )
                 };
                 let (fast, plain) = (run(true), run(false));

@@ -12,6 +12,7 @@
 mod attention_reference;
 pub(crate) mod dense_decode;
 pub(crate) mod dense_prefill;
+pub(crate) mod latent_codes;
 pub(crate) mod latent_decode;
 mod latent_wide;
 pub(crate) mod math;

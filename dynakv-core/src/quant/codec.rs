@@ -208,6 +208,57 @@ impl RowCodec {
         }
     }
 
+    /// Whether rows in this codec are blocks of 32 integer codes with one
+    /// scale each (q8_0, q4_0 and mixed): what [`Self::decode_codes`] reads.
+    pub fn has_block_codes(&self) -> bool {
+        matches!(
+            self,
+            Self::Plain(KvDtype::Q8_0 | KvDtype::Q4_0) | Self::Mixed
+        )
+    }
+
+    /// One row's integer codes and block scales, without multiplying them
+    /// out: value `j` is `scales[j / 32] * codes[j]`, the same `f32` number
+    /// [`Self::decode`] gives. For kernels that multiply the codes by integer
+    /// weights (8-bit dot products) and scale once per block.
+    ///
+    /// # Shapes
+    /// `codes`: `[n]`, the row's width; `scales`: `[ceil(n / 32)]` at least.
+    /// Returns `false`, writing nothing, for codecs without block codes
+    /// ([`Self::has_block_codes`]).
+    pub fn decode_codes(&self, bytes: &[u8], codes: &mut [i8], scales: &mut [f32]) -> bool {
+        if !self.has_block_codes() {
+            return false;
+        }
+        let mut at = 0;
+        for (i, (o, s)) in codes.chunks_mut(QBLOCK).zip(scales.iter_mut()).enumerate() {
+            *s = f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32();
+            let eight = match self {
+                Self::Mixed => i == 0,
+                c => *c == Self::Plain(KvDtype::Q8_0),
+            };
+            let n = o.len();
+            if eight {
+                for (c, &q) in o.iter_mut().zip(&bytes[at + 2..at + 2 + n]) {
+                    *c = q as i8;
+                }
+                at += 2 + n;
+            } else {
+                let half = n.div_ceil(2);
+                let packed = &bytes[at + 2..at + 2 + half];
+                let (lo, hi) = o.split_at_mut(half);
+                for (c, &q) in lo.iter_mut().zip(packed) {
+                    *c = (q & 15) as i8 - 8;
+                }
+                for (c, &q) in hi.iter_mut().zip(packed) {
+                    *c = (q >> 4) as i8 - 8;
+                }
+                at += 2 + half;
+            }
+        }
+        true
+    }
+
     /// Encodes and decodes a row: the values a cache in this format holds.
     pub fn round_trip(&self, x: &[f32]) -> Vec<f32> {
         let mut bytes = Vec::with_capacity(self.row_bytes(x.len()));
@@ -346,6 +397,36 @@ mod tests {
             );
         }
         assert!(RowCodec::latent(LatentDtype::Int4, LatentScales::Channel, &[f32::NAN]).is_err());
+    }
+
+    #[test]
+    fn block_codes_times_their_scales_are_the_decoded_values() {
+        // 70 values: two full blocks and a short one of 6 (odd lengths
+        // split nibbles unevenly)
+        let x = numbers(70, 3);
+        for codec in [
+            RowCodec::Plain(KvDtype::Q8_0),
+            RowCodec::Plain(KvDtype::Q4_0),
+            RowCodec::Mixed,
+        ] {
+            for n in [70, 37, 5] {
+                let mut bytes = Vec::new();
+                codec.encode(&x[..n], &mut bytes);
+                let mut want = vec![0f32; n];
+                codec.decode(&bytes, &mut want);
+                let (mut codes, mut scales) = (vec![0i8; n], vec![0f32; n.div_ceil(QBLOCK)]);
+                assert!(codec.decode_codes(&bytes, &mut codes, &mut scales));
+                for (j, w) in want.iter().enumerate() {
+                    let got = scales[j / QBLOCK] * codes[j] as f32;
+                    assert_eq!(got, *w, "{codec:?} n {n} value {j}");
+                }
+            }
+        }
+        let mut bytes = Vec::new();
+        RowCodec::Plain(KvDtype::F16).encode(&x[..8], &mut bytes);
+        let (mut codes, mut scales) = ([0i8; 8], [0f32; 1]);
+        assert!(!RowCodec::Plain(KvDtype::F16).decode_codes(&bytes, &mut codes, &mut scales));
+        assert!(!RowCodec::Plain(KvDtype::F16).has_block_codes());
     }
 
     #[test]

@@ -194,6 +194,27 @@ impl PackedRows {
         }
     }
 
+    /// Row `i`'s integer codes and block scales ([`RowCodec::decode_codes`]);
+    /// `false`, writing nothing, when the rows are not stored as blocks of
+    /// codes.
+    ///
+    /// # Shapes
+    /// `codes`: `[dim]`; `scales`: `[ceil(dim / 32)]` at least.
+    #[inline]
+    pub fn row_codes(&self, i: usize, codes: &mut [i8], scales: &mut [f32]) -> bool {
+        match &self.data {
+            RowData::Bytes { bytes, row_bytes } if self.codec.has_block_codes() => self
+                .codec
+                .decode_codes(&bytes[i * row_bytes..(i + 1) * row_bytes], &mut codes[..self.dim], scales),
+            _ => false,
+        }
+    }
+
+    /// Whether [`Self::row_codes`] reads these rows.
+    pub fn has_block_codes(&self) -> bool {
+        matches!(self.data, RowData::Bytes { .. }) && self.codec.has_block_codes()
+    }
+
     /// The `f32` rows themselves, when stored as `f32`.
     pub fn as_f32(&self) -> Option<&[f32]> {
         match &self.data {

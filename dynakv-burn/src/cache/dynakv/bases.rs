@@ -4,6 +4,7 @@
 //! bytes, widened a layer at a time where they are read.
 
 use std::borrow::Cow;
+use std::sync::OnceLock;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use dynakv_core::artifact::{Artifact, RopePlacement};
@@ -14,6 +15,7 @@ use half::slice::HalfFloatSliceExt;
 
 use crate::cache::{mat, CacheGeometry, KvStorage};
 use crate::error::CacheError;
+use crate::host::latent_codes::KeyCodes;
 use crate::host::latent_decode::HostBasis;
 
 /// One layer's decoders as tensors (for the tensor attention path).
@@ -82,6 +84,9 @@ pub(super) struct LayerBasis {
     /// Standard deviation of each latent coordinate (square roots of the
     /// eigenvalues), for keys and values: per-coordinate latent scales.
     pub(super) stddev: [Vec<f32>; 2],
+    /// The key decoder as 8-bit codes, made the first time a decode step
+    /// asks ([`LayerBasis::key_codes`]).
+    key_codes: OnceLock<Option<KeyCodes>>,
 }
 
 impl LayerBasis {
@@ -108,6 +113,16 @@ impl LayerBasis {
                 mean_v: mean[1].clone(),
             }),
         }
+    }
+
+    /// The key decoder as 8-bit codes for the integer rebuild of keys held
+    /// as blocks of codes ([`KeyCodes`]); made once per layer, from the
+    /// decoder as held (f16 or f32). `None` when the width does not suit
+    /// the kernel.
+    pub(super) fn key_codes(&self) -> Option<&KeyCodes> {
+        self.key_codes
+            .get_or_init(|| KeyCodes::new(&self.host().dec_k, self.host_dim()))
+            .as_ref()
     }
 
     fn host_dim(&self) -> usize {
@@ -243,6 +258,7 @@ impl DynaKvBases {
                 decoders,
                 host,
                 stddev,
+                key_codes: OnceLock::new(),
             });
         }
         Ok(Self {

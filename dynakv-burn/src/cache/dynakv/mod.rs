@@ -295,6 +295,10 @@ impl AttentionCache for DynaKvCache {
                 store.next_id,
                 self.window,
                 true,
+                match self.bases.placement {
+                    RopePlacement::Pre => b.key_codes(),
+                    RopePlacement::Post => None,
+                },
             );
             let out = Tensor::from_data(TensorData::new(out, [1, h, t, dh]), &device);
             self.evict(layer, positions)?;

@@ -1,0 +1,300 @@
+//! Pre-RoPE keys rebuilt from 8- and 4-bit latents with 8-bit integer dot
+//! products (AVX-512 VNNI): the decoder held as 8-bit codes with one scale
+//! per column, each latent block's codes multiplied by them in integers and
+//! scaled once per block.
+//!
+//! Why: rebuilding a pre-RoPE key costs `rank x d` multiply-adds (about
+//! 58 x 192 on SmolLM2 at budget 0.30) against `d` values read for a dense
+//! key, and in f32 that product is most of a DynaKV decode step at long
+//! context ([`super::latent_wide`]). Latents stored as q8_0 / q4_0 / mixed
+//! blocks are integers already; `vpdpbusd` multiplies four 8-bit pairs per
+//! 32-bit lane, so one instruction does the work of four f32 FMAs. The
+//! decoder, a fixed matrix per layer, is rounded to 8 bits once (per column:
+//! `dec[r][c] ~ scale[c] * code`), which adds an error of at most half a
+//! step per entry, about a percent of a key, the same order as the 8-bit
+//! latents' own rounding; the sums themselves are exact integers.
+//!
+//! The instruction takes one unsigned operand: the decoder's codes are
+//! stored plus 128, and each block's integer sum starts at `-128 x` the sum
+//! of its latent codes, which cancels that offset exactly.
+
+use dynakv_core::quant::{PackedRows, QBLOCK};
+
+/// A layer's pre-RoPE key decoder as 8-bit codes.
+///
+/// # Shapes
+/// `codes`: `[d / 4, d, 4]`: for decoder rows (latent directions)
+/// `4g..4g + 4` and column `c`, the four rows' codes plus 128, so that one
+/// 64-byte load holds sixteen columns' four rows; `scale`: `[d]`, column
+/// `c`'s step (`dec[r][c] ~ scale[c] * (code - 128)`).
+#[derive(Debug, Clone)]
+pub(crate) struct KeyCodes {
+    codes: Vec<u8>,
+    scale: Vec<f32>,
+}
+
+impl KeyCodes {
+    /// Codes of a `[d, d]` row-major decoder; `None` when `d` is not a
+    /// multiple of 32 (the kernel's column block) or a value is not finite.
+    pub(crate) fn new(dec: &[f32], d: usize) -> Option<Self> {
+        if d == 0 || !d.is_multiple_of(32) || dec.len() != d * d {
+            return None;
+        }
+        if dec.iter().any(|v| !v.is_finite()) {
+            return None;
+        }
+        let scale: Vec<f32> = (0..d)
+            .map(|c| (0..d).fold(0f32, |m, r| m.max(dec[r * d + c].abs())) / 127.0)
+            .collect();
+        let mut codes = vec![128u8; d * d];
+        for r in 0..d {
+            for c in 0..d {
+                let q = match scale[c] {
+                    s if s > 0.0 => (dec[r * d + c] / s).round().clamp(-127.0, 127.0),
+                    _ => 0.0,
+                };
+                codes[((r / 4) * d + c) * 4 + r % 4] = (q as i32 + 128) as u8;
+            }
+        }
+        Some(Self { codes, scale })
+    }
+
+    fn d(&self) -> usize {
+        self.scale.len()
+    }
+
+    /// The decoder value row `r`, column `c` stands for.
+    #[cfg(test)]
+    pub(crate) fn value(&self, r: usize, c: usize) -> f32 {
+        let d = self.d();
+        self.scale[c] * (self.codes[((r / 4) * d + c) * 4 + r % 4] as i32 - 128) as f32
+    }
+}
+
+/// Tokens rebuilt together (the wide kernel's tile).
+pub(crate) const TILE: usize = 6;
+
+/// The latent codes of up to [`TILE`] tokens of one bucket, laid out for
+/// the kernel.
+///
+/// # Shapes
+/// `codes`: `[TILE, stride]`, `stride = rank` rounded up to 4, zero-padded;
+/// `scales`, `starts`: `[TILE, blocks]`, `blocks = ceil(rank / 32)`.
+#[derive(Debug)]
+pub(crate) struct CodeTile {
+    rank: usize,
+    stride: usize,
+    blocks: usize,
+    codes: Vec<i8>,
+    scales: Vec<f32>,
+    /// `-128 x` each block's code sum: where its integer sum starts.
+    starts: Vec<i32>,
+}
+
+impl CodeTile {
+    pub(crate) fn new(rank: usize) -> Self {
+        let (stride, blocks) = (rank.div_ceil(4) * 4, rank.div_ceil(QBLOCK));
+        Self {
+            rank,
+            stride,
+            blocks,
+            codes: vec![0; TILE * stride],
+            scales: vec![0.0; TILE * blocks],
+            starts: vec![0; TILE * blocks],
+        }
+    }
+
+    /// Loads rows `first..first + m` (`m <= TILE`) of `lat`; the tile's
+    /// other rows become zero (their keys come out as the mean). Returns
+    /// `false` when `lat` is not stored as blocks of codes of this rank.
+    pub(crate) fn load(&mut self, lat: &PackedRows, first: usize, m: usize) -> bool {
+        if lat.dim() != self.rank || m > TILE || !lat.has_block_codes() {
+            return false;
+        }
+        let (r, s, nb) = (self.rank, self.stride, self.blocks);
+        for k in 0..TILE {
+            let codes = &mut self.codes[k * s..(k + 1) * s];
+            let scales = &mut self.scales[k * nb..(k + 1) * nb];
+            if k >= m || !lat.row_codes(first + k, &mut codes[..r], scales) {
+                codes.fill(0);
+                scales.fill(0.0);
+            }
+            for (b, start) in self.starts[k * nb..(k + 1) * nb].iter_mut().enumerate() {
+                let block = &codes[b * QBLOCK..((b + 1) * QBLOCK).min(r)];
+                *start = -128 * block.iter().map(|&c| c as i32).sum::<i32>();
+            }
+        }
+        true
+    }
+}
+
+/// Whether this CPU runs [`rebuild`] for keys of `d` values.
+pub(crate) fn available(d: usize) -> bool {
+    let shape = d > 0 && d.is_multiple_of(32);
+    #[cfg(target_arch = "x86_64")]
+    {
+        shape
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = shape;
+        false
+    }
+}
+
+/// `out[k] = mean + Σ_r lat[k][r] * dec[r]` for the tile's [`TILE`] tokens,
+/// the decoder read as its codes: per column block of 32, each latent
+/// block's integer sums (four code pairs per lane and instruction) are
+/// scaled by the block's scale into f32, and the total by the column's.
+///
+/// # Shapes
+/// `mean`: `[d]`; `out`: `[TILE, d]`.
+///
+/// # Safety
+/// [`available`] returned true for `d`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vnni")]
+pub(crate) unsafe fn rebuild(tile: &CodeTile, key: &KeyCodes, mean: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let d = key.d();
+    let (s, nb, groups) = (tile.stride, tile.blocks, tile.stride / 4);
+    assert!(mean.len() == d && out.len() >= TILE * d && d.is_multiple_of(32));
+    assert!(tile.stride <= d && key.codes.len() == d * d);
+    assert!(tile.codes.len() == TILE * s && tile.scales.len() == TILE * nb);
+    let (cp, tp) = (key.codes.as_ptr(), tile.codes.as_ptr());
+    for c0 in (0..d).step_by(32) {
+        let mut f = [[_mm512_setzero_ps(); 2]; TILE];
+        for b in 0..nb {
+            let mut acc: [[__m512i; 2]; TILE] =
+                std::array::from_fn(|k| [_mm512_set1_epi32(tile.starts[k * nb + b]); 2]);
+            for g in b * QBLOCK / 4..((b + 1) * QBLOCK / 4).min(groups) {
+                // SAFETY: g < groups <= d / 4 and c0 + 32 <= d: inside codes
+                let u = unsafe {
+                    let at = cp.add((g * d + c0) * 4);
+                    [
+                        _mm512_loadu_si512(at as *const _),
+                        _mm512_loadu_si512(at.add(64) as *const _),
+                    ]
+                };
+                for (k, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: 4 g + 4 <= stride: inside token k's codes
+                    let x = unsafe { std::ptr::read_unaligned(tp.add(k * s + 4 * g) as *const i32) };
+                    let x = _mm512_set1_epi32(x);
+                    a[0] = _mm512_dpbusd_epi32(a[0], u[0], x);
+                    a[1] = _mm512_dpbusd_epi32(a[1], u[1], x);
+                }
+            }
+            for (k, (fk, ak)) in f.iter_mut().zip(&acc).enumerate() {
+                let sc = _mm512_set1_ps(tile.scales[k * nb + b]);
+                for (x, &a) in fk.iter_mut().zip(ak) {
+                    *x = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(a), *x);
+                }
+            }
+        }
+        // SAFETY: c0 + 32 <= d = mean.len() = scale.len()
+        let (m, sc) = unsafe {
+            (
+                [
+                    _mm512_loadu_ps(mean.as_ptr().add(c0)),
+                    _mm512_loadu_ps(mean.as_ptr().add(c0 + 16)),
+                ],
+                [
+                    _mm512_loadu_ps(key.scale.as_ptr().add(c0)),
+                    _mm512_loadu_ps(key.scale.as_ptr().add(c0 + 16)),
+                ],
+            )
+        };
+        for (k, fk) in f.iter().enumerate() {
+            for (v, &x) in fk.iter().enumerate() {
+                let y = _mm512_fmadd_ps(sc[v], x, m[v]);
+                // SAFETY: k < TILE, c0 + 16 v + 16 <= d: inside out
+                unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(k * d + c0 + 16 * v), y) };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dynakv_core::quant::{KvDtype, RowCodec};
+
+    fn numbers(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i + seed) * 7919) % 61) as f32 / 30.0 - 1.0)
+            .collect()
+    }
+
+    #[test]
+    fn decoder_codes_are_within_half_a_step() {
+        let d = 64;
+        let mut dec = numbers(d * d, 1);
+        dec[5] = 0.0; // a column whose largest value sits elsewhere
+        for c in 0..d {
+            dec[c * d + 7] = 0.0; // column 7: all zero, scale 0
+        }
+        let key = KeyCodes::new(&dec, d).expect("d = 64");
+        for r in 0..d {
+            for c in 0..d {
+                let err = (key.value(r, c) - dec[r * d + c]).abs();
+                assert!(err <= key.scale[c] * 0.5 + 1e-7, "[{r},{c}] {err}");
+            }
+        }
+        assert_eq!(key.scale[7], 0.0);
+        assert!(KeyCodes::new(&dec[..48 * 48], 48).is_none(), "48 is no multiple of 32");
+        dec[3] = f32::NAN;
+        assert!(KeyCodes::new(&dec, d).is_none());
+    }
+
+    /// The integer kernel against the same sum in f64 over the decoder's
+    /// and the latents' codes: q8_0, q4_0 and mixed rows, ranks that end
+    /// mid-group and mid-block, a short tile.
+    #[test]
+    fn integer_rebuild_equals_the_sum_of_its_codes() {
+        let d = 96;
+        if !available(d) {
+            eprintln!("no AVX-512 VNNI: skipped");
+            return;
+        }
+        let key = KeyCodes::new(&numbers(d * d, 3), d).expect("d = 96");
+        let mean = numbers(d, 11);
+        for codec in [
+            RowCodec::Plain(KvDtype::Q8_0),
+            RowCodec::Plain(KvDtype::Q4_0),
+            RowCodec::Mixed,
+        ] {
+            for (rank, m) in [(58, TILE), (96, TILE), (7, 2), (33, 5)] {
+                let mut rows = PackedRows::new(codec.clone(), rank);
+                let x = numbers(9 * rank, rank);
+                rows.push(&x);
+                let mut tile = CodeTile::new(rank);
+                assert!(tile.load(&rows, 2, m));
+                let mut got = vec![0f32; TILE * d];
+                // SAFETY: available() said so
+                unsafe { rebuild(&tile, &key, &mean, &mut got) };
+                let mut buf = vec![0f32; rank];
+                for k in 0..TILE {
+                    let lat = match k < m {
+                        true => rows.row(2 + k, &mut buf).to_vec(),
+                        false => vec![0.0; rank],
+                    };
+                    for c in 0..d {
+                        let want = mean[c] as f64
+                            + (0..rank)
+                                .map(|r| lat[r] as f64 * key.value(r, c) as f64)
+                                .sum::<f64>();
+                        let got = got[k * d + c] as f64;
+                        assert!(
+                            (got - want).abs() < 1e-5 * (1.0 + want.abs()),
+                            "{codec:?} rank {rank} [{k},{c}]: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+        let f32_rows = PackedRows::new(RowCodec::Plain(KvDtype::F32), 8);
+        assert!(!CodeTile::new(8).load(&f32_rows, 0, 0), "f32 rows have no codes");
+    }
+}
