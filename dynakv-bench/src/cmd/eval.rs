@@ -85,6 +85,11 @@ pub struct PplArgs {
     /// (SnapKV prunes here), then feed and score only the last N tokens.
     #[arg(value_parser = values::at_least_one, long)]
     pub score_last: Option<usize>,
+    /// With --score-last: feed the scored tokens in chunks of N (1: one
+    /// decode step a token, as generation feeds them, so the caches' decode
+    /// kernels compute what is scored; default: one chunk).
+    #[arg(value_parser = values::at_least_one, long, requires = "score_last")]
+    pub score_chunk: Option<usize>,
     /// Print one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
@@ -192,6 +197,7 @@ fn fidelity_cmd(a: PplArgs) -> Result<()> {
         a.ctx,
         a.max_windows,
         a.score_last,
+        a.score_chunk,
         || loaded.model.dense_cache(),
         || maker.make(),
         |done, _| bar.set_position(done as u64),
@@ -231,6 +237,7 @@ fn ppl(a: PplArgs) -> Result<()> {
         a.ctx,
         a.max_windows,
         a.score_last,
+        a.score_chunk,
         || maker.make(),
         |done, _| bar.set_position(done as u64),
     )?;
@@ -240,6 +247,7 @@ fn ppl(a: PplArgs) -> Result<()> {
         let mut v = serde_json::to_value(r)?;
         v["cache"] = a.cache.label().into();
         v["docs"] = n_docs.into();
+        v["score_chunk"] = a.score_chunk.into();
         println!("{}", serde_json::to_string(&v)?);
     } else {
         println!(

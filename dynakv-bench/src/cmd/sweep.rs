@@ -405,6 +405,7 @@ pub fn run(a: SweepArgs) -> Result<()> {
             a.ctx,
             Some(a.windows),
             a.score_last,
+            None,
             || maker.make(),
             |_, _| {},
         )?;
@@ -437,6 +438,7 @@ pub fn run(a: SweepArgs) -> Result<()> {
                 a.ctx,
                 Some(a.windows),
                 a.score_last,
+                None,
                 || loaded.model.dense_cache(),
                 || maker.make(),
                 |_, _| {},

@@ -73,6 +73,7 @@ pub fn fidelity(
     ctx: usize,
     max_windows: Option<usize>,
     score_last: Option<usize>,
+    score_chunk: Option<usize>,
     mut make_full: impl FnMut() -> Result<Box<dyn AttentionCache>, ModelError>,
     mut make_cache: impl FnMut() -> Result<Box<dyn AttentionCache>, ModelError>,
     mut on_window: impl FnMut(usize, usize),
@@ -83,9 +84,9 @@ pub fn fidelity(
     for (i, w) in wins.iter().enumerate() {
         let _span = tracing::info_span!("fidelity window", i).entered();
         let mut full = make_full()?;
-        let (p, _, _) = window_logits(model, w, score_last, full.as_mut())?;
+        let (p, _, _) = window_logits(model, w, score_last, score_chunk, full.as_mut())?;
         let mut cache = make_cache()?;
-        let (q, _, prefill) = window_logits(model, w, score_last, cache.as_mut())?;
+        let (q, _, prefill) = window_logits(model, w, score_last, score_chunk, cache.as_mut())?;
         let same: i64 = p
             .clone()
             .argmax(1)

@@ -64,7 +64,9 @@ pub type WindowLogits = (Tensor<2>, usize, Option<(CacheFootprint, CacheFootprin
 /// Without `score_last` the whole window is one forward pass and tokens
 /// `1..T` are scored; with `score_last = N` the first `T − N` tokens are a
 /// prefill (the cache compresses there) and the last N tokens, fed as one
-/// chunk, are scored.
+/// chunk, or in chunks of `score_chunk` tokens (1: one decode step a token,
+/// as generation feeds them, through the caches' decode kernels), are
+/// scored.
 ///
 /// # Shapes
 /// returns `[scored, vocab]`
@@ -72,6 +74,7 @@ pub fn window_logits(
     model: &LlamaModel,
     w: &[u32],
     score_last: Option<usize>,
+    score_chunk: Option<usize>,
     cache: &mut dyn AttentionCache,
 ) -> Result<WindowLogits, ModelError> {
     let t = w.len();
@@ -86,7 +89,16 @@ pub fn window_logits(
             let split = t - n;
             let first = model.forward_last(&w[..split], 0, cache)?;
             let prefill = (cache.footprint(), cache.spec_footprint());
-            let rest = model.forward(&w[split..], split, cache)?;
+            let chunk = score_chunk.unwrap_or(n);
+            if chunk == 0 {
+                return Err(ModelError::InvalidInput("score-chunk must be at least 1".into()));
+            }
+            let mut parts = Vec::new();
+            for at in (split..t).step_by(chunk) {
+                let end = (at + chunk).min(t);
+                parts.push(model.forward(&w[at..end], at, cache)?);
+            }
+            let rest = Tensor::cat(parts, 0);
             let logits = Tensor::cat(vec![first.unsqueeze::<2>(), rest.narrow(0, 0, n - 1)], 0);
             Ok((logits, split, Some(prefill)))
         }
@@ -153,6 +165,7 @@ pub fn perplexity(
     ctx: usize,
     max_windows: Option<usize>,
     score_last: Option<usize>,
+    score_chunk: Option<usize>,
     mut make_cache: impl FnMut() -> Result<Box<dyn AttentionCache>, ModelError>,
     mut on_window: impl FnMut(usize, usize),
 ) -> Result<PplDetail, ModelError> {
@@ -167,7 +180,7 @@ pub fn perplexity(
     for (i, w) in wins.iter().enumerate() {
         let _span = tracing::info_span!("window", i).entered();
         let mut cache = make_cache()?;
-        let (logits, first_target, prefill) = window_logits(model, w, score_last, cache.as_mut())?;
+        let (logits, first_target, prefill) = window_logits(model, w, score_last, score_chunk, cache.as_mut())?;
         if let Some((f, g)) = &prefill {
             at_prefill += f.retained();
             kept_prefill += f.retained_kept();

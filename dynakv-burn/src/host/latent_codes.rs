@@ -14,23 +14,29 @@
 //! step per entry, about a percent of a key, the same order as the 8-bit
 //! latents' own rounding; the sums themselves are exact integers.
 //!
-//! The instruction takes one unsigned operand: the decoder's codes are
-//! stored plus 128, and each block's integer sum starts at `-128 x` the sum
-//! of its latent codes, which cancels that offset exactly.
+//! The instruction takes one unsigned operand: the latent codes are loaded
+//! plus 128 (a flipped top bit), and each block's integer sum starts at
+//! `-128 x` the sum of the decoder codes it meets, kept per column as
+//! prefix sums over the decoder's rows, which cancels that offset exactly
+//! with no work per token.
 
 use dynakv_core::quant::{PackedRows, QBLOCK};
+
+use super::HostRope;
 
 /// A layer's pre-RoPE key decoder as 8-bit codes.
 ///
 /// # Shapes
 /// `codes`: `[d / 4, d, 4]`: for decoder rows (latent directions)
-/// `4g..4g + 4` and column `c`, the four rows' codes plus 128, so that one
-/// 64-byte load holds sixteen columns' four rows; `scale`: `[d]`, column
-/// `c`'s step (`dec[r][c] ~ scale[c] * (code - 128)`).
+/// `4g..4g + 4` and column `c`, the four rows' codes, so that one 64-byte
+/// load holds sixteen columns' four rows; `scale`: `[d]`, column `c`'s step
+/// (`dec[r][c] ~ scale[c] * code`); `prefix`: `[d / 4 + 1, d]`, `128 x` the
+/// sum of column `c`'s codes in rows `0..4g`.
 #[derive(Debug, Clone)]
 pub(crate) struct KeyCodes {
-    codes: Vec<u8>,
+    codes: Vec<i8>,
     scale: Vec<f32>,
+    prefix: Vec<i32>,
 }
 
 impl KeyCodes {
@@ -46,17 +52,28 @@ impl KeyCodes {
         let scale: Vec<f32> = (0..d)
             .map(|c| (0..d).fold(0f32, |m, r| m.max(dec[r * d + c].abs())) / 127.0)
             .collect();
-        let mut codes = vec![128u8; d * d];
+        let mut codes = vec![0i8; d * d];
+        let mut prefix = vec![0i32; (d / 4 + 1) * d];
         for r in 0..d {
             for c in 0..d {
                 let q = match scale[c] {
                     s if s > 0.0 => (dec[r * d + c] / s).round().clamp(-127.0, 127.0),
                     _ => 0.0,
                 };
-                codes[((r / 4) * d + c) * 4 + r % 4] = (q as i32 + 128) as u8;
+                codes[((r / 4) * d + c) * 4 + r % 4] = q as i8;
             }
         }
-        Some(Self { codes, scale })
+        for g in 0..d / 4 {
+            for c in 0..d {
+                let group: i32 = (0..4).map(|i| codes[(g * d + c) * 4 + i] as i32).sum();
+                prefix[(g + 1) * d + c] = prefix[g * d + c] + 128 * group;
+            }
+        }
+        Some(Self {
+            codes,
+            scale,
+            prefix,
+        })
     }
 
     fn d(&self) -> usize {
@@ -67,7 +84,7 @@ impl KeyCodes {
     #[cfg(test)]
     pub(crate) fn value(&self, r: usize, c: usize) -> f32 {
         let d = self.d();
-        self.scale[c] * (self.codes[((r / 4) * d + c) * 4 + r % 4] as i32 - 128) as f32
+        self.scale[c] * self.codes[((r / 4) * d + c) * 4 + r % 4] as f32
     }
 }
 
@@ -78,17 +95,18 @@ pub(crate) const TILE: usize = 6;
 /// the kernel.
 ///
 /// # Shapes
-/// `codes`: `[TILE, stride]`, `stride = rank` rounded up to 4, zero-padded;
-/// `scales`, `starts`: `[TILE, blocks]`, `blocks = ceil(rank / 32)`.
+/// `codes`: `[TILE, stride]`, each code plus 128 (`stride = rank` rounded
+/// up to 4, padded with 128, a code of 0); `scales`: `[TILE, blocks]`,
+/// `blocks = ceil(rank / 32)`.
 #[derive(Debug)]
 pub(crate) struct CodeTile {
     rank: usize,
     stride: usize,
     blocks: usize,
-    codes: Vec<i8>,
+    codes: Vec<u8>,
     scales: Vec<f32>,
-    /// `-128 x` each block's code sum: where its integer sum starts.
-    starts: Vec<i32>,
+    /// One row's signed codes, as decoded.
+    row: Vec<i8>,
 }
 
 impl CodeTile {
@@ -98,9 +116,9 @@ impl CodeTile {
             rank,
             stride,
             blocks,
-            codes: vec![0; TILE * stride],
+            codes: vec![128; TILE * stride],
             scales: vec![0.0; TILE * blocks],
-            starts: vec![0; TILE * blocks],
+            row: vec![0; rank],
         }
     }
 
@@ -113,15 +131,15 @@ impl CodeTile {
         }
         let (r, s, nb) = (self.rank, self.stride, self.blocks);
         for k in 0..TILE {
-            let codes = &mut self.codes[k * s..(k + 1) * s];
+            let codes = &mut self.codes[k * s..k * s + r];
             let scales = &mut self.scales[k * nb..(k + 1) * nb];
-            if k >= m || !lat.row_codes(first + k, &mut codes[..r], scales) {
-                codes.fill(0);
+            if k < m && lat.row_codes(first + k, &mut self.row, scales) {
+                for (c, &q) in codes.iter_mut().zip(&self.row) {
+                    *c = q as u8 ^ 0x80;
+                }
+            } else {
+                codes.fill(128);
                 scales.fill(0.0);
-            }
-            for (b, start) in self.starts[k * nb..(k + 1) * nb].iter_mut().enumerate() {
-                let block = &codes[b * QBLOCK..((b + 1) * QBLOCK).min(r)];
-                *start = -128 * block.iter().map(|&c| c as i32).sum::<i32>();
             }
         }
         true
@@ -149,27 +167,46 @@ pub(crate) fn available(d: usize) -> bool {
 /// block's integer sums (four code pairs per lane and instruction) are
 /// scaled by the block's scale into f32, and the total by the column's.
 ///
+/// `turn`: interleaved RoPE tables and the first tokens' positions: those
+/// keys are rotated in registers before they are stored (one pass over
+/// them saved); the other keys are stored as rebuilt.
+///
 /// # Shapes
-/// `mean`: `[d]`; `out`: `[TILE, d]`.
+/// `mean`: `[d]`; `out`: `[TILE, d]`; positions `[<= TILE]`.
 ///
 /// # Safety
-/// [`available`] returned true for `d`.
+/// [`available`] returned true for `d`; with `turn`, its tables are
+/// interleaved, cover the positions and have a head width that is a
+/// multiple of 16 dividing `d`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vnni")]
-pub(crate) unsafe fn rebuild(tile: &CodeTile, key: &KeyCodes, mean: &[f32], out: &mut [f32]) {
+pub(crate) unsafe fn rebuild(
+    tile: &CodeTile,
+    key: &KeyCodes,
+    mean: &[f32],
+    out: &mut [f32],
+    turn: Option<(&HostRope, &[usize])>,
+) {
     use std::arch::x86_64::*;
     let d = key.d();
     let (s, nb, groups) = (tile.stride, tile.blocks, tile.stride / 4);
     assert!(mean.len() == d && out.len() >= TILE * d && d.is_multiple_of(32));
     assert!(tile.stride <= d && key.codes.len() == d * d);
     assert!(tile.codes.len() == TILE * s && tile.scales.len() == TILE * nb);
-    let (cp, tp) = (key.codes.as_ptr(), tile.codes.as_ptr());
+    assert!(key.prefix.len() == (d / 4 + 1) * d);
+    let (cp, tp, pp) = (key.codes.as_ptr(), tile.codes.as_ptr(), key.prefix.as_ptr());
     for c0 in (0..d).step_by(32) {
         let mut f = [[_mm512_setzero_ps(); 2]; TILE];
         for b in 0..nb {
-            let mut acc: [[__m512i; 2]; TILE] =
-                std::array::from_fn(|k| [_mm512_set1_epi32(tile.starts[k * nb + b]); 2]);
-            for g in b * QBLOCK / 4..((b + 1) * QBLOCK / 4).min(groups) {
+            let (g0, g1) = (b * QBLOCK / 4, ((b + 1) * QBLOCK / 4).min(groups));
+            // -128 x the decoder codes these groups hold, per column
+            // SAFETY: g0 < g1 <= d / 4 and c0 + 32 <= d: inside prefix
+            let start: [__m512i; 2] = std::array::from_fn(|v| unsafe {
+                let at = |g: usize| pp.add(g * d + c0 + 16 * v) as *const _;
+                _mm512_sub_epi32(_mm512_loadu_si512(at(g0)), _mm512_loadu_si512(at(g1)))
+            });
+            let mut acc = [start; TILE];
+            for g in g0..g1 {
                 // SAFETY: g < groups <= d / 4 and c0 + 32 <= d: inside codes
                 let u = unsafe {
                     let at = cp.add((g * d + c0) * 4);
@@ -182,8 +219,8 @@ pub(crate) unsafe fn rebuild(tile: &CodeTile, key: &KeyCodes, mean: &[f32], out:
                     // SAFETY: 4 g + 4 <= stride: inside token k's codes
                     let x = unsafe { std::ptr::read_unaligned(tp.add(k * s + 4 * g) as *const i32) };
                     let x = _mm512_set1_epi32(x);
-                    a[0] = _mm512_dpbusd_epi32(a[0], u[0], x);
-                    a[1] = _mm512_dpbusd_epi32(a[1], u[1], x);
+                    a[0] = _mm512_dpbusd_epi32(a[0], x, u[0]);
+                    a[1] = _mm512_dpbusd_epi32(a[1], x, u[1]);
                 }
             }
             for (k, (fk, ak)) in f.iter_mut().zip(&acc).enumerate() {
@@ -207,8 +244,23 @@ pub(crate) unsafe fn rebuild(tile: &CodeTile, key: &KeyCodes, mean: &[f32], out:
             )
         };
         for (k, fk) in f.iter().enumerate() {
+            let row = turn.and_then(|(rope, at)| at.get(k).map(|&p| rope.row(p)));
             for (v, &x) in fk.iter().enumerate() {
-                let y = _mm512_fmadd_ps(sc[v], x, m[v]);
+                let mut y = _mm512_fmadd_ps(sc[v], x, m[v]);
+                if let Some((c, sn)) = row {
+                    // this vector's coordinates within its head
+                    let j = (c0 + 16 * v) % c.len();
+                    assert!(j + 16 <= c.len() && c.len() == sn.len());
+                    // SAFETY: j + 16 <= head_dim, the rows' length (asserted)
+                    let (cv, sv) = unsafe {
+                        (
+                            _mm512_loadu_ps(c.as_ptr().add(j)),
+                            _mm512_loadu_ps(sn.as_ptr().add(j)),
+                        )
+                    };
+                    let swapped = _mm512_permute_ps::<0b1011_0001>(y);
+                    y = _mm512_fmaddsub_ps(y, cv, _mm512_mul_ps(swapped, sv));
+                }
                 // SAFETY: k < TILE, c0 + 16 v + 16 <= d: inside out
                 unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(k * d + c0 + 16 * v), y) };
             }
@@ -273,7 +325,7 @@ mod tests {
                 assert!(tile.load(&rows, 2, m));
                 let mut got = vec![0f32; TILE * d];
                 // SAFETY: available() said so
-                unsafe { rebuild(&tile, &key, &mean, &mut got) };
+                unsafe { rebuild(&tile, &key, &mean, &mut got, None) };
                 let mut buf = vec![0f32; rank];
                 for k in 0..TILE {
                     let lat = match k < m {

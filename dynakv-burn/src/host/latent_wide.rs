@@ -98,18 +98,26 @@ pub(crate) unsafe fn score_chunk(job: &Job, b: &BucketView, first: usize, out: &
             Some((key, tile)) => tile.load(b.lat, first + i, m).then_some((*key, &*tile)),
             None => None,
         };
+        let positions = &b.positions[first + i..first + i + m];
+        // interleaved pairs sit inside a 16-lane vector: the integer
+        // rebuild rotates them before storing
+        let turned = integer.is_some() && job.rope.style() == RopeStyle::Interleaved;
         match integer {
-            // SAFETY: `key_codes` is only set where latent_codes::available
+            // SAFETY: `key_codes` is only set where latent_codes::available;
+            // `available` checked the rope (whole 16-lane vectors per head)
             Some((key, tile)) => unsafe {
-                latent_codes::rebuild(tile, key, &job.basis.mean_k, &mut kbuf)
+                let turn = turned.then_some((job.rope, positions));
+                latent_codes::rebuild(tile, key, &job.basis.mean_k, &mut kbuf, turn)
             },
             None => {
                 let lat = b.lat.rows(first + i, m, &mut latbuf);
                 rebuild(lat, m, b.rank, job.basis, &mut kbuf);
             }
         }
-        let positions = &b.positions[first + i..first + i + m];
         for (k, &pos) in positions.iter().enumerate() {
+            if turned {
+                break;
+            }
             for g in 0..hk {
                 rotate(
                     job.rope,
@@ -559,11 +567,13 @@ mod tests {
     /// The whole latent attention with the wide loops against the portable
     /// ones: pre-RoPE keys, query heads sharing a KV head in groups of 3, 4
     /// and 5, two query positions (the earlier one hides the
-    /// last tokens), buckets of f32 and int8 latents with ranks that are
-    /// not vector multiples, a value bucket missing a token's key slot, a
-    /// sliding window; both RoPE styles.
+    /// last tokens), buckets of f32, int8 and mixed latents with ranks that
+    /// are not vector multiples, a value bucket missing a token's key slot, a
+    /// sliding window; both RoPE styles; the code buckets' keys rebuilt in
+    /// f32 and in integers from the decoder's codes.
     #[test]
     fn wide_attention_equals_the_portable_kernel() {
+        use super::super::latent_codes::KeyCodes;
         use super::super::latent_decode::{attend, Heads};
         use dynakv_core::artifact::RopePlacement;
         use dynakv_core::quant::{KvDtype, PackedRows, RowCodec};
@@ -581,22 +591,28 @@ mod tests {
                 eprintln!("no AVX-512F: skipped");
                 return;
             }
-            let basis = HostBasis {
+            let mut basis = HostBasis {
                 dec_k: (0..d * d).map(|i| f(i) * 0.3).collect(),
                 mean_k: (0..d).map(|i| f(i + 3) * 0.1).collect(),
                 dec_v: (0..d * d).map(|i| f(i + 5)).collect(),
                 mean_v: (0..d).map(|i| f(i + 9)).collect(),
             };
+            // the key decoder made exactly what its 8-bit codes stand for,
+            // so that the integer rebuild of the code buckets is held to
+            // the portable kernel to rounding
+            let codes = KeyCodes::new(&basis.dec_k, d).expect("d is a multiple of 32");
+            basis.dec_k = (0..d * d).map(|i| codes.value(i / d, i % d)).collect();
+            let codes = KeyCodes::new(&basis.dec_k, d).expect("as above");
             // ids 0..40 over three buckets; positions = ids
             let split = [
-                (0..17, 7, KvDtype::F32),
-                (17..30, 40.min(d - 3), KvDtype::Q8_0),
-                (30..40, d, KvDtype::F32),
+                (0..17, 7, RowCodec::Plain(KvDtype::F32)),
+                (17..30, 40.min(d - 3), RowCodec::Plain(KvDtype::Q8_0)),
+                (30..40, d, RowCodec::Mixed),
             ];
             let lat: Vec<(PackedRows, Vec<usize>)> = split
                 .iter()
-                .map(|(ids, rank, dt)| {
-                    let mut rows = PackedRows::new(RowCodec::Plain(*dt), *rank);
+                .map(|(ids, rank, codec)| {
+                    let mut rows = PackedRows::new(codec.clone(), *rank);
                     for id in ids.clone() {
                         let x: Vec<f32> = (0..*rank).map(|j| f(id * 31 + j) * 0.5).collect();
                         rows.push(&x);
@@ -636,7 +652,7 @@ mod tests {
             let q_pos = [35, 39];
             let q: Vec<f32> = (0..h * q_pos.len() * dh).map(|i| f(i + 77)).collect();
             for ks in [&keys, &keys_no5] {
-                let run = |wide| {
+                let run = |wide, key_codes| {
                     attend(
                         heads,
                         RopePlacement::Pre,
@@ -649,13 +665,20 @@ mod tests {
                         40,
                         window,
                         wide,
-                        None,
+                        key_codes,
                     )
                 };
-                let (fast, plain) = (run(true), run(false));
+                let plain = run(false, None);
                 let scale = plain.iter().fold(0f32, |m, x| m.max(x.abs()));
-                for (i, (a, b)) in fast.iter().zip(&plain).enumerate() {
-                    assert!((a - b).abs() <= 1e-5 * scale, "{style:?} [{i}]: {a} vs {b}");
+                for key_codes in [None, Some(&codes)] {
+                    let fast = run(true, key_codes);
+                    for (i, (a, b)) in fast.iter().zip(&plain).enumerate() {
+                        assert!(
+                            (a - b).abs() <= 1e-5 * scale,
+                            "{style:?} codes {} [{i}]: {a} vs {b}",
+                            key_codes.is_some()
+                        );
+                    }
                 }
             }
         }
