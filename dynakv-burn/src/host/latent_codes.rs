@@ -268,6 +268,53 @@ pub(crate) unsafe fn rebuild(
     }
 }
 
+/// Rows `rows` of `lat` decoded to f32 from their codes, sixteen values at
+/// a time (`scale * code`, the numbers [`PackedRows::rows`] gives); `false`,
+/// writing nothing, when `lat` is not stored as blocks of codes.
+///
+/// Why: a DynaKV step sums every value latent once; the row decoder in
+/// `dynakv-core` is built for any CPU and converted them value by value.
+///
+/// # Shapes
+/// `out`: `[rows.len(), dim]` at least.
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn decode_rows(
+    lat: &PackedRows,
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+) -> bool {
+    use std::arch::x86_64::*;
+    let r = lat.dim();
+    if !lat.has_block_codes() || out.len() < rows.len() * r {
+        return false;
+    }
+    // codes padded to whole 16-byte loads
+    let mut codes = vec![0i8; r.div_ceil(16) * 16];
+    let mut scales = vec![0f32; r.div_ceil(QBLOCK)];
+    for (k, i) in rows.enumerate() {
+        if !lat.row_codes(i, &mut codes[..r], &mut scales) {
+            return false;
+        }
+        let o = &mut out[k * r..(k + 1) * r];
+        for j in (0..r).step_by(16) {
+            let lanes = (r - j).min(16);
+            let mask = ((1u32 << lanes) - 1) as __mmask16;
+            // SAFETY: j + 16 <= codes.len(); the store keeps to o's lanes
+            unsafe {
+                let q = _mm_loadu_si128(codes.as_ptr().add(j) as *const __m128i);
+                let x = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+                let x = _mm512_mul_ps(x, _mm512_set1_ps(scales[j / QBLOCK]));
+                _mm512_mask_storeu_ps(o.as_mut_ptr().add(j), mask, x);
+            }
+        }
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,6 +324,33 @@ mod tests {
         (0..n)
             .map(|i| (((i + seed) * 7919) % 61) as f32 / 30.0 - 1.0)
             .collect()
+    }
+
+    #[test]
+    fn rows_decoded_from_codes_equal_the_row_decoder() {
+        if !available(32) {
+            eprintln!("no AVX-512 VNNI: skipped");
+            return;
+        }
+        for codec in [
+            RowCodec::Plain(KvDtype::Q8_0),
+            RowCodec::Plain(KvDtype::Q4_0),
+            RowCodec::Mixed,
+        ] {
+            for rank in [5, 37, 64] {
+                let mut rows = PackedRows::new(codec.clone(), rank);
+                rows.push(&numbers(4 * rank, rank + 1));
+                let mut want = vec![0f32; 3 * rank];
+                rows.rows(1, 3, &mut want);
+                let mut got = vec![f32::NAN; 3 * rank];
+                // SAFETY: available() said AVX-512F is here
+                assert!(unsafe { decode_rows(&rows, 1..4, &mut got) });
+                assert_eq!(got, want, "{codec:?} rank {rank}");
+            }
+        }
+        let f32_rows = PackedRows::new(RowCodec::Plain(KvDtype::F32), 8);
+        // SAFETY: as above
+        assert!(!unsafe { decode_rows(&f32_rows, 0..0, &mut []) });
     }
 
     #[test]

@@ -190,7 +190,11 @@ pub(crate) unsafe fn value_chunk(
         Some(v) => &v[toks.start * rank..toks.end * rank],
         None => {
             buf.resize(toks.len() * rank, 0.0);
-            b.lat.rows(toks.start, toks.len(), &mut buf)
+            // SAFETY: the CPU has AVX-512F (this function's contract)
+            match unsafe { latent_codes::decode_rows(b.lat, toks.clone(), &mut buf) } {
+                true => &buf[..],
+                false => b.lat.rows(toks.start, toks.len(), &mut buf),
+            }
         }
     };
     let mut c0 = 0;
