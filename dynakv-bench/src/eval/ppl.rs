@@ -91,7 +91,9 @@ pub fn window_logits(
             let prefill = (cache.footprint(), cache.spec_footprint());
             let chunk = score_chunk.unwrap_or(n);
             if chunk == 0 {
-                return Err(ModelError::InvalidInput("score-chunk must be at least 1".into()));
+                return Err(ModelError::InvalidInput(
+                    "score-chunk must be at least 1".into(),
+                ));
             }
             let mut parts = Vec::new();
             for at in (split..t).step_by(chunk) {
@@ -159,6 +161,7 @@ pub struct PplDetail {
 ///
 /// `make_cache` gives a fresh cache per window (its footprint also gives the
 /// dense bytes of the same tokens); `on_window` reports progress.
+#[allow(clippy::too_many_arguments)]
 pub fn perplexity(
     model: &LlamaModel,
     ids: &[u32],
@@ -180,7 +183,8 @@ pub fn perplexity(
     for (i, w) in wins.iter().enumerate() {
         let _span = tracing::info_span!("window", i).entered();
         let mut cache = make_cache()?;
-        let (logits, first_target, prefill) = window_logits(model, w, score_last, score_chunk, cache.as_mut())?;
+        let (logits, first_target, prefill) =
+            window_logits(model, w, score_last, score_chunk, cache.as_mut())?;
         if let Some((f, g)) = &prefill {
             at_prefill += f.retained();
             kept_prefill += f.retained_kept();

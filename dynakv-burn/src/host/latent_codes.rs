@@ -217,7 +217,8 @@ pub(crate) unsafe fn rebuild(
                 };
                 for (k, a) in acc.iter_mut().enumerate() {
                     // SAFETY: 4 g + 4 <= stride: inside token k's codes
-                    let x = unsafe { std::ptr::read_unaligned(tp.add(k * s + 4 * g) as *const i32) };
+                    let x =
+                        unsafe { std::ptr::read_unaligned(tp.add(k * s + 4 * g) as *const i32) };
                     let x = _mm512_set1_epi32(x);
                     a[0] = _mm512_dpbusd_epi32(a[0], x, u[0]);
                     a[1] = _mm512_dpbusd_epi32(a[1], x, u[1]);
@@ -369,7 +370,10 @@ mod tests {
             }
         }
         assert_eq!(key.scale[7], 0.0);
-        assert!(KeyCodes::new(&dec[..48 * 48], 48).is_none(), "48 is no multiple of 32");
+        assert!(
+            KeyCodes::new(&dec[..48 * 48], 48).is_none(),
+            "48 is no multiple of 32"
+        );
         dec[3] = f32::NAN;
         assert!(KeyCodes::new(&dec, d).is_none());
     }
@@ -421,6 +425,9 @@ mod tests {
             }
         }
         let f32_rows = PackedRows::new(RowCodec::Plain(KvDtype::F32), 8);
-        assert!(!CodeTile::new(8).load(&f32_rows, 0, 0), "f32 rows have no codes");
+        assert!(
+            !CodeTile::new(8).load(&f32_rows, 0, 0),
+            "f32 rows have no codes"
+        );
     }
 }

@@ -203,9 +203,13 @@ impl PackedRows {
     #[inline]
     pub fn row_codes(&self, i: usize, codes: &mut [i8], scales: &mut [f32]) -> bool {
         match &self.data {
-            RowData::Bytes { bytes, row_bytes } if self.codec.has_block_codes() => self
-                .codec
-                .decode_codes(&bytes[i * row_bytes..(i + 1) * row_bytes], &mut codes[..self.dim], scales),
+            RowData::Bytes { bytes, row_bytes } if self.codec.has_block_codes() => {
+                self.codec.decode_codes(
+                    &bytes[i * row_bytes..(i + 1) * row_bytes],
+                    &mut codes[..self.dim],
+                    scales,
+                )
+            }
             _ => false,
         }
     }
