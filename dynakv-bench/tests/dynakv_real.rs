@@ -265,6 +265,7 @@ fn step_by_step_decode_over_integer_latents_stays_near_prefill() {
         let f = factory(s, &s.sha, &s.pre, &sp).unwrap();
         let prefill = logits(s, f.make().unwrap().as_mut(), ids);
         let mut cache = f.make().unwrap();
+        let fixed = cache.footprint().fixed_bytes;
         let steps: Vec<Tensor<2>> = ids
             .iter()
             .enumerate()
@@ -273,6 +274,18 @@ fn step_by_step_decode_over_integer_latents_stays_near_prefill() {
         let e = max_rel(Tensor::cat(steps, 0), prefill);
         eprintln!("{latent}: largest logit difference {e:.2e} of the largest logit");
         assert!(e <= 2e-2, "{latent}: {e}");
+        // the key decoders' codes, made by the first decode step (once per
+        // factory's bases), are counted in the fixed bytes
+        let d = s.model.config.n_kv_heads * s.model.config.head_dim;
+        let codes = d * d + 4 * d + 4 * (d / 4 + 1) * d;
+        let vnni = std::arch::is_x86_feature_detected!("avx512vnni")
+            && std::arch::is_x86_feature_detected!("avx512f");
+        let grown = cache.footprint().fixed_bytes - fixed;
+        let want = match vnni {
+            true => (s.model.config.n_layers * codes) as u64,
+            false => 0,
+        };
+        assert_eq!(grown, want, "{latent}: fixed bytes grew by {grown}");
     }
 }
 

@@ -80,6 +80,11 @@ impl KeyCodes {
         self.scale.len()
     }
 
+    /// Bytes held: the codes, scales and prefix sums.
+    pub(crate) fn bytes(&self) -> usize {
+        self.codes.len() + 4 * (self.scale.len() + self.prefix.len())
+    }
+
     /// The decoder value row `r`, column `c` stands for.
     #[cfg(test)]
     pub(crate) fn value(&self, r: usize, c: usize) -> f32 {

@@ -125,6 +125,14 @@ impl LayerBasis {
             .as_ref()
     }
 
+    /// Bytes of the key decoder's codes, once made.
+    pub(super) fn key_code_bytes(&self) -> usize {
+        self.key_codes
+            .get()
+            .and_then(Option::as_ref)
+            .map_or(0, KeyCodes::bytes)
+    }
+
     fn host_dim(&self) -> usize {
         match &self.host {
             HostDecoders::F32(h) => h.mean_k.len(),

@@ -11,8 +11,10 @@ impl DynaKvCache {
     /// Numbers stored, metadata and fixed bytes, against the dense cache.
     pub(super) fn footprint_now(&self) -> CacheFootprint {
         let mut f = CacheFootprint {
-            // the bases, and the budget controller's windows of cuts
+            // the bases (and the key decoders' 8-bit codes, once a decode
+            // step has made them), and the budget controller's windows of cuts
             fixed_bytes: (self.bases.fixed_bytes
+                + self.bases.layers.iter().map(|l| l.key_code_bytes()).sum::<usize>()
                 + self.controller.as_ref().map_or(0, |c| c.bytes()))
                 as u64,
             ..Default::default()

@@ -295,9 +295,13 @@ impl AttentionCache for DynaKvCache {
                 store.next_id,
                 self.window,
                 true,
+                // made only for keys stored as codes (a copy of the decoder
+                // other caches would hold for nothing)
                 match self.bases.placement {
-                    RopePlacement::Pre => b.key_codes(),
-                    RopePlacement::Post => None,
+                    RopePlacement::Pre if self.codecs[layer][0].has_block_codes() => {
+                        b.key_codes()
+                    }
+                    _ => None,
                 },
             );
             let out = Tensor::from_data(TensorData::new(out, [1, h, t, dh]), &device);
