@@ -96,6 +96,29 @@ fn logits(s: &Setup, cache: &mut dyn AttentionCache, ids: &[u32]) -> Tensor<2> {
     s.model.forward(ids, 0, cache).unwrap()
 }
 
+/// Logits of `ids` fed one decode step a token.
+fn decode_steps(s: &Setup, cache: &mut dyn AttentionCache, ids: &[u32]) -> Tensor<2> {
+    let steps: Vec<Tensor<2>> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| s.model.forward(&[t], i, cache).unwrap())
+        .collect();
+    Tensor::cat(steps, 0)
+}
+
+/// Whether the host kernels rebuild keys from integer codes here.
+fn has_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512vnni")
+            && std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 fn max_rel(a: Tensor<2>, b: Tensor<2>) -> f32 {
     let scale: f32 = b.clone().abs().max().into_scalar();
     let d: f32 = (a - b).abs().max().into_scalar();
@@ -239,13 +262,8 @@ fn step_by_step_decode_equals_prefill() {
     for art in [&s.pre, &s.post] {
         let f = factory(s, &s.sha, art, &spec(PolicyKind::Uniform, 0.3)).unwrap();
         let prefill = logits(s, f.make().unwrap().as_mut(), ids);
-        let mut cache = f.make().unwrap();
-        let steps: Vec<Tensor<2>> = ids
-            .iter()
-            .enumerate()
-            .map(|(i, &t)| s.model.forward(&[t], i, cache.as_mut()).unwrap())
-            .collect();
-        let e = max_rel(Tensor::cat(steps, 0), prefill);
+        let steps = decode_steps(s, f.make().unwrap().as_mut(), ids);
+        let e = max_rel(steps, prefill);
         assert!(e <= 1e-4, "{:?}: {e}", art.header.rope);
     }
 }
@@ -266,22 +284,15 @@ fn step_by_step_decode_over_integer_latents_stays_near_prefill() {
         let prefill = logits(s, f.make().unwrap().as_mut(), ids);
         let mut cache = f.make().unwrap();
         let fixed = cache.footprint().fixed_bytes;
-        let steps: Vec<Tensor<2>> = ids
-            .iter()
-            .enumerate()
-            .map(|(i, &t)| s.model.forward(&[t], i, cache.as_mut()).unwrap())
-            .collect();
-        let e = max_rel(Tensor::cat(steps, 0), prefill);
+        let e = max_rel(decode_steps(s, cache.as_mut(), ids), prefill);
         eprintln!("{latent}: largest logit difference {e:.2e} of the largest logit");
         assert!(e <= 2e-2, "{latent}: {e}");
         // the key decoders' codes, made by the first decode step (once per
         // factory's bases), are counted in the fixed bytes
         let d = s.model.config.n_kv_heads * s.model.config.head_dim;
         let codes = d * d + 4 * d + 4 * (d / 4 + 1) * d;
-        let vnni = std::arch::is_x86_feature_detected!("avx512vnni")
-            && std::arch::is_x86_feature_detected!("avx512f");
         let grown = cache.footprint().fixed_bytes - fixed;
-        let want = match vnni {
+        let want = match has_vnni() {
             true => (s.model.config.n_layers * codes) as u64,
             false => 0,
         };

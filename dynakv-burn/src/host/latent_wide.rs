@@ -114,16 +114,15 @@ pub(crate) unsafe fn score_chunk(job: &Job, b: &BucketView, first: usize, out: &
                 rebuild(lat, m, b.rank, job.basis, &mut kbuf);
             }
         }
-        for (k, &pos) in positions.iter().enumerate() {
-            if turned {
-                break;
-            }
-            for g in 0..hk {
-                rotate(
-                    job.rope,
-                    &mut kbuf[k * d + g * dh..k * d + (g + 1) * dh],
-                    pos,
-                );
+        if !turned {
+            for (k, &pos) in positions.iter().enumerate() {
+                for g in 0..hk {
+                    rotate(
+                        job.rope,
+                        &mut kbuf[k * d + g * dh..k * d + (g + 1) * dh],
+                        pos,
+                    );
+                }
             }
         }
         // each query head's dots with the tile's keys of its group share

@@ -14,7 +14,12 @@ impl DynaKvCache {
             // the bases (and the key decoders' 8-bit codes, once a decode
             // step has made them), and the budget controller's windows of cuts
             fixed_bytes: (self.bases.fixed_bytes
-                + self.bases.layers.iter().map(|l| l.key_code_bytes()).sum::<usize>()
+                + self
+                    .bases
+                    .layers
+                    .iter()
+                    .map(|l| l.key_code_bytes())
+                    .sum::<usize>()
                 + self.controller.as_ref().map_or(0, |c| c.bytes()))
                 as u64,
             ..Default::default()

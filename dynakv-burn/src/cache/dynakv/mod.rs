@@ -298,9 +298,7 @@ impl AttentionCache for DynaKvCache {
                 // made only for keys stored as codes (a copy of the decoder
                 // other caches would hold for nothing)
                 match self.bases.placement {
-                    RopePlacement::Pre if self.codecs[layer][0].has_block_codes() => {
-                        b.key_codes()
-                    }
+                    RopePlacement::Pre if self.codecs[layer][0].has_block_codes() => b.key_codes(),
                     _ => None,
                 },
             );
