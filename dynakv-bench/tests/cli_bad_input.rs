@@ -42,6 +42,11 @@ fn every_bad_option_is_named_before_anything_loads() {
         (&["eval", "ppl", "--docs", "0"], "--docs"),
         (&["eval", "ppl", "--score-last", "1024"], "--score-last"),
         (&["eval", "ppl", "--score-last", "0"], "--score-last"),
+        (&["eval", "ppl", "--score-chunk", "1"], "--score-last"),
+        (
+            &["eval", "ppl", "--score-last", "8", "--score-chunk", "0"],
+            "--score-chunk",
+        ),
         (
             &["eval", "ppl", "--skip-windows", "18446744073709551615"],
             "--skip-windows",

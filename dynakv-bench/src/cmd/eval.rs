@@ -88,7 +88,7 @@ pub struct PplArgs {
     /// With --score-last: feed the scored tokens in chunks of N (1: one
     /// decode step a token, as generation feeds them, so the caches' decode
     /// kernels compute what is scored; default: one chunk).
-    #[arg(value_parser = values::at_least_one, long, requires = "score_last")]
+    #[arg(value_parser = values::at_least_one, long)]
     pub score_chunk: Option<usize>,
     /// Print one JSON object on stdout.
     #[arg(long)]
@@ -114,6 +114,11 @@ impl PplArgs {
                 "--skip-windows {} with --ctx {}: more tokens than can be counted",
                 self.skip_windows,
                 self.ctx
+            );
+        }
+        if self.score_chunk.is_some() && self.score_last.is_none() {
+            bail!(
+                "--score-chunk applies to the tokens --score-last N scores: give --score-last too"
             );
         }
         if let Some(n) = self.score_last {
