@@ -22,6 +22,7 @@
 
 use dynakv_core::quant::{PackedRows, QBLOCK};
 
+#[cfg(target_arch = "x86_64")]
 use super::HostRope;
 
 /// A layer's pre-RoPE key decoder as 8-bit codes.
