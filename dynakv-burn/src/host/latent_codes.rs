@@ -277,7 +277,8 @@ pub(crate) unsafe fn rebuild(
 
 /// Rows `rows` of `lat` decoded to f32 from their codes, sixteen values at
 /// a time (`scale * code`, the numbers [`PackedRows::rows`] gives); `false`,
-/// writing nothing, when `lat` is not stored as blocks of codes.
+/// writing nothing, when `lat` is not stored as blocks of codes or the rows
+/// or `out` do not fit.
 ///
 /// Why: a DynaKV step sums every value latent once; the row decoder in
 /// `dynakv-core` is built for any CPU and converted them value by value.
@@ -296,7 +297,7 @@ pub(crate) unsafe fn decode_rows(
 ) -> bool {
     use std::arch::x86_64::*;
     let r = lat.dim();
-    if !lat.has_block_codes() || out.len() < rows.len() * r {
+    if !lat.has_block_codes() || out.len() < rows.len() * r || rows.end > lat.len() {
         return false;
     }
     // codes padded to whole 16-byte loads

@@ -225,9 +225,14 @@ impl RowCodec {
     /// # Shapes
     /// `codes`: `[n]`, the row's width; `scales`: `[ceil(n / 32)]` at least.
     /// Returns `false`, writing nothing, for codecs without block codes
-    /// ([`Self::has_block_codes`]).
+    /// ([`Self::has_block_codes`]), too few bytes for `n` values or too few
+    /// scales.
     pub fn decode_codes(&self, bytes: &[u8], codes: &mut [i8], scales: &mut [f32]) -> bool {
-        if !self.has_block_codes() {
+        let n = codes.len();
+        if !self.has_block_codes()
+            || bytes.len() < self.row_bytes(n)
+            || scales.len() < n.div_ceil(QBLOCK)
+        {
             return false;
         }
         let mut at = 0;
@@ -426,6 +431,14 @@ mod tests {
         RowCodec::Plain(KvDtype::F16).encode(&x[..8], &mut bytes);
         let (mut codes, mut scales) = ([0i8; 8], [0f32; 1]);
         assert!(!RowCodec::Plain(KvDtype::F16).decode_codes(&bytes, &mut codes, &mut scales));
+        // too few scales or bytes for the values asked: refused, not cut short
+        let q8 = RowCodec::Plain(KvDtype::Q8_0);
+        let mut bytes = Vec::new();
+        q8.encode(&x[..40], &mut bytes);
+        let (mut codes, mut one) = (vec![0i8; 40], [0f32; 1]);
+        assert!(!q8.decode_codes(&bytes, &mut codes, &mut one));
+        assert!(!q8.decode_codes(&bytes[..30], &mut codes, &mut [0f32; 2]));
+        assert!(q8.decode_codes(&bytes, &mut codes, &mut [0f32; 2]));
         assert!(!RowCodec::Plain(KvDtype::F16).has_block_codes());
     }
 

@@ -196,12 +196,15 @@ impl PackedRows {
 
     /// Row `i`'s integer codes and block scales ([`RowCodec::decode_codes`]);
     /// `false`, writing nothing, when the rows are not stored as blocks of
-    /// codes.
+    /// codes, `i` is past the last row or `codes` is shorter than a row.
     ///
     /// # Shapes
-    /// `codes`: `[dim]`; `scales`: `[ceil(dim / 32)]` at least.
+    /// `codes`: `[dim]` at least; `scales`: `[ceil(dim / 32)]` at least.
     #[inline]
     pub fn row_codes(&self, i: usize, codes: &mut [i8], scales: &mut [f32]) -> bool {
+        if i >= self.rows || codes.len() < self.dim {
+            return false;
+        }
         match &self.data {
             RowData::Bytes { bytes, row_bytes } if self.codec.has_block_codes() => {
                 self.codec.decode_codes(
