@@ -85,12 +85,16 @@ pub(crate) unsafe fn score_chunk(job: &Job, b: &BucketView, first: usize, out: &
     let (t, groups, d) = (job.q_pos.len(), h / hk, hk * dh);
     let n = out.first().map_or(0, |r| r.len());
     let mut kbuf = vec![0f32; TILE * d];
-    let mut latbuf = tile_buffer(b, TILE);
-    // latents stored as integer codes meet the decoder's codes
+    // latents stored as integer codes meet the decoder's codes; others are
+    // decoded to f32 a tile at a time
     let mut codes = job
         .key_codes
         .filter(|_| b.lat.has_block_codes())
         .map(|key| (key, CodeTile::new(b.rank)));
+    let mut latbuf = match codes {
+        Some(_) => Vec::new(),
+        None => tile_buffer(b, TILE),
+    };
     let mut i = 0;
     while i < n {
         let m = (n - i).min(TILE);

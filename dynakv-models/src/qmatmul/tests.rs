@@ -341,8 +341,11 @@ fn the_tiled_transpose_moves_every_element() {
 #[cfg(feature = "flex")]
 #[test]
 fn the_dequantised_gemm_equals_the_product() {
-    let mut shapes = vec![(GgmlType::Q4_1, 97, 544), (GgmlType::Q6K, 40, 512)];
-    shapes.push((GgmlType::Q8_0, 33, 96));
+    let shapes = [
+        (GgmlType::Q4_1, 97, 544),
+        (GgmlType::Q6K, 40, 512),
+        (GgmlType::Q8_0, 33, 96),
+    ];
     for (i, (t, rows, cols)) in shapes.into_iter().enumerate() {
         let scales = TYPES.iter().find(|(ty, _)| *ty == t).unwrap().1;
         let (m, dense) = matrix(t, scales, rows, cols, 40 + i as u64);
