@@ -11,12 +11,12 @@ use dynakv_core::artifact::{Artifact, RopePlacement};
 use dynakv_core::levels::RankLevels;
 use dynakv_core::quant::BasisDtype;
 use half::f16;
-use half::slice::HalfFloatSliceExt;
 
 use crate::cache::{mat, CacheGeometry, KvStorage};
 use crate::error::CacheError;
 use crate::host::latent_codes::KeyCodes;
 use crate::host::latent_decode::HostBasis;
+use crate::host::latent_encode::{widen_f16, EncoderRows};
 
 /// One layer's decoders as tensors (for the tensor attention path).
 #[derive(Debug, Clone)]
@@ -54,9 +54,13 @@ impl Decoders {
 /// One layer's encoders, as held.
 #[derive(Debug, Clone)]
 enum Encoders {
-    /// `[d, d]` tensors for keys and values.
+    /// Device storage: `[d, d]` tensors for keys and values.
     Tensors(Box<[Tensor<2>; 2]>),
-    /// `[d, d]` row-major f16 for keys and values, made into a tensor per use.
+    /// Host storage: `[d, d]` row-major for keys and values, read in place by
+    /// a decode step ([`LayerBasis::host_encoder`]) and made into a tensor
+    /// for a prefill's product.
+    F32([Vec<f32>; 2]),
+    /// As `F32`, in f16.
     F16([Vec<f16>; 2]),
 }
 
@@ -94,11 +98,30 @@ impl LayerBasis {
     pub(super) fn encoder(&self, kind: usize, device: &Device) -> Tensor<2> {
         match &self.enc {
             Encoders::Tensors(t) => t[kind].clone(),
+            Encoders::F32(h) => {
+                let d = self.host_dim();
+                mat(&h[kind], d, d, device)
+            }
             Encoders::F16(h) => {
                 let d = self.host_dim();
                 mat(&widen(&h[kind]), d, d, device)
             }
         }
+    }
+
+    /// The encoder of keys (`kind` 0) or values (1) as held on the host, and
+    /// the mean it subtracts; `None` on device storage.
+    pub(super) fn host_encoder(&self, kind: usize) -> Option<(EncoderRows<'_>, &[f32])> {
+        let rows = match &self.enc {
+            Encoders::Tensors(_) => return None,
+            Encoders::F32(h) => EncoderRows::F32(&h[kind]),
+            Encoders::F16(h) => EncoderRows::F16(&h[kind]),
+        };
+        let mean = match &self.host {
+            HostDecoders::F32(h) => [&h.mean_k, &h.mean_v][kind],
+            HostDecoders::F16 { mean, .. } => &mean[kind],
+        };
+        Some((rows, mean))
     }
 
     /// The host decoders and means in f32: borrowed when held in f32,
@@ -143,7 +166,7 @@ impl LayerBasis {
 
 fn widen(x: &[f16]) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
-    x.convert_to_f32_slice(&mut out);
+    widen_f16(x, &mut out);
     out
 }
 
@@ -225,6 +248,8 @@ impl DynaKvBases {
             let held_f16 = dtype == BasisDtype::F16 && storage == KvStorage::Host;
             let enc = if held_f16 {
                 Encoders::F16([halves(&pair[0].enc), halves(&pair[1].enc)])
+            } else if storage == KvStorage::Host {
+                Encoders::F32([rounded(&pair[0].enc), rounded(&pair[1].enc)])
             } else {
                 Encoders::Tensors(Box::new([
                     mat(&rounded(&pair[0].enc), d, d, device),

@@ -257,22 +257,27 @@ pub(super) fn padded_latents(
     Tensor::cat(parts, 0).select(0, rows)
 }
 
+/// New tokens' full-width latents, where the storage keeps them.
+pub(super) enum NewLatents<'a> {
+    /// Host storage: `[n, d]` row-major.
+    Host(&'a [f32]),
+    /// Device storage: `[n, d]`.
+    Device(Box<Tensor<2>>),
+}
+
 impl DynaKvCache {
     /// Files new tokens into the rank buckets of one kind and records their
     /// level codes.
     ///
     /// # Shapes
-    /// `lat`: `[n, d]` (device latents) with `host` its row-major copy for
-    /// host storage; `ranks`: `[n]`.
+    /// `lat`: `[n, d]`; `ranks`: `[n]`.
     pub(super) fn store(
         &mut self,
         layer: usize,
         kind: KvKind,
-        lat: Tensor<2>,
-        host: Option<&[f32]>,
+        lat: NewLatents<'_>,
         ranks: &[usize],
     ) -> Result<(), CacheError> {
-        let device = lat.device();
         let d = self.bases.d_kv;
         let k = kind.index();
         let codec = &self.codecs[layer][k];
@@ -283,18 +288,20 @@ impl DynaKvCache {
                 continue;
             }
             let codec = codec.prefix(level);
-            let part = match host {
-                Some(h) => {
+            let part = match &lat {
+                NewLatents::Host(h) => {
                     let mut packed = PackedRows::new(codec, level);
                     for &i in &rows {
                         packed.push(&h[i * d..i * d + level]);
                     }
                     Latents::Host(packed)
                 }
-                None => {
+                NewLatents::Device(lat) => {
                     let idx: Vec<i64> = rows.iter().map(|&i| i as i64).collect();
-                    let idx =
-                        Tensor::<1, Int>::from_data(TensorData::new(idx, [rows.len()]), &device);
+                    let idx = Tensor::<1, Int>::from_data(
+                        TensorData::new(idx, [rows.len()]),
+                        &lat.device(),
+                    );
                     let part = lat.clone().select(0, idx).narrow(1, 0, level);
                     Latents::Device(Box::new(round_trip(part, &codec, false)?))
                 }

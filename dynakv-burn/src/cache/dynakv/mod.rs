@@ -44,8 +44,9 @@ use crate::cache::{
 };
 use crate::error::CacheError;
 use crate::host::latent_decode::{self, BucketView, Heads};
+use crate::host::latent_encode::encode_rows;
 use crate::rope::Rope;
-use buckets::LayerStore;
+use buckets::{LayerStore, NewLatents};
 use held::PromptHold;
 
 /// Chunks with at least this many queries (prefill) rebuild every stored key
@@ -188,19 +189,39 @@ impl AttentionCache for DynaKvCache {
             RopePlacement::Post => self.rope.apply(k_pre, positions)?,
         };
         let b = &self.bases.layers[layer];
-        let device = k.device();
-        let lat_k = (joint(k) - b.mean[0].clone().unsqueeze()).matmul(b.encoder(0, &device));
-        let lat_v = (joint(v) - b.mean[1].clone().unsqueeze()).matmul(b.encoder(1, &device));
-        // a held prompt takes full rank: the policy is not asked
-        let held = self.held_ranks(layer, positions.len());
-        // Host copies: what host storage keeps and what a latent-reading policy reads.
-        let reads = held.is_none() && self.policy.needs_latents();
-        let need_host = self.bases.storage == KvStorage::Host || reads;
-        let (host_k, host_v) = if need_host {
-            (host_rows(&lat_k)?, host_rows(&lat_v)?)
-        } else {
-            (Vec::new(), Vec::new())
+        let t = positions.len();
+        let host = self.bases.storage == KvStorage::Host;
+        // a decode step on host storage projects on the host (a product of
+        // one row is all tensor overhead); a prefill through burn's GEMM
+        let encoders = match (b.host_encoder(0), b.host_encoder(1)) {
+            (Some(ek), Some(ev)) if host && t <= HOST_KERNEL_MAX_QUERIES => Some([ek, ev]),
+            _ => None,
         };
+        let (lat, host_k, host_v) = match encoders {
+            Some([(ek, mk), (ev, mv)]) => {
+                let (xk, xv) = (host_rows(&joint(k))?, host_rows(&joint(v))?);
+                let host_k = encode_rows(&xk, t, mk, ek);
+                (None, host_k, encode_rows(&xv, t, mv, ev))
+            }
+            None => {
+                let device = k.device();
+                let lat_k =
+                    (joint(k) - b.mean[0].clone().unsqueeze()).matmul(b.encoder(0, &device));
+                let lat_v =
+                    (joint(v) - b.mean[1].clone().unsqueeze()).matmul(b.encoder(1, &device));
+                // Host copies: what host storage keeps and what a
+                // latent-reading policy reads.
+                let (host_k, host_v) = if host || self.policy.needs_latents() {
+                    (host_rows(&lat_k)?, host_rows(&lat_v)?)
+                } else {
+                    (Vec::new(), Vec::new())
+                };
+                (Some([lat_k, lat_v]), host_k, host_v)
+            }
+        };
+        // a held prompt takes full rank: the policy is not asked
+        let held = self.held_ranks(layer, t);
+        let reads = held.is_none() && self.policy.needs_latents();
         let (read_k, read_v): (&[f32], &[f32]) = if reads {
             (&host_k, &host_v)
         } else {
@@ -231,10 +252,15 @@ impl AttentionCache for DynaKvCache {
             }
         }
         let first = self.layers[layer].next_id;
-        let host = self.bases.storage == KvStorage::Host;
-        let (hk, hv) = (host.then_some(&host_k[..]), host.then_some(&host_v[..]));
-        self.store(layer, KvKind::Key, lat_k, hk, &rk)?;
-        self.store(layer, KvKind::Value, lat_v, hv, &rv)?;
+        let [lat_k, lat_v] = match lat {
+            Some([lk, lv]) if !host => [
+                NewLatents::Device(Box::new(lk)),
+                NewLatents::Device(Box::new(lv)),
+            ],
+            _ => [NewLatents::Host(&host_k), NewLatents::Host(&host_v)],
+        };
+        self.store(layer, KvKind::Key, lat_k, &rk)?;
+        self.store(layer, KvKind::Value, lat_v, &rv)?;
         let store = &mut self.layers[layer];
         store.positions.push(first, positions);
         store.next_id += positions.len();

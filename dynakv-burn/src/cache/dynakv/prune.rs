@@ -4,7 +4,7 @@
 use burn::tensor::{Tensor, TensorData};
 use dynakv_core::policy::KvKind;
 
-use super::buckets::{padded_host_rows, padded_latents};
+use super::buckets::{padded_host_rows, padded_latents, NewLatents};
 use super::DynaKvCache;
 use crate::cache::{host_rows, KeepPositions, KvStorage, PrunableCache};
 use crate::error::CacheError;
@@ -164,15 +164,13 @@ impl DynaKvCache {
         store.buckets[k].clear();
         store.codes[k].clear();
         store.dims[k] = 0;
-        let (lat_all, host_all) = match self.bases.storage {
-            // host storage files from `all`; the tensor only names the device
-            KvStorage::Host => (Tensor::<2>::zeros([1, d], &device), Some(all)),
-            KvStorage::Device => (
-                Tensor::from_data(TensorData::new(all, [ranks.len(), d]), &device),
-                None,
-            ),
-        };
-        self.store(layer, kind, lat_all, host_all.as_deref(), ranks)
+        match self.bases.storage {
+            KvStorage::Host => self.store(layer, kind, NewLatents::Host(&all), ranks),
+            KvStorage::Device => {
+                let lat = Tensor::from_data(TensorData::new(all, [ranks.len(), d]), &device);
+                self.store(layer, kind, NewLatents::Device(Box::new(lat)), ranks)
+            }
+        }
     }
 
     /// Every stored token of one layer and kind: ids ascending, and their
