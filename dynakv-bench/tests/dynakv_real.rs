@@ -12,7 +12,7 @@ use dynakv_burn::{calibrate, AttentionCache, CacheFactory, CacheSpec, Calibratio
 use dynakv_core::artifact::{Artifact, RopePlacement};
 use dynakv_core::basis::BasisKind;
 use dynakv_core::policy::{BudgetHold, EnergyRule, PolicyKind, PolicySpec};
-use dynakv_core::quant::BasisDtype;
+use dynakv_core::quant::{BasisDtype, LatentDtype};
 use dynakv_models::corpus::Split;
 use dynakv_models::gguf::GgufFile;
 use dynakv_models::{LlamaModel, ModelError, TextTokenizer};
@@ -68,6 +68,8 @@ fn spec(policy: PolicyKind, budget: f64) -> CacheSpec {
     held(policy, budget, BudgetHold::Open)
 }
 
+/// f32 latents (the default stores int8): these tests hold DynaKV's
+/// arithmetic to float rounding.
 fn held(policy: PolicyKind, budget: f64, hold: BudgetHold) -> CacheSpec {
     CacheSpec::dynakv(PolicySpec {
         kind: policy,
@@ -78,6 +80,14 @@ fn held(policy: PolicyKind, budget: f64, hold: BudgetHold) -> CacheSpec {
         recent_full: 0,
         hold,
     })
+    .with_precision(f32_latents())
+}
+
+fn f32_latents() -> Precision {
+    Precision {
+        latent: LatentDtype::F32,
+        ..Precision::default()
+    }
 }
 
 /// What `--cache dynakv --artifact A` does: the model checks the artifact
@@ -135,7 +145,7 @@ fn full_rank_matches_the_dense_cache_for_both_placements() {
     for (basis, tol) in [(BasisDtype::F32, 1e-4), (BasisDtype::F16, 2e-3)] {
         let precision = Precision {
             basis,
-            ..Precision::default()
+            ..f32_latents()
         };
         for art in [&s.pre, &s.post] {
             let sp = spec(PolicyKind::Uniform, 1.0).with_precision(precision);
@@ -174,7 +184,7 @@ fn snapkv_tiers_prefill_at_full_rank_then_keep_their_budget() {
     // f32 bases: full-rank reconstruction up to float rounding
     let f32_bases = Precision {
         basis: BasisDtype::F32,
-        ..Precision::default()
+        ..f32_latents()
     };
     // no sink: every kept token outside the whole ones takes rank 0.30
     let base = CacheSpec::dynakv(PolicySpec {

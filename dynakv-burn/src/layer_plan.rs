@@ -357,8 +357,11 @@ mod tests {
                 .and_then(|f| f.make())
         };
         let mut dense = make(None, "dense").unwrap();
-        let mut full_rank =
-            make(Some(&every), "dynakv:uniform@1+layers:all+store:basis=f32").unwrap();
+        let mut full_rank = make(
+            Some(&every),
+            "dynakv:uniform@1+layers:all+store:latent=f32,basis=f32",
+        )
+        .unwrap();
         let mut all = make(Some(&every), "dynakv:uniform@0.5+layers:all").unwrap();
         let mut global = make(Some(&every), "dynakv:uniform@0.5").unwrap();
         let n = 14;

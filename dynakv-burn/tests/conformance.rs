@@ -44,7 +44,7 @@ const SPECS: &[&str] = &[
     "dense+snapkv:recall@0.5+store:k=kivi2,v=q4_0",
     "dense+snapkv:kvpress@0.5+store:kv=q4_0",
     "dynakv:energy@0.5+store:latent=f16",
-    "dynakv:energy@0.5+store:latent=int8",
+    "dynakv:energy@0.5+store:latent=f32",
     "dynakv:energy@0.5+store:latent=mixed",
     "dynakv:energy@0.5+store:latent=int4,scales=channel",
     "dynakv:energy@0.5,recent=32+snapkv:recall@0.5,gqa=layer-max+store:latent=int4",
@@ -172,7 +172,7 @@ fn every_cache_wrapper_and_policy_conforms() {
                 assert_eq!(f.tokens, seen, "{ctx}");
                 // Bytes: f32 is 4 per number; a packed format fewer, and the
                 // host holds exactly the packed bytes.
-                if spec.precision.is_default() {
+                if spec.precision.stores_f32(spec.dynakv.is_some()) {
                     assert_eq!(f.value_bytes, 4 * f.values, "{ctx}");
                 } else {
                     assert!(f.value_bytes < 3 * f.values, "{ctx}: {f:?}");
@@ -193,7 +193,7 @@ fn every_cache_wrapper_and_policy_conforms() {
             // attention paths in one layer can move a value across a
             // rounding boundary in the next one, so they get a step's slack.
             let diff = max_diff(&outs[0], &outs[1]);
-            let tol = if spec.precision.is_default() {
+            let tol = if spec.precision.stores_f32(spec.dynakv.is_some()) {
                 1e-4
             } else {
                 5e-2
@@ -224,9 +224,12 @@ fn full_rank_equals_the_dense_cache_with_and_without_snapkv() {
                 .unwrap()
                 .as_mut(),
         );
-        // bases as calibrated: the same attention up to float rounding; in
-        // f16 (the default): within the rounding of the bases
-        for (store, tol) in [("+store:basis=f32", 1e-4), ("", 2e-3)] {
+        // f32 latents and bases as calibrated: the same attention up to
+        // float rounding; bases in f16 (the default): within their rounding
+        for (store, tol) in [
+            ("+store:latent=f32,basis=f32", 1e-4),
+            ("+store:latent=f32", 2e-3),
+        ] {
             for placement in 0..2 {
                 let spec = format!("{dynakv}{store}").parse().unwrap();
                 let got = run(
@@ -287,9 +290,9 @@ fn fewer_bits_cost_fewer_bytes_and_more_error_in_order() {
             kivi,
         ][..],
         &[
-            "dynakv:energy@0.5",
+            "dynakv:energy@0.5+store:latent=f32",
             "dynakv:energy@0.5+store:latent=f16",
-            "dynakv:energy@0.5+store:latent=int8",
+            "dynakv:energy@0.5",
             "dynakv:energy@0.5+store:latent=int4",
         ][..],
     ] {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use dynakv_burn::cache::Precision;
+use dynakv_burn::cache::{Precision, DEFAULT_LATENT};
 use dynakv_burn::dynakv_snapkv::{GqaScores, KeepBudget, SnapKvPreset, SnapKvSpec};
 use dynakv_burn::{AttentionCache, CacheFactory, CacheSpec, LayerScope, PRESETS};
 use dynakv_core::artifact::Artifact;
@@ -136,8 +136,9 @@ pub struct CacheArgs {
     /// Full cache: values only (overrides --kv-dtype).
     #[arg(long, value_enum)]
     pub v_dtype: Option<KvDtype>,
-    /// DynaKV: latent coordinates stored as f32, f16, int8 or int4.
-    #[arg(long, value_enum, default_value_t = LatentDtype::F32)]
+    /// DynaKV: latent coordinates stored as int8 (the default: f32's PPL at
+    /// a quarter of the bytes), f32, f16, int4 or mixed (8-bit then 4-bit).
+    #[arg(long, value_enum, default_value_t = DEFAULT_LATENT)]
     pub latent_dtype: LatentDtype,
     /// DynaKV integer latents: scales per token and group of 32 (token) or
     /// per coordinate from calibration (channel).

@@ -113,8 +113,9 @@ pub struct SweepArgs {
     /// always the reference cell.
     #[arg(long, default_value = "f32")]
     pub kv_dtypes: String,
-    /// Storage of DynaKV cells' latents (f32, f16, int8, int4, mixed).
-    #[arg(long, default_value = "f32")]
+    /// Storage of DynaKV cells' latents (int8, the default, f32, f16, int4,
+    /// mixed).
+    #[arg(long, default_value = "int8")]
     pub latent_dtypes: String,
     /// Scales of integer latents.
     #[arg(long, value_enum, default_value_t = LatentScales::Token)]
@@ -242,8 +243,9 @@ fn cell_config(
     Ok(config)
 }
 
-/// A cell label's storage part: `""` for f32, else `/kv=q8_0`,
-/// `/k=q8_0,v=q4_0`, `/latent=int4` (the precision as a spec writes it).
+/// A cell label's storage part: `""` for the default precision (f32 rows,
+/// int8 latents), else `/kv=q8_0`, `/k=q8_0,v=q4_0`, `/latent=f32` (the
+/// precision as a spec writes it).
 fn suffix(p: Precision) -> String {
     if p.is_default() {
         String::new()

@@ -11,10 +11,13 @@ use serde::{Deserialize, Serialize};
 use super::host_rows;
 use crate::error::CacheError;
 
-/// Storage precisions of a cache; the default stores keys, values and
-/// latents in f32 (the exact reference) and DynaKV's bases in f16 (fixed
-/// bytes halved; PPL unchanged, docs/results.md). Written `k=q8_0,v=q4_0` (or `kv=q8_0` for both) for the
-/// dense cache and `latent=int4[,scales=channel][,basis=f16]` for DynaKV.
+/// Storage precisions of a cache; the default stores the dense cache's keys
+/// and values in f32 (the exact reference), DynaKV's latents as 8-bit codes
+/// in q8_0 blocks and its bases in f16: the best measured (int8 latents
+/// give f32 latents' PPL at a quarter of their bytes and decode faster;
+/// f16 bases halve the fixed bytes at the same PPL; docs/results.md).
+/// Written `k=q8_0,v=q4_0` (or `kv=q8_0` for both) for the dense cache and
+/// `latent=f32|f16|int4|mixed[,scales=channel][,basis=f32]` for DynaKV.
 ///
 /// Quantised dense keys and values (q8_0, q4_0) are rotated by a Hadamard
 /// transform along the head dimension before they are stored, queries and
@@ -50,12 +53,17 @@ pub struct Precision {
     pub basis: BasisDtype,
 }
 
+/// DynaKV's latents unless a spec says otherwise.
+pub const DEFAULT_LATENT: LatentDtype = LatentDtype::Int8;
+
 impl Default for Precision {
     fn default() -> Self {
         Self {
             k: KvDtype::F32,
             v: KvDtype::F32,
-            latent: LatentDtype::F32,
+            // same PPL as f32 latents, a quarter of the bytes, integer
+            // decode kernels (docs/results.md, session 20)
+            latent: DEFAULT_LATENT,
             scales: LatentScales::Token,
             rotate: true,
             // measured equal in PPL at half the fixed bytes (docs/results.md)
@@ -69,9 +77,19 @@ impl Precision {
         *self == Self::default()
     }
 
+    /// Whether a DynaKV cache (`dynakv`) or a dense one stores what it keeps
+    /// in f32: its latents, or its keys and values (f16 bases round the
+    /// bases, not what is stored).
+    pub fn stores_f32(&self, dynakv: bool) -> bool {
+        match dynakv {
+            true => self.latent == LatentDtype::F32,
+            false => self.k == KvDtype::F32 && self.v == KvDtype::F32,
+        }
+    }
+
     /// Whether anything of DynaKV's is set (then the cache must be DynaKV).
     fn sets_latents(&self) -> bool {
-        self.latent != LatentDtype::F32
+        self.latent != DEFAULT_LATENT
             || self.scales != LatentScales::Token
             || self.basis != BasisDtype::F16
     }
@@ -145,7 +163,7 @@ impl fmt::Display for Precision {
                 parts.push(format!("v={}", self.v));
             }
         }
-        if self.latent != LatentDtype::F32 {
+        if self.latent != DEFAULT_LATENT {
             parts.push(format!("latent={}", self.latent));
         }
         if self.scales != LatentScales::Token {
@@ -254,7 +272,8 @@ mod tests {
             "kv=q8_0",
             "k=q8_0,v=q4_0",
             "latent=int4",
-            "latent=int8,scales=channel",
+            "latent=f32",
+            "scales=channel",
             "kv=q4_0,rotate=off",
             "latent=mixed,basis=f32",
             "basis=f32",
@@ -264,6 +283,12 @@ mod tests {
         }
         assert!("kv=f32".parse::<Precision>().unwrap().is_default());
         assert!("basis=f16".parse::<Precision>().unwrap().is_default());
+        // int8 latents are the default, so a spec need not name them
+        assert!("latent=int8".parse::<Precision>().unwrap().is_default());
+        assert_eq!(
+            "latent=int8,scales=channel".parse::<Precision>().unwrap(),
+            "scales=channel".parse().unwrap()
+        );
         for bad in [
             "",
             "kv",

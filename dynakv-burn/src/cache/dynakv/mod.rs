@@ -37,7 +37,7 @@ use burn::tensor::{Tensor, TensorData};
 use dynakv_core::artifact::RopePlacement;
 use dynakv_core::budget::CacheFootprint;
 use dynakv_core::policy::{BudgetController, KvKind, RankPolicy};
-use dynakv_core::quant::RowCodec;
+use dynakv_core::quant::{LatentDtype, RowCodec};
 
 use crate::cache::{
     host_rows, joint, AttentionCache, CacheGeometry, KvStorage, Precision, HOST_KERNEL_MAX_QUERIES,
@@ -78,7 +78,9 @@ pub struct DynaKvCache {
 }
 
 impl DynaKvCache {
-    /// Latents in f32 (the bases as they are held).
+    /// Latents in f32, the exact building block equivalence tests compare
+    /// with (the bases as they are held); a [`crate::CacheSpec`] stores int8
+    /// latents unless it says otherwise ([`Precision::default`]).
     pub fn new(
         geometry: CacheGeometry,
         rope: Rope,
@@ -86,6 +88,7 @@ impl DynaKvCache {
         policy: Arc<dyn RankPolicy>,
     ) -> Result<Self, CacheError> {
         let precision = Precision {
+            latent: LatentDtype::F32,
             basis: bases.dtype(),
             ..Precision::default()
         };
