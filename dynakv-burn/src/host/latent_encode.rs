@@ -98,12 +98,7 @@ unsafe fn widen_f16c(src: &[f16], dst: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn numbers(n: usize, seed: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| (((i + seed) * 7919) % 97) as f32 / 40.0 - 1.2)
-            .collect()
-    }
+    use crate::host::attention_reference::numbers;
 
     #[test]
     fn widening_equals_the_scalar_conversion() {
