@@ -263,18 +263,11 @@ impl RowCodec {
 }
 
 /// One q8_0 block's codes (after its scale) into `o` (`[n <= 32]`);
-/// returns the bytes read. `bytes` holds the block's `n` codes. A whole
-/// block is copied as a fixed-size array (an open length became a call to
-/// `memmove` per block).
+/// returns the bytes read. `bytes` holds the block's `n` codes. (A copy
+/// through a fixed-size array built the block on the stack byte by byte;
+/// this loop becomes one `memcpy`, which measured no slower.)
 #[inline]
 fn q8_0_codes(bytes: &[u8], o: &mut [i8]) -> usize {
-    if let (Ok(whole), Some(codes)) = (
-        <&mut [i8; QBLOCK]>::try_from(&mut *o),
-        bytes.first_chunk::<QBLOCK>(),
-    ) {
-        *whole = codes.map(|q| q as i8);
-        return QBLOCK;
-    }
     let n = o.len();
     for (c, &q) in o.iter_mut().zip(&bytes[..n]) {
         *c = q as i8;
