@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The speed table of tools/speed_vs_llamacpp.sh: llama-bench and dynakv bench
 side by side (tokens/s, ratio dynakv / llama.cpp), then the paired decode-step
-ratios of DynaKV against the dense f16 cache.
+ratios of the packed dense caches, DynaKV and the presets against the dense
+f16 cache.
 
 Usage: python3 tools/speed_table.py OUT_DIR
 """
@@ -56,7 +57,7 @@ for key in sorted(set(llama) | set(ours), key=lambda k: (k[0] != "prefill", k[1]
 paired = jsonl("paired.jsonl")
 if paired:
     print()
-    print("| decode step at depth | DynaKV policy at 0.30 | speed ratio (dense f16 step time / DynaKV step time; above 1: DynaKV faster) |")
+    print("| decode step at depth | cache | speed ratio (dense f16 step time / its step time; above 1: faster than dense f16) |")
     print("|---|---|---|")
     head = None
     for r in paired:

@@ -2,8 +2,9 @@
 # Speed side by side on one machine: llama.cpp's `llama-bench` (built here from
 # the llama.cpp vendored in PyPI llama-cpp-python) against `dynakv bench`, same
 # GGUF file, same thread count. Then the whole-model decode step at 4k and 8k
-# with the dense cache against DynaKV (energy 0.30, and a trained router if
-# given) as paired ratios (`dynakv bench --paired`).
+# against the dense f16 cache as paired ratios (`dynakv bench --paired-base`):
+# the q8_0 / q4_0 dense caches, and with an artifact DynaKV at 0.30 (energy,
+# and a trained router if given) and the bytes-6 / bytes-3 presets.
 #
 # Usage: tools/speed_vs_llamacpp.sh OUT_DIR [ARTIFACT [ROUTER_ARTIFACT]]
 #   THREADS (default 2), REPS (default 3), MATMUL (f32 or q8, default f32),
@@ -94,17 +95,24 @@ for d in "${depths[@]}"; do
     --decode-steps 128 --reps "$reps" --json >> "$out/dynakv.jsonl"
 done
 
-# whole-model decode step, dense f16 cache against DynaKV, step for step
+# whole-model decode step against the dense f16 cache, step for step: the
+# packed dense caches (llama.cpp's q8_0 / q4_0), DynaKV at 0.30 (int8
+# latents, the default) and the SnapKV + DynaKV presets
 : > "$out/paired.jsonl"
+configs=("q8_0|--kv-dtype q8_0" "q4_0|--kv-dtype q4_0")
 if [ -n "$artifact" ]; then
-  for d in 4096 8064; do
-    for spec in "energy $artifact" ${router:+"router $router"}; do
-      set -- $spec
-      echo "{\"policy\": \"$1\", \"depth\": $d}" >> "$out/paired.jsonl"
-      $dynakv bench --model "$model_name" --matmul "$matmul" --cache dynakv --artifact "$2" --policy "$1" \
-        --budget 0.30 --prefill 1 --decode-ctx "$d" --decode-steps 64 --reps 1 \
-        --paired-base "dense+store:kv=f16" --json >> "$out/paired.jsonl"
-    done
-  done
+  configs+=("DynaKV energy 0.30|--cache dynakv --artifact $artifact --policy energy --budget 0.30")
+  [ -n "$router" ] && configs+=("DynaKV router 0.30|--cache dynakv --artifact $router --policy router --budget 0.30")
+  configs+=("bytes-6|--preset bytes-6 --artifact $artifact" "bytes-3|--preset bytes-3 --artifact $artifact")
 fi
+for d in 4096 8064; do
+  for c in "${configs[@]}"; do
+    label=${c%%|*}
+    read -r -a flags <<< "${c#*|}"
+    echo "{\"policy\": \"$label\", \"depth\": $d}" >> "$out/paired.jsonl"
+    $dynakv bench --model "$model_name" --matmul "$matmul" "${flags[@]}" \
+      --prefill 1 --decode-ctx "$d" --decode-steps 64 --reps 1 \
+      --paired-base "dense+store:kv=f16" --json >> "$out/paired.jsonl"
+  done
+done
 python3 tools/speed_table.py "$out"
