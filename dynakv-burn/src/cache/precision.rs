@@ -283,6 +283,13 @@ mod tests {
         }
         assert!("kv=f32".parse::<Precision>().unwrap().is_default());
         assert!("basis=f16".parse::<Precision>().unwrap().is_default());
+        // the default stores the dense cache's rows in f32, DynaKV's
+        // latents in int8
+        let p = Precision::default();
+        assert!(p.stores_f32(false) && !p.stores_f32(true));
+        let f32_latents: Precision = "latent=f32".parse().unwrap();
+        assert!(f32_latents.stores_f32(true));
+        assert!(!"kv=f16".parse::<Precision>().unwrap().stores_f32(false));
         // int8 latents are the default, so a spec need not name them
         assert!("latent=int8".parse::<Precision>().unwrap().is_default());
         assert_eq!(
