@@ -13,7 +13,7 @@ use dynakv_bench::eval::ppl::perplexity;
 use dynakv_bench::eval::records::Records;
 use dynakv_bench::plot::{bytes_plot, Series};
 use dynakv_bench::text::{brown_docs, document_tokens};
-use dynakv_burn::cache::Precision;
+use dynakv_burn::cache::{Precision, DEFAULT_LATENT};
 use dynakv_burn::dynakv_snapkv::SnapKvPreset;
 use dynakv_core::artifact::Artifact;
 use dynakv_core::policy::{BudgetHold, EnergyRule, PolicyKind};
@@ -115,7 +115,7 @@ pub struct SweepArgs {
     pub kv_dtypes: String,
     /// Storage of DynaKV cells' latents (int8, the default, f32, f16, int4,
     /// mixed).
-    #[arg(long, default_value = "int8")]
+    #[arg(long, default_value = DEFAULT_LATENT.name())]
     pub latent_dtypes: String,
     /// Scales of integer latents.
     #[arg(long, value_enum, default_value_t = LatentScales::Token)]

@@ -9,6 +9,8 @@
 
 use half::f16;
 
+use crate::host::math::axpy;
+
 /// An encoder `[d, d]` row-major as held on the host.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum EncoderRows<'a> {
@@ -24,10 +26,24 @@ pub(crate) enum EncoderRows<'a> {
 /// a short `x`, `mean` or encoder ends the sums early (callers pass the
 /// shapes they checked).
 pub(crate) fn encode_rows(x: &[f32], t: usize, mean: &[f32], enc: EncoderRows<'_>) -> Vec<f32> {
+    let mut out = vec![0f32; t * mean.len()];
+    encode_into(x, mean, enc, &mut out);
+    out
+}
+
+crate::host::math::avx2_dispatch! {
+    /// `out += (x[i] - mean) · enc` for each row of `out`, compiled for
+    /// AVX2 + FMA where the CPU has them (one dispatch for the product).
+    fn encode_into / encode_into_avx2 => encode_into_impl(
+        x: &[f32], mean: &[f32], enc: EncoderRows<'_>, out: &mut [f32]
+    )
+}
+
+#[inline(always)]
+fn encode_into_impl(x: &[f32], mean: &[f32], enc: EncoderRows<'_>, out: &mut [f32]) {
     let d = mean.len();
-    let mut out = vec![0f32; t * d];
     let mut wide = vec![0f32; d];
-    // row j of the encoder is read once for all t rows (t is 1 in decode)
+    // row j of the encoder is read once for all rows (one in decode)
     for j in 0..d {
         let row = match enc {
             EncoderRows::F32(e) => match e.get(j * d..(j + 1) * d) {
@@ -46,17 +62,6 @@ pub(crate) fn encode_rows(x: &[f32], t: usize, mean: &[f32], enc: EncoderRows<'_
             axpy(o, xr[j] - mean[j], row);
         }
     }
-    out
-}
-
-crate::host::math::avx2_dispatch! {
-    /// `y += a x`, compiled for AVX2 + FMA where the CPU has them.
-    fn axpy / axpy_avx2 => axpy_impl(y: &mut [f32], a: f32, x: &[f32])
-}
-
-#[inline(always)]
-fn axpy_impl(y: &mut [f32], a: f32, x: &[f32]) {
-    crate::host::math::axpy(y, a, x)
 }
 
 /// `dst[i] = src[i]` in f32 for `i < min(len)`: eight at a time with F16C

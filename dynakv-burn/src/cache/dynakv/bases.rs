@@ -104,7 +104,8 @@ impl LayerBasis {
             }
             Encoders::F16(h) => {
                 let d = self.host_dim();
-                mat(&widen(&h[kind]), d, d, device)
+                // the widened copy becomes the tensor's data (no second copy)
+                Tensor::from_data(TensorData::new(widen(&h[kind]), [d, d]), device)
             }
         }
     }
