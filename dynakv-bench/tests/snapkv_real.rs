@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use dynakv_burn::device::default_device;
 use dynakv_burn::dynakv_snapkv::{SnapKvConfig, SnapKvPreset, SnapKvSpec};
-use dynakv_burn::{AttentionCache, CacheSpec, DenseCache, SnapKvCache};
+use dynakv_burn::{AttentionCache, CacheSpec, DenseCache, Precision, SnapKvCache};
 use dynakv_models::gguf::GgufFile;
 use dynakv_models::LlamaModel;
 use serde_json::Value;
@@ -92,7 +92,10 @@ fn pruning_keeps_the_prefill_logits_and_shrinks_the_cache() {
         .map(|x| x.as_u64().unwrap() as u32)
         .collect();
     let mut dense: Box<dyn AttentionCache> = model.dense_cache().unwrap();
-    let spec = CacheSpec::dense().with_snapkv(SnapKvSpec::ratio(SnapKvPreset::Kvpress, 0.75));
+    // f32 rows, as the reference: the pruning is all that differs
+    let spec = CacheSpec::dense()
+        .with_precision(Precision::f32_rows())
+        .with_snapkv(SnapKvSpec::ratio(SnapKvPreset::Kvpress, 0.75));
     let mut pruned = model.cache_factory(None, &spec).unwrap().make().unwrap();
     let a = model.forward_last(&tokens, 0, dense.as_mut()).unwrap();
     let b = model.forward_last(&tokens, 0, pruned.as_mut()).unwrap();

@@ -276,10 +276,13 @@ mod tests {
                 .make()
                 .unwrap()
         };
-        let mut plain = CacheFactory::new(g, rope(1e4), &device, None, &dense)
-            .unwrap()
-            .make()
-            .unwrap();
+        // host storage as the planned ones (device storage holds f16 rows
+        // as f32 tensors: other held bytes)
+        let mut plain =
+            CacheFactory::with_storage(g, rope(1e4), &device, None, &dense, KvStorage::Host)
+                .unwrap()
+                .make()
+                .unwrap();
         let (mut wide, mut narrow) = (mk(&plan(64)), mk(&plan(3)));
         let n = 12;
         let (q, k, v) = (
@@ -356,7 +359,7 @@ mod tests {
             CacheFactory::for_plan(&plan, g, &device, artifact, &spec, KvStorage::Host)
                 .and_then(|f| f.make())
         };
-        let mut dense = make(None, "dense").unwrap();
+        let mut dense = make(None, "dense+store:kv=f32").unwrap();
         let mut full_rank = make(
             Some(&every),
             "dynakv:uniform@1+layers:all+store:latent=f32,basis=f32",
@@ -403,12 +406,12 @@ mod tests {
             }
             c
         };
-        let f16 = prefill("dynakv:uniform@0.5+store:kv=f16");
-        let f32 = prefill("dynakv:uniform@0.5");
+        let f16 = prefill("dynakv:uniform@0.5");
+        let f32 = prefill("dynakv:uniform@0.5+store:kv=f32");
         assert!(f16.footprint().value_bytes < f32.footprint().value_bytes);
         assert_eq!(f16.spec_footprint(), f32.spec_footprint());
-        assert!(make(Some(&every), "dynakv:uniform@0.5+layers:all+store:kv=f16").is_err());
-        let spec: CacheSpec = "dynakv:uniform@0.5+store:kv=f16".parse().unwrap();
+        assert!(make(Some(&every), "dynakv:uniform@0.5+layers:all+store:kv=f32").is_err());
+        let spec: CacheSpec = "dynakv:uniform@0.5+store:kv=f32".parse().unwrap();
         assert!(CacheFactory::new(
             G,
             crate::cache::test_support::rope(),

@@ -206,7 +206,8 @@ mod tests {
             "dense+store:k=q8_0,v=q4_0",
             "dynakv:energy@0.3+store:latent=int4,scales=channel",
             "dynakv:uniform@0.3+layers:all+store:latent=f32",
-            "dynakv:uniform@0.3+store:kv=f16,latent=mixed",
+            "dynakv:uniform@0.3+store:kv=f32,latent=mixed",
+            "dense+store:kv=f32",
         ] {
             let spec: CacheSpec = good.parse().unwrap();
             assert_eq!(spec.to_string(), good);

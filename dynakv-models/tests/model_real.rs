@@ -4,8 +4,13 @@
 mod common;
 
 use burn::tensor::Tensor;
+use dynakv_burn::CacheSpec;
 use dynakv_models::llama::nll_and_top1;
 
+/// Decoding one token at a time gives the prefill's logits: up to float
+/// rounding with the exact f32 cache; with the default f16 rows within a
+/// rounding flip (a key or value that lands on the other side of an f16
+/// step moves by 2^-11 relative; measured 2.5e-4 of the largest logit).
 #[test]
 fn step_by_step_decode_equals_prefill() {
     let r = common::real();
@@ -13,17 +18,33 @@ fn step_by_step_decode_equals_prefill() {
         .tokenizer
         .encode("The quick brown fox jumps over the lazy dog. It was 1961 in Atlanta.")
         .unwrap();
-    let mut cache = r.model.dense_cache().unwrap();
-    let prefill = r.model.forward(&ids, 0, cache.as_mut()).unwrap();
-    let mut cache = r.model.dense_cache().unwrap();
-    let mut steps = Vec::new();
-    for (i, &t) in ids.iter().enumerate() {
-        steps.push(r.model.forward(&[t], i, cache.as_mut()).unwrap());
+    let default = || {
+        r.model
+            .cache_factory(None, &CacheSpec::dense())
+            .unwrap()
+            .make()
+            .unwrap()
+    };
+    let exact = || r.model.dense_cache().unwrap();
+    for (name, make, tol) in [
+        ("f32", &exact as &dyn Fn() -> _, 1e-4),
+        ("default (f16)", &default, 2e-3),
+    ] {
+        let mut cache = make();
+        let prefill = r.model.forward(&ids, 0, cache.as_mut()).unwrap();
+        let mut cache = make();
+        let mut steps = Vec::new();
+        for (i, &t) in ids.iter().enumerate() {
+            steps.push(r.model.forward(&[t], i, cache.as_mut()).unwrap());
+        }
+        let steps = Tensor::cat(steps, 0);
+        let scale: f32 = prefill.clone().abs().max().into_scalar();
+        let diff: f32 = (prefill - steps).abs().max().into_scalar();
+        assert!(
+            diff / scale < tol,
+            "{name}: max diff {diff} (scale {scale})"
+        );
     }
-    let steps = Tensor::cat(steps, 0);
-    let scale: f32 = prefill.clone().abs().max().into_scalar();
-    let diff: f32 = (prefill - steps).abs().max().into_scalar();
-    assert!(diff / scale < 1e-4, "max diff {diff} (scale {scale})");
 }
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {

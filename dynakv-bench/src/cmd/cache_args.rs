@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use dynakv_burn::cache::{Precision, DEFAULT_LATENT};
+use dynakv_burn::cache::{Precision, DEFAULT_KV, DEFAULT_LATENT};
 use dynakv_burn::dynakv_snapkv::{GqaScores, KeepBudget, SnapKvPreset, SnapKvSpec};
 use dynakv_burn::{AttentionCache, CacheFactory, CacheSpec, LayerScope, PRESETS};
 use dynakv_core::artifact::Artifact;
@@ -126,9 +126,10 @@ pub struct CacheArgs {
     /// scores it (what the compositions measured before 2026-11-30 did).
     #[arg(long)]
     pub snapkv_on_arrival: bool,
-    /// Full cache: keys and values stored as f32, f16, bf16, or llama.cpp's
-    /// q8_0 / q4_0 blocks (32 values and an f16 scale).
-    #[arg(long, value_enum, default_value_t = KvDtype::F32)]
+    /// Full cache: keys and values stored as f16 (the default: f32's PPL at
+    /// half the bytes, as llama.cpp's default), f32 (the exact reference),
+    /// bf16, or llama.cpp's q8_0 / q4_0 blocks (32 values and an f16 scale).
+    #[arg(long, value_enum, default_value_t = DEFAULT_KV)]
     pub kv_dtype: KvDtype,
     /// Full cache: keys only (overrides --kv-dtype).
     #[arg(long, value_enum)]
@@ -276,13 +277,15 @@ impl CacheArgs {
         }
     }
 
-    /// The uncompressed cache, without SnapKV.
+    /// The exact reference: the uncompressed cache in f32, without SnapKV
+    /// (what `LlamaModel::dense_cache` builds; the default full cache stores
+    /// f16 and is measured like any other).
     pub fn is_full(&self) -> bool {
         self.preset.is_none()
             && self.cache == CacheKind::Full
             && self.snapkv.is_none()
             && self.snapkv_capacity.is_none()
-            && self.precision().is_default()
+            && self.precision() == Precision::f32_rows()
     }
 
     /// What the flags ask for, validated (before any model is loaded).

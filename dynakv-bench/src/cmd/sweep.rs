@@ -246,8 +246,9 @@ fn cell_config(
 /// A cell label's storage part: `""` for the default precision (f32 rows,
 /// int8 latents), else `/kv=q8_0`, `/k=q8_0,v=q4_0`, `/latent=f32` (the
 /// precision as a spec writes it).
-fn suffix(p: Precision) -> String {
-    if p.is_default() {
+/// A cell label's storage suffix: empty where `p` is `reference`.
+fn suffix(p: Precision, reference: Precision) -> String {
+    if p == reference {
         String::new()
     } else {
         format!("/{p}")
@@ -267,7 +268,7 @@ fn cells(a: &SweepArgs) -> Result<Vec<(String, String, CacheArgs)>> {
             PolicyKind::Energy,
             1.0,
             None,
-            Precision::default(),
+            Precision::f32_rows(),
         ),
     )];
     let kvs: Vec<Precision> = kv_pairs(&a.kv_dtypes)?
@@ -296,8 +297,10 @@ fn cells(a: &SweepArgs) -> Result<Vec<(String, String, CacheArgs)>> {
         ..Precision::default()
     })
     .collect();
+    // full and SnapKV cells are named against the f32 reference, DynaKV
+    // cells against the default latents
     for &st in &kvs {
-        let sfx = suffix(st);
+        let sfx = suffix(st, Precision::f32_rows());
         if !sfx.is_empty() {
             out.push((
                 format!("full{sfx}"),
@@ -337,7 +340,7 @@ fn cells(a: &SweepArgs) -> Result<Vec<(String, String, CacheArgs)>> {
     }
     for (p, art, b) in dyna {
         for &st in &latents {
-            let sfx = suffix(st);
+            let sfx = suffix(st, Precision::default());
             out.push((
                 format!("{p}/{b}{sfx}"),
                 format!("{p}{sfx}"),

@@ -208,12 +208,15 @@ impl DenseCache {
         Self::with_storage(geometry, rope, storage)
     }
 
+    /// Keys and values in f32, the exact reference equivalence tests compare
+    /// with; a [`crate::CacheSpec`] stores f16 unless it says otherwise
+    /// ([`Precision::default`]).
     pub fn with_storage(
         geometry: CacheGeometry,
         rope: Rope,
         storage: KvStorage,
     ) -> Result<Self, CacheError> {
-        Self::with_precision(geometry, rope, storage, Precision::default())
+        Self::with_precision(geometry, rope, storage, Precision::f32_rows())
     }
 
     /// Keys and values stored in `precision.k` / `precision.v` (its latent

@@ -17,7 +17,7 @@ pub use dense::DenseCache;
 pub use dynakv::{DynaKvBases, DynaKvCache};
 pub use geometry::CacheGeometry;
 pub use layered::{Borrowed, LayeredCache};
-pub use precision::{Precision, DEFAULT_LATENT};
+pub use precision::{Precision, DEFAULT_KV, DEFAULT_LATENT};
 pub use recording::{Recorded, RecordingCache};
 #[cfg(feature = "snapkv")]
 pub use snapkv::SnapKvCache;

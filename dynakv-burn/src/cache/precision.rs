@@ -12,10 +12,12 @@ use super::host_rows;
 use crate::error::CacheError;
 
 /// Storage precisions of a cache; the default stores the dense cache's keys
-/// and values in f32 (the exact reference), DynaKV's latents as 8-bit codes
-/// in q8_0 blocks and its bases in f16: the best measured (int8 latents
-/// give f32 latents' PPL at a quarter of their bytes and decode faster;
-/// f16 bases halve the fixed bytes at the same PPL; docs/results.md).
+/// and values in f16 (llama.cpp's and vLLM's default), DynaKV's latents as
+/// 8-bit codes in q8_0 blocks and its bases in f16: the best measured (f16
+/// rows give f32 rows' PPL at half their bytes and decode faster; int8
+/// latents give f32 latents' PPL at a quarter of their bytes and decode
+/// faster; f16 bases halve the fixed bytes at the same PPL;
+/// docs/results.md). `kv=f32` is the exact reference.
 /// Written `k=q8_0,v=q4_0` (or `kv=q8_0` for both) for the dense cache and
 /// `latent=f32|f16|int4|mixed[,scales=channel][,basis=f32]` for DynaKV.
 ///
@@ -56,11 +58,16 @@ pub struct Precision {
 /// DynaKV's latents unless a spec says otherwise.
 pub const DEFAULT_LATENT: LatentDtype = LatentDtype::Int8;
 
+/// The dense cache's keys and values unless a spec says otherwise.
+pub const DEFAULT_KV: KvDtype = KvDtype::F16;
+
 impl Default for Precision {
     fn default() -> Self {
         Self {
-            k: KvDtype::F32,
-            v: KvDtype::F32,
+            // same PPL as f32 rows, half the bytes, a faster decode step
+            // (docs/results.md, session 21)
+            k: DEFAULT_KV,
+            v: DEFAULT_KV,
             // same PPL as f32 latents, a quarter of the bytes, integer
             // decode kernels (docs/results.md, session 20)
             latent: DEFAULT_LATENT,
@@ -75,6 +82,17 @@ impl Default for Precision {
 impl Precision {
     pub fn is_default(&self) -> bool {
         *self == Self::default()
+    }
+
+    /// The default with the dense cache's rows in f32: what the dense cache
+    /// stores when built directly ([`crate::cache::DenseCache::new`]), the
+    /// exact reference equivalence tests compare with.
+    pub fn f32_rows() -> Self {
+        Self {
+            k: KvDtype::F32,
+            v: KvDtype::F32,
+            ..Self::default()
+        }
     }
 
     /// Whether a DynaKV cache (`dynakv`) or a dense one stores what it keeps
@@ -96,16 +114,16 @@ impl Precision {
 
     /// Whether anything of the dense cache's is set.
     pub(crate) fn sets_dense(&self) -> bool {
-        self.k != KvDtype::F32 || self.v != KvDtype::F32
+        self.k != DEFAULT_KV || self.v != DEFAULT_KV
     }
 
-    /// The latent fields alone (k / v rows back to f32): what a DynaKV
+    /// The latent fields alone (k / v rows back to the default): what a DynaKV
     /// cache of a spec whose k= / v= name its model's windowed dense
     /// layers is built with.
     pub(crate) fn latents_only(&self) -> Self {
         Self {
-            k: KvDtype::F32,
-            v: KvDtype::F32,
+            k: DEFAULT_KV,
+            v: DEFAULT_KV,
             ..*self
         }
     }
@@ -153,13 +171,13 @@ impl Precision {
 impl fmt::Display for Precision {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut parts = Vec::new();
-        if self.k == self.v && self.k != KvDtype::F32 {
+        if self.k == self.v && self.k != DEFAULT_KV {
             parts.push(format!("kv={}", self.k));
         } else {
-            if self.k != KvDtype::F32 {
+            if self.k != DEFAULT_KV {
                 parts.push(format!("k={}", self.k));
             }
-            if self.v != KvDtype::F32 {
+            if self.v != DEFAULT_KV {
                 parts.push(format!("v={}", self.v));
             }
         }
@@ -176,7 +194,7 @@ impl fmt::Display for Precision {
             parts.push(format!("basis={}", self.basis));
         }
         if parts.is_empty() {
-            parts.push("kv=f32".into());
+            parts.push(format!("kv={DEFAULT_KV}"));
         }
         f.write_str(&parts.join(","))
     }
@@ -270,7 +288,10 @@ mod tests {
     fn parses_prints_and_rejects() {
         for good in [
             "kv=q8_0",
+            "kv=f32",
             "k=q8_0,v=q4_0",
+            "k=f32",
+            "v=q4_0",
             "latent=int4",
             "latent=f32",
             "scales=channel",
@@ -281,15 +302,19 @@ mod tests {
             let p: Precision = good.parse().unwrap();
             assert_eq!(p.to_string(), good);
         }
-        assert!("kv=f32".parse::<Precision>().unwrap().is_default());
+        assert!("kv=f16".parse::<Precision>().unwrap().is_default());
         assert!("basis=f16".parse::<Precision>().unwrap().is_default());
-        // the default stores the dense cache's rows in f32, DynaKV's
-        // latents in int8
+        assert_eq!(Precision::default().to_string(), "kv=f16");
+        // the default stores the dense cache's rows in f16, DynaKV's
+        // latents in int8; f32 rows are named
         let p = Precision::default();
-        assert!(p.stores_f32(false) && !p.stores_f32(true));
+        assert!(!p.stores_f32(false) && !p.stores_f32(true));
+        let f32_rows: Precision = "kv=f32".parse().unwrap();
+        assert_eq!(f32_rows, Precision::f32_rows());
+        assert_eq!(f32_rows.to_string(), "kv=f32");
+        assert!(f32_rows.stores_f32(false) && !f32_rows.is_default());
         let f32_latents: Precision = "latent=f32".parse().unwrap();
         assert!(f32_latents.stores_f32(true));
-        assert!(!"kv=f16".parse::<Precision>().unwrap().stores_f32(false));
         // int8 latents are the default, so a spec need not name them
         assert!("latent=int8".parse::<Precision>().unwrap().is_default());
         assert_eq!(

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use dynakv_burn::cache::Precision;
 use dynakv_burn::{
     AttentionCache, CacheFactory, CacheSpec, CalibrationTarget, KvStorage, LayerAttention,
     LayerPlan, PlanPart, Rope,
@@ -420,9 +421,13 @@ impl LlamaModel {
     }
 
     /// A fresh full (uncompressed) cache for this model: f32 keys and values
-    /// on every layer, local layers bounded by their windows.
+    /// on every layer, local layers bounded by their windows. The exact
+    /// reference every compressed cache is measured against; the dense
+    /// cache a spec or the CLI builds by default stores f16
+    /// ([`Precision::default`]).
     pub fn dense_cache(&self) -> Result<Box<dyn AttentionCache>, ModelError> {
-        Ok(self.cache_factory(None, &CacheSpec::dense())?.make()?)
+        let spec = CacheSpec::dense().with_precision(Precision::f32_rows());
+        Ok(self.cache_factory(None, &spec)?.make()?)
     }
 
     /// Hidden states after the final norm for new tokens at `start_pos..`.

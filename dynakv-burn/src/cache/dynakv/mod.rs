@@ -96,7 +96,7 @@ impl DynaKvCache {
     }
 
     /// Latents stored in `precision.latent` with `precision.scales` (its
-    /// `k` / `v` fields are the dense cache's and must stay f32).
+    /// `k` / `v` fields are the dense cache's and must stay at their defaults).
     pub fn with_precision(
         geometry: CacheGeometry,
         rope: Rope,
