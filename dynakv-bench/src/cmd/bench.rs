@@ -35,7 +35,8 @@ pub struct BenchArgs {
     pub paired: bool,
     /// The cache the paired run measures against (a cache spec, e.g.
     /// `dynakv:energy@0.3+store:basis=f32`; DynaKV ones take --artifact);
-    /// implies --paired. Default: the dense f32 cache.
+    /// implies --paired. Default: the default dense cache (`dense`, f16
+    /// keys and values, as llama.cpp's).
     #[arg(long)]
     pub paired_base: Option<CacheSpec>,
 }
@@ -78,15 +79,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         a.reps,
         &mut make,
     )?);
-    let base_label = a
-        .paired_base
-        .as_ref()
-        .map_or("dense".to_string(), |b| b.to_string());
+    let base = a.paired_base.clone().unwrap_or_else(CacheSpec::dense);
+    let base_label = base.to_string();
     let paired = if a.paired || a.paired_base.is_some() {
-        let mut dense: Box<dyn dynakv_burn::AttentionCache> = match &a.paired_base {
-            Some(spec) => a.cache.maker_for(&loaded, spec)?.make()?,
-            None => loaded.model.dense_cache()?,
-        };
+        let mut dense: Box<dyn dynakv_burn::AttentionCache> =
+            a.cache.maker_for(&loaded, &base)?.make()?;
         let mut other = make()?;
         Some(decode_paired(
             model,

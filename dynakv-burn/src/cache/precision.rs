@@ -4,7 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{FloatDType, Tensor, TensorData};
 use dynakv_core::quant::{hadamard_rows, BasisDtype, KvDtype, LatentDtype, LatentScales, RowCodec};
 use serde::{Deserialize, Serialize};
 
@@ -263,6 +263,13 @@ pub(crate) fn round_trip<const N: usize>(
     if codec.is_f32() {
         return Ok(x);
     }
+    // f16 rows (the dense default): rounded where the tensor lives, a cast
+    // there and back (round to nearest even, as the codec), without a trip
+    // through host memory on every append. Not bf16: wgpu on Mesa's
+    // llvmpipe casts "bf16" as f16 (the test below caught it).
+    if *codec == RowCodec::Plain(KvDtype::F16) {
+        return Ok(x.cast(FloatDType::F16).cast(FloatDType::F32));
+    }
     let shape = x.shape();
     let n = x.dims()[N - 1];
     let device = x.device();
@@ -283,6 +290,48 @@ pub(crate) fn round_trip<const N: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Device storage's rounding (f16: a cast on the tensor's device; bf16:
+    /// through the host) gives the codec's values bit for bit (round to
+    /// nearest even, ties included), subnormals within the smallest normal
+    /// (a GPU may flush them).
+    #[test]
+    fn device_rounding_of_f16_and_bf16_rows_equals_the_codec() {
+        let device = crate::device::default_device();
+        // ties between f16 neighbours at 1.0 (2^-11 apart) and at 1024,
+        // values either side, large and tiny ones
+        let mut x: Vec<f32> = vec![
+            1.0 + 2f32.powi(-11),
+            1.0 + 3.0 * 2f32.powi(-11),
+            -(1.0 + 2f32.powi(-11)),
+            1024.5,
+            1025.5,
+            65504.0,
+            3.0e-5,
+            -7.0e-6,
+            0.0,
+            1.0 + 2f32.powi(-8),
+            1.0 + 3.0 * 2f32.powi(-8),
+        ];
+        x.extend((0..53).map(|i| ((i as f32) * 0.7311).sin() * 10f32.powi(i % 7 - 3)));
+        let n = x.len();
+        for (dtype, smallest_normal) in [(KvDtype::F16, 6.104e-5), (KvDtype::Bf16, 1.2e-38)] {
+            let codec = RowCodec::kv(dtype, true);
+            let want = codec.round_trip(&x);
+            let t = Tensor::<2>::from_data(TensorData::new(x.clone(), [1, n]), &device);
+            let got = host_rows(&round_trip(t, &codec, false).unwrap()).unwrap();
+            for ((g, w), v) in got.iter().zip(&want).zip(&x) {
+                if w.abs() >= smallest_normal {
+                    assert_eq!(g.to_bits(), w.to_bits(), "{dtype}: {v} -> {g}, codec {w}");
+                } else {
+                    assert!(
+                        (g - w).abs() <= smallest_normal,
+                        "{dtype}: {v} -> {g}, codec {w}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn parses_prints_and_rejects() {
