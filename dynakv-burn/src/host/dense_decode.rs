@@ -24,7 +24,7 @@ use rayon::prelude::*;
 
 use crate::attention::hidden;
 
-use super::math::{avx2_dispatch, axpy, dot, softmax_columns, Heads, CHUNK};
+use super::math::{avx2_dispatch, axpy, dot, softmax_columns, sum_in_order, Heads, CHUNK};
 use super::plain_rows::{self, KernelCopy, PlainRows};
 
 /// One KV head's stored tokens as the kernel reads them.
@@ -101,7 +101,7 @@ fn attend_with(
         .enumerate()
         .for_each(|(c, rows)| score_chunk(&job, c * CHUNK, rows));
     softmax_columns(&mut scores, ht);
-    (0..n.div_ceil(CHUNK))
+    let parts: Vec<Vec<f32>> = (0..n.div_ceil(CHUNK))
         .into_par_iter()
         .map(|c| {
             let mut o = vec![0f32; ht * dh];
@@ -109,13 +109,8 @@ fn attend_with(
             value_chunk(&job, &scores, toks, &mut o);
             o
         })
-        .reduce(
-            || vec![0f32; ht * dh],
-            |mut a, b| {
-                axpy(&mut a, 1.0, &b);
-                a
-            },
-        )
+        .collect();
+    sum_in_order(parts, ht * dh)
 }
 
 /// Every head's keys and values as plain f32 / f16 rows, or `None` when a

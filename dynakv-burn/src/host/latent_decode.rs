@@ -22,7 +22,7 @@ use crate::attention::hidden;
 
 use super::latent_codes::{self, KeyCodes};
 use super::latent_wide;
-use super::math::{avx2_dispatch, axpy, dot, softmax_rows, CHUNK};
+use super::math::{avx2_dispatch, axpy, dot, softmax_rows, sum_in_order, CHUNK};
 use super::HostRope;
 
 pub(crate) use super::math::Heads;
@@ -164,13 +164,12 @@ pub(crate) fn attend(
         d,
     };
     let wide_values = wide && latent_wide::available_for_values();
-    let z = values
-        .par_iter()
-        .flat_map(|b| {
-            (0..b.positions.len().div_ceil(CHUNK))
-                .into_par_iter()
-                .map(move |c| (b, c))
-        })
+    let chunks: Vec<(&BucketView, usize)> = values
+        .iter()
+        .flat_map(|b| (0..b.positions.len().div_ceil(CHUNK)).map(move |c| (b, c)))
+        .collect();
+    let parts: Vec<Vec<f32>> = chunks
+        .into_par_iter()
         .map(|(b, c)| {
             let mut z = vec![0f32; ht * d];
             let end = ((c + 1) * CHUNK).min(b.positions.len());
@@ -184,13 +183,8 @@ pub(crate) fn attend(
             value_chunk(&values_job, b, c * CHUNK..end, &mut z);
             z
         })
-        .reduce(
-            || vec![0f32; ht * d],
-            |mut a, b| {
-                axpy(&mut a, 1.0, &b);
-                a
-            },
-        );
+        .collect();
+    let z = sum_in_order(parts, ht * d);
     let mut out = vec![0f32; ht * dh];
     for qh in 0..h {
         let kv = qh / groups;

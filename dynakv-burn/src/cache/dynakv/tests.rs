@@ -541,3 +541,53 @@ fn a_held_prompt_ends_with_the_ranks_of_one_ranked_on_arrival() {
     }
     assert_eq!(held.footprint().retained(), arrival.footprint().retained());
 }
+
+/// Decode steps over int8 latents (the default) give the same bits on any
+/// number of threads: the value sums of a step's token chunks are added in
+/// their order (`math::sum_in_order`), not in the order threads finish
+/// them, so a result does not depend on scheduling (8-bit latents rounded
+/// from the outputs' last bits turned such differences into different
+/// perplexities between identical runs).
+#[test]
+fn decode_steps_give_the_same_bits_on_any_number_of_threads() {
+    let device = default_device();
+    let n = 5 * crate::host::math::CHUNK + 7;
+    let (q, k, v) = (
+        rand4([1, 4, n, 4]),
+        rand4([1, 2, n, 4]),
+        rand4([1, 2, n, 4]),
+    );
+    let bases = Arc::new(
+        DynaKvBases::with_storage(&artifact(RopePlacement::Pre), G, &device, KvStorage::Host)
+            .unwrap(),
+    );
+    let chunks = [n - 3, 1, 1, 1];
+    let rope = Rope::new(RopeStyle::Interleaved, 4, 4, 10_000.0, 1024, &device).unwrap();
+    let on = |threads: usize| -> Vec<u32> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let precision = Precision {
+                basis: bases.dtype(),
+                ..Precision::default()
+            };
+            let mut c = DynaKvCache::with_precision(
+                G,
+                rope.clone(),
+                bases.clone(),
+                Arc::new(Cycle),
+                precision,
+            )
+            .unwrap();
+            let out = run(&mut c, &q, &k, &v, &chunks).narrow(2, n - 3, 3);
+            let out = out.into_data().try_to_vec::<f32>().unwrap();
+            out.iter().map(|x| x.to_bits()).collect()
+        })
+    };
+    let one = on(1);
+    for threads in [2, 3, 4] {
+        assert!(on(threads) == one, "{threads} threads");
+    }
+}
