@@ -20,6 +20,8 @@
 //! prefix sums over the decoder's rows, which cancels that offset exactly
 //! with no work per token.
 
+#[cfg(target_arch = "x86_64")]
+use dynakv_core::quant::Q8_0_BLOCK_BYTES;
 use dynakv_core::quant::{PackedRows, QBLOCK};
 
 #[cfg(target_arch = "x86_64")]
@@ -111,6 +113,9 @@ pub(crate) struct CodeTile {
     blocks: usize,
     codes: Vec<u8>,
     scales: Vec<f32>,
+    /// Whether this CPU reads q8_0 rows in place ([`in_place`]).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    in_place: bool,
     /// One row's signed codes, as decoded. (Flipping the top bits in the
     /// kernel instead, as each group is broadcast, read about 4% slower in
     /// two alternating criterion rounds: the broadcast then no longer
@@ -127,6 +132,7 @@ impl CodeTile {
             blocks,
             codes: vec![128; TILE * stride],
             scales: vec![0.0; TILE * blocks],
+            in_place: in_place(),
             row: vec![0; rank],
         }
     }
@@ -137,6 +143,14 @@ impl CodeTile {
     pub(crate) fn load(&mut self, lat: &PackedRows, first: usize, m: usize) -> bool {
         if lat.dim() != self.rank || m > TILE || !lat.has_block_codes() {
             return false;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let Some((bytes, row_bytes)) = lat.q8_0_bytes().filter(|_| self.in_place) {
+            if first + m <= lat.len() {
+                // SAFETY: in_place() checked the features; the rows exist
+                unsafe { self.load_q8_0(bytes, row_bytes, first, m) };
+                return true;
+            }
         }
         let (r, s, nb) = (self.rank, self.stride, self.blocks);
         for k in 0..TILE {
@@ -152,6 +166,115 @@ impl CodeTile {
             }
         }
         true
+    }
+}
+
+/// Whether this CPU reads q8_0 rows (int8 latents, the default) in place:
+/// masked byte loads (AVX-512 BW and VL) and F16C for the block scales.
+///
+/// Why: [`PackedRows::row_codes`] copies each block's codes (a `memcpy`
+/// call per block) and widens each scale through a call, and the tile or
+/// the value buffer copies them again; every stored latent of a layer goes
+/// through here on every decode step.
+fn in_place() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A q8_0 block's scale, its two bytes as stored.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "f16c")]
+#[inline]
+fn block_scale(lo: u8, hi: u8) -> f32 {
+    use std::arch::x86_64::*;
+    let bits = i32::from(u16::from_le_bytes([lo, hi]));
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
+}
+
+#[cfg(target_arch = "x86_64")]
+impl CodeTile {
+    /// [`CodeTile::load`] of q8_0 rows `first..first + m` read in place
+    /// ([`PackedRows::q8_0_bytes`]): each block's codes loaded under a mask,
+    /// their top bits flipped and stored into the tile.
+    ///
+    /// # Safety
+    /// [`in_place`] returned true.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    unsafe fn load_q8_0(&mut self, bytes: &[u8], row_bytes: usize, first: usize, m: usize) {
+        use std::arch::x86_64::*;
+        let (r, s, nb) = (self.rank, self.stride, self.blocks);
+        let flip = _mm256_set1_epi8(i8::MIN);
+        for k in 0..TILE {
+            let codes = &mut self.codes[k * s..k * s + r];
+            let scales = &mut self.scales[k * nb..(k + 1) * nb];
+            if k >= m {
+                codes.fill(128);
+                scales.fill(0.0);
+                continue;
+            }
+            let row = &bytes[(first + k) * row_bytes..(first + k + 1) * row_bytes];
+            for (b, scale) in scales.iter_mut().enumerate() {
+                let (at, n) = (b * Q8_0_BLOCK_BYTES, (r - b * QBLOCK).min(QBLOCK));
+                assert!(at + 2 + n <= row.len() && b * QBLOCK + n <= codes.len());
+                *scale = block_scale(row[at], row[at + 1]);
+                let mask = u32::MAX >> (QBLOCK - n);
+                // SAFETY: the mask keeps the load to the block's n codes
+                // and the store to codes' lanes (asserted)
+                unsafe {
+                    let x = _mm256_maskz_loadu_epi8(mask, row.as_ptr().add(at + 2) as *const i8);
+                    _mm256_mask_storeu_epi8(
+                        codes.as_mut_ptr().add(b * QBLOCK) as *mut i8,
+                        mask,
+                        _mm256_xor_si256(x, flip),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// [`decode_rows`] of q8_0 rows read in place: sixteen codes at a time
+/// loaded under a mask, widened and scaled.
+///
+/// # Safety
+/// [`in_place`] returned true.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+unsafe fn decode_q8_0(
+    bytes: &[u8],
+    row_bytes: usize,
+    r: usize,
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    for (k, i) in rows.enumerate() {
+        let row = &bytes[i * row_bytes..(i + 1) * row_bytes];
+        let o = &mut out[k * r..(k + 1) * r];
+        for b in 0..r.div_ceil(QBLOCK) {
+            let (at, n) = (b * Q8_0_BLOCK_BYTES, (r - b * QBLOCK).min(QBLOCK));
+            assert!(at + 2 + n <= row.len());
+            let sc = _mm512_set1_ps(block_scale(row[at], row[at + 1]));
+            for j in (0..n).step_by(16) {
+                let mask = (u32::MAX >> (32 - (n - j).min(16))) as __mmask16;
+                // SAFETY: the mask keeps the load to the block's codes and
+                // the store to o's lanes (b * 32 + j + lanes <= r)
+                unsafe {
+                    let q = _mm_maskz_loadu_epi8(mask, row.as_ptr().add(at + 2 + j) as *const i8);
+                    let x = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), sc);
+                    _mm512_mask_storeu_ps(o.as_mut_ptr().add(b * QBLOCK + j), mask, x);
+                }
+            }
+        }
     }
 }
 
@@ -302,6 +425,14 @@ pub(crate) unsafe fn decode_rows(
     let r = lat.dim();
     if !lat.has_block_codes() || out.len() < rows.len() * r || rows.end > lat.len() {
         return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if in_place() {
+        if let Some((bytes, row_bytes)) = lat.q8_0_bytes() {
+            // SAFETY: in_place() checked the features
+            unsafe { decode_q8_0(bytes, row_bytes, r, rows, out) };
+            return true;
+        }
     }
     // codes padded to whole 16-byte loads
     let mut codes = vec![0i8; r.div_ceil(16) * 16];

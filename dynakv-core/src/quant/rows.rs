@@ -6,6 +6,10 @@ use half::slice::HalfFloatSliceExt;
 use super::kivi::{decode_kivi_row, encode_kivi_block, kivi_block_bytes};
 use super::{KvDtype, RowCodec, QBLOCK};
 
+/// Bytes of a whole q8_0 block as [`PackedRows::q8_0_bytes`] lays it out:
+/// the f16 scale, then 32 codes.
+pub const Q8_0_BLOCK_BYTES: usize = 2 + QBLOCK;
+
 /// Rows of `dim` values packed one after another in one format; `f32` rows
 /// stay `f32` so the lossless path reads them without decoding.
 #[derive(Debug, Clone, PartialEq)]
@@ -217,6 +221,26 @@ impl PackedRows {
         }
     }
 
+    /// q8_0 rows read in place: every row's bytes, one after another
+    /// (`rows x row_bytes`), and `row_bytes`. A row is blocks of
+    /// [`Q8_0_BLOCK_BYTES`]: the scale as a little-endian f16, then the
+    /// block's 8-bit codes (32; fewer in a row's last block when the width
+    /// is no multiple of 32). `None` for another format.
+    ///
+    /// Why: [`Self::row_codes`] copies each block's codes and widens each
+    /// scale through a call; a decode kernel reading every stored latent of
+    /// a layer on every step (int8 latents, DynaKV's default) reads them
+    /// where they are instead.
+    #[inline]
+    pub fn q8_0_bytes(&self) -> Option<(&[u8], usize)> {
+        match &self.data {
+            RowData::Bytes { bytes, row_bytes } if self.codec == RowCodec::Plain(KvDtype::Q8_0) => {
+                Some((&bytes[..self.rows * row_bytes], *row_bytes))
+            }
+            _ => None,
+        }
+    }
+
     /// Whether [`Self::row_codes`] reads these rows.
     pub fn has_block_codes(&self) -> bool {
         matches!(self.data, RowData::Bytes { .. }) && self.codec.has_block_codes()
@@ -341,6 +365,35 @@ mod tests {
             if dtype.is_lossless() {
                 assert_eq!(all, x);
             }
+        }
+    }
+
+    /// q8_0 rows read in place, as their layout says, give `row_codes`'
+    /// codes and scales, the last block short (40 = 32 + 8); other formats
+    /// none.
+    #[test]
+    fn q8_0_rows_read_in_place_equal_their_codes() {
+        let (dim, n) = (40, 5);
+        let x = numbers(dim * n, 4);
+        let mut rows = PackedRows::new(RowCodec::Plain(KvDtype::Q8_0), dim);
+        rows.push(&x);
+        let (bytes, row_bytes) = rows.q8_0_bytes().unwrap();
+        assert_eq!((bytes.len(), row_bytes), (n * (2 + 40 + 2), 2 + 40 + 2));
+        let (mut codes, mut scales) = (vec![0i8; dim], vec![0f32; 2]);
+        for i in 0..n {
+            assert!(rows.row_codes(i, &mut codes, &mut scales));
+            let row = &bytes[i * row_bytes..(i + 1) * row_bytes];
+            for (b, block) in row.chunks(Q8_0_BLOCK_BYTES).enumerate() {
+                let scale = f16::from_le_bytes([block[0], block[1]]);
+                assert_eq!(scale.to_f32(), scales[b]);
+                let got: Vec<i8> = block[2..].iter().map(|&q| q as i8).collect();
+                assert_eq!(got, &codes[b * 32..(b * 32 + 32).min(dim)]);
+            }
+        }
+        for codec in [RowCodec::Plain(KvDtype::Q4_0), RowCodec::Mixed] {
+            let mut other = PackedRows::new(codec, dim);
+            other.push(&x);
+            assert!(other.q8_0_bytes().is_none());
         }
     }
 
