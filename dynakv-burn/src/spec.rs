@@ -81,7 +81,9 @@ impl CacheSpec {
         self
     }
 
-    /// Whether this is the dense f32 cache with nothing on top (the reference).
+    /// Whether this is the default dense cache with nothing on top: no
+    /// DynaKV, no SnapKV, the default storage (f16 rows; the exact f32
+    /// reference is `dense+store:kv=f32`).
     pub fn is_dense(&self) -> bool {
         #[cfg(feature = "snapkv")]
         if self.snapkv.is_some() {
@@ -227,6 +229,14 @@ mod tests {
             "dense+layers:all+layers:all",
         ] {
             assert!(bad.parse::<CacheSpec>().is_err(), "{bad}");
+        }
+        assert!(CacheSpec::dense().is_dense());
+        for other in [
+            "dense+store:kv=f32",
+            "dense+store:kv=q8_0",
+            "dynakv:uniform@0.3",
+        ] {
+            assert!(!other.parse::<CacheSpec>().unwrap().is_dense(), "{other}");
         }
         let json = serde_json::to_string(&CacheSpec::dense()).unwrap();
         assert_eq!(
