@@ -21,7 +21,7 @@
 //! with no work per token.
 
 #[cfg(target_arch = "x86_64")]
-use dynakv_core::quant::Q8_0_BLOCK_BYTES;
+use dynakv_core::quant::CodeRows;
 use dynakv_core::quant::{PackedRows, QBLOCK};
 
 #[cfg(target_arch = "x86_64")]
@@ -145,10 +145,10 @@ impl CodeTile {
             return false;
         }
         #[cfg(target_arch = "x86_64")]
-        if let Some((bytes, row_bytes)) = lat.q8_0_bytes().filter(|_| self.in_place) {
+        if let Some(rows) = lat.code_bytes().filter(|_| self.in_place) {
             if first + m <= lat.len() {
                 // SAFETY: in_place() checked the features; the rows exist
-                unsafe { self.load_q8_0(bytes, row_bytes, first, m) };
+                unsafe { self.load_in_place(&rows, first, m) };
                 return true;
             }
         }
@@ -169,8 +169,9 @@ impl CodeTile {
     }
 }
 
-/// Whether this CPU reads q8_0 rows (int8 latents, the default) in place:
-/// masked byte loads (AVX-512 BW and VL) and F16C for the block scales.
+/// Whether this CPU reads rows of codes (q8_0 / q4_0 / mixed: int8
+/// latents, the default, int4, mixed) in place: masked byte loads (AVX-512
+/// BW and VL) and F16C for the block scales.
 ///
 /// Why: [`PackedRows::row_codes`] copies each block's codes (a `memcpy`
 /// call per block) and widens each scale through a call, and the tile or
@@ -202,17 +203,24 @@ fn block_scale(lo: u8, hi: u8) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 impl CodeTile {
-    /// [`CodeTile::load`] of q8_0 rows `first..first + m` read in place
-    /// ([`PackedRows::q8_0_bytes`]): each block's codes loaded under a mask,
-    /// their top bits flipped and stored into the tile.
+    /// [`CodeTile::load`] of rows `first..first + m` read in place
+    /// ([`PackedRows::code_bytes`]): each block's codes loaded under a
+    /// mask (4-bit ones split into their nibbles), offset by 128 and stored
+    /// into the tile.
     ///
     /// # Safety
     /// [`in_place`] returned true.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-    unsafe fn load_q8_0(&mut self, bytes: &[u8], row_bytes: usize, first: usize, m: usize) {
+    unsafe fn load_in_place(&mut self, c: &CodeRows, first: usize, m: usize) {
         use std::arch::x86_64::*;
         let (r, s, nb) = (self.rank, self.stride, self.blocks);
-        let flip = _mm256_set1_epi8(i8::MIN);
+        assert!(c.blocks().count() == nb);
+        let (flip, low, nibble_offset) = (
+            _mm256_set1_epi8(i8::MIN),
+            _mm_set1_epi8(15),
+            // a nibble q holds the code q - 8, stored plus 128
+            _mm_set1_epi8(120),
+        );
         for k in 0..TILE {
             let codes = &mut self.codes[k * s..k * s + r];
             let scales = &mut self.scales[k * nb..(k + 1) * nb];
@@ -221,57 +229,86 @@ impl CodeTile {
                 scales.fill(0.0);
                 continue;
             }
-            let row = &bytes[(first + k) * row_bytes..(first + k + 1) * row_bytes];
-            for (b, scale) in scales.iter_mut().enumerate() {
-                let (at, n) = (b * Q8_0_BLOCK_BYTES, (r - b * QBLOCK).min(QBLOCK));
-                assert!(at + 2 + n <= row.len() && b * QBLOCK + n <= codes.len());
+            let row = &c.bytes[(first + k) * c.row_bytes..(first + k + 1) * c.row_bytes];
+            for (b, (scale, blk)) in scales.iter_mut().zip(c.blocks()).enumerate() {
+                let (at, n, out) = (blk.at, blk.n, b * QBLOCK);
+                let body = if blk.eight { n } else { n.div_ceil(2) };
+                assert!(at + 2 + body <= row.len() && out + n <= codes.len());
                 *scale = block_scale(row[at], row[at + 1]);
-                let mask = u32::MAX >> (QBLOCK - n);
-                // SAFETY: the mask keeps the load to the block's n codes
-                // and the store to codes' lanes (asserted)
+                // SAFETY: the masks keep the loads to the block's bytes and
+                // the stores to codes' lanes out..out + n (asserted)
                 unsafe {
-                    let x = _mm256_maskz_loadu_epi8(mask, row.as_ptr().add(at + 2) as *const i8);
-                    _mm256_mask_storeu_epi8(
-                        codes.as_mut_ptr().add(b * QBLOCK) as *mut i8,
-                        mask,
-                        _mm256_xor_si256(x, flip),
-                    );
+                    let src = row.as_ptr().add(at + 2) as *const i8;
+                    let dst = codes.as_mut_ptr().add(out) as *mut i8;
+                    if blk.eight {
+                        let mask = u32::MAX >> (QBLOCK - n);
+                        let x = _mm256_maskz_loadu_epi8(mask, src);
+                        _mm256_mask_storeu_epi8(dst, mask, _mm256_xor_si256(x, flip));
+                    } else {
+                        let lo_mask = lanes_mask(body);
+                        let x = _mm_maskz_loadu_epi8(lo_mask, src);
+                        let lo = _mm_add_epi8(_mm_and_si128(x, low), nibble_offset);
+                        let hi = _mm_srli_epi16::<4>(x);
+                        let hi = _mm_add_epi8(_mm_and_si128(hi, low), nibble_offset);
+                        _mm_mask_storeu_epi8(dst, lo_mask, lo);
+                        _mm_mask_storeu_epi8(dst.add(body), lanes_mask(n - body), hi);
+                    }
                 }
             }
         }
     }
 }
 
-/// [`decode_rows`] of q8_0 rows read in place: sixteen codes at a time
-/// loaded under a mask, widened and scaled.
+/// The mask of the first `lanes` of sixteen (`lanes <= 16`).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn lanes_mask(lanes: usize) -> u16 {
+    ((1u32 << lanes) - 1) as u16
+}
+
+/// [`decode_rows`] of rows read in place: sixteen codes at a time loaded
+/// under a mask (4-bit ones split into their nibbles), widened and scaled.
 ///
 /// # Safety
 /// [`in_place`] returned true.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-unsafe fn decode_q8_0(
-    bytes: &[u8],
-    row_bytes: usize,
-    r: usize,
-    rows: std::ops::Range<usize>,
-    out: &mut [f32],
-) {
+unsafe fn decode_in_place(c: &CodeRows, r: usize, rows: std::ops::Range<usize>, out: &mut [f32]) {
     use std::arch::x86_64::*;
+    let (low, eight) = (_mm_set1_epi8(15), _mm_set1_epi8(8));
     for (k, i) in rows.enumerate() {
-        let row = &bytes[i * row_bytes..(i + 1) * row_bytes];
+        let row = &c.bytes[i * c.row_bytes..(i + 1) * c.row_bytes];
         let o = &mut out[k * r..(k + 1) * r];
-        for b in 0..r.div_ceil(QBLOCK) {
-            let (at, n) = (b * Q8_0_BLOCK_BYTES, (r - b * QBLOCK).min(QBLOCK));
-            assert!(at + 2 + n <= row.len());
+        for (b, blk) in c.blocks().enumerate() {
+            let (at, n, first) = (blk.at, blk.n, b * QBLOCK);
+            let body = if blk.eight { n } else { n.div_ceil(2) };
+            assert!(at + 2 + body <= row.len() && first + n <= o.len());
             let sc = _mm512_set1_ps(block_scale(row[at], row[at + 1]));
-            for j in (0..n).step_by(16) {
-                let mask = (u32::MAX >> (32 - (n - j).min(16))) as __mmask16;
-                // SAFETY: the mask keeps the load to the block's codes and
-                // the store to o's lanes (b * 32 + j + lanes <= r)
-                unsafe {
-                    let q = _mm_maskz_loadu_epi8(mask, row.as_ptr().add(at + 2 + j) as *const i8);
-                    let x = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), sc);
-                    _mm512_mask_storeu_ps(o.as_mut_ptr().add(b * QBLOCK + j), mask, x);
+            // sixteen codes from `q` into o[at..at + lanes]
+            let put = |o: &mut [f32], at: usize, lanes: usize, q: __m128i| {
+                let x = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), sc);
+                // SAFETY: at + lanes <= first + n <= o.len() (asserted)
+                unsafe { _mm512_mask_storeu_ps(o.as_mut_ptr().add(at), lanes_mask(lanes), x) };
+            };
+            // SAFETY: the masks keep the loads to the block's bytes
+            // (asserted above)
+            unsafe {
+                let src = row.as_ptr().add(at + 2) as *const i8;
+                if blk.eight {
+                    for j in (0..n).step_by(16) {
+                        let lanes = (n - j).min(16);
+                        put(
+                            o,
+                            first + j,
+                            lanes,
+                            _mm_maskz_loadu_epi8(lanes_mask(lanes), src.add(j)),
+                        );
+                    }
+                } else {
+                    let x = _mm_maskz_loadu_epi8(lanes_mask(body), src);
+                    put(o, first, body, _mm_sub_epi8(_mm_and_si128(x, low), eight));
+                    let hi = _mm_and_si128(_mm_srli_epi16::<4>(x), low);
+                    put(o, first + body, n - body, _mm_sub_epi8(hi, eight));
                 }
             }
         }
@@ -428,9 +465,9 @@ pub(crate) unsafe fn decode_rows(
     }
     #[cfg(target_arch = "x86_64")]
     if in_place() {
-        if let Some((bytes, row_bytes)) = lat.q8_0_bytes() {
+        if let Some(c) = lat.code_bytes() {
             // SAFETY: in_place() checked the features
-            unsafe { decode_q8_0(bytes, row_bytes, r, rows, out) };
+            unsafe { decode_in_place(&c, r, rows, out) };
             return true;
         }
     }

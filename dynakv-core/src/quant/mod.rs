@@ -30,7 +30,7 @@ mod rows;
 pub use codec::RowCodec;
 pub use dtype::{channel_clip, BasisDtype, KvDtype, LatentDtype, LatentScales};
 pub use hadamard::hadamard_rows;
-pub use rows::{PackedRows, Q8_0_BLOCK_BYTES};
+pub use rows::{CodeBlock, CodeRows, PackedRows};
 
 /// Values per quantisation block (llama.cpp's `QK8_0`, `QK4_0`).
 pub const QBLOCK: usize = 32;

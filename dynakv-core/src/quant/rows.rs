@@ -6,9 +6,46 @@ use half::slice::HalfFloatSliceExt;
 use super::kivi::{decode_kivi_row, encode_kivi_block, kivi_block_bytes};
 use super::{KvDtype, RowCodec, QBLOCK};
 
-/// Bytes of a whole q8_0 block as [`PackedRows::q8_0_bytes`] lays it out:
-/// the f16 scale, then 32 codes.
-pub const Q8_0_BLOCK_BYTES: usize = 2 + QBLOCK;
+/// Rows of integer codes in blocks (q8_0, q4_0, mixed) read in place
+/// ([`PackedRows::code_bytes`]).
+#[derive(Debug, Clone)]
+pub struct CodeRows<'a> {
+    /// Every row's bytes, one after another: `[rows, row_bytes]`.
+    pub bytes: &'a [u8],
+    pub row_bytes: usize,
+    dim: usize,
+    /// Whether the first block, and the others, hold 8-bit codes.
+    eight: [bool; 2],
+}
+
+impl CodeRows<'_> {
+    /// Where each block of a row lies (the same in every row), computed,
+    /// not stored: a kernel asks for them once per tile of rows.
+    pub fn blocks(&self) -> impl Iterator<Item = CodeBlock> + '_ {
+        let body = |eight: bool, n: usize| if eight { n } else { n.div_ceil(2) };
+        let first = 2 + body(self.eight[0], QBLOCK);
+        (0..self.dim.div_ceil(QBLOCK)).map(move |b| CodeBlock {
+            at: match b {
+                0 => 0,
+                _ => first + (b - 1) * (2 + body(self.eight[1], QBLOCK)),
+            },
+            n: (self.dim - b * QBLOCK).min(QBLOCK),
+            eight: self.eight[(b > 0) as usize],
+        })
+    }
+}
+
+/// One block of a row of codes: at byte `at` of the row, its scale (a
+/// little-endian f16), then its `n` codes (32, fewer in a row's last block
+/// when the width is no multiple of 32). `eight`: one `i8` per byte (q8_0);
+/// else 4-bit (q4_0): `ceil(n / 2)` bytes whose low nibbles are codes
+/// `0..ceil(n / 2)` and whose high nibbles the rest, each nibble less 8.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CodeBlock {
+    pub at: usize,
+    pub n: usize,
+    pub eight: bool,
+}
 
 /// Rows of `dim` values packed one after another in one format; `f32` rows
 /// stay `f32` so the lossless path reads them without decoding.
@@ -221,24 +258,35 @@ impl PackedRows {
         }
     }
 
-    /// q8_0 rows read in place: every row's bytes, one after another
-    /// (`rows x row_bytes`), and `row_bytes`. A row is blocks of
-    /// [`Q8_0_BLOCK_BYTES`]: the scale as a little-endian f16, then the
-    /// block's 8-bit codes (32; fewer in a row's last block when the width
-    /// is no multiple of 32). `None` for another format.
+    /// Rows of block codes (q8_0, q4_0, mixed) read in place: the bytes
+    /// and where each block lies ([`CodeBlock`]); `None` for another
+    /// format.
     ///
     /// Why: [`Self::row_codes`] copies each block's codes and widens each
     /// scale through a call; a decode kernel reading every stored latent of
-    /// a layer on every step (int8 latents, DynaKV's default) reads them
-    /// where they are instead.
-    #[inline]
-    pub fn q8_0_bytes(&self) -> Option<(&[u8], usize)> {
-        match &self.data {
-            RowData::Bytes { bytes, row_bytes } if self.codec == RowCodec::Plain(KvDtype::Q8_0) => {
-                Some((&bytes[..self.rows * row_bytes], *row_bytes))
-            }
-            _ => None,
+    /// a layer on every step reads them where they are instead.
+    pub fn code_bytes(&self) -> Option<CodeRows<'_>> {
+        let RowData::Bytes { bytes, row_bytes } = &self.data else {
+            return None;
+        };
+        if !self.codec.has_block_codes() {
+            return None;
         }
+        let eight = match self.codec {
+            RowCodec::Mixed => [true, false],
+            _ => [self.codec == RowCodec::Plain(KvDtype::Q8_0); 2],
+        };
+        let rows = CodeRows {
+            bytes: &bytes[..self.rows * row_bytes],
+            row_bytes: *row_bytes,
+            dim: self.dim,
+            eight,
+        };
+        // the layout must account for every byte of a row
+        let end = rows.blocks().last().map_or(0, |b| {
+            b.at + 2 + if b.eight { b.n } else { b.n.div_ceil(2) }
+        });
+        (end == *row_bytes).then_some(rows)
     }
 
     /// Whether [`Self::row_codes`] reads these rows.
@@ -368,33 +416,48 @@ mod tests {
         }
     }
 
-    /// q8_0 rows read in place, as their layout says, give `row_codes`'
-    /// codes and scales, the last block short (40 = 32 + 8); other formats
-    /// none.
+    /// Rows of codes read in place, as their layout says, give
+    /// `row_codes`' codes and scales: q8_0, q4_0 and mixed, widths ending
+    /// mid-block (odd and even tails) and on one; other formats none.
     #[test]
-    fn q8_0_rows_read_in_place_equal_their_codes() {
-        let (dim, n) = (40, 5);
-        let x = numbers(dim * n, 4);
-        let mut rows = PackedRows::new(RowCodec::Plain(KvDtype::Q8_0), dim);
-        rows.push(&x);
-        let (bytes, row_bytes) = rows.q8_0_bytes().unwrap();
-        assert_eq!((bytes.len(), row_bytes), (n * (2 + 40 + 2), 2 + 40 + 2));
-        let (mut codes, mut scales) = (vec![0i8; dim], vec![0f32; 2]);
-        for i in 0..n {
-            assert!(rows.row_codes(i, &mut codes, &mut scales));
-            let row = &bytes[i * row_bytes..(i + 1) * row_bytes];
-            for (b, block) in row.chunks(Q8_0_BLOCK_BYTES).enumerate() {
-                let scale = f16::from_le_bytes([block[0], block[1]]);
-                assert_eq!(scale.to_f32(), scales[b]);
-                let got: Vec<i8> = block[2..].iter().map(|&q| q as i8).collect();
-                assert_eq!(got, &codes[b * 32..(b * 32 + 32).min(dim)]);
+    fn code_rows_read_in_place_equal_their_codes() {
+        for codec in [
+            RowCodec::Plain(KvDtype::Q8_0),
+            RowCodec::Plain(KvDtype::Q4_0),
+            RowCodec::Mixed,
+        ] {
+            for dim in [40, 37, 64, 5] {
+                let n = 5;
+                let x = numbers(dim * n, dim as u64);
+                let mut rows = PackedRows::new(codec.clone(), dim);
+                rows.push(&x);
+                let c = rows.code_bytes().unwrap();
+                assert_eq!(c.bytes.len(), n * c.row_bytes);
+                assert_eq!(c.blocks().count(), dim.div_ceil(32));
+                let (mut codes, mut scales) = (vec![0i8; dim], vec![0f32; 2]);
+                for i in 0..n {
+                    assert!(rows.row_codes(i, &mut codes, &mut scales));
+                    let row = &c.bytes[i * c.row_bytes..(i + 1) * c.row_bytes];
+                    for (b, k) in c.blocks().enumerate() {
+                        let scale = f16::from_le_bytes([row[k.at], row[k.at + 1]]);
+                        assert_eq!(scale.to_f32(), scales[b]);
+                        let body = &row[k.at + 2..];
+                        let got: Vec<i8> = if k.eight {
+                            body[..k.n].iter().map(|&q| q as i8).collect()
+                        } else {
+                            let half = k.n.div_ceil(2);
+                            let lo = body[..half].iter().map(|&q| (q & 15) as i8 - 8);
+                            let hi = body[..k.n - half].iter().map(|&q| (q >> 4) as i8 - 8);
+                            lo.chain(hi).collect()
+                        };
+                        assert_eq!(got, &codes[b * 32..b * 32 + k.n], "{codec:?} {dim}");
+                    }
+                }
             }
         }
-        for codec in [RowCodec::Plain(KvDtype::Q4_0), RowCodec::Mixed] {
-            let mut other = PackedRows::new(codec, dim);
-            other.push(&x);
-            assert!(other.q8_0_bytes().is_none());
-        }
+        let mut f16_rows = PackedRows::new(RowCodec::Plain(KvDtype::F16), 8);
+        f16_rows.push(&[1.0; 8]);
+        assert!(f16_rows.code_bytes().is_none());
     }
 
     #[test]
