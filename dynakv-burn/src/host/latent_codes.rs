@@ -191,7 +191,7 @@ fn in_place() -> bool {
     }
 }
 
-/// A q8_0 block's scale, its two bytes as stored.
+/// A q8_0 / q4_0 block's scale, its two bytes as stored (a little-endian f16).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "f16c")]
 #[inline]
