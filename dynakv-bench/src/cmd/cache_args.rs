@@ -384,7 +384,9 @@ impl CacheArgs {
         if spec.dynakv.is_some() && self.artifact.is_none() {
             bail!("`{spec}` is a DynaKV cache: it needs --artifact FILE");
         }
-        let artifact = match &self.artifact {
+        // a dense spec (a paired run's base) takes no artifact: none is
+        // loaded for it
+        let artifact = match self.artifact.as_ref().filter(|_| spec.dynakv.is_some()) {
             Some(path) => {
                 let artifact =
                     Artifact::load(path).with_context(|| format!("loading {}", path.display()))?;
@@ -393,7 +395,6 @@ impl CacheArgs {
             }
             None => None,
         };
-        let artifact = artifact.filter(|_| spec.dynakv.is_some());
         let factory = loaded.model.cache_factory(artifact.as_ref(), spec)?;
         Ok(CacheMaker { factory })
     }

@@ -113,7 +113,7 @@ pub(crate) struct CodeTile {
     blocks: usize,
     codes: Vec<u8>,
     scales: Vec<f32>,
-    /// Whether this CPU reads q8_0 rows in place ([`in_place`]).
+    /// Whether this CPU reads rows of codes in place ([`in_place`]).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     in_place: bool,
     /// One row's signed codes, as decoded. (Flipping the top bits in the
@@ -213,8 +213,9 @@ impl CodeTile {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
     unsafe fn load_in_place(&mut self, c: &CodeRows, first: usize, m: usize) {
         use std::arch::x86_64::*;
+        // the rows' width is the tile's rank (`load` checked), so their
+        // blocks are the tile's `nb`
         let (r, s, nb) = (self.rank, self.stride, self.blocks);
-        assert!(c.blocks().count() == nb);
         let (flip, low, nibble_offset) = (
             _mm256_set1_epi8(i8::MIN),
             _mm_set1_epi8(15),
@@ -231,8 +232,7 @@ impl CodeTile {
             }
             let row = &c.bytes[(first + k) * c.row_bytes..(first + k + 1) * c.row_bytes];
             for (b, (scale, blk)) in scales.iter_mut().zip(c.blocks()).enumerate() {
-                let (at, n, out) = (blk.at, blk.n, b * QBLOCK);
-                let body = if blk.eight { n } else { n.div_ceil(2) };
+                let (at, n, out, body) = (blk.at, blk.n, b * QBLOCK, blk.code_bytes());
                 assert!(at + 2 + body <= row.len() && out + n <= codes.len());
                 *scale = block_scale(row[at], row[at + 1]);
                 // SAFETY: the masks keep the loads to the block's bytes and
@@ -280,8 +280,7 @@ unsafe fn decode_in_place(c: &CodeRows, r: usize, rows: std::ops::Range<usize>, 
         let row = &c.bytes[i * c.row_bytes..(i + 1) * c.row_bytes];
         let o = &mut out[k * r..(k + 1) * r];
         for (b, blk) in c.blocks().enumerate() {
-            let (at, n, first) = (blk.at, blk.n, b * QBLOCK);
-            let body = if blk.eight { n } else { n.div_ceil(2) };
+            let (at, n, first, body) = (blk.at, blk.n, b * QBLOCK, blk.code_bytes());
             assert!(at + 2 + body <= row.len() && first + n <= o.len());
             let sc = _mm512_set1_ps(block_scale(row[at], row[at + 1]));
             // sixteen codes from `q` into o[at..at + lanes]

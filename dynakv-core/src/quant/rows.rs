@@ -22,12 +22,19 @@ impl CodeRows<'_> {
     /// Where each block of a row lies (the same in every row), computed,
     /// not stored: a kernel asks for them once per tile of rows.
     pub fn blocks(&self) -> impl Iterator<Item = CodeBlock> + '_ {
-        let body = |eight: bool, n: usize| if eight { n } else { n.div_ceil(2) };
-        let first = 2 + body(self.eight[0], QBLOCK);
+        let whole = |eight| {
+            2 + CodeBlock {
+                at: 0,
+                n: QBLOCK,
+                eight,
+            }
+            .code_bytes()
+        };
+        let (first, rest) = (whole(self.eight[0]), whole(self.eight[1]));
         (0..self.dim.div_ceil(QBLOCK)).map(move |b| CodeBlock {
             at: match b {
                 0 => 0,
-                _ => first + (b - 1) * (2 + body(self.eight[1], QBLOCK)),
+                _ => first + (b - 1) * rest,
             },
             n: (self.dim - b * QBLOCK).min(QBLOCK),
             eight: self.eight[(b > 0) as usize],
@@ -45,6 +52,17 @@ pub struct CodeBlock {
     pub at: usize,
     pub n: usize,
     pub eight: bool,
+}
+
+impl CodeBlock {
+    /// Bytes of the block's codes, after its scale.
+    pub fn code_bytes(&self) -> usize {
+        if self.eight {
+            self.n
+        } else {
+            self.n.div_ceil(2)
+        }
+    }
 }
 
 /// Rows of `dim` values packed one after another in one format; `f32` rows
@@ -283,9 +301,10 @@ impl PackedRows {
             eight,
         };
         // the layout must account for every byte of a row
-        let end = rows.blocks().last().map_or(0, |b| {
-            b.at + 2 + if b.eight { b.n } else { b.n.div_ceil(2) }
-        });
+        let end = rows
+            .blocks()
+            .last()
+            .map_or(0, |b| b.at + 2 + b.code_bytes());
         (end == *row_bytes).then_some(rows)
     }
 
