@@ -24,9 +24,6 @@
 use dynakv_core::quant::CodeRows;
 use dynakv_core::quant::{PackedRows, QBLOCK};
 
-#[cfg(target_arch = "x86_64")]
-use super::HostRope;
-
 /// A layer's pre-RoPE key decoder as 8-bit codes.
 ///
 /// # Shapes
@@ -335,17 +332,17 @@ pub(crate) fn available(d: usize) -> bool {
 /// block's integer sums (four code pairs per lane and instruction) are
 /// scaled by the block's scale into f32, and the total by the column's.
 ///
-/// `turn`: interleaved RoPE tables and the first tokens' positions: those
-/// keys are rotated in registers before they are stored (one pass over
-/// them saved); the other keys are stored as rebuilt.
+/// `turn`: the first tokens' interleaved RoPE rows (`[m, 2, head_dim]`,
+/// cos then sin, as [`super::HostRope::row_into`] gives them) and the head
+/// width: those keys are rotated in registers before they are stored (one
+/// pass over them saved); the other keys are stored as rebuilt.
 ///
 /// # Shapes
 /// `mean`: `[d]`; `out`: `[TILE, d]`; positions `[<= TILE]`.
 ///
 /// # Safety
-/// [`available`] returned true for `d`; with `turn`, its tables are
-/// interleaved, cover the positions and have a head width that is a
-/// multiple of 16 dividing `d`.
+/// [`available`] returned true for `d`; with `turn`, its rows are
+/// interleaved and its head width is a multiple of 16 dividing `d`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vnni")]
 pub(crate) unsafe fn rebuild(
@@ -353,7 +350,7 @@ pub(crate) unsafe fn rebuild(
     key: &KeyCodes,
     mean: &[f32],
     out: &mut [f32],
-    turn: Option<(&HostRope, &[usize])>,
+    turn: Option<(&[f32], usize)>,
 ) {
     use std::arch::x86_64::*;
     let d = key.d();
@@ -413,7 +410,10 @@ pub(crate) unsafe fn rebuild(
             )
         };
         for (k, fk) in f.iter().enumerate() {
-            let row = turn.and_then(|(rope, at)| at.get(k).map(|&p| rope.row(p)));
+            let row = turn.and_then(|(rows, dh)| {
+                let row = rows.get(k * 2 * dh..(k + 1) * 2 * dh)?;
+                Some(row.split_at(dh))
+            });
             for (v, &x) in fk.iter().enumerate() {
                 let mut y = _mm512_fmadd_ps(sc[v], x, m[v]);
                 if let Some((c, sn)) = row {

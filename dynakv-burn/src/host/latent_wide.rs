@@ -85,6 +85,8 @@ pub(crate) unsafe fn score_chunk(job: &Job, b: &BucketView, first: usize, out: &
     let (t, groups, d) = (job.q_pos.len(), h / hk, hk * dh);
     let n = out.first().map_or(0, |r| r.len());
     let mut kbuf = vec![0f32; TILE * d];
+    // each token's cos and sin rows (`[TILE, 2, head_dim]`)
+    let mut turns = vec![0f32; TILE * 2 * dh];
     // latents stored as integer codes meet the decoder's codes; others are
     // decoded to f32 a tile at a time
     let mut codes = job
@@ -103,6 +105,13 @@ pub(crate) unsafe fn score_chunk(job: &Job, b: &BucketView, first: usize, out: &
             None => None,
         };
         let positions = &b.positions[first + i..first + i + m];
+        // the tile's rotations, from the rope's small tables (each full row
+        // would come from memory)
+        for (k, &pos) in positions.iter().enumerate() {
+            job.rope
+                .row_into(pos, &mut turns[k * 2 * dh..(k + 1) * 2 * dh]);
+        }
+        let turns = &turns[..m * 2 * dh];
         // interleaved pairs sit inside a 16-lane vector: the integer
         // rebuild rotates them before storing
         let turned = integer.is_some() && job.rope.style() == RopeStyle::Interleaved;
@@ -110,7 +119,7 @@ pub(crate) unsafe fn score_chunk(job: &Job, b: &BucketView, first: usize, out: &
             // SAFETY: `key_codes` is only set where latent_codes::available;
             // `available` checked the rope (whole 16-lane vectors per head)
             Some((key, tile)) => unsafe {
-                let turn = turned.then_some((job.rope, positions));
+                let turn = turned.then_some((turns, dh));
                 latent_codes::rebuild(tile, key, &job.basis.mean_k, &mut kbuf, turn)
             },
             None => {
@@ -119,12 +128,12 @@ pub(crate) unsafe fn score_chunk(job: &Job, b: &BucketView, first: usize, out: &
             }
         }
         if !turned {
-            for (k, &pos) in positions.iter().enumerate() {
+            for (k, row) in turns.chunks_exact(2 * dh).enumerate() {
                 for g in 0..hk {
                     rotate(
-                        job.rope,
+                        job.rope.style(),
+                        row,
                         &mut kbuf[k * d + g * dh..k * d + (g + 1) * dh],
-                        pos,
                     );
                 }
             }
@@ -381,22 +390,24 @@ unsafe fn block<const M: usize, const V: usize>(
     }
 }
 
-/// RoPE on one head's vector at `pos`, sixteen lanes at a time: the
-/// tables hold each pair's cos and sin at both its coordinates, so an
-/// interleaved pair is `x * cos -/+ swap(x) * sin` (one `fmaddsub`), split
-/// halves two FMAs per half-vector pair.
+/// RoPE on one head's vector, sixteen lanes at a time: `row` holds each
+/// pair's cos and sin at both its coordinates
+/// ([`HostRope::row_into`]), so an interleaved pair is `x * cos -/+
+/// swap(x) * sin` (one `fmaddsub`), split halves two FMAs per half-vector
+/// pair.
 ///
 /// # Shapes
-/// `x`: `[head_dim]`, a multiple of 16 (32 for split halves).
+/// `x`: `[head_dim]`, a multiple of 16 (32 for split halves); `row`:
+/// `[2, head_dim]`, cos then sin.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn rotate(rope: &HostRope, x: &mut [f32], pos: usize) {
+unsafe fn rotate(style: RopeStyle, row: &[f32], x: &mut [f32]) {
     use std::arch::x86_64::*;
-    let (c, s) = rope.row(pos);
     let dh = x.len();
-    assert!(c.len() == dh && s.len() == dh && dh.is_multiple_of(16));
+    let (c, s) = row.split_at(dh);
+    assert!(s.len() == dh && dh.is_multiple_of(16));
     let (xp, cp, sp) = (x.as_mut_ptr(), c.as_ptr(), s.as_ptr());
-    match rope.style() {
+    match style {
         RopeStyle::Interleaved => {
             for i in (0..dh).step_by(16) {
                 // SAFETY: i + 16 <= dh, the length of x, c and s (asserted)
@@ -547,12 +558,13 @@ mod tests {
                                     .sum::<f32>()
                         })
                         .collect();
+                    let mut row = vec![0f32; 2 * dh];
+                    rope.row_into(pos, &mut row);
                     for g in 0..hk {
                         rope.rotate(&mut want[g * dh..(g + 1) * dh], pos);
+                        let x = &mut got[k * d + g * dh..k * d + (g + 1) * dh];
                         // SAFETY: as above
-                        unsafe {
-                            rotate(&rope, &mut got[k * d + g * dh..k * d + (g + 1) * dh], pos)
-                        };
+                        unsafe { rotate(rope.style(), &row, x) };
                     }
                     let tol = 1e-5 * (rank as f32).max(1.0);
                     for (c, (a, w)) in got[k * d..(k + 1) * d].iter().zip(&want).enumerate() {
@@ -589,11 +601,13 @@ mod tests {
         // and one more)
         for (style, h, hk, dh, window) in [
             (RopeStyle::Interleaved, 6, 2, 32, None),
-            (RopeStyle::SplitHalves, 4, 1, 64, Some(9)),
+            (RopeStyle::SplitHalves, 4, 1, 64, Some(45)),
             (RopeStyle::Interleaved, 10, 2, 16, None),
         ] {
             let d = hk * dh;
-            let rope = test_rope(style, dh, 64);
+            // positions past the rope's fine table (`FINE`): the kernels
+            // rotate by rows rebuilt from its two small tables
+            let rope = test_rope(style, dh, 256);
             if !available(dh, &rope) {
                 eprintln!("no AVX-512F: skipped");
                 return;
@@ -610,13 +624,13 @@ mod tests {
             let codes = KeyCodes::new(&basis.dec_k, d).expect("d is a multiple of 32");
             basis.dec_k = (0..d * d).map(|i| codes.value(i / d, i % d)).collect();
             let codes = KeyCodes::new(&basis.dec_k, d).expect("as above");
-            // ids 0..40 over three buckets; positions = ids
+            // ids 0..40 over three buckets; positions 5 x ids
             let split = [
                 (0..17, 7, RowCodec::Plain(KvDtype::F32)),
                 (17..30, 40.min(d - 3), RowCodec::Plain(KvDtype::Q8_0)),
                 (30..40, d, RowCodec::Mixed),
             ];
-            let lat: Vec<(PackedRows, Vec<usize>)> = split
+            let lat: Vec<(PackedRows, Vec<usize>, Vec<usize>)> = split
                 .iter()
                 .map(|(ids, rank, codec)| {
                     let mut rows = PackedRows::new(codec.clone(), *rank);
@@ -624,21 +638,26 @@ mod tests {
                         let x: Vec<f32> = (0..*rank).map(|j| f(id * 31 + j) * 0.5).collect();
                         rows.push(&x);
                     }
-                    (rows, ids.clone().collect())
+                    (
+                        rows,
+                        ids.clone().collect(),
+                        ids.clone().map(|i| 5 * i).collect(),
+                    )
                 })
                 .collect();
             let keys: Vec<BucketView> = split
                 .iter()
                 .zip(&lat)
-                .map(|((_, rank, _), (rows, ids))| BucketView {
+                .map(|((_, rank, _), (rows, ids, positions))| BucketView {
                     rank: *rank,
                     lat: rows,
-                    positions: ids,
+                    positions,
                     ids,
                 })
                 .collect();
             // token 5 has no key: the values' slot lookup must skip it
             let no5: Vec<usize> = (0..17).filter(|&i| i != 5).collect();
+            let no5_positions: Vec<usize> = no5.iter().map(|i| 5 * i).collect();
             let mut k0 = PackedRows::new(RowCodec::Plain(KvDtype::F32), 7);
             for &id in &no5 {
                 let x: Vec<f32> = (0..7).map(|j| f(id * 31 + j) * 0.5).collect();
@@ -648,7 +667,7 @@ mod tests {
             keys_no5[0] = BucketView {
                 rank: 7,
                 lat: &k0,
-                positions: &no5,
+                positions: &no5_positions,
                 ids: &no5,
             };
             let heads = Heads {
@@ -656,7 +675,7 @@ mod tests {
                 n_kv_heads: hk,
                 head_dim: dh,
             };
-            let q_pos = [35, 39];
+            let q_pos = [175, 195];
             let q: Vec<f32> = (0..h * q_pos.len() * dh).map(|i| f(i + 77)).collect();
             for ks in [&keys, &keys_no5] {
                 let run = |wide, key_codes| {
