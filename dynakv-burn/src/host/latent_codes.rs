@@ -174,7 +174,7 @@ impl CodeTile {
 /// call per block) and widens each scale through a call, and the tile or
 /// the value buffer copies them again; every stored latent of a layer goes
 /// through here on every decode step.
-fn in_place() -> bool {
+pub(super) fn in_place() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
@@ -192,7 +192,7 @@ fn in_place() -> bool {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "f16c")]
 #[inline]
-fn block_scale(lo: u8, hi: u8) -> f32 {
+pub(super) fn block_scale(lo: u8, hi: u8) -> f32 {
     use std::arch::x86_64::*;
     let bits = i32::from(u16::from_le_bytes([lo, hi]));
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
@@ -259,7 +259,7 @@ impl CodeTile {
 /// The mask of the first `lanes` of sixteen (`lanes <= 16`).
 #[cfg(target_arch = "x86_64")]
 #[inline]
-fn lanes_mask(lanes: usize) -> u16 {
+pub(super) fn lanes_mask(lanes: usize) -> u16 {
     ((1u32 << lanes) - 1) as u16
 }
 

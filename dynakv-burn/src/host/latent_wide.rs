@@ -184,6 +184,9 @@ pub(crate) unsafe fn value_chunk(
     toks: std::ops::Range<usize>,
     z: &mut [f32],
 ) {
+    if super::latent_values::value_chunk_codes(job, b, toks.clone(), z) {
+        return;
+    }
     let (ht, d, rank) = (job.ht, job.d, b.rank);
     // (row of `lat`, slot) of the tokens that kept a key
     let taken: Vec<(usize, usize)> = toks

@@ -15,6 +15,7 @@ pub(crate) mod dense_prefill;
 pub(crate) mod latent_codes;
 pub(crate) mod latent_decode;
 pub(crate) mod latent_encode;
+mod latent_values;
 mod latent_wide;
 pub(crate) mod math;
 pub(crate) mod plain_rows;
