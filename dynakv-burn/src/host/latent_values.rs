@@ -7,8 +7,8 @@
 //! wide value loop ([`super::latent_wide::value_chunk`]) first decoded a
 //! chunk's rows into an f32 buffer (codes widened, scaled and stored), read
 //! them back for the sums, and collected the tokens that kept a key into a
-//! list; in a profile of a step at 8k those three were two thirds of the
-//! value side. Here each block of 32 codes is widened and scaled in
+//! list; in a profile of a step at 8k those three were more than half of
+//! the value side. Here each block of 32 codes is widened and scaled in
 //! registers and added into up to [`ROWS`] query rows at once (two vectors
 //! each), token after token. The products and their order are the decoded
 //! path's, so the sums are the same bits.
