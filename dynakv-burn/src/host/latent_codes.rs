@@ -171,9 +171,9 @@ impl CodeTile {
 /// BW and VL) and F16C for the block scales.
 ///
 /// Why: [`PackedRows::row_codes`] copies each block's codes (a `memcpy`
-/// call per block) and widens each scale through a call, and the tile or
-/// the value buffer copies them again; every stored latent of a layer goes
-/// through here on every decode step.
+/// call per block) and widens each scale through a call, and the tile
+/// copies them again; every stored latent of a layer goes through here on
+/// every decode step.
 pub(super) fn in_place() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -261,54 +261,6 @@ impl CodeTile {
 #[inline]
 pub(super) fn lanes_mask(lanes: usize) -> u16 {
     ((1u32 << lanes) - 1) as u16
-}
-
-/// [`decode_rows`] of rows read in place: sixteen codes at a time loaded
-/// under a mask (4-bit ones split into their nibbles), widened and scaled.
-///
-/// # Safety
-/// [`in_place`] returned true.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-unsafe fn decode_in_place(c: &CodeRows, r: usize, rows: std::ops::Range<usize>, out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let (low, eight) = (_mm_set1_epi8(15), _mm_set1_epi8(8));
-    for (k, i) in rows.enumerate() {
-        let row = &c.bytes[i * c.row_bytes..(i + 1) * c.row_bytes];
-        let o = &mut out[k * r..(k + 1) * r];
-        for (b, blk) in c.blocks().enumerate() {
-            let (at, n, first, body) = (blk.at, blk.n, b * QBLOCK, blk.code_bytes());
-            assert!(at + 2 + body <= row.len() && first + n <= o.len());
-            let sc = _mm512_set1_ps(block_scale(row[at], row[at + 1]));
-            // sixteen codes from `q` into o[at..at + lanes]
-            let put = |o: &mut [f32], at: usize, lanes: usize, q: __m128i| {
-                let x = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), sc);
-                // SAFETY: at + lanes <= first + n <= o.len() (asserted)
-                unsafe { _mm512_mask_storeu_ps(o.as_mut_ptr().add(at), lanes_mask(lanes), x) };
-            };
-            // SAFETY: the masks keep the loads to the block's bytes
-            // (asserted above)
-            unsafe {
-                let src = row.as_ptr().add(at + 2) as *const i8;
-                if blk.eight {
-                    for j in (0..n).step_by(16) {
-                        let lanes = (n - j).min(16);
-                        put(
-                            o,
-                            first + j,
-                            lanes,
-                            _mm_maskz_loadu_epi8(lanes_mask(lanes), src.add(j)),
-                        );
-                    }
-                } else {
-                    let x = _mm_maskz_loadu_epi8(lanes_mask(body), src);
-                    put(o, first, body, _mm_sub_epi8(_mm_and_si128(x, low), eight));
-                    let hi = _mm_and_si128(_mm_srli_epi16::<4>(x), low);
-                    put(o, first + body, n - body, _mm_sub_epi8(hi, eight));
-                }
-            }
-        }
-    }
 }
 
 /// Whether this CPU runs [`rebuild`] for keys of `d` values.
@@ -444,6 +396,9 @@ pub(crate) unsafe fn rebuild(
 ///
 /// Why: a DynaKV step sums every value latent once; the row decoder in
 /// `dynakv-core` is built for any CPU and converted them value by value.
+/// Where the CPU reads codes in place (AVX-512 BW / VL and F16C) the sums
+/// read them without decoding first ([`super::latent_values`]); this is
+/// the path of the other AVX-512 CPUs.
 ///
 /// # Shapes
 /// `out`: `[rows.len(), dim]` at least.
@@ -461,14 +416,6 @@ pub(crate) unsafe fn decode_rows(
     let r = lat.dim();
     if !lat.has_block_codes() || out.len() < rows.len() * r || rows.end > lat.len() {
         return false;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if in_place() {
-        if let Some(c) = lat.code_bytes() {
-            // SAFETY: in_place() checked the features
-            unsafe { decode_in_place(&c, r, rows, out) };
-            return true;
-        }
     }
     // codes padded to whole 16-byte loads
     let mut codes = vec![0i8; r.div_ceil(16) * 16];
