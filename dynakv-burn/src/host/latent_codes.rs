@@ -34,9 +34,9 @@ use dynakv_core::quant::{PackedRows, QBLOCK};
 /// sum of column `c`'s codes in rows `0..4g`.
 #[derive(Debug, Clone)]
 pub(crate) struct KeyCodes {
-    pub(super) codes: Vec<i8>,
-    pub(super) scale: Vec<f32>,
-    pub(super) prefix: Vec<i32>,
+    codes: Vec<i8>,
+    scale: Vec<f32>,
+    prefix: Vec<i32>,
 }
 
 impl KeyCodes {
@@ -76,24 +76,8 @@ impl KeyCodes {
         })
     }
 
-    pub(super) fn d(&self) -> usize {
+    fn d(&self) -> usize {
         self.scale.len()
-    }
-
-    /// Each latent block's starting integer sum per column (`out`:
-    /// `[blocks, d]`) for rows of `groups` groups of four codes: `-128 x`
-    /// the decoder codes the block's groups meet, which cancels the `+128`
-    /// the tile's codes carry ([`CodeTile`]).
-    pub(super) fn block_offsets_into(&self, groups: usize, out: &mut Vec<i32>) {
-        let d = self.d();
-        let groups = groups.min(d / 4);
-        let per_block = QBLOCK / 4;
-        out.clear();
-        for b in 0..groups.div_ceil(per_block) {
-            let (g0, g1) = (b * per_block, ((b + 1) * per_block).min(groups));
-            let (from, to) = (&self.prefix[g0 * d..][..d], &self.prefix[g1 * d..][..d]);
-            out.extend(from.iter().zip(to).map(|(a, b)| a - b));
-        }
     }
 
     /// Bytes held: the codes, scales and prefix sums.
@@ -112,21 +96,20 @@ impl KeyCodes {
 /// Tokens rebuilt together (the wide kernel's tile).
 pub(crate) const TILE: usize = 6;
 
-/// The latent codes of up to `rows` tokens of one bucket ([`TILE`] for
-/// [`rebuild`]), laid out for the kernels.
+/// The latent codes of up to [`TILE`] tokens of one bucket, laid out for
+/// the kernel.
 ///
 /// # Shapes
-/// `codes`: `[rows, stride]`, each code plus 128 (`stride = rank` rounded
-/// up to 4, padded with 128, a code of 0); `scales`: `[rows, blocks]`,
+/// `codes`: `[TILE, stride]`, each code plus 128 (`stride = rank` rounded
+/// up to 4, padded with 128, a code of 0); `scales`: `[TILE, blocks]`,
 /// `blocks = ceil(rank / 32)`.
 #[derive(Debug)]
 pub(crate) struct CodeTile {
     rank: usize,
-    rows: usize,
-    pub(super) stride: usize,
-    pub(super) blocks: usize,
-    pub(super) codes: Vec<u8>,
-    pub(super) scales: Vec<f32>,
+    stride: usize,
+    blocks: usize,
+    codes: Vec<u8>,
+    scales: Vec<f32>,
     /// Whether this CPU reads rows of codes in place ([`in_place`]).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     in_place: bool,
@@ -138,36 +121,24 @@ pub(crate) struct CodeTile {
 }
 
 impl CodeTile {
-    /// The rank of the rows this tile holds.
-    pub(crate) fn rank(&self) -> usize {
-        self.rank
-    }
-
-    /// A tile of [`TILE`] tokens, [`rebuild`]'s.
     pub(crate) fn new(rank: usize) -> Self {
-        Self::with_rows(rank, TILE)
-    }
-
-    /// A tile of `rows` tokens.
-    pub(crate) fn with_rows(rank: usize, rows: usize) -> Self {
         let (stride, blocks) = (rank.div_ceil(4) * 4, rank.div_ceil(QBLOCK));
         Self {
             rank,
-            rows,
             stride,
             blocks,
-            codes: vec![128; rows * stride],
-            scales: vec![0.0; rows * blocks],
+            codes: vec![128; TILE * stride],
+            scales: vec![0.0; TILE * blocks],
             in_place: in_place(),
             row: vec![0; rank],
         }
     }
 
-    /// Loads rows `first..first + m` (`m <= rows`) of `lat`; the tile's
+    /// Loads rows `first..first + m` (`m <= TILE`) of `lat`; the tile's
     /// other rows become zero (their keys come out as the mean). Returns
     /// `false` when `lat` is not stored as blocks of codes of this rank.
     pub(crate) fn load(&mut self, lat: &PackedRows, first: usize, m: usize) -> bool {
-        if lat.dim() != self.rank || m > self.rows || !lat.has_block_codes() {
+        if lat.dim() != self.rank || m > TILE || !lat.has_block_codes() {
             return false;
         }
         #[cfg(target_arch = "x86_64")]
@@ -179,7 +150,7 @@ impl CodeTile {
             }
         }
         let (r, s, nb) = (self.rank, self.stride, self.blocks);
-        for k in 0..self.rows {
+        for k in 0..TILE {
             let codes = &mut self.codes[k * s..k * s + r];
             let scales = &mut self.scales[k * nb..(k + 1) * nb];
             if k < m && lat.row_codes(first + k, &mut self.row, scales) {
@@ -248,7 +219,7 @@ impl CodeTile {
             // a nibble q holds the code q - 8, stored plus 128
             _mm_set1_epi8(120),
         );
-        for k in 0..self.rows {
+        for k in 0..TILE {
             let codes = &mut self.codes[k * s..k * s + r];
             let scales = &mut self.scales[k * nb..(k + 1) * nb];
             if k >= m {

@@ -28,8 +28,6 @@
 use super::latent_codes::{self, CodeTile};
 #[cfg(target_arch = "x86_64")]
 use super::latent_decode::{tile_buffer, BucketView, HostBasis, Job, ValueJob};
-#[cfg(target_arch = "x86_64")]
-use super::latent_lanes;
 use super::HostRope;
 #[cfg(target_arch = "x86_64")]
 use crate::attention::hidden;
@@ -85,17 +83,6 @@ pub(crate) unsafe fn score_chunk(job: &Job, b: &BucketView, first: usize, out: &
     let heads = job.heads;
     let (h, hk, dh) = (heads.n_heads, heads.n_kv_heads, heads.head_dim);
     let (t, groups, d) = (job.q_pos.len(), h / hk, hk * dh);
-    // keys stored as codes: sixteen tokens to a vector
-    if let Some(key) = job.key_codes.filter(|_| b.lat.has_block_codes()) {
-        if latent_lanes::available() {
-            // SAFETY: `key_codes` is only set for this job's decoder where
-            // latent_codes::available (AVX-512F, VNNI); `available`
-            // checked the rope
-            if unsafe { latent_lanes::score_chunk(job, key, b, first, out) } {
-                return;
-            }
-        }
-    }
     let n = out.first().map_or(0, |r| r.len());
     let mut kbuf = vec![0f32; TILE * d];
     // each token's cos and sin rows (`[TILE, 2, head_dim]`)

@@ -15,8 +15,6 @@ pub(crate) mod dense_prefill;
 pub(crate) mod latent_codes;
 pub(crate) mod latent_decode;
 pub(crate) mod latent_encode;
-#[cfg(target_arch = "x86_64")]
-mod latent_lanes;
 mod latent_values;
 mod latent_wide;
 pub(crate) mod math;

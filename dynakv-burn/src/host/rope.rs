@@ -21,10 +21,6 @@ pub(crate) struct HostRope {
     style: RopeStyle,
     fine: Vec<f32>,
     coarse: Vec<f32>,
-    /// `fine` and `coarse` with each pair's value once: `[rows, 2,
-    /// head_dim / 2]` (pair `i`'s cos at `i`, its sin at `head_dim / 2 + i`).
-    fine_pairs: Vec<f32>,
-    coarse_pairs: Vec<f32>,
 }
 
 /// Positions a row of [`HostRope`]'s coarse table stands for.
@@ -53,21 +49,8 @@ impl HostRope {
             let row = p * head_dim..(p + 1) * head_dim;
             cos[row.clone()].iter().chain(&sin[row]).copied()
         };
-        let fine: Vec<f32> = (0..FINE.min(positions)).flat_map(pair).collect();
-        let coarse: Vec<f32> = (0..positions).step_by(FINE).flat_map(pair).collect();
-        // the first coordinate of each pair, in pair order
-        let firsts: Vec<usize> = (0..head_dim / 2)
-            .map(|i| match style {
-                RopeStyle::Interleaved => 2 * i,
-                RopeStyle::SplitHalves => i,
-            })
-            .collect();
-        let once = |rows: &[f32]| -> Vec<f32> {
-            rows.chunks_exact(head_dim.max(1))
-                .flat_map(|row| firsts.iter().map(move |&c| row[c]))
-                .collect()
-        };
-        let (fine_pairs, coarse_pairs) = (once(&fine), once(&coarse));
+        let fine = (0..FINE.min(positions)).flat_map(pair).collect();
+        let coarse = (0..positions).step_by(FINE).flat_map(pair).collect();
         Self {
             cos,
             sin,
@@ -76,8 +59,6 @@ impl HostRope {
             style,
             fine,
             coarse,
-            fine_pairs,
-            coarse_pairs,
         }
     }
 
@@ -106,24 +87,6 @@ impl HostRope {
         let (cc, cs) = self.coarse[c..c + 2 * dh].split_at(dh);
         let (fc, fs) = self.fine[f..f + 2 * dh].split_at(dh);
         let (oc, os) = out[..2 * dh].split_at_mut(dh);
-        let factors = cc.iter().zip(cs).zip(fc.iter().zip(fs));
-        for ((c, s), ((&cc, &cs), (&fc, &fs))) in oc.iter_mut().zip(os).zip(factors) {
-            *c = cc * fc - cs * fs;
-            *s = cs * fc + cc * fs;
-        }
-    }
-
-    /// [`Self::row_into`]'s numbers with each pair's once (`out`: `[2,
-    /// head_dim / 2]`, the pairs' cos then their sin, pairs in order; the
-    /// same products, so the same bits). The caller checks `pos` against
-    /// the table, as for [`Self::row`].
-    #[inline(always)]
-    pub(crate) fn pairs_into(&self, pos: usize, out: &mut [f32]) {
-        let half = self.head_dim / 2;
-        let (c, f) = ((pos / FINE) * 2 * half, (pos % FINE) * 2 * half);
-        let (cc, cs) = self.coarse_pairs[c..c + 2 * half].split_at(half);
-        let (fc, fs) = self.fine_pairs[f..f + 2 * half].split_at(half);
-        let (oc, os) = out[..2 * half].split_at_mut(half);
         let factors = cc.iter().zip(cs).zip(fc.iter().zip(fs));
         for ((c, s), ((&cc, &cs), (&fc, &fs))) in oc.iter_mut().zip(os).zip(factors) {
             *c = cc * fc - cs * fs;
@@ -197,24 +160,6 @@ mod tests {
                         // a few f32 steps of numbers in [-1, 1]
                         assert!((got - want).abs() <= 4e-7, "pos {pos}: {got} vs {want}");
                     }
-                }
-                // each pair's numbers once, bit for bit those of its
-                // first coordinate
-                let half = dh / 2;
-                let mut pairs = vec![f32::NAN; 2 * half];
-                host.pairs_into(pos, &mut pairs);
-                for i in 0..half {
-                    let first = match style {
-                        RopeStyle::Interleaved => 2 * i,
-                        RopeStyle::SplitHalves => i,
-                    };
-                    assert_eq!(
-                        pairs[i].to_bits(),
-                        out[first].to_bits(),
-                        "pos {pos} cos {i}"
-                    );
-                    let sin = pairs[half + i].to_bits();
-                    assert_eq!(sin, out[dh + first].to_bits(), "pos {pos} sin {i}");
                 }
             }
         }
