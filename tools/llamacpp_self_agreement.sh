@@ -9,8 +9,11 @@
 #
 # Usage: tools/llamacpp_self_agreement.sh
 #   CHUNKS (default 2 windows of 1,024 tokens), THREADS (default 2),
-#   LLAMACPP_DIR. Needs llama-perplexity built beside llama-bench
-#   (cmake --build BUILD --target llama-perplexity).
+#   LLAMACPP_DIR, LLAMACPP_BUILD (default LLAMACPP_DIR/build). Needs
+#   llama-perplexity built beside llama-bench (cmake --build BUILD --target
+#   llama-perplexity); a second build configured with -DGGML_LLAMAFILE=OFF
+#   (llamafile's tiled products off) tells which path a batch takes that
+#   one token does not.
 # Text: the first 8 Brown `eval` documents, joined by blank lines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +21,7 @@ cd "$(dirname "$0")/.."
 chunks=${CHUNKS:-2}
 threads=${THREADS:-2}
 dir=${LLAMACPP_DIR:-$HOME/.cache/dynakv/llama.cpp-0.3.36}
-ppl="$dir/build/bin/llama-perplexity"
+ppl="${LLAMACPP_BUILD:-$dir/build}/bin/llama-perplexity"
 [ -x "$ppl" ] || { echo "no llama-perplexity at $ppl" >&2; exit 1; }
 model=$(python3 -c "import sys; sys.path.insert(0, 'tools'); from brown_text import model_path; print(model_path('smollm2-135m'))")
 work=$(mktemp -d)

@@ -13,7 +13,17 @@ Each window of CTX tokens is evaluated from an empty f32 KV cache with all
 logits kept (llama-cpp-python, logits_all=True), exactly as `dynakv eval ppl` does.
 
 Usage: python3 -m pip install llama-cpp-python numpy && python3 tools/make_parity_fixture.py
+       [--ubatch N] [--q4-only] [--out PATH]
+
+`--ubatch 1` evaluates one token at a time: llama.cpp then takes ggml's own
+products everywhere, where batches of two or more tokens take llamafile's
+tiled ones (tinyBLAS) for f32 x f32 and Q8_0 products (here the attention
+weights times V, and the output head), summed in another order; a build
+with -DGGML_LLAMAFILE=OFF gives the same numbers batched
+(tools/llamacpp_self_agreement.sh). `--q4-only` skips the f32 engine;
+`--out` writes elsewhere than the committed fixture.
 """
+import argparse
 import json
 import math
 import os
@@ -30,8 +40,8 @@ DOCS = 4
 from dequantize_gguf import dequantize_file
 
 
-def run(path, ids=None):
-    llm = Llama(model_path=path, n_ctx=CTX, n_batch=CTX, n_ubatch=CTX, logits_all=True,
+def run(path, ids=None, ubatch=CTX):
+    llm = Llama(model_path=path, n_ctx=CTX, n_batch=CTX, n_ubatch=ubatch, logits_all=True,
                 n_threads=2, type_k=0, type_v=0, flash_attn=False, verbose=False)  # f32 KV cache
     if ids is None:
         docs = split_docs("eval", DOCS)
@@ -57,17 +67,26 @@ def run(path, ids=None):
     return ids, {"top1": top1, "nll": nll, "ppl": math.exp(sum(nll) / len(nll))}
 
 
+args = argparse.ArgumentParser()
+args.add_argument("--ubatch", type=int, default=CTX)
+args.add_argument("--q4-only", action="store_true")
+args.add_argument("--out")
+args = args.parse_args()
+if not 1 <= args.ubatch <= CTX:
+    raise SystemExit(f"--ubatch must be in 1..{CTX}")
 src = model_path()
-ids, q4 = run(src)
-f32_path = "/tmp/dynakv-parity-f32.gguf"
-dequantize_file(src, f32_path)
-_, f32 = run(f32_path, ids)
-os.remove(f32_path)
+ids, q4 = run(src, ubatch=args.ubatch)
 out = {"source": "llama.cpp via llama-cpp-python " + __import__("llama_cpp").__version__,
-       "split": "eval", "docs": DOCS, "ctx": CTX, "windows": WINDOWS,
-       "tokens": ids, "q4_1": q4, "f32": f32}
-path = os.path.join(os.path.dirname(__file__), "..", "dynakv-models", "tests", "fixtures", "parity.json")
+       "split": "eval", "docs": DOCS, "ctx": CTX, "windows": WINDOWS, "ubatch": args.ubatch,
+       "tokens": ids, "q4_1": q4}
+if not args.q4_only:
+    f32_path = "/tmp/dynakv-parity-f32.gguf"
+    dequantize_file(src, f32_path)
+    _, out["f32"] = run(f32_path, ids, args.ubatch)
+    os.remove(f32_path)
+path = args.out or os.path.join(os.path.dirname(__file__), "..", "dynakv-models", "tests", "fixtures", "parity.json")
 with open(path + ".tmp", "w") as f:
     json.dump(out, f)
 os.replace(path + ".tmp", path)
-print(f"wrote {path}: {len(q4['nll'])} positions, PPL q4_1 {q4['ppl']:.4f}, f32 {f32['ppl']:.4f}")
+f32_ppl = f", f32 {out['f32']['ppl']:.4f}" if "f32" in out else ""
+print(f"wrote {path}: {len(q4['nll'])} positions, PPL q4_1 {q4['ppl']:.4f}{f32_ppl}")
