@@ -138,7 +138,10 @@ fn parity_with_llama_cpp() {
 #[test]
 fn q8_numerics_reproduce_llama_cpp_on_the_quantised_file() {
     let fixture: serde_json::Value = match std::env::var("DYNAKV_PARITY_FIXTURE") {
-        Ok(path) => serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap(),
+        Ok(path) => std::fs::read_to_string(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|text| serde_json::from_str(&text).map_err(|e| e.to_string()))
+            .unwrap_or_else(|e| panic!("DYNAKV_PARITY_FIXTURE={path}: {e}")),
         Err(_) => serde_json::from_str(include_str!("fixtures/parity.json")).unwrap(),
     };
     let (top1, nll) = ours_with(common::real_q8(), &fixture);
