@@ -133,8 +133,9 @@ fn parity_with_llama_cpp() {
 ///
 /// `DYNAKV_PARITY_FIXTURE=PATH` reads another fixture of the same form
 /// (`tools/make_parity_fixture.py --q4-only --out PATH`, e.g. with
-/// `--ubatch 1`, llama.cpp's one-token arithmetic) and prints the same
-/// figures against it.
+/// `--ubatch 1`, llama.cpp's one-token arithmetic; an absolute path, as
+/// the test runs in this crate's folder) and prints the same figures
+/// against it.
 #[test]
 fn q8_numerics_reproduce_llama_cpp_on_the_quantised_file() {
     let fixture: serde_json::Value = match std::env::var("DYNAKV_PARITY_FIXTURE") {
