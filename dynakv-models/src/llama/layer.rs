@@ -15,7 +15,7 @@ use crate::qmatmul::{matmul_group, Numerics, QuantMatrix};
 #[derive(Debug, Clone)]
 pub(super) struct Norm {
     weights: Tensor<1>,
-    host: Vec<f32>,
+    pub(super) host: Vec<f32>,
 }
 
 impl Norm {
@@ -60,22 +60,22 @@ impl Norm {
 /// Weights of one block.
 #[derive(Debug, Clone)]
 pub struct Block {
-    attn_norm: Norm,
-    wq: Projection,
-    wk: Projection,
-    wv: Projection,
+    pub(super) attn_norm: Norm,
+    pub(super) wq: Projection,
+    pub(super) wk: Projection,
+    pub(super) wv: Projection,
     /// Per-head RMSNorm of queries and keys before RoPE (Gemma 3).
-    q_norm: Option<Norm>,
-    k_norm: Option<Norm>,
-    wo: Projection,
+    pub(super) q_norm: Option<Norm>,
+    pub(super) k_norm: Option<Norm>,
+    pub(super) wo: Projection,
     /// RMSNorm of the attention output before the residual add (Gemma 3).
-    post_attn_norm: Option<Norm>,
-    ffn_norm: Norm,
-    w_gate: Projection,
-    w_up: Projection,
-    w_down: Projection,
+    pub(super) post_attn_norm: Option<Norm>,
+    pub(super) ffn_norm: Norm,
+    pub(super) w_gate: Projection,
+    pub(super) w_up: Projection,
+    pub(super) w_down: Projection,
     /// RMSNorm of the MLP output before the residual add (Gemma 3).
-    post_ffn_norm: Option<Norm>,
+    pub(super) post_ffn_norm: Option<Norm>,
 }
 
 /// `1 / sqrt(mean(x^2) + eps)`, summed in f64.
@@ -169,7 +169,7 @@ impl Block {
 
     /// The projections as packed matrices with their numerics, when every
     /// one is packed (the one-token host path needs them all).
-    fn packed(&self) -> Option<[(&QuantMatrix, Numerics); 7]> {
+    pub(super) fn packed(&self) -> Option<[(&QuantMatrix, Numerics); 7]> {
         fn p(w: &Projection) -> Option<(&QuantMatrix, Numerics)> {
             match w {
                 Projection::Packed(m, n) => Some((m, *n)),

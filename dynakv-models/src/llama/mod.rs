@@ -4,11 +4,14 @@
 pub mod arch;
 mod config;
 mod gate;
+mod ggml_ops;
 mod layer;
 mod model;
+mod reference;
 pub mod weights;
 
 pub use arch::{Activation, Arch};
 pub use config::{LayerConfig, LlamaConfig};
 pub use model::{nll_and_top1, LlamaModel};
+pub use reference::GgmlReference;
 pub use weights::{Projection, WeightMode, PACKED_GEMM_MIN_TOKENS, PACKED_TILES_GEMM_MIN_TOKENS};

@@ -22,11 +22,11 @@ use crate::qmatmul::QuantMatrix;
 #[derive(Debug, Clone)]
 pub struct LlamaModel {
     pub config: LlamaConfig,
-    embed: Embedding,
-    blocks: Vec<Block>,
-    norm: Norm,
+    pub(super) embed: Embedding,
+    pub(super) blocks: Vec<Block>,
+    pub(super) norm: Norm,
     /// `d_model -> vocab` (the embedding when weights are tied)
-    output: Projection,
+    pub(super) output: Projection,
     /// The global layers' RoPE tables (every layer's, without local layers).
     rope: Rope,
     /// Each layer's RoPE tables (clones share one table per base).
@@ -39,7 +39,7 @@ pub struct LlamaModel {
 
 /// The token embedding table, dense or packed like the projections.
 #[derive(Debug, Clone)]
-enum Embedding {
+pub(super) enum Embedding {
     /// `[vocab, d_model]`
     Dense(Tensor<2>),
     /// `vocab` rows of `d_model`, in the file's block format.
@@ -588,7 +588,7 @@ impl LlamaModel {
 ///
 /// # Shapes
 /// returns `[tokens.len(), d]` row-major
-fn packed_rows(table: &QuantMatrix, tokens: &[u32], d: usize) -> Vec<f32> {
+pub(super) fn packed_rows(table: &QuantMatrix, tokens: &[u32], d: usize) -> Vec<f32> {
     let mut rows = vec![0f32; tokens.len() * d];
     for (&t, row) in tokens.iter().zip(rows.chunks_exact_mut(d)) {
         table.row_into(t as usize, row);

@@ -306,6 +306,27 @@ pub fn matmul_group(
     matmul_group_with(ms, x, numerics, Isa::best())
 }
 
+/// [`matmul_group`] in q8 numerics summed in ggml's order: the row
+/// kernels (AVX2's, or the portable code, which sums in the same eight
+/// lanes), never the tiles, whose sums run in another order. For Q4_1 and
+/// Q8_0 weights the products are then bit for bit those of llama.cpp's x86
+/// `ggml_vec_dot_q4_1_q8_1` / `ggml_vec_dot_q8_0_q8_0`
+/// (`llama::GgmlReference`).
+///
+/// # Shapes
+/// as [`matmul_group`]
+pub(crate) fn matmul_group_ggml_order(
+    ms: &[&QuantMatrix],
+    x: &[f32],
+) -> Result<Vec<Vec<f32>>, ModelError> {
+    let isa = if kernel::has_avx2() {
+        Isa::Avx2
+    } else {
+        Isa::Portable
+    };
+    matmul_group_with(ms, x, Numerics::Q8, isa)
+}
+
 fn matmul_group_with(
     ms: &[&QuantMatrix],
     x: &[f32],

@@ -186,10 +186,21 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
-/// Sum of products of 32 codes.
+/// Sum of products of four codes (one lane of `vpdpbusd`).
 #[inline(always)]
-fn idot32(a: &[i8; 32], b: &[i8]) -> i32 {
-    a.iter().zip(b).map(|(&x, &y)| x as i32 * y as i32).sum()
+fn idot4(a: &[i8], b: &[i8]) -> i32 {
+    a.iter()
+        .zip(b)
+        .take(4)
+        .map(|(&x, &y)| x as i32 * y as i32)
+        .sum()
+}
+
+/// The sum of eight lanes as ggml's `hsum_float_8`: halves, then pairs.
+#[inline(always)]
+fn hsum8(v: &[f32; 8]) -> f32 {
+    let r: [f32; 4] = std::array::from_fn(|i| v[i] + v[i + 4]);
+    (r[0] + r[2]) + (r[1] + r[3])
 }
 
 /// The dot product of one weight row (`row`: its blocks) with a quantised
@@ -200,6 +211,10 @@ pub(crate) fn dot(t: GgmlType, row: &[u8], x: &Q8Row) -> f32 {
     let mut sum = 0f32;
     match t {
         GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q8_0 => {
+            // llama.cpp's x86 order (`ggml_vec_dot_q4_1_q8_1` and friends):
+            // each block's eight sums of four code products scaled into
+            // eight lanes by fused multiply-adds, the min terms apart
+            let (mut lanes, mut summs) = ([0f32; 8], 0f32);
             let mut a = [0i8; 32];
             for (i, (b, qy)) in row.chunks_exact(bb).zip(x.qs.chunks_exact(32)).enumerate() {
                 let dx = f16_at(b, 0);
@@ -232,12 +247,15 @@ pub(crate) fn dot(t: GgmlType, row: &[u8], x: &Q8Row) -> f32 {
                         }
                     }
                 }
-                let sumi = idot32(&a, qy) as f32;
-                sum += dx * x.d[i] * sumi;
+                let dd = dx * x.d[i];
+                for (l, acc) in lanes.iter_mut().enumerate() {
+                    *acc = dd.mul_add(idot4(&a[4 * l..4 * l + 4], &qy[4 * l..]) as f32, *acc);
+                }
                 if t == GgmlType::Q4_1 {
-                    sum += f16_at(b, 2) * x.s[i];
+                    summs += f16_at(b, 2) * x.s[i];
                 }
             }
+            sum = hsum8(&lanes) + summs;
         }
         GgmlType::Q4K | GgmlType::Q6K => {
             let mut a = [0i8; 256];

@@ -1,0 +1,396 @@
+//! llama.cpp's CPU arithmetic, bit for bit: the operations of a one-token
+//! Llama step other than the weight products (those are `qmatmul`'s q8
+//! row kernels, already in ggml's order), as ggml computes them on x86
+//! with AVX-512 (llama.cpp as vendored in llama-cpp-python 0.3.36, built
+//! for the machine it runs on).
+//!
+//! Why: llama.cpp's logits on a quantised file carry the rounding of every
+//! 8-bit activation code, so any last-bit difference upstream of a product
+//! (a sum taken in another order, another `expf`) moves some codes and the
+//! difference spreads; an engine that rounds "the same way" but sums in its
+//! own order agrees with llama.cpp on about 96% of top-1 tokens (as does
+//! llama.cpp's own batched path with its one-token path). Matching each
+//! operation exactly is what reproduces its numbers
+//! ([`super::GgmlReference`]). Each function names the ggml code it follows;
+//! the lane counts are those of the AVX-512 build (an AVX2 build sums in
+//! eight lanes and has another `expf`, so its last bits differ).
+//!
+//! Every fused multiply-add here is `f32::mul_add` (one rounding, as the
+//! hardware instruction): the same bits with or without FMA hardware.
+
+/// `x * w / sqrt(mean(x^2) + eps)` as `ggml_compute_forward_rms_norm_f32`
+/// (then the weight's `ggml_mul`): squares rounded to f32 and summed in f64
+/// in order, the mean rounded to f32, `1 / sqrtf(mean + eps)`, then
+/// `(x * scale) * w`.
+pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let sum: f64 = x.iter().map(|&v| (v * v) as f64).sum();
+    let mean = (sum / x.len().max(1) as f64) as f32;
+    let scale = 1.0f32 / (mean + eps).sqrt();
+    x.iter().zip(w).map(|(&v, &g)| v * scale * g).collect()
+}
+
+/// `e^x` as one lane of ggml's AVX-512 `ggml_v_expf` (Arm's optimised
+/// routine: a degree-5 polynomial after reduction by ln 2 in two parts,
+/// scaled by `2^n` with `vscalefps`; 0 below about -104, infinity above
+/// about 88.7).
+#[inline(always)]
+pub(crate) fn expf(x: f32) -> f32 {
+    const R: f32 = 12_582_912.0; // 0x1.8p23
+    const LOG2E: f32 = f32::from_bits(0x3fb8_aa3b); // 0x1.715476p+0
+    const LN2_HI: f32 = f32::from_bits(0x3f31_7200); // 0x1.62e4p-1
+    const LN2_LO: f32 = f32::from_bits(0x35bf_be8e); // 0x1.7f7d1cp-20
+    const C4: f32 = f32::from_bits(0x3c07_2010); // 0x1.0e4020p-7
+    const C3: f32 = f32::from_bits(0x3d2b_9f17); // 0x1.573e2ep-5
+    const C2: f32 = f32::from_bits(0x3e2a_af33); // 0x1.555e66p-3
+    const C1: f32 = f32::from_bits(0x3eff_fedb); // 0x1.fffdb6p-2
+    const C0: f32 = f32::from_bits(0x3f7f_fff6); // 0x1.ffffecp-1
+    let z = x.mul_add(LOG2E, R);
+    let n = z - R;
+    let b = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
+    let u = b * b;
+    let j = C4
+        .mul_add(b, C3)
+        .mul_add(u, C2.mul_add(b, C1))
+        .mul_add(u, C0.mul_add(b, 1.0));
+    if n.abs() > 192.0 {
+        return if n <= 0.0 { 0.0 } else { f32::INFINITY };
+    }
+    if n.is_nan() {
+        return f32::NAN;
+    }
+    // `vscalefps`: j * 2^n with one rounding (to a subnormal, too); exact in
+    // f64 for |n| <= 192, then rounded once
+    (j as f64 * f64::from_bits(((n as i64 + 1023) as u64) << 52)) as f32
+}
+
+/// `silu(g) * u` in place of `g`, as `ggml_vec_swiglu_f32` with
+/// `ggml_v_silu`: `g / (1 + expf(0 - g))`, then the product.
+pub(crate) fn swiglu(g: &mut [f32], u: &[f32]) {
+    for (x, &y) in g.iter_mut().zip(u) {
+        *x = *x / (1.0 + expf(0.0 - *x)) * y;
+    }
+}
+
+/// Rotates each head of `x` (`[heads, head_dim]`, pairs `(2i, 2i+1)` of
+/// the first `n_dims` dimensions) to position `pos`, as ggml's
+/// `GGML_ROPE_TYPE_NORMAL` without scaling: angles from
+/// `ggml_rope_cache_init` (`theta = pos`, multiplied by
+/// `powf(base, -2 / n_dims)` pair after pair, libm's `cosf` / `sinf`),
+/// pairs from `rotate_pairs` as the compiler contracted them:
+/// `fma(x0, cos, -(x1 sin))` and `fma(x0, sin, x1 cos)`.
+pub(crate) fn rope_normal(x: &mut [f32], head_dim: usize, n_dims: usize, pos: usize, base: f32) {
+    let theta_scale = base.powf(-2.0f32 / n_dims as f32);
+    let mut theta = pos as f32;
+    let mut table = Vec::with_capacity(n_dims / 2);
+    for _ in 0..n_dims / 2 {
+        table.push((theta.cos(), theta.sin()));
+        theta *= theta_scale;
+    }
+    for head in x.chunks_exact_mut(head_dim) {
+        for (pair, &(c, s)) in head[..n_dims].chunks_exact_mut(2).zip(&table) {
+            let (x0, x1) = (pair[0], pair[1]);
+            pair[0] = x0.mul_add(c, -(x1 * s));
+            pair[1] = x0.mul_add(s, x1 * c);
+        }
+    }
+}
+
+/// Lanes of one AVX-512 vector of f32.
+const LANES: usize = 16;
+/// `ggml_vec_dot_f32`'s step: four vectors.
+const STEP: usize = 4 * LANES;
+
+/// The sum of sixteen lanes as GCC's `_mm512_reduce_add_ps`: halves, then
+/// quarters, then pairs.
+#[inline(always)]
+fn reduce16(a: &[f32; LANES]) -> f32 {
+    let mut t = [0f32; 8];
+    for i in 0..8 {
+        t[i] = a[i + 8] + a[i];
+    }
+    let mut q = [0f32; 4];
+    for i in 0..4 {
+        q[i] = t[i + 4] + t[i];
+    }
+    (q[0] + q[2]) + (q[1] + q[3])
+}
+
+/// Four accumulators of sixteen lanes reduced as `GGML_F32x16_REDUCE`:
+/// `(acc0 + acc2) + (acc1 + acc3)` lane by lane, then [`reduce16`].
+#[inline(always)]
+fn reduce_accumulators(acc: &[[f32; LANES]; 4]) -> f32 {
+    let mut s = [0f32; LANES];
+    for l in 0..LANES {
+        s[l] = (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]);
+    }
+    reduce16(&s)
+}
+
+/// `ggml_vec_dot_f32` on AVX-512 for `x.len()` a multiple of 64 (checked
+/// by the caller): element `i` goes to lane `i % 16` of accumulator
+/// `(i % 64) / 16`, each a chain of fused multiply-adds.
+#[inline(always)]
+fn dot_f32(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [[0f32; LANES]; 4];
+    for (xs, ys) in x.chunks_exact(STEP).zip(y.chunks_exact(STEP)) {
+        for (a, (xv, yv)) in acc
+            .iter_mut()
+            .zip(xs.chunks_exact(LANES).zip(ys.chunks_exact(LANES)))
+        {
+            for l in 0..LANES {
+                a[l] = xv[l].mul_add(yv[l], a[l]);
+            }
+        }
+    }
+    reduce_accumulators(&acc)
+}
+
+/// One query head's attention over `n` cached rows, as llama.cpp's graph
+/// without flash attention on an f32 cache: scores `K q` by
+/// [`dot_f32`], `ggml_soft_max_ext` (scores times `scale`, minus their
+/// maximum, [`expf`], the sum in f64 of each sixteen lanes'
+/// [`reduce16`], then each times `f32(1 / sum)`), and the values summed
+/// as `ggml_vec_dot_f32` over the positions (llama.cpp pads the positions
+/// to 256 with zero weights; zeros add nothing, so padding to 64 is the
+/// same).
+///
+/// # Shapes
+/// - `q`: `[head_dim]`; `keys`, `values`: `n` rows of `stride`, this head's
+///   `head_dim` values at `offset`; `out`: `[head_dim]`
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn attend_head(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    stride: usize,
+    offset: usize,
+    scale: f32,
+    probs: &mut Vec<f32>,
+    acc: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let dh = q.len();
+    let n = keys.len() / stride;
+    probs.clear();
+    probs.extend(
+        keys.chunks_exact(stride)
+            .map(|k| dot_f32(&k[offset..offset + dh], q) * scale),
+    );
+    let max = probs.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for p in probs.iter_mut() {
+        *p = expf(*p - max);
+    }
+    let padded = n.div_ceil(LANES) * LANES;
+    probs.resize(padded, 0.0);
+    let sum: f64 = probs
+        .chunks_exact(LANES)
+        .map(|c| reduce16(c.try_into().expect("sixteen lanes")) as f64)
+        .sum();
+    let inv = (1.0 / sum) as f32;
+    for p in probs.iter_mut() {
+        *p *= inv;
+    }
+    // value sums: output dimension `j` accumulates position `t` in lane
+    // `t % 64` of its own four vectors, positions in order
+    acc.clear();
+    acc.resize(STEP * dh, 0.0);
+    for (t, v) in values.chunks_exact(stride).enumerate() {
+        let p = probs[t];
+        let cell = &mut acc[(t % STEP) * dh..(t % STEP + 1) * dh];
+        for (a, &x) in cell.iter_mut().zip(&v[offset..offset + dh]) {
+            *a = x.mul_add(p, *a);
+        }
+    }
+    for (j, o) in out.iter_mut().enumerate() {
+        let mut lanes = [[0f32; LANES]; 4];
+        for (t, lane) in lanes.iter_mut().flatten().enumerate() {
+            *lane = acc[t * dh + j];
+        }
+        *o = reduce_accumulators(&lanes);
+    }
+}
+
+/// Every query head's attention ([`attend_head`]); query head `h` reads
+/// key-value head `h / (heads / kv_heads)`, as ggml's broadcast.
+///
+/// # Shapes
+/// - `q`: `[heads, head_dim]`; `keys`, `values`: `[n, kv_heads, head_dim]`;
+///   returns `[heads, head_dim]`
+pub(crate) fn attend(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    head_dim: usize,
+    kv_heads: usize,
+) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has FMA
+        return unsafe { attend_fma(q, keys, values, head_dim, kv_heads) };
+    }
+    attend_body(q, keys, values, head_dim, kv_heads)
+}
+
+/// [`attend_body`] with `mul_add` as one instruction (the same bits as the
+/// library call it is otherwise).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+unsafe fn attend_fma(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    head_dim: usize,
+    kv_heads: usize,
+) -> Vec<f32> {
+    attend_body(q, keys, values, head_dim, kv_heads)
+}
+
+#[inline(always)]
+fn attend_body(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    head_dim: usize,
+    kv_heads: usize,
+) -> Vec<f32> {
+    let heads = q.len() / head_dim;
+    let group = heads / kv_heads.max(1);
+    let stride = kv_heads * head_dim;
+    let scale = 1.0f32 / (head_dim as f32).sqrt();
+    let mut out = vec![0f32; q.len()];
+    let (mut probs, mut acc) = (Vec::new(), Vec::new());
+    for (h, (qh, oh)) in q
+        .chunks_exact(head_dim)
+        .zip(out.chunks_exact_mut(head_dim))
+        .enumerate()
+    {
+        let offset = (h / group.max(1)) * head_dim;
+        attend_head(
+            qh, keys, values, stride, offset, scale, &mut probs, &mut acc, oh,
+        );
+    }
+    out
+}
+
+/// Whether [`attend`] reproduces ggml for heads of this size (its dot
+/// products run whole steps of 64; ggml sums a remainder apart).
+pub(crate) fn head_dim_supported(head_dim: usize) -> bool {
+    head_dim > 0 && head_dim.is_multiple_of(STEP)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expf_is_within_two_ulps_of_exp_and_saturates() {
+        for i in -2000..=1770 {
+            let x = i as f32 * 0.05;
+            let want = (x as f64).exp();
+            let got = expf(x) as f64;
+            if want > f32::MIN_POSITIVE as f64 {
+                let ulp = (want as f32).to_bits() as i64 - (got as f32).to_bits() as i64;
+                assert!(ulp.abs() <= 2, "expf({x}) = {got}, exp = {want}");
+            }
+        }
+        assert_eq!(expf(0.0), 1.0);
+        assert_eq!(expf(f32::NEG_INFINITY), 0.0);
+        assert_eq!(expf(-200.0), 0.0);
+        assert_eq!(expf(200.0), f32::INFINITY);
+        assert!(expf(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn rms_norm_has_unit_mean_square() {
+        let x: Vec<f32> = (0..576).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        let y = rms_norm(&x, &vec![1.0; 576], 1e-5);
+        let ms = y.iter().map(|v| (v * v) as f64).sum::<f64>() / 576.0;
+        assert!((ms - 1.0).abs() < 1e-4, "{ms}");
+    }
+
+    #[test]
+    fn rope_rotates_pairs_by_position_times_frequency() {
+        let (dh, base) = (64, 10_000f32);
+        let x: Vec<f32> = (0..2 * dh)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 3.0)
+            .collect();
+        for pos in [0usize, 1, 17, 1000] {
+            let mut y = x.clone();
+            rope_normal(&mut y, dh, dh, pos, base);
+            for h in 0..2 {
+                for i in 0..dh / 2 {
+                    let a = pos as f64 * (base as f64).powf(-2.0 * i as f64 / dh as f64);
+                    let (x0, x1) = (x[h * dh + 2 * i] as f64, x[h * dh + 2 * i + 1] as f64);
+                    let want = [x0 * a.cos() - x1 * a.sin(), x0 * a.sin() + x1 * a.cos()];
+                    // the angle is f32 and the frequency a product of f32
+                    // factors: about 1e-7 relative error times the angle
+                    let tol = 1e-5 * (1.0 + a);
+                    for (k, w) in want.iter().enumerate() {
+                        let got = y[h * dh + 2 * i + k] as f64;
+                        assert!((got - w).abs() < tol, "pos {pos} pair {i}: {got} vs {w}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Against a plain f64 attention: the lane order changes only the
+    /// last bits.
+    #[test]
+    fn attention_equals_softmax_weighted_values() {
+        let (dh, heads, kv) = (64, 6, 2);
+        for n in [1usize, 5, 16, 63, 64, 65, 200] {
+            let f = |i: usize, s: f32| ((i as f32 * s).sin() * 2.0);
+            let q: Vec<f32> = (0..heads * dh).map(|i| f(i, 0.31)).collect();
+            let k: Vec<f32> = (0..n * kv * dh).map(|i| f(i, 0.17)).collect();
+            let v: Vec<f32> = (0..n * kv * dh).map(|i| f(i, 0.07)).collect();
+            let got = attend(&q, &k, &v, dh, kv);
+            for h in 0..heads {
+                let g = h / (heads / kv);
+                let s: Vec<f64> = (0..n)
+                    .map(|t| {
+                        (0..dh)
+                            .map(|j| q[h * dh + j] as f64 * k[(t * kv + g) * dh + j] as f64)
+                            .sum::<f64>()
+                            / (dh as f64).sqrt()
+                    })
+                    .collect();
+                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for j in 0..dh {
+                    let want: f64 = (0..n)
+                        .map(|t| e[t] / z * v[(t * kv + g) * dh + j] as f64)
+                        .sum();
+                    let d = (got[h * dh + j] as f64 - want).abs();
+                    assert!(
+                        d < 1e-5,
+                        "n {n} head {h} dim {j}: {} vs {want}",
+                        got[h * dh + j]
+                    );
+                }
+            }
+        }
+    }
+
+    /// The lane structure is ggml's: a sum whose order matters (one large
+    /// term cancelled in a later lane group) comes out as the lanes give it.
+    #[test]
+    fn dot_sums_in_lane_order() {
+        let mut x = vec![0f32; 128];
+        let y = vec![1f32; 128];
+        x[0] = 1e8; // lane 0 of accumulator 0, first step
+        x[1] = 1.0; // lane 1 of accumulator 0
+        x[64] = -1e8; // lane 0 of accumulator 0, second step: cancels x[0]
+                      // in order 1e8 + 1 - 1e8 would lose the 1; lane by lane it stays
+        assert_eq!(dot_f32(&x, &y), 1.0);
+        x[1] = 0.0;
+        x[16] = 1.0; // lane 0 of accumulator 1: added after the cancellation
+        assert_eq!(dot_f32(&x, &y), 1.0);
+        x[16] = 0.0;
+        x[64] = 0.0;
+        x[8] = 1.0; // lane 8 of accumulator 0: meets 1e8 in the first halving
+        assert_eq!(dot_f32(&x, &y), 1e8);
+    }
+}
