@@ -100,10 +100,10 @@ const LANES: usize = 16;
 /// `ggml_vec_dot_f32`'s step: four vectors.
 const STEP: usize = 4 * LANES;
 
-/// The sum of sixteen lanes as GCC's `_mm512_reduce_add_ps`: halves, then
-/// quarters, then pairs.
+/// The sum of sixteen lanes (`a[..16]`) as GCC's `_mm512_reduce_add_ps`:
+/// halves, then quarters, then pairs.
 #[inline(always)]
-fn reduce16(a: &[f32; LANES]) -> f32 {
+fn reduce16(a: &[f32]) -> f32 {
     let mut t = [0f32; 8];
     for i in 0..8 {
         t[i] = a[i + 8] + a[i];
@@ -185,7 +185,7 @@ fn attend_head(
     probs.resize(padded, 0.0);
     let sum: f64 = probs
         .chunks_exact(LANES)
-        .map(|c| reduce16(c.try_into().expect("sixteen lanes")) as f64)
+        .map(|c| reduce16(c) as f64)
         .sum();
     let inv = (1.0 / sum) as f32;
     for p in probs.iter_mut() {
@@ -341,7 +341,7 @@ mod tests {
     fn attention_equals_softmax_weighted_values() {
         let (dh, heads, kv) = (64, 6, 2);
         for n in [1usize, 5, 16, 63, 64, 65, 200] {
-            let f = |i: usize, s: f32| ((i as f32 * s).sin() * 2.0);
+            let f = |i: usize, s: f32| (i as f32 * s).sin() * 2.0;
             let q: Vec<f32> = (0..heads * dh).map(|i| f(i, 0.31)).collect();
             let k: Vec<f32> = (0..n * kv * dh).map(|i| f(i, 0.17)).collect();
             let v: Vec<f32> = (0..n * kv * dh).map(|i| f(i, 0.07)).collect();

@@ -61,13 +61,13 @@ impl<'m> GgmlReference<'m> {
                 c.head_dim
             )));
         }
-        if c.rope_dim != c.head_dim || c.rope_dim % 2 != 0 {
+        if c.rope_dim != c.head_dim || !c.rope_dim.is_multiple_of(2) {
             return Err(unsupported(format!(
                 "RoPE on {} of {} dimensions",
                 c.rope_dim, c.head_dim
             )));
         }
-        if c.n_kv_heads == 0 || c.n_heads % c.n_kv_heads != 0 {
+        if c.n_kv_heads == 0 || !c.n_heads.is_multiple_of(c.n_kv_heads) {
             return Err(unsupported(format!(
                 "{} heads over {} KV heads",
                 c.n_heads, c.n_kv_heads
