@@ -66,8 +66,26 @@ pub(crate) fn expf(x: f32) -> f32 {
 /// `silu(g) * u` in place of `g`, as `ggml_vec_swiglu_f32` with
 /// `ggml_v_silu`: `g / (1 + expf(0 - g))`, then the product.
 pub(crate) fn swiglu(g: &mut [f32], u: &[f32]) {
-    for (x, &y) in g.iter_mut().zip(u) {
-        *x = *x / (1.0 + expf(0.0 - *x)) * y;
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has FMA
+        return unsafe { swiglu_fma(g, u) };
+    }
+    swiglu_body(g, u)
+}
+
+/// [`swiglu_body`] with `mul_add` as one instruction (the same bits as the
+/// library call it is otherwise; so for every `*_fma` here).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+unsafe fn swiglu_fma(g: &mut [f32], u: &[f32]) {
+    swiglu_body(g, u)
+}
+
+#[inline(always)]
+fn swiglu_body(g: &mut [f32], u: &[f32]) {
+    for i in 0..g.len().min(u.len()) {
+        g[i] = g[i] / (1.0 + expf(0.0 - g[i])) * u[i];
     }
 }
 
@@ -79,6 +97,22 @@ pub(crate) fn swiglu(g: &mut [f32], u: &[f32]) {
 /// pairs from `rotate_pairs` as the compiler contracted them:
 /// `fma(x0, cos, -(x1 sin))` and `fma(x0, sin, x1 cos)`.
 pub(crate) fn rope_normal(x: &mut [f32], head_dim: usize, n_dims: usize, pos: usize, base: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has FMA
+        return unsafe { rope_normal_fma(x, head_dim, n_dims, pos, base) };
+    }
+    rope_normal_body(x, head_dim, n_dims, pos, base)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+unsafe fn rope_normal_fma(x: &mut [f32], head_dim: usize, n_dims: usize, pos: usize, base: f32) {
+    rope_normal_body(x, head_dim, n_dims, pos, base)
+}
+
+#[inline(always)]
+fn rope_normal_body(x: &mut [f32], head_dim: usize, n_dims: usize, pos: usize, base: f32) {
     let theta_scale = base.powf(-2.0f32 / n_dims as f32);
     let mut theta = pos as f32;
     let mut table = Vec::with_capacity(n_dims / 2);
@@ -172,21 +206,23 @@ fn attend_head(
 ) {
     let dh = q.len();
     let n = keys.len() / stride;
+    // plain loops: an iterator adapter's closure would be compiled apart
+    // from the caller's FMA, calling the library's `fmaf` per element
     probs.clear();
-    probs.extend(
-        keys.chunks_exact(stride)
-            .map(|k| dot_f32(&k[offset..offset + dh], q) * scale),
-    );
-    let max = probs.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    for p in probs.iter_mut() {
+    probs.resize(n.div_ceil(LANES) * LANES, 0.0);
+    let mut max = f32::NEG_INFINITY;
+    for t in 0..n {
+        let k = &keys[t * stride + offset..t * stride + offset + dh];
+        probs[t] = dot_f32(k, q) * scale;
+        max = max.max(probs[t]);
+    }
+    for p in probs[..n].iter_mut() {
         *p = expf(*p - max);
     }
-    let padded = n.div_ceil(LANES) * LANES;
-    probs.resize(padded, 0.0);
-    let sum: f64 = probs
-        .chunks_exact(LANES)
-        .map(|c| reduce16(c) as f64)
-        .sum();
+    let mut sum = 0f64;
+    for c in probs.chunks_exact(LANES) {
+        sum += reduce16(c) as f64;
+    }
     let inv = (1.0 / sum) as f32;
     for p in probs.iter_mut() {
         *p *= inv;
