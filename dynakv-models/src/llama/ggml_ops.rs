@@ -179,14 +179,27 @@ fn dot_f32(x: &[f32], y: &[f32]) -> f32 {
     reduce_accumulators(&acc)
 }
 
+/// How llama.cpp sums the attention-weighted values (the only product of a
+/// Llama step whose order depends on the batch, on the default build).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ValueSums {
+    /// One token at a time: `ggml_vec_dot_f32` over the positions (four
+    /// vectors of sixteen lanes, [`reduce_accumulators`]).
+    VecDot,
+    /// Batches of two tokens or more on a build with llamafile (the
+    /// default): its tiled `tinyBLAS` product, one vector of sixteen lanes
+    /// over the positions (position `t` in lane `t % 16`), then
+    /// [`reduce16`].
+    TinyBlas,
+}
+
 /// One query head's attention over `n` cached rows, as llama.cpp's graph
 /// without flash attention on an f32 cache: scores `K q` by
 /// [`dot_f32`], `ggml_soft_max_ext` (scores times `scale`, minus their
 /// maximum, [`expf`], the sum in f64 of each sixteen lanes'
 /// [`reduce16`], then each times `f32(1 / sum)`), and the values summed
-/// as `ggml_vec_dot_f32` over the positions (llama.cpp pads the positions
-/// to 256 with zero weights; zeros add nothing, so padding to 64 is the
-/// same).
+/// over the positions as `sums` says (llama.cpp pads the positions to 256
+/// with zero weights; zeros add nothing, so padding to 64 is the same).
 ///
 /// # Shapes
 /// - `q`: `[head_dim]`; `keys`, `values`: `n` rows of `stride`, this head's
@@ -200,6 +213,7 @@ fn attend_head(
     stride: usize,
     offset: usize,
     scale: f32,
+    sums: ValueSums,
     probs: &mut Vec<f32>,
     acc: &mut Vec<f32>,
     out: &mut [f32],
@@ -228,22 +242,30 @@ fn attend_head(
         *p *= inv;
     }
     // value sums: output dimension `j` accumulates position `t` in lane
-    // `t % 64` of its own four vectors, positions in order
+    // `t % cells` (64: four vectors; 16: one), positions in order
+    let cells = match sums {
+        ValueSums::VecDot => STEP,
+        ValueSums::TinyBlas => LANES,
+    };
     acc.clear();
-    acc.resize(STEP * dh, 0.0);
-    for (t, v) in values.chunks_exact(stride).enumerate() {
+    acc.resize(cells * dh, 0.0);
+    for t in 0..n {
         let p = probs[t];
-        let cell = &mut acc[(t % STEP) * dh..(t % STEP + 1) * dh];
-        for (a, &x) in cell.iter_mut().zip(&v[offset..offset + dh]) {
-            *a = x.mul_add(p, *a);
+        let v = &values[t * stride + offset..t * stride + offset + dh];
+        let cell = &mut acc[(t % cells) * dh..(t % cells + 1) * dh];
+        for j in 0..dh {
+            cell[j] = v[j].mul_add(p, cell[j]);
         }
     }
     for (j, o) in out.iter_mut().enumerate() {
         let mut lanes = [[0f32; LANES]; 4];
-        for (t, lane) in lanes.iter_mut().flatten().enumerate() {
+        for (t, lane) in lanes.iter_mut().flatten().take(cells).enumerate() {
             *lane = acc[t * dh + j];
         }
-        *o = reduce_accumulators(&lanes);
+        *o = match sums {
+            ValueSums::VecDot => reduce_accumulators(&lanes),
+            ValueSums::TinyBlas => reduce16(&lanes[0]),
+        };
     }
 }
 
@@ -259,13 +281,14 @@ pub(crate) fn attend(
     values: &[f32],
     head_dim: usize,
     kv_heads: usize,
+    sums: ValueSums,
 ) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has FMA
-        return unsafe { attend_fma(q, keys, values, head_dim, kv_heads) };
+        return unsafe { attend_fma(q, keys, values, head_dim, kv_heads, sums) };
     }
-    attend_body(q, keys, values, head_dim, kv_heads)
+    attend_body(q, keys, values, head_dim, kv_heads, sums)
 }
 
 /// [`attend_body`] with `mul_add` as one instruction (the same bits as the
@@ -278,8 +301,9 @@ unsafe fn attend_fma(
     values: &[f32],
     head_dim: usize,
     kv_heads: usize,
+    sums: ValueSums,
 ) -> Vec<f32> {
-    attend_body(q, keys, values, head_dim, kv_heads)
+    attend_body(q, keys, values, head_dim, kv_heads, sums)
 }
 
 #[inline(always)]
@@ -289,6 +313,7 @@ fn attend_body(
     values: &[f32],
     head_dim: usize,
     kv_heads: usize,
+    sums: ValueSums,
 ) -> Vec<f32> {
     let heads = q.len() / head_dim;
     let group = heads / kv_heads.max(1);
@@ -303,7 +328,7 @@ fn attend_body(
     {
         let offset = (h / group.max(1)) * head_dim;
         attend_head(
-            qh, keys, values, stride, offset, scale, &mut probs, &mut acc, oh,
+            qh, keys, values, stride, offset, scale, sums, &mut probs, &mut acc, oh,
         );
     }
     out
@@ -381,30 +406,32 @@ mod tests {
             let q: Vec<f32> = (0..heads * dh).map(|i| f(i, 0.31)).collect();
             let k: Vec<f32> = (0..n * kv * dh).map(|i| f(i, 0.17)).collect();
             let v: Vec<f32> = (0..n * kv * dh).map(|i| f(i, 0.07)).collect();
-            let got = attend(&q, &k, &v, dh, kv);
-            for h in 0..heads {
-                let g = h / (heads / kv);
-                let s: Vec<f64> = (0..n)
-                    .map(|t| {
-                        (0..dh)
-                            .map(|j| q[h * dh + j] as f64 * k[(t * kv + g) * dh + j] as f64)
-                            .sum::<f64>()
-                            / (dh as f64).sqrt()
-                    })
-                    .collect();
-                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
-                let z: f64 = e.iter().sum();
-                for j in 0..dh {
-                    let want: f64 = (0..n)
-                        .map(|t| e[t] / z * v[(t * kv + g) * dh + j] as f64)
-                        .sum();
-                    let d = (got[h * dh + j] as f64 - want).abs();
-                    assert!(
-                        d < 1e-5,
-                        "n {n} head {h} dim {j}: {} vs {want}",
-                        got[h * dh + j]
-                    );
+            for sums in [ValueSums::VecDot, ValueSums::TinyBlas] {
+                let got = attend(&q, &k, &v, dh, kv, sums);
+                for h in 0..heads {
+                    let g = h / (heads / kv);
+                    let s: Vec<f64> = (0..n)
+                        .map(|t| {
+                            (0..dh)
+                                .map(|j| q[h * dh + j] as f64 * k[(t * kv + g) * dh + j] as f64)
+                                .sum::<f64>()
+                                / (dh as f64).sqrt()
+                        })
+                        .collect();
+                    let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    for j in 0..dh {
+                        let want: f64 = (0..n)
+                            .map(|t| e[t] / z * v[(t * kv + g) * dh + j] as f64)
+                            .sum();
+                        let d = (got[h * dh + j] as f64 - want).abs();
+                        assert!(
+                            d < 1e-5,
+                            "n {n} head {h} dim {j}: {} vs {want}",
+                            got[h * dh + j]
+                        );
+                    }
                 }
             }
         }

@@ -30,10 +30,24 @@ use crate::qmatmul::{matmul_group_ggml_order, QuantMatrix};
 /// embedding and head).
 const EXACT_TYPES: [GgmlType; 2] = [GgmlType::Q4_1, GgmlType::Q8_0];
 
+/// Which of llama.cpp's runs to reproduce: they differ in one product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LlamaCppRun {
+    /// Decoding one token at a time (llama.cpp's generation; also any batch
+    /// on a build with `-DGGML_LLAMAFILE=OFF`).
+    #[default]
+    OneToken,
+    /// A batch of two tokens or more on the default build (llama-perplexity,
+    /// prompt processing): the attention-weighted values are summed by
+    /// llamafile's tiled product instead.
+    Batched,
+}
+
 /// Decodes tokens one at a time with llama.cpp's arithmetic (module docs).
 #[derive(Debug)]
 pub struct GgmlReference<'m> {
     model: &'m LlamaModel,
+    run: LlamaCppRun,
     /// Per layer, per position: keys after RoPE, `[kv_heads * head_dim]`.
     keys: Vec<Vec<f32>>,
     /// Per layer, per position: values, `[kv_heads * head_dim]`.
@@ -107,10 +121,17 @@ impl<'m> GgmlReference<'m> {
         }
         Ok(Self {
             model,
+            run: LlamaCppRun::OneToken,
             keys: vec![Vec::new(); c.n_layers],
             values: vec![Vec::new(); c.n_layers],
             pos: 0,
         })
+    }
+
+    /// Reproduces `run` instead of the one-token run.
+    pub fn with_run(mut self, run: LlamaCppRun) -> Self {
+        self.run = run;
+        self
     }
 
     /// Positions decoded so far.
@@ -161,6 +182,10 @@ impl<'m> GgmlReference<'m> {
                 &self.values[layer],
                 c.head_dim,
                 c.n_kv_heads,
+                match self.run {
+                    LlamaCppRun::OneToken => ggml_ops::ValueSums::VecDot,
+                    LlamaCppRun::Batched => ggml_ops::ValueSums::TinyBlas,
+                },
             );
             let [attn] = products(&[&b.wo], &o)?;
             for (a, x) in h.iter_mut().zip(attn) {
