@@ -5,9 +5,13 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use dynakv_bench::eval::fidelity::fidelity;
+use dynakv_bench::eval::llama_cpp::llama_cpp_perplexity;
 use dynakv_bench::eval::ppl::perplexity;
 use dynakv_bench::text::{brown_docs, document_tokens};
+use dynakv_burn::{CacheSpec, Precision};
 use dynakv_models::corpus::{Document, Split};
+use dynakv_models::llama::LlamaCppRun;
+use dynakv_models::qmatmul::Numerics;
 use dynakv_models::texts::TextKind;
 
 use super::cache_args::CacheArgs;
@@ -90,15 +94,53 @@ pub struct PplArgs {
     /// kernels compute what is scored; default: one chunk).
     #[arg(value_parser = values::at_least_one, long)]
     pub score_chunk: Option<usize>,
+    /// Score with llama.cpp's arithmetic instead of the engine: the
+    /// reference decoder reproduces llama.cpp's run on the quantised file
+    /// bit for bit, one token at a time (`one-token`, as llama.cpp
+    /// generates) or as its default build evaluates a batch (`batched`, as
+    /// llama-perplexity does). Needs `--matmul q8` and `--kv-dtype f32`
+    /// (llama.cpp with an f32 cache, no flash attention); Llama-family files
+    /// with Q4_1 / Q8_0 weights.
+    #[arg(long, value_enum)]
+    pub llama_cpp: Option<LlamaCppArg>,
     /// Print one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
 }
 
+/// `--llama-cpp`.
+#[derive(ValueEnum, Debug, Clone, Copy)]
+pub enum LlamaCppArg {
+    OneToken,
+    Batched,
+}
+
+impl From<LlamaCppArg> for LlamaCppRun {
+    fn from(a: LlamaCppArg) -> Self {
+        match a {
+            LlamaCppArg::OneToken => LlamaCppRun::OneToken,
+            LlamaCppArg::Batched => LlamaCppRun::Batched,
+        }
+    }
+}
+
 impl PplArgs {
     /// The flags, checked before the model loads.
     fn check(&self) -> Result<()> {
-        self.cache.check()?;
+        let spec = self.cache.check()?;
+        if self.llama_cpp.is_some() {
+            if self.model.matmul != Numerics::Q8 {
+                bail!("--llama-cpp reproduces llama.cpp's quantised products: give --matmul q8");
+            }
+            if spec != CacheSpec::dense().with_precision(Precision::f32_rows()) {
+                bail!(
+                    "--llama-cpp runs llama.cpp's f32 cache: give --kv-dtype f32 and no other cache flags"
+                );
+            }
+            if self.score_last.is_some() {
+                bail!("--llama-cpp scores whole windows: drop --score-last");
+            }
+        }
         let other = self.text.is_some() || self.corpus.held_out().is_some();
         if self.split.is_some() && other {
             bail!("--split applies to --corpus brown only");
@@ -192,6 +234,9 @@ fn window_bar(a: &PplArgs, ids: &[u32], msg: &'static str) -> indicatif::Progres
 
 fn fidelity_cmd(a: PplArgs) -> Result<()> {
     a.check()?;
+    if a.llama_cpp.is_some() {
+        bail!("--llama-cpp applies to `eval ppl`");
+    }
     let loaded = a.model.load()?;
     let (ids, n_docs) = window_ids(&a, &loaded)?;
     let bar = window_bar(&a, &ids, "fidelity");
@@ -234,6 +279,9 @@ fn ppl(a: PplArgs) -> Result<()> {
     a.check()?;
     let loaded = a.model.load()?;
     let (ids, n_docs) = window_ids(&a, &loaded)?;
+    if let Some(run) = a.llama_cpp {
+        return llama_cpp_ppl(&a, &loaded, &ids, n_docs, run.into());
+    }
     let bar = window_bar(&a, &ids, "ppl");
     let maker = a.cache.maker(&loaded)?;
     let detail = perplexity(
@@ -268,6 +316,33 @@ fn ppl(a: PplArgs) -> Result<()> {
             r.windows,
             r.ctx,
             n_docs
+        );
+    }
+    Ok(())
+}
+
+/// `dynakv eval ppl --llama-cpp RUN`.
+fn llama_cpp_ppl(
+    a: &PplArgs,
+    loaded: &super::common::Loaded,
+    ids: &[u32],
+    n_docs: usize,
+    run: LlamaCppRun,
+) -> Result<()> {
+    let bar = window_bar(a, ids, "llama.cpp ppl");
+    let r = llama_cpp_perplexity(&loaded.model, ids, a.ctx, a.max_windows, run, |done| {
+        bar.set_position(done as u64)
+    })?;
+    bar.finish_and_clear();
+    if a.json {
+        let mut v = serde_json::to_value(&r)?;
+        v["engine"] = "llama.cpp reference".into();
+        v["docs"] = n_docs.into();
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        println!(
+            "llama.cpp ({}, q8, f32 cache): PPL {:.4}, top-1 accuracy {:.4} ({} predicted tokens, {} windows of {}, {} docs)",
+            r.run, r.ppl, r.top1_accuracy, r.tokens, r.windows, r.ctx, n_docs
         );
     }
     Ok(())

@@ -2,6 +2,7 @@
 
 pub mod bytes;
 pub mod fidelity;
+pub mod llama_cpp;
 pub mod longctx;
 pub mod longctx_suite;
 pub mod ppl;
