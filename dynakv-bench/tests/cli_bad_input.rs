@@ -43,8 +43,30 @@ fn every_bad_option_is_named_before_anything_loads() {
         (&["eval", "ppl", "--llama-cpp", "batched"], "--matmul q8"),
         (&["eval", "ppl", "--llama-cpp", "fast"], "--llama-cpp"),
         (
-            &["eval", "ppl", "--llama-cpp", "one-token", "--matmul", "q8"],
-            "--kv-dtype f32",
+            &[
+                "eval",
+                "ppl",
+                "--llama-cpp",
+                "one-token",
+                "--matmul",
+                "q8",
+                "--kv-dtype",
+                "q8_0",
+            ],
+            "--kv-dtype f16",
+        ),
+        (
+            &[
+                "eval",
+                "ppl",
+                "--llama-cpp",
+                "one-token",
+                "--matmul",
+                "q8",
+                "--snapkv",
+                "0.5",
+            ],
+            "--kv-dtype f16",
         ),
         (
             &[

@@ -189,21 +189,26 @@ fn nll_top1_f64(logits: &[f32], target: u32) -> (f64, u32) {
 fn reference_against(
     fixture: &serde_json::Value,
     run: dynakv_models::llama::LlamaCppRun,
+    kv: dynakv_models::llama::LlamaCppKv,
+    windows: usize,
 ) -> (f64, f64, f64, Option<usize>) {
     let ctx = fixture["ctx"].as_u64().unwrap() as usize;
     let tokens = ids(&fixture["tokens"]);
-    let want_top1 = ids(&fixture["q4_1"]["top1"]);
+    let scored = windows * (ctx - 1);
+    let want_top1 = &ids(&fixture["q4_1"]["top1"])[..scored];
     let want_nll: Vec<f64> = fixture["q4_1"]["nll"]
         .as_array()
         .unwrap()
         .iter()
+        .take(scored)
         .map(|x| x.as_f64().unwrap())
         .collect();
     let mut reference = dynakv_models::llama::GgmlReference::new(common::real_q8())
         .unwrap()
-        .with_run(run);
+        .with_run(run)
+        .with_kv(kv);
     let (mut top1, mut nll) = (Vec::new(), Vec::new());
-    for win in tokens.chunks_exact(ctx) {
+    for win in tokens.chunks_exact(ctx).take(windows) {
         reference.reset();
         for (i, &t) in win[..ctx - 1].iter().enumerate() {
             let logits = reference.step(t).unwrap();
@@ -214,7 +219,7 @@ fn reference_against(
     }
     assert_eq!(top1.len(), want_top1.len());
     let agree =
-        top1.iter().zip(&want_top1).filter(|(a, b)| a == b).count() as f64 / top1.len() as f64;
+        top1.iter().zip(want_top1).filter(|(a, b)| a == b).count() as f64 / top1.len() as f64;
     let diffs: Vec<f64> = nll
         .iter()
         .zip(&want_nll)
@@ -223,10 +228,10 @@ fn reference_against(
     let worst = diffs.iter().cloned().fold(0.0, f64::max);
     let first = diffs.iter().position(|&d| d > 1e-9);
     let ppl = (nll.iter().sum::<f64>() / nll.len() as f64).exp();
+    let want_ppl = (want_nll.iter().sum::<f64>() / want_nll.len() as f64).exp();
     eprintln!(
-        "reference decoder ({run:?}): {} positions; top-1 agreement {agree:.5}; PPL {ppl:.4} vs {:.4}; max |NLL difference| {worst:.3e}; first position over 1e-9: {first:?}",
+        "reference decoder ({run:?}, {kv:?} cache): {} positions; top-1 agreement {agree:.5}; PPL {ppl:.4} vs {want_ppl:.4}; max |NLL difference| {worst:.3e}; first position over 1e-9: {first:?}",
         nll.len(),
-        fixture["q4_1"]["ppl"].as_f64().unwrap()
     );
     (agree, ppl, worst, first)
 }
@@ -241,8 +246,12 @@ fn reference_decoder_reproduces_llama_cpp_one_token_run() {
     let fixture: serde_json::Value =
         serde_json::from_str(include_str!("fixtures/parity_one_token.json")).unwrap();
     assert_eq!(fixture["ubatch"].as_u64(), Some(1));
-    let (agree, _, worst, first) =
-        reference_against(&fixture, dynakv_models::llama::LlamaCppRun::OneToken);
+    let (agree, _, worst, first) = reference_against(
+        &fixture,
+        dynakv_models::llama::LlamaCppRun::OneToken,
+        dynakv_models::llama::LlamaCppKv::F32,
+        2,
+    );
     assert!(agree >= 0.995, "top-1 agreement {agree}");
     assert!(
         first.is_none(),
@@ -257,13 +266,44 @@ fn reference_decoder_reproduces_llama_cpp_one_token_run() {
 fn reference_decoder_reproduces_llama_cpp_batched_run() {
     let fixture: serde_json::Value =
         serde_json::from_str(include_str!("fixtures/parity.json")).unwrap();
-    let (agree, _, worst, first) =
-        reference_against(&fixture, dynakv_models::llama::LlamaCppRun::Batched);
+    let (agree, _, worst, first) = reference_against(
+        &fixture,
+        dynakv_models::llama::LlamaCppRun::Batched,
+        dynakv_models::llama::LlamaCppKv::F32,
+        2,
+    );
     assert!(agree >= 0.995, "top-1 agreement {agree}");
     assert!(
         first.is_none(),
         "NLL differs from position {first:?} (max {worst:e})"
     );
+}
+
+/// llama.cpp's default f16 KV cache (`make_parity_fixture.py --q4-only --kv
+/// f16`, one token at a time and batched), on the first window (1,023
+/// positions; the second is the f32 tests' work again, at CI's cost).
+#[test]
+fn reference_decoder_reproduces_llama_cpp_with_an_f16_cache() {
+    use dynakv_models::llama::{LlamaCppKv, LlamaCppRun};
+    for (text, run) in [
+        (
+            include_str!("fixtures/parity_f16_one_token.json"),
+            LlamaCppRun::OneToken,
+        ),
+        (
+            include_str!("fixtures/parity_f16_batched.json"),
+            LlamaCppRun::Batched,
+        ),
+    ] {
+        let fixture: serde_json::Value = serde_json::from_str(text).unwrap();
+        assert_eq!(fixture["kv"].as_str(), Some("f16"));
+        let (agree, _, worst, first) = reference_against(&fixture, run, LlamaCppKv::F16, 1);
+        assert!(agree >= 0.995, "{run:?}: top-1 agreement {agree}");
+        assert!(
+            first.is_none(),
+            "{run:?}: NLL differs from position {first:?} (max {worst:e})"
+        );
+    }
 }
 
 #[test]

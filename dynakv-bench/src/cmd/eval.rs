@@ -10,7 +10,7 @@ use dynakv_bench::eval::ppl::perplexity;
 use dynakv_bench::text::{brown_docs, document_tokens};
 use dynakv_burn::{CacheSpec, Precision};
 use dynakv_models::corpus::{Document, Split};
-use dynakv_models::llama::LlamaCppRun;
+use dynakv_models::llama::{LlamaCppKv, LlamaCppRun};
 use dynakv_models::qmatmul::Numerics;
 use dynakv_models::texts::TextKind;
 
@@ -98,9 +98,9 @@ pub struct PplArgs {
     /// reference decoder reproduces llama.cpp's run on the quantised file
     /// bit for bit, one token at a time (`one-token`, as llama.cpp
     /// generates) or as its default build evaluates a batch (`batched`, as
-    /// llama-perplexity does). Needs `--matmul q8` and `--kv-dtype f32`
-    /// (llama.cpp with an f32 cache, no flash attention); Llama-family files
-    /// with Q4_1 / Q8_0 weights.
+    /// llama-perplexity does), without flash attention, with an f16 KV
+    /// cache (`--kv-dtype f16`, the default in both) or f32. Needs `--matmul
+    /// q8`; Llama-family files with Q4_1 / Q8_0 weights.
     #[arg(long, value_enum)]
     pub llama_cpp: Option<LlamaCppArg>,
     /// Print one JSON object on stdout.
@@ -132,9 +132,9 @@ impl PplArgs {
             if self.model.matmul != Numerics::Q8 {
                 bail!("--llama-cpp reproduces llama.cpp's quantised products: give --matmul q8");
             }
-            if spec != CacheSpec::dense().with_precision(Precision::f32_rows()) {
+            if llama_cpp_kv(&spec).is_none() {
                 bail!(
-                    "--llama-cpp runs llama.cpp's f32 cache: give --kv-dtype f32 and no other cache flags"
+                    "--llama-cpp runs llama.cpp's dense cache: --kv-dtype f16 (the default) or f32, and no other cache flags"
                 );
             }
             if self.score_last.is_some() {
@@ -321,6 +321,18 @@ fn ppl(a: PplArgs) -> Result<()> {
     Ok(())
 }
 
+/// The llama.cpp cache type a cache spec stands for under `--llama-cpp`:
+/// the dense cache with f16 rows (the default) or f32 rows, nothing else.
+fn llama_cpp_kv(spec: &CacheSpec) -> Option<LlamaCppKv> {
+    if *spec == CacheSpec::dense() {
+        Some(LlamaCppKv::F16)
+    } else if *spec == CacheSpec::dense().with_precision(Precision::f32_rows()) {
+        Some(LlamaCppKv::F32)
+    } else {
+        None
+    }
+}
+
 /// `dynakv eval ppl --llama-cpp RUN`.
 fn llama_cpp_ppl(
     a: &PplArgs,
@@ -329,8 +341,9 @@ fn llama_cpp_ppl(
     n_docs: usize,
     run: LlamaCppRun,
 ) -> Result<()> {
+    let kv = llama_cpp_kv(&a.cache.check()?).context("checked in PplArgs::check")?;
     let bar = window_bar(a, ids, "llama.cpp ppl");
-    let r = llama_cpp_perplexity(&loaded.model, ids, a.ctx, a.max_windows, run, |done| {
+    let r = llama_cpp_perplexity(&loaded.model, ids, a.ctx, a.max_windows, run, kv, |done| {
         bar.set_position(done as u64)
     })?;
     bar.finish_and_clear();
@@ -341,8 +354,8 @@ fn llama_cpp_ppl(
         println!("{}", serde_json::to_string(&v)?);
     } else {
         println!(
-            "llama.cpp ({}, q8, f32 cache): PPL {:.4}, top-1 accuracy {:.4} ({} predicted tokens, {} windows of {}, {} docs)",
-            r.run, r.ppl, r.top1_accuracy, r.tokens, r.windows, r.ctx, n_docs
+            "llama.cpp ({}, q8, {} cache): PPL {:.4}, top-1 accuracy {:.4} ({} predicted tokens, {} windows of {}, {} docs)",
+            r.run, r.kv, r.ppl, r.top1_accuracy, r.tokens, r.windows, r.ctx, n_docs
         );
     }
     Ok(())

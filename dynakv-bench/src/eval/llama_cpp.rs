@@ -1,7 +1,7 @@
 //! Perplexity as llama.cpp computes it on the quantised file, bit for bit:
 //! the windows of the project's protocol decoded by the llama.cpp reference
-//! decoder (`dynakv_models::llama::GgmlReference`: q8 numerics, an f32
-//! cache, every operation in ggml's order), one token at a time.
+//! decoder (`dynakv_models::llama::GgmlReference`: q8 numerics, an f16 or
+//! f32 cache, every operation in ggml's order), one token at a time.
 //!
 //! Why: to check an engine against llama.cpp a user needs llama.cpp's own
 //! numbers, and `llama-perplexity` on this text would score other windows
@@ -9,7 +9,7 @@
 //! arithmetic gives on our windows; the parity tests hold it to llama.cpp's
 //! run on them (`tools/make_parity_fixture.py`) to the last bit.
 
-use dynakv_models::llama::{GgmlReference, LlamaCppRun};
+use dynakv_models::llama::{GgmlReference, LlamaCppKv, LlamaCppRun};
 use dynakv_models::{LlamaModel, ModelError};
 use serde::Serialize;
 
@@ -24,6 +24,8 @@ pub struct LlamaCppReport {
     pub ctx: usize,
     /// `one-token` or `batched`: which of llama.cpp's runs is reproduced.
     pub run: &'static str,
+    /// `f16` or `f32`: llama.cpp's KV cache type reproduced.
+    pub kv: &'static str,
     /// Positions whose top-1 token is the target (next-token accuracy).
     pub top1_accuracy: f64,
 }
@@ -50,13 +52,15 @@ pub fn nll_and_hit(logits: &[f32], target: u32) -> (f64, bool) {
 
 /// Scores non-overlapping windows of `ctx` tokens of `ids` (at most
 /// `max_windows`), each from an empty cache, with llama.cpp's arithmetic
-/// for `run`; `progress(windows_done)` after each window.
+/// for `run` and a cache of `kv` rows; `progress(windows_done)` after each
+/// window.
 pub fn llama_cpp_perplexity(
     model: &LlamaModel,
     ids: &[u32],
     ctx: usize,
     max_windows: Option<usize>,
     run: LlamaCppRun,
+    kv: LlamaCppKv,
     mut progress: impl FnMut(usize),
 ) -> Result<LlamaCppReport, ModelError> {
     if ctx < 2 {
@@ -64,7 +68,7 @@ pub fn llama_cpp_perplexity(
             "a window of {ctx} tokens predicts nothing"
         )));
     }
-    let mut reference = GgmlReference::new(model)?.with_run(run);
+    let mut reference = GgmlReference::new(model)?.with_run(run).with_kv(kv);
     let windows = (ids.len() / ctx).min(max_windows.unwrap_or(usize::MAX));
     if windows == 0 {
         return Err(ModelError::InvalidInput(format!(
@@ -93,6 +97,10 @@ pub fn llama_cpp_perplexity(
         run: match run {
             LlamaCppRun::OneToken => "one-token",
             LlamaCppRun::Batched => "batched",
+        },
+        kv: match kv {
+            LlamaCppKv::F16 => "f16",
+            LlamaCppKv::F32 => "f32",
         },
         top1_accuracy: hits as f64 / tokens as f64,
     })

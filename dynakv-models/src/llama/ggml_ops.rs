@@ -179,18 +179,53 @@ fn dot_f32(x: &[f32], y: &[f32]) -> f32 {
     reduce_accumulators(&acc)
 }
 
-/// How llama.cpp sums the attention-weighted values (the only product of a
-/// Llama step whose order depends on the batch, on the default build).
+/// The order of one of the attention's two products (scores `K q`, or the
+/// attention-weighted values) as llama.cpp computes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ValueSums {
-    /// One token at a time: `ggml_vec_dot_f32` over the positions (four
-    /// vectors of sixteen lanes, [`reduce_accumulators`]).
+pub(crate) enum Order {
+    /// `ggml_vec_dot_f32` / `ggml_vec_dot_f16`: four vectors of sixteen
+    /// lanes ([`reduce_accumulators`]), as one token at a time.
     VecDot,
-    /// Batches of two tokens or more on a build with llamafile (the
-    /// default): its tiled `tinyBLAS` product, one vector of sixteen lanes
-    /// over the positions (position `t` in lane `t % 16`), then
-    /// [`reduce16`].
+    /// llamafile's tiled `tinyBLAS` product, taken for batches of two
+    /// tokens or more on a build with llamafile (the default) when its
+    /// operands are contiguous: one vector of sixteen lanes (element `i` in
+    /// lane `i % 16`), then [`reduce16`].
     TinyBlas,
+}
+
+/// How llama.cpp's attention runs: the order of each product, and whether
+/// its operands are f16 (an f16 KV cache: the query is rounded to f16 for
+/// the scores and the attention weights for the values, as ggml converts
+/// the second operand to the cache's type; the cache's rows are rounded
+/// where they are stored, by the caller).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Attention {
+    pub(crate) scores: Order,
+    pub(crate) values: Order,
+    pub(crate) f16: bool,
+}
+
+/// `x` rounded to the nearest f16 (ties to even), as ggml's conversion.
+#[inline(always)]
+pub(crate) fn f16_round(x: f32) -> f32 {
+    half::f16::from_f32(x).to_f32()
+}
+
+/// The dot product of `x` and `y` (`len` a multiple of 64) in `order`.
+#[inline(always)]
+fn dot_in(order: Order, x: &[f32], y: &[f32]) -> f32 {
+    match order {
+        Order::VecDot => dot_f32(x, y),
+        Order::TinyBlas => {
+            let mut acc = [0f32; LANES];
+            for (xs, ys) in x.chunks_exact(LANES).zip(y.chunks_exact(LANES)) {
+                for l in 0..LANES {
+                    acc[l] = xs[l].mul_add(ys[l], acc[l]);
+                }
+            }
+            reduce16(&acc)
+        }
+    }
 }
 
 /// One query head's attention over `n` cached rows, as llama.cpp's graph
@@ -198,8 +233,9 @@ pub(crate) enum ValueSums {
 /// [`dot_f32`], `ggml_soft_max_ext` (scores times `scale`, minus their
 /// maximum, [`expf`], the sum in f64 of each sixteen lanes'
 /// [`reduce16`], then each times `f32(1 / sum)`), and the values summed
-/// over the positions as `sums` says (llama.cpp pads the positions to 256
-/// with zero weights; zeros add nothing, so padding to 64 is the same).
+/// over the positions, each product in the order `how` says, with f16
+/// operands where it says (llama.cpp pads the positions to 256 with zero
+/// weights; zeros add nothing, so padding to 64 is the same).
 ///
 /// # Shapes
 /// - `q`: `[head_dim]`; `keys`, `values`: `n` rows of `stride`, this head's
@@ -213,7 +249,7 @@ fn attend_head(
     stride: usize,
     offset: usize,
     scale: f32,
-    sums: ValueSums,
+    how: Attention,
     probs: &mut Vec<f32>,
     acc: &mut Vec<f32>,
     out: &mut [f32],
@@ -224,10 +260,17 @@ fn attend_head(
     // from the caller's FMA, calling the library's `fmaf` per element
     probs.clear();
     probs.resize(n.div_ceil(LANES) * LANES, 0.0);
+    let q16: Vec<f32>;
+    let q = if how.f16 {
+        q16 = q.iter().map(|&v| f16_round(v)).collect();
+        &q16[..]
+    } else {
+        q
+    };
     let mut max = f32::NEG_INFINITY;
     for t in 0..n {
         let k = &keys[t * stride + offset..t * stride + offset + dh];
-        probs[t] = dot_f32(k, q) * scale;
+        probs[t] = dot_in(how.scores, k, q) * scale;
         max = max.max(probs[t]);
     }
     for p in probs[..n].iter_mut() {
@@ -240,12 +283,15 @@ fn attend_head(
     let inv = (1.0 / sum) as f32;
     for p in probs.iter_mut() {
         *p *= inv;
+        if how.f16 {
+            *p = f16_round(*p);
+        }
     }
     // value sums: output dimension `j` accumulates position `t` in lane
     // `t % cells` (64: four vectors; 16: one), positions in order
-    let cells = match sums {
-        ValueSums::VecDot => STEP,
-        ValueSums::TinyBlas => LANES,
+    let cells = match how.values {
+        Order::VecDot => STEP,
+        Order::TinyBlas => LANES,
     };
     acc.clear();
     acc.resize(cells * dh, 0.0);
@@ -262,9 +308,9 @@ fn attend_head(
         for (t, lane) in lanes.iter_mut().flatten().take(cells).enumerate() {
             *lane = acc[t * dh + j];
         }
-        *o = match sums {
-            ValueSums::VecDot => reduce_accumulators(&lanes),
-            ValueSums::TinyBlas => reduce16(&lanes[0]),
+        *o = match how.values {
+            Order::VecDot => reduce_accumulators(&lanes),
+            Order::TinyBlas => reduce16(&lanes[0]),
         };
     }
 }
@@ -281,14 +327,14 @@ pub(crate) fn attend(
     values: &[f32],
     head_dim: usize,
     kv_heads: usize,
-    sums: ValueSums,
+    how: Attention,
 ) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has FMA
-        return unsafe { attend_fma(q, keys, values, head_dim, kv_heads, sums) };
+        return unsafe { attend_fma(q, keys, values, head_dim, kv_heads, how) };
     }
-    attend_body(q, keys, values, head_dim, kv_heads, sums)
+    attend_body(q, keys, values, head_dim, kv_heads, how)
 }
 
 /// [`attend_body`] with `mul_add` as one instruction (the same bits as the
@@ -301,9 +347,9 @@ unsafe fn attend_fma(
     values: &[f32],
     head_dim: usize,
     kv_heads: usize,
-    sums: ValueSums,
+    how: Attention,
 ) -> Vec<f32> {
-    attend_body(q, keys, values, head_dim, kv_heads, sums)
+    attend_body(q, keys, values, head_dim, kv_heads, how)
 }
 
 #[inline(always)]
@@ -313,7 +359,7 @@ fn attend_body(
     values: &[f32],
     head_dim: usize,
     kv_heads: usize,
-    sums: ValueSums,
+    how: Attention,
 ) -> Vec<f32> {
     let heads = q.len() / head_dim;
     let group = heads / kv_heads.max(1);
@@ -328,7 +374,7 @@ fn attend_body(
     {
         let offset = (h / group.max(1)) * head_dim;
         attend_head(
-            qh, keys, values, stride, offset, scale, sums, &mut probs, &mut acc, oh,
+            qh, keys, values, stride, offset, scale, how, &mut probs, &mut acc, oh,
         );
     }
     out
@@ -406,8 +452,17 @@ mod tests {
             let q: Vec<f32> = (0..heads * dh).map(|i| f(i, 0.31)).collect();
             let k: Vec<f32> = (0..n * kv * dh).map(|i| f(i, 0.17)).collect();
             let v: Vec<f32> = (0..n * kv * dh).map(|i| f(i, 0.07)).collect();
-            for sums in [ValueSums::VecDot, ValueSums::TinyBlas] {
-                let got = attend(&q, &k, &v, dh, kv, sums);
+            for (scores, values) in [
+                (Order::VecDot, Order::VecDot),
+                (Order::VecDot, Order::TinyBlas),
+                (Order::TinyBlas, Order::TinyBlas),
+            ] {
+                let how = Attention {
+                    scores,
+                    values,
+                    f16: false,
+                };
+                let got = attend(&q, &k, &v, dh, kv, how);
                 for h in 0..heads {
                     let g = h / (heads / kv);
                     let s: Vec<f64> = (0..n)

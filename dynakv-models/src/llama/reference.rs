@@ -38,9 +38,22 @@ pub enum LlamaCppRun {
     #[default]
     OneToken,
     /// A batch of two tokens or more on the default build (llama-perplexity,
-    /// prompt processing): the attention-weighted values are summed by
-    /// llamafile's tiled product instead.
+    /// prompt processing): llamafile's tiled product sums the
+    /// attention-weighted values (and, with an f16 cache, the scores).
     Batched,
+}
+
+/// llama.cpp's KV cache type (`type_k` = `type_v`), without flash attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LlamaCppKv {
+    /// f32 rows (llama-cpp-python's `type_k = type_v = 0`; the parity
+    /// fixture's).
+    #[default]
+    F32,
+    /// f16 rows, llama.cpp's default: keys and values rounded to f16 where
+    /// stored, the query and the attention weights rounded to f16 before
+    /// their products.
+    F16,
 }
 
 /// Decodes tokens one at a time with llama.cpp's arithmetic (module docs).
@@ -48,6 +61,7 @@ pub enum LlamaCppRun {
 pub struct GgmlReference<'m> {
     model: &'m LlamaModel,
     run: LlamaCppRun,
+    kv: LlamaCppKv,
     /// Per layer, per position: keys after RoPE, `[kv_heads * head_dim]`.
     keys: Vec<Vec<f32>>,
     /// Per layer, per position: values, `[kv_heads * head_dim]`.
@@ -122,6 +136,7 @@ impl<'m> GgmlReference<'m> {
         Ok(Self {
             model,
             run: LlamaCppRun::OneToken,
+            kv: LlamaCppKv::F32,
             keys: vec![Vec::new(); c.n_layers],
             values: vec![Vec::new(); c.n_layers],
             pos: 0,
@@ -131,6 +146,12 @@ impl<'m> GgmlReference<'m> {
     /// Reproduces `run` instead of the one-token run.
     pub fn with_run(mut self, run: LlamaCppRun) -> Self {
         self.run = run;
+        self
+    }
+
+    /// Reproduces llama.cpp with a cache of `kv` rows instead of f32.
+    pub fn with_kv(mut self, kv: LlamaCppKv) -> Self {
+        self.kv = kv;
         self
     }
 
@@ -167,6 +188,7 @@ impl<'m> GgmlReference<'m> {
             return Err(ModelError::InvalidInput("a dequantised embedding".into()));
         };
         let eps = c.rms_eps as f32;
+        let how = self.attention();
         let mut h = packed_rows(table, &[token], c.d_model);
         for (layer, b) in model.blocks.iter().enumerate() {
             let x = ggml_ops::rms_norm(&h, &b.attn_norm.host, eps);
@@ -174,18 +196,24 @@ impl<'m> GgmlReference<'m> {
             let base = c.layers[layer].rope_base as f32;
             ggml_ops::rope_normal(&mut q, c.head_dim, c.rope_dim, self.pos, base);
             ggml_ops::rope_normal(&mut k, c.head_dim, c.rope_dim, self.pos, base);
-            self.keys[layer].extend_from_slice(&k);
-            self.values[layer].extend_from_slice(&v);
+            match self.kv {
+                LlamaCppKv::F32 => {
+                    self.keys[layer].extend_from_slice(&k);
+                    self.values[layer].extend_from_slice(&v);
+                }
+                LlamaCppKv::F16 => {
+                    let f16 = ggml_ops::f16_round;
+                    self.keys[layer].extend(k.iter().map(|&x| f16(x)));
+                    self.values[layer].extend(v.iter().map(|&x| f16(x)));
+                }
+            }
             let o = ggml_ops::attend(
                 &q,
                 &self.keys[layer],
                 &self.values[layer],
                 c.head_dim,
                 c.n_kv_heads,
-                match self.run {
-                    LlamaCppRun::OneToken => ggml_ops::ValueSums::VecDot,
-                    LlamaCppRun::Batched => ggml_ops::ValueSums::TinyBlas,
-                },
+                how,
             );
             let [attn] = products(&[&b.wo], &o)?;
             for (a, x) in h.iter_mut().zip(attn) {
@@ -209,6 +237,28 @@ impl<'m> GgmlReference<'m> {
             )));
         }
         Ok(logits)
+    }
+}
+
+impl GgmlReference<'_> {
+    /// The attention's arithmetic for this run and cache type: one token at
+    /// a time, both products are `ggml_vec_dot_*`; in a batch, llamafile
+    /// takes the values' product, and with an f16 cache the scores' too
+    /// (ggml converts the query to f16 into a contiguous buffer first; with
+    /// f32 the permuted query is not contiguous, and llamafile declines).
+    fn attention(&self) -> ggml_ops::Attention {
+        use ggml_ops::Order::{TinyBlas, VecDot};
+        let f16 = self.kv == LlamaCppKv::F16;
+        let (scores, values) = match (self.run, f16) {
+            (LlamaCppRun::OneToken, _) => (VecDot, VecDot),
+            (LlamaCppRun::Batched, false) => (VecDot, TinyBlas),
+            (LlamaCppRun::Batched, true) => (TinyBlas, TinyBlas),
+        };
+        ggml_ops::Attention {
+            scores,
+            values,
+            f16,
+        }
     }
 }
 
