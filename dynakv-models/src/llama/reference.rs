@@ -9,10 +9,12 @@
 //! one-token path (docs/results.md, session 23). This decoder runs every
 //! operation of llama.cpp's graph in ggml's order (`ggml_ops.rs`; the
 //! weight products on `qmatmul`'s row kernels in q8 numerics), one token
-//! at a time as llama.cpp decodes, over its own f32 cache as
-//! llama-cpp-python's `type_k = type_v = f32` without flash attention.
-//! Compared tensor by tensor with llama.cpp's (its eval callback), every
-//! intermediate was equal in every bit.
+//! at a time as llama.cpp decodes, over its own cache of f32 or f16 rows
+//! (llama.cpp's `type_k = type_v`, without flash attention), and with the
+//! products a batch takes on llama.cpp's default build where asked
+//! ([`LlamaCppRun`]). Compared tensor by tensor with llama.cpp's (its eval
+//! callback, `tools/llamacpp_tensors.py`), every intermediate was equal in
+//! every bit; the parity tests hold its logits to four llama.cpp runs.
 //!
 //! It is a reference, not the engine: no compressed caches, no batching,
 //! the row kernels rather than the faster tiles.
