@@ -15,6 +15,11 @@ Usage:
   cargo run --release -p dynakv-bench --example dump_logits -- f32 1 /tmp/ours-f32.json
   python3 tools/q8_emulation.py /tmp/ours-q8.json /tmp/ours-f32.json
 (needs the `gguf`, `numpy` and `llama-cpp-python` packages)
+
+Superseded for llama.cpp's own numbers by tools/llamacpp_tensors.py: this
+emulation squares in f64 in the RMS norm and uses NumPy's exp in SiLU, so
+its 8-bit codes, and from there its logits, part from llama.cpp's (0.37 at
+position 0); the other follows ggml's arithmetic to the bit.
 """
 import json
 import os
