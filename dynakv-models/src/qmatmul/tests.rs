@@ -155,6 +155,76 @@ fn q8_numerics_are_integer_products_of_rounded_activations() {
     }
 }
 
+/// `matmul_group_ggml_order` sums as llama.cpp's x86 `ggml_vec_dot_*_q8_*`
+/// (eight lanes of four-code sums, one fused multiply-add per lane per
+/// block, `hsum_float_8`, Q4_1's min terms summed apart and added last):
+/// equal in every bit to that order written out here, and the portable
+/// copy equal to the AVX2 one, so the llama.cpp reference decoder gives the
+/// same bits on any CPU.
+#[test]
+fn ggml_order_products_are_llama_cpps_bits_in_every_copy() {
+    for (i, t) in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0]
+        .into_iter()
+        .enumerate()
+    {
+        let scales: &[usize] = if t == GgmlType::Q4_1 { &[0, 2] } else { &[0] };
+        let (rows, cols) = (40, 256);
+        let bytes = random_matrix(t, scales, rows, cols, 71 + i as u64);
+        let m =
+            QuantMatrix::new("w", t, rows, cols, TensorBytes::from_bytes(&bytes).unwrap()).unwrap();
+        let x = activations(1, cols, 5 + i as u64);
+        let got = matmul_group_ggml_order(&[&m], &x).unwrap().remove(0);
+        for isa in kernel::Isa::available()
+            .into_iter()
+            .filter(|&i| i != kernel::Isa::Avx512)
+        {
+            let copy = matmul_group_with(&[&m], &x, Numerics::Q8, isa)
+                .unwrap()
+                .remove(0);
+            let same = copy
+                .iter()
+                .zip(&got)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{t:?}: the {isa:?} copy sums in another order");
+        }
+        let xq = q8::quantize(q8::Q8Kind::for_weights(t).unwrap(), &x);
+        let (_, bb) = t.block();
+        for (r, row) in bytes.chunks_exact(bytes.len() / rows).enumerate() {
+            let (mut lanes, mut summs) = ([0f32; 8], 0f32);
+            for (b, blk) in row.chunks_exact(bb).enumerate() {
+                let f = |o: usize| f16::from_le_bytes([blk[o], blk[o + 1]]).to_f32();
+                let code = |j: usize| -> i32 {
+                    match t {
+                        GgmlType::Q8_0 => blk[2 + j] as i8 as i32,
+                        _ => {
+                            let q = blk[bb - 16 + j % 16];
+                            let v = if j < 16 { q & 15 } else { q >> 4 } as i32;
+                            if t == GgmlType::Q4_0 {
+                                v - 8
+                            } else {
+                                v
+                            }
+                        }
+                    }
+                };
+                let dd = f(0) * xq.d[b];
+                for (l, lane) in lanes.iter_mut().enumerate() {
+                    let s: i32 = (4 * l..4 * l + 4)
+                        .map(|j| code(j) * xq.qs[32 * b + j] as i32)
+                        .sum();
+                    *lane = dd.mul_add(s as f32, *lane);
+                }
+                if t == GgmlType::Q4_1 {
+                    summs += f(2) * xq.s[b];
+                }
+            }
+            let h = [0, 1, 2, 3].map(|k| lanes[k] + lanes[k + 4]);
+            let want = (h[0] + h[2]) + (h[1] + h[3]) + summs;
+            assert_eq!(got[r].to_bits(), want.to_bits(), "{t:?} row {r}");
+        }
+    }
+}
+
 #[test]
 fn float_weights_take_f32_activations_in_q8_numerics() {
     let (m, _) = matrix(GgmlType::F16, &[], 8, 64, 3);
