@@ -306,6 +306,24 @@ fn reference_decoder_reproduces_llama_cpp_with_an_f16_cache() {
     }
 }
 
+/// Bad input to the reference decoder is an error that leaves it as it was,
+/// and `reset` starts the same sequence over with the same bits.
+#[test]
+fn reference_decoder_refuses_bad_tokens_and_restarts_exactly() {
+    let model = common::real_q8();
+    let mut r = dynakv_models::llama::GgmlReference::new(model).unwrap();
+    let vocab = model.config.vocab_size as u32;
+    assert!(r.step(vocab).is_err());
+    assert_eq!(r.position(), 0);
+    let first = r.step(1).unwrap();
+    let second = r.step(2).unwrap();
+    assert!(r.step(u32::MAX).is_err());
+    assert_eq!(r.position(), 2);
+    r.reset();
+    assert_eq!(r.step(1).unwrap(), first);
+    assert_eq!(r.step(2).unwrap(), second);
+}
+
 #[test]
 fn brown_eval_tokens_match_the_fixture() {
     let fixture: serde_json::Value =

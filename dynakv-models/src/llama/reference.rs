@@ -186,6 +186,21 @@ impl<'m> GgmlReference<'m> {
                 self.pos, c.context_length
             )));
         }
+        let result = self.advance(token);
+        if result.is_err() {
+            // a failed step leaves the cache as it was before it
+            let kept = self.pos * c.n_kv_heads * c.head_dim;
+            for rows in self.keys.iter_mut().chain(self.values.iter_mut()) {
+                rows.truncate(kept);
+            }
+        }
+        result
+    }
+
+    /// [`GgmlReference::step`] after its checks.
+    fn advance(&mut self, token: u32) -> Result<Vec<f32>, ModelError> {
+        let model = self.model;
+        let c = &model.config;
         let Embedding::Packed(table) = &model.embed else {
             return Err(ModelError::InvalidInput("a dequantised embedding".into()));
         };
@@ -229,15 +244,15 @@ impl<'m> GgmlReference<'m> {
                 *a += x;
             }
         }
-        self.pos += 1;
         let x = ggml_ops::rms_norm(&h, &model.norm.host, eps);
         let [logits] = products(&[&model.output], &x)?;
         if let Some(bad) = logits.iter().position(|v| !v.is_finite()) {
             return Err(ModelError::InvalidInput(format!(
                 "a non-finite logit (token {bad}) at position {}",
-                self.pos - 1
+                self.pos
             )));
         }
+        self.pos += 1;
         Ok(logits)
     }
 }
