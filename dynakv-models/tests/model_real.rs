@@ -163,23 +163,6 @@ fn q8_numerics_reproduce_llama_cpp_on_the_quantised_file() {
     assert!((ppl / ppl_q4 - 1.0).abs() <= 0.01, "PPL {ppl} vs {ppl_q4}");
 }
 
-/// NLL of `target` and the argmax (first of equal maxima) of one row of
-/// logits, in f64 as the fixture's script computes them from llama.cpp's.
-fn nll_top1_f64(logits: &[f32], target: u32) -> (f64, u32) {
-    let (mut best, mut m) = (0usize, f64::NEG_INFINITY);
-    for (i, &v) in logits.iter().enumerate() {
-        if (v as f64) > m {
-            (best, m) = (i, v as f64);
-        }
-    }
-    let lse = m + logits
-        .iter()
-        .map(|&v| (v as f64 - m).exp())
-        .sum::<f64>()
-        .ln();
-    (lse - logits[target as usize] as f64, best as u32)
-}
-
 /// The llama.cpp reference decoder ([`dynakv_models::llama::GgmlReference`],
 /// reproducing `run`) on a fixture's windows: (top-1 agreement, our PPL,
 /// the largest |NLL difference|, the first position whose NLL differs by
@@ -212,7 +195,7 @@ fn reference_against(
         reference.reset();
         for (i, &t) in win[..ctx - 1].iter().enumerate() {
             let logits = reference.step(t).unwrap();
-            let (n, best) = nll_top1_f64(&logits, win[i + 1]);
+            let (n, best) = dynakv_models::llama::nll_and_top1_f64(&logits, win[i + 1]);
             nll.push(n);
             top1.push(best);
         }
@@ -236,27 +219,33 @@ fn reference_against(
     (agree, ppl, worst, first)
 }
 
+/// [`reference_against`] held to issue 13's target (top-1 >= 99.5%) and to
+/// equal logits (every NLL within 1e-9).
+fn assert_reproduces(
+    fixture: &serde_json::Value,
+    run: dynakv_models::llama::LlamaCppRun,
+    kv: dynakv_models::llama::LlamaCppKv,
+    windows: usize,
+) {
+    let (agree, _, worst, first) = reference_against(fixture, run, kv, windows);
+    assert!(agree >= 0.995, "{run:?}, {kv:?}: top-1 agreement {agree}");
+    assert!(
+        first.is_none(),
+        "{run:?}, {kv:?}: NLL differs from position {first:?} (max {worst:e})"
+    );
+}
+
 /// Issue 13's target, top-1 agreement >= 99.5% with llama.cpp on the Q4_1
 /// file, against llama.cpp decoding the windows one token at a time
 /// (`tools/make_parity_fixture.py --q4-only --ubatch 1`; its batched run on
-/// a build with `-DGGML_LLAMAFILE=OFF` gives the same numbers): the logits
-/// are held equal, every NLL within 1e-9.
+/// a build with `-DGGML_LLAMAFILE=OFF` gives the same numbers).
 #[test]
 fn reference_decoder_reproduces_llama_cpp_one_token_run() {
     let fixture: serde_json::Value =
         serde_json::from_str(include_str!("fixtures/parity_one_token.json")).unwrap();
     assert_eq!(fixture["ubatch"].as_u64(), Some(1));
-    let (agree, _, worst, first) = reference_against(
-        &fixture,
-        dynakv_models::llama::LlamaCppRun::OneToken,
-        dynakv_models::llama::LlamaCppKv::F32,
-        2,
-    );
-    assert!(agree >= 0.995, "top-1 agreement {agree}");
-    assert!(
-        first.is_none(),
-        "NLL differs from position {first:?} (max {worst:e})"
-    );
+    use dynakv_models::llama::{LlamaCppKv, LlamaCppRun};
+    assert_reproduces(&fixture, LlamaCppRun::OneToken, LlamaCppKv::F32, 2);
 }
 
 /// The same against the committed parity fixture: llama.cpp's default build
@@ -266,17 +255,8 @@ fn reference_decoder_reproduces_llama_cpp_one_token_run() {
 fn reference_decoder_reproduces_llama_cpp_batched_run() {
     let fixture: serde_json::Value =
         serde_json::from_str(include_str!("fixtures/parity.json")).unwrap();
-    let (agree, _, worst, first) = reference_against(
-        &fixture,
-        dynakv_models::llama::LlamaCppRun::Batched,
-        dynakv_models::llama::LlamaCppKv::F32,
-        2,
-    );
-    assert!(agree >= 0.995, "top-1 agreement {agree}");
-    assert!(
-        first.is_none(),
-        "NLL differs from position {first:?} (max {worst:e})"
-    );
+    use dynakv_models::llama::{LlamaCppKv, LlamaCppRun};
+    assert_reproduces(&fixture, LlamaCppRun::Batched, LlamaCppKv::F32, 2);
 }
 
 /// llama.cpp's default f16 KV cache (`make_parity_fixture.py --q4-only --kv
@@ -297,12 +277,7 @@ fn reference_decoder_reproduces_llama_cpp_with_an_f16_cache() {
     ] {
         let fixture: serde_json::Value = serde_json::from_str(text).unwrap();
         assert_eq!(fixture["kv"].as_str(), Some("f16"));
-        let (agree, _, worst, first) = reference_against(&fixture, run, LlamaCppKv::F16, 1);
-        assert!(agree >= 0.995, "{run:?}: top-1 agreement {agree}");
-        assert!(
-            first.is_none(),
-            "{run:?}: NLL differs from position {first:?} (max {worst:e})"
-        );
+        assert_reproduces(&fixture, run, LlamaCppKv::F16, 1);
     }
 }
 

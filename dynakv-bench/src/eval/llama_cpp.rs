@@ -9,7 +9,7 @@
 //! arithmetic gives on our windows; the parity tests hold it to llama.cpp's
 //! run on them (`tools/make_parity_fixture.py`) to the last bit.
 
-use dynakv_models::llama::{GgmlReference, LlamaCppKv, LlamaCppRun};
+use dynakv_models::llama::{nll_and_top1_f64, GgmlReference, LlamaCppKv, LlamaCppRun};
 use dynakv_models::{LlamaModel, ModelError};
 use serde::Serialize;
 
@@ -28,26 +28,6 @@ pub struct LlamaCppReport {
     pub kv: &'static str,
     /// Positions whose top-1 token is the target (next-token accuracy).
     pub top1_accuracy: f64,
-}
-
-/// The NLL of `target` under one row of logits and whether it is the
-/// row's first maximum, in f64 (as the parity fixtures compute them).
-pub fn nll_and_hit(logits: &[f32], target: u32) -> (f64, bool) {
-    let (mut best, mut m) = (0usize, f64::NEG_INFINITY);
-    for (i, &v) in logits.iter().enumerate() {
-        if (v as f64) > m {
-            (best, m) = (i, v as f64);
-        }
-    }
-    let lse = m + logits
-        .iter()
-        .map(|&v| (v as f64 - m).exp())
-        .sum::<f64>()
-        .ln();
-    (
-        lse - logits[target as usize] as f64,
-        best == target as usize,
-    )
 }
 
 /// Scores non-overlapping windows of `ctx` tokens of `ids` (at most
@@ -80,9 +60,9 @@ pub fn llama_cpp_perplexity(
     for (done, w) in ids.chunks_exact(ctx).take(windows).enumerate() {
         reference.reset();
         for (i, &t) in w[..ctx - 1].iter().enumerate() {
-            let (n, hit) = nll_and_hit(&reference.step(t)?, w[i + 1]);
+            let (n, top1) = nll_and_top1_f64(&reference.step(t)?, w[i + 1]);
             nll += n;
-            hits += hit as usize;
+            hits += (top1 == w[i + 1]) as usize;
         }
         progress(done + 1);
     }
@@ -104,18 +84,4 @@ pub fn llama_cpp_perplexity(
         },
         top1_accuracy: hits as f64 / tokens as f64,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::nll_and_hit;
-
-    #[test]
-    fn nll_is_log_softmax_and_ties_go_to_the_first() {
-        let (n, hit) = nll_and_hit(&[1.0, 3.0, 3.0, -2.0], 1);
-        let z = (1f64).exp() + 2.0 * (3f64).exp() + (-2f64).exp();
-        assert!((n - (z.ln() - 3.0)).abs() < 1e-12);
-        assert!(hit);
-        assert!(!nll_and_hit(&[1.0, 3.0, 3.0, -2.0], 2).1);
-    }
 }

@@ -12,6 +12,6 @@ pub mod weights;
 
 pub use arch::{Activation, Arch};
 pub use config::{LayerConfig, LlamaConfig};
-pub use model::{nll_and_top1, LlamaModel};
+pub use model::{nll_and_top1, nll_and_top1_f64, LlamaModel};
 pub use reference::{GgmlReference, LlamaCppKv, LlamaCppRun};
 pub use weights::{Projection, WeightMode, PACKED_GEMM_MIN_TOKENS, PACKED_TILES_GEMM_MIN_TOKENS};

@@ -612,6 +612,28 @@ fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::join(f, || ()).0
 }
 
+/// The NLL of `target` under one row of logits, in f64, and the row's
+/// argmax (the first of equal maxima, as NumPy's): how the parity fixtures
+/// score llama.cpp's logits, so equal logits give equal numbers.
+///
+/// # Shapes
+/// - `logits`: `[vocab]`, `target < vocab` (else the NLL is NaN)
+pub fn nll_and_top1_f64(logits: &[f32], target: u32) -> (f64, u32) {
+    let (mut best, mut m) = (0usize, f64::NEG_INFINITY);
+    for (i, &v) in logits.iter().enumerate() {
+        if (v as f64) > m {
+            (best, m) = (i, v as f64);
+        }
+    }
+    let lse = m + logits
+        .iter()
+        .map(|&v| (v as f64 - m).exp())
+        .sum::<f64>()
+        .ln();
+    let at = logits.get(target as usize).map_or(f64::NAN, |&v| v as f64);
+    (lse - at, best as u32)
+}
+
 /// Per-row NLL of `targets` and the argmax of each row.
 ///
 /// # Shapes
@@ -634,4 +656,19 @@ pub fn nll_and_top1(logits: Tensor<2>, targets: &[u32]) -> (Vec<f32>, Vec<u32>) 
         .try_into_vec_as::<f32>()
         .unwrap_or_default();
     (nll, top1.into_iter().map(|x| x as u32).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nll_and_top1_f64;
+
+    #[test]
+    fn f64_nll_is_log_softmax_and_ties_go_to_the_first() {
+        let logits = [1.0, 3.0, 3.0, -2.0];
+        let (n, top1) = nll_and_top1_f64(&logits, 1);
+        let z = (1f64).exp() + 2.0 * (3f64).exp() + (-2f64).exp();
+        assert!((n - (z.ln() - 3.0)).abs() < 1e-12);
+        assert_eq!(top1, 1);
+        assert!(nll_and_top1_f64(&logits, 9).0.is_nan());
+    }
 }
