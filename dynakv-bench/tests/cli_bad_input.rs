@@ -41,6 +41,23 @@ fn every_bad_option_is_named_before_anything_loads() {
         (&["eval", "ppl", "--max-windows", "0"], "--max-windows"),
         (&["eval", "ppl", "--docs", "0"], "--docs"),
         (&["eval", "ppl", "--llama-cpp", "batched"], "--matmul q8"),
+        (
+            &["generate", "--llama-cpp", "--prompt", "hi"],
+            "--matmul q8",
+        ),
+        (
+            &[
+                "generate",
+                "--llama-cpp",
+                "--matmul",
+                "q8",
+                "--kv-dtype",
+                "q4_0",
+                "--prompt",
+                "hi",
+            ],
+            "--kv-dtype f16",
+        ),
         (&["eval", "ppl", "--llama-cpp", "fast"], "--llama-cpp"),
         (
             &[

@@ -8,7 +8,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
-use crate::llama::LlamaModel;
+use crate::llama::{GgmlReference, LlamaModel};
 use crate::tokenizer::TextTokenizer;
 
 /// How the next token is chosen.
@@ -145,7 +145,7 @@ pub fn generate_parts(
     cache: &mut dyn AttentionCache,
     parts: &[&[u32]],
     config: &SamplingConfig,
-    mut on_text: impl FnMut(&str),
+    on_text: impl FnMut(&str),
 ) -> Result<Generation, ModelError> {
     let mut sampler = Sampler::new(config.clone())?;
     let parts: Vec<&[u32]> = parts.iter().copied().filter(|p| !p.is_empty()).collect();
@@ -162,11 +162,74 @@ pub fn generate_parts(
         pos += part.len();
     }
     let last = last.ok_or_else(|| ModelError::InvalidInput("empty prompt".into()))?;
-    let mut logits = to_vec(last)?;
+    let room = model.config.context_length.saturating_sub(pos);
+    continue_from(
+        to_vec(last)?,
+        prompt_len,
+        room,
+        tokenizer,
+        &mut sampler,
+        config,
+        on_text,
+        |next| {
+            let logits = to_vec(model.forward_last(&[next], pos, cache)?)?;
+            pos += 1;
+            Ok(logits)
+        },
+    )
+}
+
+/// Generates as llama.cpp does on the quantised file, to the bit: the
+/// prompt through the llama.cpp reference decoder in batches of `ubatch`
+/// tokens ([`GgmlReference::prompt`]), each new token decoded alone. With
+/// greedy sampling (temperature 0) the tokens are llama.cpp's greedy
+/// continuation (the same model, cache type, no flash attention); its own
+/// samplers draw differently at other temperatures.
+pub fn generate_llama_cpp(
+    reference: &mut GgmlReference<'_>,
+    tokenizer: &TextTokenizer,
+    prompt: &[u32],
+    ubatch: usize,
+    config: &SamplingConfig,
+    on_text: impl FnMut(&str),
+) -> Result<Generation, ModelError> {
+    let mut sampler = Sampler::new(config.clone())?;
+    reference.reset();
+    let logits = reference.prompt(prompt, ubatch)?;
+    let room = reference
+        .context_length()
+        .saturating_sub(reference.position());
+    continue_from(
+        logits,
+        prompt.len(),
+        room,
+        tokenizer,
+        &mut sampler,
+        config,
+        on_text,
+        |next| reference.step(next),
+    )
+}
+
+/// The decode loop after a prompt: samples from `logits`, stops at a stop
+/// token, `config.max_tokens` or `room` new positions, streams the text
+/// (an incomplete UTF-8 sequence held back until its last byte arrives),
+/// and gets each next token's logits from `step`.
+#[allow(clippy::too_many_arguments)]
+fn continue_from(
+    mut logits: Vec<f32>,
+    prompt_tokens: usize,
+    room: usize,
+    tokenizer: &TextTokenizer,
+    sampler: &mut Sampler,
+    config: &SamplingConfig,
+    mut on_text: impl FnMut(&str),
+    mut step: impl FnMut(u32) -> Result<Vec<f32>, ModelError>,
+) -> Result<Generation, ModelError> {
     let mut out = Vec::new();
     let mut emitted = 0usize;
     let mut stopped = false;
-    while out.len() < config.max_tokens && pos < model.config.context_length {
+    while out.len() < config.max_tokens && out.len() < room {
         let next = sampler.sample(&logits);
         if tokenizer.stop_ids.contains(&next) {
             stopped = true;
@@ -174,20 +237,18 @@ pub fn generate_parts(
         }
         out.push(next);
         let text = tokenizer.decode(&out)?;
-        // Hold back an incomplete UTF-8 sequence until its last byte arrives.
         if !text.ends_with('\u{FFFD}') && text.len() > emitted {
             on_text(&text[emitted..]);
             emitted = text.len();
         }
-        logits = to_vec(model.forward_last(&[next], pos, cache)?)?;
-        pos += 1;
+        logits = step(next)?;
     }
     let text = tokenizer.decode(&out)?;
     if text.len() > emitted {
         on_text(&text[emitted..]);
     }
     Ok(Generation {
-        prompt_tokens: prompt_len,
+        prompt_tokens,
         tokens: out,
         text,
         stopped_by_stop_token: stopped,

@@ -299,6 +299,42 @@ fn reference_decoder_refuses_bad_tokens_and_restarts_exactly() {
     assert_eq!(r.step(2).unwrap(), second);
 }
 
+/// llama.cpp's greedy continuation of a prompt (`tools/make_generation_fixture.py`:
+/// the prompt as one batch, then one token at a time, f16 cache) is the
+/// reference decoder's, token for token.
+#[test]
+fn reference_decoder_generates_llama_cpps_greedy_tokens() {
+    let fixture: serde_json::Value =
+        serde_json::from_str(include_str!("fixtures/generation.json")).unwrap();
+    let r = common::real();
+    let prompt = ids(&fixture["prompt_ids"]);
+    assert_eq!(
+        r.tokenizer
+            .encode(fixture["prompt"].as_str().unwrap())
+            .unwrap(),
+        prompt
+    );
+    let want = ids(&fixture["greedy"]);
+    let mut reference = dynakv_models::llama::GgmlReference::new(common::real_q8())
+        .unwrap()
+        .with_kv(dynakv_models::llama::LlamaCppKv::F16);
+    let config = dynakv_models::generate::SamplingConfig {
+        max_tokens: want.len(),
+        ..Default::default()
+    };
+    let g = dynakv_models::generate::generate_llama_cpp(
+        &mut reference,
+        &r.tokenizer,
+        &prompt,
+        fixture["n_ubatch"].as_u64().unwrap() as usize,
+        &config,
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(g.tokens, want);
+    assert_eq!(g.text, fixture["text"].as_str().unwrap());
+}
+
 #[test]
 fn brown_eval_tokens_match_the_fixture() {
     let fixture: serde_json::Value =

@@ -11,6 +11,7 @@ use dynakv_burn::{AttentionCache, CacheFactory, CacheSpec, LayerScope, PRESETS};
 use dynakv_core::artifact::Artifact;
 use dynakv_core::policy::{BudgetHold, EnergyRule, PolicyKind, PolicySpec};
 use dynakv_core::quant::{BasisDtype, KvDtype, LatentDtype, LatentScales};
+use dynakv_models::llama::LlamaCppKv;
 use dynakv_models::ModelError;
 
 use super::common::Loaded;
@@ -370,6 +371,22 @@ impl CacheArgs {
             (false, Some(_)) => bail!("--artifact applies to DynaKV caches only"),
             (_, Some(p)) if !p.is_file() => bail!("--artifact {}: no such file", p.display()),
             _ => Ok(spec),
+        }
+    }
+
+    /// The llama.cpp KV cache type these flags stand for under
+    /// `--llama-cpp` (the reference decoder keeps its own cache): the dense
+    /// cache with f16 rows (the default) or f32 rows, nothing else.
+    pub fn llama_cpp_kv(&self) -> Result<LlamaCppKv> {
+        let spec = self.check()?;
+        if spec == CacheSpec::dense() {
+            Ok(LlamaCppKv::F16)
+        } else if spec == CacheSpec::dense().with_precision(Precision::f32_rows()) {
+            Ok(LlamaCppKv::F32)
+        } else {
+            bail!(
+                "--llama-cpp runs llama.cpp's dense cache: --kv-dtype f16 (the default) or f32, and no other cache flags"
+            )
         }
     }
 

@@ -8,9 +8,8 @@ use dynakv_bench::eval::fidelity::fidelity;
 use dynakv_bench::eval::llama_cpp::llama_cpp_perplexity;
 use dynakv_bench::eval::ppl::perplexity;
 use dynakv_bench::text::{brown_docs, document_tokens};
-use dynakv_burn::{CacheSpec, Precision};
 use dynakv_models::corpus::{Document, Split};
-use dynakv_models::llama::{LlamaCppKv, LlamaCppRun};
+use dynakv_models::llama::LlamaCppRun;
 use dynakv_models::qmatmul::Numerics;
 use dynakv_models::texts::TextKind;
 
@@ -127,16 +126,12 @@ impl From<LlamaCppArg> for LlamaCppRun {
 impl PplArgs {
     /// The flags, checked before the model loads.
     fn check(&self) -> Result<()> {
-        let spec = self.cache.check()?;
+        self.cache.check()?;
         if self.llama_cpp.is_some() {
             if self.model.matmul != Numerics::Q8 {
                 bail!("--llama-cpp reproduces llama.cpp's quantised products: give --matmul q8");
             }
-            if llama_cpp_kv(&spec).is_none() {
-                bail!(
-                    "--llama-cpp runs llama.cpp's dense cache: --kv-dtype f16 (the default) or f32, and no other cache flags"
-                );
-            }
+            self.cache.llama_cpp_kv()?;
             if self.score_last.is_some() {
                 bail!("--llama-cpp scores whole windows: drop --score-last");
             }
@@ -321,18 +316,6 @@ fn ppl(a: PplArgs) -> Result<()> {
     Ok(())
 }
 
-/// The llama.cpp cache type a cache spec stands for under `--llama-cpp`:
-/// the dense cache with f16 rows (the default) or f32 rows, nothing else.
-fn llama_cpp_kv(spec: &CacheSpec) -> Option<LlamaCppKv> {
-    if *spec == CacheSpec::dense() {
-        Some(LlamaCppKv::F16)
-    } else if *spec == CacheSpec::dense().with_precision(Precision::f32_rows()) {
-        Some(LlamaCppKv::F32)
-    } else {
-        None
-    }
-}
-
 /// `dynakv eval ppl --llama-cpp RUN`.
 fn llama_cpp_ppl(
     a: &PplArgs,
@@ -341,7 +324,7 @@ fn llama_cpp_ppl(
     n_docs: usize,
     run: LlamaCppRun,
 ) -> Result<()> {
-    let kv = llama_cpp_kv(&a.cache.check()?).context("checked in PplArgs::check")?;
+    let kv = a.cache.llama_cpp_kv()?;
     let bar = window_bar(a, ids, "llama.cpp ppl");
     let r = llama_cpp_perplexity(&loaded.model, ids, a.ctx, a.max_windows, run, kv, |done| {
         bar.set_position(done as u64)

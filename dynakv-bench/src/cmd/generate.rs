@@ -2,11 +2,12 @@
 
 use std::io::Write;
 
-use anyhow::Context;
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use dynakv_bench::text::prompt_parts;
-use dynakv_models::generate::{generate_parts, SamplingConfig};
+use dynakv_models::generate::{generate_llama_cpp, generate_parts, SamplingConfig};
+use dynakv_models::llama::GgmlReference;
+use dynakv_models::qmatmul::Numerics;
 use dynakv_models::tokenizer::chat_prompt;
 
 use super::cache_args::CacheArgs;
@@ -45,10 +46,28 @@ pub struct GenerateArgs {
     pub top_p: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Generate with llama.cpp's arithmetic instead of the engine: the
+    /// reference decoder takes the prompt in batches of 512 tokens (llama.cpp's
+    /// default `n_ubatch`) and each new token alone, as llama.cpp does, so
+    /// greedy decoding gives llama.cpp's tokens (its samplers draw
+    /// differently at other temperatures). Needs `--matmul q8`; the cache is
+    /// llama.cpp's f16 (default) or, with `--kv-dtype f32`, f32, without
+    /// flash attention; Llama-family files with Q4_1 / Q8_0 weights.
+    #[arg(long)]
+    pub llama_cpp: bool,
 }
+
+/// llama.cpp's default `n_ubatch`: the batches a prompt is evaluated in.
+const LLAMA_CPP_UBATCH: usize = 512;
 
 pub fn run(a: GenerateArgs) -> Result<()> {
     a.cache.check()?;
+    if a.llama_cpp {
+        if a.model.matmul != Numerics::Q8 {
+            bail!("--llama-cpp reproduces llama.cpp's quantised products: give --matmul q8");
+        }
+        a.cache.llama_cpp_kv()?;
+    }
     let loaded = a.model.load()?;
     let context = match &a.context {
         Some(p) => {
@@ -83,9 +102,38 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         seed: a.seed,
         max_tokens: a.max_tokens,
     };
-    let mut cache = a.cache.maker(&loaded)?.make()?;
     let t0 = std::time::Instant::now();
     let mut stdout = std::io::stdout();
+    if a.llama_cpp {
+        let kv = a.cache.llama_cpp_kv()?;
+        let mut reference = GgmlReference::new(&loaded.model)?.with_kv(kv);
+        let prompt: Vec<u32> = parts.concat();
+        let g = generate_llama_cpp(
+            &mut reference,
+            &loaded.tokenizer,
+            &prompt,
+            LLAMA_CPP_UBATCH,
+            &config,
+            |s| {
+                let _ = stdout.write_all(s.as_bytes());
+                let _ = stdout.flush();
+            },
+        )?;
+        println!();
+        eprintln!(
+            "[llama.cpp reference (q8, {kv:?} cache): {} prompt tokens, {} generated in {:.2}s{}]",
+            g.prompt_tokens,
+            g.tokens.len(),
+            t0.elapsed().as_secs_f64(),
+            if g.stopped_by_stop_token {
+                ", stop token"
+            } else {
+                ""
+            },
+        );
+        return Ok(());
+    }
+    let mut cache = a.cache.maker(&loaded)?.make()?;
     let parts: Vec<&[u32]> = parts.iter().map(Vec::as_slice).collect();
     let g = generate_parts(
         &loaded.model,

@@ -157,6 +157,11 @@ impl<'m> GgmlReference<'m> {
         self
     }
 
+    /// The model's context length: positions [`GgmlReference::step`] takes.
+    pub fn context_length(&self) -> usize {
+        self.model.config.context_length
+    }
+
     /// Positions decoded so far.
     pub fn position(&self) -> usize {
         self.pos
@@ -186,7 +191,7 @@ impl<'m> GgmlReference<'m> {
                 self.pos, c.context_length
             )));
         }
-        let result = self.advance(token);
+        let result = self.advance(token, self.run);
         if result.is_err() {
             // a failed step leaves the cache as it was before it
             let kept = self.pos * c.n_kv_heads * c.head_dim;
@@ -197,15 +202,50 @@ impl<'m> GgmlReference<'m> {
         result
     }
 
+    /// Feeds a prompt as llama.cpp evaluates one: in batches of `ubatch`
+    /// tokens (its `n_ubatch`, 512 by default), a batch of two or more with
+    /// [`LlamaCppRun::Batched`]'s arithmetic and a batch of one with
+    /// [`LlamaCppRun::OneToken`]'s, whatever [`GgmlReference::with_run`] set
+    /// (which still governs [`GgmlReference::step`]); returns the last
+    /// token's logits. llama.cpp then decodes each generated token alone.
+    pub fn prompt(&mut self, tokens: &[u32], ubatch: usize) -> Result<Vec<f32>, ModelError> {
+        if tokens.is_empty() || ubatch == 0 {
+            return Err(ModelError::InvalidInput(format!(
+                "a prompt of {} tokens in batches of {ubatch}",
+                tokens.len()
+            )));
+        }
+        let saved = self.run;
+        let mut logits = Vec::new();
+        for chunk in tokens.chunks(ubatch) {
+            self.run = if chunk.len() >= 2 {
+                LlamaCppRun::Batched
+            } else {
+                LlamaCppRun::OneToken
+            };
+            for &t in chunk {
+                match self.step(t) {
+                    Ok(l) => logits = l,
+                    Err(e) => {
+                        self.run = saved;
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        self.run = saved;
+        Ok(logits)
+    }
+
     /// [`GgmlReference::step`] after its checks.
-    fn advance(&mut self, token: u32) -> Result<Vec<f32>, ModelError> {
+    fn advance(&mut self, token: u32, run: LlamaCppRun) -> Result<Vec<f32>, ModelError> {
         let model = self.model;
         let c = &model.config;
         let Embedding::Packed(table) = &model.embed else {
             return Err(ModelError::InvalidInput("a dequantised embedding".into()));
         };
         let eps = c.rms_eps as f32;
-        let how = self.attention();
+        let how = Self::attention(run, self.kv);
         let mut h = packed_rows(table, &[token], c.d_model);
         for (layer, b) in model.blocks.iter().enumerate() {
             let x = ggml_ops::rms_norm(&h, &b.attn_norm.host, eps);
@@ -263,10 +303,10 @@ impl GgmlReference<'_> {
     /// takes the values' product, and with an f16 cache the scores' too
     /// (ggml converts the query to f16 into a contiguous buffer first; with
     /// f32 the permuted query is not contiguous, and llamafile declines).
-    fn attention(&self) -> ggml_ops::Attention {
+    fn attention(run: LlamaCppRun, kv: LlamaCppKv) -> ggml_ops::Attention {
         use ggml_ops::Order::{TinyBlas, VecDot};
-        let f16 = self.kv == LlamaCppKv::F16;
-        let (scores, values) = match (self.run, f16) {
+        let f16 = kv == LlamaCppKv::F16;
+        let (scores, values) = match (run, f16) {
             (LlamaCppRun::OneToken, _) => (VecDot, VecDot),
             (LlamaCppRun::Batched, false) => (VecDot, TinyBlas),
             (LlamaCppRun::Batched, true) => (TinyBlas, TinyBlas),
