@@ -5,7 +5,7 @@ use std::io::Write;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use dynakv_bench::text::prompt_parts;
-use dynakv_models::generate::{generate_llama_cpp, generate_parts, SamplingConfig};
+use dynakv_models::generate::{generate_llama_cpp, generate_parts, Generation, SamplingConfig};
 use dynakv_models::llama::GgmlReference;
 use dynakv_models::qmatmul::Numerics;
 use dynakv_models::tokenizer::chat_prompt;
@@ -103,7 +103,6 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         max_tokens: a.max_tokens,
     };
     let t0 = std::time::Instant::now();
-    let mut stdout = std::io::stdout();
     if a.llama_cpp {
         let kv = a.cache.llama_cpp_kv()?;
         let mut reference = GgmlReference::new(&loaded.model)?.with_kv(kv);
@@ -114,22 +113,12 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             &prompt,
             LLAMA_CPP_UBATCH,
             &config,
-            |s| {
-                let _ = stdout.write_all(s.as_bytes());
-                let _ = stdout.flush();
-            },
+            print_piece,
         )?;
         println!();
         eprintln!(
-            "[llama.cpp reference (q8, {kv:?} cache): {} prompt tokens, {} generated in {:.2}s{}]",
-            g.prompt_tokens,
-            g.tokens.len(),
-            t0.elapsed().as_secs_f64(),
-            if g.stopped_by_stop_token {
-                ", stop token"
-            } else {
-                ""
-            },
+            "[llama.cpp reference (q8, {kv:?} cache): {}]",
+            summary(&g, t0)
         );
         return Ok(());
     }
@@ -141,16 +130,31 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         cache.as_mut(),
         &parts,
         &config,
-        |s| {
-            let _ = stdout.write_all(s.as_bytes());
-            let _ = stdout.flush();
-        },
+        print_piece,
     )?;
     println!();
     let f = cache.footprint();
     eprintln!(
-        "[{}: {} prompt tokens, {} generated in {:.2}s{}; cache retained {:.3}, {:.2} MB]",
+        "[{}: {}; cache retained {:.3}, {:.2} MB]",
         a.cache.label(),
+        summary(&g, t0),
+        f.retained(),
+        f.bytes() as f64 / 1e6
+    );
+    Ok(())
+}
+
+/// Writes a piece of generated text as it arrives.
+fn print_piece(s: &str) {
+    let mut stdout = std::io::stdout();
+    let _ = stdout.write_all(s.as_bytes());
+    let _ = stdout.flush();
+}
+
+/// "N prompt tokens, M generated in Ts[, stop token]".
+fn summary(g: &Generation, t0: std::time::Instant) -> String {
+    format!(
+        "{} prompt tokens, {} generated in {:.2}s{}",
         g.prompt_tokens,
         g.tokens.len(),
         t0.elapsed().as_secs_f64(),
@@ -158,9 +162,6 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             ", stop token"
         } else {
             ""
-        },
-        f.retained(),
-        f.bytes() as f64 / 1e6
-    );
-    Ok(())
+        }
+    )
 }
