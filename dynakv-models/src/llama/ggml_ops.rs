@@ -22,6 +22,9 @@
 /// (then the weight's `ggml_mul`): squares rounded to f32 and summed in f64
 /// in order, the mean rounded to f32, `1 / sqrtf(mean + eps)`, then
 /// `(x * scale) * w`.
+///
+/// # Shapes
+/// - `x`, `w`: `[d]`; returns `[d]`
 pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let sum: f64 = x.iter().map(|&v| (v * v) as f64).sum();
     let mean = (sum / x.len().max(1) as f64) as f32;
@@ -65,6 +68,9 @@ pub(crate) fn expf(x: f32) -> f32 {
 
 /// `silu(g) * u` in place of `g`, as `ggml_vec_swiglu_f32` with
 /// `ggml_v_silu`: `g / (1 + expf(0 - g))`, then the product.
+///
+/// # Shapes
+/// - `g`, `u`: `[d_ff]`
 pub(crate) fn swiglu(g: &mut [f32], u: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("fma") {
@@ -96,6 +102,9 @@ fn swiglu_body(g: &mut [f32], u: &[f32]) {
 /// `powf(base, -2 / n_dims)` pair after pair, libm's `cosf` / `sinf`),
 /// pairs from `rotate_pairs` as the compiler contracted them:
 /// `fma(x0, cos, -(x1 sin))` and `fma(x0, sin, x1 cos)`.
+///
+/// # Shapes
+/// - `x`: `[heads, head_dim]` row-major, rotated in place
 pub(crate) fn rope_normal(x: &mut [f32], head_dim: usize, n_dims: usize, pos: usize, base: f32) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("fma") {

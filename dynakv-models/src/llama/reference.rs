@@ -174,8 +174,10 @@ impl<'m> GgmlReference<'m> {
         self.pos = 0;
     }
 
-    /// Decodes `token` at the next position; returns its logits
-    /// (`[vocab]`).
+    /// Decodes `token` at the next position; returns its logits.
+    ///
+    /// # Shapes
+    /// returns `[vocab]`
     pub fn step(&mut self, token: u32) -> Result<Vec<f32>, ModelError> {
         let model = self.model;
         let c = &model.config;
@@ -208,6 +210,9 @@ impl<'m> GgmlReference<'m> {
     /// [`LlamaCppRun::OneToken`]'s, whatever [`GgmlReference::with_run`] set
     /// (which still governs [`GgmlReference::step`]); returns the last
     /// token's logits. llama.cpp then decodes each generated token alone.
+    ///
+    /// # Shapes
+    /// returns `[vocab]`
     pub fn prompt(&mut self, tokens: &[u32], ubatch: usize) -> Result<Vec<f32>, ModelError> {
         if tokens.is_empty() || ubatch == 0 {
             return Err(ModelError::InvalidInput(format!(
