@@ -16,7 +16,10 @@
 //! eight lanes and has another `expf`, so its last bits differ).
 //!
 //! Every fused multiply-add here is `f32::mul_add` (one rounding, as the
-//! hardware instruction): the same bits with or without FMA hardware.
+//! hardware instruction): the same bits with or without FMA hardware. The
+//! RoPE angles call the C library's `powf`, `cosf` and `sinf` (Rust's
+//! `f32::powf`, `cos`, `sin` do), as ggml does: equal bits need the same C
+//! library as the llama.cpp run compared with (glibc here).
 
 /// `x * w / sqrt(mean(x^2) + eps)` as `ggml_compute_forward_rms_norm_f32`
 /// (then the weight's `ggml_mul`): squares rounded to f32 and summed in f64
