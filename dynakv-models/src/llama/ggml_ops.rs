@@ -17,9 +17,15 @@
 //!
 //! Every fused multiply-add here is `f32::mul_add` (one rounding, as the
 //! hardware instruction): the same bits with or without FMA hardware. The
+//! functions are `#[inline(always)]` so that a caller compiled with FMA
+//! (the reference decoder's step) gets the instruction instead of the C
+//! library's `fmaf`; their loops are plain loops, as a closure handed to an
+//! iterator adapter would be compiled apart from that caller. The
 //! RoPE angles call the C library's `powf`, `cosf` and `sinf` (Rust's
 //! `f32::powf`, `cos`, `sin` do), as ggml does: equal bits need the same C
 //! library as the llama.cpp run compared with (glibc here).
+
+pub(crate) use crate::qmatmul::f16_round;
 
 /// `x * w / sqrt(mean(x^2) + eps)` as `ggml_compute_forward_rms_norm_f32`
 /// (then the weight's `ggml_mul`): squares rounded to f32 and summed in f64
@@ -74,57 +80,21 @@ pub(crate) fn expf(x: f32) -> f32 {
 ///
 /// # Shapes
 /// - `g`, `u`: `[d_ff]`
-pub(crate) fn swiglu(g: &mut [f32], u: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has FMA
-        return unsafe { swiglu_fma(g, u) };
-    }
-    swiglu_body(g, u)
-}
-
-/// [`swiglu_body`] with `mul_add` as one instruction (the same bits as the
-/// library call it is otherwise; so for every `*_fma` here).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "fma")]
-unsafe fn swiglu_fma(g: &mut [f32], u: &[f32]) {
-    swiglu_body(g, u)
-}
-
 #[inline(always)]
-fn swiglu_body(g: &mut [f32], u: &[f32]) {
+pub(crate) fn swiglu(g: &mut [f32], u: &[f32]) {
     for i in 0..g.len().min(u.len()) {
         g[i] = g[i] / (1.0 + expf(0.0 - g[i])) * u[i];
     }
 }
 
-/// Rotates each head of `x` (`[heads, head_dim]`, pairs `(2i, 2i+1)` of
-/// the first `n_dims` dimensions) to position `pos`, as ggml's
-/// `GGML_ROPE_TYPE_NORMAL` without scaling: angles from
-/// `ggml_rope_cache_init` (`theta = pos`, multiplied by
-/// `powf(base, -2 / n_dims)` pair after pair, libm's `cosf` / `sinf`),
-/// pairs from `rotate_pairs` as the compiler contracted them:
-/// `fma(x0, cos, -(x1 sin))` and `fma(x0, sin, x1 cos)`.
+/// RoPE's `(cos, sin)` for each pair of the first `n_dims` dimensions at
+/// position `pos`, as ggml's `ggml_rope_cache_init` without scaling:
+/// `theta = pos`, multiplied by `powf(base, -2 / n_dims)` pair after pair,
+/// libm's `cosf` / `sinf`.
 ///
 /// # Shapes
-/// - `x`: `[heads, head_dim]` row-major, rotated in place
-pub(crate) fn rope_normal(x: &mut [f32], head_dim: usize, n_dims: usize, pos: usize, base: f32) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has FMA
-        return unsafe { rope_normal_fma(x, head_dim, n_dims, pos, base) };
-    }
-    rope_normal_body(x, head_dim, n_dims, pos, base)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "fma")]
-unsafe fn rope_normal_fma(x: &mut [f32], head_dim: usize, n_dims: usize, pos: usize, base: f32) {
-    rope_normal_body(x, head_dim, n_dims, pos, base)
-}
-
-#[inline(always)]
-fn rope_normal_body(x: &mut [f32], head_dim: usize, n_dims: usize, pos: usize, base: f32) {
+/// returns `[n_dims / 2]`
+pub(crate) fn rope_table(n_dims: usize, pos: usize, base: f32) -> Vec<(f32, f32)> {
     let theta_scale = base.powf(-2.0f32 / n_dims as f32);
     let mut theta = pos as f32;
     let mut table = Vec::with_capacity(n_dims / 2);
@@ -132,11 +102,24 @@ fn rope_normal_body(x: &mut [f32], head_dim: usize, n_dims: usize, pos: usize, b
         table.push((theta.cos(), theta.sin()));
         theta *= theta_scale;
     }
+    table
+}
+
+/// Rotates each head of `x` (pairs `(2i, 2i+1)` of the first
+/// `2 * table.len()` dimensions) by a [`rope_table`], as ggml's
+/// `GGML_ROPE_TYPE_NORMAL`: `rotate_pairs` as the compiler contracted it,
+/// `fma(x0, cos, -(x1 sin))` and `fma(x0, sin, x1 cos)`.
+///
+/// # Shapes
+/// - `x`: `[heads, head_dim]` row-major, rotated in place
+#[inline(always)]
+pub(crate) fn rope_normal(x: &mut [f32], head_dim: usize, table: &[(f32, f32)]) {
     for head in x.chunks_exact_mut(head_dim) {
-        for (pair, &(c, s)) in head[..n_dims].chunks_exact_mut(2).zip(&table) {
-            let (x0, x1) = (pair[0], pair[1]);
-            pair[0] = x0.mul_add(c, -(x1 * s));
-            pair[1] = x0.mul_add(s, x1 * c);
+        for i in 0..table.len().min(head_dim / 2) {
+            let (c, s) = table[i];
+            let (x0, x1) = (head[2 * i], head[2 * i + 1]);
+            head[2 * i] = x0.mul_add(c, -(x1 * s));
+            head[2 * i + 1] = x0.mul_add(s, x1 * c);
         }
     }
 }
@@ -164,28 +147,24 @@ fn reduce16(a: &[f32]) -> f32 {
 /// Four accumulators of sixteen lanes reduced as `GGML_F32x16_REDUCE`:
 /// `(acc0 + acc2) + (acc1 + acc3)` lane by lane, then [`reduce16`].
 #[inline(always)]
-fn reduce_accumulators(acc: &[[f32; LANES]; 4]) -> f32 {
+fn reduce_accumulators(acc: &[f32; STEP]) -> f32 {
     let mut s = [0f32; LANES];
     for l in 0..LANES {
-        s[l] = (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]);
+        s[l] = (acc[l] + acc[2 * LANES + l]) + (acc[LANES + l] + acc[3 * LANES + l]);
     }
     reduce16(&s)
 }
 
 /// `ggml_vec_dot_f32` on AVX-512 for `x.len()` a multiple of 64 (checked
 /// by the caller): element `i` goes to lane `i % 16` of accumulator
-/// `(i % 64) / 16`, each a chain of fused multiply-adds.
+/// `(i % 64) / 16` (here `acc[i % 64]`), each a chain of fused
+/// multiply-adds.
 #[inline(always)]
 fn dot_f32(x: &[f32], y: &[f32]) -> f32 {
-    let mut acc = [[0f32; LANES]; 4];
+    let mut acc = [0f32; STEP];
     for (xs, ys) in x.chunks_exact(STEP).zip(y.chunks_exact(STEP)) {
-        for (a, (xv, yv)) in acc
-            .iter_mut()
-            .zip(xs.chunks_exact(LANES).zip(ys.chunks_exact(LANES)))
-        {
-            for l in 0..LANES {
-                a[l] = xv[l].mul_add(yv[l], a[l]);
-            }
+        for i in 0..STEP {
+            acc[i] = xs[i].mul_add(ys[i], acc[i]);
         }
     }
     reduce_accumulators(&acc)
@@ -217,12 +196,6 @@ pub(crate) struct Attention {
     pub(crate) f16: bool,
 }
 
-/// `x` rounded to the nearest f16 (ties to even), as ggml's conversion.
-#[inline(always)]
-pub(crate) fn f16_round(x: f32) -> f32 {
-    half::f16::from_f32(x).to_f32()
-}
-
 /// The dot product of `x` and `y` (`len` a multiple of 64) in `order`.
 #[inline(always)]
 fn dot_in(order: Order, x: &[f32], y: &[f32]) -> f32 {
@@ -241,8 +214,8 @@ fn dot_in(order: Order, x: &[f32], y: &[f32]) -> f32 {
 }
 
 /// One query head's attention over `n` cached rows, as llama.cpp's graph
-/// without flash attention on an f32 cache: scores `K q` by
-/// [`dot_f32`], `ggml_soft_max_ext` (scores times `scale`, minus their
+/// without flash attention: scores `K q`, `ggml_soft_max_ext` (scores
+/// times `scale`, minus their
 /// maximum, [`expf`], the sum in f64 of each sixteen lanes'
 /// [`reduce16`], then each times `f32(1 / sum)`), and the values summed
 /// over the positions, each product in the order `how` says, with f16
@@ -268,8 +241,6 @@ fn attend_head(
 ) {
     let dh = q.len();
     let n = keys.len() / stride;
-    // plain loops: an iterator adapter's closure would be compiled apart
-    // from the caller's FMA, calling the library's `fmaf` per element
     probs.clear();
     probs.resize(n.div_ceil(LANES) * LANES, 0.0);
     let q16: Vec<f32>;
@@ -315,15 +286,42 @@ fn attend_head(
             cell[j] = v[j].mul_add(p, cell[j]);
         }
     }
-    for (j, o) in out.iter_mut().enumerate() {
-        let mut lanes = [[0f32; LANES]; 4];
-        for (t, lane) in lanes.iter_mut().flatten().take(cells).enumerate() {
-            *lane = acc[t * dh + j];
+    // the lanes reduced as [`reduce_accumulators`] / [`reduce16`] do, for
+    // every output dimension at once (rows of `dh`): the same additions,
+    // vectorised along the dimensions instead of gathered per dimension
+    let row = |c: usize| &acc[c * dh..(c + 1) * dh];
+    let mut lanes = vec![0f32; LANES * dh];
+    for (l, lane) in lanes.chunks_exact_mut(dh).enumerate() {
+        match how.values {
+            Order::VecDot => {
+                let (a0, a1, a2, a3) = (
+                    row(l),
+                    row(LANES + l),
+                    row(2 * LANES + l),
+                    row(3 * LANES + l),
+                );
+                for j in 0..dh {
+                    lane[j] = (a0[j] + a2[j]) + (a1[j] + a3[j]);
+                }
+            }
+            Order::TinyBlas => lane.copy_from_slice(row(l)),
         }
-        *o = match how.values {
-            Order::VecDot => reduce_accumulators(&lanes),
-            Order::TinyBlas => reduce16(&lanes[0]),
-        };
+    }
+    // halves, then quarters, in place: lane i += lane i + half
+    for half in [8, 4] {
+        let (low, high) = lanes.split_at_mut(half * dh);
+        for (a, b) in low.iter_mut().zip(&high[..half * dh]) {
+            *a += *b;
+        }
+    }
+    let (l0, l1, l2, l3) = (
+        &lanes[..dh],
+        &lanes[dh..2 * dh],
+        &lanes[2 * dh..3 * dh],
+        &lanes[3 * dh..4 * dh],
+    );
+    for (((o, a), b), (c, d)) in out.iter_mut().zip(l0).zip(l2).zip(l1.iter().zip(l3)) {
+        *o = (a + b) + (c + d);
     }
 }
 
@@ -333,39 +331,8 @@ fn attend_head(
 /// # Shapes
 /// - `q`: `[heads, head_dim]`; `keys`, `values`: `[n, kv_heads, head_dim]`;
 ///   returns `[heads, head_dim]`
-pub(crate) fn attend(
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    head_dim: usize,
-    kv_heads: usize,
-    how: Attention,
-) -> Vec<f32> {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has FMA
-        return unsafe { attend_fma(q, keys, values, head_dim, kv_heads, how) };
-    }
-    attend_body(q, keys, values, head_dim, kv_heads, how)
-}
-
-/// [`attend_body`] with `mul_add` as one instruction (the same bits as the
-/// library call it is otherwise).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "fma")]
-unsafe fn attend_fma(
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    head_dim: usize,
-    kv_heads: usize,
-    how: Attention,
-) -> Vec<f32> {
-    attend_body(q, keys, values, head_dim, kv_heads, how)
-}
-
 #[inline(always)]
-fn attend_body(
+pub(crate) fn attend(
     q: &[f32],
     keys: &[f32],
     values: &[f32],
@@ -379,12 +346,12 @@ fn attend_body(
     let scale = 1.0f32 / (head_dim as f32).sqrt();
     let mut out = vec![0f32; q.len()];
     let (mut probs, mut acc) = (Vec::new(), Vec::new());
-    for (h, (qh, oh)) in q
-        .chunks_exact(head_dim)
-        .zip(out.chunks_exact_mut(head_dim))
-        .enumerate()
-    {
+    for h in 0..heads {
         let offset = (h / group.max(1)) * head_dim;
+        let (qh, oh) = (
+            &q[h * head_dim..(h + 1) * head_dim],
+            &mut out[h * head_dim..(h + 1) * head_dim],
+        );
         attend_head(
             qh, keys, values, stride, offset, scale, how, &mut probs, &mut acc, oh,
         );
@@ -436,7 +403,7 @@ mod tests {
             .collect();
         for pos in [0usize, 1, 17, 1000] {
             let mut y = x.clone();
-            rope_normal(&mut y, dh, dh, pos, base);
+            rope_normal(&mut y, dh, &rope_table(dh, pos, base));
             for h in 0..2 {
                 for i in 0..dh / 2 {
                     let a = pos as f64 * (base as f64).powf(-2.0 * i as f64 / dh as f64);

@@ -169,7 +169,7 @@ impl Block {
 
     /// The projections as packed matrices with their numerics, when every
     /// one is packed (the one-token host path needs them all).
-    pub(super) fn packed(&self) -> Option<[(&QuantMatrix, Numerics); 7]> {
+    fn packed(&self) -> Option<[(&QuantMatrix, Numerics); 7]> {
         fn p(w: &Projection) -> Option<(&QuantMatrix, Numerics)> {
             match w {
                 Projection::Packed(m, n) => Some((m, *n)),

@@ -619,19 +619,17 @@ fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 /// # Shapes
 /// - `logits`: `[vocab]`, `target < vocab` (else the NLL is NaN)
 pub fn nll_and_top1_f64(logits: &[f32], target: u32) -> (f64, u32) {
-    let (mut best, mut m) = (0usize, f64::NEG_INFINITY);
-    for (i, &v) in logits.iter().enumerate() {
-        if (v as f64) > m {
-            (best, m) = (i, v as f64);
-        }
-    }
+    let best = crate::generate::argmax(logits);
+    let m = logits
+        .get(best as usize)
+        .map_or(f64::NEG_INFINITY, |&v| v as f64);
     let lse = m + logits
         .iter()
         .map(|&v| (v as f64 - m).exp())
         .sum::<f64>()
         .ln();
     let at = logits.get(target as usize).map_or(f64::NAN, |&v| v as f64);
-    (lse - at, best as u32)
+    (lse - at, best)
 }
 
 /// Per-row NLL of `targets` and the argmax of each row.

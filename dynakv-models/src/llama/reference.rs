@@ -242,8 +242,26 @@ impl<'m> GgmlReference<'m> {
         Ok(logits)
     }
 
-    /// [`GgmlReference::step`] after its checks.
+    /// [`GgmlReference::step`] after its checks, compiled with FMA where the
+    /// CPU has it (`ggml_ops` inlines into it; the bits are the same either
+    /// way, only the C library's `fmaf` is slower).
     fn advance(&mut self, token: u32, run: LlamaCppRun) -> Result<Vec<f32>, ModelError> {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has FMA
+            return unsafe { self.advance_fma(token, run) };
+        }
+        self.advance_body(token, run)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "fma")]
+    unsafe fn advance_fma(&mut self, token: u32, run: LlamaCppRun) -> Result<Vec<f32>, ModelError> {
+        self.advance_body(token, run)
+    }
+
+    #[inline(always)]
+    fn advance_body(&mut self, token: u32, run: LlamaCppRun) -> Result<Vec<f32>, ModelError> {
         let model = self.model;
         let c = &model.config;
         let Embedding::Packed(table) = &model.embed else {
@@ -252,12 +270,18 @@ impl<'m> GgmlReference<'m> {
         let eps = c.rms_eps as f32;
         let how = Self::attention(run, self.kv);
         let mut h = packed_rows(table, &[token], c.d_model);
+        // this position's angles, once per RoPE base (one for Llama files)
+        let mut rope: Option<(f32, Vec<(f32, f32)>)> = None;
         for (layer, b) in model.blocks.iter().enumerate() {
             let x = ggml_ops::rms_norm(&h, &b.attn_norm.host, eps);
             let [mut q, mut k, v] = products(&[&b.wq, &b.wk, &b.wv], &x)?;
             let base = c.layers[layer].rope_base as f32;
-            ggml_ops::rope_normal(&mut q, c.head_dim, c.rope_dim, self.pos, base);
-            ggml_ops::rope_normal(&mut k, c.head_dim, c.rope_dim, self.pos, base);
+            if rope.as_ref().is_none_or(|(b, _)| *b != base) {
+                rope = Some((base, ggml_ops::rope_table(c.rope_dim, self.pos, base)));
+            }
+            let angles = rope.as_ref().map_or(&[][..], |(_, t)| &t[..]);
+            ggml_ops::rope_normal(&mut q, c.head_dim, angles);
+            ggml_ops::rope_normal(&mut k, c.head_dim, angles);
             match self.kv {
                 LlamaCppKv::F32 => {
                     self.keys[layer].extend_from_slice(&k);

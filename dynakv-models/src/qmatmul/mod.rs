@@ -37,6 +37,7 @@ use crate::error::ModelError;
 use crate::gguf::{dequantize_into, GgmlType, TensorBytes};
 use crate::huge_pages::HugeBytes;
 use kernel::{Activations, Isa};
+pub(crate) use q8::f16_round;
 
 /// How activations meet quantised weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]

@@ -77,7 +77,8 @@ fn round_even_small(v: f32) -> f32 {
     (v + MAGIC) - MAGIC
 }
 
-fn f16_round(x: f32) -> f32 {
+/// `x` rounded to the nearest f16 (ties to even), as ggml converts.
+pub(crate) fn f16_round(x: f32) -> f32 {
     f16::from_f32(x).to_f32()
 }
 
