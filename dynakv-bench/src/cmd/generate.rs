@@ -62,12 +62,14 @@ const LLAMA_CPP_UBATCH: usize = 512;
 
 pub fn run(a: GenerateArgs) -> Result<()> {
     a.cache.check()?;
-    if a.llama_cpp {
+    let llama_cpp_kv = if a.llama_cpp {
         if a.model.matmul != Numerics::Q8 {
             bail!("--llama-cpp reproduces llama.cpp's quantised products: give --matmul q8");
         }
-        a.cache.llama_cpp_kv()?;
-    }
+        Some(a.cache.llama_cpp_kv()?)
+    } else {
+        None
+    };
     let loaded = a.model.load()?;
     let context = match &a.context {
         Some(p) => {
@@ -103,8 +105,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         max_tokens: a.max_tokens,
     };
     let t0 = std::time::Instant::now();
-    if a.llama_cpp {
-        let kv = a.cache.llama_cpp_kv()?;
+    if let Some(kv) = llama_cpp_kv {
         let mut reference = GgmlReference::new(&loaded.model)?.with_kv(kv);
         let prompt: Vec<u32> = parts.concat();
         let g = generate_llama_cpp(

@@ -179,6 +179,12 @@ impl<'m> GgmlReference<'m> {
     /// # Shapes
     /// returns `[vocab]`
     pub fn step(&mut self, token: u32) -> Result<Vec<f32>, ModelError> {
+        self.step_as(token, self.run)
+    }
+
+    /// [`GgmlReference::step`] with `run`'s arithmetic: the token and the
+    /// position checked, the cache as it was if the step fails.
+    fn step_as(&mut self, token: u32, run: LlamaCppRun) -> Result<Vec<f32>, ModelError> {
         let model = self.model;
         let c = &model.config;
         if token as usize >= c.vocab_size {
@@ -193,7 +199,7 @@ impl<'m> GgmlReference<'m> {
                 self.pos, c.context_length
             )));
         }
-        let result = self.advance(token, self.run);
+        let result = self.advance(token, run);
         if result.is_err() {
             // a failed step leaves the cache as it was before it
             let kept = self.pos * c.n_kv_heads * c.head_dim;
@@ -220,25 +226,17 @@ impl<'m> GgmlReference<'m> {
                 tokens.len()
             )));
         }
-        let saved = self.run;
         let mut logits = Vec::new();
         for chunk in tokens.chunks(ubatch) {
-            self.run = if chunk.len() >= 2 {
+            let run = if chunk.len() >= 2 {
                 LlamaCppRun::Batched
             } else {
                 LlamaCppRun::OneToken
             };
             for &t in chunk {
-                match self.step(t) {
-                    Ok(l) => logits = l,
-                    Err(e) => {
-                        self.run = saved;
-                        return Err(e);
-                    }
-                }
+                logits = self.step_as(t, run)?;
             }
         }
-        self.run = saved;
         Ok(logits)
     }
 
